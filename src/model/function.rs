@@ -1,0 +1,223 @@
+//! Function configs as the SDKs sync them (PROTOCOL §3.5), parsed into what
+//! the runner and executor need. The raw config is kept as synced, so later
+//! features can read more of it without a migration.
+
+use serde_json::Value;
+
+use crate::expr::Expr;
+use crate::model::FunctionRecord;
+
+/// Retries when the SDK sends none (Inngest's `DefaultRetryCount`).
+pub const DEFAULT_RETRIES: u32 = 4;
+/// Upper bound on configured retries.
+pub const MAX_RETRIES: u32 = 20;
+
+#[derive(Debug, Clone)]
+pub enum Trigger {
+    Event {
+        event: String,
+        expression: Option<Expr>,
+    },
+    Cron {
+        cron: String,
+    },
+}
+
+impl Trigger {
+    /// Whether an event named `name` (with payload `event`) fires this trigger.
+    pub fn matches(&self, name: &str, event: &Value) -> bool {
+        match self {
+            Trigger::Event {
+                event: pattern,
+                expression,
+            } => {
+                event_name_matches(pattern, name)
+                    && expression
+                        .as_ref()
+                        .is_none_or(|expr| expr.matches(&[("event", event)]))
+            }
+            Trigger::Cron { .. } => false,
+        }
+    }
+}
+
+/// Exact names, or a trailing wildcard (`app/*`, `app.*`) matching a prefix.
+pub fn event_name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix) && name.len() > prefix.len(),
+        None => pattern == name,
+    }
+}
+
+/// A synced function, parsed.
+#[derive(Debug, Clone)]
+pub struct FunctionDef {
+    pub id: String,
+    pub app_id: String,
+    pub name: String,
+    pub version: u32,
+    pub url: String,
+    pub retries: u32,
+    pub triggers: Vec<Trigger>,
+}
+
+impl FunctionDef {
+    pub fn max_attempts(&self) -> u32 {
+        self.retries + 1
+    }
+
+    pub fn from_record(record: &FunctionRecord) -> Result<FunctionDef, String> {
+        let config: Value = serde_json::from_str(&record.config)
+            .map_err(|err| format!("function {} has bad stored config: {err}", record.id))?;
+        let mut def = parse_config(&config)?;
+        def.app_id = record.app_id.clone();
+        def.version = record.version;
+        def.url = record.url.clone();
+        Ok(def)
+    }
+}
+
+/// Validates one entry of a sync request's `functions[]`.
+pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
+    let id = config
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+        .ok_or("a function has no id")?
+        .to_string();
+    let name = config
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or(&id)
+        .to_string();
+    let url = config
+        .pointer("/steps/step/runtime/url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("function {id} has no steps.step.runtime.url"))?
+        .to_string();
+    let retries = config
+        .pointer("/steps/step/retries/attempts")
+        .or_else(|| config.get("retries"))
+        .and_then(Value::as_u64)
+        .map(|n| (n as u32).min(MAX_RETRIES))
+        .unwrap_or(DEFAULT_RETRIES);
+
+    let raw_triggers = config
+        .get("triggers")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("function {id} has no triggers array"))?;
+    if raw_triggers.len() > 10 {
+        return Err(format!("function {id} has more than 10 triggers"));
+    }
+    let mut triggers = Vec::with_capacity(raw_triggers.len());
+    for raw in raw_triggers {
+        if let Some(event) = raw.get("event").and_then(Value::as_str) {
+            if event.is_empty() {
+                return Err(format!("function {id} has a trigger with an empty event"));
+            }
+            let expression = match raw.get("expression").and_then(Value::as_str) {
+                Some(source) if !source.trim().is_empty() => Some(
+                    Expr::compile(source).map_err(|err| format!("function {id}: {err}"))?,
+                ),
+                _ => None,
+            };
+            triggers.push(Trigger::Event {
+                event: event.to_string(),
+                expression,
+            });
+        } else if let Some(cron) = raw.get("cron").and_then(Value::as_str) {
+            triggers.push(Trigger::Cron {
+                cron: cron.to_string(),
+            });
+        } else {
+            return Err(format!(
+                "function {id} has a trigger with neither event nor cron"
+            ));
+        }
+    }
+    Ok(FunctionDef {
+        id,
+        app_id: String::new(),
+        name,
+        version: 0,
+        url,
+        retries,
+        triggers,
+    })
+}
+
+/// Removes the `deployId` and `probe` query parameters (PROTOCOL §3.2).
+pub fn normalize_url(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split('=').next().unwrap_or("");
+            !pair.is_empty() && key != "deployId" && key != "probe"
+        })
+        .collect();
+    if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn wildcards() {
+        assert!(event_name_matches("app/a", "app/a"));
+        assert!(!event_name_matches("app/a", "app/ab"));
+        assert!(event_name_matches("app/*", "app/ab"));
+        assert!(!event_name_matches("app/*", "app/"));
+        assert!(!event_name_matches("app/*", "other/ab"));
+        assert!(event_name_matches("app.*", "app.x"));
+    }
+
+    #[test]
+    fn urls_lose_deploy_id_and_probe() {
+        assert_eq!(
+            normalize_url("http://h/api?fnId=a&deployId=x&stepId=step"),
+            "http://h/api?fnId=a&stepId=step"
+        );
+        assert_eq!(normalize_url("http://h/api?deployId=x"), "http://h/api");
+        assert_eq!(normalize_url("http://h/api?probe=trust"), "http://h/api");
+        assert_eq!(normalize_url("http://h/api"), "http://h/api");
+    }
+
+    #[test]
+    fn parses_a_js_config() {
+        let config = json!({
+            "id": "app-fn", "name": "fn",
+            "triggers": [{"event": "app/test", "expression": "event.data.ok == true"},
+                         {"cron": "*/5 * * * *"}],
+            "steps": {"step": {"id": "step", "name": "step",
+                "runtime": {"type": "http", "url": "http://127.0.0.1:3000/api/inngest?fnId=app-fn&stepId=step"},
+                "retries": {"attempts": 2}}}
+        });
+        let def = parse_config(&config).unwrap();
+        assert_eq!(def.id, "app-fn");
+        assert_eq!(def.retries, 2);
+        assert_eq!(def.max_attempts(), 3);
+        assert_eq!(def.triggers.len(), 2);
+        assert!(def.triggers[0].matches("app/test", &json!({"data": {"ok": true}})));
+        assert!(!def.triggers[0].matches("app/test", &json!({"data": {"ok": false}})));
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let config = json!({"id": "f", "triggers": [{"event": "e"}],
+            "steps": {"step": {"runtime": {"url": "http://x"}}}});
+        assert_eq!(parse_config(&config).unwrap().retries, DEFAULT_RETRIES);
+        assert!(parse_config(&json!({"triggers": []})).is_err());
+        assert!(parse_config(&json!({"id": "f", "triggers": [{}],
+            "steps": {"step": {"runtime": {"url": "http://x"}}}}))
+        .is_err());
+    }
+}

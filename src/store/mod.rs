@@ -1,0 +1,245 @@
+//! The four storage boundaries, as traits, and the backends that implement
+//! them. Services hold them as `Arc<dyn Trait>`; nothing outside
+//! `store/<backend>/` names a backend's types.
+//!
+//! - [`StateStore`]: runs, their step results, status and output.
+//! - [`Queue`]: executor work ordered by due time, with leases.
+//! - [`EventBus`]: accepted events, from the event API to the runner.
+//! - [`DataStore`]: apps, functions and their versions, event history.
+//!
+//! Every implementation passes the conformance suites in [`testsuite`].
+
+pub mod memory;
+pub mod sled;
+pub mod testsuite;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+
+use crate::clock::Timestamp;
+use crate::model::records::RecordError;
+use crate::model::{
+    AppRecord, EventRecord, FunctionRecord, QueueItem, RunRecord, RunStatus, StepRecord,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    NotFound,
+    Conflict,
+    /// The backend cannot be reached now; worth retrying.
+    Unavailable,
+    Corrupt,
+    Unsupported,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StoreError {
+    pub kind: StoreErrorKind,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn new(kind: StoreErrorKind, message: impl Into<String>) -> StoreError {
+        StoreError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> StoreError {
+        StoreError::new(StoreErrorKind::Unavailable, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> StoreError {
+        StoreError::new(StoreErrorKind::NotFound, message)
+    }
+}
+
+impl From<RecordError> for StoreError {
+    fn from(err: RecordError) -> StoreError {
+        StoreError::new(StoreErrorKind::Corrupt, err.to_string())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What [`StateStore::create_run`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateRun {
+    Created(RunRecord),
+    /// A run with the same (function, idempotency key) exists already.
+    Exists(RunRecord),
+}
+
+/// What [`StateStore::save_step`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SaveStep {
+    /// Saved; the run's stack now has this many entries.
+    Saved { stack_len: u32 },
+    /// A result for this step was saved before; nothing changed.
+    Duplicate { stack_len: u32 },
+    /// The run has ended (or does not exist); nothing changed.
+    RunEnded,
+}
+
+/// Runs and their step results. Writes are durable when they return.
+#[async_trait::async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Creates `run` unless a run of the same function with the same
+    /// `idempotency_key` exists, in which case that one is returned.
+    async fn create_run(&self, run: RunRecord) -> StoreResult<CreateRun>;
+
+    async fn load_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;
+
+    /// The run's saved steps, in stack (completion) order.
+    async fn load_steps(&self, run_id: &str) -> StoreResult<Vec<StepRecord>>;
+
+    /// Marks a queued run as running (no-op otherwise). Also records the
+    /// SDK's request version once known.
+    async fn mark_running(&self, run_id: &str, at: Timestamp, request_version: i32)
+        -> StoreResult<()>;
+
+    /// Saves a step result and appends its id to the run's stack, once: a
+    /// second save of the same step id changes nothing.
+    async fn save_step(&self, run_id: &str, step: StepRecord) -> StoreResult<SaveStep>;
+
+    /// Ends a run. Returns false if it had already ended (nothing changes).
+    async fn finish_run(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        output: Option<String>,
+        at: Timestamp,
+    ) -> StoreResult<bool>;
+
+    /// Runs started by the event with this internal id, oldest first.
+    async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>>;
+}
+
+/// A leased queue item. The holder must `ack`, `retry_at` or `release` it
+/// before `expires`, or `extend` the lease; otherwise it is delivered again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub lease_id: u64,
+    pub item: QueueItem,
+    /// 0-based delivery attempt, raised by `retry_at`.
+    pub attempt: u32,
+    pub expires: Timestamp,
+}
+
+/// Executor work ordered by due time. At-least-once: a lease not acked before
+/// it expires makes the item visible again. Item ids deduplicate: enqueueing
+/// an id that is present does nothing.
+#[async_trait::async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Adds `item` due at `due`. Returns false if an item with the same id is
+    /// already queued (leased or not).
+    async fn enqueue(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool>;
+
+    /// Leases up to `max` items due at `now` (and items whose lease expired),
+    /// earliest first, each for `ttl`.
+    async fn lease_due(&self, now: Timestamp, max: usize, ttl: Duration)
+        -> StoreResult<Vec<Lease>>;
+
+    /// Extends a lease to `expires`. False if the lease is no longer held.
+    async fn extend(&self, lease_id: u64, item_id: &str, expires: Timestamp) -> StoreResult<bool>;
+
+    /// Removes a leased item and, in the same atomic step, enqueues `next`
+    /// (deduplicated like `enqueue`). False if the lease was no longer held,
+    /// in which case nothing changes.
+    async fn ack(
+        &self,
+        lease_id: u64,
+        item_id: &str,
+        next: Vec<(QueueItem, Timestamp)>,
+    ) -> StoreResult<bool>;
+
+    /// Hands a leased item back, due at `due`, its attempt raised by one when
+    /// `count_attempt` is set. False if the lease was no longer held.
+    async fn retry_at(
+        &self,
+        lease_id: u64,
+        item_id: &str,
+        due: Timestamp,
+        count_attempt: bool,
+    ) -> StoreResult<bool>;
+
+    /// The earliest time anything becomes visible (due or lease expiry).
+    async fn next_due(&self) -> StoreResult<Option<Timestamp>>;
+
+    /// Waits until something is enqueued or `timeout` passes, whichever is
+    /// first. Spurious wake-ups are allowed.
+    async fn wait_for_work(&self, timeout: Duration);
+
+    /// Number of queued items, leased or not.
+    async fn len(&self) -> StoreResult<u64>;
+}
+
+pub type EventStream = Pin<Box<dyn Stream<Item = EventRecord> + Send>>;
+
+/// Carries accepted events from the event API to the runner. Events are
+/// stored in the [`DataStore`] before they are published, so a subscriber
+/// that was down catches up from there (`DataStore::pending_events`).
+#[async_trait::async_trait]
+pub trait EventBus: Send + Sync + 'static {
+    async fn publish(&self, events: &[EventRecord]) -> StoreResult<()>;
+
+    /// Subscribes a consumer group; each event goes to one subscriber of each
+    /// group.
+    async fn subscribe(&self, group: &str) -> StoreResult<EventStream>;
+}
+
+/// What a sync changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncOutcome {
+    pub modified: bool,
+}
+
+/// Apps, functions and event history.
+#[async_trait::async_trait]
+pub trait DataStore: Send + Sync + 'static {
+    /// Stores accepted events and marks them pending for the runner; durable
+    /// (on disk) when it returns. Concurrent calls share flushes.
+    async fn put_events(&self, events: &[EventRecord]) -> StoreResult<()>;
+
+    async fn get_event(&self, internal_id: &str) -> StoreResult<Option<EventRecord>>;
+
+    /// Events not yet marked processed, oldest first.
+    async fn pending_events(&self, max: usize) -> StoreResult<Vec<EventRecord>>;
+
+    async fn mark_processed(&self, internal_ids: &[String]) -> StoreResult<()>;
+
+    /// Replaces an app and its functions. A function whose config changed
+    /// gets the next version; functions no longer listed are archived.
+    async fn sync_app(
+        &self,
+        app: AppRecord,
+        functions: Vec<FunctionRecord>,
+    ) -> StoreResult<SyncOutcome>;
+
+    async fn get_app(&self, app_id: &str) -> StoreResult<Option<AppRecord>>;
+
+    async fn list_apps(&self) -> StoreResult<Vec<AppRecord>>;
+
+    async fn get_function(&self, fn_id: &str) -> StoreResult<Option<FunctionRecord>>;
+
+    /// Every function that is not archived.
+    async fn list_functions(&self) -> StoreResult<Vec<FunctionRecord>>;
+
+    /// A number that changes whenever any function changes; lets services
+    /// cache parsed functions.
+    async fn functions_generation(&self) -> StoreResult<u64>;
+}
+
+/// The backends one process uses.
+#[derive(Clone)]
+pub struct Backends {
+    pub state: Arc<dyn StateStore>,
+    pub queue: Arc<dyn Queue>,
+    pub bus: Arc<dyn EventBus>,
+    pub data: Arc<dyn DataStore>,
+}

@@ -1,0 +1,183 @@
+//! [`DataStore`] on sled. Keys in the `data` tree: `e/<internal id>` event
+//! (ULIDs sort by time), `p/<internal id>` pending for the runner,
+//! `a/<app>` app, `f/<fn>` function, `g` the functions generation.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::{key, sled_error, GroupCommit, SledDb};
+use crate::model::records::Record;
+use crate::model::{AppRecord, EventRecord, FunctionRecord};
+use crate::store::{DataStore, StoreResult, SyncOutcome};
+
+pub struct SledDataStore {
+    tree: sled::Tree,
+    commit: GroupCommit,
+    write_lock: Mutex<()>,
+}
+
+impl SledDataStore {
+    pub fn open(db: &SledDb) -> StoreResult<SledDataStore> {
+        Ok(SledDataStore {
+            tree: db.tree("data")?,
+            commit: db.commit.clone(),
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    fn get_record<R: Record>(&self, key: Vec<u8>) -> StoreResult<Option<R>> {
+        match self.tree.get(key).map_err(sled_error)? {
+            Some(bytes) => Ok(Some(R::from_bytes(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan_records<R: Record>(&self, prefix: &[u8]) -> StoreResult<Vec<R>> {
+        self.tree
+            .scan_prefix(prefix)
+            .map(|entry| {
+                let (_, bytes) = entry.map_err(sled_error)?;
+                Ok(R::from_bytes(&bytes)?)
+            })
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl DataStore for SledDataStore {
+    async fn put_events(&self, events: &[EventRecord]) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        for event in events {
+            let id = event.internal_id.as_bytes();
+            batch.insert(key(&[b"e", id]), event.to_bytes());
+            batch.insert(key(&[b"p", id]), &[]);
+        }
+        self.tree.apply_batch(batch).map_err(sled_error)?;
+        self.commit.flush().await
+    }
+
+    async fn get_event(&self, internal_id: &str) -> StoreResult<Option<EventRecord>> {
+        self.get_record(key(&[b"e", internal_id.as_bytes()]))
+    }
+
+    async fn pending_events(&self, max: usize) -> StoreResult<Vec<EventRecord>> {
+        let mut events = Vec::new();
+        for entry in self.tree.scan_prefix(b"p/").take(max) {
+            let (pending_key, _) = entry.map_err(sled_error)?;
+            let id = &pending_key[2..];
+            if let Some(event) = self.get_record(key(&[b"e", id]))? {
+                events.push(event);
+            }
+        }
+        Ok(events)
+    }
+
+    async fn mark_processed(&self, internal_ids: &[String]) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        for id in internal_ids {
+            batch.remove(key(&[b"p", id.as_bytes()]));
+        }
+        self.tree.apply_batch(batch).map_err(sled_error)
+    }
+
+    async fn sync_app(
+        &self,
+        app: AppRecord,
+        functions: Vec<FunctionRecord>,
+    ) -> StoreResult<SyncOutcome> {
+        let modified = {
+            let _guard = self
+                .write_lock
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let previous: Option<AppRecord> = self.get_record(key(&[b"a", app.id.as_bytes()]))?;
+            let mut batch = sled::Batch::default();
+            let mut modified = previous.as_ref().is_none_or(|p| p.url != app.url);
+            let listed: HashMap<&str, &FunctionRecord> =
+                functions.iter().map(|f| (f.id.as_str(), f)).collect();
+            for function in &functions {
+                let fn_key = key(&[b"f", function.id.as_bytes()]);
+                let existing: Option<FunctionRecord> = self.get_record(fn_key.clone())?;
+                let mut record = function.clone();
+                match existing {
+                    Some(old)
+                        if old.config == record.config
+                            && old.url == record.url
+                            && !old.archived
+                            && old.app_id == record.app_id =>
+                    {
+                        continue;
+                    }
+                    Some(old) => record.version = old.version + 1,
+                    None => record.version = 1,
+                }
+                modified = true;
+                batch.insert(fn_key, record.to_bytes());
+            }
+            if let Some(previous) = &previous {
+                for old_id in &previous.function_ids {
+                    if listed.contains_key(old_id.as_str()) {
+                        continue;
+                    }
+                    let fn_key = key(&[b"f", old_id.as_bytes()]);
+                    if let Some(mut old) = self.get_record::<FunctionRecord>(fn_key.clone())? {
+                        if !old.archived {
+                            old.archived = true;
+                            old.version += 1;
+                            batch.insert(fn_key, old.to_bytes());
+                            modified = true;
+                        }
+                    }
+                }
+            }
+            batch.insert(key(&[b"a", app.id.as_bytes()]), app.to_bytes());
+            if modified {
+                let generation = self.functions_generation_now()? + 1;
+                batch.insert(b"g".to_vec(), &generation.to_be_bytes());
+            }
+            self.tree.apply_batch(batch).map_err(sled_error)?;
+            modified
+        };
+        self.commit.flush().await?;
+        Ok(SyncOutcome { modified })
+    }
+
+    async fn get_app(&self, app_id: &str) -> StoreResult<Option<AppRecord>> {
+        self.get_record(key(&[b"a", app_id.as_bytes()]))
+    }
+
+    async fn list_apps(&self) -> StoreResult<Vec<AppRecord>> {
+        self.scan_records(b"a/")
+    }
+
+    async fn get_function(&self, fn_id: &str) -> StoreResult<Option<FunctionRecord>> {
+        self.get_record(key(&[b"f", fn_id.as_bytes()]))
+    }
+
+    async fn list_functions(&self) -> StoreResult<Vec<FunctionRecord>> {
+        Ok(self
+            .scan_records::<FunctionRecord>(b"f/")?
+            .into_iter()
+            .filter(|f| !f.archived)
+            .collect())
+    }
+
+    async fn functions_generation(&self) -> StoreResult<u64> {
+        self.functions_generation_now()
+    }
+}
+
+impl SledDataStore {
+    fn functions_generation_now(&self) -> StoreResult<u64> {
+        Ok(self
+            .tree
+            .get(b"g")
+            .map_err(sled_error)?
+            .map(|bytes| {
+                let mut raw = [0u8; 8];
+                raw.copy_from_slice(&bytes[..8]);
+                u64::from_be_bytes(raw)
+            })
+            .unwrap_or(0))
+    }
+}

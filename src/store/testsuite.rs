@@ -1,0 +1,456 @@
+//! Conformance suites: every implementation of a store trait runs the suite
+//! of its trait (sled and memory as unit tests; external backends from the
+//! integration tests against real servers). The doc comments on the traits
+//! are the contract; these check it.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use futures::StreamExt;
+
+use crate::clock::{Clock, ManualClock, Timestamp};
+use crate::model::{
+    AppRecord, EventRecord, FunctionRecord, ItemKind, QueueItem, RunRecord, RunStatus,
+    StepKind, StepRecord,
+};
+use crate::store::{
+    Backends, CreateRun, DataStore, EventBus, Queue, SaveStep, StateStore,
+};
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", ulid::Ulid::new())
+}
+
+pub fn sample_run(fn_id: &str, key: &str) -> RunRecord {
+    RunRecord {
+        id: ulid::Ulid::new().to_string(),
+        fn_id: fn_id.to_string(),
+        fn_version: 1,
+        app_id: "app".into(),
+        idempotency_key: key.to_string(),
+        event_ids: vec![unique("evt")],
+        events: vec![r#"{"name":"test/e","data":{}}"#.into()],
+        status: RunStatus::Queued,
+        created_at: 1,
+        started_at: None,
+        ended_at: None,
+        output: None,
+        stack: Vec::new(),
+        request_version: -1,
+        max_attempts: 5,
+    }
+}
+
+fn sample_step(id: &str, memo: &str) -> StepRecord {
+    StepRecord {
+        id: id.to_string(),
+        name: id.to_string(),
+        kind: StepKind::Run,
+        memo: memo.to_string(),
+        saved_at: 2,
+        attempts: 1,
+    }
+}
+
+pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
+    create_is_idempotent(state).await.context("create_is_idempotent")?;
+    steps_save_once_in_order(state).await.context("steps_save_once_in_order")?;
+    finish_is_final(state).await.context("finish_is_final")?;
+    Ok(())
+}
+
+async fn create_is_idempotent(state: &dyn StateStore) -> anyhow::Result<()> {
+    let fn_id = unique("fn");
+    let first = sample_run(&fn_id, "key-1");
+    let event_id = first.event_ids[0].clone();
+    ensure!(matches!(state.create_run(first.clone()).await?, CreateRun::Created(_)));
+    let again = sample_run(&fn_id, "key-1");
+    match state.create_run(again).await? {
+        CreateRun::Exists(existing) => ensure!(existing.id == first.id, "returned another run"),
+        other => anyhow::bail!("second create gave {other:?}"),
+    }
+    // Another function, same key: a separate run.
+    ensure!(matches!(
+        state.create_run(sample_run(&unique("fn"), "key-1")).await?,
+        CreateRun::Created(_)
+    ));
+    let loaded = state.load_run(&first.id).await?.context("run not found")?;
+    ensure!(loaded == first, "loaded run differs");
+    ensure!(state.load_run("no-such-run").await?.is_none());
+    let by_event = state.runs_for_event(&event_id).await?;
+    ensure!(by_event.len() == 1 && by_event[0].id == first.id, "runs_for_event");
+    ensure!(state.runs_for_event("no-such-event").await?.is_empty());
+    Ok(())
+}
+
+async fn steps_save_once_in_order(state: &dyn StateStore) -> anyhow::Result<()> {
+    let run = sample_run(&unique("fn"), "k");
+    state.create_run(run.clone()).await?;
+    state.mark_running(&run.id, Timestamp(5), 2).await?;
+    let loaded = state.load_run(&run.id).await?.context("run")?;
+    ensure!(loaded.status == RunStatus::Running && loaded.started_at == Some(5));
+    ensure!(loaded.request_version == 2);
+
+    let saved = state.save_step(&run.id, sample_step("b", r#"{"data":1}"#)).await?;
+    ensure!(saved == SaveStep::Saved { stack_len: 1 }, "{saved:?}");
+    let saved = state.save_step(&run.id, sample_step("a", r#"{"data":2}"#)).await?;
+    ensure!(saved == SaveStep::Saved { stack_len: 2 }, "{saved:?}");
+    let dup = state.save_step(&run.id, sample_step("b", r#"{"data":9}"#)).await?;
+    ensure!(dup == SaveStep::Duplicate { stack_len: 2 }, "{dup:?}");
+
+    let steps = state.load_steps(&run.id).await?;
+    let ids: Vec<&str> = steps.iter().map(|s| s.id.as_str()).collect();
+    ensure!(ids == ["b", "a"], "steps in completion order, got {ids:?}");
+    ensure!(steps[0].memo == r#"{"data":1}"#, "a duplicate must not overwrite");
+    let loaded = state.load_run(&run.id).await?.context("run")?;
+    ensure!(loaded.stack == ["b", "a"]);
+    ensure!(
+        state.save_step("no-such-run", sample_step("x", "null")).await? == SaveStep::RunEnded
+    );
+    Ok(())
+}
+
+async fn finish_is_final(state: &dyn StateStore) -> anyhow::Result<()> {
+    let run = sample_run(&unique("fn"), "k");
+    state.create_run(run.clone()).await?;
+    ensure!(
+        state
+            .finish_run(&run.id, RunStatus::Completed, Some("42".into()), Timestamp(9))
+            .await?
+    );
+    ensure!(
+        !state
+            .finish_run(&run.id, RunStatus::Failed, None, Timestamp(10))
+            .await?,
+        "a finished run finished again"
+    );
+    let loaded = state.load_run(&run.id).await?.context("run")?;
+    ensure!(loaded.status == RunStatus::Completed);
+    ensure!(loaded.output.as_deref() == Some("42") && loaded.ended_at == Some(9));
+    ensure!(
+        state.save_step(&run.id, sample_step("late", "null")).await? == SaveStep::RunEnded,
+        "steps of an ended run must be refused"
+    );
+    Ok(())
+}
+
+fn item(id: &str) -> QueueItem {
+    QueueItem {
+        id: id.to_string(),
+        run_id: "run".into(),
+        fn_id: "fn".into(),
+        kind: ItemKind::Discovery { seq: 0 },
+    }
+}
+
+pub async fn queue_suite(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
+    not_due_is_invisible(queue, clock).await.context("not_due_is_invisible")?;
+    due_order_and_dedup(queue, clock).await.context("due_order_and_dedup")?;
+    expired_lease_redelivers(queue, clock).await.context("expired_lease_redelivers")?;
+    ack_is_final_and_atomic(queue, clock).await.context("ack_is_final_and_atomic")?;
+    retry_raises_attempt(queue, clock).await.context("retry_raises_attempt")?;
+    enqueue_wakes_waiter(queue).await.context("enqueue_wakes_waiter")?;
+    ensure!(queue.len().await? == 0, "the suite leaves the queue empty");
+    Ok(())
+}
+
+const TTL: Duration = Duration::from_secs(10);
+
+async fn drain(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
+    for lease in queue.lease_due(clock.now().add(Duration::from_secs(86_400 * 400)), 1000, TTL).await? {
+        queue.ack(lease.lease_id, &lease.item.id, Vec::new()).await?;
+    }
+    Ok(())
+}
+
+async fn not_due_is_invisible(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
+    let id = unique("later");
+    ensure!(queue.enqueue(item(&id), clock.now().add(Duration::from_secs(60))).await?);
+    ensure!(queue.lease_due(clock.now(), 10, TTL).await?.is_empty());
+    ensure!(queue.next_due().await? == Some(clock.now().add(Duration::from_secs(60))));
+    clock.advance(Duration::from_secs(60));
+    let leases = queue.lease_due(clock.now(), 10, TTL).await?;
+    ensure!(leases.len() == 1 && leases[0].item.id == id, "{leases:?}");
+    ensure!(leases[0].attempt == 0);
+    ensure!(queue.ack(leases[0].lease_id, &id, Vec::new()).await?);
+    Ok(())
+}
+
+async fn due_order_and_dedup(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
+    let now = clock.now();
+    let (a, b, c) = (unique("a"), unique("b"), unique("c"));
+    ensure!(queue.enqueue(item(&b), now.add(Duration::from_millis(2))).await?);
+    ensure!(queue.enqueue(item(&a), now.add(Duration::from_millis(1))).await?);
+    ensure!(queue.enqueue(item(&c), now.add(Duration::from_millis(2))).await?);
+    ensure!(!queue.enqueue(item(&a), now).await?, "duplicate id accepted");
+    ensure!(queue.len().await? == 3);
+    clock.advance(Duration::from_millis(5));
+    let first = queue.lease_due(clock.now(), 2, TTL).await?;
+    let ids: Vec<&str> = first.iter().map(|l| l.item.id.as_str()).collect();
+    ensure!(ids == [a.as_str(), b.as_str()], "due order then insertion order: {ids:?}");
+    // A leased id still deduplicates.
+    ensure!(!queue.enqueue(item(&a), clock.now()).await?);
+    let rest = queue.lease_due(clock.now(), 10, TTL).await?;
+    ensure!(rest.len() == 1 && rest[0].item.id == c);
+    for lease in first.iter().chain(rest.iter()) {
+        ensure!(queue.ack(lease.lease_id, &lease.item.id, Vec::new()).await?);
+    }
+    Ok(())
+}
+
+async fn expired_lease_redelivers(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
+    let id = unique("lease");
+    queue.enqueue(item(&id), clock.now()).await?;
+    let first = queue.lease_due(clock.now(), 10, TTL).await?;
+    ensure!(first.len() == 1);
+    ensure!(queue.lease_due(clock.now(), 10, TTL).await?.is_empty(), "leased twice");
+    clock.advance(Duration::from_secs(5));
+    ensure!(queue.extend(first[0].lease_id, &id, clock.now().add(TTL)).await?);
+    clock.advance(Duration::from_secs(6));
+    ensure!(
+        queue.lease_due(clock.now(), 10, TTL).await?.is_empty(),
+        "an extended lease expired early"
+    );
+    clock.advance(Duration::from_secs(5));
+    let second = queue.lease_due(clock.now(), 10, TTL).await?;
+    ensure!(second.len() == 1 && second[0].item.id == id, "expired lease not redelivered");
+    ensure!(second[0].lease_id != first[0].lease_id);
+    ensure!(
+        !queue.ack(first[0].lease_id, &id, Vec::new()).await?,
+        "a lost lease could still ack"
+    );
+    ensure!(!queue.extend(first[0].lease_id, &id, clock.now().add(TTL)).await?);
+    ensure!(queue.ack(second[0].lease_id, &id, Vec::new()).await?);
+    Ok(())
+}
+
+async fn ack_is_final_and_atomic(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
+    let (id, next, same) = (unique("ack"), unique("next"), unique("same"));
+    queue.enqueue(item(&id), clock.now()).await?;
+    queue.enqueue(item(&same), clock.now().add(Duration::from_secs(30))).await?;
+    let lease = queue.lease_due(clock.now(), 10, TTL).await?.remove(0);
+    ensure!(lease.item.id == id);
+    let followers = vec![
+        (item(&next), clock.now()),
+        (item(&same), clock.now()), // present already: ignored
+        (item(&id), clock.now().add(Duration::from_secs(1))), // own id: re-added
+    ];
+    ensure!(queue.ack(lease.lease_id, &id, followers).await?);
+    ensure!(!queue.ack(lease.lease_id, &id, Vec::new()).await?, "acked twice");
+    let leased = queue.lease_due(clock.now(), 10, TTL).await?;
+    let ids: Vec<&str> = leased.iter().map(|l| l.item.id.as_str()).collect();
+    ensure!(ids == [next.as_str()], "{ids:?}");
+    queue.ack(leased[0].lease_id, &next, Vec::new()).await?;
+    clock.advance(Duration::from_secs(1));
+    let again = queue.lease_due(clock.now(), 10, TTL).await?;
+    ensure!(again.len() == 1 && again[0].item.id == id && again[0].attempt == 0);
+    queue.ack(again[0].lease_id, &id, Vec::new()).await?;
+    drain(queue, clock).await
+}
+
+async fn retry_raises_attempt(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
+    let id = unique("retry");
+    queue.enqueue(item(&id), clock.now()).await?;
+    let lease = queue.lease_due(clock.now(), 1, TTL).await?.remove(0);
+    let later = clock.now().add(Duration::from_secs(3));
+    ensure!(queue.retry_at(lease.lease_id, &id, later, true).await?);
+    ensure!(queue.lease_due(clock.now(), 1, TTL).await?.is_empty());
+    clock.advance(Duration::from_secs(3));
+    let lease = queue.lease_due(clock.now(), 1, TTL).await?.remove(0);
+    ensure!(lease.attempt == 1, "attempt {}", lease.attempt);
+    ensure!(queue.retry_at(lease.lease_id, &id, clock.now(), false).await?);
+    let lease = queue.lease_due(clock.now(), 1, TTL).await?.remove(0);
+    ensure!(lease.attempt == 1, "a release must not count an attempt");
+    ensure!(!queue.retry_at(lease.lease_id + 1_000_000, &id, clock.now(), true).await?);
+    queue.ack(lease.lease_id, &id, Vec::new()).await?;
+    Ok(())
+}
+
+async fn enqueue_wakes_waiter(queue: &dyn Queue) -> anyhow::Result<()> {
+    let id = unique("wake");
+    let started = std::time::Instant::now();
+    let (_, added) = tokio::join!(queue.wait_for_work(Duration::from_secs(5)), async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        queue.enqueue(item(&id), Timestamp(0)).await
+    });
+    ensure!(added?);
+    ensure!(
+        started.elapsed() < Duration::from_secs(4),
+        "wait_for_work did not wake on enqueue"
+    );
+    let lease = queue.lease_due(Timestamp(1), 1, TTL).await?.remove(0);
+    queue.ack(lease.lease_id, &id, Vec::new()).await?;
+    Ok(())
+}
+
+fn event(name: &str) -> EventRecord {
+    let internal_id = ulid::Ulid::new().to_string();
+    EventRecord {
+        payload: format!(r#"{{"name":"{name}","data":{{}},"id":"{internal_id}"}}"#),
+        id: internal_id.clone(),
+        internal_id,
+        name: name.to_string(),
+        received_at: 1,
+    }
+}
+
+fn function(app: &str, id: &str, config: &str) -> FunctionRecord {
+    FunctionRecord {
+        id: id.to_string(),
+        app_id: app.to_string(),
+        version: 0,
+        url: format!("http://127.0.0.1:1/api?fnId={id}"),
+        config: config.to_string(),
+        updated_at: 1,
+        archived: false,
+    }
+}
+
+fn app(id: &str, function_ids: &[&str]) -> AppRecord {
+    AppRecord {
+        id: id.to_string(),
+        url: "http://127.0.0.1:1/api".into(),
+        sdk: "js:v4".into(),
+        framework: "nodejs".into(),
+        synced_at: 1,
+        checksum: String::new(),
+        function_ids: function_ids.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+pub async fn data_suite(data: &dyn DataStore) -> anyhow::Result<()> {
+    events_pending_until_processed(data).await.context("events_pending_until_processed")?;
+    sync_versions_functions(data).await.context("sync_versions_functions")?;
+    Ok(())
+}
+
+async fn events_pending_until_processed(data: &dyn DataStore) -> anyhow::Result<()> {
+    let (a, b) = (event("test/a"), event("test/b"));
+    data.put_events(&[a.clone(), b.clone()]).await?;
+    ensure!(data.get_event(&a.internal_id).await?.as_ref() == Some(&a));
+    ensure!(data.get_event("nope").await?.is_none());
+    let pending: Vec<String> = data
+        .pending_events(1000)
+        .await?
+        .into_iter()
+        .map(|e| e.internal_id)
+        .collect();
+    ensure!(pending.contains(&a.internal_id) && pending.contains(&b.internal_id));
+    data.mark_processed(std::slice::from_ref(&a.internal_id)).await?;
+    let pending: Vec<String> = data
+        .pending_events(1000)
+        .await?
+        .into_iter()
+        .map(|e| e.internal_id)
+        .collect();
+    ensure!(!pending.contains(&a.internal_id) && pending.contains(&b.internal_id));
+    ensure!(data.get_event(&a.internal_id).await?.is_some(), "processed events stay");
+    data.mark_processed(&[b.internal_id]).await?;
+    Ok(())
+}
+
+async fn sync_versions_functions(data: &dyn DataStore) -> anyhow::Result<()> {
+    let app_id = unique("app");
+    let (f1, f2) = (format!("{app_id}-one"), format!("{app_id}-two"));
+    let gen0 = data.functions_generation().await?;
+    let outcome = data
+        .sync_app(
+            app(&app_id, &[&f1, &f2]),
+            vec![function(&app_id, &f1, "{\"a\":1}"), function(&app_id, &f2, "{}")],
+        )
+        .await?;
+    ensure!(outcome.modified);
+    let gen1 = data.functions_generation().await?;
+    ensure!(gen1 != gen0, "generation must change on sync");
+    ensure!(data.get_function(&f1).await?.context("f1")?.version == 1);
+
+    let same = data
+        .sync_app(
+            app(&app_id, &[&f1, &f2]),
+            vec![function(&app_id, &f1, "{\"a\":1}"), function(&app_id, &f2, "{}")],
+        )
+        .await?;
+    ensure!(!same.modified, "an identical sync is not a modification");
+    ensure!(data.functions_generation().await? == gen1);
+
+    let changed = data
+        .sync_app(
+            app(&app_id, &[&f1]),
+            vec![function(&app_id, &f1, "{\"a\":2}")],
+        )
+        .await?;
+    ensure!(changed.modified);
+    let one = data.get_function(&f1).await?.context("f1")?;
+    ensure!(one.version == 2 && one.config == "{\"a\":2}", "{one:?}");
+    let two = data.get_function(&f2).await?.context("f2")?;
+    ensure!(two.archived, "a function no longer listed is archived");
+    let listed: Vec<String> = data.list_functions().await?.into_iter().map(|f| f.id).collect();
+    ensure!(listed.contains(&f1) && !listed.contains(&f2));
+    ensure!(data.get_app(&app_id).await?.is_some());
+    ensure!(data.list_apps().await?.iter().any(|a| a.id == app_id));
+    Ok(())
+}
+
+pub async fn bus_suite(bus: &dyn EventBus) -> anyhow::Result<()> {
+    let group = unique("group");
+    let mut first = bus.subscribe(&group).await?;
+    let mut other_group = bus.subscribe(&unique("group")).await?;
+    let events = vec![event("test/1"), event("test/2")];
+    bus.publish(&events).await?;
+    for expected in &events {
+        let got = tokio::time::timeout(Duration::from_secs(5), first.next())
+            .await
+            .context("timed out waiting for an event")?
+            .context("stream ended")?;
+        ensure!(&got == expected, "in publish order");
+        let got = tokio::time::timeout(Duration::from_secs(5), other_group.next())
+            .await
+            .context("timed out waiting for an event")?
+            .context("stream ended")?;
+        ensure!(&got == expected, "every group gets every event");
+    }
+    Ok(())
+}
+
+/// Writes a little of everything; [`check_after_reopen`] checks it is there
+/// after the backends were closed and opened again.
+pub async fn write_for_reopen(backends: &Backends) -> anyhow::Result<()> {
+    let mut run = sample_run("reopen-fn", "reopen-key");
+    run.id = "01REOPENRUN0000000000000000".into();
+    backends.state.create_run(run).await?;
+    backends
+        .state
+        .save_step("01REOPENRUN0000000000000000", sample_step("s1", r#"{"data":1}"#))
+        .await?;
+    let mut item = item("reopen-item");
+    item.kind = ItemKind::Discovery { seq: 1 };
+    backends.queue.enqueue(item, Timestamp(5)).await?;
+    let mut event = event("test/reopen");
+    event.internal_id = "01REOPENEVENT00000000000000".into();
+    backends.data.put_events(&[event]).await?;
+    Ok(())
+}
+
+pub async fn check_after_reopen(backends: &Backends) -> anyhow::Result<()> {
+    let run = backends
+        .state
+        .load_run("01REOPENRUN0000000000000000")
+        .await?
+        .context("run lost")?;
+    ensure!(run.stack == ["s1"]);
+    ensure!(backends.state.load_steps(&run.id).await?.len() == 1);
+    let leases = backends.queue.lease_due(Timestamp(10), 10, TTL).await?;
+    ensure!(leases.len() == 1 && leases[0].item.id == "reopen-item");
+    ensure!(backends
+        .data
+        .get_event("01REOPENEVENT00000000000000")
+        .await?
+        .is_some());
+    ensure!(backends
+        .data
+        .pending_events(10)
+        .await?
+        .iter()
+        .any(|e| e.internal_id == "01REOPENEVENT00000000000000"));
+    Ok(())
+}
