@@ -1,1 +1,68 @@
-fn main() {}
+//! `baton`: parse the command line, load settings, bind, and serve.
+
+use std::net::TcpListener;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::info;
+
+use baton::cli::{Cli, Command};
+use baton::serve::{serve, Service};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("baton: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let Command::Dev(args) = cli.command;
+    let (source, settings) = args.settings()?;
+    let listener = TcpListener::bind((settings.host.as_str(), settings.port)).map_err(|err| {
+        anyhow::anyhow!("cannot listen on {}:{}: {err}", settings.host, settings.port)
+    })?;
+    let addr = listener.local_addr()?;
+    let data_dir = std::fs::canonicalize(&settings.data_dir).unwrap_or(settings.data_dir.clone());
+    info!(
+        "baton dev listening on http://{addr}, data in {}, config from {source}",
+        data_dir.display()
+    );
+    actix_rt::System::new().block_on(serve(settings, Service::all(), listener, shutdown_signal()))
+}
+
+/// Resolves at the first Ctrl-C or SIGTERM; a second one exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    actix_rt::spawn(async {
+        wait_for_signal().await;
+        eprintln!("baton: second signal, exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,236 @@
+//! The core API service: app syncs (the SDK's `POST /fn/register` after a
+//! `PUT` to the app, PROTOCOL §3) and the sync pings Baton sends itself.
+//! Run and event queries are plain store reads done by the HTTP layer.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::clock::SharedClock;
+use crate::model::function::{normalize_url, parse_config};
+use crate::model::{AppRecord, FunctionRecord};
+use crate::sdk::{canonical_json, SdkClient};
+use crate::store::{Backends, StoreError};
+
+/// Why a sync was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the SDK reported, checked and turned into records.
+pub fn parse_register(
+    body: &Value,
+    now_ms: i64,
+) -> Result<(AppRecord, Vec<FunctionRecord>), String> {
+    let Value::Object(fields) = body else {
+        return Err("the sync body must be a JSON object".into());
+    };
+    let text = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| fields.get(*n).and_then(Value::as_str))
+            .map(str::to_string)
+    };
+    let app_id = text(&["appName", "appname", "app_name"])
+        .filter(|s| !s.is_empty())
+        .ok_or("appName is required")?;
+    let url = text(&["url"])
+        .filter(|s| !s.is_empty())
+        .ok_or("url is required")?;
+    let functions = match fields.get("functions") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(functions)) => functions.clone(),
+        Some(_) => return Err("functions must be an array".into()),
+    };
+    let mut seen = HashSet::new();
+    let mut records = Vec::with_capacity(functions.len());
+    for config in &functions {
+        let def = parse_config(config)?;
+        if !seen.insert(def.id.clone()) {
+            return Err(format!("function id {} appears twice", def.id));
+        }
+        records.push(FunctionRecord {
+            id: def.id.clone(),
+            app_id: app_id.clone(),
+            version: 0,
+            url: normalize_url(&def.url),
+            config: String::from_utf8_lossy(&canonical_json(config)).to_string(),
+            updated_at: now_ms,
+            archived: false,
+        });
+    }
+    let mut checksum_body = body.clone();
+    if let Value::Object(map) = &mut checksum_body {
+        map.remove("featureObservations");
+        map.remove("deployId");
+    }
+    let checksum = hex::encode(Sha256::digest(canonical_json(&checksum_body)));
+    let app = AppRecord {
+        id: app_id,
+        url: normalize_url(&url),
+        sdk: text(&["sdk"]).unwrap_or_default(),
+        framework: text(&["framework"]).unwrap_or_default(),
+        synced_at: now_ms,
+        checksum,
+        function_ids: records.iter().map(|f| f.id.clone()).collect(),
+    };
+    Ok((app, records))
+}
+
+pub struct CoreApi {
+    backends: Backends,
+    clock: SharedClock,
+    client: SdkClient,
+    /// `dev` or `cloud`: what sync pings say and what registers must expect.
+    server_kind: &'static str,
+    initial_urls: Vec<String>,
+}
+
+impl CoreApi {
+    pub fn new(
+        backends: Backends,
+        clock: SharedClock,
+        client: SdkClient,
+        server_kind: &'static str,
+        initial_urls: Vec<String>,
+    ) -> CoreApi {
+        CoreApi {
+            backends,
+            clock,
+            client,
+            server_kind,
+            initial_urls,
+        }
+    }
+}
+
+impl Actor for CoreApi {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        for url in self.initial_urls.clone() {
+            let client = self.client.clone();
+            let clock = self.clock.clone();
+            let kind = self.server_kind;
+            actix_rt::spawn(async move {
+                // The app may start after Baton: keep trying until it answers.
+                let mut delay = Duration::from_millis(250);
+                loop {
+                    match client.ping(&url, kind, clock.now()).await {
+                        Ok(_) => {
+                            info!(%url, "app synced");
+                            return;
+                        }
+                        Err(err) => {
+                            warn!(%url, error = %err, "cannot sync app yet; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The SDK's `POST /fn/register`.
+#[derive(Message)]
+#[rtype(result = "Result<Value, SyncError>")]
+pub struct RegisterApp {
+    pub body: Value,
+    /// `x-inngest-expected-server-kind`, when the SDK sent it.
+    pub expected_server_kind: Option<String>,
+}
+
+impl Handler<RegisterApp> for CoreApi {
+    type Result = ResponseFuture<Result<Value, SyncError>>;
+
+    fn handle(&mut self, msg: RegisterApp, _: &mut Self::Context) -> Self::Result {
+        let backends = self.backends.clone();
+        let now = self.clock.now();
+        let kind = self.server_kind;
+        Box::pin(async move {
+            if let Some(expected) = msg.expected_server_kind.as_deref() {
+                if !expected.is_empty() && expected != kind {
+                    return Err(SyncError::Invalid(format!(
+                        "the SDK expects a {expected} server but this is a {kind} server"
+                    )));
+                }
+            }
+            let (app, functions) =
+                parse_register(&msg.body, now.millis()).map_err(SyncError::Invalid)?;
+            let (app_id, count) = (app.id.clone(), functions.len());
+            let outcome = backends.data.sync_app(app, functions).await?;
+            info!(app = %app_id, functions = count, modified = outcome.modified, "app registered");
+            Ok(json!({
+                "ok": true,
+                "modified": outcome.modified,
+                "app_id": app_id,
+                "sync_id": ulid::Ulid::new().to_string(),
+            }))
+        })
+    }
+}
+
+/// Asks the app at `url` to sync now.
+#[derive(Message)]
+#[rtype(result = "Result<Value, String>")]
+pub struct SyncUrl(pub String);
+
+impl Handler<SyncUrl> for CoreApi {
+    type Result = ResponseFuture<Result<Value, String>>;
+
+    fn handle(&mut self, SyncUrl(url): SyncUrl, _: &mut Self::Context) -> Self::Result {
+        let client = self.client.clone();
+        let now = self.clock.now();
+        let kind = self.server_kind;
+        Box::pin(async move { client.ping(&url, kind, now).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn function(id: &str) -> Value {
+        json!({"id": id, "name": id, "triggers": [{"event": "a/b"}],
+               "steps": {"step": {"id": "step", "name": "step", "runtime": {"type": "http",
+               "url": format!("http://127.0.0.1:3000/api/inngest?fnId={id}&stepId=step&deployId=d1")}}}})
+    }
+
+    #[test]
+    fn js_and_python_spellings() {
+        let js = json!({"appName": "app", "url": "http://127.0.0.1:3000/api/inngest?deployId=d1",
+                        "deployType": "ping", "sdk": "js:v4.24.0", "functions": [function("app-f")]});
+        let (app, functions) = parse_register(&js, 1).unwrap();
+        assert_eq!(app.id, "app");
+        assert_eq!(app.url, "http://127.0.0.1:3000/api/inngest");
+        assert_eq!(functions[0].url, "http://127.0.0.1:3000/api/inngest?fnId=app-f&stepId=step");
+        let py = json!({"appname": "py", "url": "http://x/api", "deploy_type": "ping",
+                        "functions": [function("py-f")]});
+        assert_eq!(parse_register(&py, 1).unwrap().0.id, "py");
+    }
+
+    #[test]
+    fn refusals() {
+        assert!(parse_register(&json!({"url": "http://x"}), 1).unwrap_err().contains("appName"));
+        assert!(parse_register(&json!({"appName": "a"}), 1).unwrap_err().contains("url"));
+        let twice = json!({"appName": "a", "url": "http://x", "functions": [function("f"), function("f")]});
+        assert!(parse_register(&twice, 1).unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn checksum_ignores_volatile_fields() {
+        let a = json!({"appName": "a", "url": "http://x", "featureObservations": {"t": 1}});
+        let b = json!({"appName": "a", "url": "http://x", "featureObservations": {"t": 2}});
+        assert_eq!(parse_register(&a, 1).unwrap().0.checksum, parse_register(&b, 2).unwrap().0.checksum);
+    }
+}

@@ -1,0 +1,230 @@
+//! Core API routes: health, `/dev`, sync (`/fn/register`), and the REST v1
+//! reads of runs and events (PROTOCOL §6).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::{json, Value};
+
+use crate::actors::core_api::{RegisterApp, SyncError, SyncUrl};
+use crate::actors::{executor, runner};
+use crate::clock::Timestamp;
+use crate::model::function::FunctionDef;
+use crate::model::{RunRecord, StepRecord};
+use crate::http::{read_body, ApiError, AppState};
+
+fn core(state: &AppState) -> Result<&actix::Addr<crate::actors::core_api::CoreApi>, ApiError> {
+    state
+        .core_api
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("the core API does not run here".into()))
+}
+
+fn wrap(state: &AppState, data: Value) -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "data": data,
+        "metadata": {"fetched_at": state.clock.now().to_rfc3339(), "cached_until": null},
+    }))
+}
+
+fn parse_json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+fn time(ms: Option<i64>) -> Value {
+    ms.map(|ms| Value::String(Timestamp(ms).to_rfc3339()))
+        .unwrap_or(Value::Null)
+}
+
+/// A run as `/v1` shows it, with its steps when given.
+pub fn run_json(run: &RunRecord, steps: Option<&[StepRecord]>) -> Value {
+    let mut value = json!({
+        "run_id": run.id,
+        "run_started_at": time(run.started_at.or(Some(run.created_at))),
+        "function_id": run.fn_id,
+        "function_version": run.fn_version,
+        "app_id": run.app_id,
+        "environment_id": "",
+        "event_id": run.event_ids.first(),
+        "event_ids": run.event_ids,
+        "status": run.status.as_str(),
+        "ended_at": time(run.ended_at),
+        "output": run.output.as_deref().map(parse_json),
+    });
+    if let Some(steps) = steps {
+        value["steps"] = steps
+            .iter()
+            .map(|step| {
+                json!({
+                    "id": step.id,
+                    "name": step.name,
+                    "kind": step.kind.as_str(),
+                    "output": parse_json(&step.memo),
+                    "saved_at": time(Some(step.saved_at)),
+                    "attempts": step.attempts,
+                })
+            })
+            .collect();
+    }
+    value
+}
+
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": 200, "message": "OK"}))
+}
+
+pub async fn dev_info(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut functions = Vec::new();
+    for record in state.backends.data.list_functions().await? {
+        let def = FunctionDef::from_record(&record).ok();
+        functions.push(json!({
+            "id": record.id,
+            "name": def.as_ref().map(|d| d.name.clone()).unwrap_or_default(),
+            "app_id": record.app_id,
+            "version": record.version,
+            "url": record.url,
+            "config": parse_json(&record.config),
+        }));
+    }
+    let handlers: Vec<Value> = state
+        .backends
+        .data
+        .list_apps()
+        .await?
+        .into_iter()
+        .map(|app| {
+            json!({"app_id": app.id, "url": app.url, "sdk": app.sdk,
+                   "framework": app.framework, "synced_at": time(Some(app.synced_at)),
+                   "functions": app.function_ids})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "authed": false,
+        "startOpts": state.info,
+        "functions": functions,
+        "handlers": handlers,
+        "isSingleNodeService": true,
+        "isMissingSigningKey": true,
+        "isMissingEventKeys": true,
+        "features": {},
+    })))
+}
+
+pub async fn register(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.max_body_bytes).await?;
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::BadRequest(format!("the sync body is not valid JSON: {err}")))?;
+    let expected_server_kind = request
+        .headers()
+        .get("x-inngest-expected-server-kind")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let reply = core(&state)?
+        .send(RegisterApp {
+            body,
+            expected_server_kind,
+        })
+        .await?;
+    match reply {
+        Ok(reply) => Ok(HttpResponse::Ok().json(reply)),
+        Err(SyncError::Invalid(message)) => Err(ApiError::BadRequest(message)),
+        Err(SyncError::Store(err)) => Err(err.into()),
+    }
+}
+
+pub async fn list_apps(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let apps: Vec<Value> = state
+        .backends
+        .data
+        .list_apps()
+        .await?
+        .into_iter()
+        .map(|app| {
+            json!({"id": app.id, "url": app.url, "sdk": app.sdk, "framework": app.framework,
+                   "synced_at": time(Some(app.synced_at)), "functions": app.function_ids})
+        })
+        .collect();
+    Ok(wrap(&state, Value::Array(apps)))
+}
+
+/// `POST /v1/apps/sync {"url": …}`: Baton asks the app to sync, as `-u` does.
+pub async fn sync_url(
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::BadRequest(format!("the body is not valid JSON: {err}")))?;
+    let url = body
+        .get("url")
+        .and_then(Value::as_str)
+        .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
+        .ok_or_else(|| ApiError::BadRequest("url must be an http(s) URL".into()))?
+        .to_string();
+    match core(&state)?.send(SyncUrl(url)).await? {
+        Ok(answer) => Ok(wrap(&state, answer)),
+        Err(message) => Err(ApiError::BadRequest(message)),
+    }
+}
+
+pub async fn get_run(
+    state: web::Data<AppState>,
+    run_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let run = state
+        .backends
+        .state
+        .load_run(&run_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("run {run_id} not found")))?;
+    let steps = state.backends.state.load_steps(&run.id).await?;
+    Ok(wrap(&state, run_json(&run, Some(&steps))))
+}
+
+pub async fn get_event(
+    state: web::Data<AppState>,
+    event_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let event = state
+        .backends
+        .data
+        .get_event(&event_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("event {event_id} not found")))?;
+    let mut value = parse_json(&event.payload);
+    value["internal_id"] = Value::String(event.internal_id.clone());
+    value["received_at"] = time(Some(event.received_at));
+    Ok(wrap(&state, value))
+}
+
+pub async fn event_runs(
+    state: web::Data<AppState>,
+    event_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let runs = state.backends.state.runs_for_event(&event_id).await?;
+    let runs: Vec<Value> = runs.iter().map(|run| run_json(run, None)).collect();
+    Ok(wrap(&state, Value::Array(runs)))
+}
+
+/// Counters of the services in this process, for operators and tests.
+pub async fn status(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let executor = match &state.executor {
+        Some(addr) => serde_json::to_value(addr.send(executor::Observe).await?).unwrap_or_default(),
+        None => Value::Null,
+    };
+    let runner = match &state.runner {
+        Some(addr) => serde_json::to_value(addr.send(runner::Observe).await?).unwrap_or_default(),
+        None => Value::Null,
+    };
+    Ok(wrap(
+        &state,
+        json!({
+            "queue_depth": state.backends.queue.len().await?,
+            "executor": executor,
+            "runner": runner,
+            "store_bytes": (state.store_size)(),
+        }),
+    ))
+}

@@ -1,0 +1,570 @@
+//! The wire side of calling an SDK app (PROTOCOL §1.4, §3.1, §4): canonical
+//! request bodies, signatures, and parsing what the SDK answers into a
+//! [`SdkReply`]. No IO here except [`SdkClient`], which makes the calls.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::clock::Timestamp;
+use crate::duration::parse_iso_date;
+
+/// Strips the `signkey-<env>-` prefix (PROTOCOL §1.4).
+pub fn strip_key_prefix(key: &str) -> &str {
+    if let Some(rest) = key.strip_prefix("signkey-") {
+        if let Some(dash) = rest.find('-') {
+            let env = &rest[..dash];
+            if !env.is_empty() && env.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                return &rest[dash + 1..];
+            }
+        }
+    }
+    key
+}
+
+/// `X-Inngest-Signature` for `body` at unix time `t` (seconds): HMAC-SHA256
+/// keyed with the key's hex text, over `body ‖ t`.
+pub fn signature(body: &[u8], signing_key: &str, t: i64) -> String {
+    let key = strip_key_prefix(signing_key);
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC accepts keys of any length");
+    mac.update(body);
+    mac.update(t.to_string().as_bytes());
+    format!("t={t}&s={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The bearer token an SDK sends for `signing_key`: sha256 of the decoded key.
+pub fn hashed_signing_key(signing_key: &str) -> Option<String> {
+    let raw = hex::decode(strip_key_prefix(signing_key)).ok()?;
+    Some(hex::encode(Sha256::digest(raw)))
+}
+
+/// RFC 8785 canonical JSON: what both SDKs verify signatures over.
+pub fn canonical_json(value: &Value) -> Vec<u8> {
+    serde_json_canonicalizer::to_vec(value).unwrap_or_else(|_| value.to_string().into_bytes())
+}
+
+/// Replaces (or adds) the `stepId` query parameter of a function URL.
+pub fn call_url(function_url: &str, step_id: &str) -> String {
+    let (base, query) = function_url
+        .split_once('?')
+        .unwrap_or((function_url, ""));
+    let mut pairs: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("stepId="))
+        .map(str::to_string)
+        .collect();
+    pairs.push(format!("stepId={step_id}"));
+    format!("{base}?{}", pairs.join("&"))
+}
+
+/// What to put in one call.
+pub struct CallRequest<'a> {
+    pub url: &'a str,
+    pub run_id: &'a str,
+    /// `step` for a discovery call, else the hashed step id.
+    pub step_id: &'a str,
+    pub events: &'a [Value],
+    pub steps: serde_json::Map<String, Value>,
+    pub stack: &'a [String],
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub request_version: i32,
+    pub disable_immediate_execution: bool,
+}
+
+impl CallRequest<'_> {
+    pub fn body(&self) -> Value {
+        json!({
+            "event": self.events.first().cloned().unwrap_or_else(|| json!({})),
+            "events": self.events,
+            "steps": self.steps,
+            "ctx": {
+                "run_id": self.run_id,
+                "env": "",
+                "step_id": self.step_id,
+                "attempt": self.attempt,
+                "max_attempts": self.max_attempts,
+                "disable_immediate_execution": self.disable_immediate_execution,
+                "use_api": false,
+                "stack": {"stack": self.stack, "current": self.stack.len()},
+            },
+            "version": if matches!(self.request_version, 1 | 2) { self.request_version } else { -1 },
+            "use_api": false,
+        })
+    }
+}
+
+/// One opcode of a 206 answer (PROTOCOL §4.5). Unknown fields are ignored.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct Op {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub op: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "displayName")]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub data: Option<Value>,
+    #[serde(default)]
+    pub error: Option<Value>,
+    #[serde(default)]
+    pub opts: Option<Value>,
+}
+
+impl Op {
+    /// The user's name for the step, for display.
+    pub fn label(&self) -> String {
+        self.display_name
+            .clone()
+            .or_else(|| self.name.clone())
+            .unwrap_or_else(|| self.id.clone())
+    }
+}
+
+/// An SDK's answer to a call, or why there was none.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SdkReply {
+    /// 200: the function returned this value.
+    Complete { output: Value, request_version: i32 },
+    /// 206: opcodes.
+    Ops {
+        ops: Vec<Op>,
+        no_retry: bool,
+        retry_after: Option<Duration>,
+        request_version: i32,
+    },
+    /// The function threw, the SDK failed, or the app could not be reached.
+    Error {
+        /// HTTP status, 0 when there was no answer.
+        status: u16,
+        /// Normalized `{error, name, message, stack?}`.
+        error: Value,
+        no_retry: bool,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Parses `Retry-After`: whole seconds or an ISO date, clamped to 1 s–24 h.
+pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    let duration = if let Ok(seconds) = value.parse::<u64>() {
+        Duration::from_secs(seconds)
+    } else {
+        now.until(parse_iso_date(value)?)
+    };
+    Some(duration.clamp(Duration::from_secs(1), Duration::from_secs(86_400)))
+}
+
+/// GO's standard error shape, built from the SDK's error body.
+pub fn standard_error(transport: &str, body: &Value) -> Value {
+    let mut error = serde_json::Map::new();
+    error.insert("error".into(), Value::String(transport.to_string()));
+    let name = body
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("Error");
+    let message = body
+        .get("message")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| body.get("error").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| match body {
+            Value::String(text) => text.clone(),
+            Value::Null => transport.to_string(),
+            other => other.to_string(),
+        });
+    error.insert("name".into(), Value::String(name.to_string()));
+    error.insert("message".into(), Value::String(message));
+    if let Some(stack) = body.get("stack").and_then(Value::as_str) {
+        error.insert("stack".into(), Value::String(stack.to_string()));
+    }
+    if let Some(cause) = body.get("cause") {
+        error.insert("cause".into(), cause.clone());
+    }
+    Value::Object(error)
+}
+
+/// A step error as memoized for the SDK: `{name, message, stack?}`.
+pub fn step_error(error: Option<&Value>) -> Value {
+    let error = error.cloned().unwrap_or(Value::Null);
+    let mut memo = serde_json::Map::new();
+    memo.insert(
+        "name".into(),
+        error
+            .get("name")
+            .cloned()
+            .filter(Value::is_string)
+            .unwrap_or_else(|| json!("Error")),
+    );
+    memo.insert(
+        "message".into(),
+        error
+            .get("message")
+            .cloned()
+            .filter(Value::is_string)
+            .unwrap_or_else(|| json!("step failed")),
+    );
+    for extra in ["stack", "cause"] {
+        if let Some(value) = error.get(extra) {
+            memo.insert(extra.into(), value.clone());
+        }
+    }
+    Value::Object(memo)
+}
+
+/// Turns an HTTP answer into a [`SdkReply`].
+pub fn parse_reply(
+    status: u16,
+    header: impl Fn(&str) -> Option<String>,
+    body: &[u8],
+    now: Timestamp,
+) -> SdkReply {
+    let no_retry = header("x-inngest-no-retry").as_deref() == Some("true");
+    let retry_after = header("retry-after").and_then(|v| parse_retry_after(&v, now));
+    let request_version = header("x-inngest-req-version")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1);
+    let is_sdk = header("x-inngest-sdk").is_some();
+
+    if status == 201 {
+        return parse_stream(body, now);
+    }
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    match status {
+        200 | 206 if !is_sdk => SdkReply::Error {
+            status,
+            error: standard_error(
+                "the app's answer lacks the x-inngest-sdk header: is this URL an Inngest SDK endpoint?",
+                &Value::Null,
+            ),
+            no_retry: false,
+            retry_after: None,
+        },
+        200 => SdkReply::Complete {
+            output: parsed.unwrap_or(Value::Null),
+            request_version,
+        },
+        206 => match parsed {
+            Some(Value::Array(items)) => parse_ops(items, no_retry, retry_after, request_version),
+            Some(object @ Value::Object(_)) => {
+                parse_ops(vec![object], no_retry, retry_after, request_version)
+            }
+            _ => SdkReply::Error {
+                status,
+                error: standard_error("invalid 206 answer: expected a JSON array of ops", &Value::Null),
+                no_retry: false,
+                retry_after: None,
+            },
+        },
+        _ => {
+            let body_value = parsed.unwrap_or_else(|| {
+                Value::String(String::from_utf8_lossy(&body[..body.len().min(2_000)]).to_string())
+            });
+            SdkReply::Error {
+                status,
+                error: standard_error(&format!("invalid status code: {status}"), &body_value),
+                no_retry,
+                retry_after,
+            }
+        }
+    }
+}
+
+fn parse_ops(
+    items: Vec<Value>,
+    no_retry: bool,
+    retry_after: Option<Duration>,
+    request_version: i32,
+) -> SdkReply {
+    let mut ops = Vec::with_capacity(items.len());
+    for item in items {
+        match serde_json::from_value::<Op>(item) {
+            Ok(op) => ops.push(op),
+            Err(err) => {
+                return SdkReply::Error {
+                    status: 206,
+                    error: standard_error(&format!("invalid op in 206 answer: {err}"), &Value::Null),
+                    no_retry: false,
+                    retry_after: None,
+                }
+            }
+        }
+    }
+    SdkReply::Ops {
+        ops,
+        no_retry,
+        retry_after,
+        request_version,
+    }
+}
+
+/// A streamed (201) answer: keep-alive spaces, then
+/// `{"status":…, "headers":{…}, "body":…}` (PROTOCOL §4.9).
+fn parse_stream(body: &[u8], now: Timestamp) -> SdkReply {
+    let text = String::from_utf8_lossy(body);
+    let wrapper: Value = match serde_json::from_str(text.trim()) {
+        Ok(value) => value,
+        Err(err) => {
+            return SdkReply::Error {
+                status: 201,
+                error: standard_error(&format!("invalid streamed answer: {err}"), &Value::Null),
+                no_retry: false,
+                retry_after: None,
+            }
+        }
+    };
+    let status = wrapper.get("status").and_then(Value::as_u64).unwrap_or(500) as u16;
+    let headers = wrapper.get("headers").cloned().unwrap_or(Value::Null);
+    let inner = match wrapper.get("body") {
+        Some(Value::String(text)) => text.clone().into_bytes(),
+        Some(other) => other.to_string().into_bytes(),
+        None => b"null".to_vec(),
+    };
+    let header = |name: &str| {
+        headers.as_object().and_then(|map| {
+            map.iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .and_then(|(_, value)| value.as_str().map(str::to_string))
+        })
+    };
+    // The wrapper is the SDK's own output, so treat it as an SDK answer.
+    let header_or_sdk = |name: &str| {
+        header(name).or_else(|| (name == "x-inngest-sdk").then(|| "streamed".to_string()))
+    };
+    parse_reply(if status == 201 { 500 } else { status }, header_or_sdk, &inner, now)
+}
+
+/// Makes calls and sync pings to SDK apps.
+#[derive(Clone)]
+pub struct SdkClient {
+    http: reqwest::Client,
+    signing_key: Option<String>,
+}
+
+/// The raw answer to a call.
+pub struct RawReply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl SdkClient {
+    pub fn new(signing_key: Option<String>, call_timeout: Duration) -> SdkClient {
+        let http = reqwest::Client::builder()
+            .timeout(call_timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("building the HTTP client with static settings");
+        SdkClient { http, signing_key }
+    }
+
+    fn sign(&self, request: reqwest::RequestBuilder, body: &[u8], now: Timestamp) -> reqwest::RequestBuilder {
+        match &self.signing_key {
+            Some(key) => request.header(
+                "X-Inngest-Signature",
+                signature(body, key, now.millis() / 1_000),
+            ),
+            None => request,
+        }
+    }
+
+    /// POSTs one call; `Err` carries a transport error message.
+    pub async fn call(
+        &self,
+        call: &CallRequest<'_>,
+        now: Timestamp,
+    ) -> Result<RawReply, String> {
+        let body = canonical_json(&call.body());
+        let url = call_url(call.url, call.step_id);
+        let request = self
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-run-id", call.run_id)
+            .header("x-inngest-step-id", call.step_id)
+            .header("x-request-id", ulid::Ulid::new().to_string())
+            .header(
+                "x-inngest-req-version",
+                if call.request_version > 0 { call.request_version } else { 2 }.to_string(),
+            );
+        let request = self.sign(request, &body, now);
+        let response = request
+            .body(body)
+            .send()
+            .await
+            .map_err(|err| describe_transport_error(&url, &err))?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|err| describe_transport_error(&url, &err))?
+            .to_vec();
+        Ok(RawReply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Asks the app at `url` to sync (PROTOCOL §3.1). Returns the app's
+    /// answer body on success.
+    pub async fn ping(&self, url: &str, server_kind: &str, now: Timestamp) -> Result<Value, String> {
+        let body = canonical_json(&json!({ "url": url }));
+        let request = self
+            .http
+            .put(url)
+            .timeout(Duration::from_secs(30))
+            .header("content-type", "application/json")
+            .header("x-inngest-server-kind", server_kind);
+        let response = self
+            .sign(request, &body, now)
+            .body(body)
+            .send()
+            .await
+            .map_err(|err| describe_transport_error(url, &err))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|err| describe_transport_error(url, &err))?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        if !status.is_success() {
+            return Err(format!("the app answered the sync with {status}: {text}"));
+        }
+        // PY passes the server's error through with a 200 (PROTOCOL §3.3).
+        if let Some(code) = value.get("status").and_then(Value::as_u64) {
+            if code >= 400 {
+                return Err(format!("sync failed: {text}"));
+            }
+        }
+        Ok(value)
+    }
+}
+
+fn describe_transport_error(url: &str, err: &reqwest::Error) -> String {
+    if err.is_timeout() {
+        format!("calling {url} timed out")
+    } else if err.is_connect() {
+        format!("cannot connect to {url}")
+    } else {
+        format!("calling {url} failed: {err}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_prefixes_and_hashes() {
+        assert_eq!(strip_key_prefix("signkey-prod-0123"), "0123");
+        assert_eq!(strip_key_prefix("signkey-branch_x-ab"), "ab");
+        assert_eq!(strip_key_prefix("0123"), "0123");
+        // The value PROTOCOL §1.4 observed from both SDKs.
+        let hashed = hashed_signing_key("signkey-prod-0123456789abcdef").unwrap();
+        assert!(hashed.starts_with("55c53f5d") && hashed.ends_with("9818"), "{hashed}");
+    }
+
+    #[test]
+    fn signature_is_hmac_over_body_and_time() {
+        let sig = signature(b"{}", "signkey-test-abcd", 1_700_000_000);
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"abcd").unwrap();
+        mac.update(b"{}1700000000");
+        let expected = hex::encode(mac.finalize().into_bytes());
+        assert_eq!(sig, format!("t=1700000000&s={expected}"));
+    }
+
+    #[test]
+    fn canonical_bodies_sort_keys() {
+        let value = json!({"b": 1, "a": {"d": [1, 2], "c": "x"}});
+        assert_eq!(canonical_json(&value), br#"{"a":{"c":"x","d":[1,2]},"b":1}"#);
+    }
+
+    #[test]
+    fn call_urls() {
+        assert_eq!(
+            call_url("http://h/api?fnId=app-f&stepId=step", "abc"),
+            "http://h/api?fnId=app-f&stepId=abc"
+        );
+        assert_eq!(call_url("http://h/api", "step"), "http://h/api?stepId=step");
+    }
+
+    fn headers(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    const SDK: &[(&str, &str)] = &[("x-inngest-sdk", "inngest-js:v4"), ("x-inngest-req-version", "2")];
+
+    #[test]
+    fn replies() {
+        let now = Timestamp(0);
+        assert_eq!(
+            parse_reply(200, headers(SDK), b"{\"sum\":6}", now),
+            SdkReply::Complete { output: json!({"sum": 6}), request_version: 2 }
+        );
+        let SdkReply::Ops { ops, .. } = parse_reply(
+            206,
+            headers(SDK),
+            br#"[{"id":"abc","op":"StepRun","name":"a","data":{"n":1},"junk":true}]"#,
+            now,
+        ) else {
+            panic!("expected ops")
+        };
+        assert_eq!(ops[0].op, "StepRun");
+        assert_eq!(ops[0].data, Some(json!({"n": 1})));
+
+        let SdkReply::Error { status, error, no_retry, .. } = parse_reply(
+            400,
+            headers(&[("x-inngest-sdk", "js"), ("x-inngest-no-retry", "true")]),
+            br#"{"name":"NonRetriableError","message":"nope","stack":"s"}"#,
+            now,
+        ) else {
+            panic!("expected an error")
+        };
+        assert_eq!(status, 400);
+        assert!(no_retry);
+        assert_eq!(
+            error,
+            json!({"error": "invalid status code: 400", "name": "NonRetriableError",
+                   "message": "nope", "stack": "s"})
+        );
+        // 200 from something that is not an SDK is an error, not a result.
+        assert!(matches!(parse_reply(200, headers(&[]), b"{}", now), SdkReply::Error { .. }));
+    }
+
+    #[test]
+    fn streamed_replies_unwrap() {
+        let body = br#"   {"status":206,"headers":{"X-Inngest-Req-Version":"2"},"body":"[{\"id\":\"x\",\"op\":\"StepRun\",\"data\":1}]"}"#;
+        let SdkReply::Ops { ops, request_version, .. } =
+            parse_reply(201, headers(SDK), body, Timestamp(0))
+        else {
+            panic!("expected ops")
+        };
+        assert_eq!(ops.len(), 1);
+        assert_eq!(request_version, 2);
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = Timestamp(1_700_000_000_000);
+        assert_eq!(parse_retry_after("5", now), Some(Duration::from_secs(5)));
+        assert_eq!(parse_retry_after("0", now), Some(Duration::from_secs(1)));
+        assert_eq!(
+            parse_retry_after("2023-11-14T22:13:30.000Z", now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

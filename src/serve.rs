@@ -1,0 +1,171 @@
+//! The composition root: opens the backends, starts the services of this
+//! process, serves HTTP, and shuts everything down in order. Only this file
+//! knows which services run here.
+
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use serde_json::json;
+use tracing::{error, info};
+
+use crate::actors::core_api::CoreApi;
+use crate::actors::event_api::EventApi;
+use crate::actors::executor::{Drain, Executor, ExecutorConfig};
+use crate::actors::runner::Runner;
+use crate::actors::EndedNotifier;
+use crate::clock::{SharedClock, SystemClock};
+use crate::http::{self, AppState};
+use crate::sdk::SdkClient;
+use crate::settings::Settings;
+use crate::store::sled::SledDb;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    EventApi,
+    Runner,
+    Executor,
+    CoreApi,
+}
+
+impl Service {
+    pub fn all() -> Vec<Service> {
+        vec![Service::EventApi, Service::Runner, Service::Executor, Service::CoreApi]
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::EventApi => "event-api",
+            Service::Runner => "runner",
+            Service::Executor => "executor",
+            Service::CoreApi => "api",
+        }
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Service {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Service, String> {
+        Service::all()
+            .into_iter()
+            .find(|s| s.as_str() == text)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Service::all().iter().map(|s| s.as_str()).collect();
+                format!("unknown service {text:?}; expected one of {}", names.join(", "))
+            })
+    }
+}
+
+/// Runs the given services until `shutdown` resolves or a service ends.
+/// Returns an error if a service ended on its own.
+pub async fn serve(
+    settings: Settings,
+    services: Vec<Service>,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let db = SledDb::open(&settings.data_dir, settings.cache_bytes)
+        .with_context(|| format!("failed to open the store in {}", settings.data_dir.display()))?;
+    let backends = db.backends().context("failed to open the stores")?;
+    let client = SdkClient::new(settings.signing_key.clone(), settings.call_timeout);
+    let (ended, mut ended_rx) = EndedNotifier::new();
+    let runs = |service| services.contains(&service);
+
+    let event_api = runs(Service::EventApi).then(|| EventApi::new(backends.clone()).start());
+    let runner = runs(Service::Runner)
+        .then(|| Runner::new(backends.clone(), clock.clone(), ended.clone()).start());
+    let executor = runs(Service::Executor).then(|| {
+        Executor::new(
+            backends.clone(),
+            clock.clone(),
+            client.clone(),
+            ExecutorConfig {
+                workers: settings.workers,
+                lease_ttl: settings.lease_ttl,
+                retry_interval: settings.retry_interval,
+            },
+            ended.clone(),
+        )
+        .start()
+    });
+    let core_api = runs(Service::CoreApi).then(|| {
+        CoreApi::new(
+            backends.clone(),
+            clock.clone(),
+            client.clone(),
+            "dev",
+            settings.sync_urls.clone(),
+        )
+        .start()
+    });
+
+    let size_db = db.clone();
+    let state = web::Data::new(AppState {
+        backends: backends.clone(),
+        clock: clock.clone(),
+        event_api,
+        core_api,
+        executor: executor.clone(),
+        runner,
+        max_body_bytes: settings.max_body_bytes,
+        info: json!({
+            "dir": settings.data_dir.display().to_string(),
+            "sdkURLs": settings.sync_urls,
+            "retryInterval": settings.retry_interval.map(|d| d.as_secs_f64()),
+            "workers": settings.workers,
+        }),
+        store_size: Box::new(move || size_db.size_on_disk()),
+    });
+    let server = HttpServer::new(move || {
+        let state = state.clone();
+        App::new().configure(move |config| http::configure(config, state))
+    })
+    .disable_signals()
+    .shutdown_timeout(5)
+    .workers(2)
+    .listen(listener)
+    .context("failed to serve on the listener")?
+    .run();
+    let handle = server.handle();
+    let mut server_task = actix_rt::spawn(server);
+
+    let mut failure = None;
+    tokio::select! {
+        () = shutdown => info!("shutting down"),
+        Some((service, why)) = ended_rx.recv() => {
+            error!(%service, %why, "a service ended; stopping the others");
+            failure = Some(format!("service {service} ended: {why}"));
+        }
+        result = &mut server_task => {
+            failure = Some(format!("the HTTP server stopped: {result:?}"));
+        }
+    }
+    // Stop taking requests, then let calls in flight finish, then flush.
+    handle.stop(true).await;
+    if let Some(executor) = executor {
+        let _ = executor
+            .send(Drain {
+                timeout: Duration::from_secs(10),
+            })
+            .await;
+    }
+    db.flush().await.context("failed to flush the store")?;
+    info!("stopped");
+    match failure {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,353 @@
+//! Configuration: a TOML file (from `-c FILE`, else the whole file in
+//! `BATON_CONFIG`, else `/etc/baton/config.toml` if present, else defaults)
+//! with `${VAR}` / `${VAR:-default}` interpolation, layered over
+//! [`RawSettings::default`], then validated into [`Settings`].
+//! `config/baton.example.toml` mirrors the defaults; a test checks it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use config::{Config, File, FileFormat};
+use serde::{Deserialize, Serialize};
+
+use crate::duration::parse_time_str;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/baton/config.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSettings {
+    pub server: RawServer,
+    pub storage: RawStorage,
+    pub executor: RawExecutor,
+    pub keys: RawKeys,
+    pub sync: RawSync,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawServer {
+    /// Address to listen on.
+    pub host: String,
+    pub port: u16,
+    /// Largest accepted request body, bytes.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawStorage {
+    /// Where the embedded (sled) store keeps its files.
+    pub data_dir: PathBuf,
+    /// sled page cache, bytes.
+    pub cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawExecutor {
+    /// Calls to apps in flight at once.
+    pub workers: usize,
+    /// How long a worker holds a queue item before another may take it, as a
+    /// time string; renewed while the call runs.
+    pub lease_ttl: String,
+    /// Fixed delay between retries ("" = Inngest's backoff table).
+    pub retry_interval: String,
+    /// Longest a single call to an app may take.
+    pub call_timeout: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawKeys {
+    /// Signs calls to apps when set (`signkey-<env>-<hex>` or bare hex).
+    pub signing_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSync {
+    /// App URLs to sync at start (like `baton dev -u`).
+    pub urls: Vec<String>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            host: "127.0.0.1".into(),
+            port: 8288,
+            max_body_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            data_dir: PathBuf::from(".baton"),
+            cache_bytes: 256 << 20,
+        }
+    }
+}
+
+impl Default for RawExecutor {
+    fn default() -> Self {
+        RawExecutor {
+            workers: 100,
+            lease_ttl: "30s".into(),
+            retry_interval: String::new(),
+            call_timeout: "2h".into(),
+        }
+    }
+}
+
+impl Default for RawSettings {
+    fn default() -> Self {
+        RawSettings {
+            server: RawServer::default(),
+            storage: RawStorage::default(),
+            executor: RawExecutor::default(),
+            keys: RawKeys::default(),
+            sync: RawSync::default(),
+        }
+    }
+}
+
+/// Validated settings the rest of the code trusts.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub max_body_bytes: usize,
+    pub data_dir: PathBuf,
+    pub cache_bytes: u64,
+    pub workers: usize,
+    pub lease_ttl: Duration,
+    pub retry_interval: Option<Duration>,
+    pub call_timeout: Duration,
+    pub signing_key: Option<String>,
+    pub sync_urls: Vec<String>,
+}
+
+impl RawSettings {
+    pub fn validate(self) -> anyhow::Result<Settings> {
+        let duration = |name: &str, text: &str| {
+            parse_time_str(text).map_err(|err| anyhow::anyhow!("invalid {name}: {err}"))
+        };
+        let lease_ttl = duration("executor.lease_ttl", &self.executor.lease_ttl)?;
+        if lease_ttl < Duration::from_millis(500) {
+            bail!("executor.lease_ttl must be at least 500ms");
+        }
+        let retry_interval = match self.executor.retry_interval.trim() {
+            "" => None,
+            text => Some(duration("executor.retry_interval", text)?),
+        };
+        let call_timeout = duration("executor.call_timeout", &self.executor.call_timeout)?;
+        if self.executor.workers == 0 {
+            bail!("executor.workers must be at least 1");
+        }
+        let signing_key = match self.keys.signing_key.trim() {
+            "" => None,
+            key => {
+                if hex::decode(crate::sdk::strip_key_prefix(key)).is_err() {
+                    bail!("keys.signing_key must be hex, optionally prefixed signkey-<env>-");
+                }
+                Some(key.to_string())
+            }
+        };
+        Ok(Settings {
+            host: self.server.host,
+            port: self.server.port,
+            max_body_bytes: self.server.max_body_bytes,
+            data_dir: self.storage.data_dir,
+            cache_bytes: self.storage.cache_bytes,
+            workers: self.executor.workers,
+            lease_ttl,
+            retry_interval,
+            call_timeout,
+            signing_key,
+            sync_urls: self.sync.urls,
+        })
+    }
+}
+
+/// Where the configuration text came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    Env,
+    Defaults,
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::File(path) => write!(f, "{}", path.display()),
+            ConfigSource::Env => write!(f, "$BATON_CONFIG"),
+            ConfigSource::Defaults => write!(f, "defaults"),
+        }
+    }
+}
+
+/// Finds and reads the configuration text: `-c FILE`, else `BATON_CONFIG`,
+/// else the default path if it exists.
+pub fn read_config_text(
+    explicit: Option<&Path>,
+    env_config: Option<String>,
+) -> anyhow::Result<(ConfigSource, Option<String>)> {
+    if let Some(path) = explicit {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        return Ok((ConfigSource::File(path.to_path_buf()), Some(text)));
+    }
+    if let Some(text) = env_config.filter(|t| !t.trim().is_empty()) {
+        return Ok((ConfigSource::Env, Some(text)));
+    }
+    let default = Path::new(DEFAULT_CONFIG_PATH);
+    if default.exists() {
+        let text = std::fs::read_to_string(default)
+            .with_context(|| format!("cannot read config file {}", default.display()))?;
+        return Ok((ConfigSource::File(default.to_path_buf()), Some(text)));
+    }
+    Ok((ConfigSource::Defaults, None))
+}
+
+/// Parses configuration text (after interpolation) over the defaults.
+pub fn parse(text: Option<&str>, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<RawSettings> {
+    let Some(text) = text else {
+        return Ok(RawSettings::default());
+    };
+    let text = interpolate(text, env)?;
+    let defaults = toml_of_defaults();
+    let merged = Config::builder()
+        .add_source(File::from_str(&defaults, FileFormat::Toml))
+        .add_source(File::from_str(&text, FileFormat::Toml))
+        .build()
+        .context("invalid configuration")?;
+    merged
+        .try_deserialize::<RawSettings>()
+        .map_err(|err| anyhow::anyhow!("invalid configuration: {err}"))
+}
+
+fn toml_of_defaults() -> String {
+    // The `config` crate layers sources; the first is the defaults, written
+    // out as TOML so that one code path handles both.
+    let defaults = RawSettings::default();
+    let mut text = String::new();
+    text.push_str(&format!(
+        "[server]\nhost = {:?}\nport = {}\nmax_body_bytes = {}\n",
+        defaults.server.host, defaults.server.port, defaults.server.max_body_bytes
+    ));
+    text.push_str(&format!(
+        "[storage]\ndata_dir = {:?}\ncache_bytes = {}\n",
+        defaults.storage.data_dir.display().to_string(),
+        defaults.storage.cache_bytes
+    ));
+    text.push_str(&format!(
+        "[executor]\nworkers = {}\nlease_ttl = {:?}\nretry_interval = {:?}\ncall_timeout = {:?}\n",
+        defaults.executor.workers,
+        defaults.executor.lease_ttl,
+        defaults.executor.retry_interval,
+        defaults.executor.call_timeout
+    ));
+    text.push_str("[keys]\nsigning_key = \"\"\n[sync]\nurls = []\n");
+    text
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` outside comment lines. An unset
+/// variable without a default is an error naming it; values are never logged.
+pub fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(text.len());
+    for (number, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let end = after
+                .find('}')
+                .with_context(|| format!("config line {}: unclosed ${{", number + 1))?;
+            let inner = &after[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (inner, None),
+            };
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                bail!("config line {}: invalid variable name {name:?}", number + 1);
+            }
+            match env(name).or_else(|| default.map(str::to_string)) {
+                Some(value) => out.push_str(&value),
+                None => bail!(
+                    "config line {}: environment variable {name} is not set",
+                    number + 1
+                ),
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "PORT" => Some("9000".into()),
+            "KEY" => Some("signkey-test-abcd".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn interpolation() {
+        assert_eq!(interpolate("a = ${PORT}", env).unwrap(), "a = 9000");
+        assert_eq!(interpolate("a = ${NOPE:-7}", env).unwrap(), "a = 7");
+        assert_eq!(interpolate("# ${NOPE}", env).unwrap(), "# ${NOPE}");
+        let err = interpolate("x = 1\na = ${NOPE}", env).unwrap_err().to_string();
+        assert!(err.contains("NOPE is not set") && err.contains("line 2"), "{err}");
+        assert!(interpolate("a = ${", env).is_err());
+    }
+
+    #[test]
+    fn files_layer_over_defaults() {
+        let raw = parse(
+            Some("[server]\nport = ${PORT}\n[keys]\nsigning_key = \"${KEY}\"\n"),
+            env,
+        )
+        .unwrap();
+        assert_eq!(raw.server.port, 9000);
+        assert_eq!(raw.server.host, "127.0.0.1");
+        assert_eq!(raw.executor.workers, 100);
+        let settings = raw.validate().unwrap();
+        assert_eq!(settings.signing_key.as_deref(), Some("signkey-test-abcd"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse(Some("[server]\nprot = 1\n"), env).unwrap_err();
+        assert!(format!("{err:#}").contains("prot"), "{err:#}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let mut raw = RawSettings::default();
+        raw.executor.lease_ttl = "soon".into();
+        let err = raw.validate().unwrap_err().to_string();
+        assert!(err.contains("executor.lease_ttl"), "{err}");
+    }
+
+    #[test]
+    fn example_config_matches_defaults() {
+        let text = include_str!("../config/baton.example.toml");
+        assert_eq!(parse(Some(text), |_| None).unwrap(), RawSettings::default());
+    }
+}
