@@ -183,6 +183,51 @@ pub async fn get_run(
     Ok(wrap(&state, run_json(&run, Some(&steps))))
 }
 
+#[derive(Debug, serde::Deserialize)]
+pub struct ListEvents {
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+    pub name: Option<String>,
+}
+
+fn event_json(event: &crate::model::EventRecord) -> Value {
+    let mut value = parse_json(&event.payload);
+    value["internal_id"] = Value::String(event.internal_id.clone());
+    value["received_at"] = time(Some(event.received_at));
+    value
+}
+
+/// `GET /v1/events?limit=&cursor=&name=`: newest first; `cursor` is the
+/// internal id of the last event of the previous page.
+pub async fn list_events(
+    state: web::Data<AppState>,
+    query: web::Query<ListEvents>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(20).clamp(1, 1_000);
+    let mut cursor = query.cursor.clone();
+    let mut found = Vec::new();
+    // Filtering by name may need more than one page of the store.
+    loop {
+        let page = state
+            .backends
+            .data
+            .list_events(limit * 2, cursor.as_deref())
+            .await?;
+        let exhausted = page.len() < limit * 2;
+        cursor = page.last().map(|e| e.internal_id.clone());
+        found.extend(
+            page.into_iter()
+                .filter(|e| query.name.as_ref().is_none_or(|n| &e.name == n)),
+        );
+        if found.len() >= limit || exhausted {
+            break;
+        }
+    }
+    found.truncate(limit);
+    let events: Vec<Value> = found.iter().map(event_json).collect();
+    Ok(wrap(&state, Value::Array(events)))
+}
+
 pub async fn get_event(
     state: web::Data<AppState>,
     event_id: web::Path<String>,
@@ -193,10 +238,7 @@ pub async fn get_event(
         .get_event(&event_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("event {event_id} not found")))?;
-    let mut value = parse_json(&event.payload);
-    value["internal_id"] = Value::String(event.internal_id.clone());
-    value["received_at"] = time(Some(event.received_at));
-    Ok(wrap(&state, value))
+    Ok(wrap(&state, event_json(&event)))
 }
 
 pub async fn event_runs(

@@ -45,6 +45,7 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/v1/apps", web::get().to(core_api::list_apps))
             .route("/v1/apps/sync", web::post().to(core_api::sync_url))
             .route("/v1/runs/{id}", web::get().to(core_api::get_run))
+            .route("/v1/events", web::get().to(core_api::list_events))
             .route("/v1/events/{id}", web::get().to(core_api::get_event))
             .route("/v1/events/{id}/runs", web::get().to(core_api::event_runs))
             .route("/v1/status", web::get().to(core_api::status));

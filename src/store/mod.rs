@@ -208,6 +208,11 @@ pub trait DataStore: Send + Sync + 'static {
 
     async fn get_event(&self, internal_id: &str) -> StoreResult<Option<EventRecord>>;
 
+    /// Up to `limit` events, newest first, received before the event
+    /// `before` (an internal id) when given.
+    async fn list_events(&self, limit: usize, before: Option<&str>)
+        -> StoreResult<Vec<EventRecord>>;
+
     /// Events not yet marked processed, oldest first.
     async fn pending_events(&self, max: usize) -> StoreResult<Vec<EventRecord>>;
 

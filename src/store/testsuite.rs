@@ -345,7 +345,13 @@ async fn events_pending_until_processed(data: &dyn DataStore) -> anyhow::Result<
         .collect();
     ensure!(!pending.contains(&a.internal_id) && pending.contains(&b.internal_id));
     ensure!(data.get_event(&a.internal_id).await?.is_some(), "processed events stay");
-    data.mark_processed(&[b.internal_id]).await?;
+    data.mark_processed(&[b.internal_id.clone()]).await?;
+    let newest = data.list_events(2, None).await?;
+    ensure!(newest.len() == 2, "list_events limit");
+    ensure!(newest[0].internal_id == b.internal_id && newest[1].internal_id == a.internal_id,
+        "newest first");
+    let older = data.list_events(10, Some(&b.internal_id)).await?;
+    ensure!(older.first().map(|e| &e.internal_id) == Some(&a.internal_id), "cursor");
     Ok(())
 }
 

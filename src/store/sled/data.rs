@@ -60,6 +60,26 @@ impl DataStore for SledDataStore {
         self.get_record(key(&[b"e", internal_id.as_bytes()]))
     }
 
+    async fn list_events(
+        &self,
+        limit: usize,
+        before: Option<&str>,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let end = match before {
+            Some(id) => key(&[b"e", id.as_bytes()]),
+            None => b"e0".to_vec(), // just past every "e/..." key
+        };
+        self.tree
+            .range(b"e/".to_vec()..end)
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (_, bytes) = entry.map_err(sled_error)?;
+                Ok(EventRecord::from_bytes(&bytes)?)
+            })
+            .collect()
+    }
+
     async fn pending_events(&self, max: usize) -> StoreResult<Vec<EventRecord>> {
         let mut events = Vec::new();
         for entry in self.tree.scan_prefix(b"p/").take(max) {

@@ -1,0 +1,8 @@
+//! The integration-test binary: black-box tests of the real `baton` binary
+//! with the real Node SDK app. See `support` for the harness.
+
+mod cli;
+mod crash;
+mod events;
+mod sdk_node;
+mod support;
