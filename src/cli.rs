@@ -8,7 +8,11 @@ use crate::duration::parse_time_str;
 use crate::settings::{self, ConfigSource, Settings};
 
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about = "A self-hosted durable-function server for Inngest SDK apps")]
+#[command(
+    name = "baton",
+    version,
+    about = "A self-hosted durable-function server for Inngest SDK apps"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -52,10 +56,8 @@ pub struct DevArgs {
 impl DevArgs {
     /// Settings from the config file with the flags applied over it.
     pub fn settings(&self) -> anyhow::Result<(ConfigSource, Settings)> {
-        let (source, text) = settings::read_config_text(
-            self.config.as_deref(),
-            std::env::var("BATON_CONFIG").ok(),
-        )?;
+        let (source, text) =
+            settings::read_config_text(self.config.as_deref(), std::env::var("BATON_CONFIG").ok())?;
         let mut raw = settings::parse(text.as_deref(), |name| std::env::var(name).ok())
             .map_err(|err| anyhow::anyhow!("{source}: {err:#}"))?;
         if let Some(host) = &self.host {

@@ -18,8 +18,11 @@ impl Timestamp {
         self.0
     }
 
-    pub fn add(self, duration: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(duration.as_millis().min(i64::MAX as u128) as i64))
+    pub fn plus(self, duration: Duration) -> Timestamp {
+        Timestamp(
+            self.0
+                .saturating_add(duration.as_millis().min(i64::MAX as u128) as i64),
+        )
     }
 
     /// Time from `self` until `later`, zero if `later` is not after `self`.

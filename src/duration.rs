@@ -37,7 +37,11 @@ pub fn parse_time_str(text: &str) -> Result<Duration, String> {
             "h" => 3_600.0,
             "d" => 86_400.0,
             "w" => 604_800.0,
-            other => return Err(format!("time string {text:?} has an unknown unit {other:?}")),
+            other => {
+                return Err(format!(
+                    "time string {text:?} has an unknown unit {other:?}"
+                ))
+            }
         };
         total += number * seconds_per_unit;
         rest = &rest[unit_len..];
@@ -50,7 +54,9 @@ pub fn parse_iso_date(text: &str) -> Option<Timestamp> {
     let parsed =
         time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
             .ok()?;
-    Some(Timestamp((parsed.unix_timestamp_nanos() / 1_000_000) as i64))
+    Some(Timestamp(
+        (parsed.unix_timestamp_nanos() / 1_000_000) as i64,
+    ))
 }
 
 /// When a `Sleep` op named `name` ends, as GO reads it: a date when the text
@@ -62,7 +68,7 @@ pub fn sleep_until(name: &str, now: Timestamp) -> Result<Timestamp, String> {
         }
     }
     let duration = parse_time_str(name)?;
-    Ok(now.add(duration.min(Duration::from_secs(366 * 86_400))))
+    Ok(now.plus(duration.min(Duration::from_secs(366 * 86_400))))
 }
 
 #[cfg(test)]
@@ -71,7 +77,11 @@ mod tests {
 
     #[track_caller]
     fn check(text: &str, expected_ms: u128) {
-        assert_eq!(parse_time_str(text).unwrap().as_millis(), expected_ms, "{text}");
+        assert_eq!(
+            parse_time_str(text).unwrap().as_millis(),
+            expected_ms,
+            "{text}"
+        );
     }
 
     #[test]
@@ -79,7 +89,10 @@ mod tests {
         check("", 0);
         check("5s", 5_000);
         check("1m", 60_000);
-        check("1w2d3h4m5s", ((7 + 2) * 86_400 + 3 * 3_600 + 4 * 60 + 5) * 1_000);
+        check(
+            "1w2d3h4m5s",
+            ((7 + 2) * 86_400 + 3 * 3_600 + 4 * 60 + 5) * 1_000,
+        );
         check("250ms", 250);
         check("1.5h", 5_400_000);
         assert!(parse_time_str("5").is_err());

@@ -32,7 +32,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let Command::Dev(args) = cli.command;
     let (source, settings) = args.settings()?;
     let listener = TcpListener::bind((settings.host.as_str(), settings.port)).map_err(|err| {
-        anyhow::anyhow!("cannot listen on {}:{}: {err}", settings.host, settings.port)
+        anyhow::anyhow!(
+            "cannot listen on {}:{}: {err}",
+            settings.host,
+            settings.port
+        )
     })?;
     let addr = listener.local_addr()?;
     let data_dir = std::fs::canonicalize(&settings.data_dir).unwrap_or(settings.data_dir.clone());

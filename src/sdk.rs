@@ -48,9 +48,7 @@ pub fn canonical_json(value: &Value) -> Vec<u8> {
 
 /// Replaces (or adds) the `stepId` query parameter of a function URL.
 pub fn call_url(function_url: &str, step_id: &str) -> String {
-    let (base, query) = function_url
-        .split_once('?')
-        .unwrap_or((function_url, ""));
+    let (base, query) = function_url.split_once('?').unwrap_or((function_url, ""));
     let mut pairs: Vec<String> = query
         .split('&')
         .filter(|p| !p.is_empty() && !p.starts_with("stepId="))
@@ -164,15 +162,16 @@ pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
 pub fn standard_error(transport: &str, body: &Value) -> Value {
     let mut error = serde_json::Map::new();
     error.insert("error".into(), Value::String(transport.to_string()));
-    let name = body
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or("Error");
+    let name = body.get("name").and_then(Value::as_str).unwrap_or("Error");
     let message = body
         .get("message")
         .and_then(Value::as_str)
         .map(str::to_string)
-        .or_else(|| body.get("error").and_then(Value::as_str).map(str::to_string))
+        .or_else(|| {
+            body.get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| match body {
             Value::String(text) => text.clone(),
             Value::Null => transport.to_string(),
@@ -288,7 +287,10 @@ fn parse_ops(
             Err(err) => {
                 return SdkReply::Error {
                     status: 206,
-                    error: standard_error(&format!("invalid op in 206 answer: {err}"), &Value::Null),
+                    error: standard_error(
+                        &format!("invalid op in 206 answer: {err}"),
+                        &Value::Null,
+                    ),
                     no_retry: false,
                     retry_after: None,
                 }
@@ -336,7 +338,12 @@ fn parse_stream(body: &[u8], now: Timestamp) -> SdkReply {
     let header_or_sdk = |name: &str| {
         header(name).or_else(|| (name == "x-inngest-sdk").then(|| "streamed".to_string()))
     };
-    parse_reply(if status == 201 { 500 } else { status }, header_or_sdk, &inner, now)
+    parse_reply(
+        if status == 201 { 500 } else { status },
+        header_or_sdk,
+        &inner,
+        now,
+    )
 }
 
 /// Makes calls and sync pings to SDK apps.
@@ -364,7 +371,12 @@ impl SdkClient {
         SdkClient { http, signing_key }
     }
 
-    fn sign(&self, request: reqwest::RequestBuilder, body: &[u8], now: Timestamp) -> reqwest::RequestBuilder {
+    fn sign(
+        &self,
+        request: reqwest::RequestBuilder,
+        body: &[u8],
+        now: Timestamp,
+    ) -> reqwest::RequestBuilder {
         match &self.signing_key {
             Some(key) => request.header(
                 "X-Inngest-Signature",
@@ -375,11 +387,7 @@ impl SdkClient {
     }
 
     /// POSTs one call; `Err` carries a transport error message.
-    pub async fn call(
-        &self,
-        call: &CallRequest<'_>,
-        now: Timestamp,
-    ) -> Result<RawReply, String> {
+    pub async fn call(&self, call: &CallRequest<'_>, now: Timestamp) -> Result<RawReply, String> {
         let body = canonical_json(&call.body());
         let url = call_url(call.url, call.step_id);
         let request = self
@@ -391,7 +399,12 @@ impl SdkClient {
             .header("x-request-id", ulid::Ulid::new().to_string())
             .header(
                 "x-inngest-req-version",
-                if call.request_version > 0 { call.request_version } else { 2 }.to_string(),
+                if call.request_version > 0 {
+                    call.request_version
+                } else {
+                    2
+                }
+                .to_string(),
             );
         let request = self.sign(request, &body, now);
         let response = request
@@ -415,7 +428,12 @@ impl SdkClient {
 
     /// Asks the app at `url` to sync (PROTOCOL §3.1). Returns the app's
     /// answer body on success.
-    pub async fn ping(&self, url: &str, server_kind: &str, now: Timestamp) -> Result<Value, String> {
+    pub async fn ping(
+        &self,
+        url: &str,
+        server_kind: &str,
+        now: Timestamp,
+    ) -> Result<Value, String> {
         let body = canonical_json(&json!({ "url": url }));
         let request = self
             .http
@@ -469,7 +487,10 @@ mod tests {
         assert_eq!(strip_key_prefix("0123"), "0123");
         // The value PROTOCOL §1.4 observed from both SDKs.
         let hashed = hashed_signing_key("signkey-prod-0123456789abcdef").unwrap();
-        assert!(hashed.starts_with("55c53f5d") && hashed.ends_with("9818"), "{hashed}");
+        assert!(
+            hashed.starts_with("55c53f5d") && hashed.ends_with("9818"),
+            "{hashed}"
+        );
     }
 
     #[test]
@@ -484,7 +505,10 @@ mod tests {
     #[test]
     fn canonical_bodies_sort_keys() {
         let value = json!({"b": 1, "a": {"d": [1, 2], "c": "x"}});
-        assert_eq!(canonical_json(&value), br#"{"a":{"c":"x","d":[1,2]},"b":1}"#);
+        assert_eq!(
+            canonical_json(&value),
+            br#"{"a":{"c":"x","d":[1,2]},"b":1}"#
+        );
     }
 
     #[test]
@@ -505,14 +529,20 @@ mod tests {
         }
     }
 
-    const SDK: &[(&str, &str)] = &[("x-inngest-sdk", "inngest-js:v4"), ("x-inngest-req-version", "2")];
+    const SDK: &[(&str, &str)] = &[
+        ("x-inngest-sdk", "inngest-js:v4"),
+        ("x-inngest-req-version", "2"),
+    ];
 
     #[test]
     fn replies() {
         let now = Timestamp(0);
         assert_eq!(
             parse_reply(200, headers(SDK), b"{\"sum\":6}", now),
-            SdkReply::Complete { output: json!({"sum": 6}), request_version: 2 }
+            SdkReply::Complete {
+                output: json!({"sum": 6}),
+                request_version: 2
+            }
         );
         let SdkReply::Ops { ops, .. } = parse_reply(
             206,
@@ -525,12 +555,18 @@ mod tests {
         assert_eq!(ops[0].op, "StepRun");
         assert_eq!(ops[0].data, Some(json!({"n": 1})));
 
-        let SdkReply::Error { status, error, no_retry, .. } = parse_reply(
+        let SdkReply::Error {
+            status,
+            error,
+            no_retry,
+            ..
+        } = parse_reply(
             400,
             headers(&[("x-inngest-sdk", "js"), ("x-inngest-no-retry", "true")]),
             br#"{"name":"NonRetriableError","message":"nope","stack":"s"}"#,
             now,
-        ) else {
+        )
+        else {
             panic!("expected an error")
         };
         assert_eq!(status, 400);
@@ -541,14 +577,20 @@ mod tests {
                    "message": "nope", "stack": "s"})
         );
         // 200 from something that is not an SDK is an error, not a result.
-        assert!(matches!(parse_reply(200, headers(&[]), b"{}", now), SdkReply::Error { .. }));
+        assert!(matches!(
+            parse_reply(200, headers(&[]), b"{}", now),
+            SdkReply::Error { .. }
+        ));
     }
 
     #[test]
     fn streamed_replies_unwrap() {
         let body = br#"   {"status":206,"headers":{"X-Inngest-Req-Version":"2"},"body":"[{\"id\":\"x\",\"op\":\"StepRun\",\"data\":1}]"}"#;
-        let SdkReply::Ops { ops, request_version, .. } =
-            parse_reply(201, headers(SDK), body, Timestamp(0))
+        let SdkReply::Ops {
+            ops,
+            request_version,
+            ..
+        } = parse_reply(201, headers(SDK), body, Timestamp(0))
         else {
             panic!("expected ops")
         };

@@ -35,7 +35,12 @@ pub enum Service {
 
 impl Service {
     pub fn all() -> Vec<Service> {
-        vec![Service::EventApi, Service::Runner, Service::Executor, Service::CoreApi]
+        vec![
+            Service::EventApi,
+            Service::Runner,
+            Service::Executor,
+            Service::CoreApi,
+        ]
     }
 
     pub fn as_str(self) -> &'static str {
@@ -63,7 +68,10 @@ impl FromStr for Service {
             .find(|s| s.as_str() == text)
             .ok_or_else(|| {
                 let names: Vec<&str> = Service::all().iter().map(|s| s.as_str()).collect();
-                format!("unknown service {text:?}; expected one of {}", names.join(", "))
+                format!(
+                    "unknown service {text:?}; expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -77,8 +85,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let clock: SharedClock = Arc::new(SystemClock);
-    let db = SledDb::open(&settings.data_dir, settings.cache_bytes)
-        .with_context(|| format!("failed to open the store in {}", settings.data_dir.display()))?;
+    let db = SledDb::open(&settings.data_dir, settings.cache_bytes).with_context(|| {
+        format!(
+            "failed to open the store in {}",
+            settings.data_dir.display()
+        )
+    })?;
     let backends = db.backends().context("failed to open the stores")?;
     let client = SdkClient::new(settings.signing_key.clone(), settings.call_timeout);
     let (ended, mut ended_rx) = EndedNotifier::new();

@@ -15,7 +15,7 @@ use crate::duration::parse_time_str;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/baton/config.toml";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawSettings {
     pub server: RawServer,
@@ -98,18 +98,6 @@ impl Default for RawExecutor {
             lease_ttl: "30s".into(),
             retry_interval: String::new(),
             call_timeout: "2h".into(),
-        }
-    }
-}
-
-impl Default for RawSettings {
-    fn default() -> Self {
-        RawSettings {
-            server: RawServer::default(),
-            storage: RawStorage::default(),
-            executor: RawExecutor::default(),
-            keys: RawKeys::default(),
-            sync: RawSync::default(),
         }
     }
 }
@@ -214,7 +202,10 @@ pub fn read_config_text(
 }
 
 /// Parses configuration text (after interpolation) over the defaults.
-pub fn parse(text: Option<&str>, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<RawSettings> {
+pub fn parse(
+    text: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<RawSettings> {
     let Some(text) = text else {
         return Ok(RawSettings::default());
     };
@@ -276,8 +267,8 @@ pub fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::
                 Some((name, default)) => (name, Some(default)),
                 None => (inner, None),
             };
-            let valid = !name.is_empty()
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 bail!("config line {}: invalid variable name {name:?}", number + 1);
             }
@@ -312,8 +303,13 @@ mod tests {
         assert_eq!(interpolate("a = ${PORT}", env).unwrap(), "a = 9000");
         assert_eq!(interpolate("a = ${NOPE:-7}", env).unwrap(), "a = 7");
         assert_eq!(interpolate("# ${NOPE}", env).unwrap(), "# ${NOPE}");
-        let err = interpolate("x = 1\na = ${NOPE}", env).unwrap_err().to_string();
-        assert!(err.contains("NOPE is not set") && err.contains("line 2"), "{err}");
+        let err = interpolate("x = 1\na = ${NOPE}", env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("NOPE is not set") && err.contains("line 2"),
+            "{err}"
+        );
         assert!(interpolate("a = ${", env).is_err());
     }
 

@@ -213,7 +213,10 @@ mod tests {
         let (app, functions) = parse_register(&js, 1).unwrap();
         assert_eq!(app.id, "app");
         assert_eq!(app.url, "http://127.0.0.1:3000/api/inngest");
-        assert_eq!(functions[0].url, "http://127.0.0.1:3000/api/inngest?fnId=app-f&stepId=step");
+        assert_eq!(
+            functions[0].url,
+            "http://127.0.0.1:3000/api/inngest?fnId=app-f&stepId=step"
+        );
         let py = json!({"appname": "py", "url": "http://x/api", "deploy_type": "ping",
                         "functions": [function("py-f")]});
         assert_eq!(parse_register(&py, 1).unwrap().0.id, "py");
@@ -221,9 +224,14 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert!(parse_register(&json!({"url": "http://x"}), 1).unwrap_err().contains("appName"));
-        assert!(parse_register(&json!({"appName": "a"}), 1).unwrap_err().contains("url"));
-        let twice = json!({"appName": "a", "url": "http://x", "functions": [function("f"), function("f")]});
+        assert!(parse_register(&json!({"url": "http://x"}), 1)
+            .unwrap_err()
+            .contains("appName"));
+        assert!(parse_register(&json!({"appName": "a"}), 1)
+            .unwrap_err()
+            .contains("url"));
+        let twice =
+            json!({"appName": "a", "url": "http://x", "functions": [function("f"), function("f")]});
         assert!(parse_register(&twice, 1).unwrap_err().contains("twice"));
     }
 
@@ -231,6 +239,9 @@ mod tests {
     fn checksum_ignores_volatile_fields() {
         let a = json!({"appName": "a", "url": "http://x", "featureObservations": {"t": 1}});
         let b = json!({"appName": "a", "url": "http://x", "featureObservations": {"t": 2}});
-        assert_eq!(parse_register(&a, 1).unwrap().0.checksum, parse_register(&b, 2).unwrap().0.checksum);
+        assert_eq!(
+            parse_register(&a, 1).unwrap().0.checksum,
+            parse_register(&b, 2).unwrap().0.checksum
+        );
     }
 }

@@ -122,7 +122,11 @@ fn normalize_event(
         Some(Value::Number(n)) => match n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)) {
             Some(0) => now.millis(),
             Some(ts) if (MIN_TS..MAX_TS).contains(&ts) => ts,
-            _ => return Err(format!("the event ts {n} is not a time between 1980 and 2100 in ms")),
+            _ => {
+                return Err(format!(
+                    "the event ts {n} is not a time between 1980 and 2100 in ms"
+                ))
+            }
         },
         Some(_) => return Err("the event ts must be a number of milliseconds".into()),
     };
@@ -189,7 +193,11 @@ pub struct IngestEvents(pub Vec<EventRecord>);
 impl Handler<IngestEvents> for EventApi {
     type Result = ResponseFuture<Result<Vec<String>, StoreError>>;
 
-    fn handle(&mut self, IngestEvents(events): IngestEvents, _: &mut Self::Context) -> Self::Result {
+    fn handle(
+        &mut self,
+        IngestEvents(events): IngestEvents,
+        _: &mut Self::Context,
+    ) -> Self::Result {
         let backends = self.backends.clone();
         Box::pin(async move {
             if events.is_empty() {
@@ -225,7 +233,9 @@ mod tests {
     #[test]
     fn objects_and_arrays() {
         assert_eq!(ok(r#"{"name":"a/b"}"#).len(), 1);
-        let events = ok(r#"[{"name":"a/b","data":{"x":1,"_inngest":{}}},{"name":"c","id":"mine","ts":1700000000001}]"#);
+        let events = ok(
+            r#"[{"name":"a/b","data":{"x":1,"_inngest":{}}},{"name":"c","id":"mine","ts":1700000000001}]"#,
+        );
         assert_eq!(events.len(), 2);
         let first: Value = serde_json::from_str(&events[0].payload).unwrap();
         assert_eq!(first["data"], serde_json::json!({"x": 1}));

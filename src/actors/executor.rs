@@ -74,7 +74,7 @@ pub fn decide(
 ) -> Decision {
     let mut decision = Decision::default();
     let attempts_left = lease.attempt + 1 < run.max_attempts;
-    let retry_at = |retry_after: Option<Duration>| now.add(retry_after.unwrap_or(retry_delay));
+    let retry_at = |retry_after: Option<Duration>| now.plus(retry_after.unwrap_or(retry_delay));
     match reply {
         SdkReply::Complete { output, .. } => {
             decision.finish = Some((RunStatus::Completed, output.clone()));
@@ -110,7 +110,9 @@ pub fn decide(
                 match op.op.as_str() {
                     "StepRun" => {
                         let data = op.data.clone().unwrap_or(Value::Null);
-                        decision.save.push(step(StepKind::Run, json!({ "data": data })));
+                        decision
+                            .save
+                            .push(step(StepKind::Run, json!({ "data": data })));
                         decision.discover = true;
                     }
                     "Step" => {
@@ -120,7 +122,9 @@ pub fn decide(
                     }
                     "StepFailed" => {
                         let error = step_error(op.error.as_ref());
-                        decision.save.push(step(StepKind::Failed, json!({ "error": error })));
+                        decision
+                            .save
+                            .push(step(StepKind::Failed, json!({ "error": error })));
                         decision.discover = true;
                     }
                     "StepError" => {
@@ -133,7 +137,9 @@ pub fn decide(
                             };
                         }
                         let error = step_error(op.error.as_ref());
-                        decision.save.push(step(StepKind::Failed, json!({ "error": error })));
+                        decision
+                            .save
+                            .push(step(StepKind::Failed, json!({ "error": error })));
                         decision.discover = true;
                     }
                     "StepPlanned" => {
@@ -242,7 +248,7 @@ impl Worker {
         let every = self.config.lease_ttl / 3;
         loop {
             tokio::time::sleep(every).await;
-            let expires = self.clock.now().add(self.config.lease_ttl);
+            let expires = self.clock.now().plus(self.config.lease_ttl);
             match self
                 .backends
                 .queue
@@ -289,7 +295,10 @@ impl Worker {
                 };
                 let next = match self.backends.state.save_step(&run.id, step).await? {
                     SaveStep::Saved { stack_len } | SaveStep::Duplicate { stack_len } => {
-                        vec![(QueueItem::discovery(&run.id, &run.fn_id, stack_len), self.clock.now())]
+                        vec![(
+                            QueueItem::discovery(&run.id, &run.fn_id, stack_len),
+                            self.clock.now(),
+                        )]
                     }
                     SaveStep::RunEnded => Vec::new(),
                 };
@@ -310,9 +319,14 @@ impl Worker {
 
         let Some(function) = self.backends.data.get_function(&run.fn_id).await? else {
             return self
-                .finish(lease, &run, RunStatus::Failed, json!({
+                .finish(
+                    lease,
+                    &run,
+                    RunStatus::Failed,
+                    json!({
                     "error": "function not found", "name": "Error",
-                    "message": format!("function {} no longer exists", run.fn_id)}))
+                    "message": format!("function {} no longer exists", run.fn_id)}),
+                )
                 .await;
         };
         if run.status == RunStatus::Queued {
@@ -370,9 +384,12 @@ impl Worker {
             },
         };
         let request_version = match &reply {
-            SdkReply::Complete { request_version, .. } | SdkReply::Ops { request_version, .. } => {
-                *request_version
+            SdkReply::Complete {
+                request_version, ..
             }
+            | SdkReply::Ops {
+                request_version, ..
+            } => *request_version,
             SdkReply::Error { .. } => -1,
         };
         if request_version > 0 && request_version != run.request_version {
@@ -484,7 +501,11 @@ impl Executor {
     }
 }
 
-async fn dispatch_loop(worker: Rc<Worker>, semaphore: Arc<Semaphore>, mut stop: watch::Receiver<bool>) {
+async fn dispatch_loop(
+    worker: Rc<Worker>,
+    semaphore: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
     let queue = worker.backends.queue.clone();
     loop {
         if *stop.borrow() {
@@ -616,7 +637,12 @@ mod tests {
     }
 
     fn ops(list: Vec<Op>, no_retry: bool) -> SdkReply {
-        SdkReply::Ops { ops: list, no_retry, retry_after: None, request_version: 2 }
+        SdkReply::Ops {
+            ops: list,
+            no_retry,
+            retry_after: None,
+            request_version: 2,
+        }
     }
 
     const NOW: Timestamp = Timestamp(1_000_000);
@@ -630,17 +656,27 @@ mod tests {
 
     #[test]
     fn completion_and_step_results() {
-        check(0, SdkReply::Complete { output: json!(6), request_version: 2 }, |d| {
-            assert_eq!(d.finish, Some((RunStatus::Completed, json!(6))));
-            assert!(!d.discover);
-        });
+        check(
+            0,
+            SdkReply::Complete {
+                output: json!(6),
+                request_version: 2,
+            },
+            |d| {
+                assert_eq!(d.finish, Some((RunStatus::Completed, json!(6))));
+                assert!(!d.discover);
+            },
+        );
         check(0, ops(vec![op("StepRun", "a")], false), |d| {
             assert_eq!(d.save.len(), 1);
             assert_eq!(d.save[0].memo, r#"{"data":{"n":1}}"#);
             assert!(d.discover && d.finish.is_none() && d.retry.is_none());
         });
         check(0, ops(vec![op("StepFailed", "a")], true), |d| {
-            assert_eq!(d.save[0].memo, r#"{"error":{"message":"boom","name":"Error"}}"#);
+            assert_eq!(
+                d.save[0].memo,
+                r#"{"error":{"message":"boom","name":"Error"}}"#
+            );
             assert!(d.discover);
         });
     }
@@ -648,7 +684,7 @@ mod tests {
     #[test]
     fn step_errors_retry_until_attempts_run_out() {
         check(0, ops(vec![op("StepError", "a")], false), |d| {
-            assert_eq!(d.retry, Some(NOW.add(DELAY)));
+            assert_eq!(d.retry, Some(NOW.plus(DELAY)));
             assert!(d.save.is_empty());
         });
         // Last attempt (attempt 4 of max 5): becomes a failed step.
@@ -671,7 +707,9 @@ mod tests {
             no_retry,
             retry_after: Some(Duration::from_secs(7)),
         };
-        check(1, error(false), |d| assert_eq!(d.retry, Some(NOW.add(Duration::from_secs(7)))));
+        check(1, error(false), |d| {
+            assert_eq!(d.retry, Some(NOW.plus(Duration::from_secs(7))))
+        });
         check(4, error(false), |d| {
             assert_eq!(d.finish.as_ref().map(|f| f.0), Some(RunStatus::Failed))
         });
@@ -686,15 +724,22 @@ mod tests {
         sleep.name = Some("2s".into());
         check(0, ops(vec![sleep], false), |d| {
             assert_eq!(d.schedule.len(), 1);
-            assert_eq!(d.schedule[0].1, NOW.add(Duration::from_secs(2)));
+            assert_eq!(d.schedule[0].1, NOW.plus(Duration::from_secs(2)));
             assert!(matches!(d.schedule[0].0.kind, ItemKind::Wake { .. }));
             assert!(!d.discover);
         });
-        check(0, ops(vec![op("StepPlanned", "p1"), op("StepPlanned", "p2")], false), |d| {
-            let ids: Vec<&str> = d.schedule.iter().map(|(i, _)| i.id.as_str()).collect();
-            assert_eq!(ids.len(), 2);
-            assert!(ids[0].ends_with("/p/p1"));
-        });
+        check(
+            0,
+            ops(
+                vec![op("StepPlanned", "p1"), op("StepPlanned", "p2")],
+                false,
+            ),
+            |d| {
+                let ids: Vec<&str> = d.schedule.iter().map(|(i, _)| i.id.as_str()).collect();
+                assert_eq!(ids.len(), 2);
+                assert!(ids[0].ends_with("/p/p1"));
+            },
+        );
         check(0, ops(vec![op("WaitForEvent", "w")], false), |d| {
             assert_eq!(d.finish.as_ref().map(|f| f.0), Some(RunStatus::Failed));
         });
@@ -706,8 +751,14 @@ mod tests {
     #[test]
     fn backoff_table_and_fixed_interval() {
         assert_eq!(backoff(None, 0, Duration::ZERO), Duration::from_secs(15));
-        assert_eq!(backoff(None, 3, Duration::from_secs(1)), Duration::from_secs(121));
-        assert_eq!(backoff(None, 99, Duration::ZERO), Duration::from_secs(7_200));
+        assert_eq!(
+            backoff(None, 3, Duration::from_secs(1)),
+            Duration::from_secs(121)
+        );
+        assert_eq!(
+            backoff(None, 99, Duration::ZERO),
+            Duration::from_secs(7_200)
+        );
         assert_eq!(backoff(Some(DELAY), 5, Duration::from_secs(9)), DELAY);
     }
 }

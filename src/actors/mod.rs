@@ -16,7 +16,10 @@ pub struct EndedNotifier {
 }
 
 impl EndedNotifier {
-    pub fn new() -> (EndedNotifier, mpsc::UnboundedReceiver<(&'static str, String)>) {
+    pub fn new() -> (
+        EndedNotifier,
+        mpsc::UnboundedReceiver<(&'static str, String)>,
+    ) {
         let (sender, receiver) = mpsc::unbounded_channel();
         (EndedNotifier { sender }, receiver)
     }

@@ -67,7 +67,11 @@ impl Matcher {
         for event in &events {
             let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
             for function in functions.iter() {
-                if function.triggers.iter().any(|t| t.matches(&event.name, &payload)) {
+                if function
+                    .triggers
+                    .iter()
+                    .any(|t| t.matches(&event.name, &payload))
+                {
                     creations.push(self.start_run(function, event));
                 }
             }

@@ -7,9 +7,9 @@ use serde_json::{json, Value};
 use crate::actors::core_api::{RegisterApp, SyncError, SyncUrl};
 use crate::actors::{executor, runner};
 use crate::clock::Timestamp;
+use crate::http::{read_body, ApiError, AppState};
 use crate::model::function::FunctionDef;
 use crate::model::{RunRecord, StepRecord};
-use crate::http::{read_body, ApiError, AppState};
 
 fn core(state: &AppState) -> Result<&actix::Addr<crate::actors::core_api::CoreApi>, ApiError> {
     state

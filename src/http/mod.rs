@@ -56,7 +56,8 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
 pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|err| ApiError::BadRequest(format!("cannot read body: {err}")))?;
+        let chunk =
+            chunk.map_err(|err| ApiError::BadRequest(format!("cannot read body: {err}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::TooLarge(limit));
         }

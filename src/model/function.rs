@@ -116,9 +116,9 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
                 return Err(format!("function {id} has a trigger with an empty event"));
             }
             let expression = match raw.get("expression").and_then(Value::as_str) {
-                Some(source) if !source.trim().is_empty() => Some(
-                    Expr::compile(source).map_err(|err| format!("function {id}: {err}"))?,
-                ),
+                Some(source) if !source.trim().is_empty() => {
+                    Some(Expr::compile(source).map_err(|err| format!("function {id}: {err}"))?)
+                }
                 _ => None,
             };
             triggers.push(Trigger::Event {

@@ -100,8 +100,12 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Marks a queued run as running (no-op otherwise). Also records the
     /// SDK's request version once known.
-    async fn mark_running(&self, run_id: &str, at: Timestamp, request_version: i32)
-        -> StoreResult<()>;
+    async fn mark_running(
+        &self,
+        run_id: &str,
+        at: Timestamp,
+        request_version: i32,
+    ) -> StoreResult<()>;
 
     /// Saves a step result and appends its id to the run's stack, once: a
     /// second save of the same step id changes nothing.
@@ -135,6 +139,7 @@ pub struct Lease {
 /// it expires makes the item visible again. Item ids deduplicate: enqueueing
 /// an id that is present does nothing.
 #[async_trait::async_trait]
+#[allow(clippy::len_without_is_empty)]
 pub trait Queue: Send + Sync + 'static {
     /// Adds `item` due at `due`. Returns false if an item with the same id is
     /// already queued (leased or not).
@@ -210,8 +215,11 @@ pub trait DataStore: Send + Sync + 'static {
 
     /// Up to `limit` events, newest first, received before the event
     /// `before` (an internal id) when given.
-    async fn list_events(&self, limit: usize, before: Option<&str>)
-        -> StoreResult<Vec<EventRecord>>;
+    async fn list_events(
+        &self,
+        limit: usize,
+        before: Option<&str>,
+    ) -> StoreResult<Vec<EventRecord>>;
 
     /// Events not yet marked processed, oldest first.
     async fn pending_events(&self, max: usize) -> StoreResult<Vec<EventRecord>>;

@@ -10,12 +10,10 @@ use futures::StreamExt;
 
 use crate::clock::{Clock, ManualClock, Timestamp};
 use crate::model::{
-    AppRecord, EventRecord, FunctionRecord, ItemKind, QueueItem, RunRecord, RunStatus,
-    StepKind, StepRecord,
+    AppRecord, EventRecord, FunctionRecord, ItemKind, QueueItem, RunRecord, RunStatus, StepKind,
+    StepRecord,
 };
-use crate::store::{
-    Backends, CreateRun, DataStore, EventBus, Queue, SaveStep, StateStore,
-};
+use crate::store::{Backends, CreateRun, DataStore, EventBus, Queue, SaveStep, StateStore};
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", ulid::Ulid::new())
@@ -53,8 +51,12 @@ fn sample_step(id: &str, memo: &str) -> StepRecord {
 }
 
 pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
-    create_is_idempotent(state).await.context("create_is_idempotent")?;
-    steps_save_once_in_order(state).await.context("steps_save_once_in_order")?;
+    create_is_idempotent(state)
+        .await
+        .context("create_is_idempotent")?;
+    steps_save_once_in_order(state)
+        .await
+        .context("steps_save_once_in_order")?;
     finish_is_final(state).await.context("finish_is_final")?;
     Ok(())
 }
@@ -63,7 +65,10 @@ async fn create_is_idempotent(state: &dyn StateStore) -> anyhow::Result<()> {
     let fn_id = unique("fn");
     let first = sample_run(&fn_id, "key-1");
     let event_id = first.event_ids[0].clone();
-    ensure!(matches!(state.create_run(first.clone()).await?, CreateRun::Created(_)));
+    ensure!(matches!(
+        state.create_run(first.clone()).await?,
+        CreateRun::Created(_)
+    ));
     let again = sample_run(&fn_id, "key-1");
     match state.create_run(again).await? {
         CreateRun::Exists(existing) => ensure!(existing.id == first.id, "returned another run"),
@@ -78,7 +83,10 @@ async fn create_is_idempotent(state: &dyn StateStore) -> anyhow::Result<()> {
     ensure!(loaded == first, "loaded run differs");
     ensure!(state.load_run("no-such-run").await?.is_none());
     let by_event = state.runs_for_event(&event_id).await?;
-    ensure!(by_event.len() == 1 && by_event[0].id == first.id, "runs_for_event");
+    ensure!(
+        by_event.len() == 1 && by_event[0].id == first.id,
+        "runs_for_event"
+    );
     ensure!(state.runs_for_event("no-such-event").await?.is_empty());
     Ok(())
 }
@@ -91,21 +99,33 @@ async fn steps_save_once_in_order(state: &dyn StateStore) -> anyhow::Result<()> 
     ensure!(loaded.status == RunStatus::Running && loaded.started_at == Some(5));
     ensure!(loaded.request_version == 2);
 
-    let saved = state.save_step(&run.id, sample_step("b", r#"{"data":1}"#)).await?;
+    let saved = state
+        .save_step(&run.id, sample_step("b", r#"{"data":1}"#))
+        .await?;
     ensure!(saved == SaveStep::Saved { stack_len: 1 }, "{saved:?}");
-    let saved = state.save_step(&run.id, sample_step("a", r#"{"data":2}"#)).await?;
+    let saved = state
+        .save_step(&run.id, sample_step("a", r#"{"data":2}"#))
+        .await?;
     ensure!(saved == SaveStep::Saved { stack_len: 2 }, "{saved:?}");
-    let dup = state.save_step(&run.id, sample_step("b", r#"{"data":9}"#)).await?;
+    let dup = state
+        .save_step(&run.id, sample_step("b", r#"{"data":9}"#))
+        .await?;
     ensure!(dup == SaveStep::Duplicate { stack_len: 2 }, "{dup:?}");
 
     let steps = state.load_steps(&run.id).await?;
     let ids: Vec<&str> = steps.iter().map(|s| s.id.as_str()).collect();
     ensure!(ids == ["b", "a"], "steps in completion order, got {ids:?}");
-    ensure!(steps[0].memo == r#"{"data":1}"#, "a duplicate must not overwrite");
+    ensure!(
+        steps[0].memo == r#"{"data":1}"#,
+        "a duplicate must not overwrite"
+    );
     let loaded = state.load_run(&run.id).await?.context("run")?;
     ensure!(loaded.stack == ["b", "a"]);
     ensure!(
-        state.save_step("no-such-run", sample_step("x", "null")).await? == SaveStep::RunEnded
+        state
+            .save_step("no-such-run", sample_step("x", "null"))
+            .await?
+            == SaveStep::RunEnded
     );
     Ok(())
 }
@@ -115,7 +135,12 @@ async fn finish_is_final(state: &dyn StateStore) -> anyhow::Result<()> {
     state.create_run(run.clone()).await?;
     ensure!(
         state
-            .finish_run(&run.id, RunStatus::Completed, Some("42".into()), Timestamp(9))
+            .finish_run(
+                &run.id,
+                RunStatus::Completed,
+                Some("42".into()),
+                Timestamp(9)
+            )
             .await?
     );
     ensure!(
@@ -128,7 +153,10 @@ async fn finish_is_final(state: &dyn StateStore) -> anyhow::Result<()> {
     ensure!(loaded.status == RunStatus::Completed);
     ensure!(loaded.output.as_deref() == Some("42") && loaded.ended_at == Some(9));
     ensure!(
-        state.save_step(&run.id, sample_step("late", "null")).await? == SaveStep::RunEnded,
+        state
+            .save_step(&run.id, sample_step("late", "null"))
+            .await?
+            == SaveStep::RunEnded,
         "steps of an ended run must be refused"
     );
     Ok(())
@@ -144,12 +172,24 @@ fn item(id: &str) -> QueueItem {
 }
 
 pub async fn queue_suite(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
-    not_due_is_invisible(queue, clock).await.context("not_due_is_invisible")?;
-    due_order_and_dedup(queue, clock).await.context("due_order_and_dedup")?;
-    expired_lease_redelivers(queue, clock).await.context("expired_lease_redelivers")?;
-    ack_is_final_and_atomic(queue, clock).await.context("ack_is_final_and_atomic")?;
-    retry_raises_attempt(queue, clock).await.context("retry_raises_attempt")?;
-    enqueue_wakes_waiter(queue).await.context("enqueue_wakes_waiter")?;
+    not_due_is_invisible(queue, clock)
+        .await
+        .context("not_due_is_invisible")?;
+    due_order_and_dedup(queue, clock)
+        .await
+        .context("due_order_and_dedup")?;
+    expired_lease_redelivers(queue, clock)
+        .await
+        .context("expired_lease_redelivers")?;
+    ack_is_final_and_atomic(queue, clock)
+        .await
+        .context("ack_is_final_and_atomic")?;
+    retry_raises_attempt(queue, clock)
+        .await
+        .context("retry_raises_attempt")?;
+    enqueue_wakes_waiter(queue)
+        .await
+        .context("enqueue_wakes_waiter")?;
     ensure!(queue.len().await? == 0, "the suite leaves the queue empty");
     Ok(())
 }
@@ -157,17 +197,30 @@ pub async fn queue_suite(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Resu
 const TTL: Duration = Duration::from_secs(10);
 
 async fn drain(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
-    for lease in queue.lease_due(clock.now().add(Duration::from_secs(86_400 * 400)), 1000, TTL).await? {
-        queue.ack(lease.lease_id, &lease.item.id, Vec::new()).await?;
+    for lease in queue
+        .lease_due(
+            clock.now().plus(Duration::from_secs(86_400 * 400)),
+            1000,
+            TTL,
+        )
+        .await?
+    {
+        queue
+            .ack(lease.lease_id, &lease.item.id, Vec::new())
+            .await?;
     }
     Ok(())
 }
 
 async fn not_due_is_invisible(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
     let id = unique("later");
-    ensure!(queue.enqueue(item(&id), clock.now().add(Duration::from_secs(60))).await?);
+    ensure!(
+        queue
+            .enqueue(item(&id), clock.now().plus(Duration::from_secs(60)))
+            .await?
+    );
     ensure!(queue.lease_due(clock.now(), 10, TTL).await?.is_empty());
-    ensure!(queue.next_due().await? == Some(clock.now().add(Duration::from_secs(60))));
+    ensure!(queue.next_due().await? == Some(clock.now().plus(Duration::from_secs(60))));
     clock.advance(Duration::from_secs(60));
     let leases = queue.lease_due(clock.now(), 10, TTL).await?;
     ensure!(leases.len() == 1 && leases[0].item.id == id, "{leases:?}");
@@ -179,21 +232,43 @@ async fn not_due_is_invisible(queue: &dyn Queue, clock: &ManualClock) -> anyhow:
 async fn due_order_and_dedup(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
     let now = clock.now();
     let (a, b, c) = (unique("a"), unique("b"), unique("c"));
-    ensure!(queue.enqueue(item(&b), now.add(Duration::from_millis(2))).await?);
-    ensure!(queue.enqueue(item(&a), now.add(Duration::from_millis(1))).await?);
-    ensure!(queue.enqueue(item(&c), now.add(Duration::from_millis(2))).await?);
-    ensure!(!queue.enqueue(item(&a), now).await?, "duplicate id accepted");
+    ensure!(
+        queue
+            .enqueue(item(&b), now.plus(Duration::from_millis(2)))
+            .await?
+    );
+    ensure!(
+        queue
+            .enqueue(item(&a), now.plus(Duration::from_millis(1)))
+            .await?
+    );
+    ensure!(
+        queue
+            .enqueue(item(&c), now.plus(Duration::from_millis(2)))
+            .await?
+    );
+    ensure!(
+        !queue.enqueue(item(&a), now).await?,
+        "duplicate id accepted"
+    );
     ensure!(queue.len().await? == 3);
     clock.advance(Duration::from_millis(5));
     let first = queue.lease_due(clock.now(), 2, TTL).await?;
     let ids: Vec<&str> = first.iter().map(|l| l.item.id.as_str()).collect();
-    ensure!(ids == [a.as_str(), b.as_str()], "due order then insertion order: {ids:?}");
+    ensure!(
+        ids == [a.as_str(), b.as_str()],
+        "due order then insertion order: {ids:?}"
+    );
     // A leased id still deduplicates.
     ensure!(!queue.enqueue(item(&a), clock.now()).await?);
     let rest = queue.lease_due(clock.now(), 10, TTL).await?;
     ensure!(rest.len() == 1 && rest[0].item.id == c);
     for lease in first.iter().chain(rest.iter()) {
-        ensure!(queue.ack(lease.lease_id, &lease.item.id, Vec::new()).await?);
+        ensure!(
+            queue
+                .ack(lease.lease_id, &lease.item.id, Vec::new())
+                .await?
+        );
     }
     Ok(())
 }
@@ -203,9 +278,16 @@ async fn expired_lease_redelivers(queue: &dyn Queue, clock: &ManualClock) -> any
     queue.enqueue(item(&id), clock.now()).await?;
     let first = queue.lease_due(clock.now(), 10, TTL).await?;
     ensure!(first.len() == 1);
-    ensure!(queue.lease_due(clock.now(), 10, TTL).await?.is_empty(), "leased twice");
+    ensure!(
+        queue.lease_due(clock.now(), 10, TTL).await?.is_empty(),
+        "leased twice"
+    );
     clock.advance(Duration::from_secs(5));
-    ensure!(queue.extend(first[0].lease_id, &id, clock.now().add(TTL)).await?);
+    ensure!(
+        queue
+            .extend(first[0].lease_id, &id, clock.now().plus(TTL))
+            .await?
+    );
     clock.advance(Duration::from_secs(6));
     ensure!(
         queue.lease_due(clock.now(), 10, TTL).await?.is_empty(),
@@ -213,13 +295,20 @@ async fn expired_lease_redelivers(queue: &dyn Queue, clock: &ManualClock) -> any
     );
     clock.advance(Duration::from_secs(5));
     let second = queue.lease_due(clock.now(), 10, TTL).await?;
-    ensure!(second.len() == 1 && second[0].item.id == id, "expired lease not redelivered");
+    ensure!(
+        second.len() == 1 && second[0].item.id == id,
+        "expired lease not redelivered"
+    );
     ensure!(second[0].lease_id != first[0].lease_id);
     ensure!(
         !queue.ack(first[0].lease_id, &id, Vec::new()).await?,
         "a lost lease could still ack"
     );
-    ensure!(!queue.extend(first[0].lease_id, &id, clock.now().add(TTL)).await?);
+    ensure!(
+        !queue
+            .extend(first[0].lease_id, &id, clock.now().plus(TTL))
+            .await?
+    );
     ensure!(queue.ack(second[0].lease_id, &id, Vec::new()).await?);
     Ok(())
 }
@@ -227,16 +316,21 @@ async fn expired_lease_redelivers(queue: &dyn Queue, clock: &ManualClock) -> any
 async fn ack_is_final_and_atomic(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
     let (id, next, same) = (unique("ack"), unique("next"), unique("same"));
     queue.enqueue(item(&id), clock.now()).await?;
-    queue.enqueue(item(&same), clock.now().add(Duration::from_secs(30))).await?;
+    queue
+        .enqueue(item(&same), clock.now().plus(Duration::from_secs(30)))
+        .await?;
     let lease = queue.lease_due(clock.now(), 10, TTL).await?.remove(0);
     ensure!(lease.item.id == id);
     let followers = vec![
         (item(&next), clock.now()),
         (item(&same), clock.now()), // present already: ignored
-        (item(&id), clock.now().add(Duration::from_secs(1))), // own id: re-added
+        (item(&id), clock.now().plus(Duration::from_secs(1))), // own id: re-added
     ];
     ensure!(queue.ack(lease.lease_id, &id, followers).await?);
-    ensure!(!queue.ack(lease.lease_id, &id, Vec::new()).await?, "acked twice");
+    ensure!(
+        !queue.ack(lease.lease_id, &id, Vec::new()).await?,
+        "acked twice"
+    );
     let leased = queue.lease_due(clock.now(), 10, TTL).await?;
     let ids: Vec<&str> = leased.iter().map(|l| l.item.id.as_str()).collect();
     ensure!(ids == [next.as_str()], "{ids:?}");
@@ -252,16 +346,24 @@ async fn retry_raises_attempt(queue: &dyn Queue, clock: &ManualClock) -> anyhow:
     let id = unique("retry");
     queue.enqueue(item(&id), clock.now()).await?;
     let lease = queue.lease_due(clock.now(), 1, TTL).await?.remove(0);
-    let later = clock.now().add(Duration::from_secs(3));
+    let later = clock.now().plus(Duration::from_secs(3));
     ensure!(queue.retry_at(lease.lease_id, &id, later, true).await?);
     ensure!(queue.lease_due(clock.now(), 1, TTL).await?.is_empty());
     clock.advance(Duration::from_secs(3));
     let lease = queue.lease_due(clock.now(), 1, TTL).await?.remove(0);
     ensure!(lease.attempt == 1, "attempt {}", lease.attempt);
-    ensure!(queue.retry_at(lease.lease_id, &id, clock.now(), false).await?);
+    ensure!(
+        queue
+            .retry_at(lease.lease_id, &id, clock.now(), false)
+            .await?
+    );
     let lease = queue.lease_due(clock.now(), 1, TTL).await?.remove(0);
     ensure!(lease.attempt == 1, "a release must not count an attempt");
-    ensure!(!queue.retry_at(lease.lease_id + 1_000_000, &id, clock.now(), true).await?);
+    ensure!(
+        !queue
+            .retry_at(lease.lease_id + 1_000_000, &id, clock.now(), true)
+            .await?
+    );
     queue.ack(lease.lease_id, &id, Vec::new()).await?;
     Ok(())
 }
@@ -319,8 +421,12 @@ fn app(id: &str, function_ids: &[&str]) -> AppRecord {
 }
 
 pub async fn data_suite(data: &dyn DataStore) -> anyhow::Result<()> {
-    events_pending_until_processed(data).await.context("events_pending_until_processed")?;
-    sync_versions_functions(data).await.context("sync_versions_functions")?;
+    events_pending_until_processed(data)
+        .await
+        .context("events_pending_until_processed")?;
+    sync_versions_functions(data)
+        .await
+        .context("sync_versions_functions")?;
     Ok(())
 }
 
@@ -336,7 +442,8 @@ async fn events_pending_until_processed(data: &dyn DataStore) -> anyhow::Result<
         .map(|e| e.internal_id)
         .collect();
     ensure!(pending.contains(&a.internal_id) && pending.contains(&b.internal_id));
-    data.mark_processed(std::slice::from_ref(&a.internal_id)).await?;
+    data.mark_processed(std::slice::from_ref(&a.internal_id))
+        .await?;
     let pending: Vec<String> = data
         .pending_events(1000)
         .await?
@@ -344,14 +451,23 @@ async fn events_pending_until_processed(data: &dyn DataStore) -> anyhow::Result<
         .map(|e| e.internal_id)
         .collect();
     ensure!(!pending.contains(&a.internal_id) && pending.contains(&b.internal_id));
-    ensure!(data.get_event(&a.internal_id).await?.is_some(), "processed events stay");
-    data.mark_processed(&[b.internal_id.clone()]).await?;
+    ensure!(
+        data.get_event(&a.internal_id).await?.is_some(),
+        "processed events stay"
+    );
+    data.mark_processed(std::slice::from_ref(&b.internal_id))
+        .await?;
     let newest = data.list_events(2, None).await?;
     ensure!(newest.len() == 2, "list_events limit");
-    ensure!(newest[0].internal_id == b.internal_id && newest[1].internal_id == a.internal_id,
-        "newest first");
+    ensure!(
+        newest[0].internal_id == b.internal_id && newest[1].internal_id == a.internal_id,
+        "newest first"
+    );
     let older = data.list_events(10, Some(&b.internal_id)).await?;
-    ensure!(older.first().map(|e| &e.internal_id) == Some(&a.internal_id), "cursor");
+    ensure!(
+        older.first().map(|e| &e.internal_id) == Some(&a.internal_id),
+        "cursor"
+    );
     Ok(())
 }
 
@@ -362,7 +478,10 @@ async fn sync_versions_functions(data: &dyn DataStore) -> anyhow::Result<()> {
     let outcome = data
         .sync_app(
             app(&app_id, &[&f1, &f2]),
-            vec![function(&app_id, &f1, "{\"a\":1}"), function(&app_id, &f2, "{}")],
+            vec![
+                function(&app_id, &f1, "{\"a\":1}"),
+                function(&app_id, &f2, "{}"),
+            ],
         )
         .await?;
     ensure!(outcome.modified);
@@ -373,7 +492,10 @@ async fn sync_versions_functions(data: &dyn DataStore) -> anyhow::Result<()> {
     let same = data
         .sync_app(
             app(&app_id, &[&f1, &f2]),
-            vec![function(&app_id, &f1, "{\"a\":1}"), function(&app_id, &f2, "{}")],
+            vec![
+                function(&app_id, &f1, "{\"a\":1}"),
+                function(&app_id, &f2, "{}"),
+            ],
         )
         .await?;
     ensure!(!same.modified, "an identical sync is not a modification");
@@ -390,7 +512,12 @@ async fn sync_versions_functions(data: &dyn DataStore) -> anyhow::Result<()> {
     ensure!(one.version == 2 && one.config == "{\"a\":2}", "{one:?}");
     let two = data.get_function(&f2).await?.context("f2")?;
     ensure!(two.archived, "a function no longer listed is archived");
-    let listed: Vec<String> = data.list_functions().await?.into_iter().map(|f| f.id).collect();
+    let listed: Vec<String> = data
+        .list_functions()
+        .await?
+        .into_iter()
+        .map(|f| f.id)
+        .collect();
     ensure!(listed.contains(&f1) && !listed.contains(&f2));
     ensure!(data.get_app(&app_id).await?.is_some());
     ensure!(data.list_apps().await?.iter().any(|a| a.id == app_id));
@@ -426,7 +553,10 @@ pub async fn write_for_reopen(backends: &Backends) -> anyhow::Result<()> {
     backends.state.create_run(run).await?;
     backends
         .state
-        .save_step("01REOPENRUN0000000000000000", sample_step("s1", r#"{"data":1}"#))
+        .save_step(
+            "01REOPENRUN0000000000000000",
+            sample_step("s1", r#"{"data":1}"#),
+        )
         .await?;
     let mut item = item("reopen-item");
     item.kind = ItemKind::Discovery { seq: 1 };

@@ -14,7 +14,10 @@ async fn first_line_health_dev_and_clean_ctrl_c() {
     let mut baton = Baton::start(&data_dir);
     let first = baton.log().lines().next().unwrap_or_default().to_string();
     assert!(first.contains("listening on http://127.0.0.1:"), "{first}");
-    assert!(first.contains(&format!("data in {}", data_dir.display())), "{first}");
+    assert!(
+        first.contains(&format!("data in {}", data_dir.display())),
+        "{first}"
+    );
 
     let health = get_json(&format!("{}/health", baton.url)).await;
     assert_eq!(health, json!({"status": 200, "message": "OK"}));
@@ -22,7 +25,9 @@ async fn first_line_health_dev_and_clean_ctrl_c() {
     assert_eq!(dev["functions"], json!([]));
     assert_eq!(dev["isSingleNodeService"], true);
 
-    let status = baton.interrupt(Duration::from_secs(20)).expect("exited after Ctrl-C");
+    let status = baton
+        .interrupt(Duration::from_secs(20))
+        .expect("exited after Ctrl-C");
     assert!(status.success(), "exit status {status:?}");
     assert!(baton.log().contains("stopped"), "{}", baton.log());
 }
@@ -84,17 +89,31 @@ async fn config_from_env_with_interpolation() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
         .args(["dev", "--data-dir"])
         .arg(dir.path().join("data"))
-        .env("BATON_CONFIG", "[server]\nport = ${BATON_TEST_PORT}\nhost = \"${BATON_TEST_HOST:-127.0.0.1}\"\n")
+        .env(
+            "BATON_CONFIG",
+            "[server]\nport = ${BATON_TEST_PORT}\nhost = \"${BATON_TEST_HOST:-127.0.0.1}\"\n",
+        )
         .env("BATON_TEST_PORT", port.to_string())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}/health");
-    let answered = eventually(Duration::from_secs(20), "the configured port to answer", || {
-        let url = url.clone();
-        async move { client().get(&url).send().await.ok().map(|r| r.status().is_success()) }
-    })
+    let answered = eventually(
+        Duration::from_secs(20),
+        "the configured port to answer",
+        || {
+            let url = url.clone();
+            async move {
+                client()
+                    .get(&url)
+                    .send()
+                    .await
+                    .ok()
+                    .map(|r| r.status().is_success())
+            }
+        },
+    )
     .await;
     child.kill().unwrap();
     child.wait().unwrap();

@@ -71,12 +71,20 @@ async fn kill_9_mid_run_loses_nothing_and_repeats_no_stored_step() {
     let counters = app.counters().await;
     for (key, stored) in &before_kill {
         for step in ["slow1", "slow2", "slow3"] {
-            let count = counters[format!("slow-steps:{step}:{key}")].as_u64().unwrap_or(0);
+            let count = counters[format!("slow-steps:{step}:{key}")]
+                .as_u64()
+                .unwrap_or(0);
             if stored.iter().any(|s| s == step) {
-                assert_eq!(count, 1, "{step} of {key} was stored before the kill but ran again");
+                assert_eq!(
+                    count, 1,
+                    "{step} of {key} was stored before the kill but ran again"
+                );
             } else {
                 // At most the call in flight at the kill runs a second time.
-                assert!((1..=2).contains(&count), "{step} of {key} ran {count} times");
+                assert!(
+                    (1..=2).contains(&count),
+                    "{step} of {key} ran {count} times"
+                );
             }
         }
     }
@@ -131,7 +139,11 @@ async fn kill_9_during_ingest_keeps_every_acknowledged_event() {
     for sender in senders {
         acked.extend(sender.await.unwrap());
     }
-    assert!(acked.len() > 10, "only {} events were acknowledged", acked.len());
+    assert!(
+        acked.len() > 10,
+        "only {} events were acknowledged",
+        acked.len()
+    );
 
     let baton = Baton::start_with(
         &data_dir,
@@ -146,7 +158,12 @@ async fn kill_9_during_ingest_keeps_every_acknowledged_event() {
     }
     let counters = app.counters().await;
     for (key, _) in &acked {
-        let count = counters[format!("three-steps:a:{key}")].as_u64().unwrap_or(0);
-        assert!((1..=2).contains(&count), "step a of {key} ran {count} times");
+        let count = counters[format!("three-steps:a:{key}")]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(
+            (1..=2).contains(&count),
+            "step a of {key} ran {count} times"
+        );
     }
 }

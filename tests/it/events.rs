@@ -23,12 +23,37 @@ async fn bad_events_get_a_clear_4xx_and_store_nothing() {
         },
     );
     let cases: Vec<(&str, String, u16, &str)> = vec![
-        ("malformed JSON", "[{\"name\": ".into(), 400, "not valid JSON"),
+        (
+            "malformed JSON",
+            "[{\"name\": ".into(),
+            400,
+            "not valid JSON",
+        ),
         ("a number", "42".into(), 400, "event object or an array"),
-        ("missing name", json!([{"data": {}}]).to_string(), 400, "name is required"),
-        ("empty name", json!([{"name": ""}]).to_string(), 400, "name is required"),
-        ("inngest/ name", json!([{"name": "inngest/function.failed"}]).to_string(), 400, "reserved"),
-        ("data not an object", json!([{"name": "a/b", "data": [1, 2]}]).to_string(), 400, "data must be a JSON object"),
+        (
+            "missing name",
+            json!([{"data": {}}]).to_string(),
+            400,
+            "name is required",
+        ),
+        (
+            "empty name",
+            json!([{"name": ""}]).to_string(),
+            400,
+            "name is required",
+        ),
+        (
+            "inngest/ name",
+            json!([{"name": "inngest/function.failed"}]).to_string(),
+            400,
+            "reserved",
+        ),
+        (
+            "data not an object",
+            json!([{"name": "a/b", "data": [1, 2]}]).to_string(),
+            400,
+            "data must be a JSON object",
+        ),
         (
             "one bad event among good ones",
             json!([{"name": "a/ok"}, {"name": "a/b", "data": "text"}]).to_string(),
@@ -49,7 +74,11 @@ async fn bad_events_get_a_clear_4xx_and_store_nothing() {
         let error = answer["error"].as_str().unwrap_or_default();
         assert!(error.contains(expected_message), "{what}: {answer}");
     }
-    assert_eq!(stored_event_count(&baton).await, 0, "a refused request stored events");
+    assert_eq!(
+        stored_event_count(&baton).await,
+        0,
+        "a refused request stored events"
+    );
 
     // A missing key is refused too.
     let response = client()
@@ -82,8 +111,11 @@ async fn seeded_ids_are_stable_and_one_run_per_event_id() {
         let response = client()
             .post(format!("{}/e/test-key", baton.url))
             .header("x-inngest-event-id-seed", "1764133200000,AAECAwQFBgcICQ==")
-            .body(json!([{"name": "test/three-steps", "data": {"key": "seeded"}},
-                         {"name": "test/other"}]).to_string())
+            .body(
+                json!([{"name": "test/three-steps", "data": {"key": "seeded"}},
+                         {"name": "test/other"}])
+                .to_string(),
+            )
             .send()
             .await
             .unwrap();
@@ -106,7 +138,10 @@ async fn seeded_ids_are_stable_and_one_run_per_event_id() {
     let run = finished_run(&baton, &a, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "Completed");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(runs_of_event(&baton, &b).await.is_empty(), "a second run for the same id");
+    assert!(
+        runs_of_event(&baton, &b).await.is_empty(),
+        "a second run for the same id"
+    );
     let counters = app.counters().await;
     assert_eq!(counters["three-steps:a:dup"], 1, "{counters}");
 }

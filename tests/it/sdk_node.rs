@@ -35,7 +35,10 @@ async fn runs_steps_retries_and_failures() {
         .map(|f| f["id"].as_str().unwrap())
         .collect();
     assert!(ids.contains(&"baton-test-three-steps"), "{ids:?}");
-    assert!(dev["functions"][0]["url"].as_str().unwrap().contains("fnId="));
+    assert!(dev["functions"][0]["url"]
+        .as_str()
+        .unwrap()
+        .contains("fnId="));
     assert!(!dev.to_string().contains("deployId"));
 
     let three = send_event(&baton, "test/three-steps", json!({"key": "k1"})).await;

@@ -139,7 +139,7 @@ impl Queue for SledQueue {
                 continue; // a stale index entry: drop it
             };
             let lease_id = self.next_seq()?;
-            let expires = now.add(ttl);
+            let expires = now.plus(ttl);
             entry.lease = Some((lease_id, expires.millis()));
             batch.insert(index_key(expires.millis(), entry.seq), item_id.as_bytes());
             batch.insert(item_key(&item_id), entry.to_bytes());

@@ -283,7 +283,10 @@ impl NodeApp {
         let status = response.status();
         let body = response.text().await.unwrap();
         assert!(status.is_success(), "sync failed: {status} {body}");
-        assert!(body.contains("Successfully registered"), "sync answer: {body}");
+        assert!(
+            body.contains("Successfully registered"),
+            "sync answer: {body}"
+        );
     }
 
     pub async fn counters(&self) -> Value {
@@ -384,15 +387,19 @@ where
 
 /// Waits until the event's single run has ended; returns it with its steps.
 pub async fn finished_run(baton: &Baton, event_id: &str, timeout: Duration) -> Value {
-    eventually(timeout, &format!("the run of event {event_id} to end"), || async {
-        let runs = runs_of_event(baton, event_id).await;
-        let run = runs.first()?;
-        match run["status"].as_str()? {
-            "Completed" | "Failed" | "Cancelled" => {
-                Some(get_run(baton, run["run_id"].as_str()?).await)
+    eventually(
+        timeout,
+        &format!("the run of event {event_id} to end"),
+        || async {
+            let runs = runs_of_event(baton, event_id).await;
+            let run = runs.first()?;
+            match run["status"].as_str()? {
+                "Completed" | "Failed" | "Cancelled" => {
+                    Some(get_run(baton, run["run_id"].as_str()?).await)
+                }
+                _ => None,
             }
-            _ => None,
-        }
-    })
+        },
+    )
     .await
 }
