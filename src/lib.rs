@@ -4,6 +4,7 @@
 pub mod actors;
 pub mod cli;
 pub mod clock;
+pub mod cron;
 pub mod duration;
 pub mod expr;
 pub mod http;

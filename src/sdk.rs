@@ -71,14 +71,31 @@ pub struct CallRequest<'a> {
     pub max_attempts: u32,
     pub request_version: i32,
     pub disable_immediate_execution: bool,
+    /// Above this many body bytes, send `use_api` and let the SDK fetch
+    /// events and steps from `/v0/runs/{id}/…` (PROTOCOL §4.10).
+    pub max_body_bytes: usize,
 }
 
 impl CallRequest<'_> {
-    pub fn body(&self) -> Value {
+    /// The canonical body bytes, and whether it had to use the API.
+    pub fn encode(&self) -> (Vec<u8>, bool) {
+        let full = canonical_json(&self.body(false));
+        if full.len() <= self.max_body_bytes {
+            return (full, false);
+        }
+        (canonical_json(&self.body(true)), true)
+    }
+
+    pub fn body(&self, use_api: bool) -> Value {
+        let (events, steps) = if use_api {
+            (Vec::new(), serde_json::Map::new())
+        } else {
+            (self.events.to_vec(), self.steps.clone())
+        };
         json!({
             "event": self.events.first().cloned().unwrap_or_else(|| json!({})),
-            "events": self.events,
-            "steps": self.steps,
+            "events": events,
+            "steps": steps,
             "ctx": {
                 "run_id": self.run_id,
                 "env": "",
@@ -86,11 +103,11 @@ impl CallRequest<'_> {
                 "attempt": self.attempt,
                 "max_attempts": self.max_attempts,
                 "disable_immediate_execution": self.disable_immediate_execution,
-                "use_api": false,
+                "use_api": use_api,
                 "stack": {"stack": self.stack, "current": self.stack.len()},
             },
             "version": if matches!(self.request_version, 1 | 2) { self.request_version } else { -1 },
-            "use_api": false,
+            "use_api": use_api,
         })
     }
 }
@@ -388,7 +405,7 @@ impl SdkClient {
 
     /// POSTs one call; `Err` carries a transport error message.
     pub async fn call(&self, call: &CallRequest<'_>, now: Timestamp) -> Result<RawReply, String> {
-        let body = canonical_json(&call.body());
+        let (body, _use_api) = call.encode();
         let url = call_url(call.url, call.step_id);
         let request = self
             .http
@@ -463,6 +480,89 @@ impl SdkClient {
             }
         }
         Ok(value)
+    }
+}
+
+impl SdkClient {
+    /// Makes a server-side HTTP call for `step.fetch` (`Gateway`) or
+    /// `step.ai.infer` (`AIGateway`) and returns the step's memo
+    /// (PROTOCOL §4.7).
+    pub async fn fetch(&self, ai: bool, opts: &Value) -> Value {
+        let error_name = if ai { "AIGatewayError" } else { "GatewayError" };
+        let fail = |message: String| json!({"error": {"name": error_name, "message": message}});
+        let Some(url) = opts.get("url").and_then(Value::as_str) else {
+            return fail("the step has no url".into());
+        };
+        let method = if ai {
+            reqwest::Method::POST
+        } else {
+            opts.get("method")
+                .and_then(Value::as_str)
+                .unwrap_or("GET")
+                .parse()
+                .unwrap_or(reqwest::Method::GET)
+        };
+        let mut request = self
+            .http
+            .request(method, url)
+            .timeout(Duration::from_secs(300));
+        if ai {
+            let key = opts.get("auth_key").and_then(Value::as_str).unwrap_or_default();
+            request = request.header("content-type", "application/json");
+            request = match opts.get("format").and_then(Value::as_str).unwrap_or_default() {
+                "anthropic" => request.header("x-api-key", key),
+                "gemini" => request.query(&[("key", key)]),
+                "bedrock" => request.header("authorization", key),
+                _ => request.header("authorization", format!("Bearer {key}")),
+            };
+        }
+        if let Some(headers) = opts.get("headers").and_then(Value::as_object) {
+            for (name, value) in headers {
+                if let Some(value) = value.as_str() {
+                    request = request.header(name.as_str(), value);
+                }
+            }
+        }
+        match opts.get("body") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(text)) => request = request.body(text.clone()),
+            Some(other) => request = request.body(other.to_string()),
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(err) => return fail(describe_transport_error(url, &err)),
+        };
+        let status = response.status();
+        let mut headers = serde_json::Map::new();
+        for (name, value) in response.headers() {
+            if let Ok(value) = value.to_str() {
+                headers.insert(name.as_str().to_string(), Value::String(value.to_string()));
+            }
+        }
+        let text = match response.text().await {
+            Ok(text) => text,
+            Err(err) => return fail(describe_transport_error(url, &err)),
+        };
+        if ai {
+            if !status.is_success() {
+                return fail(format!("the AI provider answered {status}: {}", truncate(&text)));
+            }
+            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            return json!({ "data": body });
+        }
+        json!({"data": {
+            "url": url,
+            "status_code": status.as_u16(),
+            "headers": headers,
+            "body": text,
+        }})
+    }
+}
+
+fn truncate(text: &str) -> &str {
+    match text.char_indices().nth(500) {
+        Some((index, _)) => &text[..index],
+        None => text,
     }
 }
 

@@ -196,6 +196,21 @@ impl Handler<SyncUrl> for CoreApi {
     }
 }
 
+/// Cancels a run (`DELETE /v1/runs/{id}`). `Ok(false)`: it had ended.
+#[derive(Message)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct CancelRun(pub String);
+
+impl Handler<CancelRun> for CoreApi {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+
+    fn handle(&mut self, CancelRun(run_id): CancelRun, _: &mut Self::Context) -> Self::Result {
+        let backends = self.backends.clone();
+        let now = self.clock.now();
+        Box::pin(async move { crate::actors::lifecycle::cancel_run(&backends, &run_id, now).await })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

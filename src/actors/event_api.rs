@@ -167,7 +167,23 @@ fn normalize_event(
         id,
         received_at: now.millis(),
         payload,
+        target_fn: None,
     })
+}
+
+/// Stores events durably, then publishes them: the one path every event
+/// takes, from users, from functions, and from Baton itself.
+pub async fn publish_events(backends: &Backends, events: &[EventRecord]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    backends.data.put_events(events).await?;
+    // The events are durable; a failed publish is recovered by the runner's
+    // catch-up, so it does not fail the request.
+    if let Err(err) = backends.bus.publish(events).await {
+        tracing::warn!(error = %err, "cannot publish events; the runner picks them up at its next start");
+    }
+    Ok(())
 }
 
 pub struct EventApi {
@@ -200,15 +216,7 @@ impl Handler<IngestEvents> for EventApi {
     ) -> Self::Result {
         let backends = self.backends.clone();
         Box::pin(async move {
-            if events.is_empty() {
-                return Ok(Vec::new());
-            }
-            backends.data.put_events(&events).await?;
-            // The events are durable; a failed publish is recovered by the
-            // runner's catch-up, so it does not fail the request.
-            if let Err(err) = backends.bus.publish(&events).await {
-                tracing::warn!(error = %err, "cannot publish events; the runner picks them up at its next start");
-            }
+            publish_events(&backends, &events).await?;
             Ok(events.into_iter().map(|e| e.internal_id).collect())
         })
     }

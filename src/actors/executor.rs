@@ -9,6 +9,7 @@
 //! item never repeats a stored step.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,15 +21,31 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::actors::event_api::publish_events;
+use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
-use crate::duration::sleep_until;
-use crate::model::{ItemKind, QueueItem, RunRecord, RunStatus, StepKind, StepRecord};
+use crate::duration::{parse_time_str, sleep_until};
+use crate::model::{
+    EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
+    RunRecord, RunStatus, StepKind, StepRecord,
+};
 use crate::sdk::{parse_reply, step_error, CallRequest, SdkClient, SdkReply};
 use crate::store::{Backends, Lease, SaveStep, StoreResult};
 
 /// Inngest's retry backoff table (GO `pkg/backoff TableBackoff`).
 const BACKOFF_TABLE: [u64; 10] = [15, 30, 60, 120, 300, 600, 1_200, 2_400, 3_600, 7_200];
+
+/// Most steps one run may have (GO's `DefaultMaxStepLimit`).
+pub const MAX_STEPS: usize = 1_000;
+/// Largest step output, bytes of its memo.
+pub const MAX_STEP_BYTES: usize = 4 << 20;
+/// Largest state of one run: all its step memos.
+pub const MAX_STATE_BYTES: u64 = 32 << 20;
+/// Call bodies above this make the SDK fetch state through the API.
+pub const MAX_CALL_BODY_BYTES: usize = 4 << 20;
+/// How long a pause with no timeout waits.
+const DEFAULT_PAUSE: Duration = Duration::from_secs(366 * 86_400);
 
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
@@ -38,15 +55,51 @@ pub struct ExecutorConfig {
     pub retry_interval: Option<Duration>,
 }
 
+/// When to make a discovery call after saving results.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Discover {
+    #[default]
+    No,
+    Always,
+    /// Only when no planned step of the run is still waiting (request
+    /// version 2 fan-in: one discovery for the whole parallel group).
+    WhenGroupDone,
+}
+
+/// A `step.invoke` to start: the pause that waits for the callee, and the
+/// `inngest/function.invoked` event that starts it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invoke {
+    pub pause: PauseRecord,
+    pub function_id: String,
+    pub data: Value,
+}
+
+/// An HTTP call the server makes for the function (`step.fetch`,
+/// `step.ai.infer`), saved as the step's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fetch {
+    pub step_id: String,
+    pub name: String,
+    pub ai: bool,
+    pub opts: Value,
+}
+
 /// What to do after one call.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Decision {
     /// Step results to save, in order.
     pub save: Vec<StepRecord>,
-    /// Make a discovery call once the saves are done.
-    pub discover: bool,
-    /// Further items to enqueue (planned steps, sleep wake-ups).
+    pub discover: Discover,
+    /// Further items to enqueue (planned steps, sleep wake-ups, timeouts).
     pub schedule: Vec<(QueueItem, Timestamp)>,
+    /// Planned step ids to add to the run's planned set.
+    pub plan: Vec<String>,
+    /// Set the run's force-plan flag (the reply had several ops).
+    pub force_plan: bool,
+    pub pauses: Vec<PauseRecord>,
+    pub invokes: Vec<Invoke>,
+    pub fetches: Vec<Fetch>,
     /// End the run.
     pub finish: Option<(RunStatus, Value)>,
     /// Run the same item again at this time, as a new attempt.
@@ -64,6 +117,19 @@ pub fn backoff(retry_interval: Option<Duration>, attempt: u32, jitter: Duration)
     }
 }
 
+fn limit_error(message: String) -> Value {
+    json!({"error": "limit exceeded", "name": "LimitExceededError", "message": message})
+}
+
+fn pause_timeout(opts: Option<&Value>) -> Result<Option<Duration>, String> {
+    match opts.and_then(|o| o.get("timeout")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => parse_time_str(text).map(Some),
+        Some(Value::Number(n)) => Ok(n.as_f64().map(|ms| Duration::from_millis(ms as u64))),
+        Some(other) => Err(format!("invalid timeout {other}")),
+    }
+}
+
 /// The pure decision for one SDK reply (no IO).
 pub fn decide(
     run: &RunRecord,
@@ -75,6 +141,17 @@ pub fn decide(
     let mut decision = Decision::default();
     let attempts_left = lease.attempt + 1 < run.max_attempts;
     let retry_at = |retry_after: Option<Duration>| now.plus(retry_after.unwrap_or(retry_delay));
+    // Results of planned steps fan in; everything else calls again at once.
+    let after_save = match &lease.item.kind {
+        ItemKind::Planned { race: false, .. } if run.request_version != 1 => {
+            Discover::WhenGroupDone
+        }
+        _ => Discover::Always,
+    };
+    let fail = |message: String| Decision {
+        finish: Some((RunStatus::Failed, limit_error(message))),
+        ..Decision::default()
+    };
     match reply {
         SdkReply::Complete { output, .. } => {
             decision.finish = Some((RunStatus::Completed, output.clone()));
@@ -98,6 +175,10 @@ pub fn decide(
             ..
         } => {
             let attempts = lease.attempt + 1;
+            let mut state_bytes = run.state_bytes;
+            if ops.len() > 1 {
+                decision.force_plan = true;
+            }
             for op in ops {
                 let step = |kind: StepKind, memo: Value| StepRecord {
                     id: op.id.clone(),
@@ -107,47 +188,59 @@ pub fn decide(
                     saved_at: now.millis(),
                     attempts,
                 };
-                match op.op.as_str() {
-                    "StepRun" => {
-                        let data = op.data.clone().unwrap_or(Value::Null);
-                        decision
-                            .save
-                            .push(step(StepKind::Run, json!({ "data": data })));
-                        decision.discover = true;
+                let pause = |kind: PauseKind, event_name: &str, timeout: Option<Duration>| {
+                    PauseRecord {
+                        id: format!("{}/{}", run.id, op.id),
+                        run_id: run.id.clone(),
+                        fn_id: run.fn_id.clone(),
+                        step_id: op.id.clone(),
+                        step_name: op.label(),
+                        kind,
+                        event_name: event_name.to_string(),
+                        expression: None,
+                        correlation_id: None,
+                        trigger_event: run.events.first().cloned().unwrap_or_default(),
+                        created_at: now.millis(),
+                        expires_at: now.plus(timeout.unwrap_or(DEFAULT_PAUSE)).millis(),
                     }
-                    "Step" => {
-                        let memo = op.data.clone().unwrap_or(Value::Null);
-                        decision.save.push(step(StepKind::Run, memo));
-                        decision.discover = true;
+                };
+                let saved = match op.op.as_str() {
+                    "StepRun" | "Step" => {
+                        let data = op.data.clone().unwrap_or(Value::Null);
+                        let memo = if op.op == "Step" { data } else { json!({ "data": data }) };
+                        Some(step(StepKind::Run, memo))
                     }
                     "StepFailed" => {
                         let error = step_error(op.error.as_ref());
-                        decision
-                            .save
-                            .push(step(StepKind::Failed, json!({ "error": error })));
-                        decision.discover = true;
+                        Some(step(StepKind::Failed, json!({ "error": error })))
                     }
                     "StepError" => {
                         if !no_retry && attempts_left {
-                            // Re-run the same call; other ops in this reply
-                            // will be reported again.
+                            // Re-run the same call; the other ops of this
+                            // reply will be reported again.
                             return Decision {
                                 retry: Some(retry_at(*retry_after)),
                                 ..Decision::default()
                             };
                         }
                         let error = step_error(op.error.as_ref());
-                        decision
-                            .save
-                            .push(step(StepKind::Failed, json!({ "error": error })));
-                        decision.discover = true;
+                        Some(step(StepKind::Failed, json!({ "error": error })))
                     }
                     "StepPlanned" => {
                         if !run.stack.contains(&op.id) {
-                            decision
-                                .schedule
-                                .push((QueueItem::planned(&run.id, &run.fn_id, &op.id), now));
+                            let race = op
+                                .opts
+                                .as_ref()
+                                .and_then(|o| o.get("parallelMode"))
+                                .and_then(Value::as_str)
+                                == Some("race");
+                            decision.schedule.push((
+                                QueueItem::planned(&run.id, &run.fn_id, &op.id, race),
+                                now,
+                            ));
+                            decision.plan.push(op.id.clone());
                         }
+                        None
                     }
                     "Sleep" => {
                         let name = op.name.clone().unwrap_or_default();
@@ -157,20 +250,87 @@ pub fn decide(
                             .and_then(|o| o.get("duration"))
                             .and_then(Value::as_str)
                             .map(str::to_string)
-                            .unwrap_or_else(|| name.clone());
+                            .unwrap_or(name);
                         match sleep_until(&text, now) {
                             Ok(until) => decision.schedule.push((
                                 QueueItem::wake(&run.id, &run.fn_id, &op.id, &op.label()),
                                 until,
                             )),
-                            Err(err) => {
-                                decision.finish = Some((
-                                    RunStatus::Failed,
-                                    json!({"error": "invalid sleep", "name": "Error",
-                                           "message": format!("invalid sleep duration: {err}")}),
-                                ));
-                            }
+                            Err(err) => return fail(format!("invalid sleep duration: {err}")),
                         }
+                        None
+                    }
+                    "WaitForEvent" => {
+                        let event_name = op
+                            .opts
+                            .as_ref()
+                            .and_then(|o| o.get("event"))
+                            .and_then(Value::as_str)
+                            .or(op.name.as_deref())
+                            .unwrap_or_default()
+                            .to_string();
+                        let timeout = match pause_timeout(op.opts.as_ref()) {
+                            Ok(timeout) => timeout,
+                            Err(err) => return fail(format!("waitForEvent: {err}")),
+                        };
+                        if timeout == Some(Duration::ZERO) {
+                            Some(step(StepKind::WaitForEvent, Value::Null))
+                        } else {
+                            let mut wait = pause(PauseKind::WaitForEvent, &event_name, timeout);
+                            wait.expression = op
+                                .opts
+                                .as_ref()
+                                .and_then(|o| o.get("if"))
+                                .and_then(Value::as_str)
+                                .filter(|e| !e.trim().is_empty())
+                                .map(str::to_string);
+                            let expires = Timestamp(wait.expires_at);
+                            decision.schedule.push((
+                                QueueItem::pause_timeout(&run.id, &run.fn_id, &wait.id),
+                                expires,
+                            ));
+                            decision.pauses.push(wait);
+                            None
+                        }
+                    }
+                    "InvokeFunction" => {
+                        let opts = op.opts.clone().unwrap_or(Value::Null);
+                        let function_id = opts
+                            .get("function_id")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string();
+                        let timeout = match pause_timeout(Some(&opts)) {
+                            Ok(timeout) => timeout,
+                            Err(err) => return fail(format!("invoke: {err}")),
+                        };
+                        let mut wait = pause(PauseKind::Invoke, FUNCTION_FINISHED, timeout);
+                        wait.correlation_id = Some(format!("{}.{}", run.id, op.id));
+                        let expires = Timestamp(wait.expires_at);
+                        decision.schedule.push((
+                            QueueItem::pause_timeout(&run.id, &run.fn_id, &wait.id),
+                            expires,
+                        ));
+                        let data = opts
+                            .pointer("/payload/data")
+                            .cloned()
+                            .filter(Value::is_object)
+                            .unwrap_or_else(|| json!({}));
+                        decision.invokes.push(Invoke {
+                            pause: wait,
+                            function_id,
+                            data,
+                        });
+                        None
+                    }
+                    "Gateway" | "AIGateway" => {
+                        decision.fetches.push(Fetch {
+                            step_id: op.id.clone(),
+                            name: op.label(),
+                            ai: op.op == "AIGateway",
+                            opts: op.opts.clone().unwrap_or(Value::Null),
+                        });
+                        None
                     }
                     "RunComplete" | "SyncRunComplete" => {
                         let data = op.data.clone().unwrap_or(Value::Null);
@@ -181,27 +341,59 @@ pub fn decide(
                             _ => data,
                         };
                         decision.finish = Some((RunStatus::Completed, output));
+                        None
                     }
-                    "DiscoveryRequest" => decision.discover = true,
+                    "DiscoveryRequest" => {
+                        decision.discover = Discover::Always;
+                        None
+                    }
                     other => {
-                        decision.finish = Some((
-                            RunStatus::Failed,
-                            json!({
-                                "error": "unsupported opcode",
-                                "name": "UnsupportedOpcode",
-                                "message": format!(
-                                    "this version of Baton does not support the {other} step yet"
-                                ),
-                            }),
+                        return Decision {
+                            finish: Some((
+                                RunStatus::Failed,
+                                json!({
+                                    "error": "unsupported opcode",
+                                    "name": "UnsupportedOpcode",
+                                    "message": format!(
+                                        "this version of Baton does not support the {other} step"
+                                    ),
+                                }),
+                            )),
+                            ..Decision::default()
+                        };
+                    }
+                };
+                if let Some(step) = saved {
+                    if step.memo.len() > MAX_STEP_BYTES {
+                        return fail(format!(
+                            "step {:?} output is {} bytes; the limit is {MAX_STEP_BYTES}",
+                            step.name,
+                            step.memo.len()
                         ));
+                    }
+                    state_bytes += step.memo.len() as u64;
+                    if state_bytes > MAX_STATE_BYTES {
+                        return fail(format!(
+                            "the run's state is {state_bytes} bytes; the limit is {MAX_STATE_BYTES}"
+                        ));
+                    }
+                    if run.stack.len() + decision.save.len() >= MAX_STEPS {
+                        return fail(format!("the run has more than {MAX_STEPS} steps"));
+                    }
+                    decision.save.push(step);
+                    if decision.discover != Discover::Always {
+                        decision.discover = after_save;
                     }
                 }
             }
         }
     }
     if decision.finish.is_some() {
-        decision.discover = false;
+        decision.discover = Discover::No;
         decision.schedule.clear();
+        decision.pauses.clear();
+        decision.invokes.clear();
+        decision.fetches.clear();
     }
     decision
 }
@@ -225,6 +417,8 @@ struct Worker {
     client: SdkClient,
     config: ExecutorConfig,
     status: RefCell<ExecutorStatus>,
+    /// Parsed function configs by (id, version).
+    functions: RefCell<HashMap<(String, u32), Rc<FunctionDef>>>,
 }
 
 impl Worker {
@@ -242,8 +436,7 @@ impl Worker {
         self.status.borrow_mut().in_flight -= 1;
     }
 
-    /// Renews the lease while the item is being processed. Never returns
-    /// unless the lease was lost.
+    /// Renews the lease while the item is being processed. Never returns.
     async fn heartbeat(&self, lease: &Lease) {
         let every = self.config.lease_ttl / 3;
         loop {
@@ -257,7 +450,7 @@ impl Worker {
             {
                 Ok(true) => {}
                 Ok(false) => {
-                    warn!(item = %lease.item.id, "lease lost while the call was running");
+                    warn!(item = %lease.item.id, "lease lost while the item was being processed");
                     std::future::pending::<()>().await;
                 }
                 Err(err) => warn!(item = %lease.item.id, error = %err, "cannot extend lease"),
@@ -273,6 +466,39 @@ impl Worker {
             .map(|_| ())
     }
 
+    fn function_def(&self, record: &FunctionRecord) -> Result<Rc<FunctionDef>, String> {
+        let key = (record.id.clone(), record.version);
+        if let Some(def) = self.functions.borrow().get(&key) {
+            return Ok(def.clone());
+        }
+        let def = Rc::new(FunctionDef::from_record(record)?);
+        self.functions.borrow_mut().insert(key, def.clone());
+        Ok(def)
+    }
+
+    /// Saves a result that resumes the run (a sleep, a wait, an invoke, a
+    /// server-side fetch) and calls the function again.
+    async fn resume(&self, lease: &Lease, run: &RunRecord, step: StepRecord) -> StoreResult<()> {
+        let next = match self.backends.state.save_step(&run.id, step).await? {
+            SaveStep::Saved { stack_len, .. } | SaveStep::Duplicate { stack_len, .. } => {
+                vec![(QueueItem::discovery(&run.id, &run.fn_id, stack_len), self.clock.now())]
+            }
+            SaveStep::RunEnded => Vec::new(),
+        };
+        self.ack(lease, next).await
+    }
+
+    fn step_record(&self, id: &str, name: &str, kind: StepKind, memo: Value) -> StepRecord {
+        StepRecord {
+            id: id.to_string(),
+            name: name.to_string(),
+            kind,
+            memo: memo.to_string(),
+            saved_at: self.clock.now().millis(),
+            attempts: 1,
+        }
+    }
+
     async fn process(&self, lease: &Lease) -> StoreResult<()> {
         let item = &lease.item;
         let Some(run) = self.backends.state.load_run(&item.run_id).await? else {
@@ -285,24 +511,50 @@ impl Worker {
         let stack_len = run.stack.len() as u32;
         let step_id = match &item.kind {
             ItemKind::Wake { step_id, name } => {
-                let step = StepRecord {
-                    id: step_id.clone(),
-                    name: name.clone(),
-                    kind: StepKind::Sleep,
-                    memo: "null".into(),
-                    saved_at: self.clock.now().millis(),
-                    attempts: 1,
+                let step = self.step_record(step_id, name, StepKind::Sleep, Value::Null);
+                return self.resume(lease, &run, step).await;
+            }
+            ItemKind::Resume {
+                pause_id,
+                step_id,
+                name,
+                invoke,
+                memo,
+            } => {
+                let kind = if *invoke { StepKind::Invoke } else { StepKind::WaitForEvent };
+                let memo = serde_json::from_str(memo).unwrap_or(Value::Null);
+                let step = self.step_record(step_id, name, kind, memo);
+                self.backends.state.take_pause(pause_id).await?;
+                return self.resume(lease, &run, step).await;
+            }
+            ItemKind::PauseTimeout { pause_id } => {
+                let Some(pause) = self.backends.state.take_pause(pause_id).await? else {
+                    return self.ack(lease, Vec::new()).await; // resumed already
                 };
-                let next = match self.backends.state.save_step(&run.id, step).await? {
-                    SaveStep::Saved { stack_len } | SaveStep::Duplicate { stack_len } => {
-                        vec![(
-                            QueueItem::discovery(&run.id, &run.fn_id, stack_len),
-                            self.clock.now(),
-                        )]
-                    }
-                    SaveStep::RunEnded => Vec::new(),
+                let (kind, memo) = match pause.kind {
+                    PauseKind::Invoke => (
+                        StepKind::Invoke,
+                        json!({"error": {
+                            "name": "InngestInvokeTimeoutError",
+                            "message": "Timed out waiting for invoked function to complete",
+                        }}),
+                    ),
+                    _ => (StepKind::WaitForEvent, Value::Null),
                 };
-                return self.ack(lease, next).await;
+                let step = self.step_record(&pause.step_id, &pause.step_name, kind, memo);
+                return self.resume(lease, &run, step).await;
+            }
+            ItemKind::StartTimeout => {
+                if run.status == RunStatus::Queued {
+                    info!(run_id = %run.id, "run did not start within timeouts.start");
+                    lifecycle::cancel_run(&self.backends, &run.id, self.clock.now()).await?;
+                }
+                return self.ack(lease, Vec::new()).await;
+            }
+            ItemKind::FinishTimeout => {
+                info!(run_id = %run.id, "run did not finish within timeouts.finish");
+                lifecycle::cancel_run(&self.backends, &run.id, self.clock.now()).await?;
+                return self.ack(lease, Vec::new()).await;
             }
             ItemKind::Discovery { seq } if *seq < stack_len => {
                 // Superseded by a result saved after this item was scheduled
@@ -310,30 +562,38 @@ impl Worker {
                 let next = QueueItem::discovery(&run.id, &run.fn_id, stack_len);
                 return self.ack(lease, vec![(next, self.clock.now())]).await;
             }
-            ItemKind::Planned { step_id } if run.stack.contains(step_id) => {
+            ItemKind::Planned { step_id, .. } if run.stack.contains(step_id) => {
                 return self.ack(lease, Vec::new()).await;
             }
             ItemKind::Discovery { .. } => "step".to_string(),
-            ItemKind::Planned { step_id } => step_id.clone(),
+            ItemKind::Planned { step_id, .. } => step_id.clone(),
         };
 
-        let Some(function) = self.backends.data.get_function(&run.fn_id).await? else {
-            return self
-                .finish(
-                    lease,
-                    &run,
-                    RunStatus::Failed,
-                    json!({
-                    "error": "function not found", "name": "Error",
-                    "message": format!("function {} no longer exists", run.fn_id)}),
-                )
-                .await;
+        let function = match self.backends.data.get_function(&run.fn_id).await? {
+            Some(record) => self.function_def(&record).map(|def| (record, def)),
+            None => Err(format!("function {} no longer exists", run.fn_id)),
+        };
+        let (function, def) = match function {
+            Ok(found) => found,
+            Err(message) => {
+                let error = json!({"error": "function not found", "name": "Error", "message": message});
+                lifecycle::finish_run(&self.backends, &run, RunStatus::Failed, error, self.clock.now())
+                    .await?;
+                return self.ack(lease, Vec::new()).await;
+            }
         };
         if run.status == RunStatus::Queued {
+            let now = self.clock.now();
             self.backends
                 .state
-                .mark_running(&run.id, self.clock.now(), run.request_version)
+                .mark_running(&run.id, now, run.request_version)
                 .await?;
+            if let Some(finish) = def.finish_timeout {
+                self.backends
+                    .queue
+                    .enqueue(QueueItem::finish_timeout(&run.id, &run.fn_id), now.plus(finish))
+                    .await?;
+            }
         }
         let steps = self.backends.state.load_steps(&run.id).await?;
         let mut memos = serde_json::Map::with_capacity(steps.len());
@@ -356,12 +616,13 @@ impl Worker {
             attempt: lease.attempt,
             max_attempts: run.max_attempts,
             request_version: run.request_version,
-            disable_immediate_execution: matches!(item.kind, ItemKind::Planned { .. }),
+            disable_immediate_execution: run.force_plan
+                || matches!(item.kind, ItemKind::Planned { .. }),
+            max_body_bytes: MAX_CALL_BODY_BYTES,
         };
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
-        let now = self.clock.now();
-        let reply = match self.client.call(&call, now).await {
+        let reply = match self.client.call(&call, self.clock.now()).await {
             Ok(raw) => {
                 let headers = raw.headers;
                 parse_reply(
@@ -384,19 +645,18 @@ impl Worker {
             },
         };
         let request_version = match &reply {
-            SdkReply::Complete {
-                request_version, ..
+            SdkReply::Complete { request_version, .. } | SdkReply::Ops { request_version, .. } => {
+                *request_version
             }
-            | SdkReply::Ops {
-                request_version, ..
-            } => *request_version,
             SdkReply::Error { .. } => -1,
         };
+        let mut run = run;
         if request_version > 0 && request_version != run.request_version {
             self.backends
                 .state
                 .mark_running(&run.id, self.clock.now(), request_version)
                 .await?;
+            run.request_version = request_version;
         }
         if let SdkReply::Error { status, error, .. } = &reply {
             self.status.borrow_mut().call_errors += 1;
@@ -408,36 +668,8 @@ impl Worker {
         self.perform(lease, &run, decision).await
     }
 
-    async fn finish(
-        &self,
-        lease: &Lease,
-        run: &RunRecord,
-        status: RunStatus,
-        output: Value,
-    ) -> StoreResult<()> {
-        let now = self.clock.now();
-        if self
-            .backends
-            .state
-            .finish_run(&run.id, status, Some(output.to_string()), now)
-            .await?
-        {
-            let took = run.created_at.max(0);
-            match status {
-                RunStatus::Completed => {
-                    self.status.borrow_mut().runs_completed += 1;
-                    info!(run_id = %run.id, fn_id = %run.fn_id, ms = now.millis() - took, "run completed");
-                }
-                _ => {
-                    self.status.borrow_mut().runs_failed += 1;
-                    info!(run_id = %run.id, fn_id = %run.fn_id, error = %output, "run failed");
-                }
-            }
-        }
-        self.ack(lease, Vec::new()).await
-    }
-
     async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {
+        let now = self.clock.now();
         if let Some(due) = decision.retry {
             self.status.borrow_mut().retries += 1;
             debug!(run_id = %run.id, attempt = lease.attempt + 1, "retrying");
@@ -447,26 +679,103 @@ impl Worker {
                 .await?;
             return Ok(());
         }
+        let mut saves = decision.save;
+        let mut discover = decision.discover;
+        // Server-side HTTP calls become step results.
+        for fetch in &decision.fetches {
+            let memo = self.client.fetch(fetch.ai, &fetch.opts).await;
+            saves.push(self.step_record(&fetch.step_id, &fetch.name, StepKind::Fetch, memo));
+            discover = Discover::Always;
+        }
+        // Invokes: a missing target is the step's error; otherwise wait for
+        // the callee and start it.
+        let mut invoked = Vec::new();
+        for invoke in decision.invokes {
+            let target = self.backends.data.get_function(&invoke.function_id).await?;
+            if target.as_ref().is_none_or(|f| f.archived) {
+                let memo = json!({"error": {"name": "Error",
+                    "message": format!("could not find function with ID: {}", invoke.function_id)}});
+                saves.push(self.step_record(&invoke.pause.step_id, &invoke.pause.step_name,
+                    StepKind::Invoke, memo));
+                discover = Discover::Always;
+                continue;
+            }
+            if self.backends.state.save_pause(invoke.pause.clone()).await? {
+                invoked.push(invoke_event(run, &invoke, now));
+            }
+        }
+        for pause in decision.pauses {
+            self.backends.state.save_pause(pause).await?;
+        }
+        if !decision.plan.is_empty() || decision.force_plan {
+            self.backends
+                .state
+                .plan_steps(&run.id, &decision.plan, decision.force_plan)
+                .await?;
+        }
         let mut stack_len = run.stack.len() as u32;
-        for step in decision.save {
+        let mut planned_left = run.planned.len() as u32;
+        for step in saves {
             debug!(run_id = %run.id, step = %step.name, "step saved");
             match self.backends.state.save_step(&run.id, step).await? {
-                SaveStep::Saved { stack_len: len } | SaveStep::Duplicate { stack_len: len } => {
-                    stack_len = len
+                SaveStep::Saved { stack_len: len, planned_left: left }
+                | SaveStep::Duplicate { stack_len: len, planned_left: left } => {
+                    stack_len = len;
+                    planned_left = left;
                 }
                 SaveStep::RunEnded => return self.ack(lease, Vec::new()).await,
             }
         }
         if let Some((status, output)) = decision.finish {
-            return self.finish(lease, run, status, output).await;
+            if lifecycle::finish_run(&self.backends, run, status, output, now).await? {
+                let mut counters = self.status.borrow_mut();
+                match status {
+                    RunStatus::Completed => counters.runs_completed += 1,
+                    _ => counters.runs_failed += 1,
+                }
+            }
+            return self.ack(lease, Vec::new()).await;
         }
-        let now = self.clock.now();
+        publish_events(&self.backends, &invoked).await?;
         let mut next = decision.schedule;
-        if decision.discover {
+        let group_done = planned_left == 0;
+        if group_done && run.force_plan && run.request_version >= 2 && discover != Discover::No {
+            self.backends.state.set_force_plan(&run.id, false).await?;
+        }
+        if discover == Discover::Always || (discover == Discover::WhenGroupDone && group_done) {
             next.push((QueueItem::discovery(&run.id, &run.fn_id, stack_len), now));
         }
         self.ack(lease, next).await
     }
+}
+
+/// The `inngest/function.invoked` event that starts an invoked function.
+fn invoke_event(run: &RunRecord, invoke: &Invoke, now: Timestamp) -> EventRecord {
+    let correlation = invoke.pause.correlation_id.clone().unwrap_or_default();
+    let mut data = invoke.data.clone();
+    if let Value::Object(map) = &mut data {
+        map.insert(
+            "_inngest".into(),
+            json!({
+                "fn_id": invoke.function_id,
+                "correlation_id": correlation,
+                "source_app_id": run.app_id,
+                "source_fn_id": run.fn_id,
+                "source_fn_v": run.fn_version,
+                "expire": invoke.pause.expires_at,
+                "gid": ulid::Ulid::new().to_string(),
+                "name": FUNCTION_INVOKED,
+            }),
+        );
+    }
+    lifecycle::internal_event(
+        FUNCTION_INVOKED,
+        data,
+        Some(correlation),
+        ulid::Ulid::new(),
+        now,
+        Some(invoke.function_id.clone()),
+    )
 }
 
 /// The executor service.
@@ -493,6 +802,7 @@ impl Executor {
                 client,
                 config,
                 status: RefCell::new(ExecutorStatus::default()),
+                functions: RefCell::new(HashMap::new()),
             }),
             stop: watch::channel(false).0,
             ended,
@@ -615,10 +925,10 @@ mod tests {
     use crate::sdk::Op;
     use crate::store::testsuite::sample_run;
 
-    fn lease(attempt: u32) -> Lease {
+    fn lease_for(item: QueueItem, attempt: u32) -> Lease {
         Lease {
             lease_id: 1,
-            item: QueueItem::discovery("run", "fn", 0),
+            item,
             attempt,
             expires: Timestamp(0),
         }
@@ -636,6 +946,11 @@ mod tests {
         }
     }
 
+    fn with_opts(mut op: Op, opts: Value) -> Op {
+        op.opts = Some(opts);
+        op
+    }
+
     fn ops(list: Vec<Op>, no_retry: bool) -> SdkReply {
         SdkReply::Ops {
             ops: list,
@@ -648,36 +963,38 @@ mod tests {
     const NOW: Timestamp = Timestamp(1_000_000);
     const DELAY: Duration = Duration::from_secs(1);
 
+    fn run() -> RunRecord {
+        let mut run = sample_run("fn", "k"); // max_attempts 5
+        run.request_version = 2;
+        run
+    }
+
     #[track_caller]
     fn check(attempt: u32, reply: SdkReply, expected: impl Fn(&Decision)) {
-        let run = sample_run("fn", "k"); // max_attempts 5
-        expected(&decide(&run, &lease(attempt), &reply, NOW, DELAY));
+        let run = run();
+        let lease = lease_for(QueueItem::discovery(&run.id, &run.fn_id, 0), attempt);
+        expected(&decide(&run, &lease, &reply, NOW, DELAY));
+    }
+
+    fn failed(d: &Decision) -> bool {
+        d.finish.as_ref().map(|f| f.0) == Some(RunStatus::Failed)
     }
 
     #[test]
     fn completion_and_step_results() {
-        check(
-            0,
-            SdkReply::Complete {
-                output: json!(6),
-                request_version: 2,
-            },
-            |d| {
-                assert_eq!(d.finish, Some((RunStatus::Completed, json!(6))));
-                assert!(!d.discover);
-            },
-        );
+        check(0, SdkReply::Complete { output: json!(6), request_version: 2 }, |d| {
+            assert_eq!(d.finish, Some((RunStatus::Completed, json!(6))));
+            assert_eq!(d.discover, Discover::No);
+        });
         check(0, ops(vec![op("StepRun", "a")], false), |d| {
             assert_eq!(d.save.len(), 1);
             assert_eq!(d.save[0].memo, r#"{"data":{"n":1}}"#);
-            assert!(d.discover && d.finish.is_none() && d.retry.is_none());
+            assert_eq!(d.discover, Discover::Always);
+            assert!(d.finish.is_none() && d.retry.is_none() && !d.force_plan);
         });
         check(0, ops(vec![op("StepFailed", "a")], true), |d| {
-            assert_eq!(
-                d.save[0].memo,
-                r#"{"error":{"message":"boom","name":"Error"}}"#
-            );
-            assert!(d.discover);
+            assert_eq!(d.save[0].memo, r#"{"error":{"message":"boom","name":"Error"}}"#);
+            assert_eq!(d.discover, Discover::Always);
         });
     }
 
@@ -691,7 +1008,7 @@ mod tests {
         check(4, ops(vec![op("StepError", "a")], false), |d| {
             assert!(d.retry.is_none());
             assert_eq!(d.save[0].kind, StepKind::Failed);
-            assert!(d.discover);
+            assert_eq!(d.discover, Discover::Always);
         });
         // Non-retriable: failed at once.
         check(0, ops(vec![op("StepError", "a")], true), |d| {
@@ -710,55 +1027,129 @@ mod tests {
         check(1, error(false), |d| {
             assert_eq!(d.retry, Some(NOW.plus(Duration::from_secs(7))))
         });
-        check(4, error(false), |d| {
-            assert_eq!(d.finish.as_ref().map(|f| f.0), Some(RunStatus::Failed))
-        });
-        check(0, error(true), |d| {
-            assert_eq!(d.finish.as_ref().map(|f| f.0), Some(RunStatus::Failed))
-        });
+        check(4, error(false), |d| assert!(failed(d)));
+        check(0, error(true), |d| assert!(failed(d)));
     }
 
     #[test]
-    fn sleeps_plans_and_unknown_ops() {
+    fn sleeps() {
         let mut sleep = op("Sleep", "s");
         sleep.name = Some("2s".into());
         check(0, ops(vec![sleep], false), |d| {
             assert_eq!(d.schedule.len(), 1);
             assert_eq!(d.schedule[0].1, NOW.plus(Duration::from_secs(2)));
             assert!(matches!(d.schedule[0].0.kind, ItemKind::Wake { .. }));
-            assert!(!d.discover);
+            assert_eq!(d.discover, Discover::No);
         });
-        check(
-            0,
-            ops(
-                vec![op("StepPlanned", "p1"), op("StepPlanned", "p2")],
-                false,
-            ),
-            |d| {
-                let ids: Vec<&str> = d.schedule.iter().map(|(i, _)| i.id.as_str()).collect();
-                assert_eq!(ids.len(), 2);
-                assert!(ids[0].ends_with("/p/p1"));
-            },
+        let mut bad = op("Sleep", "s");
+        bad.name = Some("soon".into());
+        check(0, ops(vec![bad], false), |d| assert!(failed(d)));
+    }
+
+    #[test]
+    fn parallel_steps_plan_and_fan_in() {
+        check(0, ops(vec![op("StepPlanned", "p1"), op("StepPlanned", "p2")], false), |d| {
+            let ids: Vec<&str> = d.schedule.iter().map(|(i, _)| i.id.as_str()).collect();
+            assert_eq!(ids.len(), 2);
+            assert!(ids[0].ends_with("/p/p1"));
+            assert_eq!(d.plan, ["p1", "p2"]);
+            assert!(d.force_plan);
+            assert_eq!(d.discover, Discover::No);
+        });
+        // A planned step's result waits for the group (version 2)...
+        let run = run();
+        let planned = lease_for(QueueItem::planned(&run.id, &run.fn_id, "p1", false), 0);
+        let d = decide(&run, &planned, &ops(vec![op("StepRun", "p1")], false), NOW, DELAY);
+        assert_eq!(d.discover, Discover::WhenGroupDone);
+        // ...but not in race mode, nor with request version 1.
+        let race = lease_for(QueueItem::planned(&run.id, &run.fn_id, "p1", true), 0);
+        let d = decide(&run, &race, &ops(vec![op("StepRun", "p1")], false), NOW, DELAY);
+        assert_eq!(d.discover, Discover::Always);
+        let mut v1 = run.clone();
+        v1.request_version = 1;
+        let d = decide(&v1, &planned, &ops(vec![op("StepRun", "p1")], false), NOW, DELAY);
+        assert_eq!(d.discover, Discover::Always);
+        // Race mode is read from the op.
+        let raced = with_opts(op("StepPlanned", "r"), json!({"parallelMode": "race"}));
+        check(0, ops(vec![raced], false), |d| {
+            assert!(matches!(d.schedule[0].0.kind, ItemKind::Planned { race: true, .. }));
+        });
+    }
+
+    #[test]
+    fn waits_make_pauses_with_timeouts() {
+        let mut wait = with_opts(
+            op("WaitForEvent", "w"),
+            json!({"timeout": "10s", "if": "event.data.k == async.data.k"}),
         );
-        check(0, ops(vec![op("WaitForEvent", "w")], false), |d| {
-            assert_eq!(d.finish.as_ref().map(|f| f.0), Some(RunStatus::Failed));
+        wait.name = Some("app/reply".into());
+        check(0, ops(vec![wait.clone()], false), |d| {
+            assert_eq!(d.pauses.len(), 1);
+            let pause = &d.pauses[0];
+            assert_eq!(pause.event_name, "app/reply");
+            assert_eq!(pause.kind, PauseKind::WaitForEvent);
+            assert_eq!(pause.expression.as_deref(), Some("event.data.k == async.data.k"));
+            assert_eq!(pause.expires_at, NOW.plus(Duration::from_secs(10)).millis());
+            assert_eq!(d.schedule[0].1, Timestamp(pause.expires_at));
+            assert!(matches!(d.schedule[0].0.kind, ItemKind::PauseTimeout { .. }));
+            assert_eq!(d.discover, Discover::No);
         });
+        // An empty timeout has already expired: the result is null.
+        wait.opts = Some(json!({"timeout": ""}));
+        check(0, ops(vec![wait], false), |d| {
+            assert!(d.pauses.is_empty());
+            assert_eq!(d.save[0].memo, "null");
+            assert_eq!(d.discover, Discover::Always);
+        });
+    }
+
+    #[test]
+    fn invokes_wait_for_the_callee() {
+        let invoke = with_opts(
+            op("InvokeFunction", "i"),
+            json!({"function_id": "app-callee", "payload": {"data": {"x": 1}}, "timeout": null}),
+        );
+        check(0, ops(vec![invoke], false), |d| {
+            assert_eq!(d.invokes.len(), 1);
+            let invoke = &d.invokes[0];
+            assert_eq!(invoke.function_id, "app-callee");
+            assert_eq!(invoke.data, json!({"x": 1}));
+            assert_eq!(invoke.pause.kind, PauseKind::Invoke);
+            assert!(invoke.pause.correlation_id.as_deref().unwrap().ends_with(".i"));
+            assert!(invoke.pause.expires_at > NOW.plus(Duration::from_secs(86_400 * 300)).millis());
+            assert_eq!(d.schedule.len(), 1);
+        });
+    }
+
+    #[test]
+    fn limits_and_unknown_ops() {
+        let mut huge = op("StepRun", "big");
+        huge.data = Some(json!("x".repeat(MAX_STEP_BYTES + 1)));
+        check(0, ops(vec![huge], false), |d| {
+            assert!(failed(d));
+            let message = d.finish.as_ref().unwrap().1["message"].as_str().unwrap().to_string();
+            assert!(message.contains("limit is 4194304"), "{message}");
+        });
+        let mut full = run();
+        full.stack = (0..MAX_STEPS).map(|i| i.to_string()).collect();
+        let lease = lease_for(QueueItem::discovery(&full.id, &full.fn_id, 1000), 0);
+        let d = decide(&full, &lease, &ops(vec![op("StepRun", "more")], false), NOW, DELAY);
+        assert!(failed(&d));
+        check(0, ops(vec![op("WaitForSignal", "w")], false), |d| assert!(failed(d)));
         check(0, ops(vec![op("RunComplete", "c")], false), |d| {
             assert_eq!(d.finish, Some((RunStatus::Completed, json!({"n": 1}))));
+        });
+        check(0, ops(vec![op("Gateway", "g")], false), |d| {
+            assert_eq!(d.fetches.len(), 1);
+            assert!(!d.fetches[0].ai);
         });
     }
 
     #[test]
     fn backoff_table_and_fixed_interval() {
         assert_eq!(backoff(None, 0, Duration::ZERO), Duration::from_secs(15));
-        assert_eq!(
-            backoff(None, 3, Duration::from_secs(1)),
-            Duration::from_secs(121)
-        );
-        assert_eq!(
-            backoff(None, 99, Duration::ZERO),
-            Duration::from_secs(7_200)
-        );
+        assert_eq!(backoff(None, 3, Duration::from_secs(1)), Duration::from_secs(121));
+        assert_eq!(backoff(None, 99, Duration::ZERO), Duration::from_secs(7_200));
         assert_eq!(backoff(Some(DELAY), 5, Duration::from_secs(9)), DELAY);
     }
 }

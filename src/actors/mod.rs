@@ -4,6 +4,7 @@
 pub mod core_api;
 pub mod event_api;
 pub mod executor;
+pub mod lifecycle;
 pub mod runner;
 
 use tokio::sync::mpsc;

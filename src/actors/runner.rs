@@ -5,17 +5,26 @@
 //! crash gets them after the restart.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use futures::StreamExt;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
+use crate::actors::event_api::publish_events;
+use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED, SCHEDULED_TIMER};
 use crate::actors::EndedNotifier;
-use crate::clock::SharedClock;
-use crate::model::{EventRecord, FunctionDef, QueueItem, RunRecord, RunStatus};
+use crate::clock::{SharedClock, Timestamp};
+use crate::cron::Schedule;
+use crate::expr::Expr;
+use crate::model::{
+    EventRecord, FunctionDef, PauseKind, PauseRecord, QueueItem, RunRecord, RunStatus, Trigger,
+};
 use crate::store::{Backends, CreateRun, StoreResult};
 
 /// How many events one pass handles together (their flushes are shared).
@@ -34,6 +43,8 @@ struct Matcher {
     /// Parsed functions and the data-store generation they were read at.
     functions: RefCell<(u64, Rc<Vec<FunctionDef>>)>,
     status: RefCell<RunnerStatus>,
+    /// Compiled pause expressions by source text.
+    expressions: RefCell<HashMap<String, Expr>>,
 }
 
 impl Matcher {
@@ -57,41 +68,131 @@ impl Matcher {
         Ok(defs)
     }
 
-    /// Creates the runs of a batch of events, then marks them processed.
+    /// Creates the runs of a batch of events, resumes the pauses they
+    /// match, then marks them processed.
     async fn handle_batch(&self, events: Vec<EventRecord>) -> StoreResult<()> {
         if events.is_empty() {
             return Ok(());
         }
         let functions = self.functions().await?;
+        let payloads: Vec<Value> = events
+            .iter()
+            .map(|e| serde_json::from_str(&e.payload).unwrap_or(Value::Null))
+            .collect();
         let mut creations = Vec::new();
-        for event in &events {
-            let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
-            for function in functions.iter() {
-                if function
-                    .triggers
-                    .iter()
-                    .any(|t| t.matches(&event.name, &payload))
-                {
-                    creations.push(self.start_run(function, event));
+        for (event, payload) in events.iter().zip(&payloads) {
+            match &event.target_fn {
+                // Internal events addressed to one function (invoke, cron).
+                Some(target) => {
+                    if let Some(function) = functions.iter().find(|f| &f.id == target) {
+                        creations.push(self.start_run(function, event, payload));
+                    } else {
+                        warn!(fn_id = %target, event = %event.name, "event for an unknown function dropped");
+                    }
+                }
+                None => {
+                    for function in functions.iter() {
+                        if function.triggers.iter().any(|t| t.matches(&event.name, payload)) {
+                            creations.push(self.start_run(function, event, payload));
+                        }
+                    }
                 }
             }
         }
         let results = futures::future::join_all(creations).await;
-        let ids: Vec<String> = events.iter().map(|e| e.internal_id.clone()).collect();
-        {
-            let mut status = self.status.borrow_mut();
-            status.events_seen += events.len() as u64;
-        }
         for result in results {
             // A failed creation leaves the event pending; it is retried at
             // the next start.
             result?;
         }
+        for event in &events {
+            self.match_pauses(event).await?;
+        }
+        let ids: Vec<String> = events.iter().map(|e| e.internal_id.clone()).collect();
+        self.status.borrow_mut().events_seen += events.len() as u64;
         self.backends.data.mark_processed(&ids).await
     }
 
-    async fn start_run(&self, function: &FunctionDef, event: &EventRecord) -> StoreResult<()> {
+    fn expression(&self, source: &str) -> Option<Expr> {
+        if let Some(expr) = self.expressions.borrow().get(source) {
+            return Some(expr.clone());
+        }
+        let expr = Expr::compile(source).ok()?;
+        let mut cache = self.expressions.borrow_mut();
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(source.to_string(), expr.clone());
+        Some(expr)
+    }
+
+    /// Resumes waits, invokes and cancellations that `event` matches. Only
+    /// pauses created before the event was received, and not expired, match.
+    async fn match_pauses(&self, event: &EventRecord) -> StoreResult<()> {
+        let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
+        if event.name == FUNCTION_FINISHED {
+            if let Some(correlation) = payload.pointer("/data/correlation_id").and_then(Value::as_str) {
+                if let Some(pause) = self.backends.state.pause_for_correlation(correlation).await? {
+                    let data = &payload["data"];
+                    let memo = match data.get("error") {
+                        Some(error) if !error.is_null() => json!({ "error": error }),
+                        _ => json!({ "data": data.get("result").cloned().unwrap_or(Value::Null) }),
+                    };
+                    self.backends
+                        .queue
+                        .enqueue(QueueItem::resume(&pause, memo.to_string()), self.clock.now())
+                        .await?;
+                }
+            }
+        }
+        let pauses = self.backends.state.pauses_for_event(&event.name).await?;
+        for pause in pauses {
+            if pause.kind == PauseKind::Invoke
+                || pause.created_at > event.received_at
+                || pause.expires_at < event.received_at
+            {
+                continue;
+            }
+            let matched = match &pause.expression {
+                None => true,
+                Some(source) => {
+                    let trigger: Value = serde_json::from_str(&pause.trigger_event).unwrap_or(Value::Null);
+                    self.expression(source)
+                        .is_some_and(|expr| expr.matches(&[("event", &trigger), ("async", &payload)]))
+                }
+            };
+            if !matched {
+                continue;
+            }
+            match pause.kind {
+                PauseKind::WaitForEvent => {
+                    debug!(run_id = %pause.run_id, event = %event.name, "wait resumed");
+                    self.backends
+                        .queue
+                        .enqueue(QueueItem::resume(&pause, event.payload.clone()), self.clock.now())
+                        .await?;
+                }
+                PauseKind::Cancel => {
+                    info!(run_id = %pause.run_id, event = %event.name, "run cancelled by event");
+                    lifecycle::cancel_run(&self.backends, &pause.run_id, self.clock.now()).await?;
+                }
+                PauseKind::Invoke => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_run(
+        &self,
+        function: &FunctionDef,
+        event: &EventRecord,
+        payload: &Value,
+    ) -> StoreResult<()> {
         let now = self.clock.now();
+        let correlation_id = (event.name == FUNCTION_INVOKED)
+            .then(|| payload.pointer("/data/_inngest/correlation_id").and_then(Value::as_str))
+            .flatten()
+            .map(str::to_string);
         let run = RunRecord {
             id: ulid::Ulid::new().to_string(),
             fn_id: function.id.clone(),
@@ -108,6 +209,10 @@ impl Matcher {
             stack: Vec::new(),
             request_version: -1,
             max_attempts: function.max_attempts(),
+            force_plan: false,
+            planned: Vec::new(),
+            correlation_id,
+            state_bytes: 0,
         };
         let run = match self.backends.state.create_run(run).await? {
             CreateRun::Created(run) => {
@@ -118,6 +223,31 @@ impl Matcher {
             CreateRun::Exists(run) if run.status == RunStatus::Queued => run,
             CreateRun::Exists(_) => return Ok(()),
         };
+        for (index, rule) in function.cancel.iter().enumerate() {
+            let pause = PauseRecord {
+                id: format!("{}/cancel/{index}", run.id),
+                run_id: run.id.clone(),
+                fn_id: run.fn_id.clone(),
+                step_id: String::new(),
+                step_name: String::new(),
+                kind: PauseKind::Cancel,
+                event_name: rule.event.clone(),
+                expression: rule.expression.clone(),
+                correlation_id: None,
+                trigger_event: event.payload.clone(),
+                created_at: now.millis(),
+                expires_at: now
+                    .plus(rule.timeout.unwrap_or(Duration::from_secs(366 * 86_400)))
+                    .millis(),
+            };
+            self.backends.state.save_pause(pause).await?;
+        }
+        if let Some(start) = function.start_timeout {
+            self.backends
+                .queue
+                .enqueue(QueueItem::start_timeout(&run.id, &run.fn_id), now.plus(start))
+                .await?;
+        }
         self.backends
             .queue
             .enqueue(QueueItem::discovery(&run.id, &run.fn_id, 0), now)
@@ -136,6 +266,102 @@ impl Matcher {
             self.handle_batch(pending).await?;
         }
     }
+}
+
+/// One cron trigger's schedule and next tick.
+struct CronEntry {
+    schedule: Schedule,
+    jitter: Option<Duration>,
+    next: Timestamp,
+}
+
+/// Fires cron triggers: at each tick, an `inngest/scheduled.timer` event for
+/// that function. Its ids derive from (function, cron, tick), so a tick
+/// fired twice (a restart, two runners) still makes one run.
+async fn cron_loop(matcher: Rc<Matcher>) {
+    let mut entries: HashMap<(String, String), CronEntry> = HashMap::new();
+    loop {
+        let now = matcher.clock.now();
+        match matcher.functions().await {
+            Ok(functions) => {
+                let mut seen = Vec::new();
+                for function in functions.iter() {
+                    for trigger in &function.triggers {
+                        let Trigger::Cron { cron, jitter } = trigger else {
+                            continue;
+                        };
+                        let key = (function.id.clone(), cron.clone());
+                        seen.push(key.clone());
+                        if entries.contains_key(&key) {
+                            continue;
+                        }
+                        let Ok(schedule) = Schedule::parse(cron) else {
+                            continue;
+                        };
+                        if let Some(next) = schedule.next_after(now) {
+                            entries.insert(key, CronEntry { schedule, jitter: *jitter, next });
+                        }
+                    }
+                }
+                entries.retain(|key, _| seen.contains(key));
+            }
+            Err(err) => warn!(error = %err, "cannot read functions for cron triggers"),
+        }
+        let mut fired = Vec::new();
+        for ((fn_id, cron), entry) in entries.iter_mut() {
+            let jitter = entry
+                .jitter
+                .map(|j| Duration::from_millis(rand::random::<u64>() % (j.as_millis() as u64 + 1)))
+                .unwrap_or_default();
+            if entry.next.plus(jitter) > now {
+                continue;
+            }
+            fired.push(cron_event(fn_id, cron, entry.next, now));
+            match entry.schedule.next_after(entry.next.max(now)) {
+                Some(next) => entry.next = next,
+                None => entry.next = Timestamp(i64::MAX),
+            }
+        }
+        if !fired.is_empty() {
+            debug!(count = fired.len(), "cron triggers fired");
+            if let Err(err) = publish_events(&matcher.backends, &fired).await {
+                warn!(error = %err, "cannot store cron events");
+            }
+        }
+        let next = entries.values().map(|e| e.next).min().unwrap_or(Timestamp(i64::MAX));
+        let wait = matcher
+            .clock
+            .now()
+            .until(next)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn cron_event(fn_id: &str, cron: &str, tick: Timestamp, now: Timestamp) -> EventRecord {
+    let mut hasher = Sha256::new();
+    hasher.update(fn_id.as_bytes());
+    hasher.update([0]);
+    hasher.update(cron.as_bytes());
+    let digest = hasher.finalize();
+    let mut random = 0u128;
+    for byte in &digest[..10] {
+        random = (random << 8) | u128::from(*byte);
+    }
+    let internal_id = ulid::Ulid::from_parts(tick.millis().max(0) as u64, random);
+    let data = json!({
+        "cron": cron,
+        "scheduledAt": tick.to_rfc3339(),
+        "fireAt": now.to_rfc3339(),
+    });
+    lifecycle::internal_event(
+        SCHEDULED_TIMER,
+        data,
+        Some(tick.to_rfc3339()),
+        internal_id,
+        now,
+        Some(fn_id.to_string()),
+    )
 }
 
 async fn run_loop(matcher: Rc<Matcher>) -> String {
@@ -172,6 +398,7 @@ impl Runner {
                 clock,
                 functions: RefCell::new((0, Rc::new(Vec::new()))),
                 status: RefCell::new(RunnerStatus::default()),
+                expressions: RefCell::new(HashMap::new()),
             }),
             ended,
         }
@@ -184,6 +411,7 @@ impl Actor for Runner {
     fn started(&mut self, _ctx: &mut Self::Context) {
         let matcher = self.matcher.clone();
         let ended = self.ended.clone();
+        actix_rt::spawn(cron_loop(matcher.clone()));
         actix_rt::spawn(async move {
             let why = run_loop(matcher).await;
             ended.ended("runner", why);

@@ -4,7 +4,7 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
-use crate::actors::core_api::{RegisterApp, SyncError, SyncUrl};
+use crate::actors::core_api::{CancelRun, RegisterApp, SyncError, SyncUrl};
 use crate::actors::{executor, runner};
 use crate::clock::Timestamp;
 use crate::http::{read_body, ApiError, AppState};
@@ -228,6 +228,68 @@ pub async fn list_events(
     Ok(wrap(&state, Value::Array(events)))
 }
 
+/// `DELETE /v1/runs/{id}`: cancels the run; answers with the run.
+pub async fn cancel_run(
+    state: web::Data<AppState>,
+    run_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let run_id = run_id.into_inner();
+    if state.backends.state.load_run(&run_id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("run {run_id} not found")));
+    }
+    core(&state)?.send(CancelRun(run_id.clone())).await??;
+    let run = state
+        .backends
+        .state
+        .load_run(&run_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("run {run_id} not found")))?;
+    Ok(wrap(&state, run_json(&run, None)))
+}
+
+/// `DELETE /v0/runs/{id}`: the dev server's cancel, 204 on success.
+pub async fn cancel_run_v0(
+    state: web::Data<AppState>,
+    run_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    cancel_run(state, run_id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// The run's state for the SDK when a call said `use_api` (PROTOCOL §4.10):
+/// errors carry `status` and `error`, as the JS SDK requires.
+async fn load_for_sdk(state: &AppState, run_id: &str) -> Result<RunRecord, ApiError> {
+    state
+        .backends
+        .state
+        .load_run(run_id)
+        .await?
+        .ok_or_else(|| ApiError::Gone(format!("run {run_id} not found")))
+}
+
+/// `GET /v0/runs/{id}/batch`: the run's events.
+pub async fn run_batch(
+    state: web::Data<AppState>,
+    run_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let run = load_for_sdk(&state, &run_id).await?;
+    let events: Vec<Value> = run.events.iter().map(|e| parse_json(e)).collect();
+    Ok(HttpResponse::Ok().json(events))
+}
+
+/// `GET /v0/runs/{id}/actions`: the run's step memos by hashed id.
+pub async fn run_actions(
+    state: web::Data<AppState>,
+    run_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let run = load_for_sdk(&state, &run_id).await?;
+    let mut memos = serde_json::Map::new();
+    for step in state.backends.state.load_steps(&run.id).await? {
+        memos.insert(step.id.clone(), parse_json(&step.memo));
+    }
+    Ok(HttpResponse::Ok().json(memos))
+}
+
 pub async fn get_event(
     state: web::Data<AppState>,
     event_id: web::Path<String>,
@@ -264,6 +326,7 @@ pub async fn status(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         &state,
         json!({
             "queue_depth": state.backends.queue.len().await?,
+            "open_pauses": state.backends.state.pause_count().await?,
             "executor": executor,
             "runner": runner,
             "store_bytes": (state.store_size)(),

@@ -2,8 +2,11 @@
 //! the runner and executor need. The raw config is kept as synced, so later
 //! features can read more of it without a migration.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
+use crate::duration::parse_time_str;
 use crate::expr::Expr;
 use crate::model::FunctionRecord;
 
@@ -20,6 +23,7 @@ pub enum Trigger {
     },
     Cron {
         cron: String,
+        jitter: Option<Duration>,
     },
 }
 
@@ -49,6 +53,15 @@ pub fn event_name_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// A `cancel` rule: an event that cancels a running run.
+#[derive(Debug, Clone)]
+pub struct CancelRule {
+    pub event: String,
+    /// CEL over `event` (the run's trigger) and `async` (the new event).
+    pub expression: Option<String>,
+    pub timeout: Option<Duration>,
+}
+
 /// A synced function, parsed.
 #[derive(Debug, Clone)]
 pub struct FunctionDef {
@@ -59,6 +72,11 @@ pub struct FunctionDef {
     pub url: String,
     pub retries: u32,
     pub triggers: Vec<Trigger>,
+    pub cancel: Vec<CancelRule>,
+    /// `timeouts.start`: cancel a run not started within this.
+    pub start_timeout: Option<Duration>,
+    /// `timeouts.finish`: cancel a run still running after this.
+    pub finish_timeout: Option<Duration>,
 }
 
 impl FunctionDef {
@@ -126,8 +144,12 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
                 expression,
             });
         } else if let Some(cron) = raw.get("cron").and_then(Value::as_str) {
+            crate::cron::Schedule::parse(cron).map_err(|err| format!("function {id}: {err}"))?;
+            let jitter = optional_duration(raw.get("jitter"))
+                .map_err(|err| format!("function {id}: invalid jitter: {err}"))?;
             triggers.push(Trigger::Cron {
                 cron: cron.to_string(),
+                jitter,
             });
         } else {
             return Err(format!(
@@ -135,6 +157,36 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
             ));
         }
     }
+    let mut cancel = Vec::new();
+    if let Some(rules) = config.get("cancel").and_then(Value::as_array) {
+        for rule in rules {
+            let event = rule
+                .get("event")
+                .and_then(Value::as_str)
+                .filter(|e| !e.is_empty())
+                .ok_or_else(|| format!("function {id} has a cancel rule without an event"))?;
+            let expression = rule
+                .get("if")
+                .and_then(Value::as_str)
+                .filter(|e| !e.trim().is_empty())
+                .map(str::to_string);
+            if let Some(source) = &expression {
+                Expr::compile(source).map_err(|err| format!("function {id}: {err}"))?;
+            }
+            let timeout = optional_duration(rule.get("timeout"))
+                .map_err(|err| format!("function {id}: invalid cancel timeout: {err}"))?;
+            cancel.push(CancelRule {
+                event: event.to_string(),
+                expression,
+                timeout,
+            });
+        }
+    }
+    let timeouts = config.get("timeouts");
+    let start_timeout = optional_duration(timeouts.and_then(|t| t.get("start")))
+        .map_err(|err| format!("function {id}: invalid timeouts.start: {err}"))?;
+    let finish_timeout = optional_duration(timeouts.and_then(|t| t.get("finish")))
+        .map_err(|err| format!("function {id}: invalid timeouts.finish: {err}"))?;
     Ok(FunctionDef {
         id,
         app_id: String::new(),
@@ -143,7 +195,20 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
         url,
         retries,
         triggers,
+        cancel,
+        start_timeout,
+        finish_timeout,
     })
+}
+
+fn optional_duration(value: Option<&Value>) -> Result<Option<Duration>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) if text.is_empty() => Ok(None),
+        Some(Value::String(text)) => parse_time_str(text).map(Some),
+        Some(Value::Number(n)) => Ok(n.as_f64().map(Duration::from_secs_f64)),
+        Some(other) => Err(format!("{other} is not a duration")),
+    }
 }
 
 /// Removes the `deployId` and `probe` query parameters (PROTOCOL §3.2).
@@ -207,7 +272,24 @@ mod tests {
         assert_eq!(def.max_attempts(), 3);
         assert_eq!(def.triggers.len(), 2);
         assert!(def.triggers[0].matches("app/test", &json!({"data": {"ok": true}})));
+        assert!(def.cancel.is_empty() && def.finish_timeout.is_none());
         assert!(!def.triggers[0].matches("app/test", &json!({"data": {"ok": false}})));
+    }
+
+    #[test]
+    fn cancel_rules_and_timeouts() {
+        let config = json!({"id": "f", "triggers": [{"event": "e"}],
+            "steps": {"step": {"runtime": {"url": "http://x"}}},
+            "cancel": [{"event": "app/cancel", "if": "event.data.k == async.data.k", "timeout": "1h"}],
+            "timeouts": {"start": "10s", "finish": "2m"}});
+        let def = parse_config(&config).unwrap();
+        assert_eq!(def.cancel.len(), 1);
+        assert_eq!(def.cancel[0].timeout, Some(Duration::from_secs(3_600)));
+        assert_eq!(def.start_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(def.finish_timeout, Some(Duration::from_secs(120)));
+        let bad = json!({"id": "f", "triggers": [{"cron": "not a cron"}],
+            "steps": {"step": {"runtime": {"url": "http://x"}}}});
+        assert!(parse_config(&bad).is_err());
     }
 
     #[test]

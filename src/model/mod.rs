@@ -52,6 +52,9 @@ pub struct EventRecord {
     pub id: String,
     pub received_at: i64,
     pub payload: String,
+    /// Set for internal events addressed to one function (an invoke, a cron
+    /// tick): only that function runs, whatever its triggers.
+    pub target_fn: Option<String>,
 }
 
 /// An app as last synced.
@@ -108,6 +111,16 @@ pub struct RunRecord {
     /// From the SDK's `x-inngest-req-version` header; -1 until known.
     pub request_version: i32,
     pub max_attempts: u32,
+    /// Send `disable_immediate_execution`: set after a reply with several
+    /// ops (parallel steps), cleared when the planned group has finished.
+    pub force_plan: bool,
+    /// Planned step ids still waiting for their results.
+    pub planned: Vec<String>,
+    /// Set when this run was started by `step.invoke`: `<runId>.<stepId>`
+    /// of the caller, echoed in `inngest/function.finished`.
+    pub correlation_id: Option<String>,
+    /// Bytes of step memos stored so far (the 32 MiB state limit).
+    pub state_bytes: u64,
 }
 
 /// One saved step result.
@@ -130,6 +143,9 @@ pub enum StepKind {
     Run,
     Failed,
     Sleep,
+    WaitForEvent,
+    Invoke,
+    Fetch,
 }
 
 impl StepKind {
@@ -138,6 +154,9 @@ impl StepKind {
             StepKind::Run => "run",
             StepKind::Failed => "failed",
             StepKind::Sleep => "sleep",
+            StepKind::WaitForEvent => "wait_for_event",
+            StepKind::Invoke => "invoke",
+            StepKind::Fetch => "fetch",
         }
     }
 }
@@ -158,10 +177,28 @@ pub enum ItemKind {
     /// stack length when it was scheduled: an item whose `seq` is behind the
     /// stored stack was superseded by a later result.
     Discovery { seq: u32 },
-    /// Execute one planned step (`stepId=<id>`).
-    Planned { step_id: String },
+    /// Execute one planned step (`stepId=<id>`). In race mode every
+    /// completion makes a discovery call; otherwise the group's last does.
+    Planned { step_id: String, race: bool },
+    /// A pause was resumed (by an event, or an invoked function finishing):
+    /// save `memo` as the step's result and call again.
+    Resume {
+        pause_id: String,
+        step_id: String,
+        name: String,
+        /// Resumed by an invoked function (else by an event).
+        invoke: bool,
+        /// JSON of the memo.
+        memo: String,
+    },
     /// A sleep is over: save its `null` memo and call again.
     Wake { step_id: String, name: String },
+    /// A pause (waitForEvent, invoke) timed out unless it was resumed.
+    PauseTimeout { pause_id: String },
+    /// `timeouts.start`: cancel the run if it has not started by now.
+    StartTimeout,
+    /// `timeouts.finish`: cancel the run if it has not ended by now.
+    FinishTimeout,
 }
 
 impl QueueItem {
@@ -174,14 +211,59 @@ impl QueueItem {
         }
     }
 
-    pub fn planned(run_id: &str, fn_id: &str, step_id: &str) -> QueueItem {
+    pub fn planned(run_id: &str, fn_id: &str, step_id: &str, race: bool) -> QueueItem {
         QueueItem {
             id: format!("{run_id}/p/{step_id}"),
             run_id: run_id.to_string(),
             fn_id: fn_id.to_string(),
             kind: ItemKind::Planned {
                 step_id: step_id.to_string(),
+                race,
             },
+        }
+    }
+
+    pub fn resume(pause: &PauseRecord, memo: String) -> QueueItem {
+        QueueItem {
+            id: format!("{}/r/{}", pause.run_id, pause.step_id),
+            run_id: pause.run_id.clone(),
+            fn_id: pause.fn_id.clone(),
+            kind: ItemKind::Resume {
+                pause_id: pause.id.clone(),
+                step_id: pause.step_id.clone(),
+                name: pause.step_name.clone(),
+                invoke: pause.kind == PauseKind::Invoke,
+                memo,
+            },
+        }
+    }
+
+    pub fn pause_timeout(run_id: &str, fn_id: &str, pause_id: &str) -> QueueItem {
+        QueueItem {
+            id: format!("{run_id}/t/{pause_id}"),
+            run_id: run_id.to_string(),
+            fn_id: fn_id.to_string(),
+            kind: ItemKind::PauseTimeout {
+                pause_id: pause_id.to_string(),
+            },
+        }
+    }
+
+    pub fn start_timeout(run_id: &str, fn_id: &str) -> QueueItem {
+        QueueItem {
+            id: format!("{run_id}/start-timeout"),
+            run_id: run_id.to_string(),
+            fn_id: fn_id.to_string(),
+            kind: ItemKind::StartTimeout,
+        }
+    }
+
+    pub fn finish_timeout(run_id: &str, fn_id: &str) -> QueueItem {
+        QueueItem {
+            id: format!("{run_id}/finish-timeout"),
+            run_id: run_id.to_string(),
+            fn_id: fn_id.to_string(),
+            kind: ItemKind::FinishTimeout,
         }
     }
 
@@ -196,4 +278,37 @@ impl QueueItem {
             },
         }
     }
+}
+
+/// What a pause waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PauseKind {
+    /// `step.waitForEvent`: the matching event is the step's result.
+    WaitForEvent,
+    /// `step.invoke`: the callee's `inngest/function.finished` resumes it.
+    Invoke,
+    /// A `cancel` rule: a matching event cancels the run.
+    Cancel,
+}
+
+/// A run waiting for an event. Indexed by event name (and by correlation id
+/// for invokes), so matching an event looks only at pauses for its name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PauseRecord {
+    /// `<run>/<step>` for waits and invokes, `<run>/cancel/<n>` for rules.
+    pub id: String,
+    pub run_id: String,
+    pub fn_id: String,
+    /// The hashed step id the result is saved under (empty for cancels).
+    pub step_id: String,
+    pub step_name: String,
+    pub kind: PauseKind,
+    pub event_name: String,
+    /// CEL over `event` (the run's trigger) and `async` (the new event).
+    pub expression: Option<String>,
+    pub correlation_id: Option<String>,
+    /// The run's triggering event (JSON), bound as `event`.
+    pub trigger_event: String,
+    pub created_at: i64,
+    pub expires_at: i64,
 }

@@ -4,7 +4,9 @@
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::{AppRecord, EventRecord, FunctionRecord, QueueItem, RunRecord, StepRecord};
+use super::{
+    AppRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem, RunRecord, StepRecord,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("corrupt {what} record: {message}")]
@@ -65,6 +67,7 @@ versioned_record!(StoredFunction, FunctionRecord, "function");
 versioned_record!(StoredRun, RunRecord, "run");
 versioned_record!(StoredStep, StepRecord, "step");
 versioned_record!(StoredQueueItem, QueueEntry, "queue item");
+versioned_record!(StoredPause, PauseRecord, "pause");
 
 /// A queue item with its scheduling state, as the queue stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +106,10 @@ mod tests {
             stack: vec!["abc".into()],
             request_version: 2,
             max_attempts: 5,
+            force_plan: true,
+            planned: vec!["p1".into()],
+            correlation_id: None,
+            state_bytes: 10,
         };
         assert_eq!(RunRecord::from_bytes(&run.to_bytes()).unwrap(), run);
 

@@ -22,7 +22,8 @@ use futures::Stream;
 use crate::clock::Timestamp;
 use crate::model::records::RecordError;
 use crate::model::{
-    AppRecord, EventRecord, FunctionRecord, QueueItem, RunRecord, RunStatus, StepRecord,
+    AppRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem, RunRecord, RunStatus,
+    StepRecord,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,10 +79,11 @@ pub enum CreateRun {
 /// What [`StateStore::save_step`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SaveStep {
-    /// Saved; the run's stack now has this many entries.
-    Saved { stack_len: u32 },
+    /// Saved; the run's stack now has `stack_len` entries and `planned_left`
+    /// planned steps still wait for results.
+    Saved { stack_len: u32, planned_left: u32 },
     /// A result for this step was saved before; nothing changed.
-    Duplicate { stack_len: u32 },
+    Duplicate { stack_len: u32, planned_left: u32 },
     /// The run has ended (or does not exist); nothing changed.
     RunEnded,
 }
@@ -108,8 +110,36 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> StoreResult<()>;
 
     /// Saves a step result and appends its id to the run's stack, once: a
-    /// second save of the same step id changes nothing.
+    /// second save of the same step id changes nothing. The step leaves the
+    /// run's planned set, and its memo counts towards `state_bytes`.
     async fn save_step(&self, run_id: &str, step: StepRecord) -> StoreResult<SaveStep>;
+
+    /// Adds planned step ids (those without a result yet) to the run's
+    /// planned set, and sets its force-plan flag.
+    async fn plan_steps(&self, run_id: &str, step_ids: &[String], force_plan: bool)
+        -> StoreResult<()>;
+
+    async fn set_force_plan(&self, run_id: &str, force_plan: bool) -> StoreResult<()>;
+
+    /// Stores a pause unless one with its id exists (returns false then).
+    async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool>;
+
+    async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>>;
+
+    /// Open pauses waiting for events named `event_name`.
+    async fn pauses_for_event(&self, event_name: &str) -> StoreResult<Vec<PauseRecord>>;
+
+    /// The invoke pause with this correlation id (`<runId>.<stepId>`).
+    async fn pause_for_correlation(&self, correlation_id: &str)
+        -> StoreResult<Option<PauseRecord>>;
+
+    async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>>;
+
+    /// Deletes a pause; returns it if it was there.
+    async fn take_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>>;
+
+    /// Number of open pauses.
+    async fn pause_count(&self) -> StoreResult<u64>;
 
     /// Ends a run. Returns false if it had already ended (nothing changes).
     async fn finish_run(

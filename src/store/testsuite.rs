@@ -10,8 +10,8 @@ use futures::StreamExt;
 
 use crate::clock::{Clock, ManualClock, Timestamp};
 use crate::model::{
-    AppRecord, EventRecord, FunctionRecord, ItemKind, QueueItem, RunRecord, RunStatus, StepKind,
-    StepRecord,
+    AppRecord, EventRecord, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
+    RunRecord, RunStatus, StepKind, StepRecord,
 };
 use crate::store::{Backends, CreateRun, DataStore, EventBus, Queue, SaveStep, StateStore};
 
@@ -36,6 +36,10 @@ pub fn sample_run(fn_id: &str, key: &str) -> RunRecord {
         stack: Vec::new(),
         request_version: -1,
         max_attempts: 5,
+        force_plan: false,
+        planned: Vec::new(),
+        correlation_id: None,
+        state_bytes: 0,
     }
 }
 
@@ -58,6 +62,86 @@ pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
         .await
         .context("steps_save_once_in_order")?;
     finish_is_final(state).await.context("finish_is_final")?;
+    planned_steps_leave_when_saved(state)
+        .await
+        .context("planned_steps_leave_when_saved")?;
+    pauses_index_by_event_run_and_correlation(state)
+        .await
+        .context("pauses_index_by_event_run_and_correlation")?;
+    Ok(())
+}
+
+async fn planned_steps_leave_when_saved(state: &dyn StateStore) -> anyhow::Result<()> {
+    let run = sample_run(&unique("fn"), "k");
+    state.create_run(run.clone()).await?;
+    state
+        .plan_steps(&run.id, &["p1".into(), "p2".into(), "p1".into()], true)
+        .await?;
+    let loaded = state.load_run(&run.id).await?.context("run")?;
+    ensure!(loaded.planned == ["p1", "p2"] && loaded.force_plan, "{loaded:?}");
+    let saved = state.save_step(&run.id, sample_step("p2", "{}")).await?;
+    ensure!(saved == SaveStep::Saved { stack_len: 1, planned_left: 1 }, "{saved:?}");
+    // A step with a result is not planned again.
+    state.plan_steps(&run.id, &["p2".into()], true).await?;
+    let saved = state.save_step(&run.id, sample_step("p1", "{}")).await?;
+    ensure!(saved == SaveStep::Saved { stack_len: 2, planned_left: 0 }, "{saved:?}");
+    state.set_force_plan(&run.id, false).await?;
+    let loaded = state.load_run(&run.id).await?.context("run")?;
+    ensure!(!loaded.force_plan && loaded.state_bytes == 4, "{loaded:?}");
+    Ok(())
+}
+
+fn sample_pause(run_id: &str, event_name: &str, correlation: Option<&str>) -> PauseRecord {
+    PauseRecord {
+        id: format!("{run_id}/{}", unique("step")),
+        run_id: run_id.to_string(),
+        fn_id: "fn".into(),
+        step_id: "step".into(),
+        step_name: "wait".into(),
+        kind: PauseKind::WaitForEvent,
+        event_name: event_name.to_string(),
+        expression: Some("event.data.k == async.data.k".into()),
+        correlation_id: correlation.map(str::to_string),
+        trigger_event: "{}".into(),
+        created_at: 1,
+        expires_at: 2,
+    }
+}
+
+async fn pauses_index_by_event_run_and_correlation(state: &dyn StateStore) -> anyhow::Result<()> {
+    let run_id = unique("run");
+    let event_name = unique("test/reply");
+    let correlation = format!("{run_id}.abc");
+    let a = sample_pause(&run_id, &event_name, None);
+    let b = sample_pause(&run_id, &event_name, Some(&correlation));
+    let other = sample_pause(&unique("run"), &unique("test/other"), None);
+    let count_before = state.pause_count().await?;
+    ensure!(state.save_pause(a.clone()).await?);
+    ensure!(!state.save_pause(a.clone()).await?, "saved twice");
+    ensure!(state.save_pause(b.clone()).await?);
+    ensure!(state.save_pause(other.clone()).await?);
+    ensure!(state.pause_count().await? == count_before + 3);
+    let mut ids: Vec<String> = state
+        .pauses_for_event(&event_name)
+        .await?
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    ids.sort();
+    let mut expected = vec![a.id.clone(), b.id.clone()];
+    expected.sort();
+    ensure!(ids == expected, "{ids:?}");
+    ensure!(state.pause_for_correlation(&correlation).await?.as_ref() == Some(&b));
+    ensure!(state.pauses_for_run(&run_id).await?.len() == 2);
+    ensure!(state.get_pause(&a.id).await?.as_ref() == Some(&a));
+    ensure!(state.take_pause(&b.id).await?.as_ref() == Some(&b));
+    ensure!(state.take_pause(&b.id).await?.is_none(), "taken twice");
+    ensure!(state.pause_for_correlation(&correlation).await?.is_none());
+    ensure!(state.pauses_for_event(&event_name).await?.len() == 1);
+    ensure!(state.pauses_for_run(&run_id).await?.len() == 1);
+    state.take_pause(&a.id).await?;
+    state.take_pause(&other.id).await?;
+    ensure!(state.pause_count().await? == count_before);
     Ok(())
 }
 
@@ -102,15 +186,15 @@ async fn steps_save_once_in_order(state: &dyn StateStore) -> anyhow::Result<()> 
     let saved = state
         .save_step(&run.id, sample_step("b", r#"{"data":1}"#))
         .await?;
-    ensure!(saved == SaveStep::Saved { stack_len: 1 }, "{saved:?}");
+    ensure!(saved == SaveStep::Saved { stack_len: 1, planned_left: 0 }, "{saved:?}");
     let saved = state
         .save_step(&run.id, sample_step("a", r#"{"data":2}"#))
         .await?;
-    ensure!(saved == SaveStep::Saved { stack_len: 2 }, "{saved:?}");
+    ensure!(saved == SaveStep::Saved { stack_len: 2, planned_left: 0 }, "{saved:?}");
     let dup = state
         .save_step(&run.id, sample_step("b", r#"{"data":9}"#))
         .await?;
-    ensure!(dup == SaveStep::Duplicate { stack_len: 2 }, "{dup:?}");
+    ensure!(dup == SaveStep::Duplicate { stack_len: 2, planned_left: 0 }, "{dup:?}");
 
     let steps = state.load_steps(&run.id).await?;
     let ids: Vec<&str> = steps.iter().map(|s| s.id.as_str()).collect();
@@ -393,6 +477,7 @@ fn event(name: &str) -> EventRecord {
         internal_id,
         name: name.to_string(),
         received_at: 1,
+        target_fn: None,
     }
 }
 
@@ -431,7 +516,10 @@ pub async fn data_suite(data: &dyn DataStore) -> anyhow::Result<()> {
 }
 
 async fn events_pending_until_processed(data: &dyn DataStore) -> anyhow::Result<()> {
-    let (a, b) = (event("test/a"), event("test/b"));
+    let (a, mut b) = (event("test/a"), event("test/b"));
+    // b is received after a: its ULID is a millisecond later.
+    let a_time = ulid::Ulid::from_string(&a.internal_id)?.timestamp_ms();
+    b.internal_id = ulid::Ulid::from_parts(a_time + 1, rand::random()).to_string();
     data.put_events(&[a.clone(), b.clone()]).await?;
     ensure!(data.get_event(&a.internal_id).await?.as_ref() == Some(&a));
     ensure!(data.get_event("nope").await?.is_none());

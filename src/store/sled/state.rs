@@ -1,13 +1,15 @@
 //! [`StateStore`] on sled. Keys in the `state` tree:
 //! `r/<run>` run record, `k/<fn>\0<idempotency key>` run id,
-//! `s/<run>/<step>` step record, `e/<event>/<run>` runs by event.
+//! `s/<run>/<step>` step record, `e/<event>/<run>` runs by event;
+//! pauses: `pa/<pause>` record, `pe/<event name>\0<pause>` by event name,
+//! `pr/<run>/<pause>` by run, `pc/<correlation id>` pause id.
 
 use std::sync::Mutex;
 
 use super::{key, sled_error, GroupCommit, SledDb};
 use crate::clock::Timestamp;
 use crate::model::records::Record;
-use crate::model::{RunRecord, RunStatus, StepRecord};
+use crate::model::{PauseRecord, RunRecord, RunStatus, StepRecord};
 use crate::store::{CreateRun, SaveStep, StateStore, StoreResult};
 
 pub struct SledStateStore {
@@ -37,11 +39,43 @@ impl SledStateStore {
         }
     }
 
+    fn get_pause_now(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
+        match self
+            .tree
+            .get(key(&[b"pa", pause_id.as_bytes()]))
+            .map_err(sled_error)?
+        {
+            Some(bytes) => Ok(Some(PauseRecord::from_bytes(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Read-modify-write of a run record (no flush: callers that need
+    /// durability follow with a durable write).
+    fn update_run(&self, run_id: &str, change: impl FnOnce(&mut RunRecord)) -> StoreResult<()> {
+        let _guard = self.lock();
+        let Some(mut run) = self.get_run(run_id)? else {
+            return Ok(());
+        };
+        change(&mut run);
+        self.tree
+            .insert(key(&[b"r", run_id.as_bytes()]), run.to_bytes())
+            .map_err(sled_error)?;
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.write_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+fn pause_event_key(event_name: &str, pause_id: &str) -> Vec<u8> {
+    let mut bytes = key(&[b"pe", event_name.as_bytes()]);
+    bytes.push(0);
+    bytes.extend_from_slice(pause_id.as_bytes());
+    bytes
 }
 
 fn idempotency_key(fn_id: &str, key_text: &str) -> Vec<u8> {
@@ -137,9 +171,12 @@ impl StateStore for SledStateStore {
             if self.tree.contains_key(&step_key).map_err(sled_error)? {
                 return Ok(SaveStep::Duplicate {
                     stack_len: run.stack.len() as u32,
+                    planned_left: run.planned.len() as u32,
                 });
             }
             run.stack.push(step.id.clone());
+            run.planned.retain(|id| id != &step.id);
+            run.state_bytes += step.memo.len() as u64;
             if run.status == RunStatus::Queued {
                 run.status = RunStatus::Running;
                 run.started_at = Some(step.saved_at);
@@ -150,10 +187,116 @@ impl StateStore for SledStateStore {
             self.tree.apply_batch(batch).map_err(sled_error)?;
             SaveStep::Saved {
                 stack_len: run.stack.len() as u32,
+                planned_left: run.planned.len() as u32,
             }
         };
         self.commit.flush().await?;
         Ok(outcome)
+    }
+
+    async fn plan_steps(
+        &self,
+        run_id: &str,
+        step_ids: &[String],
+        force_plan: bool,
+    ) -> StoreResult<()> {
+        self.update_run(run_id, |run| {
+            for id in step_ids {
+                if !run.stack.contains(id) && !run.planned.contains(id) {
+                    run.planned.push(id.clone());
+                }
+            }
+            run.force_plan |= force_plan;
+        })
+    }
+
+    async fn set_force_plan(&self, run_id: &str, force_plan: bool) -> StoreResult<()> {
+        self.update_run(run_id, |run| run.force_plan = force_plan)
+    }
+
+    async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool> {
+        {
+            let _guard = self.lock();
+            let record_key = key(&[b"pa", pause.id.as_bytes()]);
+            if self.tree.contains_key(&record_key).map_err(sled_error)? {
+                return Ok(false);
+            }
+            let mut batch = sled::Batch::default();
+            batch.insert(record_key, pause.to_bytes());
+            batch.insert(pause_event_key(&pause.event_name, &pause.id), &[]);
+            batch.insert(key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]), &[]);
+            if let Some(correlation) = &pause.correlation_id {
+                batch.insert(key(&[b"pc", correlation.as_bytes()]), pause.id.as_bytes());
+            }
+            self.tree.apply_batch(batch).map_err(sled_error)?;
+        }
+        self.commit.flush().await?;
+        Ok(true)
+    }
+
+    async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
+        self.get_pause_now(pause_id)
+    }
+
+    async fn pauses_for_event(&self, event_name: &str) -> StoreResult<Vec<PauseRecord>> {
+        let mut prefix = key(&[b"pe", event_name.as_bytes()]);
+        prefix.push(0);
+        let mut pauses = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (entry_key, _) = entry.map_err(sled_error)?;
+            let pause_id = String::from_utf8_lossy(&entry_key[prefix.len()..]).to_string();
+            if let Some(pause) = self.get_pause_now(&pause_id)? {
+                pauses.push(pause);
+            }
+        }
+        Ok(pauses)
+    }
+
+    async fn pause_for_correlation(
+        &self,
+        correlation_id: &str,
+    ) -> StoreResult<Option<PauseRecord>> {
+        match self
+            .tree
+            .get(key(&[b"pc", correlation_id.as_bytes()]))
+            .map_err(sled_error)?
+        {
+            Some(pause_id) => self.get_pause_now(&String::from_utf8_lossy(&pause_id)),
+            None => Ok(None),
+        }
+    }
+
+    async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {
+        let prefix = key(&[b"pr", run_id.as_bytes(), b""]);
+        let mut pauses = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (entry_key, _) = entry.map_err(sled_error)?;
+            let pause_id = String::from_utf8_lossy(&entry_key[prefix.len()..]).to_string();
+            if let Some(pause) = self.get_pause_now(&pause_id)? {
+                pauses.push(pause);
+            }
+        }
+        Ok(pauses)
+    }
+
+    async fn take_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
+        let _guard = self.lock();
+        let Some(pause) = self.get_pause_now(pause_id)? else {
+            return Ok(None);
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(key(&[b"pa", pause.id.as_bytes()]));
+        batch.remove(pause_event_key(&pause.event_name, &pause.id));
+        batch.remove(key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]));
+        if let Some(correlation) = &pause.correlation_id {
+            batch.remove(key(&[b"pc", correlation.as_bytes()]));
+        }
+        self.tree.apply_batch(batch).map_err(sled_error)?;
+        Ok(Some(pause))
+    }
+
+    async fn pause_count(&self) -> StoreResult<u64> {
+        Ok(self.tree.scan_prefix(b"pa/").count() as u64)
     }
 
     async fn finish_run(

@@ -6,13 +6,21 @@
 //   *    /api/inngest     the Inngest SDK handler (GET introspection, PUT sync, POST call)
 //   GET  /counters        JSON {"<functionId>:<stepName>:<event.data.key|nokey>": <count>}
 //   POST /counters/reset  clears the counters (and the per-key execution counts of `flaky`)
+//                         and the records
+//   GET  /records         JSON {"<name>": [<value>, ...]} appended by record(name, value)
+//   GET  /echo            JSON {"echo": true, "query": {<query params>}} (target of `fetcher`)
+//   POST /fake-ai/v1/chat/completions
+//                         fake OpenAI-compatible provider for `ai` (records {authorization, body}
+//                         under "ai" and answers a fixed chat.completion)
+//
+// Env: TICKER_CRON sets the cron of `ticker` (default "0 0 1 1 *", i.e. once a year).
 //
 // The SDK is configured only via environment variables (INNGEST_DEV, INNGEST_BASE_URL,
 // INNGEST_SIGNING_KEY, INNGEST_EVENT_KEY, ...). Optional: INNGEST_CHECKPOINTING=0 turns off
 // the SDK's default-on checkpointing (`checkpointing: false`); unset keeps the SDK default.
 
 import http from "node:http";
-import { Inngest, NonRetriableError } from "inngest";
+import { Inngest, NonRetriableError, openai } from "inngest";
 import { serve } from "inngest/node";
 
 const PORT = process.env.PORT;
@@ -48,6 +56,21 @@ const bump = (fnId, stepName, event) => {
 };
 
 const sleepMs = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// ---- in-memory records ----------------------------------------------------------------
+
+/** @type {Map<string, unknown[]>} */
+const records = new Map();
+
+/** Append a JSON value under `name` (served by GET /records). */
+const record = (name, value) => {
+  let list = records.get(name);
+  if (!list) {
+    list = [];
+    records.set(name, list);
+  }
+  list.push(value);
+};
 
 // ---- functions ----------------------------------------------------------------------
 // v4 form: inngest.createFunction({ id, retries?, triggers: [{ event }] }, handler)
@@ -154,7 +177,292 @@ const sleeper = inngest.createFunction(
   },
 );
 
-const functions = [threeSteps, flaky, nonRetriable, alwaysFails, tenSteps, slowSteps, sleeper];
+// ---- feature functions ----------------------------------------------------------------
+
+const waitMatch = inngest.createFunction(
+  { id: "wait-match", triggers: [{ event: "test/wait" }] },
+  async ({ event, step }) => {
+    await step.run("before", () => {
+      bump("wait-match", "before", event);
+      return "before";
+    });
+    const got = await step.waitForEvent("wait", {
+      event: "test/wait.reply",
+      match: "data.key",
+      timeout: event.data?.timeout ?? "10s",
+    });
+    await step.run("after", () => {
+      bump("wait-match", "after", event);
+      return "after";
+    });
+    return { received: got ? got.data : null };
+  },
+);
+
+const waitIf = inngest.createFunction(
+  { id: "wait-if", triggers: [{ event: "test/wait-if" }] },
+  async ({ event, step }) => {
+    const got = await step.waitForEvent("wait", {
+      event: "test/wait-if.reply",
+      if: "event.data.key == async.data.key && async.data.ok == true",
+      timeout: "10s",
+    });
+    return { received: got ? got.data : null };
+  },
+);
+
+// Invoked by `invoker` (step.invoke with the function object); also triggerable directly.
+const invokee = inngest.createFunction(
+  { id: "invokee", triggers: [{ event: "test/invokee" }] },
+  async ({ event, step }) => {
+    if (event.data?.mode === "slow") {
+      await step.sleep("slow-nap", "30s");
+    }
+    return await step.run("work", () => {
+      bump("invokee", "work", event);
+      if (event.data?.mode === "fail") throw new NonRetriableError("invokee failed");
+      return { doubled: String(event.data?.key) + String(event.data?.key) };
+    });
+  },
+);
+
+const invoker = inngest.createFunction(
+  { id: "invoker", triggers: [{ event: "test/invoke" }] },
+  async ({ event, step }) => {
+    try {
+      const result = await step.invoke("call", {
+        function: invokee,
+        data: { key: event.data?.key, mode: event.data?.mode },
+        timeout: event.data?.timeout ?? "20s",
+      });
+      return { result };
+    } catch (err) {
+      return { error: err.message, name: err.name };
+    }
+  },
+);
+
+const parallel = inngest.createFunction(
+  { id: "parallel", triggers: [{ event: "test/parallel" }] },
+  async ({ event, step }) => {
+    const [a, b, c] = await Promise.all([
+      step.run("p1", () => {
+        bump("parallel", "p1", event);
+        return 1;
+      }),
+      step.run("p2", () => {
+        bump("parallel", "p2", event);
+        return 2;
+      }),
+      step.run("p3", () => {
+        bump("parallel", "p3", event);
+        return 3;
+      }),
+    ]);
+    const sum = await step.run("after", () => {
+      bump("parallel", "after", event);
+      return a + b + c;
+    });
+    return { sum };
+  },
+);
+
+const cancellable = inngest.createFunction(
+  {
+    id: "cancellable",
+    triggers: [{ event: "test/cancellable" }],
+    cancelOn: [{ event: "test/cancel", match: "data.key" }],
+  },
+  async ({ event, step }) => {
+    await step.run("before", () => {
+      bump("cancellable", "before", event);
+      return "before";
+    });
+    await step.sleep("long", "30s");
+    await step.run("after", () => {
+      bump("cancellable", "after", event);
+      return "after";
+    });
+    return "not cancelled";
+  },
+);
+
+// onFailure runs as a separate function "<app>-fails-handled-failure", triggered by
+// `inngest/function.failed`; its `event.data.event` is the original triggering event.
+const failsHandled = inngest.createFunction(
+  {
+    id: "fails-handled",
+    retries: 0,
+    triggers: [{ event: "test/fails-handled" }],
+    onFailure: async ({ event, error, step }) => {
+      await step.run("on-failure", () => {
+        const original = event.data?.event;
+        bump("fails-handled", "on-failure", original);
+        record("failures", {
+          key: original?.data?.key,
+          message: error.message,
+          name: error.name,
+        });
+        return "handled";
+      });
+    },
+  },
+  async ({ event, step }) => {
+    await step.run("boom", () => {
+      bump("fails-handled", "boom", event);
+      throw new Error("handled failure");
+    });
+  },
+);
+
+const ticker = inngest.createFunction(
+  { id: "ticker", triggers: [{ cron: process.env.TICKER_CRON ?? "0 0 1 1 *" }] },
+  async ({ event, step }) => {
+    await step.run("tick", () => {
+      bump("ticker", "tick", event);
+      record("ticks", { name: event.name, data: event.data, id: event.id });
+      return "tick";
+    });
+    return "ticked";
+  },
+);
+
+const expression = inngest.createFunction(
+  { id: "expression", triggers: [{ event: "test/expr", if: "event.data.n > 10" }] },
+  async ({ event, step }) => {
+    return await step.run("big", () => {
+      bump("expression", "big", event);
+      return event.data?.n;
+    });
+  },
+);
+
+const sender = inngest.createFunction(
+  { id: "sender", triggers: [{ event: "test/send" }] },
+  async ({ event, step }) => {
+    await step.sendEvent("send", {
+      name: "test/three-steps",
+      data: { key: `${event.data?.key}-child` },
+    });
+    return "sent";
+  },
+);
+
+// step.fetch outside a step.run becomes a `Gateway` op that the server executes.
+const fetcher = inngest.createFunction(
+  { id: "fetcher", triggers: [{ event: "test/fetch" }] },
+  async ({ step }) => {
+    const res = await step.fetch(`http://127.0.0.1:${PORT}/echo?x=1`);
+    const body = await res.json();
+    return { status: res.status, body };
+  },
+);
+
+const aiModelOptions = {
+  model: "gpt-test",
+  baseUrl: `http://127.0.0.1:${PORT}/fake-ai/v1/`,
+  apiKey: "sk-test",
+};
+
+// step.ai.infer becomes an `AIGateway` op; the server POSTs to the model's url.
+const ai = inngest.createFunction(
+  { id: "ai", triggers: [{ event: "test/ai" }] },
+  async ({ step }) => {
+    const out = await step.ai.infer("infer", {
+      model: openai(aiModelOptions),
+      body: { messages: [{ role: "user", content: "hi" }] },
+    });
+    return { out };
+  },
+);
+
+const finishTimeout = inngest.createFunction(
+  { id: "finish-timeout", triggers: [{ event: "test/finish-timeout" }], timeouts: { finish: "2s" } },
+  async ({ event, step }) => {
+    await step.run("before", () => {
+      bump("finish-timeout", "before", event);
+      return "before";
+    });
+    await step.sleep("nap", "10s");
+    await step.run("after", () => {
+      bump("finish-timeout", "after", event);
+      return "after";
+    });
+    return "finished";
+  },
+);
+
+const BIG_STEP_CHARS = 1_600_000;
+
+const bigState = inngest.createFunction(
+  { id: "big-state", triggers: [{ event: "test/big-state" }] },
+  async ({ event, step }) => {
+    const a = await step.run("big1", () => {
+      bump("big-state", "big1", event);
+      return "x".repeat(BIG_STEP_CHARS);
+    });
+    const b = await step.run("big2", () => {
+      bump("big-state", "big2", event);
+      return "x".repeat(BIG_STEP_CHARS);
+    });
+    const c = await step.run("big3", () => {
+      bump("big-state", "big3", event);
+      return "x".repeat(BIG_STEP_CHARS);
+    });
+    return { lengths: [a.length, b.length, c.length] };
+  },
+);
+
+const tooBig = inngest.createFunction(
+  { id: "too-big", triggers: [{ event: "test/too-big" }] },
+  async ({ event, step }) => {
+    const huge = await step.run("huge", () => {
+      bump("too-big", "huge", event);
+      return "x".repeat(5_000_000);
+    });
+    return { length: huge.length };
+  },
+);
+
+// event.data.until: an ISO date; falls back to event.ts + 3 s (stable across replays).
+const sleepy = inngest.createFunction(
+  { id: "sleepy", triggers: [{ event: "test/sleepy" }] },
+  async ({ event, step }) => {
+    await step.sleep("short", "1s");
+    const until = event.data?.until ?? new Date(Number(event.ts) + 3000).toISOString();
+    await step.sleepUntil("until", new Date(until));
+    return await step.run("done", () => {
+      bump("sleepy", "done", event);
+      return "awake";
+    });
+  },
+);
+
+const functions = [
+  threeSteps,
+  flaky,
+  nonRetriable,
+  alwaysFails,
+  tenSteps,
+  slowSteps,
+  sleeper,
+  waitMatch,
+  waitIf,
+  invokee,
+  invoker,
+  parallel,
+  cancellable,
+  failsHandled,
+  ticker,
+  expression,
+  sender,
+  fetcher,
+  ai,
+  finishTimeout,
+  bigState,
+  tooBig,
+  sleepy,
+];
 
 // ---- HTTP server ----------------------------------------------------------------------
 
@@ -182,11 +490,46 @@ const server = http.createServer((req, res) => {
     req.resume(); // drain any body
     counters.clear();
     flakyExecutions.clear();
+    records.clear();
     return sendJson(res, 200, { ok: true });
+  }
+  if (path === "/records" && req.method === "GET") {
+    return sendJson(res, 200, Object.fromEntries(records));
+  }
+  if (path === "/echo" && req.method === "GET") {
+    const query = Object.fromEntries(new URL(req.url || "/", "http://localhost").searchParams);
+    return sendJson(res, 200, { echo: true, query });
+  }
+  if (path === "/fake-ai/v1/chat/completions" && req.method === "POST") {
+    const chunks = [];
+    req.on("data", (chunk) => chunks.push(chunk));
+    req.on("end", () => {
+      const text = Buffer.concat(chunks).toString("utf8");
+      let body;
+      try {
+        body = JSON.parse(text);
+      } catch {
+        body = text;
+      }
+      record("ai", { authorization: req.headers.authorization ?? null, body });
+      sendJson(res, 200, {
+        id: "x",
+        object: "chat.completion",
+        choices: [
+          {
+            index: 0,
+            message: { role: "assistant", content: "hello from fake ai" },
+            finish_reason: "stop",
+          },
+        ],
+      });
+    });
+    return;
   }
   return sendJson(res, 404, { error: "not found" });
 });
 
 server.listen(Number(PORT), "127.0.0.1", () => {
   console.log(`app listening on ${PORT}`);
+  console.log(`ai: step.ai.infer AIGateway url = ${openai(aiModelOptions).url}`);
 });
