@@ -67,9 +67,15 @@ mod tests {
     #[test]
     fn five_and_six_fields() {
         let every_5m = Schedule::parse("*/5 * * * *").unwrap();
-        assert_eq!(every_5m.next_after(T).unwrap().to_rfc3339(), "2023-11-14T22:15:00Z");
+        assert_eq!(
+            every_5m.next_after(T).unwrap().to_rfc3339(),
+            "2023-11-14T22:15:00Z"
+        );
         let every_2s = Schedule::parse("*/2 * * * * *").unwrap();
-        assert_eq!(every_2s.next_after(T).unwrap().to_rfc3339(), "2023-11-14T22:13:22Z");
+        assert_eq!(
+            every_2s.next_after(T).unwrap().to_rfc3339(),
+            "2023-11-14T22:13:22Z"
+        );
         assert!(Schedule::parse("not a cron").is_err());
     }
 
@@ -77,7 +83,10 @@ mod tests {
     fn time_zones() {
         let paris = Schedule::parse("TZ=Europe/Paris 0 9 * * *").unwrap();
         // 09:00 in Paris in November is 08:00 UTC.
-        assert_eq!(paris.next_after(T).unwrap().to_rfc3339(), "2023-11-15T08:00:00Z");
+        assert_eq!(
+            paris.next_after(T).unwrap().to_rfc3339(),
+            "2023-11-15T08:00:00Z"
+        );
         assert!(Schedule::parse("TZ=Mars/Base 0 9 * * *").is_err());
         assert!(Schedule::parse("CRON_TZ=UTC 0 9 * * *").is_ok());
     }

@@ -507,9 +507,16 @@ impl SdkClient {
             .request(method, url)
             .timeout(Duration::from_secs(300));
         if ai {
-            let key = opts.get("auth_key").and_then(Value::as_str).unwrap_or_default();
+            let key = opts
+                .get("auth_key")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             request = request.header("content-type", "application/json");
-            request = match opts.get("format").and_then(Value::as_str).unwrap_or_default() {
+            request = match opts
+                .get("format")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+            {
                 "anthropic" => request.header("x-api-key", key),
                 "gemini" => request.query(&[("key", key)]),
                 "bedrock" => request.header("authorization", key),
@@ -545,7 +552,10 @@ impl SdkClient {
         };
         if ai {
             if !status.is_success() {
-                return fail(format!("the AI provider answered {status}: {}", truncate(&text)));
+                return fail(format!(
+                    "the AI provider answered {status}: {}",
+                    truncate(&text)
+                ));
             }
             let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
             return json!({ "data": body });

@@ -188,8 +188,8 @@ pub fn decide(
                     saved_at: now.millis(),
                     attempts,
                 };
-                let pause = |kind: PauseKind, event_name: &str, timeout: Option<Duration>| {
-                    PauseRecord {
+                let pause =
+                    |kind: PauseKind, event_name: &str, timeout: Option<Duration>| PauseRecord {
                         id: format!("{}/{}", run.id, op.id),
                         run_id: run.id.clone(),
                         fn_id: run.fn_id.clone(),
@@ -202,12 +202,15 @@ pub fn decide(
                         trigger_event: run.events.first().cloned().unwrap_or_default(),
                         created_at: now.millis(),
                         expires_at: now.plus(timeout.unwrap_or(DEFAULT_PAUSE)).millis(),
-                    }
-                };
+                    };
                 let saved = match op.op.as_str() {
                     "StepRun" | "Step" => {
                         let data = op.data.clone().unwrap_or(Value::Null);
-                        let memo = if op.op == "Step" { data } else { json!({ "data": data }) };
+                        let memo = if op.op == "Step" {
+                            data
+                        } else {
+                            json!({ "data": data })
+                        };
                         Some(step(StepKind::Run, memo))
                     }
                     "StepFailed" => {
@@ -234,10 +237,9 @@ pub fn decide(
                                 .and_then(|o| o.get("parallelMode"))
                                 .and_then(Value::as_str)
                                 == Some("race");
-                            decision.schedule.push((
-                                QueueItem::planned(&run.id, &run.fn_id, &op.id, race),
-                                now,
-                            ));
+                            decision
+                                .schedule
+                                .push((QueueItem::planned(&run.id, &run.fn_id, &op.id, race), now));
                             decision.plan.push(op.id.clone());
                         }
                         None
@@ -481,7 +483,10 @@ impl Worker {
     async fn resume(&self, lease: &Lease, run: &RunRecord, step: StepRecord) -> StoreResult<()> {
         let next = match self.backends.state.save_step(&run.id, step).await? {
             SaveStep::Saved { stack_len, .. } | SaveStep::Duplicate { stack_len, .. } => {
-                vec![(QueueItem::discovery(&run.id, &run.fn_id, stack_len), self.clock.now())]
+                vec![(
+                    QueueItem::discovery(&run.id, &run.fn_id, stack_len),
+                    self.clock.now(),
+                )]
             }
             SaveStep::RunEnded => Vec::new(),
         };
@@ -521,7 +526,11 @@ impl Worker {
                 invoke,
                 memo,
             } => {
-                let kind = if *invoke { StepKind::Invoke } else { StepKind::WaitForEvent };
+                let kind = if *invoke {
+                    StepKind::Invoke
+                } else {
+                    StepKind::WaitForEvent
+                };
                 let memo = serde_json::from_str(memo).unwrap_or(Value::Null);
                 let step = self.step_record(step_id, name, kind, memo);
                 self.backends.state.take_pause(pause_id).await?;
@@ -576,9 +585,16 @@ impl Worker {
         let (function, def) = match function {
             Ok(found) => found,
             Err(message) => {
-                let error = json!({"error": "function not found", "name": "Error", "message": message});
-                lifecycle::finish_run(&self.backends, &run, RunStatus::Failed, error, self.clock.now())
-                    .await?;
+                let error =
+                    json!({"error": "function not found", "name": "Error", "message": message});
+                lifecycle::finish_run(
+                    &self.backends,
+                    &run,
+                    RunStatus::Failed,
+                    error,
+                    self.clock.now(),
+                )
+                .await?;
                 return self.ack(lease, Vec::new()).await;
             }
         };
@@ -591,7 +607,10 @@ impl Worker {
             if let Some(finish) = def.finish_timeout {
                 self.backends
                     .queue
-                    .enqueue(QueueItem::finish_timeout(&run.id, &run.fn_id), now.plus(finish))
+                    .enqueue(
+                        QueueItem::finish_timeout(&run.id, &run.fn_id),
+                        now.plus(finish),
+                    )
                     .await?;
             }
         }
@@ -645,9 +664,12 @@ impl Worker {
             },
         };
         let request_version = match &reply {
-            SdkReply::Complete { request_version, .. } | SdkReply::Ops { request_version, .. } => {
-                *request_version
+            SdkReply::Complete {
+                request_version, ..
             }
+            | SdkReply::Ops {
+                request_version, ..
+            } => *request_version,
             SdkReply::Error { .. } => -1,
         };
         let mut run = run;
@@ -695,8 +717,12 @@ impl Worker {
             if target.as_ref().is_none_or(|f| f.archived) {
                 let memo = json!({"error": {"name": "Error",
                     "message": format!("could not find function with ID: {}", invoke.function_id)}});
-                saves.push(self.step_record(&invoke.pause.step_id, &invoke.pause.step_name,
-                    StepKind::Invoke, memo));
+                saves.push(self.step_record(
+                    &invoke.pause.step_id,
+                    &invoke.pause.step_name,
+                    StepKind::Invoke,
+                    memo,
+                ));
                 discover = Discover::Always;
                 continue;
             }
@@ -718,8 +744,14 @@ impl Worker {
         for step in saves {
             debug!(run_id = %run.id, step = %step.name, "step saved");
             match self.backends.state.save_step(&run.id, step).await? {
-                SaveStep::Saved { stack_len: len, planned_left: left }
-                | SaveStep::Duplicate { stack_len: len, planned_left: left } => {
+                SaveStep::Saved {
+                    stack_len: len,
+                    planned_left: left,
+                }
+                | SaveStep::Duplicate {
+                    stack_len: len,
+                    planned_left: left,
+                } => {
                     stack_len = len;
                     planned_left = left;
                 }
@@ -982,10 +1014,17 @@ mod tests {
 
     #[test]
     fn completion_and_step_results() {
-        check(0, SdkReply::Complete { output: json!(6), request_version: 2 }, |d| {
-            assert_eq!(d.finish, Some((RunStatus::Completed, json!(6))));
-            assert_eq!(d.discover, Discover::No);
-        });
+        check(
+            0,
+            SdkReply::Complete {
+                output: json!(6),
+                request_version: 2,
+            },
+            |d| {
+                assert_eq!(d.finish, Some((RunStatus::Completed, json!(6))));
+                assert_eq!(d.discover, Discover::No);
+            },
+        );
         check(0, ops(vec![op("StepRun", "a")], false), |d| {
             assert_eq!(d.save.len(), 1);
             assert_eq!(d.save[0].memo, r#"{"data":{"n":1}}"#);
@@ -993,7 +1032,10 @@ mod tests {
             assert!(d.finish.is_none() && d.retry.is_none() && !d.force_plan);
         });
         check(0, ops(vec![op("StepFailed", "a")], true), |d| {
-            assert_eq!(d.save[0].memo, r#"{"error":{"message":"boom","name":"Error"}}"#);
+            assert_eq!(
+                d.save[0].memo,
+                r#"{"error":{"message":"boom","name":"Error"}}"#
+            );
             assert_eq!(d.discover, Discover::Always);
         });
     }
@@ -1048,31 +1090,59 @@ mod tests {
 
     #[test]
     fn parallel_steps_plan_and_fan_in() {
-        check(0, ops(vec![op("StepPlanned", "p1"), op("StepPlanned", "p2")], false), |d| {
-            let ids: Vec<&str> = d.schedule.iter().map(|(i, _)| i.id.as_str()).collect();
-            assert_eq!(ids.len(), 2);
-            assert!(ids[0].ends_with("/p/p1"));
-            assert_eq!(d.plan, ["p1", "p2"]);
-            assert!(d.force_plan);
-            assert_eq!(d.discover, Discover::No);
-        });
+        check(
+            0,
+            ops(
+                vec![op("StepPlanned", "p1"), op("StepPlanned", "p2")],
+                false,
+            ),
+            |d| {
+                let ids: Vec<&str> = d.schedule.iter().map(|(i, _)| i.id.as_str()).collect();
+                assert_eq!(ids.len(), 2);
+                assert!(ids[0].ends_with("/p/p1"));
+                assert_eq!(d.plan, ["p1", "p2"]);
+                assert!(d.force_plan);
+                assert_eq!(d.discover, Discover::No);
+            },
+        );
         // A planned step's result waits for the group (version 2)...
         let run = run();
         let planned = lease_for(QueueItem::planned(&run.id, &run.fn_id, "p1", false), 0);
-        let d = decide(&run, &planned, &ops(vec![op("StepRun", "p1")], false), NOW, DELAY);
+        let d = decide(
+            &run,
+            &planned,
+            &ops(vec![op("StepRun", "p1")], false),
+            NOW,
+            DELAY,
+        );
         assert_eq!(d.discover, Discover::WhenGroupDone);
         // ...but not in race mode, nor with request version 1.
         let race = lease_for(QueueItem::planned(&run.id, &run.fn_id, "p1", true), 0);
-        let d = decide(&run, &race, &ops(vec![op("StepRun", "p1")], false), NOW, DELAY);
+        let d = decide(
+            &run,
+            &race,
+            &ops(vec![op("StepRun", "p1")], false),
+            NOW,
+            DELAY,
+        );
         assert_eq!(d.discover, Discover::Always);
         let mut v1 = run.clone();
         v1.request_version = 1;
-        let d = decide(&v1, &planned, &ops(vec![op("StepRun", "p1")], false), NOW, DELAY);
+        let d = decide(
+            &v1,
+            &planned,
+            &ops(vec![op("StepRun", "p1")], false),
+            NOW,
+            DELAY,
+        );
         assert_eq!(d.discover, Discover::Always);
         // Race mode is read from the op.
         let raced = with_opts(op("StepPlanned", "r"), json!({"parallelMode": "race"}));
         check(0, ops(vec![raced], false), |d| {
-            assert!(matches!(d.schedule[0].0.kind, ItemKind::Planned { race: true, .. }));
+            assert!(matches!(
+                d.schedule[0].0.kind,
+                ItemKind::Planned { race: true, .. }
+            ));
         });
     }
 
@@ -1088,10 +1158,16 @@ mod tests {
             let pause = &d.pauses[0];
             assert_eq!(pause.event_name, "app/reply");
             assert_eq!(pause.kind, PauseKind::WaitForEvent);
-            assert_eq!(pause.expression.as_deref(), Some("event.data.k == async.data.k"));
+            assert_eq!(
+                pause.expression.as_deref(),
+                Some("event.data.k == async.data.k")
+            );
             assert_eq!(pause.expires_at, NOW.plus(Duration::from_secs(10)).millis());
             assert_eq!(d.schedule[0].1, Timestamp(pause.expires_at));
-            assert!(matches!(d.schedule[0].0.kind, ItemKind::PauseTimeout { .. }));
+            assert!(matches!(
+                d.schedule[0].0.kind,
+                ItemKind::PauseTimeout { .. }
+            ));
             assert_eq!(d.discover, Discover::No);
         });
         // An empty timeout has already expired: the result is null.
@@ -1115,7 +1191,12 @@ mod tests {
             assert_eq!(invoke.function_id, "app-callee");
             assert_eq!(invoke.data, json!({"x": 1}));
             assert_eq!(invoke.pause.kind, PauseKind::Invoke);
-            assert!(invoke.pause.correlation_id.as_deref().unwrap().ends_with(".i"));
+            assert!(invoke
+                .pause
+                .correlation_id
+                .as_deref()
+                .unwrap()
+                .ends_with(".i"));
             assert!(invoke.pause.expires_at > NOW.plus(Duration::from_secs(86_400 * 300)).millis());
             assert_eq!(d.schedule.len(), 1);
         });
@@ -1127,15 +1208,26 @@ mod tests {
         huge.data = Some(json!("x".repeat(MAX_STEP_BYTES + 1)));
         check(0, ops(vec![huge], false), |d| {
             assert!(failed(d));
-            let message = d.finish.as_ref().unwrap().1["message"].as_str().unwrap().to_string();
+            let message = d.finish.as_ref().unwrap().1["message"]
+                .as_str()
+                .unwrap()
+                .to_string();
             assert!(message.contains("limit is 4194304"), "{message}");
         });
         let mut full = run();
         full.stack = (0..MAX_STEPS).map(|i| i.to_string()).collect();
         let lease = lease_for(QueueItem::discovery(&full.id, &full.fn_id, 1000), 0);
-        let d = decide(&full, &lease, &ops(vec![op("StepRun", "more")], false), NOW, DELAY);
+        let d = decide(
+            &full,
+            &lease,
+            &ops(vec![op("StepRun", "more")], false),
+            NOW,
+            DELAY,
+        );
         assert!(failed(&d));
-        check(0, ops(vec![op("WaitForSignal", "w")], false), |d| assert!(failed(d)));
+        check(0, ops(vec![op("WaitForSignal", "w")], false), |d| {
+            assert!(failed(d))
+        });
         check(0, ops(vec![op("RunComplete", "c")], false), |d| {
             assert_eq!(d.finish, Some((RunStatus::Completed, json!({"n": 1}))));
         });
@@ -1148,8 +1240,14 @@ mod tests {
     #[test]
     fn backoff_table_and_fixed_interval() {
         assert_eq!(backoff(None, 0, Duration::ZERO), Duration::from_secs(15));
-        assert_eq!(backoff(None, 3, Duration::from_secs(1)), Duration::from_secs(121));
-        assert_eq!(backoff(None, 99, Duration::ZERO), Duration::from_secs(7_200));
+        assert_eq!(
+            backoff(None, 3, Duration::from_secs(1)),
+            Duration::from_secs(121)
+        );
+        assert_eq!(
+            backoff(None, 99, Duration::ZERO),
+            Duration::from_secs(7_200)
+        );
         assert_eq!(backoff(Some(DELAY), 5, Duration::from_secs(9)), DELAY);
     }
 }

@@ -51,7 +51,12 @@ pub fn cancelled_error() -> Value {
 
 /// `inngest/function.finished` (and `.failed` / `.cancelled`) for a run that
 /// just ended.
-pub fn lifecycle_events(run: &RunRecord, status: RunStatus, output: &Value, now: Timestamp) -> Vec<EventRecord> {
+pub fn lifecycle_events(
+    run: &RunRecord,
+    status: RunStatus,
+    output: &Value,
+    now: Timestamp,
+) -> Vec<EventRecord> {
     let events: Vec<Value> = run
         .events
         .iter()
@@ -60,7 +65,10 @@ pub fn lifecycle_events(run: &RunRecord, status: RunStatus, output: &Value, now:
     let mut data = Map::new();
     data.insert("function_id".into(), json!(run.fn_id));
     data.insert("run_id".into(), json!(run.id));
-    data.insert("event".into(), events.first().cloned().unwrap_or(Value::Null));
+    data.insert(
+        "event".into(),
+        events.first().cloned().unwrap_or(Value::Null),
+    );
     data.insert("events".into(), Value::Array(events));
     match status {
         RunStatus::Completed => data.insert("result".into(), output.clone()),
@@ -71,7 +79,14 @@ pub fn lifecycle_events(run: &RunRecord, status: RunStatus, output: &Value, now:
     }
     data.insert("_inngest".into(), json!({"status": status.as_str()}));
     let data = Value::Object(data);
-    let mut out = vec![internal_event(FUNCTION_FINISHED, data.clone(), None, ulid::Ulid::new(), now, None)];
+    let mut out = vec![internal_event(
+        FUNCTION_FINISHED,
+        data.clone(),
+        None,
+        ulid::Ulid::new(),
+        now,
+        None,
+    )];
     match status {
         RunStatus::Failed => out.push(internal_event(
             FUNCTION_FAILED,
@@ -115,7 +130,9 @@ pub async fn finish_run(
     }
     let took_ms = now.millis() - run.created_at;
     match status {
-        RunStatus::Completed => info!(run_id = %run.id, fn_id = %run.fn_id, took_ms, "run completed"),
+        RunStatus::Completed => {
+            info!(run_id = %run.id, fn_id = %run.fn_id, took_ms, "run completed")
+        }
         RunStatus::Cancelled => info!(run_id = %run.id, fn_id = %run.fn_id, "run cancelled"),
         _ => info!(run_id = %run.id, fn_id = %run.fn_id, error = %output, "run failed"),
     }
@@ -144,7 +161,8 @@ mod tests {
     fn failed_runs_emit_finished_and_failed() {
         let mut run = sample_run("app-fn", "k");
         run.correlation_id = Some("caller.step".into());
-        let error = json!({"error": "invalid status code: 500", "name": "Error", "message": "boom"});
+        let error =
+            json!({"error": "invalid status code: 500", "name": "Error", "message": "boom"});
         let events = lifecycle_events(&run, RunStatus::Failed, &error, Timestamp(5));
         let names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, [FUNCTION_FINISHED, FUNCTION_FAILED]);

@@ -92,7 +92,11 @@ impl Matcher {
                 }
                 None => {
                     for function in functions.iter() {
-                        if function.triggers.iter().any(|t| t.matches(&event.name, payload)) {
+                        if function
+                            .triggers
+                            .iter()
+                            .any(|t| t.matches(&event.name, payload))
+                        {
                             creations.push(self.start_run(function, event, payload));
                         }
                     }
@@ -131,8 +135,16 @@ impl Matcher {
     async fn match_pauses(&self, event: &EventRecord) -> StoreResult<()> {
         let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
         if event.name == FUNCTION_FINISHED {
-            if let Some(correlation) = payload.pointer("/data/correlation_id").and_then(Value::as_str) {
-                if let Some(pause) = self.backends.state.pause_for_correlation(correlation).await? {
+            if let Some(correlation) = payload
+                .pointer("/data/correlation_id")
+                .and_then(Value::as_str)
+            {
+                if let Some(pause) = self
+                    .backends
+                    .state
+                    .pause_for_correlation(correlation)
+                    .await?
+                {
                     let data = &payload["data"];
                     let memo = match data.get("error") {
                         Some(error) if !error.is_null() => json!({ "error": error }),
@@ -140,7 +152,10 @@ impl Matcher {
                     };
                     self.backends
                         .queue
-                        .enqueue(QueueItem::resume(&pause, memo.to_string()), self.clock.now())
+                        .enqueue(
+                            QueueItem::resume(&pause, memo.to_string()),
+                            self.clock.now(),
+                        )
                         .await?;
                 }
             }
@@ -156,9 +171,11 @@ impl Matcher {
             let matched = match &pause.expression {
                 None => true,
                 Some(source) => {
-                    let trigger: Value = serde_json::from_str(&pause.trigger_event).unwrap_or(Value::Null);
-                    self.expression(source)
-                        .is_some_and(|expr| expr.matches(&[("event", &trigger), ("async", &payload)]))
+                    let trigger: Value =
+                        serde_json::from_str(&pause.trigger_event).unwrap_or(Value::Null);
+                    self.expression(source).is_some_and(|expr| {
+                        expr.matches(&[("event", &trigger), ("async", &payload)])
+                    })
                 }
             };
             if !matched {
@@ -169,7 +186,10 @@ impl Matcher {
                     debug!(run_id = %pause.run_id, event = %event.name, "wait resumed");
                     self.backends
                         .queue
-                        .enqueue(QueueItem::resume(&pause, event.payload.clone()), self.clock.now())
+                        .enqueue(
+                            QueueItem::resume(&pause, event.payload.clone()),
+                            self.clock.now(),
+                        )
                         .await?;
                 }
                 PauseKind::Cancel => {
@@ -190,7 +210,11 @@ impl Matcher {
     ) -> StoreResult<()> {
         let now = self.clock.now();
         let correlation_id = (event.name == FUNCTION_INVOKED)
-            .then(|| payload.pointer("/data/_inngest/correlation_id").and_then(Value::as_str))
+            .then(|| {
+                payload
+                    .pointer("/data/_inngest/correlation_id")
+                    .and_then(Value::as_str)
+            })
             .flatten()
             .map(str::to_string);
         let run = RunRecord {
@@ -245,7 +269,10 @@ impl Matcher {
         if let Some(start) = function.start_timeout {
             self.backends
                 .queue
-                .enqueue(QueueItem::start_timeout(&run.id, &run.fn_id), now.plus(start))
+                .enqueue(
+                    QueueItem::start_timeout(&run.id, &run.fn_id),
+                    now.plus(start),
+                )
                 .await?;
         }
         self.backends
@@ -299,7 +326,14 @@ async fn cron_loop(matcher: Rc<Matcher>) {
                             continue;
                         };
                         if let Some(next) = schedule.next_after(now) {
-                            entries.insert(key, CronEntry { schedule, jitter: *jitter, next });
+                            entries.insert(
+                                key,
+                                CronEntry {
+                                    schedule,
+                                    jitter: *jitter,
+                                    next,
+                                },
+                            );
                         }
                     }
                 }
@@ -328,7 +362,11 @@ async fn cron_loop(matcher: Rc<Matcher>) {
                 warn!(error = %err, "cannot store cron events");
             }
         }
-        let next = entries.values().map(|e| e.next).min().unwrap_or(Timestamp(i64::MAX));
+        let next = entries
+            .values()
+            .map(|e| e.next)
+            .min()
+            .unwrap_or(Timestamp(i64::MAX));
         let wait = matcher
             .clock
             .now()

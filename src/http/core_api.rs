@@ -9,7 +9,7 @@ use crate::actors::{executor, runner};
 use crate::clock::Timestamp;
 use crate::http::{read_body, ApiError, AppState};
 use crate::model::function::FunctionDef;
-use crate::model::{RunRecord, StepRecord};
+use crate::model::{PauseKind, RunRecord, StepRecord};
 
 fn core(state: &AppState) -> Result<&actix::Addr<crate::actors::core_api::CoreApi>, ApiError> {
     state
@@ -180,7 +180,32 @@ pub async fn get_run(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("run {run_id} not found")))?;
     let steps = state.backends.state.load_steps(&run.id).await?;
-    Ok(wrap(&state, run_json(&run, Some(&steps))))
+    let mut value = run_json(&run, Some(&steps));
+    // What the run waits for: events (waitForEvent), invoked functions, and
+    // the events of its cancel rules.
+    let pauses: Vec<Value> = state
+        .backends
+        .state
+        .pauses_for_run(&run.id)
+        .await?
+        .into_iter()
+        .map(|pause| {
+            json!({
+                "kind": match pause.kind {
+                    PauseKind::WaitForEvent => "wait_for_event",
+                    PauseKind::Invoke => "invoke",
+                    PauseKind::Cancel => "cancel",
+                },
+                "step": pause.step_name,
+                "event": pause.event_name,
+                "if": pause.expression,
+                "correlation_id": pause.correlation_id,
+                "expires_at": time(Some(pause.expires_at)),
+            })
+        })
+        .collect();
+    value["pauses"] = Value::Array(pauses);
+    Ok(wrap(&state, value))
 }
 
 #[derive(Debug, serde::Deserialize)]

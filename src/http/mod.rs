@@ -48,7 +48,10 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/v1/runs/{id}", web::delete().to(core_api::cancel_run))
             .route("/v0/runs/{id}", web::delete().to(core_api::cancel_run_v0))
             .route("/v0/runs/{id}/batch", web::get().to(core_api::run_batch))
-            .route("/v0/runs/{id}/actions", web::get().to(core_api::run_actions))
+            .route(
+                "/v0/runs/{id}/actions",
+                web::get().to(core_api::run_actions),
+            )
             .route("/v1/events", web::get().to(core_api::list_events))
             .route("/v1/events/{id}", web::get().to(core_api::get_event))
             .route("/v1/events/{id}/runs", web::get().to(core_api::event_runs))

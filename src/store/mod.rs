@@ -116,8 +116,12 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Adds planned step ids (those without a result yet) to the run's
     /// planned set, and sets its force-plan flag.
-    async fn plan_steps(&self, run_id: &str, step_ids: &[String], force_plan: bool)
-        -> StoreResult<()>;
+    async fn plan_steps(
+        &self,
+        run_id: &str,
+        step_ids: &[String],
+        force_plan: bool,
+    ) -> StoreResult<()>;
 
     async fn set_force_plan(&self, run_id: &str, force_plan: bool) -> StoreResult<()>;
 

@@ -10,8 +10,8 @@ use futures::StreamExt;
 
 use crate::clock::{Clock, ManualClock, Timestamp};
 use crate::model::{
-    AppRecord, EventRecord, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
-    RunRecord, RunStatus, StepKind, StepRecord,
+    AppRecord, EventRecord, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem, RunRecord,
+    RunStatus, StepKind, StepRecord,
 };
 use crate::store::{Backends, CreateRun, DataStore, EventBus, Queue, SaveStep, StateStore};
 
@@ -78,13 +78,30 @@ async fn planned_steps_leave_when_saved(state: &dyn StateStore) -> anyhow::Resul
         .plan_steps(&run.id, &["p1".into(), "p2".into(), "p1".into()], true)
         .await?;
     let loaded = state.load_run(&run.id).await?.context("run")?;
-    ensure!(loaded.planned == ["p1", "p2"] && loaded.force_plan, "{loaded:?}");
+    ensure!(
+        loaded.planned == ["p1", "p2"] && loaded.force_plan,
+        "{loaded:?}"
+    );
     let saved = state.save_step(&run.id, sample_step("p2", "{}")).await?;
-    ensure!(saved == SaveStep::Saved { stack_len: 1, planned_left: 1 }, "{saved:?}");
+    ensure!(
+        saved
+            == SaveStep::Saved {
+                stack_len: 1,
+                planned_left: 1
+            },
+        "{saved:?}"
+    );
     // A step with a result is not planned again.
     state.plan_steps(&run.id, &["p2".into()], true).await?;
     let saved = state.save_step(&run.id, sample_step("p1", "{}")).await?;
-    ensure!(saved == SaveStep::Saved { stack_len: 2, planned_left: 0 }, "{saved:?}");
+    ensure!(
+        saved
+            == SaveStep::Saved {
+                stack_len: 2,
+                planned_left: 0
+            },
+        "{saved:?}"
+    );
     state.set_force_plan(&run.id, false).await?;
     let loaded = state.load_run(&run.id).await?.context("run")?;
     ensure!(!loaded.force_plan && loaded.state_bytes == 4, "{loaded:?}");
@@ -186,15 +203,35 @@ async fn steps_save_once_in_order(state: &dyn StateStore) -> anyhow::Result<()> 
     let saved = state
         .save_step(&run.id, sample_step("b", r#"{"data":1}"#))
         .await?;
-    ensure!(saved == SaveStep::Saved { stack_len: 1, planned_left: 0 }, "{saved:?}");
+    ensure!(
+        saved
+            == SaveStep::Saved {
+                stack_len: 1,
+                planned_left: 0
+            },
+        "{saved:?}"
+    );
     let saved = state
         .save_step(&run.id, sample_step("a", r#"{"data":2}"#))
         .await?;
-    ensure!(saved == SaveStep::Saved { stack_len: 2, planned_left: 0 }, "{saved:?}");
+    ensure!(
+        saved
+            == SaveStep::Saved {
+                stack_len: 2,
+                planned_left: 0
+            },
+        "{saved:?}"
+    );
     let dup = state
         .save_step(&run.id, sample_step("b", r#"{"data":9}"#))
         .await?;
-    ensure!(dup == SaveStep::Duplicate { stack_len: 2, planned_left: 0 }, "{dup:?}");
+    ensure!(
+        dup == SaveStep::Duplicate {
+            stack_len: 2,
+            planned_left: 0
+        },
+        "{dup:?}"
+    );
 
     let steps = state.load_steps(&run.id).await?;
     let ids: Vec<&str> = steps.iter().map(|s| s.id.as_str()).collect();

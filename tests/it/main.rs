@@ -5,4 +5,5 @@ mod cli;
 mod crash;
 mod events;
 mod sdk_node;
+mod steps;
 mod support;

@@ -224,7 +224,10 @@ impl StateStore for SledStateStore {
             let mut batch = sled::Batch::default();
             batch.insert(record_key, pause.to_bytes());
             batch.insert(pause_event_key(&pause.event_name, &pause.id), &[]);
-            batch.insert(key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]), &[]);
+            batch.insert(
+                key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]),
+                &[],
+            );
             if let Some(correlation) = &pause.correlation_id {
                 batch.insert(key(&[b"pc", correlation.as_bytes()]), pause.id.as_bytes());
             }

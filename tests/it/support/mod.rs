@@ -224,13 +224,72 @@ impl Drop for Baton {
     }
 }
 
-/// A running Node SDK app.
+/// Which SDK an app is written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sdk {
+    /// npm `inngest` v4 (`tests/sdk-apps/node`), app id `baton-test`.
+    Node,
+    /// PyPI `inngest` 0.5 with Flask (`tests/sdk-apps/python`), app id `baton-py`.
+    Python,
+}
+
+impl Sdk {
+    /// The composite id of one of the app's functions.
+    pub fn fn_id(self, id: &str) -> String {
+        match self {
+            Sdk::Node => format!("baton-test-{id}"),
+            Sdk::Python => format!("baton-py-{id}"),
+        }
+    }
+}
+
+pub fn python_app_dir() -> PathBuf {
+    repo_root().join("tests/sdk-apps/python")
+}
+
+/// Creates the Python app's virtual environment with its pinned packages,
+/// once per test process, unless it is up to date.
+pub fn ensure_python_deps() -> PathBuf {
+    static DONE: OnceLock<PathBuf> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = python_app_dir();
+        let venv = dir.join(".venv");
+        let python = venv.join("bin/python");
+        let requirements = std::fs::read_to_string(dir.join("requirements.txt")).unwrap();
+        let stamp = venv.join("baton-requirements.txt");
+        if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&requirements)
+        {
+            return python;
+        }
+        let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let status = Command::new(&python3)
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for the Python SDK tests");
+        assert!(status.success(), "python3 -m venv failed");
+        let status = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(dir.join("requirements.txt"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "pip install failed in {}", dir.display());
+        std::fs::write(&stamp, requirements).unwrap();
+        python
+    })
+    .clone()
+}
+
+/// A running SDK app (Node or Python).
 pub struct NodeApp {
     child: Option<Child>,
     output: Output,
+    pub sdk: Sdk,
     pub port: u16,
     pub url: String,
 }
+
+pub type SdkApp = NodeApp;
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -246,10 +305,30 @@ impl NodeApp {
     }
 
     pub fn start_on(baton_url: &str, port: u16) -> NodeApp {
-        ensure_node_deps();
-        let mut child = Command::new("node")
-            .arg("app.js")
-            .current_dir(node_app_dir())
+        NodeApp::launch(Sdk::Node, baton_url, port, &[])
+    }
+
+    /// Starts an app of either SDK with extra environment variables.
+    pub fn launch(sdk: Sdk, baton_url: &str, port: u16, env: &[(&str, &str)]) -> NodeApp {
+        let mut command = match sdk {
+            Sdk::Node => {
+                ensure_node_deps();
+                let mut command = Command::new("node");
+                command.arg("app.js").current_dir(node_app_dir());
+                command
+            }
+            Sdk::Python => {
+                let python = ensure_python_deps();
+                let mut command = Command::new(python);
+                command
+                    .arg("app.py")
+                    .current_dir(python_app_dir())
+                    .env("PYTHONUNBUFFERED", "1");
+                command
+            }
+        };
+        let mut child = command
+            .envs(env.iter().copied())
             .env("PORT", port.to_string())
             .env("INNGEST_DEV", "1")
             .env("INNGEST_BASE_URL", baton_url)
@@ -259,17 +338,26 @@ impl NodeApp {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("starting the Node SDK app");
+            .expect("starting the SDK app");
         let output = capture(&mut child);
         output
-            .wait_for("app listening", Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("the Node app did not start:\n{}", output.text()));
+            .wait_for("app listening", Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("the {sdk:?} app did not start:\n{}", output.text()));
         NodeApp {
             child: Some(child),
             output,
+            sdk,
             port,
             url: format!("http://127.0.0.1:{port}/api/inngest"),
         }
+    }
+
+    pub async fn records(&self) -> Value {
+        get_json(&format!("http://127.0.0.1:{}/records", self.port)).await
+    }
+
+    pub fn fn_id(&self, id: &str) -> String {
+        self.sdk.fn_id(id)
     }
 
     /// Asks the app to sync with Baton, as a user's `curl -X PUT` does.
@@ -283,8 +371,10 @@ impl NodeApp {
         let status = response.status();
         let body = response.text().await.unwrap();
         assert!(status.is_success(), "sync failed: {status} {body}");
+        // JS answers with its own message; Python passes Baton's reply on.
+        let answer: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         assert!(
-            body.contains("Successfully registered"),
+            body.contains("Successfully registered") || answer["ok"] == true,
             "sync answer: {body}"
         );
     }
@@ -301,7 +391,7 @@ impl Drop for NodeApp {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            eprintln!("--- node app output ---\n{}", self.output.text());
+            eprintln!("--- {:?} app output ---\n{}", self.sdk, self.output.text());
         }
     }
 }
@@ -402,4 +492,34 @@ pub async fn finished_run(baton: &Baton, event_id: &str, timeout: Duration) -> V
         },
     )
     .await
+}
+
+/// Waits until the run of `event_id` exists and satisfies `check`.
+pub async fn run_where(
+    baton: &Baton,
+    event_id: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(timeout, what, || async {
+        let runs = runs_of_event(baton, event_id).await;
+        let run_id = runs.first()?["run_id"].as_str()?.to_string();
+        let run = get_run(baton, &run_id).await;
+        check(&run).then_some(run)
+    })
+    .await
+}
+
+/// The names of a run's stored steps.
+pub fn step_names(run: &Value) -> Vec<String> {
+    run["steps"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
