@@ -372,6 +372,8 @@ pub struct SdkClient {
 
 /// The raw answer to a call.
 pub struct RawReply {
+    /// The call said `use_api`: the SDK fetches state from `/v0/runs`.
+    pub used_api: bool,
     pub status: u16,
     pub headers: reqwest::header::HeaderMap,
     pub body: Vec<u8>,
@@ -405,7 +407,7 @@ impl SdkClient {
 
     /// POSTs one call; `Err` carries a transport error message.
     pub async fn call(&self, call: &CallRequest<'_>, now: Timestamp) -> Result<RawReply, String> {
-        let (body, _use_api) = call.encode();
+        let (body, used_api) = call.encode();
         let url = call_url(call.url, call.step_id);
         let request = self
             .http
@@ -437,6 +439,7 @@ impl SdkClient {
             .map_err(|err| describe_transport_error(&url, &err))?
             .to_vec();
         Ok(RawReply {
+            used_api,
             status,
             headers,
             body,

@@ -404,6 +404,8 @@ pub fn decide(
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ExecutorStatus {
     pub calls: u64,
+    /// Calls whose state was too large to send: the SDK fetched it.
+    pub calls_using_api: u64,
     pub call_errors: u64,
     pub retries: u64,
     pub runs_completed: u64,
@@ -643,6 +645,9 @@ impl Worker {
         self.status.borrow_mut().calls += 1;
         let reply = match self.client.call(&call, self.clock.now()).await {
             Ok(raw) => {
+                if raw.used_api {
+                    self.status.borrow_mut().calls_using_api += 1;
+                }
                 let headers = raw.headers;
                 parse_reply(
                     raw.status,

@@ -373,3 +373,73 @@ both_sdks!(
     cron,
     restarts_mid_sleep_and_wait,
 );
+
+/// Steps the server carries out itself (`step.fetch`, `step.ai.infer`),
+/// `step.sendEvent`, `timeouts.finish`, large state through the API, and
+/// the step size limit: Node only (the Python SDK has no fetch step).
+#[tokio::test]
+async fn node_server_side_steps_timeouts_and_large_state() {
+    let (_dir, baton, app) = start(Sdk::Node, &[]).await;
+
+    let fetch = send_event(&baton, "test/fetch", json!({"key": "f"})).await;
+    let ai = send_event(&baton, "test/ai", json!({"key": "a"})).await;
+    let send = send_event(&baton, "test/send", json!({"key": "s"})).await;
+    let finish_timeout = send_event(&baton, "test/finish-timeout", json!({"key": "t"})).await;
+    let big = send_event(&baton, "test/big-state", json!({"key": "b"})).await;
+    let too_big = send_event(&baton, "test/too-big", json!({"key": "x"})).await;
+
+    let run = finished_run(&baton, &fetch, TIMEOUT).await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    assert_eq!(run["output"]["status"], 200);
+    assert_eq!(
+        run["output"]["body"],
+        json!({"echo": true, "query": {"x": "1"}})
+    );
+    assert_eq!(run["steps"][0]["kind"], "fetch");
+
+    let run = finished_run(&baton, &ai, TIMEOUT).await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    assert_eq!(
+        run["output"]["out"]["choices"][0]["message"]["content"],
+        "hello from fake ai"
+    );
+    let records = app.records().await;
+    assert_eq!(
+        records["ai"][0]["authorization"], "Bearer sk-test",
+        "{records}"
+    );
+    assert_eq!(records["ai"][0]["body"]["model"], "gpt-test", "{records}");
+
+    // sendEvent goes through the event API and starts the child's run.
+    let run = finished_run(&baton, &send, TIMEOUT).await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    eventually(TIMEOUT, "the child run", || async {
+        let counters = app.counters().await;
+        (counters["three-steps:c:s-child"] == 1).then_some(())
+    })
+    .await;
+
+    let run = finished_run(&baton, &finish_timeout, TIMEOUT).await;
+    assert_eq!(run["status"], "Cancelled", "{run}");
+
+    // Three 1.6 MB steps: past 4 MiB the SDK reads state through /v0.
+    let run = finished_run(&baton, &big, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    assert_eq!(
+        run["output"]["lengths"],
+        json!([1_600_000, 1_600_000, 1_600_000])
+    );
+    let status = get_json(&format!("{}/v1/status", baton.url)).await;
+    assert!(
+        status["data"]["executor"]["calls_using_api"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{status}"
+    );
+
+    let run = finished_run(&baton, &too_big, TIMEOUT).await;
+    assert_eq!(run["status"], "Failed");
+    let message = run["output"]["message"].as_str().unwrap();
+    assert!(message.contains("limit is 4194304"), "{message}");
+}
