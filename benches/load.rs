@@ -290,7 +290,10 @@ async fn post_events(
 // ---- Part B: end to end -----------------------------------------------------
 
 async fn part_b(params: &Params, client: &reqwest::Client) -> (EndToEnd, Memory) {
-    println!("\n-- part B: end to end, {} runs of test/ten-steps --", params.runs);
+    println!(
+        "\n-- part B: end to end, {} runs of test/ten-steps --",
+        params.runs
+    );
     let dir = tempfile::tempdir().expect("a temporary directory");
     let baton = Baton::start_with(
         &dir.path().join("data"),
@@ -338,7 +341,7 @@ async fn part_b(params: &Params, client: &reqwest::Client) -> (EndToEnd, Memory)
             }
         }
     }
-    println!("sent {} events in {}", ids.len(), ms(sent_in));
+    println!("sent {} events in {}", ids.len(), ms(Some(sent_in)));
 
     // Wait for every run to end, printing progress about every second.
     let total = ids.len() as u64;
@@ -359,8 +362,11 @@ async fn part_b(params: &Params, client: &reqwest::Client) -> (EndToEnd, Memory)
         if last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
             println!(
-                "  {:>5.1} s: {completed}/{total} completed, {failed} failed, queue depth {}",
+                "  {:>5.1} s: {completed}/{total} runs completed, {failed} failed; \
+                 SDK calls {}/{}; queue depth {}",
                 started.elapsed().as_secs_f64(),
+                now.calls.saturating_sub(before.calls),
+                total * (STEPS_PER_RUN + 1),
                 now.queue_depth,
             );
         }
@@ -463,10 +469,9 @@ struct RunTiming {
 }
 
 async fn run_timing(client: &reqwest::Client, base: &str, event_id: &str) -> RunTiming {
-    let (event, runs) = tokio::join!(
-        get_json(client, &format!("{base}/v1/events/{event_id}")),
-        get_json(client, &format!("{base}/v1/events/{event_id}/runs")),
-    );
+    let event_url = format!("{base}/v1/events/{event_id}");
+    let runs_url = format!("{event_url}/runs");
+    let (event, runs) = tokio::join!(get_json(client, &event_url), get_json(client, &runs_url));
     let event = event.unwrap_or_else(|error| {
         eprintln!("{error}");
         Value::Null
@@ -565,8 +570,14 @@ impl Memory {
     }
 
     fn line(&self) -> String {
-        let mib = |kb: Option<u64>| kb.map_or("n/a".into(), |kb| format!("{:.1} MiB", kb as f64 / 1024.0));
-        format!("VmRSS {}, VmHWM (peak) {}", mib(self.rss_kb), mib(self.hwm_kb))
+        let mib = |kb: Option<u64>| {
+            kb.map_or("n/a".into(), |kb| format!("{:.1} MiB", kb as f64 / 1024.0))
+        };
+        format!(
+            "VmRSS {}, VmHWM (peak) {}",
+            mib(self.rss_kb),
+            mib(self.hwm_kb)
+        )
     }
 }
 
@@ -579,10 +590,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
+/// A latency: in milliseconds below a second, in seconds above.
 fn ms(duration: Option<Duration>) -> String {
-    duration.map_or("n/a".into(), |d| {
-        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-    })
+    match duration {
+        None => "n/a".into(),
+        Some(d) if d < Duration::from_secs(1) => format!("{:.1} ms", d.as_secs_f64() * 1000.0),
+        Some(d) => secs(d),
+    }
 }
 
 fn secs(duration: Duration) -> String {

@@ -64,6 +64,52 @@ impl Expr {
     }
 }
 
+/// Finds a conjunct `event.<a> == async.<b>` (either way round) at the top
+/// level of `source` and returns (`b`, the JSON of `event.<a>` in
+/// `trigger`): every event that matches the expression has that value at
+/// path `b`. `None` when there is no such conjunct or the value is missing.
+pub fn async_equality_key(source: &str, trigger: &serde_json::Value) -> Option<(String, String)> {
+    if source.contains("||") || source.contains('(') || source.contains('!') {
+        return None; // not a plain conjunction
+    }
+    let is_path = |text: &str| {
+        !text.is_empty()
+            && text
+                .split('.')
+                .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    };
+    for conjunct in source.split("&&") {
+        let Some((left, right)) = conjunct.split_once("==") else {
+            continue;
+        };
+        let (left, right) = (left.trim(), right.trim());
+        let pair = match (left.strip_prefix("event."), right.strip_prefix("async.")) {
+            (Some(event_path), Some(async_path)) => Some((event_path, async_path)),
+            _ => match (right.strip_prefix("event."), left.strip_prefix("async.")) {
+                (Some(event_path), Some(async_path)) => Some((event_path, async_path)),
+                _ => None,
+            },
+        };
+        let Some((event_path, async_path)) = pair else {
+            continue;
+        };
+        if !is_path(event_path) || !is_path(async_path) {
+            continue;
+        }
+        let value = json_path(trigger, event_path)?;
+        if value.is_null() || value.is_object() || value.is_array() {
+            return None;
+        }
+        return Some((async_path.to_string(), value.to_string()));
+    }
+    None
+}
+
+/// The value at a dotted path (`data.user.id`) of a JSON object.
+pub fn json_path<'a>(value: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.').try_fold(value, |value, part| value.get(part))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +125,23 @@ mod tests {
         // A missing field is an evaluation error, which does not match.
         assert!(!check("event.data.missing == 1"));
         assert!(Expr::compile("event.data.(").is_err());
+    }
+
+    #[test]
+    fn equality_keys_for_indexing() {
+        let trigger = json!({"data": {"key": "k1", "n": 3, "obj": {}}});
+        let key = |src: &str| async_equality_key(src, &trigger);
+        assert_eq!(key("event.data.key == async.data.key"), Some(("data.key".into(), "\"k1\"".into())));
+        assert_eq!(key("async.data.id == event.data.n"), Some(("data.id".into(), "3".into())));
+        assert_eq!(
+            key("event.data.key == async.data.key && async.data.ok == true"),
+            Some(("data.key".into(), "\"k1\"".into()))
+        );
+        assert_eq!(key("event.data.key == async.data.key || async.data.ok"), None);
+        assert_eq!(key("async.data.ok == true"), None);
+        assert_eq!(key("event.data.missing == async.data.key"), None);
+        assert_eq!(key("event.data.obj == async.data.obj"), None);
+        assert_eq!(json_path(&trigger, "data.n"), Some(&json!(3)));
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
 use crate::duration::{parse_time_str, sleep_until};
+use crate::expr::async_equality_key;
 use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
@@ -198,6 +199,7 @@ pub fn decide(
                         kind,
                         event_name: event_name.to_string(),
                         expression: None,
+                        match_key: None,
                         correlation_id: None,
                         trigger_event: run.events.first().cloned().unwrap_or_default(),
                         created_at: now.millis(),
@@ -286,6 +288,11 @@ pub fn decide(
                                 .and_then(Value::as_str)
                                 .filter(|e| !e.trim().is_empty())
                                 .map(str::to_string);
+                            if let Some(source) = &wait.expression {
+                                let trigger: Value =
+                                    serde_json::from_str(&wait.trigger_event).unwrap_or_default();
+                                wait.match_key = async_equality_key(source, &trigger);
+                            }
                             let expires = Timestamp(wait.expires_at);
                             decision.schedule.push((
                                 QueueItem::pause_timeout(&run.id, &run.fn_id, &wait.id),

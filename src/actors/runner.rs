@@ -21,7 +21,7 @@ use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED, SCHEDU
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
 use crate::cron::Schedule;
-use crate::expr::Expr;
+use crate::expr::{async_equality_key, json_path, Expr};
 use crate::model::{
     EventRecord, FunctionDef, PauseKind, PauseRecord, QueueItem, RunRecord, RunStatus, Trigger,
 };
@@ -160,7 +160,22 @@ impl Matcher {
                 }
             }
         }
-        let pauses = self.backends.state.pauses_for_event(&event.name).await?;
+        // Pauses indexed by a match key: only those this event's value selects.
+        let mut pauses = self.backends.state.pauses_for_event(&event.name).await?;
+        for path in self.backends.state.pause_match_paths(&event.name).await? {
+            let Some(value) = json_path(&payload, &path) else {
+                continue;
+            };
+            if value.is_null() || value.is_object() || value.is_array() {
+                continue;
+            }
+            pauses.extend(
+                self.backends
+                    .state
+                    .pauses_for_match(&event.name, &path, &value.to_string())
+                    .await?,
+            );
+        }
         for pause in pauses {
             if pause.kind == PauseKind::Invoke
                 || pause.created_at > event.received_at
@@ -257,6 +272,10 @@ impl Matcher {
                 kind: PauseKind::Cancel,
                 event_name: rule.event.clone(),
                 expression: rule.expression.clone(),
+                match_key: rule
+                    .expression
+                    .as_deref()
+                    .and_then(|source| async_equality_key(source, payload)),
                 correlation_id: None,
                 trigger_event: event.payload.clone(),
                 created_at: now.millis(),

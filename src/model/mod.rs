@@ -306,6 +306,10 @@ pub struct PauseRecord {
     pub event_name: String,
     /// CEL over `event` (the run's trigger) and `async` (the new event).
     pub expression: Option<String>,
+    /// When the expression requires `async.<path> == <value>` (as `match`
+    /// does), the path and the value's JSON: the pause is then indexed by
+    /// it, and an event only looks at pauses its own value selects.
+    pub match_key: Option<(String, String)>,
     pub correlation_id: Option<String>,
     /// The run's triggering event (JSON), bound as `event`.
     pub trigger_event: String,

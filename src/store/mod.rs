@@ -130,8 +130,21 @@ pub trait StateStore: Send + Sync + 'static {
 
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>>;
 
-    /// Open pauses waiting for events named `event_name`.
+    /// Open pauses waiting for events named `event_name` that have no
+    /// `match_key` (those are found with [`StateStore::pauses_for_match`]).
     async fn pauses_for_event(&self, event_name: &str) -> StoreResult<Vec<PauseRecord>>;
+
+    /// The `async` paths of the match keys of pauses for `event_name` (a
+    /// superset: paths may stay listed after their pauses are gone).
+    async fn pause_match_paths(&self, event_name: &str) -> StoreResult<Vec<String>>;
+
+    /// Open pauses for `event_name` whose match key is (`path`, `value`).
+    async fn pauses_for_match(
+        &self,
+        event_name: &str,
+        path: &str,
+        value_json: &str,
+    ) -> StoreResult<Vec<PauseRecord>>;
 
     /// The invoke pause with this correlation id (`<runId>.<stepId>`).
     async fn pause_for_correlation(&self, correlation_id: &str)

@@ -118,6 +118,7 @@ fn sample_pause(run_id: &str, event_name: &str, correlation: Option<&str>) -> Pa
         kind: PauseKind::WaitForEvent,
         event_name: event_name.to_string(),
         expression: Some("event.data.k == async.data.k".into()),
+        match_key: None,
         correlation_id: correlation.map(str::to_string),
         trigger_event: "{}".into(),
         created_at: 1,
@@ -158,6 +159,23 @@ async fn pauses_index_by_event_run_and_correlation(state: &dyn StateStore) -> an
     ensure!(state.pauses_for_run(&run_id).await?.len() == 1);
     state.take_pause(&a.id).await?;
     state.take_pause(&other.id).await?;
+    ensure!(state.pause_count().await? == count_before);
+
+    // Pauses with a match key are found by their value, not by name alone.
+    let mut keyed = sample_pause(&run_id, &event_name, None);
+    keyed.match_key = Some(("data.k".into(), "\"v1\"".into()));
+    let mut other_value = sample_pause(&run_id, &event_name, None);
+    other_value.match_key = Some(("data.k".into(), "\"v2\"".into()));
+    state.save_pause(keyed.clone()).await?;
+    state.save_pause(other_value.clone()).await?;
+    ensure!(state.pauses_for_event(&event_name).await?.is_empty(), "keyed pauses are not generic");
+    ensure!(state.pause_match_paths(&event_name).await? == ["data.k"]);
+    let found = state.pauses_for_match(&event_name, "data.k", "\"v1\"").await?;
+    ensure!(found == [keyed.clone()], "{found:?}");
+    ensure!(state.pauses_for_match(&event_name, "data.k", "\"v3\"").await?.is_empty());
+    state.take_pause(&keyed.id).await?;
+    ensure!(state.pauses_for_match(&event_name, "data.k", "\"v1\"").await?.is_empty());
+    state.take_pause(&other_value.id).await?;
     ensure!(state.pause_count().await? == count_before);
     Ok(())
 }

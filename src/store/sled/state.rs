@@ -2,7 +2,9 @@
 //! `r/<run>` run record, `k/<fn>\0<idempotency key>` run id,
 //! `s/<run>/<step>` step record, `e/<event>/<run>` runs by event;
 //! pauses: `pa/<pause>` record, `pe/<event name>\0<pause>` by event name,
-//! `pr/<run>/<pause>` by run, `pc/<correlation id>` pause id.
+//! `pr/<run>/<pause>` by run, `pc/<correlation id>` pause id; pauses with a
+//! match key are indexed as `pm/<name>\0<path>\0<value>\0<pause>` instead
+//! of `pe/`, and `pp/<name>\0<path>` lists the paths in use.
 
 use std::sync::Mutex;
 
@@ -76,6 +78,25 @@ fn pause_event_key(event_name: &str, pause_id: &str) -> Vec<u8> {
     bytes.push(0);
     bytes.extend_from_slice(pause_id.as_bytes());
     bytes
+}
+
+fn joined(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
+    let mut bytes = prefix.to_vec();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            bytes.push(0);
+        }
+        bytes.extend_from_slice(part.as_bytes());
+    }
+    bytes
+}
+
+/// The index entry that finds `pause` by its event.
+fn pause_index_key(pause: &PauseRecord) -> Vec<u8> {
+    match &pause.match_key {
+        Some((path, value)) => joined(b"pm/", &[&pause.event_name, path, value, &pause.id]),
+        None => pause_event_key(&pause.event_name, &pause.id),
+    }
 }
 
 fn idempotency_key(fn_id: &str, key_text: &str) -> Vec<u8> {
@@ -223,7 +244,10 @@ impl StateStore for SledStateStore {
             }
             let mut batch = sled::Batch::default();
             batch.insert(record_key, pause.to_bytes());
-            batch.insert(pause_event_key(&pause.event_name, &pause.id), &[]);
+            batch.insert(pause_index_key(&pause), &[]);
+            if let Some((path, _)) = &pause.match_key {
+                batch.insert(joined(b"pp/", &[&pause.event_name, path]), &[]);
+            }
             batch.insert(
                 key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]),
                 &[],
@@ -244,6 +268,35 @@ impl StateStore for SledStateStore {
     async fn pauses_for_event(&self, event_name: &str) -> StoreResult<Vec<PauseRecord>> {
         let mut prefix = key(&[b"pe", event_name.as_bytes()]);
         prefix.push(0);
+        let mut pauses = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (entry_key, _) = entry.map_err(sled_error)?;
+            let pause_id = String::from_utf8_lossy(&entry_key[prefix.len()..]).to_string();
+            if let Some(pause) = self.get_pause_now(&pause_id)? {
+                pauses.push(pause);
+            }
+        }
+        Ok(pauses)
+    }
+
+    async fn pause_match_paths(&self, event_name: &str) -> StoreResult<Vec<String>> {
+        let prefix = joined(b"pp/", &[event_name, ""]);
+        self.tree
+            .scan_prefix(&prefix)
+            .map(|entry| {
+                let (entry_key, _) = entry.map_err(sled_error)?;
+                Ok(String::from_utf8_lossy(&entry_key[prefix.len()..]).to_string())
+            })
+            .collect()
+    }
+
+    async fn pauses_for_match(
+        &self,
+        event_name: &str,
+        path: &str,
+        value_json: &str,
+    ) -> StoreResult<Vec<PauseRecord>> {
+        let prefix = joined(b"pm/", &[event_name, path, value_json, ""]);
         let mut pauses = Vec::new();
         for entry in self.tree.scan_prefix(&prefix) {
             let (entry_key, _) = entry.map_err(sled_error)?;
@@ -289,7 +342,7 @@ impl StateStore for SledStateStore {
         };
         let mut batch = sled::Batch::default();
         batch.remove(key(&[b"pa", pause.id.as_bytes()]));
-        batch.remove(pause_event_key(&pause.event_name, &pause.id));
+        batch.remove(pause_index_key(&pause));
         batch.remove(key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]));
         if let Some(correlation) = &pause.correlation_id {
             batch.remove(key(&[b"pc", correlation.as_bytes()]));
