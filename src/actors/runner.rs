@@ -34,6 +34,12 @@ const BATCH: usize = 256;
 pub struct RunnerStatus {
     pub events_seen: u64,
     pub runs_created: u64,
+    /// Pauses whose expression was checked against an event.
+    pub pause_checks: u64,
+    /// Pauses resumed or runs cancelled by an event.
+    pub pause_matches: u64,
+    /// Time spent matching events to pauses, µs in all.
+    pub pause_match_micros: u64,
     pub last_error: Option<String>,
 }
 
@@ -133,6 +139,13 @@ impl Matcher {
     /// Resumes waits, invokes and cancellations that `event` matches. Only
     /// pauses created before the event was received, and not expired, match.
     async fn match_pauses(&self, event: &EventRecord) -> StoreResult<()> {
+        let started = std::time::Instant::now();
+        let result = self.match_pauses_inner(event).await;
+        self.status.borrow_mut().pause_match_micros += started.elapsed().as_micros() as u64;
+        result
+    }
+
+    async fn match_pauses_inner(&self, event: &EventRecord) -> StoreResult<()> {
         let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
         if event.name == FUNCTION_FINISHED {
             if let Some(correlation) = payload
@@ -193,9 +206,11 @@ impl Matcher {
                     })
                 }
             };
+            self.status.borrow_mut().pause_checks += 1;
             if !matched {
                 continue;
             }
+            self.status.borrow_mut().pause_matches += 1;
             match pause.kind {
                 PauseKind::WaitForEvent => {
                     debug!(run_id = %pause.run_id, event = %event.name, "wait resumed");
