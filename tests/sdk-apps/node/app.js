@@ -438,6 +438,31 @@ const sleepy = inngest.createFunction(
   },
 );
 
+// ---- load-benchmark functions (benches/load.rs) ---------------------------------------
+// No counters or logging: each runs thousands of times.
+
+const benchSleep = inngest.createFunction(
+  { id: "bench-sleep", triggers: [{ event: "bench/sleep" }] },
+  async ({ event, step }) => {
+    const t0 = await step.run("start", () => Date.now());
+    await step.sleep("nap", `${event.data.secs}s`);
+    const t1 = await step.run("end", () => Date.now());
+    return { t0, t1, secs: event.data.secs };
+  },
+);
+
+const benchWait = inngest.createFunction(
+  { id: "bench-wait", triggers: [{ event: "bench/wait" }] },
+  async ({ step }) => {
+    const got = await step.waitForEvent("wait", {
+      event: "bench/wait.reply",
+      match: "data.key",
+      timeout: "10m",
+    });
+    return { got: got ? got.data.key : null };
+  },
+);
+
 const functions = [
   threeSteps,
   flaky,
@@ -462,6 +487,8 @@ const functions = [
   bigState,
   tooBig,
   sleepy,
+  benchSleep,
+  benchWait,
 ];
 
 // ---- HTTP server ----------------------------------------------------------------------
