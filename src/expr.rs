@@ -4,7 +4,35 @@
 use std::fmt;
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use cel_interpreter::{Context, Program, Value};
+
+/// JSON to CEL. Integers become CEL `int` (not `uint`, which is what a
+/// generic serializer picks for non-negative numbers), so that
+/// `event.data.n * 2` and `event.data.n == 3` work as users expect.
+pub fn to_cel(value: &serde_json::Value) -> Value {
+    match value {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => match n.as_u64() {
+                Some(u) => Value::UInt(u),
+                None => Value::Float(n.as_f64().unwrap_or(0.0)),
+            },
+        },
+        serde_json::Value::String(s) => Value::String(Arc::new(s.clone())),
+        serde_json::Value::Array(items) => {
+            Value::List(Arc::new(items.iter().map(to_cel).collect()))
+        }
+        serde_json::Value::Object(map) => {
+            let map: HashMap<String, Value> =
+                map.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
+            Value::from(map)
+        }
+    }
+}
 
 /// A compiled CEL expression. Cheap to clone.
 #[derive(Clone)]
@@ -37,9 +65,7 @@ impl Expr {
     pub fn eval(&self, vars: &[(&str, &serde_json::Value)]) -> Result<serde_json::Value, String> {
         let mut context = Context::default();
         for (name, value) in vars {
-            let value = cel_interpreter::to_value(value)
-                .map_err(|err| format!("cannot bind {name}: {err}"))?;
-            context.add_variable_from_value(*name, value);
+            context.add_variable_from_value(*name, to_cel(value));
         }
         let value = self
             .program
@@ -55,10 +81,7 @@ impl Expr {
     pub fn matches(&self, vars: &[(&str, &serde_json::Value)]) -> bool {
         let mut context = Context::default();
         for (name, value) in vars {
-            match cel_interpreter::to_value(value) {
-                Ok(value) => context.add_variable_from_value(*name, value),
-                Err(_) => return false,
-            }
+            context.add_variable_from_value(*name, to_cel(value));
         }
         matches!(self.program.execute(&context), Ok(Value::Bool(true)))
     }
@@ -74,9 +97,9 @@ pub fn async_equality_key(source: &str, trigger: &serde_json::Value) -> Option<(
     }
     let is_path = |text: &str| {
         !text.is_empty()
-            && text
-                .split('.')
-                .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            && text.split('.').all(|part| {
+                !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            })
     };
     for conjunct in source.split("&&") {
         let Some((left, right)) = conjunct.split_once("==") else {
@@ -107,7 +130,8 @@ pub fn async_equality_key(source: &str, trigger: &serde_json::Value) -> Option<(
 
 /// The value at a dotted path (`data.user.id`) of a JSON object.
 pub fn json_path<'a>(value: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
-    path.split('.').try_fold(value, |value, part| value.get(part))
+    path.split('.')
+        .try_fold(value, |value, part| value.get(part))
 }
 
 #[cfg(test)]
@@ -131,13 +155,22 @@ mod tests {
     fn equality_keys_for_indexing() {
         let trigger = json!({"data": {"key": "k1", "n": 3, "obj": {}}});
         let key = |src: &str| async_equality_key(src, &trigger);
-        assert_eq!(key("event.data.key == async.data.key"), Some(("data.key".into(), "\"k1\"".into())));
-        assert_eq!(key("async.data.id == event.data.n"), Some(("data.id".into(), "3".into())));
+        assert_eq!(
+            key("event.data.key == async.data.key"),
+            Some(("data.key".into(), "\"k1\"".into()))
+        );
+        assert_eq!(
+            key("async.data.id == event.data.n"),
+            Some(("data.id".into(), "3".into()))
+        );
         assert_eq!(
             key("event.data.key == async.data.key && async.data.ok == true"),
             Some(("data.key".into(), "\"k1\"".into()))
         );
-        assert_eq!(key("event.data.key == async.data.key || async.data.ok"), None);
+        assert_eq!(
+            key("event.data.key == async.data.key || async.data.ok"),
+            None
+        );
         assert_eq!(key("async.data.ok == true"), None);
         assert_eq!(key("event.data.missing == async.data.key"), None);
         assert_eq!(key("event.data.obj == async.data.obj"), None);
@@ -146,8 +179,16 @@ mod tests {
 
     #[test]
     fn values() {
-        let event = json!({"data": {"user": "u1"}});
-        let expr = Expr::compile("event.data.user + '-x'").unwrap();
-        assert_eq!(expr.eval(&[("event", &event)]).unwrap(), json!("u1-x"));
+        let event = json!({"data": {"user": "u1", "n": 3, "f": 1.5}});
+        let eval = |src: &str| {
+            Expr::compile(src)
+                .unwrap()
+                .eval(&[("event", &event)])
+                .unwrap()
+        };
+        assert_eq!(eval("event.data.user + '-x'"), json!("u1-x"));
+        assert_eq!(eval("event.data.n * 2"), json!(6));
+        assert_eq!(eval("event.data.n == 3"), json!(true));
+        assert_eq!(eval("event.data.f * 2.0"), json!(3.0));
     }
 }

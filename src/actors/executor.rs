@@ -22,6 +22,7 @@ use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::actors::event_api::publish_events;
+use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
@@ -513,8 +514,40 @@ impl Worker {
         }
     }
 
+    /// Debounce and batch timers start runs; they belong to no run yet.
+    async fn process_timer(&self, lease: &Lease) -> StoreResult<()> {
+        let item = &lease.item;
+        let Some(record) = self.backends.data.get_function(&item.fn_id).await? else {
+            return self.ack(lease, Vec::new()).await;
+        };
+        let def = match self.function_def(&record) {
+            Ok(def) => def,
+            Err(err) => {
+                warn!(fn_id = %item.fn_id, error = %err, "timer for an unusable function dropped");
+                return self.ack(lease, Vec::new()).await;
+            }
+        };
+        let now = self.clock.now();
+        match &item.kind {
+            ItemKind::DebounceTimer { key, generation } => {
+                flow::fire_debounce(&self.backends, &def, key, *generation, now).await?
+            }
+            ItemKind::BatchTimer { key, batch_id } => {
+                flow::fire_batch(&self.backends, &def, key, batch_id, now).await?
+            }
+            _ => {}
+        }
+        self.ack(lease, Vec::new()).await
+    }
+
     async fn process(&self, lease: &Lease) -> StoreResult<()> {
         let item = &lease.item;
+        if matches!(
+            item.kind,
+            ItemKind::DebounceTimer { .. } | ItemKind::BatchTimer { .. }
+        ) {
+            return self.process_timer(lease).await;
+        }
         let Some(run) = self.backends.state.load_run(&item.run_id).await? else {
             warn!(run_id = %item.run_id, "queue item for an unknown run dropped");
             return self.ack(lease, Vec::new()).await;
@@ -577,7 +610,7 @@ impl Worker {
             ItemKind::Discovery { seq } if *seq < stack_len => {
                 // Superseded by a result saved after this item was scheduled
                 // (a crash between saving and acking lands here).
-                let next = QueueItem::discovery(&run.id, &run.fn_id, stack_len);
+                let next = QueueItem::discovery(&run.id, &run.fn_id, stack_len).for_run(&run);
                 return self.ack(lease, vec![(next, self.clock.now())]).await;
             }
             ItemKind::Planned { step_id, .. } if run.stack.contains(step_id) => {
@@ -585,6 +618,9 @@ impl Worker {
             }
             ItemKind::Discovery { .. } => "step".to_string(),
             ItemKind::Planned { step_id, .. } => step_id.clone(),
+            ItemKind::DebounceTimer { .. } | ItemKind::BatchTimer { .. } => {
+                unreachable!("timers are handled before")
+            }
         };
 
         let function = match self.backends.data.get_function(&run.fn_id).await? {
@@ -781,13 +817,24 @@ impl Worker {
             return self.ack(lease, Vec::new()).await;
         }
         publish_events(&self.backends, &invoked).await?;
-        let mut next = decision.schedule;
+        // Items that call the app carry the run's concurrency limits.
+        let mut next: Vec<(QueueItem, Timestamp)> = decision
+            .schedule
+            .into_iter()
+            .map(|(item, due)| match item.kind {
+                ItemKind::Discovery { .. } | ItemKind::Planned { .. } => (item.for_run(run), due),
+                _ => (item, due),
+            })
+            .collect();
         let group_done = planned_left == 0;
         if group_done && run.force_plan && run.request_version >= 2 && discover != Discover::No {
             self.backends.state.set_force_plan(&run.id, false).await?;
         }
         if discover == Discover::Always || (discover == Discover::WhenGroupDone && group_done) {
-            next.push((QueueItem::discovery(&run.id, &run.fn_id, stack_len), now));
+            next.push((
+                QueueItem::discovery(&run.id, &run.fn_id, stack_len).for_run(run),
+                now,
+            ));
         }
         self.ack(lease, next).await
     }

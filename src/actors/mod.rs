@@ -4,6 +4,7 @@
 pub mod core_api;
 pub mod event_api;
 pub mod executor;
+pub mod flow;
 pub mod lifecycle;
 pub mod runner;
 

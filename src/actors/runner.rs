@@ -10,6 +10,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures::future::LocalBoxFuture;
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -17,15 +18,14 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::actors::event_api::publish_events;
-use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED, SCHEDULED_TIMER};
+use crate::actors::flow;
+use crate::actors::lifecycle::{self, FUNCTION_FINISHED, SCHEDULED_TIMER};
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
 use crate::cron::Schedule;
-use crate::expr::{async_equality_key, json_path, Expr};
-use crate::model::{
-    EventRecord, FunctionDef, PauseKind, PauseRecord, QueueItem, RunRecord, RunStatus, Trigger,
-};
-use crate::store::{Backends, CreateRun, StoreResult};
+use crate::expr::{json_path, Expr};
+use crate::model::{EventRecord, FunctionDef, PauseKind, QueueItem, Trigger};
+use crate::store::{Backends, StoreResult};
 
 /// How many events one pass handles together (their flushes are shared).
 const BATCH: usize = 256;
@@ -85,13 +85,19 @@ impl Matcher {
             .iter()
             .map(|e| serde_json::from_str(&e.payload).unwrap_or(Value::Null))
             .collect();
-        let mut creations = Vec::new();
+        let mut creations: Vec<LocalBoxFuture<'_, StoreResult<()>>> = Vec::new();
         for (event, payload) in events.iter().zip(&payloads) {
             match &event.target_fn {
                 // Internal events addressed to one function (invoke, cron).
                 Some(target) => {
                     if let Some(function) = functions.iter().find(|f| &f.id == target) {
-                        creations.push(self.start_run(function, event, payload));
+                        creations.push(Box::pin(flow::start_run(
+                            &self.backends,
+                            function,
+                            vec![event.clone()],
+                            &event.id,
+                            self.clock.now(),
+                        )));
                     } else {
                         warn!(fn_id = %target, event = %event.name, "event for an unknown function dropped");
                     }
@@ -103,7 +109,13 @@ impl Matcher {
                             .iter()
                             .any(|t| t.matches(&event.name, payload))
                         {
-                            creations.push(self.start_run(function, event, payload));
+                            creations.push(Box::pin(flow::accept_event(
+                                &self.backends,
+                                function,
+                                event,
+                                payload,
+                                self.clock.now(),
+                            )));
                         }
                     }
                 }
@@ -229,90 +241,6 @@ impl Matcher {
                 PauseKind::Invoke => {}
             }
         }
-        Ok(())
-    }
-
-    async fn start_run(
-        &self,
-        function: &FunctionDef,
-        event: &EventRecord,
-        payload: &Value,
-    ) -> StoreResult<()> {
-        let now = self.clock.now();
-        let correlation_id = (event.name == FUNCTION_INVOKED)
-            .then(|| {
-                payload
-                    .pointer("/data/_inngest/correlation_id")
-                    .and_then(Value::as_str)
-            })
-            .flatten()
-            .map(str::to_string);
-        let run = RunRecord {
-            id: ulid::Ulid::new().to_string(),
-            fn_id: function.id.clone(),
-            fn_version: function.version,
-            app_id: function.app_id.clone(),
-            idempotency_key: event.id.clone(),
-            event_ids: vec![event.internal_id.clone()],
-            events: vec![event.payload.clone()],
-            status: RunStatus::Queued,
-            created_at: now.millis(),
-            started_at: None,
-            ended_at: None,
-            output: None,
-            stack: Vec::new(),
-            request_version: -1,
-            max_attempts: function.max_attempts(),
-            force_plan: false,
-            planned: Vec::new(),
-            correlation_id,
-            state_bytes: 0,
-        };
-        let run = match self.backends.state.create_run(run).await? {
-            CreateRun::Created(run) => {
-                self.status.borrow_mut().runs_created += 1;
-                debug!(run_id = %run.id, fn_id = %run.fn_id, event = %event.name, "run created");
-                run
-            }
-            CreateRun::Exists(run) if run.status == RunStatus::Queued => run,
-            CreateRun::Exists(_) => return Ok(()),
-        };
-        for (index, rule) in function.cancel.iter().enumerate() {
-            let pause = PauseRecord {
-                id: format!("{}/cancel/{index}", run.id),
-                run_id: run.id.clone(),
-                fn_id: run.fn_id.clone(),
-                step_id: String::new(),
-                step_name: String::new(),
-                kind: PauseKind::Cancel,
-                event_name: rule.event.clone(),
-                expression: rule.expression.clone(),
-                match_key: rule
-                    .expression
-                    .as_deref()
-                    .and_then(|source| async_equality_key(source, payload)),
-                correlation_id: None,
-                trigger_event: event.payload.clone(),
-                created_at: now.millis(),
-                expires_at: now
-                    .plus(rule.timeout.unwrap_or(Duration::from_secs(366 * 86_400)))
-                    .millis(),
-            };
-            self.backends.state.save_pause(pause).await?;
-        }
-        if let Some(start) = function.start_timeout {
-            self.backends
-                .queue
-                .enqueue(
-                    QueueItem::start_timeout(&run.id, &run.fn_id),
-                    now.plus(start),
-                )
-                .await?;
-        }
-        self.backends
-            .queue
-            .enqueue(QueueItem::discovery(&run.id, &run.fn_id, 0), now)
-            .await?;
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::duration::parse_time_str;
 use crate::expr::Expr;
+use crate::model::flow::FlowControl;
 use crate::model::FunctionRecord;
 
 /// Retries when the SDK sends none (Inngest's `DefaultRetryCount`).
@@ -77,6 +78,7 @@ pub struct FunctionDef {
     pub start_timeout: Option<Duration>,
     /// `timeouts.finish`: cancel a run still running after this.
     pub finish_timeout: Option<Duration>,
+    pub flow: FlowControl,
 }
 
 impl FunctionDef {
@@ -187,6 +189,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
         .map_err(|err| format!("function {id}: invalid timeouts.start: {err}"))?;
     let finish_timeout = optional_duration(timeouts.and_then(|t| t.get("finish")))
         .map_err(|err| format!("function {id}: invalid timeouts.finish: {err}"))?;
+    let flow = FlowControl::parse(config).map_err(|err| format!("function {id}: {err}"))?;
     Ok(FunctionDef {
         id,
         app_id: String::new(),
@@ -198,6 +201,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
         cancel,
         start_timeout,
         finish_timeout,
+        flow,
     })
 }
 

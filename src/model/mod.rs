@@ -3,6 +3,7 @@
 //! (`String`) so that every stored record stays bincode-friendly (§5 of the
 //! style guide: no `serde_json::Value` in stored records).
 
+pub mod flow;
 pub mod function;
 pub mod records;
 
@@ -19,13 +20,16 @@ pub enum RunStatus {
     Completed,
     Failed,
     Cancelled,
+    /// A flow-control rule (rate limit, idempotency, singleton) kept it from
+    /// running; `RunRecord::skip_reason` names the rule.
+    Skipped,
 }
 
 impl RunStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled
+            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Skipped
         )
     }
 
@@ -37,6 +41,7 @@ impl RunStatus {
             RunStatus::Completed => "Completed",
             RunStatus::Failed => "Failed",
             RunStatus::Cancelled => "Cancelled",
+            RunStatus::Skipped => "Skipped",
         }
     }
 }
@@ -121,6 +126,26 @@ pub struct RunRecord {
     pub correlation_id: Option<String>,
     /// Bytes of step memos stored so far (the 32 MiB state limit).
     pub state_bytes: u64,
+    /// Concurrency constraints of the run's calls: (key, limit).
+    pub concurrency: Vec<(String, u32)>,
+    /// `priority.run`, in ms: how far its start jumps ahead of others.
+    pub priority_ms: i64,
+    /// The flow-control rule that skipped the run.
+    pub skip_reason: Option<String>,
+    /// The flow-control rule that delayed the run's start, and by how much.
+    pub delayed_by: Option<String>,
+}
+
+impl RunRecord {
+    /// The fairness partition of the run's calls: its first concurrency key
+    /// when keyed, else its function.
+    pub fn partition(&self) -> String {
+        self.concurrency
+            .iter()
+            .find(|(key, _)| key.contains('\u{1f}'))
+            .map(|(key, _)| key.clone())
+            .unwrap_or_else(|| self.fn_id.clone())
+    }
 }
 
 /// One saved step result.
@@ -169,6 +194,14 @@ pub struct QueueItem {
     pub run_id: String,
     pub fn_id: String,
     pub kind: ItemKind,
+    /// Items are served round-robin across partitions (fairness), FIFO by
+    /// due time within one.
+    pub partition: String,
+    /// Concurrency constraints: the item is leased only while fewer than
+    /// `limit` leased items hold each key.
+    pub limits: Vec<(String, u32)>,
+    /// Ms by which the item is ordered ahead of (or behind) its due time.
+    pub priority_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,6 +232,11 @@ pub enum ItemKind {
     StartTimeout,
     /// `timeouts.finish`: cancel the run if it has not ended by now.
     FinishTimeout,
+    /// A debounce period may be over: start the run with the key's latest
+    /// event if `generation` is still the latest (`run_id` is empty).
+    DebounceTimer { key: String, generation: u64 },
+    /// A batch's timeout: run the events gathered so far (`run_id` empty).
+    BatchTimer { key: String, batch_id: String },
 }
 
 impl QueueItem {
@@ -208,7 +246,25 @@ impl QueueItem {
             run_id: run_id.to_string(),
             fn_id: fn_id.to_string(),
             kind: ItemKind::Discovery { seq },
+            partition: fn_id.to_string(),
+            limits: Vec::new(),
+            priority_ms: 0,
         }
+    }
+
+    /// The same item under another id (tests).
+    pub fn with_id(mut self, id: &str) -> QueueItem {
+        self.id = id.to_string();
+        self
+    }
+
+    /// Applies the run's concurrency limits, partition and priority: for
+    /// items that call the app.
+    pub fn for_run(mut self, run: &RunRecord) -> QueueItem {
+        self.limits = run.concurrency.clone();
+        self.partition = run.partition();
+        self.priority_ms = run.priority_ms;
+        self
     }
 
     pub fn planned(run_id: &str, fn_id: &str, step_id: &str, race: bool) -> QueueItem {
@@ -220,6 +276,9 @@ impl QueueItem {
                 step_id: step_id.to_string(),
                 race,
             },
+            partition: fn_id.to_string(),
+            limits: Vec::new(),
+            priority_ms: 0,
         }
     }
 
@@ -235,6 +294,9 @@ impl QueueItem {
                 invoke: pause.kind == PauseKind::Invoke,
                 memo,
             },
+            partition: pause.fn_id.clone(),
+            limits: Vec::new(),
+            priority_ms: 0,
         }
     }
 
@@ -246,6 +308,9 @@ impl QueueItem {
             kind: ItemKind::PauseTimeout {
                 pause_id: pause_id.to_string(),
             },
+            partition: fn_id.to_string(),
+            limits: Vec::new(),
+            priority_ms: 0,
         }
     }
 
@@ -255,6 +320,9 @@ impl QueueItem {
             run_id: run_id.to_string(),
             fn_id: fn_id.to_string(),
             kind: ItemKind::StartTimeout,
+            partition: fn_id.to_string(),
+            limits: Vec::new(),
+            priority_ms: 0,
         }
     }
 
@@ -264,6 +332,39 @@ impl QueueItem {
             run_id: run_id.to_string(),
             fn_id: fn_id.to_string(),
             kind: ItemKind::FinishTimeout,
+            partition: fn_id.to_string(),
+            limits: Vec::new(),
+            priority_ms: 0,
+        }
+    }
+
+    pub fn debounce_timer(fn_id: &str, key: &str, generation: u64) -> QueueItem {
+        QueueItem {
+            id: format!("{fn_id}/debounce/{key}/{generation}"),
+            run_id: String::new(),
+            fn_id: fn_id.to_string(),
+            kind: ItemKind::DebounceTimer {
+                key: key.to_string(),
+                generation,
+            },
+            partition: fn_id.to_string(),
+            limits: Vec::new(),
+            priority_ms: 0,
+        }
+    }
+
+    pub fn batch_timer(fn_id: &str, key: &str, batch_id: &str) -> QueueItem {
+        QueueItem {
+            id: format!("{fn_id}/batch/{batch_id}"),
+            run_id: String::new(),
+            fn_id: fn_id.to_string(),
+            kind: ItemKind::BatchTimer {
+                key: key.to_string(),
+                batch_id: batch_id.to_string(),
+            },
+            partition: fn_id.to_string(),
+            limits: Vec::new(),
+            priority_ms: 0,
         }
     }
 
@@ -276,6 +377,9 @@ impl QueueItem {
                 step_id: step_id.to_string(),
                 name: name.to_string(),
             },
+            partition: fn_id.to_string(),
+            limits: Vec::new(),
+            priority_ms: 0,
         }
     }
 }
@@ -315,4 +419,22 @@ pub struct PauseRecord {
     pub trigger_event: String,
     pub created_at: i64,
     pub expires_at: i64,
+}
+
+/// The latest event of a debounce key, and when its run should start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DebounceRecord {
+    /// Raised by every event; a timer fires only for the latest.
+    pub generation: u64,
+    pub first_at: i64,
+    pub due: i64,
+    pub event: EventRecord,
+}
+
+/// The open batch of a batch key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub batch_id: String,
+    pub opened_at: i64,
+    pub events: Vec<EventRecord>,
 }

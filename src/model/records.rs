@@ -5,7 +5,8 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{
-    AppRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem, RunRecord, StepRecord,
+    AppRecord, BatchRecord, DebounceRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem,
+    RunRecord, StepRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,8 @@ versioned_record!(StoredRun, RunRecord, "run");
 versioned_record!(StoredStep, StepRecord, "step");
 versioned_record!(StoredQueueItem, QueueEntry, "queue item");
 versioned_record!(StoredPause, PauseRecord, "pause");
+versioned_record!(StoredDebounce, DebounceRecord, "debounce");
+versioned_record!(StoredBatch, BatchRecord, "batch");
 
 /// A queue item with its scheduling state, as the queue stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +113,10 @@ mod tests {
             planned: vec!["p1".into()],
             correlation_id: None,
             state_bytes: 10,
+            concurrency: vec![("fn\u{1f}k".into(), 2)],
+            priority_ms: -5,
+            skip_reason: None,
+            delayed_by: Some("throttle".into()),
         };
         assert_eq!(RunRecord::from_bytes(&run.to_bytes()).unwrap(), run);
 
@@ -122,6 +129,9 @@ mod tests {
                     step_id: "s".into(),
                     name: "nap".into(),
                 },
+                partition: "p".into(),
+                limits: vec![("k".into(), 1)],
+                priority_ms: 7,
             },
             due: 10,
             seq: 1,

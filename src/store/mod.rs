@@ -26,6 +26,20 @@ use crate::model::{
     StepRecord,
 };
 
+/// What [`StateStore::batch_push`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchPush {
+    /// The event opened a new batch: start its timer.
+    Opened { batch_id: String },
+    /// The event joined the open batch.
+    Added,
+    /// The event filled the batch, which is now closed: run these events.
+    Full {
+        batch_id: String,
+        events: Vec<EventRecord>,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreErrorKind {
     NotFound,
@@ -157,6 +171,69 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Number of open pauses.
     async fn pause_count(&self) -> StoreResult<u64>;
+
+    // Flow-control bookkeeping. It lives here, not in a service's memory,
+    // so that it holds across restarts and across processes.
+
+    /// Rate limit (GCRA): takes one of `limit` slots per `period` for `key`
+    /// and returns true, or returns false and changes nothing.
+    async fn rate_limit_take(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+        now: Timestamp,
+    ) -> StoreResult<bool>;
+
+    /// Throttle (GCRA with reservations): reserves the next start for `key`
+    /// and returns when it may happen, now or later. Never refuses.
+    async fn throttle_reserve(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+        burst: u32,
+        now: Timestamp,
+    ) -> StoreResult<Timestamp>;
+
+    /// Debounce: makes `event` the latest of `key`; returns its generation
+    /// and when the run should start (`period` from now, capped at
+    /// `timeout` from the key's first event).
+    async fn debounce_push(
+        &self,
+        key: &str,
+        event: &EventRecord,
+        period: Duration,
+        timeout: Option<Duration>,
+        now: Timestamp,
+    ) -> StoreResult<(u64, Timestamp)>;
+
+    /// Takes the debounced event of `key` if `generation` is still the latest.
+    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>>;
+
+    /// Batching: adds `event` to the open batch of `key` (opening one).
+    async fn batch_push(
+        &self,
+        key: &str,
+        event: &EventRecord,
+        max_size: u32,
+        now: Timestamp,
+    ) -> StoreResult<BatchPush>;
+
+    /// Closes the batch `batch_id` of `key` and returns its events (none if
+    /// it was closed already).
+    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>>;
+
+    /// Singleton: makes `run_id` the holder of `key` unless a run that has
+    /// not ended holds it, which is then returned (and nothing changes).
+    /// With `replace`, `run_id` always becomes the holder and the previous
+    /// unended holder is returned.
+    async fn singleton_claim(
+        &self,
+        key: &str,
+        run_id: &str,
+        replace: bool,
+    ) -> StoreResult<Option<String>>;
 
     /// Ends a run. Returns false if it had already ended (nothing changes).
     async fn finish_run(

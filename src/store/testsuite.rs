@@ -40,6 +40,10 @@ pub fn sample_run(fn_id: &str, key: &str) -> RunRecord {
         planned: Vec::new(),
         correlation_id: None,
         state_bytes: 0,
+        concurrency: Vec::new(),
+        priority_ms: 0,
+        skip_reason: None,
+        delayed_by: None,
     }
 }
 
@@ -68,6 +72,120 @@ pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
     pauses_index_by_event_run_and_correlation(state)
         .await
         .context("pauses_index_by_event_run_and_correlation")?;
+    flow_control_bookkeeping(state)
+        .await
+        .context("flow_control_bookkeeping")?;
+    Ok(())
+}
+
+async fn flow_control_bookkeeping(state: &dyn StateStore) -> anyhow::Result<()> {
+    let t0 = Timestamp(1_000_000);
+    let second = Duration::from_secs(1);
+    // Rate limit: 2 per second, then refused until the period frees a slot.
+    let key = unique("rl");
+    ensure!(state.rate_limit_take(&key, 2, second, t0).await?);
+    ensure!(state.rate_limit_take(&key, 2, second, t0).await?);
+    ensure!(
+        !state.rate_limit_take(&key, 2, second, t0).await?,
+        "third within the period"
+    );
+    ensure!(
+        state
+            .rate_limit_take(&key, 2, second, t0.plus(Duration::from_millis(500)))
+            .await?
+    );
+
+    // Throttle: 1 per second, never refused, later starts reserved.
+    let key = unique("th");
+    ensure!(state.throttle_reserve(&key, 1, second, 1, t0).await? == t0);
+    ensure!(state.throttle_reserve(&key, 1, second, 1, t0).await? == t0.plus(second));
+    ensure!(state.throttle_reserve(&key, 1, second, 1, t0).await? == t0.plus(second * 2));
+    let burst = unique("th");
+    ensure!(state.throttle_reserve(&burst, 1, second, 2, t0).await? == t0);
+    ensure!(
+        state.throttle_reserve(&burst, 1, second, 2, t0).await? == t0,
+        "burst of 2"
+    );
+
+    // Debounce: the latest event wins, capped by the timeout.
+    let key = unique("db");
+    let (e1, e2) = (event("test/d"), event("test/d"));
+    let (g1, due1) = state
+        .debounce_push(&key, &e1, second * 5, Some(second * 7), t0)
+        .await?;
+    ensure!(due1 == t0.plus(second * 5));
+    let (g2, due2) = state
+        .debounce_push(&key, &e2, second * 5, Some(second * 7), t0.plus(second * 4))
+        .await?;
+    ensure!(
+        g2 > g1 && due2 == t0.plus(second * 7),
+        "timeout caps the delay: {due2:?}"
+    );
+    ensure!(
+        state.debounce_take(&key, g1).await?.is_none(),
+        "an old timer takes nothing"
+    );
+    ensure!(state.debounce_take(&key, g2).await?.as_ref() == Some(&e2));
+    ensure!(state.debounce_take(&key, g2).await?.is_none());
+
+    // Batches: open, add, full; a timer takes what is left.
+    let key = unique("bt");
+    let opened = state.batch_push(&key, &event("test/b"), 3, t0).await?;
+    let crate::store::BatchPush::Opened { batch_id } = opened else {
+        anyhow::bail!("first event: {opened:?}")
+    };
+    ensure!(
+        state.batch_push(&key, &event("test/b"), 3, t0).await? == crate::store::BatchPush::Added
+    );
+    match state.batch_push(&key, &event("test/b"), 3, t0).await? {
+        crate::store::BatchPush::Full {
+            batch_id: full,
+            events,
+        } => {
+            ensure!(full == batch_id && events.len() == 3)
+        }
+        other => anyhow::bail!("third event: {other:?}"),
+    }
+    ensure!(
+        state.batch_take(&key, &batch_id).await?.is_empty(),
+        "a full batch is closed"
+    );
+    let crate::store::BatchPush::Opened { batch_id } =
+        state.batch_push(&key, &event("test/b"), 3, t0).await?
+    else {
+        anyhow::bail!("a new batch opens")
+    };
+    ensure!(state.batch_take(&key, &batch_id).await?.len() == 1);
+
+    // Singleton: held while the holder runs.
+    let key = unique("sg");
+    let holder = sample_run(&unique("fn"), "k");
+    state.create_run(holder.clone()).await?;
+    ensure!(state
+        .singleton_claim(&key, &holder.id, false)
+        .await?
+        .is_none());
+    ensure!(
+        state
+            .singleton_claim(&key, "other", false)
+            .await?
+            .as_deref()
+            == Some(holder.id.as_str())
+    );
+    ensure!(
+        state
+            .singleton_claim(&key, "replacer", true)
+            .await?
+            .as_deref()
+            == Some(holder.id.as_str())
+    );
+    state
+        .finish_run(&holder.id, RunStatus::Completed, None, t0)
+        .await?;
+    ensure!(
+        state.singleton_claim(&key, "later", false).await?.is_none(),
+        "replacer does not exist"
+    );
     Ok(())
 }
 
@@ -168,13 +286,24 @@ async fn pauses_index_by_event_run_and_correlation(state: &dyn StateStore) -> an
     other_value.match_key = Some(("data.k".into(), "\"v2\"".into()));
     state.save_pause(keyed.clone()).await?;
     state.save_pause(other_value.clone()).await?;
-    ensure!(state.pauses_for_event(&event_name).await?.is_empty(), "keyed pauses are not generic");
+    ensure!(
+        state.pauses_for_event(&event_name).await?.is_empty(),
+        "keyed pauses are not generic"
+    );
     ensure!(state.pause_match_paths(&event_name).await? == ["data.k"]);
-    let found = state.pauses_for_match(&event_name, "data.k", "\"v1\"").await?;
+    let found = state
+        .pauses_for_match(&event_name, "data.k", "\"v1\"")
+        .await?;
     ensure!(found == [keyed.clone()], "{found:?}");
-    ensure!(state.pauses_for_match(&event_name, "data.k", "\"v3\"").await?.is_empty());
+    ensure!(state
+        .pauses_for_match(&event_name, "data.k", "\"v3\"")
+        .await?
+        .is_empty());
     state.take_pause(&keyed.id).await?;
-    ensure!(state.pauses_for_match(&event_name, "data.k", "\"v1\"").await?.is_empty());
+    ensure!(state
+        .pauses_for_match(&event_name, "data.k", "\"v1\"")
+        .await?
+        .is_empty());
     state.take_pause(&other_value.id).await?;
     ensure!(state.pause_count().await? == count_before);
     Ok(())
@@ -302,12 +431,7 @@ async fn finish_is_final(state: &dyn StateStore) -> anyhow::Result<()> {
 }
 
 fn item(id: &str) -> QueueItem {
-    QueueItem {
-        id: id.to_string(),
-        run_id: "run".into(),
-        fn_id: "fn".into(),
-        kind: ItemKind::Discovery { seq: 0 },
-    }
+    QueueItem::discovery("run", "fn", 0).with_id(id)
 }
 
 pub async fn queue_suite(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
@@ -522,6 +646,94 @@ async fn enqueue_wakes_waiter(queue: &dyn Queue) -> anyhow::Result<()> {
     let lease = queue.lease_due(Timestamp(1), 1, TTL).await?.remove(0);
     queue.ack(lease.lease_id, &id, Vec::new()).await?;
     Ok(())
+}
+
+fn limited(id: &str, key: &str, limit: u32) -> QueueItem {
+    let mut item = item(id);
+    item.limits = vec![(key.to_string(), limit)];
+    item
+}
+
+async fn concurrency_limits_hold(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
+    let key = unique("key");
+    let ids: Vec<String> = (0..3).map(|i| unique(&format!("c{i}"))).collect();
+    for id in &ids {
+        queue.enqueue(limited(id, &key, 2), clock.now()).await?;
+    }
+    let first = queue.lease_due(clock.now(), 10, TTL).await?;
+    ensure!(first.len() == 2, "limit 2 leased {}", first.len());
+    ensure!(
+        queue.lease_due(clock.now(), 10, TTL).await?.is_empty(),
+        "over the limit"
+    );
+    // A blocked partition is not reported due, so the executor sleeps.
+    ensure!(
+        queue.next_due().await? != Some(clock.now()),
+        "blocked items reported due"
+    );
+    queue
+        .ack(first[0].lease_id, &first[0].item.id, Vec::new())
+        .await?;
+    let second = queue.lease_due(clock.now(), 10, TTL).await?;
+    ensure!(second.len() == 1, "an ack frees one slot");
+    // An expired lease frees its slot too.
+    clock.advance(TTL + Duration::from_secs(1));
+    let again = queue.lease_due(clock.now(), 10, TTL).await?;
+    ensure!(
+        again.len() == 2,
+        "expired leases come back within the limit: {}",
+        again.len()
+    );
+    for lease in again {
+        queue
+            .ack(lease.lease_id, &lease.item.id, Vec::new())
+            .await?;
+    }
+    Ok(())
+}
+
+async fn partitions_are_served_fairly(
+    queue: &dyn Queue,
+    clock: &ManualClock,
+) -> anyhow::Result<()> {
+    let (busy, quiet) = (unique("busy"), unique("quiet"));
+    let start = clock.now();
+    for i in 0..50 {
+        let mut item = item(&unique(&format!("b{i}")));
+        item.partition = busy.clone();
+        queue.enqueue(item, start).await?;
+    }
+    clock.advance(Duration::from_secs(1));
+    let mut lonely = item(&unique("q"));
+    lonely.partition = quiet.clone();
+    queue.enqueue(lonely.clone(), clock.now()).await?;
+    let leases = queue.lease_due(clock.now(), 5, TTL).await?;
+    ensure!(leases.len() == 5);
+    ensure!(
+        leases.iter().any(|l| l.item.id == lonely.id),
+        "a backlog in one partition starved another"
+    );
+    for lease in leases {
+        queue
+            .ack(lease.lease_id, &lease.item.id, Vec::new())
+            .await?;
+    }
+    drain(queue, clock).await
+}
+
+async fn priority_orders_within_a_partition(
+    queue: &dyn Queue,
+    clock: &ManualClock,
+) -> anyhow::Result<()> {
+    let (plain, urgent) = (unique("plain"), unique("urgent"));
+    queue.enqueue(item(&plain), clock.now()).await?;
+    let mut high = item(&urgent);
+    high.priority_ms = 60_000;
+    queue.enqueue(high, clock.now()).await?;
+    let leases = queue.lease_due(clock.now(), 1, TTL).await?;
+    ensure!(leases[0].item.id == urgent, "priority did not jump ahead");
+    queue.ack(leases[0].lease_id, &urgent, Vec::new()).await?;
+    drain(queue, clock).await
 }
 
 fn event(name: &str) -> EventRecord {

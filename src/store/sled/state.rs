@@ -4,15 +4,21 @@
 //! pauses: `pa/<pause>` record, `pe/<event name>\0<pause>` by event name,
 //! `pr/<run>/<pause>` by run, `pc/<correlation id>` pause id; pauses with a
 //! match key are indexed as `pm/<name>\0<path>\0<value>\0<pause>` instead
-//! of `pe/`, and `pp/<name>\0<path>` lists the paths in use.
+//! of `pe/`, and `pp/<name>\0<path>` lists the paths in use; flow control:
+//! `fl/rl/<key>` and `fl/th/<key>` GCRA arrival times, `fl/db/<key>`
+//! debounce, `fl/bt/<key>` open batch, `fl/sg/<key>` singleton holder.
 
 use std::sync::Mutex;
 
 use super::{key, sled_error, GroupCommit, SledDb};
 use crate::clock::Timestamp;
 use crate::model::records::Record;
-use crate::model::{PauseRecord, RunRecord, RunStatus, StepRecord};
+use crate::model::{
+    BatchRecord, DebounceRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord,
+};
+use crate::store::BatchPush;
 use crate::store::{CreateRun, SaveStep, StateStore, StoreResult};
+use std::time::Duration;
 
 pub struct SledStateStore {
     tree: sled::Tree,
@@ -37,6 +43,21 @@ impl SledStateStore {
             .map_err(sled_error)?
         {
             Some(bytes) => Ok(Some(RunRecord::from_bytes(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn get_i64(&self, key: &[u8]) -> StoreResult<Option<i64>> {
+        Ok(self.tree.get(key).map_err(sled_error)?.map(|bytes| {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(&bytes[..8]);
+            i64::from_be_bytes(raw)
+        }))
+    }
+
+    fn get_record<R: Record>(&self, key: &[u8]) -> StoreResult<Option<R>> {
+        match self.tree.get(key).map_err(sled_error)? {
+            Some(bytes) => Ok(Some(R::from_bytes(&bytes)?)),
             None => Ok(None),
         }
     }
@@ -353,6 +374,173 @@ impl StateStore for SledStateStore {
 
     async fn pause_count(&self) -> StoreResult<u64> {
         Ok(self.tree.scan_prefix(b"pa/").count() as u64)
+    }
+
+    async fn rate_limit_take(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        let _guard = self.lock();
+        let tat_key = joined(b"fl/rl/", &[key]);
+        let stored = self.get_i64(&tat_key)?.unwrap_or(i64::MIN);
+        let emission = (period.as_millis() as i64 / i64::from(limit.max(1))).max(1);
+        let tolerance = period.as_millis() as i64 - emission;
+        let tat = stored.max(now.millis());
+        if tat - now.millis() > tolerance {
+            return Ok(false);
+        }
+        self.tree
+            .insert(tat_key, &(tat + emission).to_be_bytes())
+            .map_err(sled_error)?;
+        Ok(true)
+    }
+
+    async fn throttle_reserve(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+        burst: u32,
+        now: Timestamp,
+    ) -> StoreResult<Timestamp> {
+        let _guard = self.lock();
+        let tat_key = joined(b"fl/th/", &[key]);
+        let stored = self.get_i64(&tat_key)?.unwrap_or(i64::MIN);
+        let emission = (period.as_millis() as i64 / i64::from(limit.max(1))).max(1);
+        let tolerance = emission * i64::from(burst.max(1) - 1);
+        let tat = stored.max(now.millis());
+        let allowed = (tat - tolerance).max(now.millis());
+        self.tree
+            .insert(tat_key, &(tat + emission).to_be_bytes())
+            .map_err(sled_error)?;
+        Ok(Timestamp(allowed))
+    }
+
+    async fn debounce_push(
+        &self,
+        key: &str,
+        event: &EventRecord,
+        period: Duration,
+        timeout: Option<Duration>,
+        now: Timestamp,
+    ) -> StoreResult<(u64, Timestamp)> {
+        let _guard = self.lock();
+        let record_key = joined(b"fl/db/", &[key]);
+        let previous: Option<DebounceRecord> = self.get_record(&record_key)?;
+        let first_at = previous
+            .as_ref()
+            .map(|p| p.first_at)
+            .unwrap_or(now.millis());
+        let generation = previous.as_ref().map(|p| p.generation + 1).unwrap_or(1);
+        let mut due = now.plus(period).millis();
+        if let Some(timeout) = timeout {
+            due = due.min(Timestamp(first_at).plus(timeout).millis());
+        }
+        let record = DebounceRecord {
+            generation,
+            first_at,
+            due,
+            event: event.clone(),
+        };
+        self.tree
+            .insert(record_key, record.to_bytes())
+            .map_err(sled_error)?;
+        Ok((generation, Timestamp(due)))
+    }
+
+    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>> {
+        let _guard = self.lock();
+        let record_key = joined(b"fl/db/", &[key]);
+        let Some(record) = self.get_record::<DebounceRecord>(&record_key)? else {
+            return Ok(None);
+        };
+        if record.generation != generation {
+            return Ok(None);
+        }
+        self.tree.remove(record_key).map_err(sled_error)?;
+        Ok(Some(record.event))
+    }
+
+    async fn batch_push(
+        &self,
+        key: &str,
+        event: &EventRecord,
+        max_size: u32,
+        now: Timestamp,
+    ) -> StoreResult<BatchPush> {
+        let _guard = self.lock();
+        let record_key = joined(b"fl/bt/", &[key]);
+        let (mut batch, opened) = match self.get_record::<BatchRecord>(&record_key)? {
+            Some(batch) => (batch, false),
+            None => (
+                BatchRecord {
+                    batch_id: ulid::Ulid::new().to_string(),
+                    opened_at: now.millis(),
+                    events: Vec::new(),
+                },
+                true,
+            ),
+        };
+        batch.events.push(event.clone());
+        if batch.events.len() as u32 >= max_size {
+            self.tree.remove(record_key).map_err(sled_error)?;
+            return Ok(BatchPush::Full {
+                batch_id: batch.batch_id,
+                events: batch.events,
+            });
+        }
+        self.tree
+            .insert(record_key, batch.to_bytes())
+            .map_err(sled_error)?;
+        Ok(if opened {
+            BatchPush::Opened {
+                batch_id: batch.batch_id,
+            }
+        } else {
+            BatchPush::Added
+        })
+    }
+
+    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>> {
+        let _guard = self.lock();
+        let record_key = joined(b"fl/bt/", &[key]);
+        match self.get_record::<BatchRecord>(&record_key)? {
+            Some(batch) if batch.batch_id == batch_id => {
+                self.tree.remove(record_key).map_err(sled_error)?;
+                Ok(batch.events)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    async fn singleton_claim(
+        &self,
+        key: &str,
+        run_id: &str,
+        replace: bool,
+    ) -> StoreResult<Option<String>> {
+        let _guard = self.lock();
+        let holder_key = joined(b"fl/sg/", &[key]);
+        let holder = match self.tree.get(&holder_key).map_err(sled_error)? {
+            Some(id) => {
+                let id = String::from_utf8_lossy(&id).to_string();
+                let running = self
+                    .get_run(&id)?
+                    .is_some_and(|run| !run.status.is_terminal());
+                running.then_some(id)
+            }
+            None => None,
+        };
+        if holder.is_some() && !replace {
+            return Ok(holder);
+        }
+        self.tree
+            .insert(holder_key, run_id.as_bytes())
+            .map_err(sled_error)?;
+        Ok(holder)
     }
 
     async fn finish_run(

@@ -1,0 +1,284 @@
+//! Flow-control settings of a function (PROTOCOL §3.5): concurrency,
+//! throttle, rate limit, idempotency, debounce, batching, priority,
+//! singleton. Parsed from the synced config; both SDKs' shapes.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::duration::parse_time_str;
+use crate::expr::Expr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Fn,
+    Env,
+    Account,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConcurrencyRule {
+    pub limit: u32,
+    pub key: Option<String>,
+    pub scope: Scope,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThrottleRule {
+    pub limit: u32,
+    pub period: Duration,
+    pub burst: u32,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitRule {
+    pub limit: u32,
+    pub period: Duration,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DebounceRule {
+    pub period: Duration,
+    pub key: Option<String>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchRule {
+    pub max_size: u32,
+    pub timeout: Duration,
+    pub key: Option<String>,
+    /// Only events for which this is true are batched; others run alone.
+    pub condition: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SingletonMode {
+    Skip,
+    Cancel,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SingletonRule {
+    pub mode: SingletonMode,
+    pub key: Option<String>,
+}
+
+/// Every flow-control rule of one function.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FlowControl {
+    pub concurrency: Vec<ConcurrencyRule>,
+    pub throttle: Option<ThrottleRule>,
+    pub rate_limit: Option<RateLimitRule>,
+    /// CEL key: one run per key per 24 h.
+    pub idempotency: Option<String>,
+    pub debounce: Option<DebounceRule>,
+    pub batch: Option<BatchRule>,
+    /// CEL giving seconds by which a run jumps ahead (negative: behind).
+    pub priority: Option<String>,
+    pub singleton: Option<SingletonRule>,
+}
+
+fn text(value: Option<&Value>) -> Option<String> {
+    value
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+fn expr(value: Option<&Value>, what: &str) -> Result<Option<String>, String> {
+    match text(value) {
+        Some(source) => {
+            Expr::compile(&source).map_err(|err| format!("{what}: {err}"))?;
+            Ok(Some(source))
+        }
+        None => Ok(None),
+    }
+}
+
+fn duration(value: Option<&Value>, what: &str) -> Result<Option<Duration>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => parse_time_str(s)
+            .map(Some)
+            .map_err(|e| format!("{what}: {e}")),
+        Some(Value::Number(n)) => Ok(n.as_f64().map(Duration::from_secs_f64)),
+        Some(other) => Err(format!("{what}: {other} is not a duration")),
+    }
+}
+
+fn required_duration(value: Option<&Value>, what: &str) -> Result<Duration, String> {
+    duration(value, what)?.ok_or_else(|| format!("{what} is required"))
+}
+
+fn limit(value: Option<&Value>, what: &str) -> Result<u32, String> {
+    value
+        .and_then(Value::as_u64)
+        .filter(|n| *n >= 1)
+        .map(|n| n.min(u64::from(u32::MAX)) as u32)
+        .ok_or_else(|| format!("{what} must be a positive integer"))
+}
+
+impl FlowControl {
+    pub fn parse(config: &Value) -> Result<FlowControl, String> {
+        let mut flow = FlowControl::default();
+        let concurrency: Vec<&Value> = match config.get("concurrency") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(number @ Value::Number(_)) => vec![number],
+            Some(Value::Array(rules)) => rules.iter().collect(),
+            Some(object @ Value::Object(map)) if map.contains_key("fn") => map
+                .get("fn")
+                .and_then(Value::as_array)
+                .map(|rules| rules.iter().collect())
+                .unwrap_or_else(|| vec![object]),
+            Some(object) => vec![object],
+        };
+        if concurrency.len() > 2 {
+            return Err("concurrency takes at most two limits".into());
+        }
+        for rule in concurrency {
+            if let Some(n) = rule.as_u64() {
+                if n > 0 {
+                    flow.concurrency.push(ConcurrencyRule {
+                        limit: n.min(u64::from(u32::MAX)) as u32,
+                        key: None,
+                        scope: Scope::Fn,
+                    });
+                }
+                continue;
+            }
+            // A limit of 0 means "no limit" in the SDKs' configs.
+            if rule.get("limit").and_then(Value::as_u64) == Some(0) {
+                continue;
+            }
+            let scope = match rule.get("scope").and_then(Value::as_str) {
+                None | Some("fn") => Scope::Fn,
+                Some("env") => Scope::Env,
+                Some("account") => Scope::Account,
+                Some(other) => return Err(format!("unknown concurrency scope {other:?}")),
+            };
+            flow.concurrency.push(ConcurrencyRule {
+                limit: limit(rule.get("limit"), "concurrency.limit")?,
+                key: expr(rule.get("key"), "concurrency.key")?,
+                scope,
+            });
+        }
+        if let Some(rule) = config.get("throttle").filter(|v| !v.is_null()) {
+            flow.throttle = Some(ThrottleRule {
+                limit: limit(rule.get("limit"), "throttle.limit")?,
+                period: required_duration(rule.get("period"), "throttle.period")?,
+                burst: rule
+                    .get("burst")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1)
+                    .clamp(1, u64::from(u32::MAX)) as u32,
+                key: expr(rule.get("key"), "throttle.key")?,
+            });
+        }
+        if let Some(rule) = config.get("rateLimit").filter(|v| !v.is_null()) {
+            flow.rate_limit = Some(RateLimitRule {
+                limit: limit(rule.get("limit"), "rateLimit.limit")?,
+                period: required_duration(rule.get("period"), "rateLimit.period")?,
+                key: expr(rule.get("key"), "rateLimit.key")?,
+            });
+        }
+        flow.idempotency = expr(config.get("idempotency"), "idempotency")?;
+        if let Some(rule) = config.get("debounce").filter(|v| !v.is_null()) {
+            flow.debounce = Some(DebounceRule {
+                period: required_duration(rule.get("period"), "debounce.period")?,
+                key: expr(rule.get("key"), "debounce.key")?,
+                timeout: duration(rule.get("timeout"), "debounce.timeout")?,
+            });
+        }
+        if let Some(rule) = config.get("batchEvents").filter(|v| !v.is_null()) {
+            flow.batch = Some(BatchRule {
+                max_size: limit(rule.get("maxSize"), "batchEvents.maxSize")?,
+                timeout: required_duration(rule.get("timeout"), "batchEvents.timeout")?,
+                key: expr(rule.get("key"), "batchEvents.key")?,
+                condition: expr(rule.get("if"), "batchEvents.if")?,
+            });
+        }
+        flow.priority = expr(config.pointer("/priority/run"), "priority.run")?;
+        if let Some(rule) = config.get("singleton").filter(|v| !v.is_null()) {
+            let mode = match rule.get("mode").and_then(Value::as_str) {
+                Some("skip") | None => SingletonMode::Skip,
+                Some("cancel") => SingletonMode::Cancel,
+                Some(other) => return Err(format!("unknown singleton mode {other:?}")),
+            };
+            flow.singleton = Some(SingletonRule {
+                mode,
+                key: expr(rule.get("key"), "singleton.key")?,
+            });
+        }
+        Ok(flow)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn concurrency_shapes() {
+        let parse = |v: Value| {
+            FlowControl::parse(&json!({ "concurrency": v }))
+                .unwrap()
+                .concurrency
+        };
+        assert_eq!(
+            parse(json!(3)),
+            [ConcurrencyRule {
+                limit: 3,
+                key: None,
+                scope: Scope::Fn
+            }]
+        );
+        assert_eq!(
+            parse(json!({"limit": 2, "key": "event.data.user"})),
+            [ConcurrencyRule {
+                limit: 2,
+                key: Some("event.data.user".into()),
+                scope: Scope::Fn
+            }]
+        );
+        let two = parse(json!([{"limit": 5, "scope": "env", "key": "event.data.a"}, {"limit": 1}]));
+        assert_eq!(two.len(), 2);
+        assert_eq!(two[0].scope, Scope::Env);
+        assert!(parse(json!([])).is_empty());
+        assert!(FlowControl::parse(
+            &json!({"concurrency": [{"limit": 1}, {"limit": 1}, {"limit": 1}]})
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn every_rule() {
+        let flow = FlowControl::parse(&json!({
+            "throttle": {"limit": 1, "period": "1s"},
+            "rateLimit": {"limit": 10, "period": "1m", "key": "event.data.k"},
+            "idempotency": "event.data.id",
+            "debounce": {"period": "5s", "timeout": "1m"},
+            "batchEvents": {"maxSize": 5, "timeout": "2s", "if": "event.data.ok"},
+            "priority": {"run": "event.data.p"},
+            "singleton": {"mode": "cancel", "key": "event.data.u"},
+        }))
+        .unwrap();
+        assert_eq!(flow.throttle.unwrap().burst, 1);
+        assert_eq!(flow.rate_limit.unwrap().period, Duration::from_secs(60));
+        assert_eq!(flow.idempotency.as_deref(), Some("event.data.id"));
+        assert_eq!(
+            flow.debounce.unwrap().timeout,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(flow.batch.unwrap().max_size, 5);
+        assert_eq!(flow.priority.as_deref(), Some("event.data.p"));
+        assert_eq!(flow.singleton.unwrap().mode, SingletonMode::Cancel);
+        assert!(FlowControl::parse(&json!({"throttle": {"limit": 0, "period": "1s"}})).is_err());
+        assert!(FlowControl::parse(&json!({"debounce": {}})).is_err());
+    }
+}
