@@ -9,7 +9,7 @@ use crate::actors::{executor, runner};
 use crate::clock::Timestamp;
 use crate::http::{read_body, ApiError, AppState};
 use crate::model::function::FunctionDef;
-use crate::model::{PauseKind, RunRecord, StepRecord};
+use crate::model::{PauseKind, RunRecord, RunStatus, StepRecord};
 
 fn core(state: &AppState) -> Result<&actix::Addr<crate::actors::core_api::CoreApi>, ApiError> {
     state
@@ -46,6 +46,8 @@ pub fn run_json(run: &RunRecord, steps: Option<&[StepRecord]>) -> Value {
         "event_id": run.event_ids.first(),
         "event_ids": run.event_ids,
         "status": run.status.as_str(),
+        "skip_reason": run.skip_reason,
+        "delayed_by": run.delayed_by,
         "ended_at": time(run.ended_at),
         "output": run.output.as_deref().map(parse_json),
     });
@@ -167,6 +169,45 @@ pub async fn sync_url(
         Ok(answer) => Ok(wrap(&state, answer)),
         Err(message) => Err(ApiError::BadRequest(message)),
     }
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct ListRuns {
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+    pub function_id: Option<String>,
+    pub status: Option<String>,
+}
+
+fn parse_status(text: &str) -> Result<RunStatus, ApiError> {
+    [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+        RunStatus::Skipped,
+    ]
+    .into_iter()
+    .find(|s| s.as_str().eq_ignore_ascii_case(text))
+    .ok_or_else(|| ApiError::BadRequest(format!("unknown run status {text:?}")))
+}
+
+/// `GET /v1/runs?function_id=&status=&limit=&cursor=`: newest first;
+/// `cursor` is the id of the last run of the previous page.
+pub async fn list_runs(
+    state: web::Data<AppState>,
+    query: web::Query<ListRuns>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(20).clamp(1, 1_000);
+    let status = query.status.as_deref().map(parse_status).transpose()?;
+    let runs = state
+        .backends
+        .state
+        .list_runs(limit, query.cursor.as_deref(), query.function_id.as_deref(), status)
+        .await?;
+    let runs: Vec<Value> = runs.iter().map(|run| run_json(run, None)).collect();
+    Ok(wrap(&state, Value::Array(runs)))
 }
 
 pub async fn get_run(

@@ -44,6 +44,7 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/fn/register", web::post().to(core_api::register))
             .route("/v1/apps", web::get().to(core_api::list_apps))
             .route("/v1/apps/sync", web::post().to(core_api::sync_url))
+            .route("/v1/runs", web::get().to(core_api::list_runs))
             .route("/v1/runs/{id}", web::get().to(core_api::get_run))
             .route("/v1/runs/{id}", web::delete().to(core_api::cancel_run))
             .route("/v0/runs/{id}", web::delete().to(core_api::cancel_run_v0))

@@ -244,6 +244,16 @@ pub trait StateStore: Send + Sync + 'static {
         at: Timestamp,
     ) -> StoreResult<bool>;
 
+    /// Up to `limit` runs, newest first, created before run `before` when
+    /// given, optionally only of one function and/or in one status.
+    async fn list_runs(
+        &self,
+        limit: usize,
+        before: Option<&str>,
+        fn_id: Option<&str>,
+        status: Option<RunStatus>,
+    ) -> StoreResult<Vec<RunRecord>>;
+
     /// Runs started by the event with this internal id, oldest first.
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>>;
 }

@@ -570,6 +570,32 @@ impl StateStore for SledStateStore {
         Ok(true)
     }
 
+    async fn list_runs(
+        &self,
+        limit: usize,
+        before: Option<&str>,
+        fn_id: Option<&str>,
+        status: Option<RunStatus>,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let end = match before {
+            Some(id) => key(&[b"r", id.as_bytes()]),
+            None => b"r0".to_vec(), // just past every "r/..." key
+        };
+        let mut runs = Vec::new();
+        for entry in self.tree.range(b"r/".to_vec()..end).rev() {
+            let (_, bytes) = entry.map_err(sled_error)?;
+            let run = RunRecord::from_bytes(&bytes)?;
+            if fn_id.is_some_and(|f| f != run.fn_id) || status.is_some_and(|s| s != run.status) {
+                continue;
+            }
+            runs.push(run);
+            if runs.len() >= limit {
+                break;
+            }
+        }
+        Ok(runs)
+    }
+
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>> {
         let prefix = key(&[b"e", event_internal_id.as_bytes(), b""]);
         let mut runs = Vec::new();
