@@ -4,6 +4,7 @@
 mod cli;
 mod crash;
 mod events;
+mod flow;
 mod sdk_node;
 mod steps;
 mod support;

@@ -21,6 +21,7 @@ served by werkzeug's threaded server (no reloader, no debugger).
 from __future__ import annotations
 
 import datetime
+import time
 import os
 import sys
 import threading
@@ -392,7 +393,43 @@ def ten_steps(ctx: inngest.ContextSync) -> typing.Any:
     return {"done": 10}
 
 
+@client.create_function(
+    fn_id="debounced",
+    trigger=inngest.TriggerEvent(event="test/debounce"),
+    debounce=inngest.Debounce(key="event.data.key", period=datetime.timedelta(seconds=2)),
+)
+def debounced(ctx: inngest.ContextSync) -> typing.Any:
+    key = key_of(ctx.event)
+
+    def seen() -> typing.Any:
+        bump("debounced", "seen", key)
+        record("debounced", {"key": key, "n": ctx.event.data.get("n")})
+        return ctx.event.data.get("n")
+
+    return ctx.step.run("seen", seen)
+
+
+@client.create_function(
+    fn_id="one-at-a-time",
+    trigger=inngest.TriggerEvent(event="test/one-at-a-time"),
+    concurrency=[inngest.Concurrency(limit=1)],
+)
+def one_at_a_time(ctx: inngest.ContextSync) -> typing.Any:
+    key = key_of(ctx.event)
+
+    def work() -> str:
+        bump("one-at-a-time", "work", key)
+        started = time.time()
+        time.sleep(0.3)
+        record("one-at-a-time", {"key": key, "start": started, "end": time.time()})
+        return "done"
+
+    return ctx.step.run("work", work)
+
+
 functions = [
+    debounced,
+    one_at_a_time,
     three_steps,
     flaky,
     non_retriable,
