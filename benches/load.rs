@@ -16,14 +16,34 @@
 //!   send to the last completion, runs/s, steps/s, and the per-run latency
 //!   (event `received_at` to run `ended_at`, both the server's own timestamps)
 //!   p50/p99/max.
+//! * **Part C, sleeps**: a fresh `baton` (`--workers 200`) with the Node app
+//!   gets `LOAD_SLEEPS` events `bench/sleep` (500 per request) whose runs
+//!   sleep 1 to 5 s (`secs = 1 + i % 5`) between two steps that each return
+//!   `Date.now()` in the app. Reports the wall time from the first send to the
+//!   last completion, the wake lateness of each run, `(t1 - t0) - secs`
+//!   (so it includes the SDK call that runs the step after the sleep), p50/p99/
+//!   max, and the `baton` RSS sampled every 500 ms (peak) and at the end.
+//! * **Part D, waits**: a fresh `baton` (`--workers 200`) with the Node app
+//!   gets `LOAD_WAITS` events `bench/wait` (key `w<i>`, 500 per request)
+//!   whose runs wait for `bench/wait.reply` matching `data.key`. Once
+//!   `/v1/status` shows them all as open pauses, `LOAD_RESUMES` replies (keys
+//!   `w0`.., 100 per request) are sent. Reports resumes/s (first send to the
+//!   last resumed run completed), the runner's match cost per event
+//!   (`pause_match_micros`) and pauses checked per event (`pause_checks`,
+//!   about 1 with the match-key index, about `LOAD_WAITS` without), the RSS
+//!   with the pauses open, and checks that exactly the replied-to runs ended.
 //! * The `baton` process's RSS (`VmRSS`, and the peak `VmHWM`) at the end of
 //!   each part.
+//!
+//! `LOAD_PARTS` picks the parts, a comma list of `ingest,e2e,sleeps,waits`
+//! (default all).
 //!
 //! Run it with
 //!
 //! ```text
 //! cargo bench --bench load
 //! LOAD_INGEST_SECS=2 LOAD_CONCURRENCY=16 LOAD_RUNS=100 cargo bench --bench load
+//! LOAD_PARTS=sleeps,waits LOAD_SLEEPS=500 LOAD_WAITS=500 LOAD_RESUMES=100 cargo bench --bench load
 //! ```
 //!
 //! It needs Node.js 20+ and npm (the harness runs `npm ci` in the app's folder
@@ -35,6 +55,8 @@
 mod support;
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -52,6 +74,16 @@ const STEPS_PER_RUN: u64 = 10;
 const E2E_DEADLINE: Duration = Duration::from_secs(600);
 /// Concurrent `/v1` reads when collecting per-run latencies.
 const READ_CONCURRENCY: usize = 32;
+/// Events per request when starting the runs of Parts C and D.
+const START_BATCH: usize = 500;
+/// Events per request of the replies in Part D.
+const REPLY_BATCH: usize = 100;
+/// How long each wait of Parts C and D may take before it gives up.
+const PART_DEADLINE: Duration = Duration::from_secs(600);
+/// How often the `baton` RSS is sampled during Parts C and D.
+const RSS_EVERY: Duration = Duration::from_millis(500);
+/// The parts `LOAD_PARTS` may name.
+const PARTS: [&str; 4] = ["ingest", "e2e", "sleeps", "waits"];
 
 fn main() {
     if !std::env::args().skip(1).any(|arg| arg == "--bench") {
@@ -71,16 +103,56 @@ struct Params {
     ingest_secs: u64,
     concurrency: usize,
     runs: usize,
+    sleeps: usize,
+    waits: usize,
+    resumes: usize,
+    parts: Vec<String>,
 }
 
 impl Params {
     fn from_env() -> Params {
-        Params {
+        let params = Params {
             ingest_secs: env_number("LOAD_INGEST_SECS", 5),
             concurrency: env_number("LOAD_CONCURRENCY", 32),
             runs: env_number("LOAD_RUNS", 500),
+            sleeps: env_number("LOAD_SLEEPS", 10_000),
+            waits: env_number("LOAD_WAITS", 10_000),
+            resumes: env_number("LOAD_RESUMES", 1_000),
+            parts: env_parts(),
+        };
+        if params.runs_part("waits") && params.resumes > params.waits {
+            panic!(
+                "LOAD_RESUMES ({}) must not exceed LOAD_WAITS ({})",
+                params.resumes, params.waits
+            );
         }
+        params
     }
+
+    fn runs_part(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
+    }
+}
+
+/// `LOAD_PARTS`: a comma list of [`PARTS`]; all of them when unset.
+fn env_parts() -> Vec<String> {
+    let Ok(text) = std::env::var("LOAD_PARTS") else {
+        return PARTS.iter().map(|p| p.to_string()).collect();
+    };
+    let parts: Vec<String> = text
+        .split(',')
+        .map(|p| p.trim().to_ascii_lowercase())
+        .filter(|p| !p.is_empty())
+        .collect();
+    for part in &parts {
+        assert!(
+            PARTS.contains(&part.as_str()),
+            "LOAD_PARTS: unknown part {part:?} (known: {})",
+            PARTS.join(",")
+        );
+    }
+    assert!(!parts.is_empty(), "LOAD_PARTS names no part");
+    parts
 }
 
 /// A positive integer from the environment, or `default` when unset.
@@ -96,25 +168,84 @@ fn env_number<T: std::str::FromStr + PartialOrd + Default + Copy>(name: &str, de
 
 async fn run(params: &Params) -> String {
     println!(
-        "load: LOAD_INGEST_SECS={} LOAD_CONCURRENCY={} LOAD_RUNS={} ({} CPUs)",
+        "load: LOAD_PARTS={} LOAD_INGEST_SECS={} LOAD_CONCURRENCY={} LOAD_RUNS={} \
+         LOAD_SLEEPS={} LOAD_WAITS={} LOAD_RESUMES={} ({} CPUs)",
+        params.parts.join(","),
         params.ingest_secs,
         params.concurrency,
         params.runs,
+        params.sleeps,
+        params.waits,
+        params.resumes,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let client = bench_client(params.concurrency);
 
-    let (single, batched, ingest_mem) = part_a(params, &client).await;
-    let (e2e, e2e_mem) = part_b(params, &client).await;
+    let ingest = if params.runs_part("ingest") {
+        Some(part_a(params, &client).await)
+    } else {
+        None
+    };
+    let e2e = if params.runs_part("e2e") {
+        Some(part_b(params, &client).await)
+    } else {
+        None
+    };
+    let sleeps = if params.runs_part("sleeps") {
+        Some(part_c(params, &client).await)
+    } else {
+        None
+    };
+    let waits = if params.runs_part("waits") {
+        Some(part_d(params, &client).await)
+    } else {
+        None
+    };
 
     let mut out = String::new();
     let _ = writeln!(out, "\n== baton load: results ==");
-    let _ = writeln!(out, "ingest  1/request : {}", single.line());
-    let _ = writeln!(out, "ingest {BATCH}/request: {}", batched.line());
-    let _ = writeln!(out, "e2e ten-steps     : {}", e2e.line());
-    let _ = writeln!(out, "e2e details       : {}", e2e.details());
-    let _ = writeln!(out, "baton RSS ingest  : {}", ingest_mem.line());
-    let _ = writeln!(out, "baton RSS e2e     : {}", e2e_mem.line());
+    if let Some((single, batched, _)) = &ingest {
+        let _ = writeln!(out, "ingest  1/request : {}", single.line());
+        let _ = writeln!(out, "ingest {BATCH}/request: {}", batched.line());
+    }
+    if let Some((e2e, _)) = &e2e {
+        let _ = writeln!(out, "e2e ten-steps     : {}", e2e.line());
+        let _ = writeln!(out, "e2e details       : {}", e2e.details());
+    }
+    if let Some(sleeps) = &sleeps {
+        let _ = writeln!(out, "sleeps            : {}", sleeps.line());
+        let _ = writeln!(out, "sleeps details    : {}", sleeps.details());
+    }
+    if let Some(waits) = &waits {
+        let _ = writeln!(out, "waits             : {}", waits.line());
+        let _ = writeln!(out, "waits details     : {}", waits.details());
+        if let Some(warning) = waits.warning() {
+            let _ = writeln!(out, "waits WARNING     : {warning}");
+        }
+    }
+    if let Some((_, _, memory)) = &ingest {
+        let _ = writeln!(out, "baton RSS ingest  : {}", memory.line());
+    }
+    if let Some((_, memory)) = &e2e {
+        let _ = writeln!(out, "baton RSS e2e     : {}", memory.line());
+    }
+    if let Some(sleeps) = &sleeps {
+        let _ = writeln!(
+            out,
+            "baton RSS sleeps  : {}, sampled peak VmRSS {}",
+            sleeps.memory.line(),
+            mib(sleeps.peak_kb)
+        );
+    }
+    if let Some(waits) = &waits {
+        let _ = writeln!(
+            out,
+            "baton RSS waits   : {} (with all pauses open: {}), sampled peak VmRSS {}",
+            waits.memory.line(),
+            waits.open_memory.line(),
+            mib(waits.peak_kb)
+        );
+    }
     let _ = writeln!(
         out,
         "(loopback, {} concurrent clients, load generator on the same host)",
@@ -420,17 +551,26 @@ async fn part_b(params: &Params, client: &reqwest::Client) -> (EndToEnd, Memory)
 }
 
 /// Counters of `/v1/status`.
+#[derive(Clone, Copy)]
 struct Counters {
     completed: u64,
     failed: u64,
     calls: u64,
     retries: u64,
     queue_depth: u64,
+    open_pauses: u64,
+    events_seen: u64,
+    pause_checks: u64,
+    pause_matches: u64,
+    pause_match_micros: u64,
 }
 
 impl Counters {
     async fn read(client: &reqwest::Client, base: &str) -> Counters {
-        let status = status(client, base).await;
+        Counters::of(&status(client, base).await)
+    }
+
+    fn of(status: &Value) -> Counters {
         let data = &status["data"];
         let number = |value: &Value| value.as_u64().unwrap_or(0);
         Counters {
@@ -439,6 +579,11 @@ impl Counters {
             calls: number(&data["executor"]["calls"]),
             retries: number(&data["executor"]["retries"]),
             queue_depth: number(&data["queue_depth"]),
+            open_pauses: number(&data["open_pauses"]),
+            events_seen: number(&data["runner"]["events_seen"]),
+            pause_checks: number(&data["runner"]["pause_checks"]),
+            pause_matches: number(&data["runner"]["pause_matches"]),
+            pause_match_micros: number(&data["runner"]["pause_match_micros"]),
         }
     }
 }
@@ -547,6 +692,651 @@ impl EndToEnd {
     }
 }
 
+// ---- Parts C and D: sleeps and waits ----------------------------------------
+
+/// A fresh `baton` (`--workers 200`) with the Node app synced; the folder
+/// must outlive the server (declare it first so it drops last).
+async fn start_with_app() -> (tempfile::TempDir, Baton, NodeApp) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let baton = Baton::start_with(
+        &dir.path().join("data"),
+        BatonOptions {
+            extra_args: vec!["--workers".into(), "200".into()],
+            ..BatonOptions::default()
+        },
+    );
+    println!("baton at {} (pid {})", baton.url, baton.pid());
+    let app = NodeApp::start(&baton.url);
+    app.sync().await;
+    println!("node app synced at {}", app.url);
+    (dir, baton, app)
+}
+
+/// Request bodies of `batch` events each, with their event counts.
+fn batch_bodies(events: &[Value], batch: usize) -> Vec<(String, usize)> {
+    events
+        .chunks(batch)
+        .map(|chunk| (Value::Array(chunk.to_vec()).to_string(), chunk.len()))
+        .collect()
+}
+
+/// Sends all `bodies` at once; the id of each event in order (None where
+/// its request failed) and the number of failed requests.
+async fn send_all(
+    client: &reqwest::Client,
+    url: &str,
+    bodies: Vec<(String, usize)>,
+) -> (Vec<Option<String>>, usize) {
+    let counts: Vec<usize> = bodies.iter().map(|(_, count)| *count).collect();
+    let answers = futures::future::join_all(
+        bodies
+            .into_iter()
+            .map(|(body, count)| post_events(client, url, body, count)),
+    )
+    .await;
+    let mut ids = Vec::with_capacity(counts.iter().sum());
+    let mut errors = 0;
+    for (count, answer) in counts.into_iter().zip(answers) {
+        match answer {
+            Ok(batch) => ids.extend(batch.into_iter().map(Some)),
+            Err(error) => {
+                errors += 1;
+                eprintln!("sending failed: {error}");
+                ids.resize(ids.len() + count, None);
+            }
+        }
+    }
+    (ids, errors)
+}
+
+/// Polls `/v1/status` every `every` until `done` holds or [`PART_DEADLINE`]
+/// passes, calling `progress` about once a second. Answers the time since
+/// `started`, the last counters, and whether it gave up.
+async fn poll_until(
+    client: &reqwest::Client,
+    base: &str,
+    started: Instant,
+    every: Duration,
+    mut done: impl FnMut(&Counters) -> bool,
+    mut progress: impl FnMut(&Counters, Duration),
+) -> (Duration, Counters, bool) {
+    let deadline = Instant::now() + PART_DEADLINE;
+    let mut last_print = Instant::now();
+    loop {
+        let now = Counters::read(client, base).await;
+        if done(&now) {
+            return (started.elapsed(), now, false);
+        }
+        if Instant::now() > deadline {
+            eprintln!("gave up waiting after {}", secs(PART_DEADLINE));
+            return (started.elapsed(), now, true);
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            progress(&now, started.elapsed());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// The first run of an event as `/v1/events/{id}/runs` shows it; null when
+/// there is none (or no event id).
+async fn first_run(client: &reqwest::Client, base: &str, event_id: Option<&String>) -> Value {
+    let Some(event_id) = event_id else {
+        return Value::Null;
+    };
+    match get_json(client, &format!("{base}/v1/events/{event_id}/runs")).await {
+        Ok(runs) => runs["data"][0].clone(),
+        Err(error) => {
+            eprintln!("{error}");
+            Value::Null
+        }
+    }
+}
+
+/// The first run of each event, in order, [`READ_CONCURRENCY`] reads at a time.
+async fn first_runs(client: &reqwest::Client, base: &str, ids: &[Option<String>]) -> Vec<Value> {
+    futures::stream::iter(ids.iter())
+        .map(|id| first_run(client, base, id.as_ref()))
+        .buffered(READ_CONCURRENCY)
+        .collect()
+        .await
+}
+
+/// Samples a process's `VmRSS` every [`RSS_EVERY`], keeping the peak.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    peak_kb: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak_kb = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            let peak_kb = peak_kb.clone();
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(kb) = Memory::of(pid).rss_kb {
+                        peak_kb.fetch_max(kb, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(RSS_EVERY).await;
+                }
+            }
+        });
+        RssSampler {
+            stop,
+            peak_kb,
+            task,
+        }
+    }
+
+    fn peak_kb(&self) -> Option<u64> {
+        Some(self.peak_kb.load(Ordering::Relaxed)).filter(|&kb| kb > 0)
+    }
+
+    /// Stops sampling (after one last sample); the peak.
+    async fn finish(self, pid: u32) -> Option<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let RssSampler { peak_kb, task, .. } = self;
+        let _ = task.await;
+        if let Some(kb) = Memory::of(pid).rss_kb {
+            peak_kb.fetch_max(kb, Ordering::Relaxed);
+        }
+        Some(peak_kb.load(Ordering::Relaxed)).filter(|&kb| kb > 0)
+    }
+}
+
+// ---- Part C: sleeps ---------------------------------------------------------
+
+/// The longest sleep of Part C, in seconds (`secs = 1 + i % 5`).
+const MAX_SLEEP_SECS: usize = 5;
+
+async fn part_c(params: &Params, client: &reqwest::Client) -> Sleeps {
+    let longest = MAX_SLEEP_SECS.min(params.sleeps);
+    println!(
+        "\n-- part C: {} runs of bench-sleep, sleeping 1-{longest} s --",
+        params.sleeps
+    );
+    let (_dir, baton, app) = start_with_app().await;
+    let pid = baton.pid();
+    let before = Counters::read(client, &baton.url).await;
+    let url = format!("{}/e/bench-key", baton.url);
+    let events: Vec<Value> = (0..params.sleeps)
+        .map(|i| json!({"name": "bench/sleep", "data": {"secs": 1 + i % MAX_SLEEP_SECS}}))
+        .collect();
+    let bodies = batch_bodies(&events, START_BATCH);
+
+    let sampler = RssSampler::start(pid);
+    let started = Instant::now();
+    let (ids, send_errors) = send_all(client, &url, bodies).await;
+    let sent_in = started.elapsed();
+    let sent = ids.iter().flatten().count() as u64;
+    println!("sent {sent} events in {}", ms(Some(sent_in)));
+
+    let (wall, end, timed_out) = poll_until(
+        client,
+        &baton.url,
+        started,
+        Duration::from_millis(100),
+        |now| {
+            now.completed.saturating_sub(before.completed) + now.failed.saturating_sub(before.failed)
+                >= sent
+        },
+        |now, elapsed| {
+            println!(
+                "  {:>5.1} s: {}/{sent} runs completed, {} failed; queue depth {}; RSS {} (peak {})",
+                elapsed.as_secs_f64(),
+                now.completed.saturating_sub(before.completed),
+                now.failed.saturating_sub(before.failed),
+                now.queue_depth,
+                mib(Memory::of(pid).rss_kb),
+                mib(sampler.peak_kb()),
+            );
+        },
+    )
+    .await;
+    println!("all runs ended after {}", secs(wall));
+    let peak_kb = sampler.finish(pid).await;
+    let memory = Memory::of(pid);
+    println!(
+        "baton RSS: {}, sampled peak {}",
+        memory.line(),
+        mib(peak_kb)
+    );
+
+    // Each run with its steps: the sleep step is saved when its wake-up is
+    // processed, which splits the lateness in two.
+    let runs: Vec<Value> = futures::stream::iter(ids.iter())
+        .map(|id| async {
+            let run = first_run(client, &baton.url, id.as_ref()).await;
+            let Some(run_id) = run["run_id"].as_str() else {
+                return run;
+            };
+            match get_json(client, &format!("{}/v1/runs/{run_id}", baton.url)).await {
+                Ok(detail) => detail["data"].clone(),
+                Err(error) => {
+                    eprintln!("{error}");
+                    run
+                }
+            }
+        })
+        .buffered(READ_CONCURRENCY)
+        .collect()
+        .await;
+    let mut lateness = Vec::with_capacity(runs.len());
+    let mut to_wake = Vec::with_capacity(runs.len());
+    let mut after_wake = Vec::with_capacity(runs.len());
+    let mut not_completed = 0;
+    let mut bad_output = 0;
+    for run in &runs {
+        if run["status"] != "Completed" {
+            not_completed += 1;
+            continue;
+        }
+        let output = &run["output"];
+        match (
+            output["t0"].as_i64(),
+            output["t1"].as_i64(),
+            output["secs"].as_i64(),
+        ) {
+            (Some(t0), Some(t1), Some(secs)) => {
+                lateness.push(t1 - t0 - secs * 1000);
+                let woke = run["steps"].as_array().and_then(|steps| {
+                    steps
+                        .iter()
+                        .find(|step| step["kind"] == "sleep")
+                        .and_then(|step| rfc3339(&step["saved_at"]))
+                });
+                if let Some(woke) = woke {
+                    let woke = (woke.unix_timestamp_nanos() / 1_000_000) as i64;
+                    to_wake.push(woke - t0 - secs * 1000);
+                    after_wake.push(t1 - woke);
+                }
+            }
+            _ => {
+                bad_output += 1;
+                if bad_output <= 3 {
+                    eprintln!("a run without t0/t1/secs: {run}");
+                }
+            }
+        }
+    }
+    lateness.sort_unstable();
+    to_wake.sort_unstable();
+    after_wake.sort_unstable();
+    drop(app);
+    Sleeps {
+        runs: params.sleeps,
+        longest,
+        send_errors,
+        sent_in,
+        wall,
+        timed_out,
+        not_completed,
+        bad_output,
+        failed: end.failed.saturating_sub(before.failed),
+        calls: end.calls.saturating_sub(before.calls),
+        retries: end.retries.saturating_sub(before.retries),
+        lateness_ms: lateness,
+        to_wake_ms: to_wake,
+        after_wake_ms: after_wake,
+        peak_kb,
+        memory,
+    }
+}
+
+/// The outcome of Part C.
+struct Sleeps {
+    runs: usize,
+    longest: usize,
+    send_errors: usize,
+    sent_in: Duration,
+    wall: Duration,
+    timed_out: bool,
+    not_completed: usize,
+    bad_output: usize,
+    failed: u64,
+    calls: u64,
+    retries: u64,
+    /// Wake lateness of each completed run, ms, sorted.
+    lateness_ms: Vec<i64>,
+    /// Its two parts, sorted: from `t0` plus the sleep to the wake-up being
+    /// processed (the sleep step's `saved_at`), which includes the wait for
+    /// the call that reports the sleep; and from the wake-up to `t1`.
+    to_wake_ms: Vec<i64>,
+    after_wake_ms: Vec<i64>,
+    peak_kb: Option<u64>,
+    memory: Memory,
+}
+
+impl Sleeps {
+    fn line(&self) -> String {
+        let mut line = format!(
+            "{} runs sleeping 1-{} s: wall {}, wake lateness p50 {}, p99 {}, max {}; \
+             RSS peak {} (end {})",
+            self.runs,
+            self.longest,
+            secs(self.wall),
+            millis(percentile(&self.lateness_ms, 0.50)),
+            millis(percentile(&self.lateness_ms, 0.99)),
+            millis(self.lateness_ms.last().copied()),
+            mib(self.peak_kb),
+            mib(self.memory.rss_kb),
+        );
+        if self.not_completed > 0 || self.send_errors > 0 || self.bad_output > 0 || self.timed_out {
+            let _ = write!(
+                line,
+                "; NOT COMPLETED {} of {} ({} failed), send errors {}, bad outputs {}{}",
+                self.not_completed,
+                self.runs,
+                self.failed,
+                self.send_errors,
+                self.bad_output,
+                if self.timed_out { ", TIMED OUT" } else { "" },
+            );
+        }
+        line
+    }
+
+    fn details(&self) -> String {
+        let mean = if self.lateness_ms.is_empty() {
+            None
+        } else {
+            Some(self.lateness_ms.iter().sum::<i64>() / self.lateness_ms.len() as i64)
+        };
+        format!(
+            "lateness min {}, mean {} over {} runs; of it t0+secs to wake-up processed p50 {}, \
+             p99 {}, wake-up to t1 p50 {}, p99 {}; {} SDK calls ({:.1} per run), {} retries, \
+             sent in {}",
+            millis(self.lateness_ms.first().copied()),
+            millis(mean),
+            self.lateness_ms.len(),
+            millis(percentile(&self.to_wake_ms, 0.50)),
+            millis(percentile(&self.to_wake_ms, 0.99)),
+            millis(percentile(&self.after_wake_ms, 0.50)),
+            millis(percentile(&self.after_wake_ms, 0.99)),
+            self.calls,
+            self.calls as f64 / self.runs as f64,
+            self.retries,
+            ms(Some(self.sent_in)),
+        )
+    }
+}
+
+// ---- Part D: waits ----------------------------------------------------------
+
+async fn part_d(params: &Params, client: &reqwest::Client) -> Waits {
+    let (waits, resumes) = (params.waits, params.resumes);
+    println!("\n-- part D: {waits} runs of bench-wait, {resumes} of them resumed --");
+    let (_dir, baton, app) = start_with_app().await;
+    let pid = baton.pid();
+    let sampler = RssSampler::start(pid);
+    let before = Counters::read(client, &baton.url).await;
+    let url = format!("{}/e/bench-key", baton.url);
+    let events: Vec<Value> = (0..waits)
+        .map(|i| json!({"name": "bench/wait", "data": {"key": format!("w{i}")}}))
+        .collect();
+    let bodies = batch_bodies(&events, START_BATCH);
+
+    let started = Instant::now();
+    let (ids, send_errors) = send_all(client, &url, bodies).await;
+    println!(
+        "sent {} events in {}",
+        ids.iter().flatten().count(),
+        ms(Some(started.elapsed()))
+    );
+    let (opened_in, opened, open_timed_out) = poll_until(
+        client,
+        &baton.url,
+        started,
+        Duration::from_millis(100),
+        |now| now.open_pauses >= waits as u64,
+        |now, elapsed| {
+            println!(
+                "  {:>5.1} s: {}/{waits} pauses open; runs failed {}, completed {}; \
+                 queue depth {}; RSS {}",
+                elapsed.as_secs_f64(),
+                now.open_pauses,
+                now.failed.saturating_sub(before.failed),
+                now.completed.saturating_sub(before.completed),
+                now.queue_depth,
+                mib(Memory::of(pid).rss_kb),
+            );
+        },
+    )
+    .await;
+    let open_memory = Memory::of(pid);
+    println!(
+        "{} pauses open after {}; baton RSS {}",
+        opened.open_pauses,
+        secs(opened_in),
+        open_memory.line()
+    );
+
+    let mid = Counters::read(client, &baton.url).await;
+    let replies: Vec<Value> = (0..resumes)
+        .map(|i| json!({"name": "bench/wait.reply", "data": {"key": format!("w{i}")}}))
+        .collect();
+    let bodies = batch_bodies(&replies, REPLY_BATCH);
+    let started = Instant::now();
+    let (reply_ids, reply_errors) = send_all(client, &url, bodies).await;
+    let replies_sent_in = started.elapsed();
+    println!(
+        "sent {} replies in {}",
+        reply_ids.iter().flatten().count(),
+        ms(Some(replies_sent_in))
+    );
+    let mut matched_in = None;
+    let (resumed_in, _, resume_timed_out) = poll_until(
+        client,
+        &baton.url,
+        started,
+        Duration::from_millis(20),
+        |now| {
+            if matched_in.is_none()
+                && now.pause_matches.saturating_sub(mid.pause_matches) >= resumes as u64
+            {
+                matched_in = Some(started.elapsed());
+            }
+            now.completed.saturating_sub(mid.completed) + now.failed.saturating_sub(mid.failed)
+                >= resumes as u64
+        },
+        |now, elapsed| {
+            println!(
+                "  {:>5.1} s: {}/{resumes} resumed runs completed, {} failed; \
+                 {} replies seen, {} pauses matched; open pauses {}",
+                elapsed.as_secs_f64(),
+                now.completed.saturating_sub(mid.completed),
+                now.failed.saturating_sub(mid.failed),
+                now.events_seen.saturating_sub(mid.events_seen),
+                now.pause_matches.saturating_sub(mid.pause_matches),
+                now.open_pauses,
+            );
+        },
+    )
+    .await;
+    println!("{resumes} resumed runs ended after {}", secs(resumed_in));
+
+    // Let anything that should not end have a chance to, then read again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let end = Counters::read(client, &baton.url).await;
+    let peak_kb = sampler.finish(pid).await;
+    let memory = Memory::of(pid);
+
+    // Exactly the runs replied to ended, each with its own key.
+    let runs = first_runs(client, &baton.url, &ids).await;
+    let mut wrong = 0;
+    for (i, run) in runs.iter().enumerate() {
+        let key = format!("w{i}");
+        let ok = if i < resumes {
+            run["status"] == "Completed" && run["output"]["got"] == key.as_str()
+        } else {
+            run["status"] == "Running" && run["ended_at"].is_null()
+        };
+        if !ok {
+            wrong += 1;
+            if wrong <= 5 {
+                eprintln!("unexpected run for {key}: {run}");
+            }
+        }
+    }
+    drop(app);
+    Waits {
+        waits,
+        resumes,
+        send_errors: send_errors + reply_errors,
+        opened_in,
+        open_timed_out,
+        pauses_opened: opened.open_pauses,
+        replies_sent_in,
+        matched_in,
+        resumed_in,
+        resume_timed_out,
+        completed: end.completed.saturating_sub(mid.completed),
+        failed: end.failed.saturating_sub(before.failed),
+        open_pauses_end: end.open_pauses,
+        events_seen: end.events_seen.saturating_sub(mid.events_seen),
+        pause_checks: end.pause_checks.saturating_sub(mid.pause_checks),
+        pause_matches: end.pause_matches.saturating_sub(mid.pause_matches),
+        pause_match_micros: end
+            .pause_match_micros
+            .saturating_sub(mid.pause_match_micros),
+        wrong_runs: wrong,
+        open_memory,
+        peak_kb,
+        memory,
+    }
+}
+
+/// The outcome of Part D.
+struct Waits {
+    waits: usize,
+    resumes: usize,
+    send_errors: usize,
+    opened_in: Duration,
+    open_timed_out: bool,
+    pauses_opened: u64,
+    replies_sent_in: Duration,
+    matched_in: Option<Duration>,
+    resumed_in: Duration,
+    resume_timed_out: bool,
+    /// Runs completed after the replies were sent.
+    completed: u64,
+    failed: u64,
+    open_pauses_end: u64,
+    /// Runner counters' growth over the replies.
+    events_seen: u64,
+    pause_checks: u64,
+    pause_matches: u64,
+    pause_match_micros: u64,
+    /// Runs not in the state they should be (see `part_d`).
+    wrong_runs: usize,
+    open_memory: Memory,
+    peak_kb: Option<u64>,
+    memory: Memory,
+}
+
+impl Waits {
+    fn checks_per_event(&self) -> f64 {
+        self.pause_checks as f64 / self.resumes as f64
+    }
+
+    fn line(&self) -> String {
+        let mut line = format!(
+            "{} open pauses, {} resumes in {} ({:.0} events/s); match cost {:.1} µs/event, \
+             {:.2} pauses checked/event; RSS {}",
+            self.pauses_opened,
+            self.resumes,
+            secs(self.resumed_in),
+            self.resumes as f64 / self.resumed_in.as_secs_f64(),
+            self.pause_match_micros as f64 / self.resumes as f64,
+            self.checks_per_event(),
+            mib(self.open_memory.rss_kb),
+        );
+        if self.open_timed_out || self.resume_timed_out || self.send_errors > 0 {
+            let _ = write!(
+                line,
+                "; send errors {}{}{}",
+                self.send_errors,
+                if self.open_timed_out {
+                    ", TIMED OUT waiting for the pauses"
+                } else {
+                    ""
+                },
+                if self.resume_timed_out {
+                    ", TIMED OUT waiting for the resumed runs"
+                } else {
+                    ""
+                },
+            );
+        }
+        line
+    }
+
+    fn details(&self) -> String {
+        let expected_open = (self.waits - self.resumes) as u64;
+        format!(
+            "pauses open after {}; replies sent in {}, all matched after {}; runner saw {} \
+             events (the replies and each ended run's inngest/function.finished), {} pause \
+             matches; {} runs completed (want {}), {} failed; open pauses \
+             now {} (want {}); run states {}; RSS peak {}, end {}",
+            secs(self.opened_in),
+            ms(Some(self.replies_sent_in)),
+            ms(self.matched_in),
+            self.events_seen,
+            self.pause_matches,
+            self.completed,
+            self.resumes,
+            self.failed,
+            self.open_pauses_end,
+            expected_open,
+            if self.wrong_runs == 0 {
+                "all as expected".to_string()
+            } else {
+                format!("{} NOT AS EXPECTED", self.wrong_runs)
+            },
+            mib(self.peak_kb),
+            mib(self.memory.rss_kb),
+        )
+    }
+
+    /// What went wrong, loudly.
+    fn warning(&self) -> Option<String> {
+        let mut problems = Vec::new();
+        if self.checks_per_event() > 10.0 {
+            problems.push(format!(
+                "{:.0} pauses checked per reply event (of {} open): the match-key index is \
+                 NOT used, every event scans the pauses",
+                self.checks_per_event(),
+                self.pauses_opened
+            ));
+        }
+        if self.completed != self.resumes as u64 {
+            problems.push(format!(
+                "{} runs completed after {} replies",
+                self.completed, self.resumes
+            ));
+        }
+        if self.open_pauses_end != (self.waits - self.resumes) as u64 {
+            problems.push(format!(
+                "{} pauses still open, want {}",
+                self.open_pauses_end,
+                self.waits - self.resumes
+            ));
+        }
+        if self.failed > 0 {
+            problems.push(format!("{} runs failed", self.failed));
+        }
+        if self.wrong_runs > 0 {
+            problems.push(format!("{} runs in an unexpected state", self.wrong_runs));
+        }
+        (!problems.is_empty()).then(|| problems.join("; "))
+    }
+}
+
 // ---- helpers ----------------------------------------------------------------
 
 /// `VmRSS` and `VmHWM` of a process, from `/proc/<pid>/status`.
@@ -570,9 +1360,6 @@ impl Memory {
     }
 
     fn line(&self) -> String {
-        let mib = |kb: Option<u64>| {
-            kb.map_or("n/a".into(), |kb| format!("{:.1} MiB", kb as f64 / 1024.0))
-        };
         format!(
             "VmRSS {}, VmHWM (peak) {}",
             mib(self.rss_kb),
@@ -581,8 +1368,22 @@ impl Memory {
     }
 }
 
+/// A size in kB as MiB.
+fn mib(kb: Option<u64>) -> String {
+    kb.map_or("n/a".into(), |kb| format!("{:.1} MiB", kb as f64 / 1024.0))
+}
+
+/// Signed milliseconds: in ms below a second, in seconds above.
+fn millis(value: Option<i64>) -> String {
+    match value {
+        None => "n/a".into(),
+        Some(v) if v.abs() < 1000 => format!("{v} ms"),
+        Some(v) => format!("{:.2} s", v as f64 / 1000.0),
+    }
+}
+
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     if sorted.is_empty() {
         return None;
     }
