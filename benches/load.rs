@@ -849,6 +849,74 @@ impl RssSampler {
     }
 }
 
+/// CPU time (user + system) of the `baton` process and of the Node app
+/// since [`CpuUse::start`], from `/proc/<pid>/stat`.
+struct CpuUse {
+    baton: u32,
+    node: Option<u32>,
+    baton_start: Option<Duration>,
+    node_start: Option<Duration>,
+    started: Instant,
+}
+
+impl CpuUse {
+    fn start(baton: u32) -> CpuUse {
+        let node = node_child();
+        CpuUse {
+            baton,
+            node,
+            baton_start: cpu_time(baton),
+            node_start: node.and_then(cpu_time),
+            started: Instant::now(),
+        }
+    }
+
+    fn line(&self) -> String {
+        let wall = self.started.elapsed().as_secs_f64();
+        let used = |pid: Option<u32>, start: Option<Duration>| match (pid.and_then(cpu_time), start)
+        {
+            (Some(end), Some(start)) => {
+                let used = end.saturating_sub(start).as_secs_f64();
+                format!("{used:.1} s ({:.0}% of a core)", 100.0 * used / wall)
+            }
+            _ => "n/a".into(),
+        };
+        format!(
+            "CPU over {wall:.1} s: baton {}, node app {}",
+            used(Some(self.baton), self.baton_start),
+            used(self.node, self.node_start),
+        )
+    }
+}
+
+/// User + system CPU time of a process (`/proc` counts in USER_HZ = 100).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command in parentheses: state (field 3) .. utime (14), stime (15).
+    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// The `node` process this benchmark started (the harness spawns it
+/// directly, so its parent is this process); the newest if several.
+fn node_child() -> Option<u32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|text| {
+                text.contains("(node)")
+                    && text
+                        .rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                        == Some(me.as_str())
+            })
+        })
+        .max()
+}
+
 // ---- Part C: sleeps ---------------------------------------------------------
 
 /// The longest sleep of Part C, in seconds (`secs = 1 + i % 5`).
@@ -870,6 +938,7 @@ async fn part_c(params: &Params, client: &reqwest::Client) -> Sleeps {
     let bodies = batch_bodies(&events, START_BATCH);
 
     let sampler = RssSampler::start(pid);
+    let cpu = CpuUse::start(pid);
     let started = Instant::now();
     let (ids, send_errors) = send_all(client, &url, bodies).await;
     let sent_in = started.elapsed();
@@ -899,6 +968,8 @@ async fn part_c(params: &Params, client: &reqwest::Client) -> Sleeps {
     )
     .await;
     println!("all runs ended after {}", secs(wall));
+    let cpu = cpu.line();
+    println!("{cpu}");
     let peak_kb = sampler.finish(pid).await;
     let memory = Memory::of(pid);
     println!(
@@ -983,6 +1054,7 @@ async fn part_c(params: &Params, client: &reqwest::Client) -> Sleeps {
         lateness_ms: lateness,
         to_wake_ms: to_wake,
         after_wake_ms: after_wake,
+        cpu,
         peak_kb,
         memory,
     }
@@ -1008,6 +1080,7 @@ struct Sleeps {
     /// the call that reports the sleep; and from the wake-up to `t1`.
     to_wake_ms: Vec<i64>,
     after_wake_ms: Vec<i64>,
+    cpu: String,
     peak_kb: Option<u64>,
     memory: Memory,
 }
@@ -1049,8 +1122,8 @@ impl Sleeps {
         };
         format!(
             "lateness min {}, mean {} over {} runs; of it t0+secs to wake-up processed p50 {}, \
-             p99 {}, wake-up to t1 p50 {}, p99 {}; {} SDK calls ({:.1} per run), {} retries, \
-             sent in {}",
+             p99 {}, wake-up to t1 p50 {}, p99 {}; {} SDK calls ({:.1} per run, {:.0}/s), \
+             {} retries, sent in {}; {}",
             millis(self.lateness_ms.first().copied()),
             millis(mean),
             self.lateness_ms.len(),
@@ -1060,8 +1133,10 @@ impl Sleeps {
             millis(percentile(&self.after_wake_ms, 0.99)),
             self.calls,
             self.calls as f64 / self.runs as f64,
+            self.calls as f64 / self.wall.as_secs_f64(),
             self.retries,
             ms(Some(self.sent_in)),
+            self.cpu,
         )
     }
 }
@@ -1074,6 +1149,7 @@ async fn part_d(params: &Params, client: &reqwest::Client) -> Waits {
     let (_dir, baton, app) = start_with_app().await;
     let pid = baton.pid();
     let sampler = RssSampler::start(pid);
+    let open_cpu = CpuUse::start(pid);
     let before = Counters::read(client, &baton.url).await;
     let url = format!("{}/e/bench-key", baton.url);
     let events: Vec<Value> = (0..waits)
@@ -1108,6 +1184,7 @@ async fn part_d(params: &Params, client: &reqwest::Client) -> Waits {
         },
     )
     .await;
+    let open_cpu = open_cpu.line();
     let open_memory = Memory::of(pid);
     println!(
         "{} pauses open after {}; baton RSS {}",
@@ -1121,6 +1198,7 @@ async fn part_d(params: &Params, client: &reqwest::Client) -> Waits {
         .map(|i| json!({"name": "bench/wait.reply", "data": {"key": format!("w{i}")}}))
         .collect();
     let bodies = batch_bodies(&replies, REPLY_BATCH);
+    let resume_cpu = CpuUse::start(pid);
     let started = Instant::now();
     let (reply_ids, reply_errors) = send_all(client, &url, bodies).await;
     let replies_sent_in = started.elapsed();
@@ -1159,6 +1237,8 @@ async fn part_d(params: &Params, client: &reqwest::Client) -> Waits {
     )
     .await;
     println!("{resumes} resumed runs ended after {}", secs(resumed_in));
+    let resume_cpu = resume_cpu.line();
+    println!("opening the pauses: {open_cpu}\nresuming: {resume_cpu}");
 
     // Let anything that should not end have a chance to, then read again.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1205,6 +1285,8 @@ async fn part_d(params: &Params, client: &reqwest::Client) -> Waits {
             .pause_match_micros
             .saturating_sub(mid.pause_match_micros),
         wrong_runs: wrong,
+        open_cpu,
+        resume_cpu,
         open_memory,
         peak_kb,
         memory,
@@ -1234,6 +1316,8 @@ struct Waits {
     pause_match_micros: u64,
     /// Runs not in the state they should be (see `part_d`).
     wrong_runs: usize,
+    open_cpu: String,
+    resume_cpu: String,
     open_memory: Memory,
     peak_kb: Option<u64>,
     memory: Memory,
@@ -1282,7 +1366,8 @@ impl Waits {
             "pauses open after {}; replies sent in {}, all matched after {}; runner saw {} \
              events (the replies and each ended run's inngest/function.finished), {} pause \
              matches; {} runs completed (want {}), {} failed; open pauses \
-             now {} (want {}); run states {}; RSS peak {}, end {}",
+             now {} (want {}); run states {}; RSS peak {}, end {}; opening the pauses: {}; \
+             resuming: {}",
             secs(self.opened_in),
             ms(Some(self.replies_sent_in)),
             ms(self.matched_in),
@@ -1300,6 +1385,8 @@ impl Waits {
             },
             mib(self.peak_kb),
             mib(self.memory.rss_kb),
+            self.open_cpu,
+            self.resume_cpu,
         )
     }
 

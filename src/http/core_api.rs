@@ -204,7 +204,12 @@ pub async fn list_runs(
     let runs = state
         .backends
         .state
-        .list_runs(limit, query.cursor.as_deref(), query.function_id.as_deref(), status)
+        .list_runs(
+            limit,
+            query.cursor.as_deref(),
+            query.function_id.as_deref(),
+            status,
+        )
         .await?;
     let runs: Vec<Value> = runs.iter().map(|run| run_json(run, None)).collect();
     Ok(wrap(&state, Value::Array(runs)))

@@ -10,6 +10,10 @@
 //! Every implementation passes the conformance suites in [`testsuite`].
 
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod sled;
 pub mod testsuite;
 

@@ -338,16 +338,28 @@ async fn create_is_idempotent(state: &dyn StateStore) -> anyhow::Result<()> {
     ensure!(state.runs_for_event("no-such-event").await?.is_empty());
     // Listing: newest first, filters, cursor.
     let listed = state.list_runs(10, None, Some(&fn_id), None).await?;
-    ensure!(listed.len() == 1 && listed[0].id == first.id, "list by function");
+    ensure!(
+        listed.len() == 1 && listed[0].id == first.id,
+        "list by function"
+    );
     let mut later = sample_run(&fn_id, "key-2");
-    later.id = ulid::Ulid::from_parts(ulid::Ulid::from_string(&first.id)?.timestamp_ms() + 1, 0).to_string();
+    later.id = ulid::Ulid::from_parts(ulid::Ulid::from_string(&first.id)?.timestamp_ms() + 1, 0)
+        .to_string();
     state.create_run(later.clone()).await?;
     let listed = state.list_runs(10, None, Some(&fn_id), None).await?;
     let ids: Vec<&str> = listed.iter().map(|r| r.id.as_str()).collect();
-    ensure!(ids == [later.id.as_str(), first.id.as_str()], "newest first: {ids:?}");
-    let page = state.list_runs(10, Some(&later.id), Some(&fn_id), None).await?;
+    ensure!(
+        ids == [later.id.as_str(), first.id.as_str()],
+        "newest first: {ids:?}"
+    );
+    let page = state
+        .list_runs(10, Some(&later.id), Some(&fn_id), None)
+        .await?;
     ensure!(page.len() == 1 && page[0].id == first.id, "cursor");
-    ensure!(state.list_runs(10, None, Some(&fn_id), Some(RunStatus::Completed)).await?.is_empty());
+    ensure!(state
+        .list_runs(10, None, Some(&fn_id), Some(RunStatus::Completed))
+        .await?
+        .is_empty());
     Ok(())
 }
 

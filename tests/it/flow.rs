@@ -12,17 +12,27 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn runs_of_function(baton: &Baton, fn_id: &str) -> Vec<Value> {
     let url = format!("{}/v1/runs?function_id={fn_id}&limit=1000", baton.url);
-    get_json(&url).await["data"].as_array().cloned().unwrap_or_default()
+    get_json(&url).await["data"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 async fn until_all_ended(baton: &Baton, fn_id: &str, count: usize) -> Vec<Value> {
-    eventually(TIMEOUT, &format!("{count} ended runs of {fn_id}"), || async {
-        let runs = runs_of_function(baton, fn_id).await;
-        let ended = runs.iter().all(|r| {
-            matches!(r["status"].as_str(), Some("Completed" | "Failed" | "Cancelled" | "Skipped"))
-        });
-        (runs.len() == count && ended).then_some(runs)
-    })
+    eventually(
+        TIMEOUT,
+        &format!("{count} ended runs of {fn_id}"),
+        || async {
+            let runs = runs_of_function(baton, fn_id).await;
+            let ended = runs.iter().all(|r| {
+                matches!(
+                    r["status"].as_str(),
+                    Some("Completed" | "Failed" | "Cancelled" | "Skipped")
+                )
+            });
+            (runs.len() == count && ended).then_some(runs)
+        },
+    )
     .await
 }
 
@@ -58,7 +68,12 @@ async fn python_debounce_and_concurrency() {
 
     // Concurrency 1: step bodies never overlap, and every run finishes.
     for i in 0..4 {
-        send_event(&baton, "test/one-at-a-time", json!({"key": format!("c{i}")})).await;
+        send_event(
+            &baton,
+            "test/one-at-a-time",
+            json!({"key": format!("c{i}")}),
+        )
+        .await;
     }
     let runs = until_all_ended(&baton, &Sdk::Python.fn_id("one-at-a-time"), 4).await;
     assert!(runs.iter().all(|r| r["status"] == "Completed"), "{runs:?}");

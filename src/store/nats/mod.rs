@@ -1,0 +1,2 @@
+//! NATS JetStream implementation of [`EventBus`](crate::store::EventBus).
+//! (Work in progress.)

@@ -1,0 +1,1 @@
+//! NATS JetStream conformance (filled in by the NATS backend work).

@@ -1,0 +1,1 @@
+//! Redis conformance (filled in by the Redis backend work).
