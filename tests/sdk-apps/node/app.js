@@ -463,7 +463,146 @@ const benchWait = inngest.createFunction(
   },
 );
 
+// ---- flow control -----------------------------------------------------------------------
+
+/** A step body that records when it ran (ms) under `name`, taking `ms`. */
+const timedWork = async (name, event, ms) => {
+  bump(name, "work", event);
+  const start = Date.now();
+  await sleepMs(ms);
+  const end = Date.now();
+  record(name, { key: keyOf(event), user: event.data?.user ?? null, start, end });
+  return end - start;
+};
+
+const limited = inngest.createFunction(
+  { id: "limited", triggers: [{ event: "flow/limited" }], concurrency: { limit: 1 } },
+  async ({ event, step }) => step.run("work", () => timedWork("limited", event, event.data?.ms ?? 300)),
+);
+
+const keyedLimit = inngest.createFunction(
+  {
+    id: "keyed-limit",
+    triggers: [{ event: "flow/keyed" }],
+    concurrency: { limit: 1, key: "event.data.user" },
+  },
+  async ({ event, step }) => step.run("work", () => timedWork("keyed-limit", event, 400)),
+);
+
+const throttled = inngest.createFunction(
+  { id: "throttled", triggers: [{ event: "flow/throttled" }], throttle: { limit: 1, period: "1s" } },
+  async ({ event, step }) =>
+    step.run("start", () => {
+      bump("throttled", "start", event);
+      record("throttled", { key: keyOf(event), at: Date.now() });
+      return "started";
+    }),
+);
+
+const rateLimited = inngest.createFunction(
+  {
+    id: "rate-limited",
+    triggers: [{ event: "flow/rate-limited" }],
+    rateLimit: { limit: 1, period: "1m", key: "event.data.key" },
+  },
+  async ({ event, step }) => step.run("work", () => (bump("rate-limited", "work", event), "ran")),
+);
+
+const idempotent = inngest.createFunction(
+  { id: "idempotent", triggers: [{ event: "flow/idempotent" }], idempotency: "event.data.order" },
+  async ({ event, step }) => step.run("work", () => (bump("idempotent", "work", event), "ran")),
+);
+
+const debounced = inngest.createFunction(
+  {
+    id: "debounced",
+    triggers: [{ event: "flow/debounce" }],
+    debounce: { period: "2s", key: "event.data.key" },
+  },
+  async ({ event, step }) =>
+    step.run("seen", () => {
+      bump("debounced", "seen", event);
+      return event.data?.n ?? null;
+    }),
+);
+
+const batched = inngest.createFunction(
+  {
+    id: "batched",
+    triggers: [{ event: "flow/batch" }],
+    batchEvents: { maxSize: 5, timeout: "3s" },
+  },
+  async ({ events, step }) =>
+    step.run("sum", () => {
+      record("batched", { size: events.length, ns: events.map((e) => e.data?.n) });
+      return events.map((e) => e.data?.n);
+    }),
+);
+
+const prioritized = inngest.createFunction(
+  {
+    id: "prioritized",
+    triggers: [{ event: "flow/priority" }],
+    concurrency: { limit: 1 },
+    priority: { run: "event.data.p" },
+  },
+  async ({ event, step }) =>
+    step.run("work", async () => {
+      record("prioritized", keyOf(event));
+      await sleepMs(event.data?.ms ?? 50);
+      return keyOf(event);
+    }),
+);
+
+const singletonSkip = inngest.createFunction(
+  {
+    id: "singleton-skip",
+    triggers: [{ event: "flow/singleton-skip" }],
+    singleton: { mode: "skip", key: "event.data.user" },
+  },
+  async ({ event, step }) => {
+    await step.run("first", () => (bump("singleton-skip", "first", event), "first"));
+    await step.sleep("hold", "2s");
+    return "done";
+  },
+);
+
+const singletonCancel = inngest.createFunction(
+  {
+    id: "singleton-cancel",
+    triggers: [{ event: "flow/singleton-cancel" }],
+    singleton: { mode: "cancel", key: "event.data.user" },
+  },
+  async ({ event, step }) => {
+    await step.run("first", () => (bump("singleton-cancel", "first", event), "first"));
+    await step.sleep("hold", "2s");
+    return "done";
+  },
+);
+
+const bulk = inngest.createFunction(
+  { id: "bulk", triggers: [{ event: "flow/bulk" }] },
+  async ({ step }) => step.run("work", () => "bulk"),
+);
+
+const quick = inngest.createFunction(
+  { id: "quick", triggers: [{ event: "flow/quick" }] },
+  async ({ step }) => step.run("work", () => Date.now()),
+);
+
 const functions = [
+  limited,
+  keyedLimit,
+  throttled,
+  rateLimited,
+  idempotent,
+  debounced,
+  batched,
+  prioritized,
+  singletonSkip,
+  singletonCancel,
+  bulk,
+  quick,
   threeSteps,
   flaky,
   nonRetriable,
