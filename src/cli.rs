@@ -1,10 +1,11 @@
-//! The command line: `baton dev`.
+//! The command line: `baton dev`, `baton start`, `baton serve <service>…`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::duration::parse_time_str;
+use crate::serve::Service;
 use crate::settings::{self, ConfigSource, Settings};
 
 #[derive(Debug, Parser)]
@@ -20,8 +21,78 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run every service in one process on the embedded store (no setup).
+    /// Development: every service in one process on the embedded store, no
+    /// keys, open on loopback (no setup).
     Dev(DevArgs),
+    /// Production on one box: every service in one process, keys required;
+    /// backends from the config (sled by default, or Redis/NATS).
+    Start(ProdArgs),
+    /// Production, split: run the named services (event-api, runner,
+    /// executor, api) in this process, sharing Redis and NATS with others.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProdArgs {
+    #[command(flatten)]
+    pub common: DevArgs,
+    /// Signing key shared with the apps (INNGEST_SIGNING_KEY); overrides
+    /// keys.signing_key.
+    #[arg(long, env = "BATON_SIGNING_KEY", hide_env_values = true)]
+    pub signing_key: Option<String>,
+    /// A second signing key accepted during rotation.
+    #[arg(long, env = "BATON_SIGNING_KEY_FALLBACK", hide_env_values = true)]
+    pub signing_key_fallback: Option<String>,
+    /// An accepted event key (INNGEST_EVENT_KEY); repeatable.
+    #[arg(long = "event-key")]
+    pub event_keys: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Services to run here: event-api, runner, executor, api.
+    #[arg(required = true, value_parser = parse_service)]
+    pub services: Vec<Service>,
+    #[command(flatten)]
+    pub prod: ProdArgs,
+}
+
+fn parse_service(text: &str) -> Result<Service, String> {
+    text.parse()
+}
+
+impl ProdArgs {
+    pub fn settings(&self) -> anyhow::Result<(ConfigSource, Settings)> {
+        let (source, mut settings) = self.common.settings()?;
+        if let Some(key) = &self.signing_key {
+            settings.signing_key = Some(validated_key("--signing-key", key)?);
+        }
+        if let Some(key) = &self.signing_key_fallback {
+            settings.signing_key_fallback = Some(validated_key("--signing-key-fallback", key)?);
+        }
+        settings.event_keys.extend(
+            self.event_keys
+                .iter()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty()),
+        );
+        if settings.signing_key.is_none() || settings.event_keys.is_empty() {
+            anyhow::bail!(
+                "production mode needs a signing key and at least one event key \
+                 (--signing-key and --event-key, or keys.signing_key and keys.event_keys); \
+                 for local development run `baton dev`"
+            );
+        }
+        Ok((source, settings))
+    }
+}
+
+fn validated_key(flag: &str, key: &str) -> anyhow::Result<String> {
+    let hex_part = crate::sdk::strip_key_prefix(key.trim());
+    if hex_part.is_empty() || hex::decode(hex_part).is_err() {
+        anyhow::bail!("{flag} must be even-length hex, optionally prefixed signkey-<env>-");
+    }
+    Ok(key.trim().to_string())
 }
 
 #[derive(Debug, Args)]

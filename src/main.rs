@@ -8,7 +8,7 @@ use clap::Parser;
 use tracing::info;
 
 use baton::cli::{Cli, Command};
-use baton::serve::{serve, Service};
+use baton::serve::{check_locality, serve, Mode, Service};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,22 +29,33 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Dev(args) = cli.command;
-    let (source, settings) = args.settings()?;
+    let (command, services, mode, (source, settings)) = match &cli.command {
+        Command::Dev(args) => ("dev", Service::all(), Mode::Dev, args.settings()?),
+        Command::Start(args) => ("start", Service::all(), Mode::Production, args.settings()?),
+        Command::Serve(args) => (
+            "serve",
+            args.services.clone(),
+            Mode::Production,
+            args.prod.settings()?,
+        ),
+    };
+    check_locality(&settings, &services)?;
     let listener = TcpListener::bind((settings.host.as_str(), settings.port)).map_err(|err| {
-        anyhow::anyhow!(
-            "cannot listen on {}:{}: {err}",
-            settings.host,
-            settings.port
-        )
+        anyhow::anyhow!("cannot listen on {}:{}: {err}", settings.host, settings.port)
     })?;
     let addr = listener.local_addr()?;
-    let data_dir = std::fs::canonicalize(&settings.data_dir).unwrap_or(settings.data_dir.clone());
+    let data = if settings.backends.uses_sled() {
+        let dir = std::fs::canonicalize(&settings.data_dir).unwrap_or(settings.data_dir.clone());
+        format!("data in {}", dir.display())
+    } else {
+        format!("data in redis at {}", settings.backends.redis_url)
+    };
+    let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
     info!(
-        "baton dev listening on http://{addr}, data in {}, config from {source}",
-        data_dir.display()
+        "baton {command} listening on http://{addr}, {data}, config from {source}, services {}",
+        names.join(" ")
     );
-    actix_rt::System::new().block_on(serve(settings, Service::all(), listener, shutdown_signal()))
+    actix_rt::System::new().block_on(serve(settings, services, mode, listener, shutdown_signal()))
 }
 
 /// Resolves at the first Ctrl-C or SIGTERM; a second one exits at once.

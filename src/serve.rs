@@ -22,7 +22,8 @@ use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, SystemClock};
 use crate::http::{self, AppState};
 use crate::sdk::SdkClient;
-use crate::settings::Settings;
+use crate::settings::{BusKind, Settings};
+use crate::store::open_backends;
 use crate::store::sled::SledDb;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,22 +77,59 @@ impl FromStr for Service {
     }
 }
 
+/// Development (`baton dev`: no keys, `/dev` served) or production
+/// (`baton start` / `baton serve`: keys required, SDK requests checked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Dev,
+    Production,
+}
+
+impl Mode {
+    /// What sync pings say in `X-Inngest-Server-Kind`.
+    pub fn server_kind(self) -> &'static str {
+        match self {
+            Mode::Dev => "dev",
+            Mode::Production => "cloud",
+        }
+    }
+}
+
+/// Refuses backend choices that cannot work for the services of this
+/// process: sled and the in-process bus keep their data in one process.
+pub fn check_locality(settings: &Settings, services: &[Service]) -> anyhow::Result<()> {
+    let all = Service::all().iter().all(|s| services.contains(s));
+    if settings.backends.uses_sled() && !all {
+        anyhow::bail!(
+            "sled keeps its data inside one process, so it only works when every service \
+             runs in this process (baton dev, baton start, or baton serve with all four); \
+             set backends.state, backends.queue and backends.data to \"redis\" to split services"
+        );
+    }
+    if settings.backends.bus == BusKind::Memory && !all {
+        anyhow::bail!(
+            "the memory event bus only carries events within one process, so it only works \
+             when every service runs in this process; set backends.bus to \"nats\" to split services"
+        );
+    }
+    Ok(())
+}
+
 /// Runs the given services until `shutdown` resolves or a service ends.
 /// Returns an error if a service ended on its own.
 pub async fn serve(
     settings: Settings,
     services: Vec<Service>,
+    mode: Mode,
     listener: std::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    check_locality(&settings, &services)?;
     let clock: SharedClock = Arc::new(SystemClock);
-    let db = SledDb::open(&settings.data_dir, settings.cache_bytes).with_context(|| {
-        format!(
-            "failed to open the store in {}",
-            settings.data_dir.display()
-        )
-    })?;
-    let backends = db.backends().context("failed to open the stores")?;
+    let (backends, db) =
+        open_backends(&settings.backends, &settings.data_dir, settings.cache_bytes)
+            .await
+            .context("failed to open the backends")?;
     let client = SdkClient::new(settings.signing_key.clone(), settings.call_timeout);
     let (ended, mut ended_rx) = EndedNotifier::new();
     let runs = |service| services.contains(&service);
@@ -118,13 +156,19 @@ pub async fn serve(
             backends.clone(),
             clock.clone(),
             client.clone(),
-            "dev",
+            mode.server_kind(),
             settings.sync_urls.clone(),
         )
         .start()
     });
 
     let size_db = db.clone();
+    let auth = http::Auth::new(
+        mode == Mode::Production,
+        settings.signing_key.as_deref(),
+        settings.signing_key_fallback.as_deref(),
+        settings.event_keys.clone(),
+    );
     let state = web::Data::new(AppState {
         backends: backends.clone(),
         clock: clock.clone(),
@@ -139,11 +183,15 @@ pub async fn serve(
             "retryInterval": settings.retry_interval.map(|d| d.as_secs_f64()),
             "workers": settings.workers,
         }),
-        store_size: Box::new(move || size_db.size_on_disk()),
+        store_size: Box::new(move || size_db.as_ref().map(SledDb::size_on_disk).unwrap_or(0)),
+        auth,
+        dev_mode: mode == Mode::Dev,
     });
     let server = HttpServer::new(move || {
         let state = state.clone();
-        App::new().configure(move |config| http::configure(config, state))
+        App::new()
+            .wrap(actix_web::middleware::from_fn(http::require_auth))
+            .configure(move |config| http::configure(config, state))
     })
     .disable_signals()
     .shutdown_timeout(5)
@@ -174,7 +222,9 @@ pub async fn serve(
             })
             .await;
     }
-    db.flush().await.context("failed to flush the store")?;
+    if let Some(db) = &db {
+        db.flush().await.context("failed to flush the store")?;
+    }
     info!("stopped");
     match failure {
         Some(why) => Err(anyhow::anyhow!(why)),

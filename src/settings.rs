@@ -23,6 +23,45 @@ pub struct RawSettings {
     pub executor: RawExecutor,
     pub keys: RawKeys,
     pub sync: RawSync,
+    pub backends: RawBackends,
+}
+
+/// Which implementation serves each store (new in 0.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawBackends {
+    /// `sled` or `redis`.
+    pub state: String,
+    /// `sled` or `redis`.
+    pub queue: String,
+    /// `sled` or `redis`.
+    pub data: String,
+    /// `memory` (event API and runner in one process) or `nats`.
+    pub bus: String,
+    pub redis_url: String,
+    /// Prefix of every Redis key, so deployments can share a server.
+    pub redis_prefix: String,
+    pub nats_url: String,
+    /// JetStream stream that keeps accepted events.
+    pub nats_stream: String,
+    /// Subject prefix of the event stream.
+    pub nats_subject: String,
+}
+
+impl Default for RawBackends {
+    fn default() -> Self {
+        RawBackends {
+            state: "sled".into(),
+            queue: "sled".into(),
+            data: "sled".into(),
+            bus: "memory".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_prefix: "baton:".into(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_stream: "BATON_EVENTS".into(),
+            nats_subject: "baton".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,8 +100,14 @@ pub struct RawExecutor {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawKeys {
-    /// Signs calls to apps when set (`signkey-<env>-<hex>` or bare hex).
+    /// Signs calls to apps when set (`signkey-<env>-<hex>` or bare hex);
+    /// required by `baton start` / `baton serve`, where SDK requests to
+    /// Baton must carry it (hashed) as a bearer token.
     pub signing_key: String,
+    /// Also accepted from SDKs during a key rotation.
+    pub signing_key_fallback: String,
+    /// Keys accepted by `POST /e/{key}` in production mode.
+    pub event_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -115,7 +160,51 @@ pub struct Settings {
     pub retry_interval: Option<Duration>,
     pub call_timeout: Duration,
     pub signing_key: Option<String>,
+    pub signing_key_fallback: Option<String>,
+    pub event_keys: Vec<String>,
     pub sync_urls: Vec<String>,
+    pub backends: BackendChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sled,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusKind {
+    Memory,
+    Nats,
+}
+
+/// Validated backend choices and addresses.
+#[derive(Debug, Clone)]
+pub struct BackendChoice {
+    pub state: StoreKind,
+    pub queue: StoreKind,
+    pub data: StoreKind,
+    pub bus: BusKind,
+    pub redis_url: String,
+    pub redis_prefix: String,
+    pub nats_url: String,
+    pub nats_stream: String,
+    pub nats_subject: String,
+}
+
+impl BackendChoice {
+    /// Whether anything lives in this process only (sled, the memory bus).
+    pub fn uses_sled(&self) -> bool {
+        [self.state, self.queue, self.data].contains(&StoreKind::Sled)
+    }
+}
+
+fn store_kind(name: &str, value: &str) -> anyhow::Result<StoreKind> {
+    match value {
+        "sled" => Ok(StoreKind::Sled),
+        "redis" => Ok(StoreKind::Redis),
+        other => bail!("backends.{name} must be \"sled\" or \"redis\", not {other:?}"),
+    }
 }
 
 impl RawSettings {
@@ -135,14 +224,30 @@ impl RawSettings {
         if self.executor.workers == 0 {
             bail!("executor.workers must be at least 1");
         }
-        let signing_key = match self.keys.signing_key.trim() {
-            "" => None,
-            key => {
-                if hex::decode(crate::sdk::strip_key_prefix(key)).is_err() {
-                    bail!("keys.signing_key must be hex, optionally prefixed signkey-<env>-");
-                }
-                Some(key.to_string())
-            }
+        let signing_key = parse_signing_key("keys.signing_key", &self.keys.signing_key)?;
+        let signing_key_fallback =
+            parse_signing_key("keys.signing_key_fallback", &self.keys.signing_key_fallback)?;
+        let event_keys: Vec<String> = self
+            .keys
+            .event_keys
+            .iter()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .collect();
+        let backends = BackendChoice {
+            state: store_kind("state", &self.backends.state)?,
+            queue: store_kind("queue", &self.backends.queue)?,
+            data: store_kind("data", &self.backends.data)?,
+            bus: match self.backends.bus.as_str() {
+                "memory" => BusKind::Memory,
+                "nats" => BusKind::Nats,
+                other => bail!("backends.bus must be \"memory\" or \"nats\", not {other:?}"),
+            },
+            redis_url: self.backends.redis_url,
+            redis_prefix: self.backends.redis_prefix,
+            nats_url: self.backends.nats_url,
+            nats_stream: self.backends.nats_stream,
+            nats_subject: self.backends.nats_subject,
         };
         Ok(Settings {
             host: self.server.host,
@@ -155,8 +260,24 @@ impl RawSettings {
             retry_interval,
             call_timeout,
             signing_key,
+            signing_key_fallback,
+            event_keys,
             sync_urls: self.sync.urls,
+            backends,
         })
+    }
+}
+
+fn parse_signing_key(name: &str, value: &str) -> anyhow::Result<Option<String>> {
+    match value.trim() {
+        "" => Ok(None),
+        key => {
+            let hex_part = crate::sdk::strip_key_prefix(key);
+            if hex_part.is_empty() || hex::decode(hex_part).is_err() {
+                bail!("{name} must be even-length hex, optionally prefixed signkey-<env>-");
+            }
+            Ok(Some(key.to_string()))
+        }
     }
 }
 
@@ -224,26 +345,7 @@ pub fn parse(
 fn toml_of_defaults() -> String {
     // The `config` crate layers sources; the first is the defaults, written
     // out as TOML so that one code path handles both.
-    let defaults = RawSettings::default();
-    let mut text = String::new();
-    text.push_str(&format!(
-        "[server]\nhost = {:?}\nport = {}\nmax_body_bytes = {}\n",
-        defaults.server.host, defaults.server.port, defaults.server.max_body_bytes
-    ));
-    text.push_str(&format!(
-        "[storage]\ndata_dir = {:?}\ncache_bytes = {}\n",
-        defaults.storage.data_dir.display().to_string(),
-        defaults.storage.cache_bytes
-    ));
-    text.push_str(&format!(
-        "[executor]\nworkers = {}\nlease_ttl = {:?}\nretry_interval = {:?}\ncall_timeout = {:?}\n",
-        defaults.executor.workers,
-        defaults.executor.lease_ttl,
-        defaults.executor.retry_interval,
-        defaults.executor.call_timeout
-    ));
-    text.push_str("[keys]\nsigning_key = \"\"\n[sync]\nurls = []\n");
-    text
+    toml::to_string(&RawSettings::default()).expect("the default settings serialize to TOML")
 }
 
 /// Replaces `${VAR}` and `${VAR:-default}` outside comment lines. An unset
@@ -339,6 +441,14 @@ mod tests {
         raw.executor.lease_ttl = "soon".into();
         let err = raw.validate().unwrap_err().to_string();
         assert!(err.contains("executor.lease_ttl"), "{err}");
+        let mut raw = RawSettings::default();
+        raw.backends.state = "postgres".into();
+        let err = raw.validate().unwrap_err().to_string();
+        assert!(err.contains("backends.state"), "{err}");
+        let mut raw = RawSettings::default();
+        raw.keys.signing_key = "signkey-prod-xyz".into();
+        let err = raw.validate().unwrap_err().to_string();
+        assert!(err.contains("keys.signing_key"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub async fn receive(
     if key.trim().is_empty() {
         return Err(ApiError::Unauthorized("Event key is required".into()));
     }
+    if !state.auth.event_key_ok(key.as_str()) {
+        return Err(ApiError::Unauthorized("Event key not found".into()));
+    }
     let body = read_body(payload, state.max_body_bytes).await?;
     let seed = request
         .headers()

@@ -27,6 +27,90 @@ pub struct AppState {
     /// Extra facts for `/dev` and `/v1/status`.
     pub info: serde_json::Value,
     pub store_size: Box<dyn Fn() -> u64 + Send + Sync>,
+    pub auth: Auth,
+    /// `baton dev`: `/dev` is served and nothing is checked.
+    pub dev_mode: bool,
+}
+
+/// Production-mode checks of SDK requests (PROTOCOL §1.4, §1.5).
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    pub enabled: bool,
+    /// Accepted bearer values: each signing key (prefix stripped) and its
+    /// sha256 as the SDKs send it.
+    bearers: Vec<String>,
+    event_keys: Vec<String>,
+}
+
+impl Auth {
+    pub fn new(
+        enabled: bool,
+        signing_key: Option<&str>,
+        fallback: Option<&str>,
+        event_keys: Vec<String>,
+    ) -> Auth {
+        let mut bearers = Vec::new();
+        for key in [signing_key, fallback].into_iter().flatten() {
+            bearers.push(crate::sdk::strip_key_prefix(key).to_ascii_lowercase());
+            if let Some(hashed) = crate::sdk::hashed_signing_key(key) {
+                bearers.push(hashed);
+            }
+        }
+        Auth {
+            enabled,
+            bearers,
+            event_keys,
+        }
+    }
+
+    /// Whether an `Authorization` header carries a valid key, raw or hashed,
+    /// with or without its `signkey-<env>-` prefix.
+    pub fn bearer_ok(&self, header: Option<&str>) -> bool {
+        let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        let token = crate::sdk::strip_key_prefix(token.trim()).to_ascii_lowercase();
+        !token.is_empty() && self.bearers.iter().any(|b| *b == token)
+    }
+
+    pub fn event_key_ok(&self, key: &str) -> bool {
+        !self.enabled || self.event_keys.iter().any(|k| k == key)
+    }
+}
+
+/// Paths SDKs and API users reach with the signing key in production.
+fn needs_bearer(path: &str) -> bool {
+    path.starts_with("/fn/") || path.starts_with("/v0/") || path.starts_with("/v1/")
+}
+
+/// Middleware: in production, `/fn/*`, `/v0/*` and `/v1/*` need the
+/// signing key as a bearer token.
+pub async fn require_auth(
+    request: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let auth = request
+        .app_data::<web::Data<AppState>>()
+        .map(|state| state.auth.clone())
+        .unwrap_or_default();
+    if auth.enabled && needs_bearer(request.path()) {
+        let header = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if !auth.bearer_ok(header) {
+            let error = ApiError::Unauthorized(
+                "a valid signing key is required (Authorization: Bearer <hashed signing key>)"
+                    .into(),
+            );
+            let (request, _) = request.into_parts();
+            let response = actix_web::ResponseError::error_response(&error);
+            return Ok(actix_web::dev::ServiceResponse::new(request, response));
+        }
+    }
+    next.call(request)
+        .await
+        .map(|response| response.map_into_boxed_body())
 }
 
 /// Mounts every route of the services in `state`.
@@ -39,8 +123,10 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
         config.route("/e", web::post().to(event_api::missing_key));
     }
     if state.core_api.is_some() {
+        if state.dev_mode {
+            config.route("/dev", web::get().to(core_api::dev_info));
+        }
         config
-            .route("/dev", web::get().to(core_api::dev_info))
             .route("/fn/register", web::post().to(core_api::register))
             .route("/v1/apps", web::get().to(core_api::list_apps))
             .route("/v1/apps/sync", web::post().to(core_api::sync_url))
@@ -72,4 +158,26 @@ pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Vec<u8
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_raw_or_hashed_with_or_without_prefix() {
+        let key = "signkey-prod-0123456789abcdef";
+        let auth = Auth::new(true, Some(key), Some("signkey-prod-ffff"), vec!["ek".into()]);
+        let hashed = crate::sdk::hashed_signing_key(key).unwrap();
+        assert!(auth.bearer_ok(Some(&format!("Bearer signkey-prod-{hashed}")))); // JS
+        assert!(auth.bearer_ok(Some(&format!("Bearer {hashed}")))); // Python
+        assert!(auth.bearer_ok(Some("Bearer 0123456789abcdef"))); // the raw key
+        let fallback = crate::sdk::hashed_signing_key("ffff").unwrap();
+        assert!(auth.bearer_ok(Some(&format!("Bearer {fallback}"))));
+        assert!(!auth.bearer_ok(Some("Bearer undefined")));
+        assert!(!auth.bearer_ok(Some("Bearer ")));
+        assert!(!auth.bearer_ok(None));
+        assert!(auth.event_key_ok("ek") && !auth.event_key_ok("nope"));
+        assert!(Auth::new(false, None, None, vec![]).event_key_ok("anything"));
+    }
 }

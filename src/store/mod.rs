@@ -394,3 +394,92 @@ pub struct Backends {
     pub bus: Arc<dyn EventBus>,
     pub data: Arc<dyn DataStore>,
 }
+
+/// Opens the backends `choice` names. The sled database (when any store
+/// uses it) is returned too, for flushing at shutdown and for its size.
+pub async fn open_backends(
+    choice: &crate::settings::BackendChoice,
+    data_dir: &std::path::Path,
+    cache_bytes: u64,
+) -> StoreResult<(Backends, Option<sled::SledDb>)> {
+    use crate::settings::{BusKind, StoreKind};
+    let db = if choice.uses_sled() {
+        Some(sled::SledDb::open(data_dir, cache_bytes)?)
+    } else {
+        None
+    };
+    let sled_db = || db.clone().expect("opened when any store uses sled");
+    let state: Arc<dyn StateStore> = match choice.state {
+        StoreKind::Sled => Arc::new(sled::SledStateStore::open(&sled_db())?),
+        StoreKind::Redis => open_redis_state(choice).await?,
+    };
+    let queue: Arc<dyn Queue> = match choice.queue {
+        StoreKind::Sled => Arc::new(sled::SledQueue::open(&sled_db())?),
+        StoreKind::Redis => open_redis_queue(choice).await?,
+    };
+    let data: Arc<dyn DataStore> = match choice.data {
+        StoreKind::Sled => Arc::new(sled::SledDataStore::open(&sled_db())?),
+        StoreKind::Redis => open_redis_data(choice).await?,
+    };
+    let bus: Arc<dyn EventBus> = match choice.bus {
+        BusKind::Memory => Arc::new(memory::MemoryBus::default()),
+        BusKind::Nats => open_nats_bus(choice).await?,
+    };
+    Ok((
+        Backends {
+            state,
+            queue,
+            data,
+            bus,
+        },
+        db,
+    ))
+}
+
+#[cfg(not(feature = "redis"))]
+fn no_redis() -> StoreError {
+    StoreError::new(StoreErrorKind::Unsupported, "this baton was built without the `redis` feature")
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis_state(_: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn StateStore>> {
+    Err(no_redis())
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis_queue(_: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn Queue>> {
+    Err(no_redis())
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis_data(_: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn DataStore>> {
+    Err(no_redis())
+}
+
+#[cfg(not(feature = "nats"))]
+async fn open_nats_bus(_: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn EventBus>> {
+    Err(StoreError::new(
+        StoreErrorKind::Unsupported,
+        "this baton was built without the `nats` feature",
+    ))
+}
+
+#[cfg(feature = "redis")]
+async fn open_redis_state(choice: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn StateStore>> {
+    Err(StoreError::new(StoreErrorKind::Unsupported, format!("redis at {} is not wired yet", choice.redis_url)))
+}
+
+#[cfg(feature = "redis")]
+async fn open_redis_queue(choice: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn Queue>> {
+    Err(StoreError::new(StoreErrorKind::Unsupported, format!("redis at {} is not wired yet", choice.redis_url)))
+}
+
+#[cfg(feature = "redis")]
+async fn open_redis_data(choice: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn DataStore>> {
+    Err(StoreError::new(StoreErrorKind::Unsupported, format!("redis at {} is not wired yet", choice.redis_url)))
+}
+
+#[cfg(feature = "nats")]
+async fn open_nats_bus(choice: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn EventBus>> {
+    Err(StoreError::new(StoreErrorKind::Unsupported, format!("nats at {} is not wired yet", choice.nats_url)))
+}
