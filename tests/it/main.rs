@@ -7,6 +7,7 @@ mod cli;
 mod crash;
 mod events;
 mod flow;
+mod production;
 mod sdk_node;
 mod steps;
 mod support;

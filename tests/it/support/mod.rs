@@ -105,6 +105,11 @@ pub struct BatonOptions {
     pub lease_ttl: &'static str,
     pub extra_args: Vec<String>,
     pub config: Option<String>,
+    /// The subcommand and its positional arguments: `["dev"]`,
+    /// `["start"]`, `["serve", "executor"]`.
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for BatonOptions {
@@ -115,6 +120,8 @@ impl Default for BatonOptions {
             lease_ttl: "2s",
             extra_args: Vec::new(),
             config: None,
+            command: vec!["dev".into()],
+            env: Vec::new(),
         }
     }
 }
@@ -127,7 +134,7 @@ impl Baton {
     pub fn start_with(data_dir: &Path, options: BatonOptions) -> Baton {
         let mut command = Command::new(env!("CARGO_BIN_EXE_baton"));
         command
-            .arg("dev")
+            .args(&options.command)
             .args(["--host", "127.0.0.1", "--port", &options.port.to_string()])
             .arg("--data-dir")
             .arg(data_dir)
@@ -136,6 +143,7 @@ impl Baton {
             .args(&options.extra_args)
             .env("BATON_LOG", "info,baton=debug")
             .env_remove("BATON_CONFIG")
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -327,13 +335,18 @@ impl NodeApp {
                 command
             }
         };
-        let mut child = command
-            .envs(env.iter().copied())
+        command
             .env("PORT", port.to_string())
             .env("INNGEST_DEV", "1")
             .env("INNGEST_BASE_URL", baton_url)
             .env_remove("INNGEST_SIGNING_KEY")
             .env_remove("INNGEST_EVENT_KEY")
+            .envs(env.iter().copied());
+        // With a signing key the app runs in cloud (production) mode.
+        if env.iter().any(|(k, _)| *k == "INNGEST_SIGNING_KEY") {
+            command.env_remove("INNGEST_DEV");
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
