@@ -119,3 +119,38 @@ async fn config_from_env_with_interpolation() {
     child.wait().unwrap();
     assert!(answered);
 }
+
+#[test]
+fn systemd_unit_verifies_clean() {
+    let Ok(output) = std::process::Command::new("systemd-analyze").arg("--version").output() else {
+        assert!(
+            std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+            "systemd-analyze is required in CI"
+        );
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+        return;
+    };
+    assert!(output.status.success());
+    // Point ExecStart at the binary under test, since /usr/local/bin/baton
+    // does not exist here; everything else is verified as shipped.
+    let unit = std::fs::read_to_string(repo_root().join("deploy/baton.service")).unwrap();
+    let unit = unit.replace("/usr/local/bin/baton", env!("CARGO_BIN_EXE_baton"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.service");
+    std::fs::write(&path, unit).unwrap();
+    let output = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("baton.service"))
+        .collect();
+    assert!(problems.is_empty() && output.status.success(), "{text}");
+}
