@@ -431,11 +431,16 @@ struct Worker {
     status: RefCell<ExecutorStatus>,
     /// Parsed function configs by (id, version).
     functions: RefCell<HashMap<(String, u32), Rc<FunctionDef>>>,
+    /// Leases being processed: (lease id, item id), handed back at shutdown.
+    leased: RefCell<HashMap<u64, String>>,
 }
 
 impl Worker {
     async fn handle(self: Rc<Self>, lease: Lease) {
         self.status.borrow_mut().in_flight += 1;
+        self.leased
+            .borrow_mut()
+            .insert(lease.lease_id, lease.item.id.clone());
         let result = tokio::select! {
             result = self.process(&lease) => result,
             () = self.heartbeat(&lease) => Ok(()),
@@ -445,6 +450,7 @@ impl Worker {
                   "queue item failed; it comes back when its lease expires");
             self.status.borrow_mut().last_error = Some(err.to_string());
         }
+        self.leased.borrow_mut().remove(&lease.lease_id);
         self.status.borrow_mut().in_flight -= 1;
     }
 
@@ -894,6 +900,7 @@ impl Executor {
                 config,
                 status: RefCell::new(ExecutorStatus::default()),
                 functions: RefCell::new(HashMap::new()),
+                leased: RefCell::new(HashMap::new()),
             }),
             stop: watch::channel(false).0,
             ended,
@@ -1001,10 +1008,29 @@ impl Handler<Drain> for Executor {
         let _ = self.stop.send(true);
         let semaphore = self.semaphore.clone();
         let workers = self.worker.config.workers as u32;
+        let worker = self.worker.clone();
         Box::pin(async move {
             let all = semaphore.acquire_many(workers);
-            if tokio::time::timeout(drain.timeout, all).await.is_err() {
-                warn!("calls still in flight at shutdown; their items come back after the lease");
+            if tokio::time::timeout(drain.timeout, all).await.is_ok() {
+                return;
+            }
+            // Hand the unfinished items back, due now, without counting an
+            // attempt: another executor (or this one, restarted) takes them.
+            let leased: Vec<(u64, String)> = worker.leased.borrow().clone().into_iter().collect();
+            warn!(
+                count = leased.len(),
+                "calls still in flight at shutdown; handing them back"
+            );
+            let now = worker.clock.now();
+            for (lease_id, item_id) in leased {
+                if let Err(err) = worker
+                    .backends
+                    .queue
+                    .retry_at(lease_id, &item_id, now, false)
+                    .await
+                {
+                    warn!(item = %item_id, error = %err, "cannot hand an item back; it returns when its lease expires");
+                }
             }
         })
     }
