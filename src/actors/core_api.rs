@@ -211,6 +211,60 @@ impl Handler<CancelRun> for CoreApi {
     }
 }
 
+/// Replays a run: a new run of its function with the same events
+/// (`POST /v1/runs/{id}/replay`). Answers the new run's id.
+#[derive(Message)]
+#[rtype(result = "Result<String, SyncError>")]
+pub struct ReplayRun(pub String);
+
+impl Handler<ReplayRun> for CoreApi {
+    type Result = ResponseFuture<Result<String, SyncError>>;
+
+    fn handle(&mut self, ReplayRun(run_id): ReplayRun, _: &mut Self::Context) -> Self::Result {
+        let backends = self.backends.clone();
+        let now = self.clock.now();
+        Box::pin(async move {
+            let run = backends
+                .state
+                .load_run(&run_id)
+                .await?
+                .ok_or_else(|| SyncError::Invalid(format!("run {run_id} not found")))?;
+            let record = backends
+                .data
+                .get_function(&run.fn_id)
+                .await?
+                .filter(|f| !f.archived)
+                .ok_or_else(|| {
+                    SyncError::Invalid(format!("function {} no longer exists", run.fn_id))
+                })?;
+            let function =
+                crate::model::FunctionDef::from_record(&record).map_err(SyncError::Invalid)?;
+            let events: Vec<crate::model::EventRecord> = run
+                .event_ids
+                .iter()
+                .zip(&run.events)
+                .map(|(internal_id, payload)| {
+                    let value: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
+                    crate::model::EventRecord {
+                        internal_id: internal_id.clone(),
+                        name: value["name"].as_str().unwrap_or_default().to_string(),
+                        id: value["id"].as_str().unwrap_or_default().to_string(),
+                        received_at: now.millis(),
+                        payload: payload.clone(),
+                        target_fn: None,
+                    }
+                })
+                .collect();
+            let key = format!("replay-{}", ulid::Ulid::new());
+            let new_run = crate::actors::flow::start_run(&backends, &function, events, &key, now)
+                .await?
+                .ok_or_else(|| SyncError::Invalid(format!("run {run_id} has no events")))?;
+            info!(run_id = %new_run, replay_of = %run_id, "run replayed");
+            Ok(new_run)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

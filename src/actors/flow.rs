@@ -149,7 +149,8 @@ pub async fn accept_event(
         backends.queue.enqueue(timer, due).await?;
         return Ok(());
     }
-    start_run(backends, function, vec![event.clone()], &event.id, now).await
+    start_run(backends, function, vec![event.clone()], &event.id, now).await?;
+    Ok(())
 }
 
 /// Creates a run of `function` for `events` (one, or a batch) under its
@@ -162,9 +163,9 @@ pub async fn start_run(
     events: Vec<EventRecord>,
     idempotency_key: &str,
     now: Timestamp,
-) -> StoreResult<()> {
+) -> StoreResult<Option<String>> {
     let Some(first) = events.first() else {
-        return Ok(());
+        return Ok(None);
     };
     let payload: Value = serde_json::from_str(&first.payload).unwrap_or(Value::Null);
     let flow = &function.flow;
@@ -257,8 +258,9 @@ pub async fn start_run(
         run.status = RunStatus::Skipped;
         run.ended_at = Some(now.millis());
         debug!(fn_id = %function.id, reason = %reason, "run skipped by flow control");
+        let id = run.id.clone();
         backends.state.create_run(run).await?;
-        return Ok(());
+        return Ok(Some(id));
     }
 
     // Throttle: when the first call may happen.
@@ -284,7 +286,7 @@ pub async fn start_run(
     let run = match backends.state.create_run(run).await? {
         CreateRun::Created(run) => run,
         CreateRun::Exists(run) if run.status == RunStatus::Queued => run,
-        CreateRun::Exists(_) => return Ok(()),
+        CreateRun::Exists(run) => return Ok(Some(run.id)),
     };
     debug!(run_id = %run.id, fn_id = %run.fn_id, "run created");
     if let Some(previous) = replaced {
@@ -329,7 +331,7 @@ pub async fn start_run(
             first_call,
         )
         .await?;
-    Ok(())
+    Ok(Some(run.id))
 }
 
 /// A debounce timer fired: start the run with the key's latest event, if
@@ -344,7 +346,8 @@ pub async fn fire_debounce(
     match backends.state.debounce_take(key, generation).await? {
         Some(event) => {
             let idempotency = format!("debounce-{}", event.internal_id);
-            start_run(backends, function, vec![event], &idempotency, now).await
+            start_run(backends, function, vec![event], &idempotency, now).await?;
+            Ok(())
         }
         None => Ok(()),
     }
@@ -372,7 +375,8 @@ pub async fn fire_batch(
         &format!("batch-{batch_id}"),
         now,
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

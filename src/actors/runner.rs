@@ -91,13 +91,13 @@ impl Matcher {
                 // Internal events addressed to one function (invoke, cron).
                 Some(target) => {
                     if let Some(function) = functions.iter().find(|f| &f.id == target) {
-                        creations.push(Box::pin(flow::start_run(
-                            &self.backends,
-                            function,
-                            vec![event.clone()],
-                            &event.id,
-                            self.clock.now(),
-                        )));
+                        let backends = &self.backends;
+                        let now = self.clock.now();
+                        creations.push(Box::pin(async move {
+                            flow::start_run(backends, function, vec![event.clone()], &event.id, now)
+                                .await
+                                .map(|_| ())
+                        }));
                     } else {
                         warn!(fn_id = %target, event = %event.name, "event for an unknown function dropped");
                     }

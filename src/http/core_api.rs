@@ -4,7 +4,8 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
-use crate::actors::core_api::{CancelRun, RegisterApp, SyncError, SyncUrl};
+use crate::actors::core_api::{CancelRun, RegisterApp, ReplayRun, SyncError, SyncUrl};
+use crate::actors::event_api::{normalize_events, IngestEvents};
 use crate::actors::{executor, runner};
 use crate::clock::Timestamp;
 use crate::http::{read_body, ApiError, AppState};
@@ -177,6 +178,18 @@ pub struct ListRuns {
     pub cursor: Option<String>,
     pub function_id: Option<String>,
     pub status: Option<String>,
+    /// RFC 3339: only runs created at or after.
+    pub since: Option<String>,
+    /// RFC 3339: only runs created before.
+    pub until: Option<String>,
+}
+
+fn parse_time(name: &str, text: &str) -> Result<i64, ApiError> {
+    crate::duration::parse_iso_date(text)
+        .map(|t| t.millis())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!("{name} must be an RFC 3339 time, not {text:?}"))
+        })
 }
 
 fn parse_status(text: &str) -> Result<RunStatus, ApiError> {
@@ -201,16 +214,35 @@ pub async fn list_runs(
 ) -> Result<HttpResponse, ApiError> {
     let limit = query.limit.unwrap_or(20).clamp(1, 1_000);
     let status = query.status.as_deref().map(parse_status).transpose()?;
-    let runs = state
+    let since = query
+        .since
+        .as_deref()
+        .map(|t| parse_time("since", t))
+        .transpose()?;
+    let until = query
+        .until
+        .as_deref()
+        .map(|t| parse_time("until", t))
+        .transpose()?;
+    // Run ids are ULIDs: a cursor at `until` starts the scan there.
+    let cursor = match (&query.cursor, until) {
+        (Some(cursor), _) => Some(cursor.clone()),
+        (None, Some(until)) => Some(ulid::Ulid::from_parts(until.max(0) as u64, 0).to_string()),
+        (None, None) => None,
+    };
+    let mut runs = state
         .backends
         .state
         .list_runs(
             limit,
-            query.cursor.as_deref(),
+            cursor.as_deref(),
             query.function_id.as_deref(),
             status,
         )
         .await?;
+    if let Some(since) = since {
+        runs.retain(|run| run.created_at >= since);
+    }
     let runs: Vec<Value> = runs.iter().map(|run| run_json(run, None)).collect();
     Ok(wrap(&state, Value::Array(runs)))
 }
@@ -316,6 +348,80 @@ pub async fn cancel_run(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("run {run_id} not found")))?;
     Ok(wrap(&state, run_json(&run, None)))
+}
+
+/// `POST /v1/runs/{id}/replay`: a new run from the same event(s).
+pub async fn replay_run(
+    state: web::Data<AppState>,
+    run_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let run_id = run_id.into_inner();
+    if state.backends.state.load_run(&run_id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("run {run_id} not found")));
+    }
+    match core(&state)?.send(ReplayRun(run_id)).await? {
+        Ok(new_run) => Ok(wrap(&state, json!({ "run_id": new_run }))),
+        Err(SyncError::Invalid(message)) => Err(ApiError::BadRequest(message)),
+        Err(SyncError::Store(err)) => Err(err.into()),
+    }
+}
+
+/// `GET /v1/functions`: every synced function with its triggers, settings
+/// and the status counts of its latest runs.
+pub async fn list_functions(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut functions = Vec::new();
+    for record in state.backends.data.list_functions().await? {
+        let def = FunctionDef::from_record(&record).ok();
+        let recent = state
+            .backends
+            .state
+            .list_runs(100, None, Some(&record.id), None)
+            .await?;
+        let mut counts = serde_json::Map::new();
+        for run in &recent {
+            let count = counts.entry(run.status.as_str()).or_insert(json!(0));
+            *count = json!(count.as_u64().unwrap_or(0) + 1);
+        }
+        let ended = recent
+            .iter()
+            .filter(|r| matches!(r.status, RunStatus::Completed | RunStatus::Failed))
+            .count();
+        let failed = recent
+            .iter()
+            .filter(|r| r.status == RunStatus::Failed)
+            .count();
+        functions.push(json!({
+            "id": record.id,
+            "name": def.as_ref().map(|d| d.name.clone()).unwrap_or_default(),
+            "app_id": record.app_id,
+            "version": record.version,
+            "url": record.url,
+            "retries": def.as_ref().map(|d| d.retries),
+            "config": parse_json(&record.config),
+            "updated_at": time(Some(record.updated_at)),
+            "recent_runs": {
+                "counts": counts,
+                "total": recent.len(),
+                "failure_rate": if ended == 0 { 0.0 } else { failed as f64 / ended as f64 },
+            },
+        }));
+    }
+    Ok(wrap(&state, Value::Array(functions)))
+}
+
+/// `POST /v1/events` `{"name", "data"}`: sends an event (the dashboard's
+/// test form); answers like `POST /e/{key}`.
+pub async fn send_event(
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let events = normalize_events(&body, None, state.clock.now())
+        .map_err(|invalid| ApiError::BadRequest(invalid.0))?;
+    let event_api = state.event_api.as_ref().ok_or_else(|| {
+        ApiError::Unavailable("the event API does not run in this process".into())
+    })?;
+    let ids = event_api.send(IngestEvents(events)).await??;
+    Ok(HttpResponse::Ok().json(json!({ "ids": ids, "status": 200 })))
 }
 
 /// `DELETE /v0/runs/{id}`: the dev server's cancel, 204 on success.

@@ -133,6 +133,9 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/v1/runs", web::get().to(core_api::list_runs))
             .route("/v1/runs/{id}", web::get().to(core_api::get_run))
             .route("/v1/runs/{id}", web::delete().to(core_api::cancel_run))
+            .route("/v1/runs/{id}/replay", web::post().to(core_api::replay_run))
+            .route("/v1/functions", web::get().to(core_api::list_functions))
+            .route("/v1/events", web::post().to(core_api::send_event))
             .route("/v0/runs/{id}", web::delete().to(core_api::cancel_run_v0))
             .route("/v0/runs/{id}/batch", web::get().to(core_api::run_batch))
             .route(

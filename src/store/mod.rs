@@ -438,7 +438,10 @@ pub async fn open_backends(
 
 #[cfg(not(feature = "redis"))]
 fn no_redis() -> StoreError {
-    StoreError::new(StoreErrorKind::Unsupported, "this baton was built without the `redis` feature")
+    StoreError::new(
+        StoreErrorKind::Unsupported,
+        "this baton was built without the `redis` feature",
+    )
 }
 
 #[cfg(not(feature = "redis"))]
@@ -465,21 +468,36 @@ async fn open_nats_bus(_: &crate::settings::BackendChoice) -> StoreResult<Arc<dy
 }
 
 #[cfg(feature = "redis")]
-async fn open_redis_state(choice: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn StateStore>> {
-    Err(StoreError::new(StoreErrorKind::Unsupported, format!("redis at {} is not wired yet", choice.redis_url)))
+async fn open_redis_state(
+    choice: &crate::settings::BackendChoice,
+) -> StoreResult<Arc<dyn StateStore>> {
+    Err(StoreError::new(
+        StoreErrorKind::Unsupported,
+        format!("redis at {} is not wired yet", choice.redis_url),
+    ))
 }
 
 #[cfg(feature = "redis")]
 async fn open_redis_queue(choice: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn Queue>> {
-    Err(StoreError::new(StoreErrorKind::Unsupported, format!("redis at {} is not wired yet", choice.redis_url)))
+    Err(StoreError::new(
+        StoreErrorKind::Unsupported,
+        format!("redis at {} is not wired yet", choice.redis_url),
+    ))
 }
 
 #[cfg(feature = "redis")]
-async fn open_redis_data(choice: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn DataStore>> {
-    Err(StoreError::new(StoreErrorKind::Unsupported, format!("redis at {} is not wired yet", choice.redis_url)))
+async fn open_redis_data(
+    choice: &crate::settings::BackendChoice,
+) -> StoreResult<Arc<dyn DataStore>> {
+    Err(StoreError::new(
+        StoreErrorKind::Unsupported,
+        format!("redis at {} is not wired yet", choice.redis_url),
+    ))
 }
 
 #[cfg(feature = "nats")]
 async fn open_nats_bus(choice: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn EventBus>> {
-    Err(StoreError::new(StoreErrorKind::Unsupported, format!("nats at {} is not wired yet", choice.nats_url)))
+    let bus =
+        nats::NatsBus::connect(&choice.nats_url, &choice.nats_stream, &choice.nats_subject).await?;
+    Ok(Arc::new(bus))
 }
