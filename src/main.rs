@@ -41,7 +41,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     check_locality(&settings, &services)?;
     let listener = TcpListener::bind((settings.host.as_str(), settings.port)).map_err(|err| {
-        anyhow::anyhow!("cannot listen on {}:{}: {err}", settings.host, settings.port)
+        anyhow::anyhow!(
+            "cannot listen on {}:{}: {err}",
+            settings.host,
+            settings.port
+        )
     })?;
     let addr = listener.local_addr()?;
     let data = if settings.backends.uses_sled() {
