@@ -186,6 +186,11 @@ pub async fn serve(
         store_size: Box::new(move || size_db.as_ref().map(SledDb::size_on_disk).unwrap_or(0)),
         auth,
         dev_mode: mode == Mode::Dev,
+        sessions: http::session::Sessions::new(
+            settings.dashboard_password.clone(),
+            settings.session_ttl,
+        ),
+        retention: settings.retention,
     });
     let server = HttpServer::new(move || {
         let state = state.clone();

@@ -24,6 +24,50 @@ pub struct RawSettings {
     pub keys: RawKeys,
     pub sync: RawSync,
     pub backends: RawBackends,
+    pub dashboard: RawDashboard,
+    pub retention: RawRetention,
+}
+
+/// The web dashboard's login in production (new in 0.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawDashboard {
+    /// Password of the dashboard login under `baton start` / `baton serve`;
+    /// "" disables the login (the API still takes the signing key).
+    pub password: String,
+    /// How long a login lasts.
+    pub session_ttl: String,
+}
+
+impl Default for RawDashboard {
+    fn default() -> Self {
+        RawDashboard {
+            password: String::new(),
+            session_ttl: "12h".into(),
+        }
+    }
+}
+
+/// Background deletion of old history (new in 0.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRetention {
+    /// Finished runs and events older than this are deleted; "" keeps all.
+    pub max_age: String,
+    /// Time between deletion passes.
+    pub interval: String,
+    /// Most runs and events deleted per pass, so deletion stays gentle.
+    pub batch: usize,
+}
+
+impl Default for RawRetention {
+    fn default() -> Self {
+        RawRetention {
+            max_age: "7d".into(),
+            interval: "1m".into(),
+            batch: 500,
+        }
+    }
 }
 
 /// Which implementation serves each store (new in 0.1).
@@ -164,6 +208,12 @@ pub struct Settings {
     pub event_keys: Vec<String>,
     pub sync_urls: Vec<String>,
     pub backends: BackendChoice,
+    pub dashboard_password: Option<String>,
+    pub session_ttl: Duration,
+    /// `None`: keep history forever.
+    pub retention: Option<Duration>,
+    pub retention_interval: Duration,
+    pub retention_batch: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,6 +314,15 @@ impl RawSettings {
             event_keys,
             sync_urls: self.sync.urls,
             backends,
+            dashboard_password: Some(self.dashboard.password).filter(|p| !p.is_empty()),
+            session_ttl: duration("dashboard.session_ttl", &self.dashboard.session_ttl)?,
+            retention: match self.retention.max_age.trim() {
+                "" => None,
+                text => Some(duration("retention.max_age", text)?),
+            },
+            retention_interval: duration("retention.interval", &self.retention.interval)?
+                .max(Duration::from_millis(100)),
+            retention_batch: self.retention.batch.max(1),
         })
     }
 }

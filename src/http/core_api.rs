@@ -70,6 +70,21 @@ pub fn run_json(run: &RunRecord, steps: Option<&[StepRecord]>) -> Value {
     value
 }
 
+/// `7d`, `12h`, `90s`: the largest unit that divides the duration.
+pub fn human_duration(duration: std::time::Duration) -> String {
+    let secs = duration.as_secs();
+    for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if secs >= size && secs % size == 0 {
+            return format!("{}{unit}", secs / size);
+        }
+    }
+    if secs == 0 {
+        format!("{}ms", duration.as_millis())
+    } else {
+        format!("{secs}s")
+    }
+}
+
 pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": 200, "message": "OK"}))
 }
@@ -502,6 +517,9 @@ pub async fn status(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
     Ok(wrap(
         &state,
         json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "mode": if state.dev_mode { "dev" } else { "production" },
+            "retention": state.retention.map(human_duration),
             "queue_depth": state.backends.queue.len().await?,
             "open_pauses": state.backends.state.pause_count().await?,
             "executor": executor,

@@ -5,6 +5,7 @@
 pub mod core_api;
 pub mod error;
 pub mod event_api;
+pub mod session;
 
 use actix::Addr;
 use actix_web::web;
@@ -30,6 +31,9 @@ pub struct AppState {
     pub auth: Auth,
     /// `baton dev`: `/dev` is served and nothing is checked.
     pub dev_mode: bool,
+    pub sessions: session::Sessions,
+    /// Retention of finished runs and events, shown by `/v1/status`.
+    pub retention: Option<std::time::Duration>,
 }
 
 /// Production-mode checks of SDK requests (PROTOCOL §1.4, §1.5).
@@ -78,34 +82,69 @@ impl Auth {
     }
 }
 
-/// Paths SDKs and API users reach with the signing key in production.
-fn needs_bearer(path: &str) -> bool {
-    path.starts_with("/fn/") || path.starts_with("/v0/") || path.starts_with("/v1/")
+/// What a path needs in production: nothing (health, events with their own
+/// key, the login page, static assets), or a signing key / login.
+fn needs_auth(path: &str) -> bool {
+    !(path == "/health"
+        || path.starts_with("/e/")
+        || path == "/e"
+        || path == "/login"
+        || path == "/logout"
+        || path.starts_with("/assets/"))
 }
 
-/// Middleware: in production, `/fn/*`, `/v0/*` and `/v1/*` need the
-/// signing key as a bearer token.
+fn deny(request: actix_web::dev::ServiceRequest, response: actix_web::HttpResponse)
+    -> actix_web::dev::ServiceResponse<actix_web::body::BoxBody> {
+    let (request, _) = request.into_parts();
+    actix_web::dev::ServiceResponse::new(request, response)
+}
+
+/// Middleware: in production everything but health, events, the login page
+/// and static assets needs the signing key as a bearer token (SDKs, API
+/// clients) or a dashboard session; a session's state-changing requests
+/// must carry its CSRF token in `X-CSRF-Token`. Pages redirect to the login.
 pub async fn require_auth(
     request: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
 ) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
-    let auth = request
-        .app_data::<web::Data<AppState>>()
-        .map(|state| state.auth.clone())
-        .unwrap_or_default();
-    if auth.enabled && needs_bearer(request.path()) {
+    let Some(state) = request.app_data::<web::Data<AppState>>().cloned() else {
+        return next.call(request).await.map(|r| r.map_into_boxed_body());
+    };
+    if state.auth.enabled && needs_auth(request.path()) {
         let header = request
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        if !auth.bearer_ok(header) {
-            let error = ApiError::Unauthorized(
-                "a valid signing key is required (Authorization: Bearer <hashed signing key>)"
-                    .into(),
-            );
-            let (request, _) = request.into_parts();
-            let response = actix_web::ResponseError::error_response(&error);
-            return Ok(actix_web::dev::ServiceResponse::new(request, response));
+        if !state.auth.bearer_ok(header) {
+            let csrf = request
+                .cookie(session::COOKIE)
+                .and_then(|cookie| state.sessions.csrf_of(cookie.value()));
+            let Some(csrf) = csrf else {
+                let path = request.path();
+                let is_page = request.method() == actix_web::http::Method::GET
+                    && !(path.starts_with("/v0/") || path.starts_with("/v1/")
+                        || path.starts_with("/fn/") || path == "/metrics");
+                if is_page {
+                    let redirect = actix_web::HttpResponse::SeeOther()
+                        .insert_header(("location", "/login"))
+                        .finish();
+                    return Ok(deny(request, redirect));
+                }
+                let error = ApiError::Unauthorized(
+                    "sign in, or send the signing key (Authorization: Bearer <hashed signing key>)"
+                        .into(),
+                );
+                return Ok(deny(request, actix_web::ResponseError::error_response(&error)));
+            };
+            let safe = matches!(request.method().as_str(), "GET" | "HEAD" | "OPTIONS");
+            let sent = request
+                .headers()
+                .get("x-csrf-token")
+                .and_then(|v| v.to_str().ok());
+            if !safe && sent != Some(csrf.as_str()) {
+                let error = ApiError::Forbidden("missing or wrong CSRF token".into());
+                return Ok(deny(request, actix_web::ResponseError::error_response(&error)));
+            }
         }
     }
     next.call(request)
@@ -117,6 +156,13 @@ pub async fn require_auth(
 pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
     config.app_data(state.clone());
     config.route("/health", web::get().to(core_api::health));
+    if state.core_api.is_some() {
+        config
+            .route("/login", web::get().to(session::login_page))
+            .route("/login", web::post().to(session::login))
+            .route("/logout", web::post().to(session::logout))
+            .route("/v1/session", web::get().to(session::session));
+    }
     if state.event_api.is_some() {
         config.route("/e/{key}", web::post().to(event_api::receive));
         config.route("/e/", web::post().to(event_api::missing_key));
