@@ -8,6 +8,7 @@ pub mod cron;
 pub mod duration;
 pub mod expr;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod sdk;
 pub mod serve;

@@ -135,21 +135,36 @@ pub async fn serve(
     let runs = |service| services.contains(&service);
 
     let event_api = runs(Service::EventApi).then(|| EventApi::new(backends.clone()).start());
-    let runner = runs(Service::Runner)
-        .then(|| Runner::new(backends.clone(), clock.clone(), ended.clone()).start());
+    // The runner and the executor each get a thread (arbiter) of their own,
+    // so that creating runs and calling apps do not wait for each other.
+    let mut arbiters = Vec::new();
+    let runner = runs(Service::Runner).then(|| {
+        let arbiter = actix::Arbiter::new();
+        let (backends, clock, ended) = (backends.clone(), clock.clone(), ended.clone());
+        let addr = Runner::start_in_arbiter(&arbiter.handle(), move |_| {
+            Runner::new(backends, clock, ended)
+        });
+        arbiters.push(arbiter);
+        addr
+    });
     let executor = runs(Service::Executor).then(|| {
-        Executor::new(
+        let arbiter = actix::Arbiter::new();
+        let (backends, clock, client, ended) = (
             backends.clone(),
             clock.clone(),
             client.clone(),
-            ExecutorConfig {
-                workers: settings.workers,
-                lease_ttl: settings.lease_ttl,
-                retry_interval: settings.retry_interval,
-            },
             ended.clone(),
-        )
-        .start()
+        );
+        let config = ExecutorConfig {
+            workers: settings.workers,
+            lease_ttl: settings.lease_ttl,
+            retry_interval: settings.retry_interval,
+        };
+        let addr = Executor::start_in_arbiter(&arbiter.handle(), move |_| {
+            Executor::new(backends, clock, client, config, ended)
+        });
+        arbiters.push(arbiter);
+        addr
     });
     let core_api = runs(Service::CoreApi).then(|| {
         CoreApi::new(
@@ -226,6 +241,9 @@ pub async fn serve(
                 timeout: Duration::from_secs(10),
             })
             .await;
+    }
+    for arbiter in &arbiters {
+        arbiter.stop();
     }
     if let Some(db) = &db {
         db.flush().await.context("failed to flush the store")?;

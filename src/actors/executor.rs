@@ -28,6 +28,7 @@ use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
 use crate::duration::{parse_time_str, sleep_until};
 use crate::expr::async_equality_key;
+use crate::metrics::METRICS;
 use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
@@ -692,7 +693,13 @@ impl Worker {
         };
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
-        let reply = match self.client.call(&call, self.clock.now()).await {
+        let call_started = std::time::Instant::now();
+        let sent = self.client.call(&call, self.clock.now()).await;
+        METRICS
+            .sdk_call_seconds
+            .with_label_values(&[run.fn_id.as_str()])
+            .observe(call_started.elapsed().as_secs_f64());
+        let reply = match sent {
             Ok(raw) => {
                 if raw.used_api {
                     self.status.borrow_mut().calls_using_api += 1;
@@ -748,6 +755,10 @@ impl Worker {
         let now = self.clock.now();
         if let Some(due) = decision.retry {
             self.status.borrow_mut().retries += 1;
+            METRICS
+                .retries
+                .with_label_values(&[run.fn_id.as_str()])
+                .inc();
             debug!(run_id = %run.id, attempt = lease.attempt + 1, "retrying");
             self.backends
                 .queue
@@ -795,6 +806,7 @@ impl Worker {
         }
         let mut stack_len = run.stack.len() as u32;
         let mut planned_left = run.planned.len() as u32;
+        let saved_any = !saves.is_empty();
         for step in saves {
             debug!(run_id = %run.id, step = %step.name, "step saved");
             match self.backends.state.save_step(&run.id, step).await? {
@@ -811,6 +823,14 @@ impl Worker {
                 }
                 SaveStep::RunEnded => return self.ack(lease, Vec::new()).await,
             }
+        }
+        if saved_any {
+            let took = self.clock.now().millis()
+                - (lease.expires.millis() - self.config.lease_ttl.as_millis() as i64);
+            METRICS
+                .step_seconds
+                .with_label_values(&[run.fn_id.as_str()])
+                .observe(took.max(0) as f64 / 1000.0);
         }
         if let Some((status, output)) = decision.finish {
             if lifecycle::finish_run(&self.backends, run, status, output, now).await? {

@@ -13,6 +13,7 @@ use tracing::debug;
 use crate::actors::lifecycle;
 use crate::clock::Timestamp;
 use crate::expr::Expr;
+use crate::metrics::METRICS;
 use crate::model::flow::{Scope, SingletonMode};
 use crate::model::{
     EventRecord, FunctionDef, PauseKind, PauseRecord, QueueItem, RunRecord, RunStatus,
@@ -259,7 +260,12 @@ pub async fn start_run(
         run.ended_at = Some(now.millis());
         debug!(fn_id = %function.id, reason = %reason, "run skipped by flow control");
         let id = run.id.clone();
-        backends.state.create_run(run).await?;
+        if let CreateRun::Created(_) = backends.state.create_run(run).await? {
+            METRICS
+                .runs_finished
+                .with_label_values(&[function.id.as_str(), "Skipped"])
+                .inc();
+        }
         return Ok(Some(id));
     }
 
@@ -284,7 +290,13 @@ pub async fn start_run(
     }
 
     let run = match backends.state.create_run(run).await? {
-        CreateRun::Created(run) => run,
+        CreateRun::Created(run) => {
+            METRICS
+                .runs_started
+                .with_label_values(&[function.id.as_str()])
+                .inc();
+            run
+        }
         CreateRun::Exists(run) if run.status == RunStatus::Queued => run,
         CreateRun::Exists(run) => return Ok(Some(run.id)),
     };

@@ -125,6 +125,10 @@ pub async fn finish_run(
     {
         return Ok(false);
     }
+    crate::metrics::METRICS
+        .runs_finished
+        .with_label_values(&[run.fn_id.as_str(), status.as_str()])
+        .inc();
     for pause in backends.state.pauses_for_run(&run.id).await? {
         backends.state.take_pause(&pause.id).await?;
     }

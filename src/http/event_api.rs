@@ -5,6 +5,7 @@ use serde_json::json;
 
 use crate::actors::event_api::{normalize_events, IngestEvents};
 use crate::http::{read_body, ApiError, AppState};
+use crate::metrics::METRICS;
 
 pub async fn receive(
     state: web::Data<AppState>,
@@ -13,12 +14,16 @@ pub async fn receive(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     if key.trim().is_empty() {
+        METRICS.events_rejected.inc();
         return Err(ApiError::Unauthorized("Event key is required".into()));
     }
     if !state.auth.event_key_ok(key.as_str()) {
+        METRICS.events_rejected.inc();
         return Err(ApiError::Unauthorized("Event key not found".into()));
     }
-    let body = read_body(payload, state.max_body_bytes).await?;
+    let body = read_body(payload, state.max_body_bytes)
+        .await
+        .inspect_err(|_| METRICS.events_rejected.inc())?;
     let seed = request
         .headers()
         .get("x-inngest-event-id-seed")
@@ -26,9 +31,10 @@ pub async fn receive(
     let events = match normalize_events(&body, seed, state.clock.now()) {
         Ok(events) => events,
         Err(invalid) => {
+            METRICS.events_rejected.inc();
             return Ok(HttpResponse::BadRequest().json(json!({
                 "ids": [], "status": 400, "error": invalid.0,
-            })))
+            })));
         }
     };
     let event_api = state
@@ -36,6 +42,7 @@ pub async fn receive(
         .as_ref()
         .ok_or_else(|| ApiError::Unavailable("the event API does not run here".into()))?;
     let ids = event_api.send(IngestEvents(events)).await??;
+    METRICS.events_received.inc_by(ids.len() as u64);
     Ok(HttpResponse::Ok().json(json!({ "ids": ids, "status": 200 })))
 }
 

@@ -93,8 +93,10 @@ fn needs_auth(path: &str) -> bool {
         || path.starts_with("/assets/"))
 }
 
-fn deny(request: actix_web::dev::ServiceRequest, response: actix_web::HttpResponse)
-    -> actix_web::dev::ServiceResponse<actix_web::body::BoxBody> {
+fn deny(
+    request: actix_web::dev::ServiceRequest,
+    response: actix_web::HttpResponse,
+) -> actix_web::dev::ServiceResponse<actix_web::body::BoxBody> {
     let (request, _) = request.into_parts();
     actix_web::dev::ServiceResponse::new(request, response)
 }
@@ -122,8 +124,10 @@ pub async fn require_auth(
             let Some(csrf) = csrf else {
                 let path = request.path();
                 let is_page = request.method() == actix_web::http::Method::GET
-                    && !(path.starts_with("/v0/") || path.starts_with("/v1/")
-                        || path.starts_with("/fn/") || path == "/metrics");
+                    && !(path.starts_with("/v0/")
+                        || path.starts_with("/v1/")
+                        || path.starts_with("/fn/")
+                        || path == "/metrics");
                 if is_page {
                     let redirect = actix_web::HttpResponse::SeeOther()
                         .insert_header(("location", "/login"))
@@ -134,7 +138,10 @@ pub async fn require_auth(
                     "sign in, or send the signing key (Authorization: Bearer <hashed signing key>)"
                         .into(),
                 );
-                return Ok(deny(request, actix_web::ResponseError::error_response(&error)));
+                return Ok(deny(
+                    request,
+                    actix_web::ResponseError::error_response(&error),
+                ));
             };
             let safe = matches!(request.method().as_str(), "GET" | "HEAD" | "OPTIONS");
             let sent = request
@@ -143,7 +150,10 @@ pub async fn require_auth(
                 .and_then(|v| v.to_str().ok());
             if !safe && sent != Some(csrf.as_str()) {
                 let error = ApiError::Forbidden("missing or wrong CSRF token".into());
-                return Ok(deny(request, actix_web::ResponseError::error_response(&error)));
+                return Ok(deny(
+                    request,
+                    actix_web::ResponseError::error_response(&error),
+                ));
             }
         }
     }
@@ -156,6 +166,7 @@ pub async fn require_auth(
 pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
     config.app_data(state.clone());
     config.route("/health", web::get().to(core_api::health));
+    config.route("/metrics", web::get().to(core_api::metrics));
     if state.core_api.is_some() {
         config
             .route("/login", web::get().to(session::login_page))
@@ -216,7 +227,12 @@ mod tests {
     #[test]
     fn bearer_tokens_raw_or_hashed_with_or_without_prefix() {
         let key = "signkey-prod-0123456789abcdef";
-        let auth = Auth::new(true, Some(key), Some("signkey-prod-ffff"), vec!["ek".into()]);
+        let auth = Auth::new(
+            true,
+            Some(key),
+            Some("signkey-prod-ffff"),
+            vec!["ek".into()],
+        );
         let hashed = crate::sdk::hashed_signing_key(key).unwrap();
         assert!(auth.bearer_ok(Some(&format!("Bearer signkey-prod-{hashed}")))); // JS
         assert!(auth.bearer_ok(Some(&format!("Bearer {hashed}")))); // Python

@@ -36,7 +36,11 @@ fn token() -> String {
 
 /// Compares without stopping at the first difference.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 impl Sessions {
@@ -91,7 +95,9 @@ fn session_cookie(value: String, max_age: Duration) -> Cookie<'static> {
         .path("/")
         .http_only(true)
         .same_site(SameSite::Strict)
-        .max_age(actix_web::cookie::time::Duration::seconds(max_age.as_secs() as i64))
+        .max_age(actix_web::cookie::time::Duration::seconds(
+            max_age.as_secs() as i64,
+        ))
         .finish()
 }
 
@@ -209,6 +215,8 @@ mod tests {
         let (token, _) = sessions.login("secret").unwrap();
         sessions.logout(&token);
         assert!(sessions.csrf_of(&token).is_none());
-        assert!(Sessions::new(None, Duration::from_secs(1)).login("").is_none());
+        assert!(Sessions::new(None, Duration::from_secs(1))
+            .login("")
+            .is_none());
     }
 }

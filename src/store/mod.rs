@@ -320,6 +320,11 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Number of queued items, leased or not.
     async fn len(&self) -> StoreResult<u64>;
+
+    /// Per partition: ready items and the due time of the oldest (metrics).
+    async fn partition_stats(&self) -> StoreResult<Vec<PartitionStats>> {
+        Ok(Vec::new())
+    }
 }
 
 pub type EventStream = Pin<Box<dyn Stream<Item = EventRecord> + Send>>;
@@ -384,6 +389,15 @@ pub trait DataStore: Send + Sync + 'static {
     /// A number that changes whenever any function changes; lets services
     /// cache parsed functions.
     async fn functions_generation(&self) -> StoreResult<u64>;
+}
+
+/// One queue partition's backlog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionStats {
+    pub partition: String,
+    pub ready: u64,
+    /// Due time (score) of its first ready item.
+    pub oldest_due: Option<Timestamp>,
 }
 
 /// The backends one process uses.

@@ -474,6 +474,7 @@ async function loadServerInfo() {
     const data = (await getData("/v1/status")) ?? {};
     const parts = [];
     if (data.version) parts.push(String(data.version).startsWith("v") ? data.version : `v${data.version}`);
+    if (data.mode) parts.push(String(data.mode));
     if (data.retention) parts.push(`retention ${data.retention}`);
     const el = document.getElementById("server-info");
     el.textContent = parts.join(" · ");
@@ -519,8 +520,7 @@ function runsView(ctx) {
   );
 
   function render() {
-    const span = timeWindow(filters);
-    const rows = state.runs.filter((run) => inWindow(run, span));
+    const rows = state.runs;
     reconcile(tbody, rows.map((run) => keyed(state.cache, run.run_id, JSON.stringify(run) + functionName(run.function_id), () => runRow(run))));
     table.hidden = rows.length === 0;
     empty.hidden = !state.loaded || rows.length > 0;
@@ -589,13 +589,6 @@ function timeWindow(filters) {
   const since = at(filters.since);
   const until = at(filters.until);
   return { since: Number.isFinite(since) ? since : null, until: Number.isFinite(until) ? until : null };
-}
-
-/** The same window, also applied here in case the server ignores it. */
-function inWindow(run, span) {
-  const t = parseTime(run.run_started_at);
-  if (t === null) return true;
-  return (span.since === null || t >= span.since) && (span.until === null || t <= span.until);
 }
 
 function writeQuery(filters) {
@@ -1227,7 +1220,7 @@ function functionsView(ctx) {
 
   function render() {
     reconcile(grid, fnStore.list.map((fn) => {
-      const stats = state.stats.get(fn.id);
+      const stats = serverStats(fn.raw.recent_runs) ?? state.stats.get(fn.id);
       return keyed(state.cache, fn.id, JSON.stringify([fn.raw, stats ?? null]), () => functionCard(fn, stats));
     }));
     empty.hidden = !state.loaded || fnStore.list.length > 0;
@@ -1244,9 +1237,11 @@ function functionsView(ctx) {
       if (ctx.alive()) errorSlot.replaceChildren(alertBox(errorMessage(err)));
       return;
     }
-    if (Date.now() - state.statsAt < 10_000) return;
+    // `/v1/functions` counts recent runs itself; otherwise ask per function.
+    const missing = fnStore.list.filter((fn) => !isObject(fn.raw.recent_runs));
+    if (!missing.length || Date.now() - state.statsAt < 10_000) return;
     state.statsAt = Date.now();
-    await eachLimited(fnStore.list, 4, async (fn) => {
+    await eachLimited(missing, 4, async (fn) => {
       try {
         const runs = (await getData(`/v1/runs?function_id=${enc(fn.id)}&limit=100`)) ?? [];
         state.stats.set(fn.id, runStats(runs));
@@ -1258,6 +1253,15 @@ function functionsView(ctx) {
   });
 
   return { title: "Functions", refresh };
+}
+
+/** `recent_runs` of `/v1/functions`: {counts, total, failure_rate}. */
+function serverStats(recent) {
+  if (!isObject(recent) || !isObject(recent.counts)) return null;
+  const counts = Object.fromEntries(STATUSES.map((s) => [s, Number(recent.counts[s]) || 0]));
+  const finished = counts.Completed + counts.Failed;
+  const total = Number(recent.total) || Object.values(counts).reduce((a, b) => a + b, 0);
+  return { total, counts, finished, failureRate: finished ? counts.Failed / finished : null, recent: [] };
 }
 
 function runStats(runs) {
@@ -1354,7 +1358,7 @@ function statsView(stats) {
       h("span", { class: `small failure-rate${stats.failureRate ? " bad" : ""}`, title: "Failed ÷ (Completed + Failed)" }, `failure rate ${rate}`)),
     bar,
     h("div", { class: "counts" }, counts),
-    h("div", { class: "recent" }, stats.recent.map((run) =>
+    stats.recent.length === 0 ? null : h("div", { class: "recent" }, stats.recent.map((run) =>
       h("a", { href: runHref(run.id), class: `dot status-${String(run.status).toLowerCase()}`, title: `${run.status} · ${run.id}`, "aria-label": `${run.status} run ${run.id}` }))));
 }
 

@@ -489,4 +489,27 @@ impl Queue for SledQueue {
     async fn len(&self) -> StoreResult<u64> {
         Ok(self.tree.scan_prefix(b"i/").count() as u64)
     }
+
+    async fn partition_stats(&self) -> StoreResult<Vec<crate::store::PartitionStats>> {
+        let mut stats = Vec::new();
+        for partition in self.partitions()? {
+            let prefix = partition_prefix(&partition);
+            let mut ready = 0u64;
+            let mut oldest_due = None;
+            for entry in self.tree.scan_prefix(&prefix) {
+                let (index, _) = entry.map_err(sled_error)?;
+                if ready == 0 {
+                    let at = decode_u64(&index[prefix.len()..prefix.len() + 8]) as i64;
+                    oldest_due = Some(Timestamp(at));
+                }
+                ready += 1;
+            }
+            stats.push(crate::store::PartitionStats {
+                partition,
+                ready,
+                oldest_due,
+            });
+        }
+        Ok(stats)
+    }
 }
