@@ -167,14 +167,22 @@ pub async fn serve(
         addr
     });
     let core_api = runs(Service::CoreApi).then(|| {
-        CoreApi::new(
+        let core = CoreApi::new(
             backends.clone(),
             clock.clone(),
             client.clone(),
             mode.server_kind(),
             settings.sync_urls.clone(),
-        )
-        .start()
+        );
+        let core = match settings.retention {
+            Some(max_age) => core.with_retention(
+                max_age,
+                settings.retention_interval,
+                settings.retention_batch,
+            ),
+            None => core,
+        };
+        core.start()
     });
 
     let size_db = db.clone();

@@ -92,6 +92,8 @@ pub struct CoreApi {
     /// `dev` or `cloud`: what sync pings say and what registers must expect.
     server_kind: &'static str,
     initial_urls: Vec<String>,
+    /// (max age, interval, batch) of the history clean-up, if any.
+    retention: Option<(std::time::Duration, std::time::Duration, usize)>,
 }
 
 impl CoreApi {
@@ -108,6 +110,37 @@ impl CoreApi {
             client,
             server_kind,
             initial_urls,
+            retention: None,
+        }
+    }
+
+    /// Deletes finished runs and events older than `max_age`, `batch` of
+    /// each every `interval`, in the background.
+    pub fn with_retention(
+        mut self,
+        max_age: std::time::Duration,
+        interval: std::time::Duration,
+        batch: usize,
+    ) -> CoreApi {
+        self.retention = Some((max_age, interval, batch));
+        self
+    }
+}
+
+async fn retention_loop(
+    backends: Backends,
+    clock: SharedClock,
+    (max_age, interval, batch): (std::time::Duration, std::time::Duration, usize),
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let cutoff = crate::clock::Timestamp(clock.now().millis() - max_age.as_millis() as i64);
+        let runs = backends.state.delete_runs_before(cutoff, batch).await;
+        let events = backends.data.delete_events_before(cutoff, batch).await;
+        match (runs, events) {
+            (Ok(0), Ok(0)) => {}
+            (Ok(runs), Ok(events)) => info!(runs, events, "retention deleted old history"),
+            (runs, events) => warn!(?runs, ?events, "retention pass failed; trying again later"),
         }
     }
 }
@@ -116,6 +149,13 @@ impl Actor for CoreApi {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Self::Context) {
+        if let Some(retention) = self.retention {
+            actix_rt::spawn(retention_loop(
+                self.backends.clone(),
+                self.clock.clone(),
+                retention,
+            ));
+        }
         for url in self.initial_urls.clone() {
             let client = self.client.clone();
             let clock = self.clock.clone();

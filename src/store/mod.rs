@@ -258,6 +258,12 @@ pub trait StateStore: Send + Sync + 'static {
         status: Option<RunStatus>,
     ) -> StoreResult<Vec<RunRecord>>;
 
+    /// Retention: deletes up to `max` ended runs (with their steps) that
+    /// ended before `cutoff`, oldest first. Returns how many.
+    async fn delete_runs_before(&self, _cutoff: Timestamp, _max: usize) -> StoreResult<u64> {
+        Ok(0)
+    }
+
     /// Runs started by the event with this internal id, oldest first.
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>>;
 }
@@ -368,6 +374,12 @@ pub trait DataStore: Send + Sync + 'static {
     async fn pending_events(&self, max: usize) -> StoreResult<Vec<EventRecord>>;
 
     async fn mark_processed(&self, internal_ids: &[String]) -> StoreResult<()>;
+
+    /// Retention: deletes up to `max` processed events received before
+    /// `cutoff`, oldest first. Returns how many.
+    async fn delete_events_before(&self, _cutoff: Timestamp, _max: usize) -> StoreResult<u64> {
+        Ok(0)
+    }
 
     /// Replaces an app and its functions. A function whose config changed
     /// gets the next version; functions no longer listed are archived.

@@ -75,6 +75,49 @@ pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
     flow_control_bookkeeping(state)
         .await
         .context("flow_control_bookkeeping")?;
+    retention_deletes_ended_runs(state)
+        .await
+        .context("retention_deletes_ended_runs")?;
+    Ok(())
+}
+
+async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<()> {
+    // Everything the suite made so far was created long ago (ids are fresh
+    // ULIDs, but created_at is a small number), so a cutoff of 1_000 covers
+    // only runs this test ends explicitly before it.
+    let fn_id = unique("fn");
+    let old = sample_run(&fn_id, "old");
+    let running = sample_run(&fn_id, "running");
+    state.create_run(old.clone()).await?;
+    state.create_run(running.clone()).await?;
+    state.save_step(&old.id, sample_step("s", "null")).await?;
+    state
+        .finish_run(&old.id, RunStatus::Completed, None, Timestamp(10))
+        .await?;
+    let mut deleted = 0;
+    for _ in 0..100 {
+        let n = state.delete_runs_before(Timestamp(1_000), 1_000).await?;
+        deleted += n;
+        if n == 0 {
+            break;
+        }
+    }
+    ensure!(deleted >= 1, "nothing deleted");
+    ensure!(
+        state.load_run(&old.id).await?.is_none(),
+        "an old ended run survived"
+    );
+    ensure!(state.load_steps(&old.id).await?.is_empty());
+    ensure!(state.runs_for_event(&old.event_ids[0]).await?.is_empty());
+    ensure!(
+        state.load_run(&running.id).await?.is_some(),
+        "a running run was deleted"
+    );
+    // Its idempotency key is free again.
+    ensure!(matches!(
+        state.create_run(sample_run(&fn_id, "old")).await?,
+        CreateRun::Created(_)
+    ));
     Ok(())
 }
 
@@ -852,6 +895,10 @@ async fn events_pending_until_processed(data: &dyn DataStore) -> anyhow::Result<
         "newest first"
     );
     let older = data.list_events(10, Some(&b.internal_id)).await?;
+    ensure!(
+        data.delete_events_before(Timestamp(0), 100).await? == 0,
+        "nothing is that old"
+    );
     ensure!(
         older.first().map(|e| &e.internal_id) == Some(&a.internal_id),
         "cursor"

@@ -1,6 +1,7 @@
 //! The integration-test binary: black-box tests of the real `baton` binary
 //! with the real Node SDK app. See `support` for the harness.
 
+mod api;
 mod backend_nats;
 mod backend_redis;
 mod cli;

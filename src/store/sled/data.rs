@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::{key, sled_error, GroupCommit, SledDb};
+use crate::clock::Timestamp;
 use crate::model::records::Record;
 use crate::model::{AppRecord, EventRecord, FunctionRecord};
 use crate::store::{DataStore, StoreResult, SyncOutcome};
@@ -98,6 +99,26 @@ impl DataStore for SledDataStore {
             batch.remove(key(&[b"p", id.as_bytes()]));
         }
         self.tree.apply_batch(batch).map_err(sled_error)
+    }
+
+    async fn delete_events_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64> {
+        let mut batch = sled::Batch::default();
+        let mut deleted = 0u64;
+        for entry in self.tree.scan_prefix(b"e/") {
+            let (event_key, bytes) = entry.map_err(sled_error)?;
+            let event = EventRecord::from_bytes(&bytes)?;
+            if event.received_at >= cutoff.millis() || deleted as usize >= max {
+                break;
+            }
+            let pending = key(&[b"p", event.internal_id.as_bytes()]);
+            if self.tree.contains_key(pending).map_err(sled_error)? {
+                continue; // the runner has not seen it yet
+            }
+            batch.remove(event_key);
+            deleted += 1;
+        }
+        self.tree.apply_batch(batch).map_err(sled_error)?;
+        Ok(deleted)
     }
 
     async fn sync_app(

@@ -596,6 +596,39 @@ impl StateStore for SledStateStore {
         Ok(runs)
     }
 
+    async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64> {
+        let mut deleted = 0u64;
+        let mut doomed = Vec::new();
+        for entry in self.tree.scan_prefix(b"r/") {
+            let (_, bytes) = entry.map_err(sled_error)?;
+            let run = RunRecord::from_bytes(&bytes)?;
+            // Runs are keyed by ULID, so creation order: past the cutoff,
+            // nothing later can have ended before it.
+            if run.created_at >= cutoff.millis() || doomed.len() >= max {
+                break;
+            }
+            if run.status.is_terminal() && run.ended_at.unwrap_or(i64::MAX) < cutoff.millis() {
+                doomed.push(run);
+            }
+        }
+        for run in doomed {
+            let _guard = self.lock();
+            let mut batch = sled::Batch::default();
+            batch.remove(key(&[b"r", run.id.as_bytes()]));
+            batch.remove(idempotency_key(&run.fn_id, &run.idempotency_key));
+            for event_id in &run.event_ids {
+                batch.remove(key(&[b"e", event_id.as_bytes(), run.id.as_bytes()]));
+            }
+            for entry in self.tree.scan_prefix(key(&[b"s", run.id.as_bytes(), b""])) {
+                let (step_key, _) = entry.map_err(sled_error)?;
+                batch.remove(step_key);
+            }
+            self.tree.apply_batch(batch).map_err(sled_error)?;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>> {
         let prefix = key(&[b"e", event_internal_id.as_bytes(), b""]);
         let mut runs = Vec::new();
