@@ -32,11 +32,29 @@
 //!   (`pause_match_micros`) and pauses checked per event (`pause_checks`,
 //!   about 1 with the match-key index, about `LOAD_WAITS` without), the RSS
 //!   with the pauses open, and checks that exactly the replied-to runs ended.
+//! * **Part E, keyed concurrency**: a fresh `baton` (`--workers 200`) with the
+//!   Node app gets `LOAD_KEYED_RUNS` events `bench/keyed` (500 per request)
+//!   whose function has `concurrency: {limit: 10, key: "event.data.k"}` over
+//!   1000 keys (`k = i % 1000`); its one step waits 20 ms and returns `k`.
+//!   Reports the wall time from the first send to the last completion,
+//!   runs/s, steps/s, the CPU of `baton` and of the Node app, and checks
+//!   that each key's runs returned it (paging `/v1/runs?function_id=`).
+//! * **Part F, fairness**: a fresh `baton` (`--workers 200`) with the Node app
+//!   gets a backlog of `LOAD_BACKLOG` events `flow/bulk` (1000 per request);
+//!   once they are acknowledged, 20 `flow/quick` events are sent one per
+//!   250 ms while the backlog drains. Reports the backlog's ingest time, the
+//!   RSS once it is acknowledged (and the sampled peak), each quick run's
+//!   queueing delay (its `run_started_at` minus its event's `received_at`)
+//!   and event to completion (`ended_at` minus `received_at`) p50/max, and
+//!   how many bulk runs had completed when the last quick run completed: far
+//!   fewer than the backlog when the quick function does not wait behind it.
+//!   A quick run that started more than 5 s after its event is a WARNING.
+//!   The rest of the backlog is not waited for.
 //! * The `baton` process's RSS (`VmRSS`, and the peak `VmHWM`) at the end of
 //!   each part.
 //!
-//! `LOAD_PARTS` picks the parts, a comma list of `ingest,e2e,sleeps,waits`
-//! (default all).
+//! `LOAD_PARTS` picks the parts, a comma list of
+//! `ingest,e2e,sleeps,waits,keyed,fairness` (default all).
 //!
 //! Run it with
 //!
@@ -44,6 +62,7 @@
 //! cargo bench --bench load
 //! LOAD_INGEST_SECS=2 LOAD_CONCURRENCY=16 LOAD_RUNS=100 cargo bench --bench load
 //! LOAD_PARTS=sleeps,waits LOAD_SLEEPS=500 LOAD_WAITS=500 LOAD_RESUMES=100 cargo bench --bench load
+//! LOAD_PARTS=keyed,fairness LOAD_KEYED_RUNS=1000 LOAD_BACKLOG=5000 cargo bench --bench load
 //! ```
 //!
 //! It needs Node.js 20+ and npm (the harness runs `npm ci` in the app's folder
@@ -83,7 +102,7 @@ const PART_DEADLINE: Duration = Duration::from_secs(600);
 /// How often the `baton` RSS is sampled during Parts C and D.
 const RSS_EVERY: Duration = Duration::from_millis(500);
 /// The parts `LOAD_PARTS` may name.
-const PARTS: [&str; 4] = ["ingest", "e2e", "sleeps", "waits"];
+const PARTS: [&str; 6] = ["ingest", "e2e", "sleeps", "waits", "keyed", "fairness"];
 
 fn main() {
     if !std::env::args().skip(1).any(|arg| arg == "--bench") {
@@ -106,6 +125,8 @@ struct Params {
     sleeps: usize,
     waits: usize,
     resumes: usize,
+    keyed_runs: usize,
+    backlog: usize,
     parts: Vec<String>,
 }
 
@@ -118,6 +139,8 @@ impl Params {
             sleeps: env_number("LOAD_SLEEPS", 10_000),
             waits: env_number("LOAD_WAITS", 10_000),
             resumes: env_number("LOAD_RESUMES", 1_000),
+            keyed_runs: env_number("LOAD_KEYED_RUNS", 10_000),
+            backlog: env_number("LOAD_BACKLOG", 100_000),
             parts: env_parts(),
         };
         if params.runs_part("waits") && params.resumes > params.waits {
@@ -169,7 +192,8 @@ fn env_number<T: std::str::FromStr + PartialOrd + Default + Copy>(name: &str, de
 async fn run(params: &Params) -> String {
     println!(
         "load: LOAD_PARTS={} LOAD_INGEST_SECS={} LOAD_CONCURRENCY={} LOAD_RUNS={} \
-         LOAD_SLEEPS={} LOAD_WAITS={} LOAD_RESUMES={} ({} CPUs)",
+         LOAD_SLEEPS={} LOAD_WAITS={} LOAD_RESUMES={} LOAD_KEYED_RUNS={} LOAD_BACKLOG={} \
+         ({} CPUs)",
         params.parts.join(","),
         params.ingest_secs,
         params.concurrency,
@@ -177,6 +201,8 @@ async fn run(params: &Params) -> String {
         params.sleeps,
         params.waits,
         params.resumes,
+        params.keyed_runs,
+        params.backlog,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let client = bench_client(params.concurrency);
@@ -198,6 +224,16 @@ async fn run(params: &Params) -> String {
     };
     let waits = if params.runs_part("waits") {
         Some(part_d(params, &client).await)
+    } else {
+        None
+    };
+    let keyed = if params.runs_part("keyed") {
+        Some(part_e(params, &client).await)
+    } else {
+        None
+    };
+    let fairness = if params.runs_part("fairness") {
+        Some(part_f(params, &client).await)
     } else {
         None
     };
@@ -223,6 +259,20 @@ async fn run(params: &Params) -> String {
             let _ = writeln!(out, "waits WARNING     : {warning}");
         }
     }
+    if let Some(keyed) = &keyed {
+        let _ = writeln!(out, "keyed             : {}", keyed.line());
+        let _ = writeln!(out, "keyed details     : {}", keyed.details());
+        if let Some(warning) = keyed.warning() {
+            let _ = writeln!(out, "keyed WARNING     : {warning}");
+        }
+    }
+    if let Some(fairness) = &fairness {
+        let _ = writeln!(out, "fairness          : {}", fairness.line());
+        let _ = writeln!(out, "fairness details  : {}", fairness.details());
+        if let Some(warning) = fairness.warning() {
+            let _ = writeln!(out, "fairness WARNING  : {warning}");
+        }
+    }
     if let Some((_, _, memory)) = &ingest {
         let _ = writeln!(out, "baton RSS ingest  : {}", memory.line());
     }
@@ -244,6 +294,18 @@ async fn run(params: &Params) -> String {
             waits.memory.line(),
             waits.open_memory.line(),
             mib(waits.peak_kb)
+        );
+    }
+    if let Some(keyed) = &keyed {
+        let _ = writeln!(out, "baton RSS keyed   : {}", keyed.memory.line());
+    }
+    if let Some(fairness) = &fairness {
+        let _ = writeln!(
+            out,
+            "baton RSS fairness: {} (when the backlog was acknowledged: {}), sampled peak VmRSS {}",
+            fairness.memory.line(),
+            fairness.queued_memory.line(),
+            mib(fairness.peak_kb)
         );
     }
     let _ = writeln!(
@@ -734,9 +796,32 @@ async fn send_all(
             .map(|(body, count)| post_events(client, url, body, count)),
     )
     .await;
-    let mut ids = Vec::with_capacity(counts.iter().sum());
+    collect_ids(counts.into_iter().zip(answers))
+}
+
+/// Like [`send_all`], with at most `in_flight` requests at a time.
+async fn send_bounded(
+    client: &reqwest::Client,
+    url: &str,
+    bodies: Vec<(String, usize)>,
+    in_flight: usize,
+) -> (Vec<Option<String>>, usize) {
+    let answers: Vec<(usize, Result<Vec<String>, String>)> = futures::stream::iter(bodies)
+        .map(|(body, count)| async move { (count, post_events(client, url, body, count).await) })
+        .buffered(in_flight)
+        .collect()
+        .await;
+    collect_ids(answers)
+}
+
+/// The ids of the events of each (count, answer), None for a failed
+/// request's events, and the number of failed requests.
+fn collect_ids(
+    answers: impl IntoIterator<Item = (usize, Result<Vec<String>, String>)>,
+) -> (Vec<Option<String>>, usize) {
+    let mut ids = Vec::new();
     let mut errors = 0;
-    for (count, answer) in counts.into_iter().zip(answers) {
+    for (count, answer) in answers {
         match answer {
             Ok(batch) => ids.extend(batch.into_iter().map(Some)),
             Err(error) => {
@@ -1419,6 +1504,622 @@ impl Waits {
         }
         if self.wrong_runs > 0 {
             problems.push(format!("{} runs in an unexpected state", self.wrong_runs));
+        }
+        (!problems.is_empty()).then(|| problems.join("; "))
+    }
+}
+
+// ---- Part E: keyed concurrency ----------------------------------------------
+
+/// Distinct concurrency keys of Part E (`k = i % KEYS`).
+const KEYS: usize = 1_000;
+/// `bench-keyed`'s concurrency limit per key, and its steps per run.
+const KEY_LIMIT: usize = 10;
+const KEYED_STEPS: u64 = 1;
+/// Runs per `/v1/runs` page when checking the outputs of Part E.
+const RUNS_PAGE: usize = 1_000;
+
+async fn part_e(params: &Params, client: &reqwest::Client) -> Keyed {
+    let runs = params.keyed_runs;
+    let keys = KEYS.min(runs);
+    println!(
+        "\n-- part E: {runs} runs of bench-keyed over {keys} keys, {KEY_LIMIT} at a time per key --"
+    );
+    let (_dir, baton, app) = start_with_app().await;
+    let pid = baton.pid();
+    let before = Counters::read(client, &baton.url).await;
+    let url = format!("{}/e/bench-key", baton.url);
+    let events: Vec<Value> = (0..runs)
+        .map(|i| json!({"name": "bench/keyed", "data": {"k": i % KEYS}}))
+        .collect();
+    let bodies = batch_bodies(&events, START_BATCH);
+
+    let cpu = CpuUse::start(pid);
+    let started = Instant::now();
+    let (ids, send_errors) = send_all(client, &url, bodies).await;
+    let sent_in = started.elapsed();
+    let sent = ids.iter().flatten().count() as u64;
+    println!("sent {sent} events in {}", ms(Some(sent_in)));
+
+    let (wall, end, timed_out) = poll_until(
+        client,
+        &baton.url,
+        started,
+        Duration::from_millis(100),
+        |now| {
+            now.completed.saturating_sub(before.completed)
+                + now.failed.saturating_sub(before.failed)
+                >= sent
+        },
+        |now, elapsed| {
+            println!(
+                "  {:>5.1} s: {}/{sent} runs completed, {} failed; SDK calls {}; queue depth {}",
+                elapsed.as_secs_f64(),
+                now.completed.saturating_sub(before.completed),
+                now.failed.saturating_sub(before.failed),
+                now.calls.saturating_sub(before.calls),
+                now.queue_depth,
+            );
+        },
+    )
+    .await;
+    println!("all runs ended after {}", secs(wall));
+    let cpu = cpu.line();
+    println!("{cpu}");
+    let memory = Memory::of(pid);
+    println!("baton RSS: {}", memory.line());
+
+    // Every run returned its key: count the outputs per key, and time each
+    // run from its first call to its end.
+    let function = app.fn_id("bench-keyed");
+    let mut per_key = vec![0usize; KEYS];
+    let mut listed = 0;
+    let mut bad_output = 0;
+    let mut durations = Vec::with_capacity(runs);
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut page_url = format!(
+            "{}/v1/runs?function_id={function}&status=Completed&limit={RUNS_PAGE}",
+            baton.url
+        );
+        if let Some(cursor) = &cursor {
+            let _ = write!(page_url, "&cursor={cursor}");
+        }
+        let page = match get_json(client, &page_url).await {
+            Ok(page) => page["data"].as_array().cloned().unwrap_or_default(),
+            Err(error) => {
+                eprintln!("{error}");
+                break;
+            }
+        };
+        for run in &page {
+            listed += 1;
+            match run["output"].as_u64().filter(|&k| (k as usize) < KEYS) {
+                Some(k) => per_key[k as usize] += 1,
+                None => {
+                    bad_output += 1;
+                    if bad_output <= 3 {
+                        eprintln!("a bench-keyed run with an unexpected output: {run}");
+                    }
+                }
+            }
+            if let (Some(begun), Some(ended)) =
+                (rfc3339(&run["run_started_at"]), rfc3339(&run["ended_at"]))
+            {
+                durations.push((ended - begun).whole_milliseconds() as i64);
+            }
+        }
+        cursor = page
+            .last()
+            .and_then(|run| run["run_id"].as_str())
+            .map(str::to_string);
+        if page.len() < RUNS_PAGE || cursor.is_none() {
+            break;
+        }
+    }
+    durations.sort_unstable();
+    // Each sent event's key should have one completed run.
+    let mut wanted = vec![0usize; KEYS];
+    for (i, id) in ids.iter().enumerate() {
+        if id.is_some() {
+            wanted[i % KEYS] += 1;
+        }
+    }
+    let wrong_keys = per_key.iter().zip(&wanted).filter(|(a, b)| a != b).count();
+    drop(app);
+    Keyed {
+        runs,
+        keys,
+        sent,
+        send_errors,
+        sent_in,
+        wall,
+        timed_out,
+        completed: end.completed.saturating_sub(before.completed),
+        failed: end.failed.saturating_sub(before.failed),
+        calls: end.calls.saturating_sub(before.calls),
+        retries: end.retries.saturating_sub(before.retries),
+        listed,
+        bad_output,
+        wrong_keys,
+        durations_ms: durations,
+        cpu,
+        memory,
+    }
+}
+
+/// The outcome of Part E.
+struct Keyed {
+    runs: usize,
+    keys: usize,
+    sent: u64,
+    send_errors: usize,
+    sent_in: Duration,
+    wall: Duration,
+    timed_out: bool,
+    completed: u64,
+    failed: u64,
+    calls: u64,
+    retries: u64,
+    /// Completed runs listed by `/v1/runs`, and those not returning a key.
+    listed: usize,
+    bad_output: usize,
+    /// Keys whose count of completed runs differs from the events sent.
+    wrong_keys: usize,
+    /// Each completed run's `ended_at - run_started_at`, ms, sorted.
+    durations_ms: Vec<i64>,
+    cpu: String,
+    memory: Memory,
+}
+
+impl Keyed {
+    fn line(&self) -> String {
+        let secs_f = self.wall.as_secs_f64();
+        let mut line = format!(
+            "{} runs over {} keys (limit {KEY_LIMIT} per key) in {} = {:.1} runs/s, {:.0} steps/s",
+            self.runs,
+            self.keys,
+            secs(self.wall),
+            self.completed as f64 / secs_f,
+            (self.completed * KEYED_STEPS) as f64 / secs_f,
+        );
+        if self.warning().is_some() {
+            let _ = write!(
+                line,
+                "; {} completed, {} failed, send errors {}{}",
+                self.completed,
+                self.failed,
+                self.send_errors,
+                if self.timed_out { ", TIMED OUT" } else { "" },
+            );
+        }
+        line
+    }
+
+    fn details(&self) -> String {
+        format!(
+            "run first call to end p50 {}, p99 {}, max {}; {} SDK calls ({:.1} per run, \
+             {:.0}/s), {} retries, sent in {}; outputs {}; {}",
+            millis(percentile(&self.durations_ms, 0.50)),
+            millis(percentile(&self.durations_ms, 0.99)),
+            millis(self.durations_ms.last().copied()),
+            self.calls,
+            self.calls as f64 / self.runs as f64,
+            self.calls as f64 / self.wall.as_secs_f64(),
+            self.retries,
+            ms(Some(self.sent_in)),
+            if self.wrong_keys == 0 && self.bad_output == 0 {
+                format!("{} runs, each key's as sent", self.listed)
+            } else {
+                format!(
+                    "{} runs listed, {} keys NOT AS SENT, {} bad outputs",
+                    self.listed, self.wrong_keys, self.bad_output
+                )
+            },
+            self.cpu,
+        )
+    }
+
+    /// What went wrong, loudly.
+    fn warning(&self) -> Option<String> {
+        let mut problems = Vec::new();
+        if self.timed_out {
+            problems.push("timed out waiting for the runs".to_string());
+        }
+        if self.send_errors > 0 || self.sent != self.runs as u64 {
+            problems.push(format!(
+                "{} of {} events sent ({} failed requests)",
+                self.sent, self.runs, self.send_errors
+            ));
+        }
+        if self.completed != self.sent {
+            problems.push(format!(
+                "{} of {} runs completed",
+                self.completed, self.sent
+            ));
+        }
+        if self.failed > 0 {
+            problems.push(format!("{} runs failed", self.failed));
+        }
+        if self.wrong_keys > 0 || self.bad_output > 0 {
+            problems.push(format!(
+                "{} keys with a wrong number of completed runs, {} bad outputs",
+                self.wrong_keys, self.bad_output
+            ));
+        }
+        (!problems.is_empty()).then(|| problems.join("; "))
+    }
+}
+
+// ---- Part F: fairness -------------------------------------------------------
+
+/// Events per request of the backlog, and requests in flight sending it.
+const BACKLOG_BATCH: usize = 1_000;
+const BACKLOG_IN_FLIGHT: usize = 8;
+/// The `flow/quick` events sent while the backlog drains, and their spacing.
+const QUICK_EVENTS: usize = 20;
+const QUICK_EVERY: Duration = Duration::from_millis(250);
+/// A quick run's queueing delay above this is reported as a problem.
+const QUICK_DELAY_WARN_MS: i64 = 5_000;
+
+async fn part_f(params: &Params, client: &reqwest::Client) -> Fairness {
+    let backlog = params.backlog;
+    println!(
+        "\n-- part F: fairness, {QUICK_EVENTS} runs of quick behind a backlog of {backlog} \
+         runs of bulk --"
+    );
+    let (_dir, baton, app) = start_with_app().await;
+    let pid = baton.pid();
+    let before = Counters::read(client, &baton.url).await;
+    let url = format!("{}/e/bench-key", baton.url);
+    let events: Vec<Value> = (0..backlog)
+        .map(|i| json!({"name": "flow/bulk", "data": {"n": i}}))
+        .collect();
+    let bodies = batch_bodies(&events, BACKLOG_BATCH);
+    drop(events);
+
+    let sampler = RssSampler::start(pid);
+    let cpu = CpuUse::start(pid);
+    let started = Instant::now();
+    let (ids, send_errors) = send_bounded(client, &url, bodies, BACKLOG_IN_FLIGHT).await;
+    let ingest = started.elapsed();
+    let sent = ids.iter().flatten().count() as u64;
+    let queued = Counters::read(client, &baton.url).await;
+    let queued_memory = Memory::of(pid);
+    let bulk_done_at_ack = queued.completed.saturating_sub(before.completed);
+    println!(
+        "backlog of {sent} events acknowledged in {} ({:.0} events/s); {bulk_done_at_ack} bulk \
+         runs completed by then, events seen by the runner {}, queue depth {}; baton RSS {}",
+        ms(Some(ingest)),
+        sent as f64 / ingest.as_secs_f64(),
+        queued.events_seen.saturating_sub(before.events_seen),
+        queued.queue_depth,
+        queued_memory.line(),
+    );
+
+    // The quick events, one at a time while the backlog drains, with
+    // progress read beside them so that a slow `/v1/status` does not space
+    // them out.
+    let quick_started = Instant::now();
+    let sent_so_far = std::sync::atomic::AtomicUsize::new(0);
+    let sending = AtomicBool::new(true);
+    let send_quick = async {
+        let mut quick_ids = Vec::with_capacity(QUICK_EVENTS);
+        // When each was sent (since the first) and how long its answer took.
+        let mut quick_sends = Vec::with_capacity(QUICK_EVENTS);
+        let mut ticker = tokio::time::interval(QUICK_EVERY);
+        // A slow answer delays the next send rather than bunching the rest.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for i in 0..QUICK_EVENTS {
+            ticker.tick().await;
+            let body = json!([{"name": "flow/quick", "data": {"i": i}}]).to_string();
+            let sent_at = quick_started.elapsed();
+            let answer = post_events(client, &url, body, 1).await;
+            quick_sends.push((sent_at, quick_started.elapsed() - sent_at));
+            match answer {
+                Ok(mut id) => quick_ids.push(id.pop()),
+                Err(error) => {
+                    eprintln!("sending a quick event failed: {error}");
+                    quick_ids.push(None);
+                }
+            }
+            sent_so_far.store(i + 1, Ordering::Relaxed);
+        }
+        sending.store(false, Ordering::Relaxed);
+        (quick_ids, quick_sends)
+    };
+    let report = async {
+        let mut last_print = Instant::now();
+        while sending.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if last_print.elapsed() < Duration::from_secs(1) {
+                continue;
+            }
+            last_print = Instant::now();
+            let now = Counters::read(client, &baton.url).await;
+            println!(
+                "  {:>5.1} s: {} quick events sent; runs completed {}, SDK calls {}, events seen \
+                 by the runner {}, queue depth {}",
+                quick_started.elapsed().as_secs_f64(),
+                sent_so_far.load(Ordering::Relaxed),
+                now.completed.saturating_sub(before.completed),
+                now.calls.saturating_sub(before.calls),
+                now.events_seen.saturating_sub(before.events_seen),
+                now.queue_depth,
+            );
+        }
+    };
+    let ((quick_ids, quick_sends), ()) = tokio::join!(send_quick, report);
+    let quick_sent = quick_ids.iter().flatten().count();
+    println!(
+        "{quick_sent} quick events sent in {}",
+        ms(Some(quick_started.elapsed()))
+    );
+
+    // Wait for every quick run to end; read the counters as soon as the last
+    // one has.
+    let deadline = Instant::now() + PART_DEADLINE;
+    let mut ended: Vec<Option<Value>> = vec![None; QUICK_EVENTS];
+    let mut last_print = Instant::now();
+    let mut timed_out = false;
+    let at_last = loop {
+        let pending: Vec<usize> = (0..QUICK_EVENTS)
+            .filter(|&i| ended[i].is_none() && quick_ids[i].is_some())
+            .collect();
+        let runs: Vec<Value> = futures::stream::iter(pending.iter())
+            .map(|&i| first_run(client, &baton.url, quick_ids[i].as_ref()))
+            .buffered(READ_CONCURRENCY)
+            .collect()
+            .await;
+        for (&i, run) in pending.iter().zip(runs) {
+            if matches!(
+                run["status"].as_str(),
+                Some("Completed" | "Failed" | "Cancelled" | "Skipped")
+            ) {
+                ended[i] = Some(run);
+            }
+        }
+        let now = Counters::read(client, &baton.url).await;
+        let left = ended.iter().filter(|run| run.is_none()).count() - (QUICK_EVENTS - quick_sent);
+        if left == 0 {
+            break now;
+        }
+        if Instant::now() > deadline {
+            timed_out = true;
+            eprintln!("gave up waiting after {}", secs(PART_DEADLINE));
+            break now;
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            println!(
+                "  {:>5.1} s: {}/{quick_sent} quick runs ended; runs completed {}, SDK calls {}, \
+                 events seen by the runner {}, queue depth {}",
+                quick_started.elapsed().as_secs_f64(),
+                quick_sent - left,
+                now.completed.saturating_sub(before.completed),
+                now.calls.saturating_sub(before.calls),
+                now.events_seen.saturating_sub(before.events_seen),
+                now.queue_depth,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let last_quick_after = quick_started.elapsed();
+    let quick_completed = ended
+        .iter()
+        .flatten()
+        .filter(|run| run["status"] == "Completed")
+        .count();
+    let bulk_done = at_last
+        .completed
+        .saturating_sub(before.completed)
+        .saturating_sub(quick_completed as u64);
+    println!(
+        "the last quick run ended {} after the first quick event was sent; {bulk_done}/{sent} \
+         bulk runs completed by then, SDK calls {}, queue depth {}",
+        secs(last_quick_after),
+        at_last.calls.saturating_sub(before.calls),
+        at_last.queue_depth,
+    );
+    let cpu = cpu.line();
+    println!("{cpu}");
+    let peak_kb = sampler.finish(pid).await;
+    let memory = Memory::of(pid);
+    println!(
+        "baton RSS: {}, sampled peak {}",
+        memory.line(),
+        mib(peak_kb)
+    );
+
+    // Each quick run's queueing delay and event to completion, by the
+    // server's clock.
+    let mut delays = Vec::new();
+    let mut to_end = Vec::new();
+    for (i, (id, run)) in quick_ids.iter().zip(&ended).enumerate() {
+        let (Some(id), Some(run)) = (id, run) else {
+            continue;
+        };
+        let event = get_json(client, &format!("{}/v1/events/{id}", baton.url))
+            .await
+            .unwrap_or_else(|error| {
+                eprintln!("{error}");
+                Value::Null
+            });
+        let Some(received) = rfc3339(&event["data"]["received_at"]) else {
+            continue;
+        };
+        let delay = rfc3339(&run["run_started_at"])
+            .map(|begun| (begun - received).whole_milliseconds() as i64);
+        let to_completion = rfc3339(&run["ended_at"])
+            .map(|finished| (finished - received).whole_milliseconds() as i64);
+        println!(
+            "  quick {i:>2}: sent at {:.2} s (answered in {}), {}, queueing delay {}, event to \
+             completion {}",
+            quick_sends[i].0.as_secs_f64(),
+            ms(Some(quick_sends[i].1)),
+            run["status"].as_str().unwrap_or("?"),
+            millis(delay),
+            millis(to_completion),
+        );
+        delays.extend(delay);
+        to_end.extend(to_completion);
+    }
+    delays.sort_unstable();
+    to_end.sort_unstable();
+    let mut quick_acks: Vec<Duration> = quick_sends.iter().map(|(_, ack)| *ack).collect();
+    quick_acks.sort_unstable();
+    // The rest of the backlog is not waited for: both servers are killed.
+    drop(app);
+    drop(baton);
+    Fairness {
+        backlog,
+        sent,
+        send_errors,
+        ingest,
+        bulk_done_at_ack,
+        queue_at_ack: queued.queue_depth,
+        queued_memory,
+        quick_sent,
+        quick_sent_in: quick_sends
+            .last()
+            .map_or(Duration::ZERO, |(at, ack)| *at + *ack),
+        quick_acks,
+        quick_completed,
+        timed_out,
+        delays_ms: delays,
+        to_end_ms: to_end,
+        bulk_done,
+        calls_at_last: at_last.calls.saturating_sub(before.calls),
+        last_quick_after,
+        queue_at_last: at_last.queue_depth,
+        cpu,
+        peak_kb,
+        memory,
+    }
+}
+
+/// The outcome of Part F.
+struct Fairness {
+    backlog: usize,
+    sent: u64,
+    send_errors: usize,
+    /// From the first backlog request to the last one's answer.
+    ingest: Duration,
+    bulk_done_at_ack: u64,
+    queue_at_ack: u64,
+    queued_memory: Memory,
+    quick_sent: usize,
+    /// From the first quick send to the last one's answer, and each
+    /// answer's latency, sorted.
+    quick_sent_in: Duration,
+    quick_acks: Vec<Duration>,
+    quick_completed: usize,
+    timed_out: bool,
+    /// Each quick run's `run_started_at - received_at`, and `ended_at -
+    /// received_at`, ms, sorted.
+    delays_ms: Vec<i64>,
+    to_end_ms: Vec<i64>,
+    /// Bulk runs completed when the last quick run had ended.
+    bulk_done: u64,
+    /// SDK calls made (of both functions) by then; a bulk run takes 2.
+    calls_at_last: u64,
+    last_quick_after: Duration,
+    queue_at_last: u64,
+    cpu: String,
+    peak_kb: Option<u64>,
+    memory: Memory,
+}
+
+impl Fairness {
+    fn line(&self) -> String {
+        let mut line = format!(
+            "{} quick runs behind {} bulk: queueing delay p50 {}, max {}; event to completion \
+             p50 {}, max {}; {}/{} bulk runs completed when the last quick run completed",
+            self.quick_completed,
+            self.sent,
+            millis(percentile(&self.delays_ms, 0.50)),
+            millis(self.delays_ms.last().copied()),
+            millis(percentile(&self.to_end_ms, 0.50)),
+            millis(self.to_end_ms.last().copied()),
+            self.bulk_done,
+            self.sent,
+        );
+        if self.timed_out || self.quick_completed < QUICK_EVENTS {
+            let _ = write!(
+                line,
+                "; {} of {QUICK_EVENTS} quick runs completed{}",
+                self.quick_completed,
+                if self.timed_out { ", TIMED OUT" } else { "" },
+            );
+        }
+        line
+    }
+
+    fn details(&self) -> String {
+        format!(
+            "backlog ingested in {} ({:.0} events/s, {} per request, {} in flight, {} failed \
+             requests), {} bulk runs completed by then, queue depth {}; quick events sent in \
+             {}, answered in p50 {}, max {}; the last quick run ended {} after the first quick \
+             event was sent, with {} SDK calls made and queue depth {}; {}",
+            ms(Some(self.ingest)),
+            self.sent as f64 / self.ingest.as_secs_f64(),
+            BACKLOG_BATCH,
+            BACKLOG_IN_FLIGHT,
+            self.send_errors,
+            self.bulk_done_at_ack,
+            self.queue_at_ack,
+            secs(self.quick_sent_in),
+            ms(percentile(&self.quick_acks, 0.50)),
+            ms(self.quick_acks.last().copied()),
+            secs(self.last_quick_after),
+            self.calls_at_last,
+            self.queue_at_last,
+            self.cpu,
+        )
+    }
+
+    /// What went wrong, loudly.
+    fn warning(&self) -> Option<String> {
+        let mut problems = Vec::new();
+        if self.sent > 0 && self.bulk_done >= self.sent {
+            problems.push(format!(
+                "all {} bulk runs completed before the last quick run did: the quick function \
+                 waited for the backlog (or the backlog is too small to tell)",
+                self.sent
+            ));
+        }
+        if let Some(&max) = self
+            .delays_ms
+            .last()
+            .filter(|&&max| max > QUICK_DELAY_WARN_MS)
+        {
+            let slow = self
+                .delays_ms
+                .iter()
+                .filter(|&&d| d > QUICK_DELAY_WARN_MS)
+                .count();
+            problems.push(format!(
+                "{slow} of {} quick runs started more than {} after their event (max {}): \
+                 they waited behind the backlog before starting",
+                self.delays_ms.len(),
+                millis(Some(QUICK_DELAY_WARN_MS)),
+                millis(Some(max)),
+            ));
+        }
+        if self.timed_out {
+            problems.push("timed out waiting for the quick runs".to_string());
+        }
+        if self.quick_completed < QUICK_EVENTS {
+            problems.push(format!(
+                "{} of {QUICK_EVENTS} quick runs completed ({} sent)",
+                self.quick_completed, self.quick_sent
+            ));
+        }
+        if self.send_errors > 0 || self.sent != self.backlog as u64 {
+            problems.push(format!(
+                "{} of {} backlog events sent ({} failed requests)",
+                self.sent, self.backlog, self.send_errors
+            ));
         }
         (!problems.is_empty()).then(|| problems.join("; "))
     }

@@ -590,6 +590,20 @@ const quick = inngest.createFunction(
   async ({ step }) => step.run("work", () => Date.now()),
 );
 
+// Load bench (benches/load.rs, part `keyed`): 10 runs at a time per `k`; no counters or logging.
+const benchKeyed = inngest.createFunction(
+  {
+    id: "bench-keyed",
+    triggers: [{ event: "bench/keyed" }],
+    concurrency: { limit: 10, key: "event.data.k" },
+  },
+  async ({ event, step }) =>
+    step.run("work", async () => {
+      await sleepMs(20);
+      return event.data.k;
+    }),
+);
+
 const functions = [
   limited,
   keyedLimit,
@@ -628,6 +642,7 @@ const functions = [
   sleepy,
   benchSleep,
   benchWait,
+  benchKeyed,
 ];
 
 // ---- HTTP server ----------------------------------------------------------------------
