@@ -10,5 +10,6 @@ mod events;
 mod flow;
 mod production;
 mod sdk_node;
+mod split;
 mod steps;
 mod support;

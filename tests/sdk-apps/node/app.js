@@ -604,7 +604,22 @@ const benchKeyed = inngest.createFunction(
     }),
 );
 
+const fiveSteps = inngest.createFunction(
+  { id: "five-steps", triggers: [{ event: "test/five-steps" }] },
+  async ({ event, step }) => {
+    let total = 0;
+    for (let i = 1; i <= 5; i++) {
+      total += await step.run(`f${i}`, () => {
+        bump("five-steps", `f${i}`, event);
+        return i;
+      });
+    }
+    return { total };
+  },
+);
+
 const functions = [
+  fiveSteps,
   limited,
   keyedLimit,
   throttled,
