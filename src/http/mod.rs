@@ -3,6 +3,7 @@
 //! this process are not mounted.
 
 pub mod core_api;
+pub mod dashboard;
 pub mod error;
 pub mod event_api;
 pub mod session;
@@ -168,6 +169,7 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
     config.route("/health", web::get().to(core_api::health));
     config.route("/metrics", web::get().to(core_api::metrics));
     if state.core_api.is_some() {
+        dashboard::configure(config);
         config
             .route("/login", web::get().to(session::login_page))
             .route("/login", web::post().to(session::login))

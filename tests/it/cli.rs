@@ -122,7 +122,10 @@ async fn config_from_env_with_interpolation() {
 
 #[test]
 fn systemd_unit_verifies_clean() {
-    let Ok(output) = std::process::Command::new("systemd-analyze").arg("--version").output() else {
+    let Ok(output) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
         assert!(
             std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
             "systemd-analyze is required in CI"

@@ -4,6 +4,7 @@
 mod api;
 mod backend_nats;
 mod backend_redis;
+mod browser;
 mod cli;
 mod crash;
 mod events;

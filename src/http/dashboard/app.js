@@ -120,8 +120,10 @@ function fmtRelative(t) {
 function fmtClock(t) {
   const date = new Date(t);
   const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
-  if (date.toDateString() === new Date().toDateString()) return time;
-  return `${date.toLocaleDateString([], { month: "short", day: "numeric" })} ${time}`;
+  const now = new Date();
+  if (date.toDateString() === now.toDateString()) return time;
+  const year = date.getFullYear() === now.getFullYear() ? undefined : "numeric";
+  return `${date.toLocaleDateString([], { year, month: "short", day: "numeric" })} ${time}`;
 }
 
 function fmtBytes(n) {
@@ -518,13 +520,15 @@ function runsView(ctx) {
     h("div", { class: "view-head" }, h("h1", null, "Runs"), searchForm(searchResult)),
     searchResult, controls.element, errorSlot, table, empty, h("div", { class: "more" }, more),
   );
+  render();
 
   function render() {
     const rows = state.runs;
     reconcile(tbody, rows.map((run) => keyed(state.cache, run.run_id, JSON.stringify(run) + functionName(run.function_id), () => runRow(run))));
     table.hidden = rows.length === 0;
-    empty.hidden = !state.loaded || rows.length > 0;
-    empty.textContent = filters.function || filters.status || filters.range ? "No runs match these filters." : "No runs yet. Send an event to start one.";
+    empty.hidden = rows.length > 0;
+    empty.textContent = !state.loaded ? "Loading…"
+      : filters.function || filters.status || filters.range ? "No runs match these filters." : "No runs yet. Send an event to start one.";
     more.hidden = !state.loaded || state.done;
   }
 
@@ -683,7 +687,7 @@ function runRow(run) {
 function runDuration(run) {
   const start = parseTime(run.run_started_at);
   const end = parseTime(run.ended_at);
-  if (start === null) return "—";
+  if (start === null || run.status === "Skipped") return h("span", { class: "muted" }, "—");
   if (end !== null) return fmtDuration(end - start);
   if (run.status === "Running") return elapsedEl(start);
   return h("span", { class: "muted" }, "—");
@@ -769,7 +773,8 @@ function runView(ctx) {
   const refresh = serial(async () => {
     let run;
     try {
-      run = await getData(`/v1/runs/${enc(id)}`);
+      // Function names come with the functions list; the run shows without it.
+      [run] = await Promise.all([getData(`/v1/runs/${enc(id)}`), loadFunctions().catch(() => null)]);
     } catch (err) {
       if (!ctx.alive()) return;
       const message = err.status === 404 && err.fromBody ? `Run ${id} was not found.` : errorMessage(err);
@@ -778,7 +783,7 @@ function runView(ctx) {
       return;
     }
     if (!ctx.alive()) return;
-    const next = JSON.stringify(run);
+    const next = JSON.stringify(run) + functionName(run.function_id);
     if (next === signature) return;
     render(run);
     signature = next;
@@ -809,7 +814,8 @@ function runView(ctx) {
     if (!ids.length) return events.replaceChildren(h("p", { class: "muted" }, "None recorded."));
     const shown = ids.slice(0, 20);
     const cards = shown.map((eventId) => h("div", { class: "event-card" }, h("p", { class: "muted mono small" }, eventId)));
-    events.replaceChildren(...cards, ids.length > shown.length ? h("p", { class: "muted" }, `and ${ids.length - shown.length} more`) : null);
+    events.replaceChildren(...cards);
+    if (ids.length > shown.length) events.append(h("p", { class: "muted" }, `and ${ids.length - shown.length} more`));
     await Promise.all(shown.map(async (eventId, i) => {
       try {
         const event = await fetchEvent(eventId);
@@ -874,7 +880,7 @@ function runFacts(run) {
     ["Version", run.function_version ?? fn?.version ?? "—"],
     ["Started", start === null ? "—" : h("span", null, timeEl(run.run_started_at, false), " (", timeEl(run.run_started_at), ")")],
     ["Ended", end === null ? "—" : timeEl(run.ended_at, false)],
-    ["Duration", start === null ? "—" : end !== null ? fmtDuration(end - start) : run.status === "Running" ? elapsedEl(start) : "—"],
+    ["Duration", start === null || run.status === "Skipped" ? "—" : end !== null ? fmtDuration(end - start) : run.status === "Running" ? elapsedEl(start) : "—"],
   ];
   return rows.flatMap(([term, value]) => [h("dt", null, term), h("dd", null, value)]);
 }
@@ -884,7 +890,7 @@ function runOutput(run) {
   if (value === null || value === undefined) {
     return h("p", { class: "muted" }, ENDED.has(run.status) ? "No output." : "Not finished yet.");
   }
-  if (run.status === "Failed") {
+  if (run.status === "Failed" || run.status === "Cancelled") {
     if (isObject(value) && isObject(value.error)) return errorView(value.error, `run:${run.run_id}:output`);
     if (isObject(value) && (value.message || value.name)) return errorView(value, `run:${run.run_id}:output`);
   }
@@ -1052,6 +1058,7 @@ function eventsView(ctx) {
       setTimeout(() => ids.forEach((id) => state.flash.delete(id)), 4000);
     }),
     errorSlot, list, empty, h("div", { class: "more" }, more));
+  render();
 
   function render() {
     const nodes = state.events.map((event) => {
@@ -1061,8 +1068,9 @@ function eventsView(ctx) {
       return keyed(state.cache, id, sig, () => eventRow(event, entry, state.flash.has(id)));
     });
     reconcile(list, nodes);
-    empty.hidden = !state.loaded || state.events.length > 0;
-    empty.textContent = state.name ? `No events named ${state.name}.` : "No events yet. Send one with the form above.";
+    empty.hidden = state.events.length > 0;
+    empty.textContent = !state.loaded ? "Loading…"
+      : state.name ? `No events named ${state.name}.` : "No events yet. Send one with the form above.";
     more.hidden = !state.loaded || state.done;
   }
 
@@ -1141,10 +1149,10 @@ function eventRow(event, entry, flash) {
   return h("article", { class: `card event-row${flash ? " flash" : ""}`, "data-testid": "event-row", "data-event-id": id, "data-event-name": event.name ?? "" },
     h("div", { class: "event-row-head" },
       h("span", { class: "event-name mono" }, event.name ?? "(unnamed)"),
+      h("span", { class: "event-ids muted small" },
+        h("span", { class: "mono", title: "Event ID" }, id),
+        event.id && event.id !== id ? h("span", { class: "mono", title: "The event's own id" }, `id ${event.id}`) : null),
       timeEl(event.received_at)),
-    h("div", { class: "event-ids muted small" },
-      h("span", { class: "mono", title: "Event ID (internal)" }, id),
-      event.id && event.id !== id ? h("span", { class: "mono", title: "The event's own id" }, `id ${event.id}`) : null),
     h("div", { class: "event-runs-line" }, h("span", { class: "field-label" }, "Runs"), eventRunsView(entry)),
     collapsible(`event:${id}`, "Payload", jsonView(eventPayload(event))));
 }
@@ -1375,7 +1383,8 @@ function appsView(ctx) {
     reconcile(list, state.apps.map((app) => {
       const message = state.messages.get(app.id);
       const busy = state.busy.has(app.id);
-      return keyed(state.cache, app.id, JSON.stringify([app, message ?? null, busy]), () => appCard(app, message, busy, resync));
+      const names = (app.functions ?? []).map(functionName).join();
+      return keyed(state.cache, app.id, JSON.stringify([app, message ?? null, busy, names]), () => appCard(app, message, busy, resync));
     }));
     empty.hidden = !state.loaded || state.apps.length > 0;
   }
@@ -1399,6 +1408,7 @@ function appsView(ctx) {
   }
 
   const refresh = serial(async () => {
+    loadFunctions().then(() => ctx.alive() && render()).catch(() => {});
     try {
       const apps = (await getData("/v1/apps")) ?? [];
       if (!ctx.alive()) return;
@@ -1422,13 +1432,17 @@ function appCard(app, message, busy, resync) {
       h("h2", null, app.id),
       h("button", { type: "button", class: "btn", "data-testid": "resync-app", disabled: busy, onclick: () => resync(app) }, busy ? "Syncing…" : "Resync")),
     h("p", { class: "app-url" }, url ? h("a", { href: url, class: "mono", rel: "noreferrer" }, app.url) : h("span", { class: "mono" }, app.url ?? "")),
-    h("dl", { class: "facts compact" },
-      h("dt", null, "SDK"), h("dd", null, app.sdk || "—"),
-      h("dt", null, "Framework"), h("dd", null, app.framework || "—"),
-      h("dt", null, "Last sync"), h("dd", null, app.synced_at ? h("span", null, timeEl(app.synced_at), " · ", timeEl(app.synced_at, false)) : "—"),
-      h("dt", null, "Functions"), h("dd", null, String(functions.length))),
-    functions.length ? h("div", { class: "chip-row" }, functions.map((id) =>
-      h("a", { class: "chip link", href: `#/runs?function=${enc(id)}`, title: `Runs of ${id}` }, id))) : null,
+    h("dl", { class: "app-facts" },
+      [
+        ["SDK", app.sdk || "—"],
+        ["Framework", app.framework || "—"],
+        ["Last sync", app.synced_at ? h("span", null, timeEl(app.synced_at, false), " (", timeEl(app.synced_at), ")") : "—"],
+        ["Functions", String(functions.length)],
+      ].map(([term, value]) => h("div", null, h("dt", null, term), h("dd", null, value)))),
+    functions.length ? collapsible(`app:${app.id}:functions`, `Functions (${functions.length})`,
+      h("div", { class: "chip-row" }, functions.map((id) =>
+        h("a", { class: "chip link", href: `#/runs?function=${enc(id)}`, title: `Runs of ${id}` }, functionName(id)))),
+      functions.length <= 12) : null,
     message ? h("p", { class: `form-message ${message.kind}`, role: message.kind === "error" ? "alert" : "status" }, message.text) : null);
 }
 

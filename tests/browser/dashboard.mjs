@@ -1,0 +1,129 @@
+// Drives the Baton dashboard in Debian's headless chromium (playwright-core).
+// Started by tests/it/browser.rs with a running baton and runs to look at:
+//   BATON_URL, ARTIFACTS (screenshot dir), SCENARIO (dev | login), and for
+//   dev: COMPLETED_RUN, SLEEPING_RUN, FAILED_RUN; for login: PASSWORD.
+// Exits non-zero with a message when something is not as expected.
+import { chromium } from "playwright-core";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`missing env ${name}`);
+  return value;
+};
+const base = env("BATON_URL");
+const artifacts = env("ARTIFACTS");
+mkdirSync(artifacts, { recursive: true });
+const TIMEOUT = 20_000;
+
+const check = (condition, message) => {
+  if (!condition) throw new Error(message);
+};
+
+async function devScenario(page) {
+  const completed = env("COMPLETED_RUN");
+  const sleeping = env("SLEEPING_RUN");
+  const failed = env("FAILED_RUN");
+
+  // The runs list shows the run.
+  await page.goto(`${base}/#/runs`);
+  await page.locator(`[data-testid="run-row"][data-run-id="${completed}"]`).first().waitFor({ timeout: TIMEOUT });
+  await page.screenshot({ path: join(artifacts, "runs.png"), fullPage: true });
+
+  // A run's page shows each step in its timeline.
+  await page.goto(`${base}/#/runs/${completed}`);
+  const timeline = page.locator('[data-testid="timeline"]');
+  await timeline.waitFor({ timeout: TIMEOUT });
+  await page.locator('[data-testid="timeline-step"][data-step-name="c"]').first().waitFor({ timeout: TIMEOUT });
+  const names = await page.locator('[data-testid="timeline-step"]').evaluateAll((els) =>
+    els.map((el) => el.getAttribute("data-step-name")),
+  );
+  for (const step of ["a", "b", "c"]) {
+    check(names.includes(step), `step ${step} missing from the timeline: ${JSON.stringify(names)}`);
+  }
+  const status = await page.locator('[data-testid="run-status"]').first().textContent();
+  check(/completed/i.test(status ?? ""), `status shows ${status}`);
+  await page.screenshot({ path: join(artifacts, "run-timeline.png"), fullPage: true });
+
+  // Cancel a sleeping run.
+  await page.goto(`${base}/#/runs/${sleeping}`);
+  await page.locator('[data-testid="cancel-run"]').first().click({ timeout: TIMEOUT });
+  await page.locator('[data-testid="run-status"]', { hasText: /cancelled/i }).first().waitFor({ timeout: TIMEOUT });
+  await page.screenshot({ path: join(artifacts, "cancelled.png"), fullPage: true });
+  const cancelled = await (await fetch(`${base}/v1/runs/${sleeping}`)).json();
+  check(cancelled.data.status === "Cancelled", `the API says ${cancelled.data.status}`);
+
+  // Replay a failed run: a new run opens.
+  await page.goto(`${base}/#/runs/${failed}`);
+  await page.locator('[data-testid="replay-run"]').first().click({ timeout: TIMEOUT });
+  await page.waitForFunction(
+    (old) => /#\/runs\/[0-9A-Z]{26}$/.test(location.hash) && !location.hash.endsWith(old),
+    failed,
+    { timeout: TIMEOUT },
+  );
+  const replayed = (await page.evaluate(() => location.hash)).split("/").pop();
+  const replay = await (await fetch(`${base}/v1/runs/${replayed}`)).json();
+  check(replay.data && replay.data.function_id, `the replayed run ${replayed} is not in the API`);
+  await page.locator('[data-testid="timeline"]').first().waitFor({ timeout: TIMEOUT });
+  await page.screenshot({ path: join(artifacts, "replayed.png"), fullPage: true });
+
+  // Events, and a phone-width view.
+  await page.goto(`${base}/#/events`);
+  await page.locator('[data-testid="event-row"]').first().waitFor({ timeout: TIMEOUT });
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.goto(`${base}/#/runs/${completed}`);
+  await page.locator('[data-testid="timeline-step"]').first().waitFor({ timeout: TIMEOUT });
+  await page.screenshot({ path: join(artifacts, "run-timeline-phone.png"), fullPage: true });
+  console.log(JSON.stringify({ ok: true, replayed }));
+}
+
+async function loginScenario(page) {
+  const password = env("PASSWORD");
+  await page.goto(`${base}/`);
+  await page.locator('[data-testid="login-password"]').waitFor({ timeout: TIMEOUT });
+  check(page.url().endsWith("/login"), `without a login the dashboard is at ${page.url()}`);
+  const text = await page.textContent("body");
+  check(!/run_id|Completed/.test(text ?? ""), "the login page shows run data");
+  await page.screenshot({ path: join(artifacts, "login.png") });
+
+  await page.fill('[data-testid="login-password"]', "not the password");
+  await page.click('[data-testid="login-submit"]');
+  await page.locator('[data-testid="login-error"]').waitFor({ timeout: TIMEOUT });
+
+  await page.fill('[data-testid="login-password"]', password);
+  await page.click('[data-testid="login-submit"]');
+  await page.locator('[data-testid="nav-runs"]').waitFor({ timeout: TIMEOUT });
+  // An action without the CSRF token is refused, even with the cookie.
+  const status = await page.evaluate(async () => {
+    const response = await fetch("/v1/events", { method: "POST", body: JSON.stringify({ name: "x/y" }) });
+    return response.status;
+  });
+  check(status === 403, `a POST without the CSRF token answered ${status}`);
+  await page.screenshot({ path: join(artifacts, "after-login.png") });
+  console.log(JSON.stringify({ ok: true }));
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page.on("pageerror", (err) => console.error(`page error: ${err.message}`));
+  if (env("SCENARIO") === "login") await loginScenario(page);
+  else await devScenario(page);
+} catch (err) {
+  console.error(`dashboard test failed: ${err.stack ?? err}`);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}

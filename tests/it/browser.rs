@@ -1,0 +1,130 @@
+//! The dashboard in a real browser: Debian's chromium, driven by
+//! playwright-core (`tests/browser/dashboard.mjs`), against the real binary
+//! and the real Node SDK app. Screenshots go to `test-artifacts/`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::*;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn browser_dir() -> PathBuf {
+    repo_root().join("tests/browser")
+}
+
+/// playwright-core installed, and chromium present; `None` (with a loud
+/// skip) where chromium is missing, unless CI requires it.
+fn browser_ready() -> Option<()> {
+    static READY: OnceLock<bool> = OnceLock::new();
+    let ready = *READY.get_or_init(|| {
+        let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        if !std::path::Path::new(&chromium).exists() {
+            assert!(
+                std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+                "chromium is required in CI (apt-get install chromium)"
+            );
+            eprintln!("*** SKIPPED browser tests: no chromium at {chromium} ***");
+            return false;
+        }
+        if !browser_dir()
+            .join("node_modules/playwright-core/package.json")
+            .exists()
+        {
+            let status = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(browser_dir())
+                .status()
+                .expect("npm");
+            assert!(status.success(), "npm ci failed in tests/browser");
+        }
+        true
+    });
+    ready.then_some(())
+}
+
+fn run_script(env: &[(&str, String)]) {
+    let output = Command::new("node")
+        .arg("dashboard.mjs")
+        .current_dir(browser_dir())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("ARTIFACTS", repo_root().join("test-artifacts"))
+        .output()
+        .expect("running node");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the browser test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("\"ok\":true"), "{stdout}\n{stderr}");
+}
+
+#[tokio::test]
+async fn dashboard_shows_runs_cancels_and_replays() {
+    if browser_ready().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let baton = Baton::start(&dir.path().join("data"));
+    let app = NodeApp::start(&baton.url);
+    app.sync().await;
+
+    let completed = send_event(&baton, "test/three-steps", json!({"key": "ui"})).await;
+    let completed = finished_run(&baton, &completed, TIMEOUT).await;
+    let failed = send_event(&baton, "test/non-retriable", json!({"key": "ui"})).await;
+    let failed = finished_run(&baton, &failed, TIMEOUT).await;
+    assert_eq!(failed["status"], "Failed");
+    let sleeping = send_event(&baton, "test/cancellable", json!({"key": "ui"})).await;
+    let sleeping = run_where(&baton, &sleeping, "the run to sleep", TIMEOUT, |run| {
+        !step_names(run).is_empty()
+    })
+    .await;
+
+    let id = |run: &serde_json::Value| run["run_id"].as_str().unwrap().to_string();
+    run_script(&[
+        ("SCENARIO", "dev".into()),
+        ("BATON_URL", baton.url.clone()),
+        ("COMPLETED_RUN", id(&completed)),
+        ("SLEEPING_RUN", id(&sleeping)),
+        ("FAILED_RUN", id(&failed)),
+    ]);
+    assert_eq!(get_run(&baton, &id(&sleeping)).await["status"], "Cancelled");
+    assert_eq!(
+        runs_of_event(&baton, failed["event_id"].as_str().unwrap())
+            .await
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn dashboard_needs_a_login_in_production() {
+    if browser_ready().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let baton = Baton::start_with(
+        &dir.path().join("data"),
+        BatonOptions {
+            command: vec![
+                "start".into(),
+                "--signing-key".into(),
+                "signkey-test-abcd".into(),
+                "--event-key".into(),
+                "ek".into(),
+            ],
+            config: Some("[dashboard]\npassword = \"correct horse\"\n".into()),
+            ..BatonOptions::default()
+        },
+    );
+    run_script(&[
+        ("SCENARIO", "login".into()),
+        ("BATON_URL", baton.url.clone()),
+        ("PASSWORD", "correct horse".into()),
+    ]);
+}
