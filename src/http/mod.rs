@@ -6,6 +6,7 @@ pub mod core_api;
 pub mod dashboard;
 pub mod error;
 pub mod event_api;
+pub mod openapi;
 pub mod session;
 
 use actix::Addr;
@@ -194,6 +195,7 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/v1/runs/{id}", web::delete().to(core_api::cancel_run))
             .route("/v1/runs/{id}/replay", web::post().to(core_api::replay_run))
             .route("/v1/functions", web::get().to(core_api::list_functions))
+            .route("/v1/openapi.json", web::get().to(openapi::document))
             .route("/v1/events", web::post().to(core_api::send_event))
             .route("/v0/runs/{id}", web::delete().to(core_api::cancel_run_v0))
             .route("/v0/runs/{id}/batch", web::get().to(core_api::run_batch))

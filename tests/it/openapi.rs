@@ -1,0 +1,1 @@
+//! The OpenAPI document against the running server (being written).
