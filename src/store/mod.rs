@@ -435,17 +435,18 @@ pub async fn open_backends(
         None
     };
     let sled_db = || db.clone().expect("opened when any store uses sled");
+    let mut redis = RedisParts::connect(choice).await?;
     let state: Arc<dyn StateStore> = match choice.state {
         StoreKind::Sled => Arc::new(sled::SledStateStore::open(&sled_db())?),
-        StoreKind::Redis => open_redis_state(choice).await?,
+        StoreKind::Redis => redis.state()?,
     };
     let queue: Arc<dyn Queue> = match choice.queue {
         StoreKind::Sled => Arc::new(sled::SledQueue::open(&sled_db())?),
-        StoreKind::Redis => open_redis_queue(choice).await?,
+        StoreKind::Redis => redis.queue()?,
     };
     let data: Arc<dyn DataStore> = match choice.data {
         StoreKind::Sled => Arc::new(sled::SledDataStore::open(&sled_db())?),
-        StoreKind::Redis => open_redis_data(choice).await?,
+        StoreKind::Redis => redis.data()?,
     };
     let bus: Arc<dyn EventBus> = match choice.bus {
         BusKind::Memory => Arc::new(memory::MemoryBus::default()),
@@ -462,27 +463,91 @@ pub async fn open_backends(
     ))
 }
 
-#[cfg(not(feature = "redis"))]
-fn no_redis() -> StoreError {
-    StoreError::new(
-        StoreErrorKind::Unsupported,
-        "this baton was built without the `redis` feature",
-    )
+/// The Redis stores of one connection, handed out one by one.
+#[cfg(feature = "redis")]
+struct RedisParts {
+    stores: Option<(
+        Option<redis::RedisStateStore>,
+        Option<redis::RedisQueue>,
+        Option<redis::RedisDataStore>,
+    )>,
+}
+
+#[cfg(feature = "redis")]
+impl RedisParts {
+    async fn connect(choice: &crate::settings::BackendChoice) -> StoreResult<RedisParts> {
+        use crate::settings::StoreKind;
+        if ![choice.state, choice.queue, choice.data].contains(&StoreKind::Redis) {
+            return Ok(RedisParts { stores: None });
+        }
+        let stores = redis::RedisStores::connect(&choice.redis_url, &choice.redis_prefix).await?;
+        Ok(RedisParts {
+            stores: Some((Some(stores.state), Some(stores.queue), Some(stores.data))),
+        })
+    }
+
+    fn missing() -> StoreError {
+        StoreError::new(
+            StoreErrorKind::Unavailable,
+            "the Redis stores were not opened",
+        )
+    }
+
+    fn state(&mut self) -> StoreResult<Arc<dyn StateStore>> {
+        let store = self
+            .stores
+            .as_mut()
+            .and_then(|s| s.0.take())
+            .ok_or_else(Self::missing)?;
+        Ok(Arc::new(store))
+    }
+
+    fn queue(&mut self) -> StoreResult<Arc<dyn Queue>> {
+        let store = self
+            .stores
+            .as_mut()
+            .and_then(|s| s.1.take())
+            .ok_or_else(Self::missing)?;
+        Ok(Arc::new(store))
+    }
+
+    fn data(&mut self) -> StoreResult<Arc<dyn DataStore>> {
+        let store = self
+            .stores
+            .as_mut()
+            .and_then(|s| s.2.take())
+            .ok_or_else(Self::missing)?;
+        Ok(Arc::new(store))
+    }
 }
 
 #[cfg(not(feature = "redis"))]
-async fn open_redis_state(_: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn StateStore>> {
-    Err(no_redis())
-}
+struct RedisParts;
 
 #[cfg(not(feature = "redis"))]
-async fn open_redis_queue(_: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn Queue>> {
-    Err(no_redis())
-}
+impl RedisParts {
+    async fn connect(_: &crate::settings::BackendChoice) -> StoreResult<RedisParts> {
+        Ok(RedisParts)
+    }
 
-#[cfg(not(feature = "redis"))]
-async fn open_redis_data(_: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn DataStore>> {
-    Err(no_redis())
+    fn unsupported<T>() -> StoreResult<T> {
+        Err(StoreError::new(
+            StoreErrorKind::Unsupported,
+            "this baton was built without the `redis` feature",
+        ))
+    }
+
+    fn state(&mut self) -> StoreResult<Arc<dyn StateStore>> {
+        Self::unsupported()
+    }
+
+    fn queue(&mut self) -> StoreResult<Arc<dyn Queue>> {
+        Self::unsupported()
+    }
+
+    fn data(&mut self) -> StoreResult<Arc<dyn DataStore>> {
+        Self::unsupported()
+    }
 }
 
 #[cfg(not(feature = "nats"))]
@@ -490,34 +555,6 @@ async fn open_nats_bus(_: &crate::settings::BackendChoice) -> StoreResult<Arc<dy
     Err(StoreError::new(
         StoreErrorKind::Unsupported,
         "this baton was built without the `nats` feature",
-    ))
-}
-
-#[cfg(feature = "redis")]
-async fn open_redis_state(
-    choice: &crate::settings::BackendChoice,
-) -> StoreResult<Arc<dyn StateStore>> {
-    Err(StoreError::new(
-        StoreErrorKind::Unsupported,
-        format!("redis at {} is not wired yet", choice.redis_url),
-    ))
-}
-
-#[cfg(feature = "redis")]
-async fn open_redis_queue(choice: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn Queue>> {
-    Err(StoreError::new(
-        StoreErrorKind::Unsupported,
-        format!("redis at {} is not wired yet", choice.redis_url),
-    ))
-}
-
-#[cfg(feature = "redis")]
-async fn open_redis_data(
-    choice: &crate::settings::BackendChoice,
-) -> StoreResult<Arc<dyn DataStore>> {
-    Err(StoreError::new(
-        StoreErrorKind::Unsupported,
-        format!("redis at {} is not wired yet", choice.redis_url),
     ))
 }
 
