@@ -34,12 +34,9 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
      style-src 'self'; img-src 'self' data:; connect-src 'self'; object-src 'none'; \
      base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
-fn respond(content_type: &str, body: &'static str) -> HttpResponse {
+fn respond(content_type: &'static str, body: &'static str) -> HttpResponse {
     HttpResponse::Ok()
-        .insert_header((
-            header::CONTENT_TYPE,
-            HeaderValue::from_str(content_type).unwrap(),
-        ))
+        .insert_header((header::CONTENT_TYPE, HeaderValue::from_static(content_type)))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .body(body)
@@ -82,7 +79,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
 mod tests {
     use super::*;
     use actix_web::dev::ServiceResponse;
-    use actix_web::{test, App};
+    use actix_web::test::{call_service, init_service, read_body, read_body_json, TestRequest};
+    use actix_web::App;
 
     fn header(response: &ServiceResponse, name: header::HeaderName) -> String {
         response
@@ -95,10 +93,9 @@ mod tests {
 
     #[actix_web::test]
     async fn serves_the_page_and_its_assets() {
-        let app = test::init_service(App::new().configure(configure)).await;
+        let app = init_service(App::new().configure(configure)).await;
 
-        let response =
-            test::call_service(&app, test::TestRequest::get().uri("/").to_request()).await;
+        let response = call_service(&app, TestRequest::get().uri("/").to_request()).await;
         assert_eq!(response.status(), 200);
         assert_eq!(
             header(&response, header::CONTENT_TYPE),
@@ -106,7 +103,7 @@ mod tests {
         );
         assert_eq!(header(&response, header::CACHE_CONTROL), "no-cache");
         assert!(header(&response, header::CONTENT_SECURITY_POLICY).contains("default-src 'self'"));
-        let body = test::read_body(response).await;
+        let body = read_body(response).await;
         let body = std::str::from_utf8(&body).unwrap();
         assert!(body.contains(r#"src="/assets/app.js""#));
         assert!(body.contains(r#"href="/assets/style.css""#));
@@ -116,29 +113,28 @@ mod tests {
             ("style.css", "text/css; charset=utf-8"),
             ("favicon.svg", "image/svg+xml"),
         ] {
-            let request = test::TestRequest::get()
+            let request = TestRequest::get()
                 .uri(&format!("/assets/{name}"))
                 .to_request();
-            let response = test::call_service(&app, request).await;
+            let response = call_service(&app, request).await;
             assert_eq!(response.status(), 200, "{name}");
             assert_eq!(header(&response, header::CONTENT_TYPE), content_type);
             assert_eq!(header(&response, header::CACHE_CONTROL), "no-cache");
-            assert!(!test::read_body(response).await.is_empty());
+            assert!(!read_body(response).await.is_empty());
         }
     }
 
     #[actix_web::test]
     async fn unknown_assets_are_a_json_404() {
-        let app = test::init_service(App::new().configure(configure)).await;
+        let app = init_service(App::new().configure(configure)).await;
         for uri in [
             "/assets/nope.js",
             "/assets/..%2Fdashboard.rs",
             "/assets/index.html",
         ] {
-            let response =
-                test::call_service(&app, test::TestRequest::get().uri(uri).to_request()).await;
+            let response = call_service(&app, TestRequest::get().uri(uri).to_request()).await;
             assert_eq!(response.status(), 404, "{uri}");
-            let body: serde_json::Value = test::read_body_json(response).await;
+            let body: serde_json::Value = read_body_json(response).await;
             assert_eq!(body["status"], 404);
             assert_eq!(body["code"], "not_found");
         }
