@@ -76,7 +76,7 @@ impl Auth {
             return false;
         };
         let token = crate::sdk::strip_key_prefix(token.trim()).to_ascii_lowercase();
-        !token.is_empty() && self.bearers.iter().any(|b| *b == token)
+        !token.is_empty() && self.bearers.contains(&token)
     }
 
     pub fn event_key_ok(&self, key: &str) -> bool {
