@@ -60,6 +60,12 @@ function keyed(cache, key, signature, build) {
   return node;
 }
 
+/** Forgets cached nodes whose keys are no longer shown. */
+function prune(cache, keys) {
+  const keep = new Set(keys);
+  for (const key of cache.keys()) if (!keep.has(key)) cache.delete(key);
+}
+
 /** Open/closed state of collapsibles, kept across re-renders. */
 const openState = new Map();
 
@@ -329,7 +335,7 @@ class ApiError extends Error {
   }
 }
 
-const session = { csrf: null, user: null };
+const session = { csrf: null, user: null, mode: null };
 let redirecting = false;
 
 async function api(path, { method = "GET", body, retried = false } = {}) {
@@ -381,6 +387,7 @@ async function loadSession() {
     const data = await getData("/v1/session");
     session.csrf = data?.csrf ?? null;
     session.user = data?.user ?? null;
+    session.mode = data?.mode ?? null;
   } catch (err) {
     if (err.status !== 404) console.warn("session:", err.message);
   }
@@ -390,7 +397,7 @@ async function loadSession() {
 
 const fnStore = { list: [], byId: new Map(), at: 0, loading: null };
 
-async function loadFunctions(maxAge = 10_000) {
+async function loadFunctions(maxAge = 30_000) {
   if (fnStore.at && Date.now() - fnStore.at < maxAge) return fnStore.list;
   fnStore.loading ??= fetchFunctions()
     .then((list) => {
@@ -471,6 +478,20 @@ function highlightNav(key) {
   }
 }
 
+/** Production logins get a sign-out button (`POST /logout`). */
+function setupSignOut() {
+  const button = document.getElementById("sign-out");
+  button.hidden = !(session.mode === "production" && session.csrf);
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      await fetch("/logout", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": session.csrf ?? "" } });
+    } finally {
+      location.assign("/login");
+    }
+  });
+}
+
 async function loadServerInfo() {
   try {
     const data = (await getData("/v1/status")) ?? {};
@@ -525,6 +546,7 @@ function runsView(ctx) {
   function render() {
     const rows = state.runs;
     reconcile(tbody, rows.map((run) => keyed(state.cache, run.run_id, JSON.stringify(run) + functionName(run.function_id), () => runRow(run))));
+    prune(state.cache, rows.map((run) => run.run_id));
     table.hidden = rows.length === 0;
     empty.hidden = rows.length > 0;
     empty.textContent = !state.loaded ? "Loading…"
@@ -632,7 +654,11 @@ function runFilters(filters, onChange) {
     changed();
   });
 
+  let filledAt = null;
   function fillFunctions() {
+    // Only when the list changed: rebuilding would close an open select.
+    if (filledAt === fnStore.at) return;
+    filledAt = fnStore.at;
     const options = [h("option", { value: "" }, "All functions")];
     const ids = new Set(fnStore.list.map((fn) => fn.id));
     for (const fn of fnStore.list) {
@@ -755,6 +781,7 @@ function runView(ctx) {
   let signature = null;
   let eventIds = null;
   const head = h("div", { class: "run-head" });
+  const errorSlot = h("div");
   const alerts = h("div");
   const facts = h("dl", { class: "facts" });
   const timeline = h("ol", { class: "timeline", "data-testid": "timeline", "aria-label": "Timeline" });
@@ -768,7 +795,7 @@ function runView(ctx) {
       h("section", { class: "card", "aria-labelledby": "output-title" }, h("h2", { id: "output-title" }, "Output"), output),
       h("section", { class: "card", "aria-labelledby": "events-title" }, h("h2", { id: "events-title" }, "Triggering events"), events)));
 
-  ctx.root.append(h("a", { href: "#/runs", class: "back" }, "← Runs"), head, alerts, facts, body);
+  ctx.root.append(h("a", { href: "#/runs", class: "back" }, "← Runs"), head, errorSlot, alerts, facts, body);
 
   const refresh = serial(async () => {
     let run;
@@ -779,10 +806,11 @@ function runView(ctx) {
       if (!ctx.alive()) return;
       const message = err.status === 404 && err.fromBody ? `Run ${id} was not found.` : errorMessage(err);
       if (!signature) head.replaceChildren(h("h1", null, "Run"), h("p", { class: "mono muted" }, id));
-      alerts.replaceChildren(alertBox(message));
+      errorSlot.replaceChildren(alertBox(message));
       return;
     }
     if (!ctx.alive()) return;
+    errorSlot.replaceChildren();
     const next = JSON.stringify(run) + functionName(run.function_id);
     if (next === signature) return;
     render(run);
@@ -1068,6 +1096,9 @@ function eventsView(ctx) {
       return keyed(state.cache, id, sig, () => eventRow(event, entry, state.flash.has(id)));
     });
     reconcile(list, nodes);
+    const ids = state.events.map((event) => event.internal_id);
+    prune(state.cache, ids);
+    prune(state.runs, ids);
     empty.hidden = state.events.length > 0;
     empty.textContent = !state.loaded ? "Loading…"
       : state.name ? `No events named ${state.name}.` : "No events yet. Send one with the form above.";
@@ -1522,6 +1553,7 @@ async function start() {
   });
   window.addEventListener("hashchange", route);
   await loadSession();
+  setupSignOut();
   route();
   loadServerInfo();
   setInterval(poll, POLL_MS);
