@@ -202,8 +202,9 @@ pub async fn list_apps(state: web::Data<AppState>) -> Result<HttpResponse, ApiEr
 /// `POST /v1/apps/sync {"url": …}`: Baton asks the app to sync, as `-u` does.
 pub async fn sync_url(
     state: web::Data<AppState>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.max_body_bytes).await?;
     let body: Value = serde_json::from_slice(&body)
         .map_err(|err| ApiError::BadRequest(format!("the body is not valid JSON: {err}")))?;
     let url = body
@@ -459,8 +460,9 @@ pub async fn list_functions(state: web::Data<AppState>) -> Result<HttpResponse, 
 /// test form); answers like `POST /e/{key}`.
 pub async fn send_event(
     state: web::Data<AppState>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.max_body_bytes).await?;
     let events = normalize_events(&body, None, state.clock.now())
         .map_err(|invalid| ApiError::BadRequest(invalid.0))?;
     let event_api = state.event_api.as_ref().ok_or_else(|| {

@@ -169,6 +169,11 @@ pub async fn require_auth(
 /// Mounts every route of the services in `state`.
 pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
     config.app_data(state.clone());
+    // A query string that does not parse gets the same JSON error as the rest.
+    config.app_data(
+        web::QueryConfig::default()
+            .error_handler(|err, _| ApiError::BadRequest(format!("invalid query: {err}")).into()),
+    );
     config.route("/health", web::get().to(core_api::health));
     config.route("/metrics", web::get().to(core_api::metrics));
     if state.core_api.is_some() {

@@ -787,9 +787,12 @@ async fn every_documented_operation_answers_as_documented() {
     );
     let reply = api.get("/v1/runs", &[], &[("since", "yesterday")]).await;
     assert_eq!(reply.status, 400);
-    // The framework refuses a limit that is not a number, in text/plain.
+    // A limit that is not a number gets the JSON error too.
     let reply = api.get("/v1/runs", &[], &[("limit", "many")]).await;
-    assert_eq!(reply.status, 400);
+    assert_eq!(
+        (reply.status, &reply.body["code"]),
+        (400, &json!("bad_request"))
+    );
 
     let reply = api.get("/v1/runs/{id}", &[("id", &three_run)], &[]).await;
     let run = &reply.body["data"];
