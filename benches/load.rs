@@ -50,11 +50,37 @@
 //!   fewer than the backlog when the quick function does not wait behind it.
 //!   A quick run that started more than 5 s after its event is a WARNING.
 //!   The rest of the backlog is not waited for.
+//! * **Part G, history**: `LOAD_HISTORY_RUNS` finished runs (3 steps each,
+//!   over 10 functions, with their events) are written straight into a sled
+//!   data dir through the library, no SDK involved; then `baton dev` is
+//!   started on it. Reports the build time, the start-up time, and p50/p99
+//!   over 50 requests (after 5 warm-ups) of the run list's first page
+//!   (`/v1/runs?limit=20`), of one function's runs (`&function_id=`, which
+//!   scans newest-first until it has 20), of a run page (`/v1/runs/{id}`,
+//!   random runs), of the event list (`/v1/events?limit=20`), of a
+//!   `/metrics` scrape, and of a filter that matches nothing (a full scan);
+//!   plus the RSS and the data dir size.
+//! * **Part H, split**: needs Redis on 127.0.0.1:6379 and NATS on
+//!   127.0.0.1:4222 (skipped, loudly, without them). A split deployment as in
+//!   `tests/it/split.rs` (`baton serve event-api runner`, `baton serve api`,
+//!   `baton serve executor --workers 200`, the Node app in production mode)
+//!   under a fresh prefix `BATON_BENCH_<ulid>`, first with one executor
+//!   process, then (a fresh deployment) with two: `LOAD_SPLIT_RUNS` events
+//!   `test/ten-steps` in batches of 100 to the event-api process, polled
+//!   until all runs ended (`baton_runs_finished_total` of every process's
+//!   `/metrics`: `/v1/status` is only served by the api process, and the
+//!   executor counters live in the executor processes). Reports runs/s,
+//!   steps/s, each run's first call to end p50/p99 (from `/v1/runs` on the
+//!   api process, which also checks the count), step bodies that ran twice,
+//!   and the CPU of every process (Redis and NATS included when found).
+//!   Then, on the one-executor deployment, ingest through the event-api
+//!   process with the production event key, as in Part A. The Redis keys and
+//!   NATS streams of both deployments are deleted at the end.
 //! * The `baton` process's RSS (`VmRSS`, and the peak `VmHWM`) at the end of
 //!   each part.
 //!
 //! `LOAD_PARTS` picks the parts, a comma list of
-//! `ingest,e2e,sleeps,waits,keyed,fairness` (default all).
+//! `ingest,e2e,sleeps,waits,keyed,fairness,history,split` (default all).
 //!
 //! Run it with
 //!
@@ -63,10 +89,11 @@
 //! LOAD_INGEST_SECS=2 LOAD_CONCURRENCY=16 LOAD_RUNS=100 cargo bench --bench load
 //! LOAD_PARTS=sleeps,waits LOAD_SLEEPS=500 LOAD_WAITS=500 LOAD_RESUMES=100 cargo bench --bench load
 //! LOAD_PARTS=keyed,fairness LOAD_KEYED_RUNS=1000 LOAD_BACKLOG=5000 cargo bench --bench load
+//! LOAD_PARTS=history,split LOAD_HISTORY_RUNS=5000 LOAD_SPLIT_RUNS=200 cargo bench --bench load
 //! ```
 //!
 //! It needs Node.js 20+ and npm (the harness runs `npm ci` in the app's folder
-//! when its packages are missing). Both servers listen on 127.0.0.1 only and
+//! when its packages are missing). The servers listen on 127.0.0.1 only and
 //! are killed at the end. The load generator runs in this process, on the
 //! same machine, so it competes with `baton` for CPU.
 
@@ -102,7 +129,9 @@ const PART_DEADLINE: Duration = Duration::from_secs(600);
 /// How often the `baton` RSS is sampled during Parts C and D.
 const RSS_EVERY: Duration = Duration::from_millis(500);
 /// The parts `LOAD_PARTS` may name.
-const PARTS: [&str; 6] = ["ingest", "e2e", "sleeps", "waits", "keyed", "fairness"];
+const PARTS: [&str; 8] = [
+    "ingest", "e2e", "sleeps", "waits", "keyed", "fairness", "history", "split",
+];
 
 fn main() {
     if !std::env::args().skip(1).any(|arg| arg == "--bench") {
@@ -127,6 +156,8 @@ struct Params {
     resumes: usize,
     keyed_runs: usize,
     backlog: usize,
+    history_runs: usize,
+    split_runs: usize,
     parts: Vec<String>,
 }
 
@@ -141,6 +172,8 @@ impl Params {
             resumes: env_number("LOAD_RESUMES", 1_000),
             keyed_runs: env_number("LOAD_KEYED_RUNS", 10_000),
             backlog: env_number("LOAD_BACKLOG", 100_000),
+            history_runs: env_number("LOAD_HISTORY_RUNS", 100_000),
+            split_runs: env_number("LOAD_SPLIT_RUNS", 2_000),
             parts: env_parts(),
         };
         if params.runs_part("waits") && params.resumes > params.waits {
@@ -193,7 +226,7 @@ async fn run(params: &Params) -> String {
     println!(
         "load: LOAD_PARTS={} LOAD_INGEST_SECS={} LOAD_CONCURRENCY={} LOAD_RUNS={} \
          LOAD_SLEEPS={} LOAD_WAITS={} LOAD_RESUMES={} LOAD_KEYED_RUNS={} LOAD_BACKLOG={} \
-         ({} CPUs)",
+         LOAD_HISTORY_RUNS={} LOAD_SPLIT_RUNS={} ({} CPUs)",
         params.parts.join(","),
         params.ingest_secs,
         params.concurrency,
@@ -203,6 +236,8 @@ async fn run(params: &Params) -> String {
         params.resumes,
         params.keyed_runs,
         params.backlog,
+        params.history_runs,
+        params.split_runs,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let client = bench_client(params.concurrency);
@@ -234,6 +269,16 @@ async fn run(params: &Params) -> String {
     };
     let fairness = if params.runs_part("fairness") {
         Some(part_f(params, &client).await)
+    } else {
+        None
+    };
+    let history = if params.runs_part("history") {
+        Some(part_g(params, &client).await)
+    } else {
+        None
+    };
+    let split = if params.runs_part("split") {
+        Some(part_h(params, &client).await)
     } else {
         None
     };
@@ -273,6 +318,20 @@ async fn run(params: &Params) -> String {
             let _ = writeln!(out, "fairness WARNING  : {warning}");
         }
     }
+    if let Some(history) = &history {
+        let _ = writeln!(out, "history           : {}", history.line());
+        for (label, reads) in &history.reads {
+            let _ = writeln!(out, "history {label:<10}: {}", reads.line());
+        }
+        if let Some(warning) = history.warning() {
+            let _ = writeln!(out, "history WARNING   : {warning}");
+        }
+    }
+    if let Some(split) = &split {
+        for line in split.lines() {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     if let Some((_, _, memory)) = &ingest {
         let _ = writeln!(out, "baton RSS ingest  : {}", memory.line());
     }
@@ -306,6 +365,14 @@ async fn run(params: &Params) -> String {
             fairness.memory.line(),
             fairness.queued_memory.line(),
             mib(fairness.peak_kb)
+        );
+    }
+    if let Some(history) = &history {
+        let _ = writeln!(
+            out,
+            "baton RSS history : {} (after start-up: {})",
+            history.memory.line(),
+            history.start_memory.line()
         );
     }
     let _ = writeln!(
@@ -2122,6 +2189,1242 @@ impl Fairness {
             ));
         }
         (!problems.is_empty()).then(|| problems.join("; "))
+    }
+}
+
+// ---- Part G: history --------------------------------------------------------
+
+/// Functions the history's runs are spread over (`i % HISTORY_FUNCTIONS`).
+const HISTORY_FUNCTIONS: usize = 10;
+/// Step results saved per history run.
+const HISTORY_STEPS: usize = 3;
+/// Runs written at once while building (their flushes are shared).
+const HISTORY_PARALLEL: usize = 256;
+/// Events per `put_events` while building, and such writes at once.
+const HISTORY_EVENT_CHUNK: usize = 1_000;
+const HISTORY_EVENT_PARALLEL: usize = 8;
+/// Milliseconds between consecutive history runs' creation times.
+const HISTORY_SPACING_MS: i64 = 10;
+/// Timed requests per endpoint, after this many untimed ones.
+const HISTORY_READS: usize = 50;
+const HISTORY_WARMUPS: usize = 5;
+/// Requests of the filter that matches nothing (each scans every run).
+const HISTORY_SCANS: usize = 10;
+/// The page size of the list requests.
+const HISTORY_PAGE: usize = 20;
+
+fn history_fn(i: usize) -> String {
+    format!("bench-history-fn{}", i % HISTORY_FUNCTIONS)
+}
+
+/// The event payload of history run `i`, as the event API would store it.
+fn history_payload(i: usize, event_id: &str, at: i64) -> String {
+    json!({
+        "name": "bench/history",
+        "data": {"i": i, "note": "load benchmark history"},
+        "id": event_id,
+        "ts": at,
+        "user": {},
+    })
+    .to_string()
+}
+
+async fn part_g(params: &Params, client: &reqwest::Client) -> History {
+    let runs = params.history_runs;
+    println!(
+        "\n-- part G: history, {runs} finished runs of {HISTORY_FUNCTIONS} functions written \
+         through the library, then read through baton dev --"
+    );
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let data_dir = dir.path().join("data");
+    let (run_ids, newest_event, built_in, store_bytes) = build_history(&data_dir, runs).await;
+    println!(
+        "built {runs} runs in {} ({:.0} runs/s); sled size on disk {:.1} MiB",
+        secs(built_in),
+        runs as f64 / built_in.as_secs_f64(),
+        store_bytes as f64 / (1024.0 * 1024.0),
+    );
+    let disk = dir_size(&data_dir);
+    println!("data dir: {}", disk.line());
+
+    let starting = Instant::now();
+    let baton = Baton::start_with(&data_dir, BatonOptions::default());
+    let started_in = starting.elapsed();
+    let pid = baton.pid();
+    let start_memory = Memory::of(pid);
+    println!(
+        "baton dev at {} (pid {pid}) listening after {}; RSS {}",
+        baton.url,
+        ms(Some(started_in)),
+        start_memory.line()
+    );
+
+    let base = baton.url.clone();
+    let newest_run = run_ids.last().cloned().unwrap_or_default();
+    let function = history_fn(0);
+    let mut reads = Vec::new();
+
+    let list = time_gets(
+        client,
+        "/v1/runs?limit=20",
+        HISTORY_READS,
+        |_| format!("{base}/v1/runs?limit={HISTORY_PAGE}"),
+        |body| {
+            let runs = json_data(body)?;
+            let runs = runs.as_array().ok_or("no data array")?;
+            if runs.len() != HISTORY_PAGE.min(run_ids.len()) {
+                return Err(format!("{} runs listed", runs.len()));
+            }
+            if runs[0]["run_id"] != newest_run.as_str() {
+                return Err(format!("first run {} is not the newest", runs[0]["run_id"]));
+            }
+            Ok(())
+        },
+    )
+    .await;
+    println!("runs list      : {}", list.line());
+    reads.push(("runs list".to_string(), list));
+
+    let filtered = time_gets(
+        client,
+        "/v1/runs?function_id=&limit=20",
+        HISTORY_READS,
+        |_| format!("{base}/v1/runs?function_id={function}&limit={HISTORY_PAGE}"),
+        |body| {
+            let runs = json_data(body)?;
+            let runs = runs.as_array().ok_or("no data array")?;
+            let want = HISTORY_PAGE.min(run_ids.len().div_ceil(HISTORY_FUNCTIONS));
+            if runs.len() != want {
+                return Err(format!("{} runs listed, want {want}", runs.len()));
+            }
+            if let Some(other) = runs.iter().find(|r| r["function_id"] != function.as_str()) {
+                return Err(format!("a run of {} listed", other["function_id"]));
+            }
+            Ok(())
+        },
+    )
+    .await;
+    println!("one function   : {}", filtered.line());
+    reads.push(("fn filter".to_string(), filtered));
+
+    // Random runs, chosen up front so that each request has its own.
+    let picks: Vec<usize> = {
+        use rand::Rng;
+        let mut rng = rand::thread_rng();
+        (0..HISTORY_WARMUPS + HISTORY_READS)
+            .map(|_| rng.gen_range(0..run_ids.len()))
+            .collect()
+    };
+    let page = time_gets(
+        client,
+        "/v1/runs/{id}",
+        HISTORY_READS,
+        |n| format!("{base}/v1/runs/{}", run_ids[picks[n]]),
+        |body| {
+            let run = json_data(body)?;
+            if run["status"] != "Completed" {
+                return Err(format!("status {}", run["status"]));
+            }
+            let steps = run["steps"].as_array().map_or(0, Vec::len);
+            if steps != HISTORY_STEPS {
+                return Err(format!("{steps} steps"));
+            }
+            Ok(())
+        },
+    )
+    .await;
+    println!("run page       : {}", page.line());
+    reads.push(("run page".to_string(), page));
+
+    let events = time_gets(
+        client,
+        "/v1/events?limit=20",
+        HISTORY_READS,
+        |_| format!("{base}/v1/events?limit={HISTORY_PAGE}"),
+        |body| {
+            let events = json_data(body)?;
+            let events = events.as_array().ok_or("no data array")?;
+            if events.len() != HISTORY_PAGE.min(run_ids.len()) {
+                return Err(format!("{} events listed", events.len()));
+            }
+            if events[0]["internal_id"] != newest_event.as_str() {
+                return Err(format!(
+                    "first event {} is not the newest",
+                    events[0]["internal_id"]
+                ));
+            }
+            Ok(())
+        },
+    )
+    .await;
+    println!("events list    : {}", events.line());
+    reads.push(("events".to_string(), events));
+
+    let metrics = time_gets(
+        client,
+        "/metrics",
+        HISTORY_READS,
+        |_| format!("{base}/metrics"),
+        |body| {
+            if body.contains("baton_store_bytes") {
+                Ok(())
+            } else {
+                Err("no baton_store_bytes in the scrape".into())
+            }
+        },
+    )
+    .await;
+    println!("/metrics       : {}", metrics.line());
+    reads.push(("/metrics".to_string(), metrics));
+
+    // No run failed: the filter reads every run before answering.
+    let scan = time_gets(
+        client,
+        "/v1/runs?function_id=&status=Failed (no match)",
+        HISTORY_SCANS,
+        |_| format!("{base}/v1/runs?function_id={function}&status=Failed&limit={HISTORY_PAGE}"),
+        |body| {
+            let runs = json_data(body)?;
+            match runs.as_array().map(Vec::len) {
+                Some(0) => Ok(()),
+                other => Err(format!("{other:?} runs listed, want none")),
+            }
+        },
+    )
+    .await;
+    println!("no match (scan): {}", scan.line());
+    reads.push(("full scan".to_string(), scan));
+
+    let memory = Memory::of(pid);
+    println!("baton RSS: {}", memory.line());
+    drop(baton);
+    History {
+        runs,
+        built_in,
+        started_in,
+        disk,
+        reads,
+        start_memory,
+        memory,
+    }
+}
+
+/// Writes `runs` finished runs with their steps and events into a sled data
+/// dir, closes it, and answers the run ids (oldest first), the newest
+/// event's id, the time it took and sled's size on disk.
+async fn build_history(
+    data_dir: &std::path::Path,
+    runs: usize,
+) -> (Vec<String>, String, Duration, u64) {
+    use baton::clock::Timestamp;
+    use baton::model::{EventRecord, RunRecord, RunStatus, StepKind, StepRecord};
+    use baton::store::{CreateRun, SaveStep};
+    use sha1::Digest as _;
+
+    let started = Instant::now();
+    let db = baton::store::sled::SledDb::open(data_dir, 256 << 20).expect("opening sled");
+    let backends = db.backends().expect("the sled backends");
+    // Increasing times, ending a minute ago: run i was created at `at(i) + 1`
+    // by its event received at `at(i)`.
+    let now = OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000;
+    let first = now - 60_000 - runs as i64 * HISTORY_SPACING_MS;
+    let at = |i: usize| first + i as i64 * HISTORY_SPACING_MS;
+    let event_ids: Vec<String> = (0..runs)
+        .map(|i| ulid::Ulid::from_parts(at(i) as u64, rand::random()).to_string())
+        .collect();
+    let run_ids: Vec<String> = (0..runs)
+        .map(|i| ulid::Ulid::from_parts(at(i) as u64 + 1, rand::random()).to_string())
+        .collect();
+    let step_ids: Vec<String> = (1..=HISTORY_STEPS)
+        .map(|k| hex::encode(sha1::Sha1::digest(format!("s{k}").as_bytes())))
+        .collect();
+
+    // The events, stored and marked processed (so the runner leaves them).
+    let indices: Vec<usize> = (0..runs).collect();
+    futures::stream::iter(indices.chunks(HISTORY_EVENT_CHUNK))
+        .map(|chunk| {
+            let data = backends.data.clone();
+            let events: Vec<EventRecord> = chunk
+                .iter()
+                .map(|&i| EventRecord {
+                    internal_id: event_ids[i].clone(),
+                    name: "bench/history".into(),
+                    id: event_ids[i].clone(),
+                    received_at: at(i),
+                    payload: history_payload(i, &event_ids[i], at(i)),
+                    target_fn: None,
+                })
+                .collect();
+            let ids: Vec<String> = chunk.iter().map(|&i| event_ids[i].clone()).collect();
+            async move {
+                data.put_events(&events).await.expect("put_events");
+                data.mark_processed(&ids).await.expect("mark_processed");
+            }
+        })
+        .buffer_unordered(HISTORY_EVENT_PARALLEL)
+        .collect::<Vec<()>>()
+        .await;
+    println!(
+        "  {:>5.1} s: {runs} events stored",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The runs: created queued (a run that has ended takes no steps), three
+    // steps saved, then finished as completed.
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    futures::stream::iter(0..runs)
+        .map(|i| {
+            let state = backends.state.clone();
+            let (run_id, event_id, step_ids, done) = (&run_ids[i], &event_ids[i], &step_ids, &done);
+            async move {
+                let created = at(i) + 1;
+                let run = RunRecord {
+                    id: run_id.clone(),
+                    fn_id: history_fn(i),
+                    fn_version: 1,
+                    app_id: "bench-history".into(),
+                    idempotency_key: event_id.clone(),
+                    event_ids: vec![event_id.clone()],
+                    events: vec![history_payload(i, event_id, at(i))],
+                    status: RunStatus::Queued,
+                    created_at: created,
+                    started_at: None,
+                    ended_at: None,
+                    output: None,
+                    stack: Vec::new(),
+                    request_version: -1,
+                    max_attempts: 4,
+                    force_plan: false,
+                    planned: Vec::new(),
+                    correlation_id: None,
+                    state_bytes: 0,
+                    concurrency: Vec::new(),
+                    priority_ms: 0,
+                    skip_reason: None,
+                    delayed_by: None,
+                };
+                match state.create_run(run).await.expect("create_run") {
+                    CreateRun::Created(_) => {}
+                    CreateRun::Exists(other) => panic!("run {run_id} exists already: {other:?}"),
+                }
+                for (k, step_id) in step_ids.iter().enumerate() {
+                    let step = StepRecord {
+                        id: step_id.clone(),
+                        name: format!("s{}", k + 1),
+                        kind: StepKind::Run,
+                        memo: json!({"data": k + 1}).to_string(),
+                        saved_at: created + 1 + k as i64,
+                        attempts: 1,
+                    };
+                    let saved = state.save_step(run_id, step).await.expect("save_step");
+                    assert!(
+                        matches!(saved, SaveStep::Saved { .. }),
+                        "save_step of run {run_id}: {saved:?}"
+                    );
+                }
+                let output = Some(json!({"done": HISTORY_STEPS}).to_string());
+                let end = Timestamp(created + 1 + HISTORY_STEPS as i64);
+                let finished = state
+                    .finish_run(run_id, RunStatus::Completed, output, end)
+                    .await
+                    .expect("finish_run");
+                assert!(finished, "run {run_id} had ended already");
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if n % (runs / 10).max(1) == 0 {
+                    println!(
+                        "  {:>5.1} s: {n}/{runs} runs written",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        })
+        .buffer_unordered(HISTORY_PARALLEL)
+        .collect::<Vec<()>>()
+        .await;
+    db.flush().await.expect("flushing sled");
+    let size = db.size_on_disk();
+    let built_in = started.elapsed();
+    // Close the database (and with it its lock) before baton opens it.
+    drop(backends);
+    drop(db);
+    let newest_event = event_ids.last().cloned().unwrap_or_default();
+    (run_ids, newest_event, built_in, size)
+}
+
+/// A data dir's size: bytes allocated on disk (as `du`) and apparent.
+struct DiskSize {
+    allocated: u64,
+    apparent: u64,
+    files: u64,
+}
+
+impl DiskSize {
+    fn line(&self) -> String {
+        format!(
+            "{:.1} MiB on disk ({:.1} MiB apparent, {} files)",
+            self.allocated as f64 / (1024.0 * 1024.0),
+            self.apparent as f64 / (1024.0 * 1024.0),
+            self.files
+        )
+    }
+}
+
+fn dir_size(dir: &std::path::Path) -> DiskSize {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut size = DiskSize {
+        allocated: 0,
+        apparent: 0,
+        files: 0,
+    };
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else {
+                size.allocated += meta.blocks() * 512;
+                size.apparent += meta.len();
+                size.files += 1;
+            }
+        }
+    }
+    size
+}
+
+/// The `data` of a `/v1` answer.
+fn json_data(body: &str) -> Result<Value, String> {
+    let mut answer: Value =
+        serde_json::from_str(body).map_err(|err| format!("not JSON ({err})"))?;
+    match answer.get_mut("data") {
+        Some(data) => Ok(data.take()),
+        None => Err("no data".into()),
+    }
+}
+
+/// Latencies of one kind of request.
+struct Reads {
+    what: String,
+    latencies: Vec<Duration>,
+    /// Size of the last answer's body.
+    bytes: usize,
+    errors: usize,
+    first_error: Option<String>,
+}
+
+impl Reads {
+    fn line(&self) -> String {
+        let mut line = format!(
+            "p50 {}, p99 {}, max {} over {} requests ({} bytes)",
+            ms(percentile(&self.latencies, 0.50)),
+            ms(percentile(&self.latencies, 0.99)),
+            ms(self.latencies.last().copied()),
+            self.latencies.len(),
+            self.bytes,
+        );
+        if self.errors > 0 {
+            let _ = write!(
+                line,
+                "; {} ERRORS, first: {}",
+                self.errors,
+                self.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        line
+    }
+}
+
+/// GETs `url(n)` one at a time, [`HISTORY_WARMUPS`] untimed then `count`
+/// timed; an answer other than 200 or that `check` refuses is an error.
+async fn time_gets(
+    client: &reqwest::Client,
+    what: &str,
+    count: usize,
+    url: impl Fn(usize) -> String,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Reads {
+    let mut reads = Reads {
+        what: what.to_string(),
+        latencies: Vec::with_capacity(count),
+        bytes: 0,
+        errors: 0,
+        first_error: None,
+    };
+    for n in 0..HISTORY_WARMUPS + count {
+        let sent = Instant::now();
+        let answer = match client.get(url(n)).send().await {
+            Ok(response) => {
+                let code = response.status().as_u16();
+                match response.text().await {
+                    Ok(text) if code == 200 => Ok(text),
+                    Ok(mut text) => {
+                        text.truncate(200);
+                        Err(format!("HTTP {code}: {text}"))
+                    }
+                    Err(err) => Err(format!("reading the answer: {err}")),
+                }
+            }
+            Err(err) => Err(format!("request failed: {err}")),
+        };
+        let took = sent.elapsed();
+        let outcome = answer.and_then(|body| {
+            reads.bytes = body.len();
+            check(&body)
+        });
+        if let Err(error) = outcome {
+            reads.errors += 1;
+            reads
+                .first_error
+                .get_or_insert_with(|| format!("{}: {error}", reads.what));
+        }
+        if n >= HISTORY_WARMUPS {
+            reads.latencies.push(took);
+        }
+    }
+    reads.latencies.sort_unstable();
+    reads
+}
+
+/// The outcome of Part G.
+struct History {
+    runs: usize,
+    built_in: Duration,
+    started_in: Duration,
+    disk: DiskSize,
+    /// (label, latencies) of each kind of request.
+    reads: Vec<(String, Reads)>,
+    start_memory: Memory,
+    memory: Memory,
+}
+
+impl History {
+    fn line(&self) -> String {
+        format!(
+            "{} finished runs ({HISTORY_STEPS} steps each, {HISTORY_FUNCTIONS} functions) built \
+             in {} ({:.0} runs/s); data dir {}; baton dev listening after {}; RSS {}",
+            self.runs,
+            secs(self.built_in),
+            self.runs as f64 / self.built_in.as_secs_f64(),
+            self.disk.line(),
+            ms(Some(self.started_in)),
+            mib(self.memory.rss_kb),
+        )
+    }
+
+    /// What went wrong, loudly.
+    fn warning(&self) -> Option<String> {
+        let problems: Vec<String> = self
+            .reads
+            .iter()
+            .filter(|(_, reads)| reads.errors > 0)
+            .map(|(label, reads)| {
+                format!(
+                    "{label}: {} errors, first: {}",
+                    reads.errors,
+                    reads.first_error.as_deref().unwrap_or("?")
+                )
+            })
+            .collect();
+        (!problems.is_empty()).then(|| problems.join("; "))
+    }
+}
+
+// ---- Part H: split deployment on Redis and NATS -----------------------------
+
+#[cfg(all(feature = "redis", feature = "nats"))]
+use split_backends::part_h;
+
+#[cfg(not(all(feature = "redis", feature = "nats")))]
+async fn part_h(_params: &Params, _client: &reqwest::Client) -> Split {
+    let reason = "baton was built without the redis and nats features".to_string();
+    eprintln!("\n*** SKIPPED part H (split): {reason} ***");
+    Split::Skipped(reason)
+}
+
+/// Part H proper: it needs the Redis and NATS backends of the crate.
+#[cfg(all(feature = "redis", feature = "nats"))]
+mod split_backends {
+    use super::*;
+
+    /// Where Part H expects its backends.
+    const REDIS_ADDR: &str = "127.0.0.1:6379";
+    const NATS_ADDR: &str = "127.0.0.1:4222";
+    /// The production keys of Part H's deployments.
+    const SPLIT_SIGNING_KEY: &str =
+        "signkey-bench-5a0c1d2e3f405162738495a6b7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f80";
+    const SPLIT_EVENT_KEY: &str = "bench-split-event-key";
+    /// `--workers` of each executor process (as Part B's single process).
+    const SPLIT_WORKERS: &str = "200";
+    /// The function of `test/ten-steps` in the Node app.
+    const TEN_STEPS_FN: &str = "baton-test-ten-steps";
+
+    pub(super) async fn part_h(params: &Params, client: &reqwest::Client) -> Split {
+        println!(
+            "\n-- part H: split deployment on Redis and NATS, {} runs of test/ten-steps with 1, \
+             then 2 executor processes --",
+            params.split_runs
+        );
+        let reachable = |addr: &str| {
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))
+                .is_ok()
+        };
+        let missing: Vec<String> = [("Redis", REDIS_ADDR), ("NATS", NATS_ADDR)]
+            .into_iter()
+            .filter(|(_, addr)| !reachable(addr))
+            .map(|(name, addr)| format!("{name} at {addr}"))
+            .collect();
+        if !missing.is_empty() {
+            let reason = format!("no {} reachable", missing.join(" and no "));
+            eprintln!("\n*** SKIPPED part H (split): {reason} ***\n");
+            return Split::Skipped(reason);
+        }
+
+        let mut prefixes = Vec::new();
+        let one = {
+            let deployment = SplitDeployment::start(1).await;
+            prefixes.push(deployment.prefix.clone());
+            let runs = split_runs(client, &deployment, params.split_runs, "one").await;
+            println!("1 executor  : {}", runs.line());
+            let url = format!("{}/e/{SPLIT_EVENT_KEY}", deployment.events.url);
+            let duration = Duration::from_secs(params.ingest_secs);
+            println!("ingest through the event-api process (production key, NATS bus):");
+            let ingest_pids = || {
+                let mut pids = vec![("event-api+runner".to_string(), deployment.events.pid())];
+                for name in ["redis-server", "nats-server"] {
+                    pids.extend(process_named(name).map(|pid| (name.to_string(), pid)));
+                }
+                pids
+            };
+            let cpu = CpuMeter::start(ingest_pids());
+            let single = ingest(client, &url, 1, params.concurrency, duration).await;
+            let single_cpu = cpu.line();
+            println!("1/request  : {}; {single_cpu}", single.line());
+            let cpu = CpuMeter::start(ingest_pids());
+            let batched = ingest(client, &url, BATCH, params.concurrency, duration).await;
+            let batched_cpu = cpu.line();
+            println!("{BATCH}/request: {}; {batched_cpu}", batched.line());
+            let memory = Memory::of(deployment.events.pid());
+            println!("event-api + runner RSS after ingest: {}", memory.line());
+            deployment.stop();
+            (runs, (single, single_cpu), (batched, batched_cpu), memory)
+        };
+        split_cleanup(&prefixes[0]).await;
+        let two = {
+            let deployment = SplitDeployment::start(2).await;
+            prefixes.push(deployment.prefix.clone());
+            let runs = split_runs(client, &deployment, params.split_runs, "two").await;
+            println!("2 executors : {}", runs.line());
+            deployment.stop();
+            runs
+        };
+        split_cleanup(&prefixes[1]).await;
+        let (one, single, batched, ingest_memory) = one;
+        Split::Done(Box::new(SplitDone {
+            one,
+            two,
+            single,
+            batched,
+            ingest_memory,
+            prefixes,
+        }))
+    }
+
+    /// `Authorization` for production `/v1` and `/metrics`.
+    fn split_bearer() -> String {
+        format!(
+            "Bearer {}",
+            baton::sdk::hashed_signing_key(SPLIT_SIGNING_KEY).expect("a hex signing key")
+        )
+    }
+
+    fn split_config(prefix: &str) -> String {
+        format!(
+            "[backends]\nstate = \"redis\"\nqueue = \"redis\"\ndata = \"redis\"\nbus = \"nats\"\n\
+             redis_url = \"redis://{REDIS_ADDR}\"\nnats_url = \"nats://{NATS_ADDR}\"\n\
+             redis_prefix = \"{prefix}:\"\nnats_stream = \"{prefix}\"\nnats_subject = \"{prefix}\"\n\
+             [keys]\nsigning_key = \"{SPLIT_SIGNING_KEY}\"\nevent_keys = [\"{SPLIT_EVENT_KEY}\"]\n"
+        )
+    }
+
+    /// `baton serve <services>` with the deployment's config.
+    fn split_serve(dir: &std::path::Path, name: &str, services: &[&str], config: &str) -> Baton {
+        let mut command = vec!["serve".to_string()];
+        command.extend(services.iter().map(|s| s.to_string()));
+        let extra_args = if services.contains(&"executor") {
+            vec!["--workers".into(), SPLIT_WORKERS.into()]
+        } else {
+            Vec::new()
+        };
+        Baton::start_with(
+            &dir.join(name),
+            BatonOptions {
+                command,
+                config: Some(config.to_string()),
+                extra_args,
+                ..BatonOptions::default()
+            },
+        )
+    }
+
+    /// One split deployment under its own Redis prefix and NATS stream.
+    struct SplitDeployment {
+        // Dropped in this order: the app, then the servers, then their folder.
+        app: NodeApp,
+        executors: Vec<Baton>,
+        api: Baton,
+        events: Baton,
+        prefix: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl SplitDeployment {
+        async fn start(executors: usize) -> SplitDeployment {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let prefix = format!("BATON_BENCH_{}", ulid::Ulid::new());
+            println!("deployment with {executors} executor process(es), prefix {prefix}");
+            let config = split_config(&prefix);
+            let events = split_serve(dir.path(), "events", &["event-api", "runner"], &config);
+            let api = split_serve(dir.path(), "api", &["api"], &config);
+            let executors: Vec<Baton> = (0..executors)
+                .map(|n| split_serve(dir.path(), &format!("exec-{n}"), &["executor"], &config))
+                .collect();
+            println!(
+                "  event-api + runner at {} (pid {}), api at {} (pid {}), executors {}",
+                events.url,
+                events.pid(),
+                api.url,
+                api.pid(),
+                executors
+                    .iter()
+                    .map(|e| format!("{} (pid {})", e.url, e.pid()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let app = NodeApp::launch(
+                support::Sdk::Node,
+                &api.url,
+                support::free_port(),
+                &[
+                    ("INNGEST_SIGNING_KEY", SPLIT_SIGNING_KEY),
+                    ("INNGEST_EVENT_KEY", SPLIT_EVENT_KEY),
+                    ("INNGEST_EVENT_API_BASE_URL", events.url.as_str()),
+                ],
+            );
+            let response = support::client()
+                .post(format!("{}/v1/apps/sync", api.url))
+                .header("authorization", split_bearer())
+                .body(json!({ "url": app.url }).to_string())
+                .send()
+                .await
+                .expect("POST /v1/apps/sync");
+            let code = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            assert_eq!(code, 200, "syncing the app failed: {body}");
+            println!("  node app (production mode) synced at {}", app.url);
+            SplitDeployment {
+                app,
+                executors,
+                api,
+                events,
+                prefix,
+                _dir: dir,
+            }
+        }
+
+        /// Every baton process, with a label.
+        fn processes(&self) -> Vec<(String, &Baton)> {
+            let mut all = vec![
+                ("event-api+runner".to_string(), &self.events),
+                ("api".to_string(), &self.api),
+            ];
+            for (n, executor) in self.executors.iter().enumerate() {
+                all.push((format!("executor-{}", n + 1), executor));
+            }
+            all
+        }
+
+        /// Kills the app and the servers (the Redis keys and the NATS stream
+        /// stay until [`split_cleanup`]).
+        fn stop(self) {
+            drop(self);
+        }
+    }
+
+    /// Runs of `fn_id` that ended, summed over the `/metrics` of `urls`
+    /// (`baton_runs_finished_total`), as (completed, other endings); None when
+    /// a process did not answer.
+    async fn finished_runs(
+        client: &reqwest::Client,
+        urls: &[String],
+        fn_id: &str,
+    ) -> Option<(u64, u64)> {
+        let function = format!("function=\"{fn_id}\"");
+        let mut completed = 0;
+        let mut other = 0;
+        for url in urls {
+            let response = client
+                .get(format!("{url}/metrics"))
+                .header("authorization", split_bearer())
+                .send()
+                .await
+                .ok()?;
+            if !response.status().is_success() {
+                return None;
+            }
+            let text = response.text().await.ok()?;
+            for line in text.lines() {
+                if !line.starts_with("baton_runs_finished_total{") || !line.contains(&function) {
+                    continue;
+                }
+                let value = line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0) as u64;
+                if line.contains("status=\"Completed\"") {
+                    completed += value;
+                } else {
+                    other += value;
+                }
+            }
+        }
+        Some((completed, other))
+    }
+
+    /// Sends `runs` events `test/ten-steps` to the deployment and waits for all
+    /// of their runs to end.
+    async fn split_runs(
+        client: &reqwest::Client,
+        deployment: &SplitDeployment,
+        runs: usize,
+        tag: &str,
+    ) -> SplitRuns {
+        let executors = deployment.executors.len();
+        let bearer = split_bearer();
+        let urls: Vec<String> = deployment
+            .processes()
+            .iter()
+            .map(|(_, baton)| baton.url.clone())
+            .collect();
+        let before = finished_runs(client, &urls, TEN_STEPS_FN)
+            .await
+            .expect("/metrics of every process");
+        let events: Vec<Value> = (0..runs)
+            .map(|i| json!({"name": "test/ten-steps", "data": {"key": format!("{tag}-{i}")}}))
+            .collect();
+        let bodies = batch_bodies(&events, BATCH);
+        let url = format!("{}/e/{SPLIT_EVENT_KEY}", deployment.events.url);
+
+        let mut pids: Vec<(String, u32)> = deployment
+            .processes()
+            .iter()
+            .map(|(label, baton)| (label.clone(), baton.pid()))
+            .collect();
+        pids.extend(node_child().map(|pid| ("node app".to_string(), pid)));
+        for name in ["redis-server", "nats-server"] {
+            pids.extend(process_named(name).map(|pid| (name.to_string(), pid)));
+        }
+        let cpu = CpuMeter::start(pids);
+        let started = Instant::now();
+        let (ids, send_errors) = send_all(client, &url, bodies).await;
+        let sent_in = started.elapsed();
+        let sent = ids.iter().flatten().count() as u64;
+        println!("  sent {sent} events in {}", ms(Some(sent_in)));
+
+        let deadline = started + PART_DEADLINE;
+        let mut last_print = Instant::now();
+        let mut timed_out = false;
+        let mut ended = (0, 0);
+        let wall = loop {
+            if let Some(now) = finished_runs(client, &urls, TEN_STEPS_FN).await {
+                ended = (now.0 - before.0, now.1 - before.1);
+            }
+            if ended.0 + ended.1 >= sent {
+                break started.elapsed();
+            }
+            if Instant::now() > deadline {
+                timed_out = true;
+                eprintln!("gave up waiting after {}", secs(PART_DEADLINE));
+                break started.elapsed();
+            }
+            if last_print.elapsed() >= Duration::from_secs(1) {
+                last_print = Instant::now();
+                println!(
+                    "  {:>5.1} s: {}/{sent} runs completed, {} ended otherwise",
+                    started.elapsed().as_secs_f64(),
+                    ended.0,
+                    ended.1
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let cpu = cpu.line();
+        println!("  all runs ended after {}; {cpu}", secs(wall));
+        let memory: Vec<(String, Memory)> = deployment
+            .processes()
+            .iter()
+            .map(|(label, baton)| (label.clone(), Memory::of(baton.pid())))
+            .collect();
+
+        // The completed runs as the api process lists them.
+        let mut listed = 0;
+        let mut durations = Vec::with_capacity(runs);
+        let mut cursor: Option<String> = None;
+        let mut list_error = None;
+        loop {
+            let mut page_url = format!(
+                "{}/v1/runs?function_id={TEN_STEPS_FN}&status=Completed&limit={RUNS_PAGE}",
+                deployment.api.url
+            );
+            if let Some(cursor) = &cursor {
+                let _ = write!(page_url, "&cursor={cursor}");
+            }
+            let page = match client
+                .get(&page_url)
+                .header("authorization", &bearer)
+                .send()
+                .await
+            {
+                Ok(response) => response.json::<Value>().await.unwrap_or(Value::Null),
+                Err(error) => {
+                    list_error = Some(format!("GET {page_url}: {error}"));
+                    break;
+                }
+            };
+            let Some(page) = page["data"].as_array().cloned() else {
+                list_error = Some(format!("GET {page_url}: {page}"));
+                break;
+            };
+            for run in &page {
+                listed += 1;
+                if let (Some(begun), Some(ended)) =
+                    (rfc3339(&run["run_started_at"]), rfc3339(&run["ended_at"]))
+                {
+                    durations.push((ended - begun).whole_milliseconds() as i64);
+                }
+            }
+            cursor = page
+                .last()
+                .and_then(|run| run["run_id"].as_str())
+                .map(str::to_string);
+            if page.len() < RUNS_PAGE || cursor.is_none() {
+                break;
+            }
+        }
+        if let Some(error) = &list_error {
+            eprintln!("listing the runs failed: {error}");
+        }
+        durations.sort_unstable();
+
+        // Each step body of each run ran once (none lost, none repeated).
+        let counters = deployment.app.counters().await;
+        let mut repeated = 0;
+        let mut missing = 0;
+        for (i, id) in ids.iter().enumerate() {
+            if id.is_none() {
+                continue;
+            }
+            for step in 1..=STEPS_PER_RUN {
+                match counters[format!("ten-steps:s{step}:{tag}-{i}")].as_u64() {
+                    Some(1) => {}
+                    Some(0) | None => missing += 1,
+                    Some(_) => repeated += 1,
+                }
+            }
+        }
+        SplitRuns {
+            executors,
+            runs,
+            sent,
+            send_errors,
+            sent_in,
+            wall,
+            timed_out,
+            completed: ended.0,
+            not_completed: ended.1,
+            listed,
+            list_error,
+            durations_ms: durations,
+            repeated_steps: repeated,
+            missing_steps: missing,
+            cpu,
+            memory,
+        }
+    }
+
+    /// Deletes a deployment's Redis keys (`<prefix>:*`) and NATS stream.
+    async fn split_cleanup(prefix: &str) {
+        let mut deleted = 0usize;
+        let mut failure = None;
+        match redis::Client::open(format!("redis://{REDIS_ADDR}")) {
+            Ok(redis_client) => match redis_client.get_multiplexed_async_connection().await {
+                Ok(mut conn) => {
+                    let mut cursor: u64 = 0;
+                    loop {
+                        let scanned: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(format!("{prefix}:*"))
+                            .arg("COUNT")
+                            .arg(1000)
+                            .query_async(&mut conn)
+                            .await;
+                        let (next, keys) = match scanned {
+                            Ok(scanned) => scanned,
+                            Err(error) => {
+                                failure = Some(format!("SCAN: {error}"));
+                                break;
+                            }
+                        };
+                        if !keys.is_empty() {
+                            let removed: Result<usize, _> =
+                                redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+                            match removed {
+                                Ok(n) => deleted += n,
+                                Err(error) => failure = Some(format!("DEL: {error}")),
+                            }
+                        }
+                        cursor = next;
+                        if cursor == 0 {
+                            break;
+                        }
+                    }
+                }
+                Err(error) => failure = Some(format!("connecting: {error}")),
+            },
+            Err(error) => failure = Some(format!("{error}")),
+        }
+        let stream = match baton::store::nats::NatsBus::connect(
+            &format!("nats://{NATS_ADDR}"),
+            prefix,
+            prefix,
+        )
+        .await
+        {
+            Ok(bus) => match bus.delete_stream().await {
+                Ok(()) => "deleted".to_string(),
+                Err(error) => format!("NOT deleted: {error}"),
+            },
+            Err(error) => format!("NOT deleted (connecting: {error})"),
+        };
+        match failure {
+            None => {
+                println!("cleanup of {prefix}: {deleted} Redis keys deleted, NATS stream {stream}")
+            }
+            Some(error) => eprintln!(
+                "*** cleanup of {prefix}: Redis keys NOT all deleted ({error}; {deleted} deleted), \
+                 NATS stream {stream} ***"
+            ),
+        }
+    }
+
+    /// The first process (lowest pid) whose command is `name`, e.g. the Redis
+    /// server, to read its CPU time.
+    fn process_named(name: &str) -> Option<u32> {
+        let wanted = format!("({name})");
+        std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|text| text.contains(&wanted))
+            })
+            .min()
+    }
+
+    /// CPU time of several processes since [`CpuMeter::start`].
+    struct CpuMeter {
+        processes: Vec<(String, u32, Option<Duration>)>,
+        started: Instant,
+    }
+
+    impl CpuMeter {
+        fn start(pids: Vec<(String, u32)>) -> CpuMeter {
+            CpuMeter {
+                processes: pids
+                    .into_iter()
+                    .map(|(label, pid)| (label, pid, cpu_time(pid)))
+                    .collect(),
+                started: Instant::now(),
+            }
+        }
+
+        fn line(&self) -> String {
+            let wall = self.started.elapsed().as_secs_f64();
+            let each: Vec<String> = self
+                .processes
+                .iter()
+                .map(|(label, pid, start)| match (cpu_time(*pid), start) {
+                    (Some(end), Some(start)) => {
+                        let used = end.saturating_sub(*start).as_secs_f64();
+                        format!("{label} {used:.1} s ({:.0}%)", 100.0 * used / wall)
+                    }
+                    _ => format!("{label} n/a"),
+                })
+                .collect();
+            format!("CPU over {wall:.1} s: {}", each.join(", "))
+        }
+    }
+}
+
+/// One measured load of Part H.
+struct SplitRuns {
+    executors: usize,
+    runs: usize,
+    sent: u64,
+    send_errors: usize,
+    sent_in: Duration,
+    /// From the first send until every run had ended.
+    wall: Duration,
+    timed_out: bool,
+    /// Runs ended, by the processes' `/metrics`.
+    completed: u64,
+    not_completed: u64,
+    /// Completed runs `/v1/runs` lists, and why listing stopped early.
+    listed: usize,
+    list_error: Option<String>,
+    /// Each listed run's `ended_at - run_started_at`, ms, sorted.
+    durations_ms: Vec<i64>,
+    /// Step bodies that ran more than once, or never, by the app's counters.
+    repeated_steps: usize,
+    missing_steps: usize,
+    cpu: String,
+    memory: Vec<(String, Memory)>,
+}
+
+impl SplitRuns {
+    fn line(&self) -> String {
+        let secs_f = self.wall.as_secs_f64();
+        let mut line = format!(
+            "{} runs in {} = {:.1} runs/s, {:.0} steps/s; run first call to end p50 {}, p99 {}",
+            self.completed,
+            secs(self.wall),
+            self.completed as f64 / secs_f,
+            (self.completed * STEPS_PER_RUN) as f64 / secs_f,
+            millis(percentile(&self.durations_ms, 0.50)),
+            millis(percentile(&self.durations_ms, 0.99)),
+        );
+        if let Some(warning) = self.warning() {
+            let _ = write!(line, "; {warning}");
+        }
+        line
+    }
+
+    fn details(&self) -> String {
+        let rss: Vec<String> = self
+            .memory
+            .iter()
+            .map(|(label, memory)| format!("{label} {}", mib(memory.rss_kb)))
+            .collect();
+        format!(
+            "sent in {}; {} completed runs listed by the api process; step bodies run twice \
+             {}, never {}; RSS {}; {}",
+            ms(Some(self.sent_in)),
+            self.listed,
+            self.repeated_steps,
+            self.missing_steps,
+            rss.join(", "),
+            self.cpu,
+        )
+    }
+
+    /// What went wrong, loudly.
+    fn warning(&self) -> Option<String> {
+        let mut problems = Vec::new();
+        if self.timed_out {
+            problems.push("TIMED OUT".to_string());
+        }
+        if self.send_errors > 0 || self.sent != self.runs as u64 {
+            problems.push(format!(
+                "{} of {} events sent ({} failed requests)",
+                self.sent, self.runs, self.send_errors
+            ));
+        }
+        if self.completed != self.sent || self.not_completed > 0 {
+            problems.push(format!(
+                "{} of {} runs completed, {} ended otherwise",
+                self.completed, self.sent, self.not_completed
+            ));
+        }
+        if self.listed as u64 != self.completed {
+            problems.push(format!(
+                "/v1/runs lists {} completed runs, /metrics counts {}{}",
+                self.listed,
+                self.completed,
+                self.list_error
+                    .as_ref()
+                    .map_or(String::new(), |error| format!(" ({error})")),
+            ));
+        }
+        if self.repeated_steps > 0 || self.missing_steps > 0 {
+            problems.push(format!(
+                "{} step bodies ran more than once, {} never",
+                self.repeated_steps, self.missing_steps
+            ));
+        }
+        (!problems.is_empty()).then(|| problems.join("; "))
+    }
+}
+
+/// The outcome of Part H.
+enum Split {
+    Skipped(String),
+    #[cfg_attr(not(all(feature = "redis", feature = "nats")), allow(dead_code))]
+    Done(Box<SplitDone>),
+}
+
+/// Part H's measurements, when it ran.
+struct SplitDone {
+    one: SplitRuns,
+    two: SplitRuns,
+    /// Each ingest phase with the CPU it took.
+    single: (Ingest, String),
+    batched: (Ingest, String),
+    ingest_memory: Memory,
+    prefixes: Vec<String>,
+}
+
+impl Split {
+    fn lines(&self) -> Vec<String> {
+        let done = match self {
+            Split::Skipped(reason) => {
+                return vec![format!("split             : *** SKIPPED: {reason} ***")]
+            }
+            Split::Done(done) => done,
+        };
+        let mut lines = Vec::new();
+        for runs in [&done.one, &done.two] {
+            let label = if runs.executors == 1 {
+                "split 1 executor".to_string()
+            } else {
+                format!("split {} executors", runs.executors)
+            };
+            lines.push(format!("{label:<18}: {}", runs.line()));
+            lines.push(format!("{:<18}: {}", "  details", runs.details()));
+        }
+        let rate = |runs: &SplitRuns| runs.completed as f64 / runs.wall.as_secs_f64();
+        lines.push(format!(
+            "split 2 vs 1 exec.: {:.2}x the runs/s",
+            rate(&done.two) / rate(&done.one)
+        ));
+        for (label, (ingest, cpu)) in [
+            ("split ingest 1/req".to_string(), &done.single),
+            (format!("split ingest {BATCH}/r"), &done.batched),
+        ] {
+            lines.push(format!("{label}: {}", ingest.line()));
+            lines.push(format!("{:<18}: {cpu}", "  details"));
+        }
+        lines.push(format!(
+            "split RSS ingest  : event-api + runner {}; prefixes {} cleaned up",
+            done.ingest_memory.line(),
+            done.prefixes.join(", ")
+        ));
+        lines
     }
 }
 

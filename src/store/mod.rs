@@ -106,11 +106,15 @@ pub enum SaveStep {
     RunEnded,
 }
 
-/// Runs and their step results. Writes are durable when they return.
+/// Runs and their step results. Writes are durable when they return
+/// (`create_run` excepted, see there).
 #[async_trait::async_trait]
 pub trait StateStore: Send + Sync + 'static {
     /// Creates `run` unless a run of the same function with the same
-    /// `idempotency_key` exists, in which case that one is returned.
+    /// `idempotency_key` exists, in which case that one is returned. Unlike
+    /// the other writes it need not be durable on return: the event that
+    /// starts a run stays pending until the runner marks it processed
+    /// afterwards, and a run lost before that is created again.
     async fn create_run(&self, run: RunRecord) -> StoreResult<CreateRun>;
 
     async fn load_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;

@@ -147,7 +147,10 @@ impl StateStore for SledStateStore {
             }
             self.tree.apply_batch(batch).map_err(sled_error)?;
         }
-        self.commit.flush().await?;
+        // No flush: the event that starts a run stays pending until the
+        // runner marks it processed, which comes later in the same log, so
+        // a crash that loses this run also loses that mark and the event is
+        // processed again (and creation is idempotent).
         Ok(CreateRun::Created(run))
     }
 
