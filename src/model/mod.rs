@@ -239,6 +239,13 @@ pub enum ItemKind {
     BatchTimer { key: String, batch_id: String },
 }
 
+/// The partition of a function's items that call no app (wake-ups,
+/// timeouts, resumes, timers): apart from its calls, so a call waiting for
+/// a concurrency slot never holds them up.
+pub fn timer_partition(fn_id: &str) -> String {
+    format!("{fn_id}\u{1e}timers")
+}
+
 impl QueueItem {
     pub fn discovery(run_id: &str, fn_id: &str, seq: u32) -> QueueItem {
         QueueItem {
@@ -294,7 +301,7 @@ impl QueueItem {
                 invoke: pause.kind == PauseKind::Invoke,
                 memo,
             },
-            partition: pause.fn_id.clone(),
+            partition: timer_partition(&pause.fn_id),
             limits: Vec::new(),
             priority_ms: 0,
         }
@@ -308,7 +315,7 @@ impl QueueItem {
             kind: ItemKind::PauseTimeout {
                 pause_id: pause_id.to_string(),
             },
-            partition: fn_id.to_string(),
+            partition: timer_partition(fn_id),
             limits: Vec::new(),
             priority_ms: 0,
         }
@@ -320,7 +327,7 @@ impl QueueItem {
             run_id: run_id.to_string(),
             fn_id: fn_id.to_string(),
             kind: ItemKind::StartTimeout,
-            partition: fn_id.to_string(),
+            partition: timer_partition(fn_id),
             limits: Vec::new(),
             priority_ms: 0,
         }
@@ -332,7 +339,7 @@ impl QueueItem {
             run_id: run_id.to_string(),
             fn_id: fn_id.to_string(),
             kind: ItemKind::FinishTimeout,
-            partition: fn_id.to_string(),
+            partition: timer_partition(fn_id),
             limits: Vec::new(),
             priority_ms: 0,
         }
@@ -347,7 +354,7 @@ impl QueueItem {
                 key: key.to_string(),
                 generation,
             },
-            partition: fn_id.to_string(),
+            partition: timer_partition(fn_id),
             limits: Vec::new(),
             priority_ms: 0,
         }
@@ -362,7 +369,7 @@ impl QueueItem {
                 key: key.to_string(),
                 batch_id: batch_id.to_string(),
             },
-            partition: fn_id.to_string(),
+            partition: timer_partition(fn_id),
             limits: Vec::new(),
             priority_ms: 0,
         }
@@ -377,7 +384,7 @@ impl QueueItem {
                 step_id: step_id.to_string(),
                 name: name.to_string(),
             },
-            partition: fn_id.to_string(),
+            partition: timer_partition(fn_id),
             limits: Vec::new(),
             priority_ms: 0,
         }

@@ -443,3 +443,29 @@ async fn node_server_side_steps_timeouts_and_large_state() {
     let message = run["output"]["message"].as_str().unwrap();
     assert!(message.contains("limit is 4194304"), "{message}");
 }
+
+/// `timeouts.start`: a run still queued after it (here, waiting for a
+/// concurrency slot) is cancelled and never runs.
+#[tokio::test]
+async fn node_start_timeout_cancels_a_run_queued_too_long() {
+    let (_dir, baton, app) = start(Sdk::Node, &[]).await;
+    let first = send_event(&baton, "test/start-timeout", json!({"key": "first"})).await;
+    eventually(TIMEOUT, "the first run to start", || async {
+        let counters = app.counters().await;
+        (counters["start-timeout:work:first"] == 1).then_some(())
+    })
+    .await;
+    let second = send_event(&baton, "test/start-timeout", json!({"key": "second"})).await;
+    let run = finished_run(&baton, &second, TIMEOUT).await;
+    assert_eq!(run["status"], "Cancelled", "{run}");
+    assert_eq!(
+        finished_run(&baton, &first, TIMEOUT).await["status"],
+        "Completed"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(app
+        .counters()
+        .await
+        .get("start-timeout:work:second")
+        .is_none());
+}

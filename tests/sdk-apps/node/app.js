@@ -618,7 +618,23 @@ const fiveSteps = inngest.createFunction(
   },
 );
 
+const startTimeout = inngest.createFunction(
+  {
+    id: "start-timeout",
+    triggers: [{ event: "test/start-timeout" }],
+    concurrency: { limit: 1 },
+    timeouts: { start: "1s" },
+  },
+  async ({ event, step }) =>
+    step.run("work", async () => {
+      bump("start-timeout", "work", event);
+      await sleepMs(2500);
+      return "worked";
+    }),
+);
+
 const functions = [
+  startTimeout,
   fiveSteps,
   limited,
   keyedLimit,
