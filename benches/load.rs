@@ -2198,8 +2198,10 @@ impl Fairness {
 const HISTORY_FUNCTIONS: usize = 10;
 /// Step results saved per history run.
 const HISTORY_STEPS: usize = 3;
-/// Runs written at once while building (their flushes are shared).
+/// Runs written at once while building (their flushes are shared), by
+/// this many tasks.
 const HISTORY_PARALLEL: usize = 256;
+const HISTORY_TASKS: usize = 4;
 /// Events per `put_events` while building, and such writes at once.
 const HISTORY_EVENT_CHUNK: usize = 1_000;
 const HISTORY_EVENT_PARALLEL: usize = 8;
@@ -2416,9 +2418,7 @@ async fn build_history(
     data_dir: &std::path::Path,
     runs: usize,
 ) -> (Vec<String>, String, Duration, u64) {
-    use baton::clock::Timestamp;
-    use baton::model::{EventRecord, RunRecord, RunStatus, StepKind, StepRecord};
-    use baton::store::{CreateRun, SaveStep};
+    use baton::model::EventRecord;
     use sha1::Digest as _;
 
     let started = Instant::now();
@@ -2428,7 +2428,7 @@ async fn build_history(
     // by its event received at `at(i)`.
     let now = OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000;
     let first = now - 60_000 - runs as i64 * HISTORY_SPACING_MS;
-    let at = |i: usize| first + i as i64 * HISTORY_SPACING_MS;
+    let at = move |i: usize| first + i as i64 * HISTORY_SPACING_MS;
     let event_ids: Vec<String> = (0..runs)
         .map(|i| ulid::Ulid::from_parts(at(i) as u64, rand::random()).to_string())
         .collect();
@@ -2439,7 +2439,8 @@ async fn build_history(
         .map(|k| hex::encode(sha1::Sha1::digest(format!("s{k}").as_bytes())))
         .collect();
 
-    // The events, stored and marked processed (so the runner leaves them).
+    // The events, stored pending as the event API stores them; marked
+    // processed once their runs exist, as the runner does.
     let indices: Vec<usize> = (0..runs).collect();
     futures::stream::iter(indices.chunks(HISTORY_EVENT_CHUNK))
         .map(|chunk| {
@@ -2455,11 +2456,7 @@ async fn build_history(
                     target_fn: None,
                 })
                 .collect();
-            let ids: Vec<String> = chunk.iter().map(|&i| event_ids[i].clone()).collect();
-            async move {
-                data.put_events(&events).await.expect("put_events");
-                data.mark_processed(&ids).await.expect("mark_processed");
-            }
+            async move { data.put_events(&events).await.expect("put_events") }
         })
         .buffer_unordered(HISTORY_EVENT_PARALLEL)
         .collect::<Vec<()>>()
@@ -2469,78 +2466,52 @@ async fn build_history(
         started.elapsed().as_secs_f64()
     );
 
-    // The runs: created queued (a run that has ended takes no steps), three
-    // steps saved, then finished as completed.
-    let done = std::sync::atomic::AtomicUsize::new(0);
-    futures::stream::iter(0..runs)
-        .map(|i| {
-            let state = backends.state.clone();
-            let (run_id, event_id, step_ids, done) = (&run_ids[i], &event_ids[i], &step_ids, &done);
-            async move {
-                let created = at(i) + 1;
-                let run = RunRecord {
-                    id: run_id.clone(),
-                    fn_id: history_fn(i),
-                    fn_version: 1,
-                    app_id: "bench-history".into(),
-                    idempotency_key: event_id.clone(),
-                    event_ids: vec![event_id.clone()],
-                    events: vec![history_payload(i, event_id, at(i))],
-                    status: RunStatus::Queued,
-                    created_at: created,
-                    started_at: None,
-                    ended_at: None,
-                    output: None,
-                    stack: Vec::new(),
-                    request_version: -1,
-                    max_attempts: 4,
-                    force_plan: false,
-                    planned: Vec::new(),
-                    correlation_id: None,
-                    state_bytes: 0,
-                    concurrency: Vec::new(),
-                    priority_ms: 0,
-                    skip_reason: None,
-                    delayed_by: None,
-                };
-                match state.create_run(run).await.expect("create_run") {
-                    CreateRun::Created(_) => {}
-                    CreateRun::Exists(other) => panic!("run {run_id} exists already: {other:?}"),
-                }
-                for (k, step_id) in step_ids.iter().enumerate() {
-                    let step = StepRecord {
-                        id: step_id.clone(),
-                        name: format!("s{}", k + 1),
-                        kind: StepKind::Run,
-                        memo: json!({"data": k + 1}).to_string(),
-                        saved_at: created + 1 + k as i64,
-                        attempts: 1,
-                    };
-                    let saved = state.save_step(run_id, step).await.expect("save_step");
-                    assert!(
-                        matches!(saved, SaveStep::Saved { .. }),
-                        "save_step of run {run_id}: {saved:?}"
-                    );
-                }
-                let output = Some(json!({"done": HISTORY_STEPS}).to_string());
-                let end = Timestamp(created + 1 + HISTORY_STEPS as i64);
-                let finished = state
-                    .finish_run(run_id, RunStatus::Completed, output, end)
-                    .await
-                    .expect("finish_run");
-                assert!(finished, "run {run_id} had ended already");
-                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if n % (runs / 10).max(1) == 0 {
-                    println!(
-                        "  {:>5.1} s: {n}/{runs} runs written",
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-            }
+    // The runs, spread over tasks so that more than one core writes.
+    let ids = Arc::new((run_ids, event_ids, step_ids));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..HISTORY_TASKS)
+        .map(|task| {
+            let (state, ids, done) = (backends.state.clone(), ids.clone(), done.clone());
+            tokio::spawn(async move {
+                let (run_ids, event_ids, step_ids) = &*ids;
+                futures::stream::iter((task..runs).step_by(HISTORY_TASKS))
+                    .map(|i| {
+                        let state = state.as_ref();
+                        let (run_id, event_id) = (&run_ids[i], &event_ids[i]);
+                        write_history_run(state, i, run_id, event_id, step_ids, at(i))
+                    })
+                    .buffer_unordered(HISTORY_PARALLEL / HISTORY_TASKS)
+                    .for_each(|()| {
+                        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n % (runs / 10).max(1) == 0 {
+                            println!(
+                                "  {:>5.1} s: {n}/{runs} runs written",
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                        futures::future::ready(())
+                    })
+                    .await;
+            })
         })
-        .buffer_unordered(HISTORY_PARALLEL)
-        .collect::<Vec<()>>()
-        .await;
+        .collect();
+    for task in tasks {
+        task.await.expect("a task writing history runs");
+    }
+    let (run_ids, event_ids, _) = Arc::try_unwrap(ids).unwrap_or_else(|_| unreachable!());
+    for chunk in event_ids.chunks(HISTORY_EVENT_CHUNK) {
+        backends
+            .data
+            .mark_processed(chunk)
+            .await
+            .expect("mark_processed");
+    }
+    let pending = backends
+        .data
+        .pending_events(1)
+        .await
+        .expect("pending_events");
+    assert!(pending.is_empty(), "events left pending: {pending:?}");
     db.flush().await.expect("flushing sled");
     let size = db.size_on_disk();
     let built_in = started.elapsed();
@@ -2549,6 +2520,75 @@ async fn build_history(
     drop(db);
     let newest_event = event_ids.last().cloned().unwrap_or_default();
     (run_ids, newest_event, built_in, size)
+}
+
+/// Writes history run `i` as the executor would have: created queued by
+/// its event received at `at` (a run that has ended takes no steps), three
+/// steps saved, then finished as completed.
+async fn write_history_run(
+    state: &dyn baton::store::StateStore,
+    i: usize,
+    run_id: &str,
+    event_id: &str,
+    step_ids: &[String],
+    at: i64,
+) {
+    use baton::clock::Timestamp;
+    use baton::model::{RunRecord, RunStatus, StepKind, StepRecord};
+    use baton::store::{CreateRun, SaveStep};
+
+    let created = at + 1;
+    let run = RunRecord {
+        id: run_id.to_string(),
+        fn_id: history_fn(i),
+        fn_version: 1,
+        app_id: "bench-history".into(),
+        idempotency_key: event_id.to_string(),
+        event_ids: vec![event_id.to_string()],
+        events: vec![history_payload(i, event_id, at)],
+        status: RunStatus::Queued,
+        created_at: created,
+        started_at: None,
+        ended_at: None,
+        output: None,
+        stack: Vec::new(),
+        request_version: -1,
+        max_attempts: 4,
+        force_plan: false,
+        planned: Vec::new(),
+        correlation_id: None,
+        state_bytes: 0,
+        concurrency: Vec::new(),
+        priority_ms: 0,
+        skip_reason: None,
+        delayed_by: None,
+    };
+    match state.create_run(run).await.expect("create_run") {
+        CreateRun::Created(_) => {}
+        CreateRun::Exists(other) => panic!("run {run_id} exists already: {other:?}"),
+    }
+    for (k, step_id) in step_ids.iter().enumerate() {
+        let step = StepRecord {
+            id: step_id.clone(),
+            name: format!("s{}", k + 1),
+            kind: StepKind::Run,
+            memo: json!({"data": k + 1}).to_string(),
+            saved_at: created + 1 + k as i64,
+            attempts: 1,
+        };
+        let saved = state.save_step(run_id, step).await.expect("save_step");
+        assert!(
+            matches!(saved, SaveStep::Saved { .. }),
+            "save_step of run {run_id}: {saved:?}"
+        );
+    }
+    let output = Some(json!({"done": HISTORY_STEPS}).to_string());
+    let end = Timestamp(created + 1 + HISTORY_STEPS as i64);
+    let finished = state
+        .finish_run(run_id, RunStatus::Completed, output, end)
+        .await
+        .expect("finish_run");
+    assert!(finished, "run {run_id} had ended already");
 }
 
 /// A data dir's size: bytes allocated on disk (as `du`) and apparent.
