@@ -1,6 +1,7 @@
 //! [`StateStore`] on sled. Keys in the `state` tree:
 //! `r/<run>` run record, `k/<fn>\0<idempotency key>` run id,
-//! `s/<run>/<step>` step record, `e/<event>/<run>` runs by event;
+//! `s/<run>/<step>` step record, `e/<event>/<run>` runs by event,
+//! `bf/<fn>/<run>` runs by function;
 //! pauses: `pa/<pause>` record, `pe/<event name>\0<pause>` by event name,
 //! `pr/<run>/<pause>` by run, `pc/<correlation id>` pause id; pauses with a
 //! match key are indexed as `pm/<name>\0<path>\0<value>\0<pause>` instead
@@ -142,6 +143,7 @@ impl StateStore for SledStateStore {
             let mut batch = sled::Batch::default();
             batch.insert(idem, run.id.as_bytes());
             batch.insert(key(&[b"r", run.id.as_bytes()]), run.to_bytes());
+            batch.insert(key(&[b"bf", run.fn_id.as_bytes(), run.id.as_bytes()]), &[]);
             for event_id in &run.event_ids {
                 batch.insert(key(&[b"e", event_id.as_bytes(), run.id.as_bytes()]), &[]);
             }
@@ -580,15 +582,42 @@ impl StateStore for SledStateStore {
         fn_id: Option<&str>,
         status: Option<RunStatus>,
     ) -> StoreResult<Vec<RunRecord>> {
+        let mut runs = Vec::new();
+        if let Some(fn_id) = fn_id {
+            // The function's own index: only its runs are read.
+            let start = key(&[b"bf", fn_id.as_bytes(), b""]);
+            let end = match before {
+                Some(id) => key(&[b"bf", fn_id.as_bytes(), id.as_bytes()]),
+                None => {
+                    let mut end = key(&[b"bf", fn_id.as_bytes()]);
+                    end.push(b'0'); // just past every "bf/<fn>/..." key
+                    end
+                }
+            };
+            for entry in self.tree.range(start.clone()..end).rev() {
+                let (entry_key, _) = entry.map_err(sled_error)?;
+                let run_id = String::from_utf8_lossy(&entry_key[start.len()..]).to_string();
+                let Some(run) = self.get_run(&run_id)? else {
+                    continue;
+                };
+                if status.is_some_and(|s| s != run.status) {
+                    continue;
+                }
+                runs.push(run);
+                if runs.len() >= limit {
+                    break;
+                }
+            }
+            return Ok(runs);
+        }
         let end = match before {
             Some(id) => key(&[b"r", id.as_bytes()]),
             None => b"r0".to_vec(), // just past every "r/..." key
         };
-        let mut runs = Vec::new();
         for entry in self.tree.range(b"r/".to_vec()..end).rev() {
             let (_, bytes) = entry.map_err(sled_error)?;
             let run = RunRecord::from_bytes(&bytes)?;
-            if fn_id.is_some_and(|f| f != run.fn_id) || status.is_some_and(|s| s != run.status) {
+            if status.is_some_and(|s| s != run.status) {
                 continue;
             }
             runs.push(run);
@@ -618,6 +647,7 @@ impl StateStore for SledStateStore {
             let _guard = self.lock();
             let mut batch = sled::Batch::default();
             batch.remove(key(&[b"r", run.id.as_bytes()]));
+            batch.remove(key(&[b"bf", run.fn_id.as_bytes(), run.id.as_bytes()]));
             batch.remove(idempotency_key(&run.fn_id, &run.idempotency_key));
             for event_id in &run.event_ids {
                 batch.remove(key(&[b"e", event_id.as_bytes(), run.id.as_bytes()]));
