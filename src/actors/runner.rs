@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use futures::future::LocalBoxFuture;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -364,11 +364,59 @@ fn cron_event(fn_id: &str, cron: &str, tick: Timestamp, now: Timestamp) -> Event
     )
 }
 
+/// Events waiting for their runs, in one lane per event name, so that a
+/// burst of one kind of event does not hold up the others: batches take
+/// from every lane in turn. Events stay pending in the data store until
+/// processed, so nothing here needs to survive a crash.
+#[derive(Default)]
+struct Lanes {
+    lanes: HashMap<String, std::collections::VecDeque<EventRecord>>,
+    /// Lane names in round-robin order.
+    order: std::collections::VecDeque<String>,
+    len: usize,
+}
+
+impl Lanes {
+    fn push(&mut self, event: EventRecord) {
+        let lane = self.lanes.entry(event.name.clone()).or_default();
+        if lane.is_empty() {
+            self.order.push_back(event.name.clone());
+        }
+        lane.push_back(event);
+        self.len += 1;
+    }
+
+    /// Up to `max` events, a fair share from each lane.
+    fn take_batch(&mut self, max: usize) -> Vec<EventRecord> {
+        let mut batch = Vec::with_capacity(max.min(self.len));
+        let share = (max / self.order.len().max(1)).max(8);
+        while batch.len() < max {
+            let Some(name) = self.order.pop_front() else {
+                break;
+            };
+            let lane = self.lanes.get_mut(&name).expect("lanes in the order exist");
+            for _ in 0..share.min(max - batch.len()) {
+                match lane.pop_front() {
+                    Some(event) => batch.push(event),
+                    None => break,
+                }
+            }
+            if lane.is_empty() {
+                self.lanes.remove(&name);
+            } else {
+                self.order.push_back(name);
+            }
+        }
+        self.len -= batch.len();
+        batch
+    }
+}
+
 async fn run_loop(matcher: Rc<Matcher>) -> String {
     // Subscribe first: an event published during catch-up is then seen
     // twice at worst, and run creation is idempotent.
     let mut stream = match matcher.backends.bus.subscribe("runner").await {
-        Ok(stream) => stream.ready_chunks(BATCH),
+        Ok(stream) => stream,
         Err(err) => return format!("cannot subscribe to the event bus: {err}"),
     };
     match matcher.catch_up().await {
@@ -376,13 +424,25 @@ async fn run_loop(matcher: Rc<Matcher>) -> String {
         Ok(count) => info!(events = count, "runner caught up on pending events"),
         Err(err) => return format!("cannot catch up on pending events: {err}"),
     }
-    while let Some(events) = stream.next().await {
-        if let Err(err) = matcher.handle_batch(events).await {
+    let mut lanes = Lanes::default();
+    loop {
+        if lanes.len == 0 {
+            match stream.next().await {
+                Some(event) => lanes.push(event),
+                None => return "the event bus closed".to_string(),
+            }
+        }
+        // Read ahead everything already delivered, so that a later event
+        // of another kind gets its turn before an earlier burst is done.
+        while let Some(Some(event)) = stream.next().now_or_never() {
+            lanes.push(event);
+        }
+        let batch = lanes.take_batch(BATCH);
+        if let Err(err) = matcher.handle_batch(batch).await {
             warn!(error = %err, "cannot create runs; the events stay pending");
             matcher.status.borrow_mut().last_error = Some(err.to_string());
         }
     }
-    "the event bus closed".to_string()
 }
 
 pub struct Runner {
@@ -422,6 +482,50 @@ impl Actor for Runner {
 #[derive(Message)]
 #[rtype(result = "RunnerStatus")]
 pub struct Observe;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(name: &str, n: usize) -> EventRecord {
+        EventRecord {
+            internal_id: format!("{name}-{n}"),
+            name: name.to_string(),
+            id: format!("{name}-{n}"),
+            received_at: 0,
+            payload: "{}".into(),
+            target_fn: None,
+        }
+    }
+
+    #[test]
+    fn lanes_share_batches_between_event_names() {
+        let mut lanes = Lanes::default();
+        for n in 0..1_000 {
+            lanes.push(event("bulk", n));
+        }
+        lanes.push(event("quick", 0));
+        let batch = lanes.take_batch(64);
+        assert_eq!(batch.len(), 64);
+        assert!(
+            batch.iter().any(|e| e.name == "quick"),
+            "the late event waited for the burst"
+        );
+        // Order within a lane is kept.
+        let bulk: Vec<&str> = batch
+            .iter()
+            .filter(|e| e.name == "bulk")
+            .map(|e| e.id.as_str())
+            .collect();
+        assert_eq!(bulk[..3], ["bulk-0", "bulk-1", "bulk-2"]);
+        let mut total = batch.len();
+        while lanes.len > 0 {
+            total += lanes.take_batch(64).len();
+        }
+        assert_eq!(total, 1_001);
+        assert!(lanes.order.is_empty() && lanes.lanes.is_empty());
+    }
+}
 
 impl Handler<Observe> for Runner {
     type Result = MessageResult<Observe>;
