@@ -483,6 +483,14 @@ impl Actor for Runner {
 #[rtype(result = "RunnerStatus")]
 pub struct Observe;
 
+impl Handler<Observe> for Runner {
+    type Result = MessageResult<Observe>;
+
+    fn handle(&mut self, _: Observe, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.matcher.status.borrow().clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,13 +532,5 @@ mod tests {
         }
         assert_eq!(total, 1_001);
         assert!(lanes.order.is_empty() && lanes.lanes.is_empty());
-    }
-}
-
-impl Handler<Observe> for Runner {
-    type Result = MessageResult<Observe>;
-
-    fn handle(&mut self, _: Observe, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.matcher.status.borrow().clone())
     }
 }
