@@ -442,6 +442,9 @@ async fn run_loop(matcher: Rc<Matcher>) -> String {
             warn!(error = %err, "cannot create runs; the events stay pending");
             matcher.status.borrow_mut().last_error = Some(err.to_string());
         }
+        // The stores may answer without ever suspending (sled): let the
+        // actor's other messages (`Observe`) and timers run between batches.
+        tokio::task::yield_now().await;
     }
 }
 
