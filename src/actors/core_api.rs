@@ -81,8 +81,38 @@ pub fn parse_register(
         synced_at: now_ms,
         checksum,
         function_ids: records.iter().map(|f| f.id.clone()).collect(),
+        last_error: None,
     };
     Ok((app, records))
+}
+
+/// Notes on the app synced from `url` (if Baton knows it) why asking it to
+/// sync failed, for the dashboard.
+async fn record_sync_error(backends: &Backends, url: &str, error: &str) {
+    let url = normalize_url(url);
+    let result: Result<(), StoreError> = async {
+        let Some(mut app) = backends
+            .data
+            .list_apps()
+            .await?
+            .into_iter()
+            .find(|app| app.url == url)
+        else {
+            return Ok(());
+        };
+        let mut functions = Vec::new();
+        for id in &app.function_ids {
+            if let Some(function) = backends.data.get_function(id).await? {
+                functions.push(function);
+            }
+        }
+        app.last_error = Some(error.to_string());
+        backends.data.sync_app(app, functions).await.map(|_| ())
+    }
+    .await;
+    if let Err(err) = result {
+        warn!(error = %err, "cannot record the sync error");
+    }
 }
 
 pub struct CoreApi {
@@ -160,6 +190,7 @@ impl Actor for CoreApi {
             let client = self.client.clone();
             let clock = self.clock.clone();
             let kind = self.server_kind;
+            let backends = self.backends.clone();
             actix_rt::spawn(async move {
                 // The app may start after Baton: keep trying until it answers.
                 let mut delay = Duration::from_millis(250);
@@ -171,6 +202,7 @@ impl Actor for CoreApi {
                         }
                         Err(err) => {
                             warn!(%url, error = %err, "cannot sync app yet; retrying");
+                            record_sync_error(&backends, &url, &err).await;
                             tokio::time::sleep(delay).await;
                             delay = (delay * 2).min(Duration::from_secs(5));
                         }
@@ -232,7 +264,14 @@ impl Handler<SyncUrl> for CoreApi {
         let client = self.client.clone();
         let now = self.clock.now();
         let kind = self.server_kind;
-        Box::pin(async move { client.ping(&url, kind, now).await })
+        let backends = self.backends.clone();
+        Box::pin(async move {
+            let result = client.ping(&url, kind, now).await;
+            if let Err(err) = &result {
+                record_sync_error(&backends, &url, err).await;
+            }
+            result
+        })
     }
 }
 

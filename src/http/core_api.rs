@@ -193,7 +193,8 @@ pub async fn list_apps(state: web::Data<AppState>) -> Result<HttpResponse, ApiEr
         .into_iter()
         .map(|app| {
             json!({"id": app.id, "url": app.url, "sdk": app.sdk, "framework": app.framework,
-                   "synced_at": time(Some(app.synced_at)), "functions": app.function_ids})
+                   "synced_at": time(Some(app.synced_at)), "functions": app.function_ids,
+                   "last_error": app.last_error})
         })
         .collect();
     Ok(wrap(&state, Value::Array(apps)))

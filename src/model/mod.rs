@@ -73,6 +73,8 @@ pub struct AppRecord {
     /// sha256 of the sync request (minus volatile fields), to skip no-op syncs.
     pub checksum: String,
     pub function_ids: Vec<String>,
+    /// Why the last sync Baton asked for failed; cleared by a successful one.
+    pub last_error: Option<String>,
 }
 
 /// One function of an app, as last synced; `version` grows whenever the

@@ -845,6 +845,7 @@ fn app(id: &str, function_ids: &[&str]) -> AppRecord {
         synced_at: 1,
         checksum: String::new(),
         function_ids: function_ids.iter().map(|s| s.to_string()).collect(),
+        last_error: None,
     }
 }
 

@@ -110,6 +110,20 @@ async fn metrics_move_and_replay_makes_a_new_run() {
     assert_eq!(replayed["output"], json!({"sum": 6, "key": "m1"}));
     assert_eq!(runs_of_event(&baton, &id).await.len(), 2);
     assert_eq!(app.counters().await["three-steps:a:m1"], 2);
+
+    // A sync that fails is remembered on the app, for the dashboard.
+    let app_url = app.url.clone();
+    drop(app);
+    let response = client()
+        .post(format!("{}/v1/apps/sync", baton.url))
+        .body(json!({ "url": app_url }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let apps = get_json(&format!("{}/v1/apps", baton.url)).await;
+    let error = apps["data"][0]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("cannot connect"), "{apps}");
 }
 
 #[tokio::test]

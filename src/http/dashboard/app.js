@@ -1470,6 +1470,7 @@ function appCard(app, message, busy, resync) {
         ["Last sync", app.synced_at ? h("span", null, timeEl(app.synced_at, false), " (", timeEl(app.synced_at), ")") : "—"],
         ["Functions", String(functions.length)],
       ].map(([term, value]) => h("div", null, h("dt", null, term), h("dd", null, value)))),
+    app.last_error ? h("p", { class: "form-message error", role: "alert", "data-testid": "app-sync-error" }, `Last sync failed: ${app.last_error}`) : null,
     functions.length ? collapsible(`app:${app.id}:functions`, `Functions (${functions.length})`,
       h("div", { class: "chip-row" }, functions.map((id) =>
         h("a", { class: "chip link", href: `#/runs?function=${enc(id)}`, title: `Runs of ${id}` }, functionName(id)))),
