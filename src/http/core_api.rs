@@ -295,16 +295,21 @@ pub async fn list_runs(
     Ok(wrap(&state, Value::Array(runs)))
 }
 
+/// The run, or a 404 naming it.
+async fn require_run(state: &AppState, run_id: &str) -> Result<RunRecord, ApiError> {
+    state
+        .backends
+        .state
+        .load_run(run_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("run {run_id} not found")))
+}
+
 pub async fn get_run(
     state: web::Data<AppState>,
     run_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let run = state
-        .backends
-        .state
-        .load_run(&run_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("run {run_id} not found")))?;
+    let run = require_run(&state, &run_id).await?;
     let steps = state.backends.state.load_steps(&run.id).await?;
     let mut value = run_json(&run, Some(&steps));
     // What the run waits for: events (waitForEvent), invoked functions, and
@@ -385,16 +390,9 @@ pub async fn cancel_run(
     run_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = run_id.into_inner();
-    if state.backends.state.load_run(&run_id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("run {run_id} not found")));
-    }
+    require_run(&state, &run_id).await?;
     core(&state)?.send(CancelRun(run_id.clone())).await??;
-    let run = state
-        .backends
-        .state
-        .load_run(&run_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("run {run_id} not found")))?;
+    let run = require_run(&state, &run_id).await?;
     Ok(wrap(&state, run_json(&run, None)))
 }
 
@@ -404,9 +402,7 @@ pub async fn replay_run(
     run_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = run_id.into_inner();
-    if state.backends.state.load_run(&run_id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("run {run_id} not found")));
-    }
+    require_run(&state, &run_id).await?;
     match core(&state)?.send(ReplayRun(run_id)).await? {
         Ok(new_run) => Ok(wrap(&state, json!({ "run_id": new_run }))),
         Err(SyncError::Invalid(message)) => Err(ApiError::BadRequest(message)),

@@ -63,6 +63,19 @@ impl SledStateStore {
         }
     }
 
+    /// The pauses named by the index entries `<prefix><pause id>`.
+    fn pauses_under(&self, prefix: &[u8]) -> StoreResult<Vec<PauseRecord>> {
+        let mut pauses = Vec::new();
+        for entry in self.tree.scan_prefix(prefix) {
+            let (entry_key, _) = entry.map_err(sled_error)?;
+            let pause_id = String::from_utf8_lossy(&entry_key[prefix.len()..]).to_string();
+            if let Some(pause) = self.get_pause_now(&pause_id)? {
+                pauses.push(pause);
+            }
+        }
+        Ok(pauses)
+    }
+
     fn get_pause_now(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
         match self
             .tree
@@ -294,15 +307,7 @@ impl StateStore for SledStateStore {
     async fn pauses_for_event(&self, event_name: &str) -> StoreResult<Vec<PauseRecord>> {
         let mut prefix = key(&[b"pe", event_name.as_bytes()]);
         prefix.push(0);
-        let mut pauses = Vec::new();
-        for entry in self.tree.scan_prefix(&prefix) {
-            let (entry_key, _) = entry.map_err(sled_error)?;
-            let pause_id = String::from_utf8_lossy(&entry_key[prefix.len()..]).to_string();
-            if let Some(pause) = self.get_pause_now(&pause_id)? {
-                pauses.push(pause);
-            }
-        }
-        Ok(pauses)
+        self.pauses_under(&prefix)
     }
 
     async fn pause_match_paths(&self, event_name: &str) -> StoreResult<Vec<String>> {
@@ -323,15 +328,7 @@ impl StateStore for SledStateStore {
         value_json: &str,
     ) -> StoreResult<Vec<PauseRecord>> {
         let prefix = joined(b"pm/", &[event_name, path, value_json, ""]);
-        let mut pauses = Vec::new();
-        for entry in self.tree.scan_prefix(&prefix) {
-            let (entry_key, _) = entry.map_err(sled_error)?;
-            let pause_id = String::from_utf8_lossy(&entry_key[prefix.len()..]).to_string();
-            if let Some(pause) = self.get_pause_now(&pause_id)? {
-                pauses.push(pause);
-            }
-        }
-        Ok(pauses)
+        self.pauses_under(&prefix)
     }
 
     async fn pause_for_correlation(
@@ -350,15 +347,7 @@ impl StateStore for SledStateStore {
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {
         let prefix = key(&[b"pr", run_id.as_bytes(), b""]);
-        let mut pauses = Vec::new();
-        for entry in self.tree.scan_prefix(&prefix) {
-            let (entry_key, _) = entry.map_err(sled_error)?;
-            let pause_id = String::from_utf8_lossy(&entry_key[prefix.len()..]).to_string();
-            if let Some(pause) = self.get_pause_now(&pause_id)? {
-                pauses.push(pause);
-            }
-        }
-        Ok(pauses)
+        self.pauses_under(&prefix)
     }
 
     async fn take_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
