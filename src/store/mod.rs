@@ -26,8 +26,8 @@ use futures::Stream;
 use crate::clock::Timestamp;
 use crate::model::records::RecordError;
 use crate::model::{
-    AppRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem, RunRecord, RunStatus,
-    StepRecord,
+    AppRecord, BatchRecord, DebounceRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem,
+    RunRecord, RunStatus, StepRecord,
 };
 
 /// What [`StateStore::batch_push`] did.
@@ -405,6 +405,62 @@ pub trait DataStore: Send + Sync + 'static {
     /// A number that changes whenever any function changes; lets services
     /// cache parsed functions.
     async fn functions_generation(&self) -> StoreResult<u64>;
+}
+
+/// The debounce record after `event` arrives for a key whose record was
+/// `previous`: the next generation, due `period` from now, capped at
+/// `timeout` after the key's first event. Shared by every backend.
+pub fn next_debounce(
+    previous: Option<&DebounceRecord>,
+    event: &EventRecord,
+    period: Duration,
+    timeout: Option<Duration>,
+    now: Timestamp,
+) -> DebounceRecord {
+    let first_at = previous.map(|p| p.first_at).unwrap_or(now.millis());
+    let mut due = now.plus(period).millis();
+    if let Some(timeout) = timeout {
+        due = due.min(Timestamp(first_at).plus(timeout).millis());
+    }
+    DebounceRecord {
+        generation: previous.map(|p| p.generation + 1).unwrap_or(1),
+        first_at,
+        due,
+        event: event.clone(),
+    }
+}
+
+/// Adds `event` to a key's open batch (`previous`, or a new one): the batch
+/// to store (`None` when it is full and closes) and what happened. Shared
+/// by every backend.
+pub fn push_to_batch(
+    previous: Option<BatchRecord>,
+    event: &EventRecord,
+    max_size: u32,
+    now: Timestamp,
+) -> (Option<BatchRecord>, BatchPush) {
+    let opened = previous.is_none();
+    let mut batch = previous.unwrap_or_else(|| BatchRecord {
+        batch_id: ulid::Ulid::new().to_string(),
+        opened_at: now.millis(),
+        events: Vec::new(),
+    });
+    batch.events.push(event.clone());
+    if batch.events.len() as u32 >= max_size {
+        let full = BatchPush::Full {
+            batch_id: batch.batch_id,
+            events: batch.events,
+        };
+        return (None, full);
+    }
+    let outcome = if opened {
+        BatchPush::Opened {
+            batch_id: batch.batch_id.clone(),
+        }
+    } else {
+        BatchPush::Added
+    };
+    (Some(batch), outcome)
 }
 
 /// One queue partition's backlog.

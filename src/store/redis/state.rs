@@ -29,6 +29,7 @@ use crate::model::records::Record;
 use crate::model::{
     BatchRecord, DebounceRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord,
 };
+use crate::store::{next_debounce, push_to_batch};
 use crate::store::{BatchPush, CreateRun, SaveStep, StateStore, StoreResult};
 
 /// Run ids read per round trip while filtering `list_runs`.
@@ -523,27 +524,13 @@ impl StateStore for RedisStateStore {
                 .as_deref()
                 .map(DebounceRecord::from_bytes)
                 .transpose()?;
-            let first_at = previous
-                .as_ref()
-                .map(|p| p.first_at)
-                .unwrap_or(now.millis());
-            let generation = previous.as_ref().map(|p| p.generation + 1).unwrap_or(1);
-            let mut due = now.plus(period).millis();
-            if let Some(timeout) = timeout {
-                due = due.min(Timestamp(first_at).plus(timeout).millis());
-            }
-            let record = DebounceRecord {
-                generation,
-                first_at,
-                due,
-                event: event.clone(),
-            };
+            let record = next_debounce(previous.as_ref(), event, period, timeout, now);
             let mut change = Change::default();
             change
                 .expect(&record_key, bytes.as_deref())
                 .command("SET", &[record_key.as_bytes(), &record.to_bytes()]);
             if self.conn.apply(&change).await? {
-                return Ok((generation, Timestamp(due)));
+                return Ok((record.generation, Timestamp(record.due)));
             }
         }
     }
@@ -582,41 +569,18 @@ impl StateStore for RedisStateStore {
         loop {
             attempts.next().await?;
             let bytes = self.conn.get_bytes(&record_key).await?;
-            let (mut batch, opened) = match bytes.as_deref() {
-                Some(bytes) => (BatchRecord::from_bytes(bytes)?, false),
-                None => (
-                    BatchRecord {
-                        batch_id: ulid::Ulid::new().to_string(),
-                        opened_at: now.millis(),
-                        events: Vec::new(),
-                    },
-                    true,
-                ),
-            };
-            batch.events.push(event.clone());
-            let full = batch.events.len() as u32 >= max_size;
+            let previous = bytes.as_deref().map(BatchRecord::from_bytes).transpose()?;
+            let (stored, outcome) = push_to_batch(previous, event, max_size, now);
             let mut change = Change::default();
             change.expect(&record_key, bytes.as_deref());
-            if full {
-                change.command("DEL", &[record_key.as_bytes()]);
-            } else {
-                change.command("SET", &[record_key.as_bytes(), &batch.to_bytes()]);
-            }
+            match &stored {
+                Some(batch) => change.command("SET", &[record_key.as_bytes(), &batch.to_bytes()]),
+                None => change.command("DEL", &[record_key.as_bytes()]),
+            };
             if !self.conn.apply(&change).await? {
                 continue;
             }
-            return Ok(if full {
-                BatchPush::Full {
-                    batch_id: batch.batch_id,
-                    events: batch.events,
-                }
-            } else if opened {
-                BatchPush::Opened {
-                    batch_id: batch.batch_id,
-                }
-            } else {
-                BatchPush::Added
-            });
+            return Ok(outcome);
         }
     }
 

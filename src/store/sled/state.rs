@@ -17,7 +17,7 @@ use crate::model::records::Record;
 use crate::model::{
     BatchRecord, DebounceRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord,
 };
-use crate::store::BatchPush;
+use crate::store::{next_debounce, push_to_batch, BatchPush};
 use crate::store::{CreateRun, SaveStep, StateStore, StoreResult};
 use std::time::Duration;
 
@@ -424,21 +424,8 @@ impl StateStore for SledStateStore {
         let _guard = self.lock();
         let record_key = joined(b"fl/db/", &[key]);
         let previous: Option<DebounceRecord> = self.get_record(&record_key)?;
-        let first_at = previous
-            .as_ref()
-            .map(|p| p.first_at)
-            .unwrap_or(now.millis());
-        let generation = previous.as_ref().map(|p| p.generation + 1).unwrap_or(1);
-        let mut due = now.plus(period).millis();
-        if let Some(timeout) = timeout {
-            due = due.min(Timestamp(first_at).plus(timeout).millis());
-        }
-        let record = DebounceRecord {
-            generation,
-            first_at,
-            due,
-            event: event.clone(),
-        };
+        let record = next_debounce(previous.as_ref(), event, period, timeout, now);
+        let (generation, due) = (record.generation, record.due);
         self.tree
             .insert(record_key, record.to_bytes())
             .map_err(sled_error)?;
@@ -467,35 +454,14 @@ impl StateStore for SledStateStore {
     ) -> StoreResult<BatchPush> {
         let _guard = self.lock();
         let record_key = joined(b"fl/bt/", &[key]);
-        let (mut batch, opened) = match self.get_record::<BatchRecord>(&record_key)? {
-            Some(batch) => (batch, false),
-            None => (
-                BatchRecord {
-                    batch_id: ulid::Ulid::new().to_string(),
-                    opened_at: now.millis(),
-                    events: Vec::new(),
-                },
-                true,
-            ),
-        };
-        batch.events.push(event.clone());
-        if batch.events.len() as u32 >= max_size {
-            self.tree.remove(record_key).map_err(sled_error)?;
-            return Ok(BatchPush::Full {
-                batch_id: batch.batch_id,
-                events: batch.events,
-            });
+        let previous = self.get_record::<BatchRecord>(&record_key)?;
+        let (stored, outcome) = push_to_batch(previous, event, max_size, now);
+        match stored {
+            Some(batch) => self.tree.insert(record_key, batch.to_bytes()),
+            None => self.tree.remove(record_key),
         }
-        self.tree
-            .insert(record_key, batch.to_bytes())
-            .map_err(sled_error)?;
-        Ok(if opened {
-            BatchPush::Opened {
-                batch_id: batch.batch_id,
-            }
-        } else {
-            BatchPush::Added
-        })
+        .map_err(sled_error)?;
+        Ok(outcome)
     }
 
     async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>> {
