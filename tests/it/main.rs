@@ -15,3 +15,4 @@ mod sdk_node;
 mod split;
 mod steps;
 mod support;
+mod upgrade;
