@@ -12,6 +12,7 @@ mod flow;
 mod openapi;
 mod production;
 mod sdk_node;
+mod security;
 mod split;
 mod steps;
 mod support;
