@@ -237,8 +237,16 @@ impl Handler<RegisterApp> for CoreApi {
                     )));
                 }
             }
-            let (app, functions) =
-                parse_register(&msg.body, now.millis()).map_err(SyncError::Invalid)?;
+            // A config that panics the parser is refused like any bad
+            // config; it must not take the service down.
+            let parsed = std::panic::catch_unwind(|| parse_register(&msg.body, now.millis()))
+                .map_err(|panic| {
+                    SyncError::Invalid(format!(
+                        "the sync could not be parsed: {}",
+                        crate::expr::panic_message(panic.as_ref())
+                    ))
+                })?;
+            let (app, functions) = parsed.map_err(SyncError::Invalid)?;
             let (app_id, count) = (app.id.clone(), functions.len());
             let outcome = backends.data.sync_app(app, functions).await?;
             info!(app = %app_id, functions = count, modified = outcome.modified, "app registered");
