@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod events;
 mod flow;
+mod hardening;
 mod openapi;
 mod production;
 mod sdk_node;
