@@ -533,7 +533,10 @@ async fn damaged_stores_are_refused_loudly() {
     let damages: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
         (
             "zeroed head",
-            Box::new(|bytes| bytes[..4_096.min(bytes.len())].fill(0)),
+            Box::new(|bytes| {
+                let n = 4_096.min(bytes.len());
+                bytes[..n].fill(0)
+            }),
         ),
         (
             "32 flipped bytes at the head",
