@@ -30,6 +30,35 @@ pub enum Command {
     /// Production, split: run the named services (event-api, runner,
     /// executor, api) in this process, sharing Redis and NATS with others.
     Serve(ServeArgs),
+    /// Check the embedded store for damage (stop Baton first): reports what
+    /// is damaged and exits non-zero if anything is.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Configuration file (else $BATON_CONFIG, else /etc/baton/config.toml).
+    #[arg(short = 'c', long = "config")]
+    pub config: Option<PathBuf>,
+    /// The data directory to check (else storage.data_dir of the config).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DoctorArgs {
+    pub fn data_dir(&self) -> anyhow::Result<PathBuf> {
+        let args = DevArgs {
+            config: self.config.clone(),
+            host: None,
+            port: None,
+            data_dir: self.data_dir.clone(),
+            sdk_urls: Vec::new(),
+            retry_interval: None,
+            workers: None,
+            lease_ttl: None,
+        };
+        Ok(args.settings()?.1.data_dir)
+    }
 }
 
 #[derive(Debug, Args)]

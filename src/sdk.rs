@@ -261,9 +261,22 @@ pub fn parse_reply(
             no_retry: false,
             retry_after: None,
         },
-        200 => SdkReply::Complete {
-            output: parsed.unwrap_or(Value::Null),
-            request_version,
+        200 => match parsed {
+            Some(output) => SdkReply::Complete {
+                output,
+                request_version,
+            },
+            // An empty body is a function that returned nothing.
+            None if body.iter().all(u8::is_ascii_whitespace) => SdkReply::Complete {
+                output: Value::Null,
+                request_version,
+            },
+            None => SdkReply::Error {
+                status,
+                error: standard_error("invalid 200 answer: the body is not JSON", &Value::Null),
+                no_retry: false,
+                retry_after: None,
+            },
         },
         206 => match parsed {
             Some(Value::Array(items)) => parse_ops(items, no_retry, retry_after, request_version),
@@ -404,6 +417,38 @@ fn refused_redirect(url: &str, response: &reqwest::Response) -> Option<String> {
     ))
 }
 
+/// Largest answer read from an app, bytes: a reply may carry several step
+/// results, but never more than a run's whole state may hold.
+pub const MAX_REPLY_BYTES: usize = 32 << 20;
+
+/// Reads a response body chunk by chunk, failing once it passes `limit`
+/// bytes, so an endless or huge answer never fills memory.
+async fn read_capped(
+    url: &str,
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
+    let too_large = || format!("the answer from {url} is larger than {limit} bytes");
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| describe_transport_error(url, &err))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Makes calls and sync pings to SDK apps.
 #[derive(Clone)]
 pub struct SdkClient {
@@ -489,11 +534,7 @@ impl SdkClient {
         }
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|err| describe_transport_error(&url, &err))?
-            .to_vec();
+        let body = read_capped(&url, response, MAX_REPLY_BYTES).await?;
         Ok(RawReply {
             used_api,
             status,
@@ -611,9 +652,9 @@ impl SdkClient {
                 headers.insert(name.as_str().to_string(), Value::String(value.to_string()));
             }
         }
-        let text = match response.text().await {
-            Ok(text) => text,
-            Err(err) => return fail(describe_transport_error(url, &err)),
+        let text = match read_capped(url, response, MAX_REPLY_BYTES).await {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(message) => return fail(message),
         };
         if ai {
             if !status.is_success() {
@@ -755,6 +796,19 @@ mod tests {
         assert!(matches!(
             parse_reply(200, headers(&[]), b"{}", now),
             SdkReply::Error { .. }
+        ));
+        // A 200 whose body is not JSON is an error, not a null output; an
+        // empty body is a function that returned nothing.
+        assert!(matches!(
+            parse_reply(200, headers(SDK), b"{not json", now),
+            SdkReply::Error { status: 200, .. }
+        ));
+        assert!(matches!(
+            parse_reply(200, headers(SDK), b"", now),
+            SdkReply::Complete {
+                output: Value::Null,
+                ..
+            }
         ));
     }
 

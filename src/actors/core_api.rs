@@ -250,7 +250,16 @@ impl Handler<RegisterApp> for CoreApi {
                     )));
                 }
             }
-            let (app, functions) = parse_register(&msg.body, now.millis()).map_err(refuse)?;
+            // A config that panics the parser is refused like any bad
+            // config; it must not take the service down.
+            let parsed = std::panic::catch_unwind(|| parse_register(&msg.body, now.millis()))
+                .map_err(|panic| {
+                    SyncError::Invalid(format!(
+                        "the sync could not be parsed: {}",
+                        crate::expr::panic_message(panic.as_ref())
+                    ))
+                })?;
+            let (app, functions) = parsed.map_err(refuse)?;
             let (app_id, count) = (app.id.clone(), functions.len());
             let outcome = backends.data.sync_app(app, functions).await?;
             info!(app = %app_id, functions = count, modified = outcome.modified, "app registered");

@@ -10,24 +10,26 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures::FutureExt;
 use rand::Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
-use crate::duration::{parse_time_str, sleep_until};
-use crate::expr::async_equality_key;
+use crate::duration::{duration_from_secs, parse_time_str, sleep_until};
+use crate::expr::{async_equality_key, panic_message, Expr};
 use crate::metrics::METRICS;
 use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
@@ -47,6 +49,11 @@ pub const MAX_STEP_BYTES: usize = 4 << 20;
 pub const MAX_STATE_BYTES: u64 = 32 << 20;
 /// Call bodies above this make the SDK fetch state through the API.
 pub const MAX_CALL_BODY_BYTES: usize = 4 << 20;
+/// Most ops one reply may carry.
+pub const MAX_OPS_PER_REPLY: usize = MAX_STEPS;
+/// Replies in a row that make no progress (`206 []`, a lone
+/// `DiscoveryRequest`) before the run fails; they are re-tried with backoff.
+pub const MAX_NO_PROGRESS: u32 = 10;
 /// How long a pause with no timeout waits.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(366 * 86_400);
 
@@ -107,6 +114,9 @@ pub struct Decision {
     pub finish: Option<(RunStatus, Value)>,
     /// Run the same item again at this time, as a new attempt.
     pub retry: Option<Timestamp>,
+    /// The reply made no progress (no ops, or only `DiscoveryRequest`): call
+    /// again later, up to [`MAX_NO_PROGRESS`] times in a row.
+    pub no_progress: bool,
 }
 
 /// The delay before retrying after attempt `attempt` (0-based) failed.
@@ -125,12 +135,41 @@ fn limit_error(message: String) -> Value {
 }
 
 fn pause_timeout(opts: Option<&Value>) -> Result<Option<Duration>, String> {
-    match opts.and_then(|o| o.get("timeout")) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => parse_time_str(text).map(Some),
-        Some(Value::Number(n)) => Ok(n.as_f64().map(|ms| Duration::from_millis(ms as u64))),
-        Some(other) => Err(format!("invalid timeout {other}")),
+    let timeout = match opts.and_then(|o| o.get("timeout")) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(text)) => parse_time_str(text)?,
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| format!("invalid timeout {n}"))
+            .and_then(|ms| duration_from_secs(ms / 1_000.0))?,
+        Some(other) => return Err(format!("invalid timeout {other}")),
+    };
+    if timeout > DEFAULT_PAUSE {
+        return Err(format!(
+            "timeout is longer than the most accepted ({} days)",
+            DEFAULT_PAUSE.as_secs() / 86_400
+        ));
     }
+    Ok(Some(timeout))
+}
+
+/// Ends the run as failed when its output is larger than a step's may be.
+fn bound_output(finish: (RunStatus, Value)) -> (RunStatus, Value) {
+    let size = serde_json::to_vec(&finish.1).map_or(0, |bytes| bytes.len());
+    if size <= MAX_STEP_BYTES {
+        return finish;
+    }
+    let what = if finish.0 == RunStatus::Completed {
+        "output"
+    } else {
+        "error"
+    };
+    (
+        RunStatus::Failed,
+        limit_error(format!(
+            "the run's {what} is {size} bytes; the limit is {MAX_STEP_BYTES}"
+        )),
+    )
 }
 
 /// The pure decision for one SDK reply (no IO).
@@ -179,6 +218,17 @@ pub fn decide(
         } => {
             let attempts = lease.attempt + 1;
             let mut state_bytes = run.state_bytes;
+            if ops.len() > MAX_OPS_PER_REPLY {
+                return fail(format!(
+                    "the app answered with {} steps at once; the limit is {MAX_OPS_PER_REPLY}",
+                    ops.len()
+                ));
+            }
+            if ops.iter().all(|op| op.op == "DiscoveryRequest") {
+                // Nothing to save or schedule: call again later, bounded.
+                decision.no_progress = true;
+                return decision;
+            }
             if ops.len() > 1 {
                 decision.force_plan = true;
             }
@@ -235,6 +285,12 @@ pub fn decide(
                     }
                     "StepPlanned" => {
                         if !run.stack.contains(&op.id) {
+                            let planned = run.stack.len() + run.planned.len() + decision.plan.len();
+                            if planned >= MAX_STEPS {
+                                return fail(format!(
+                                    "the run has more than {MAX_STEPS} steps (done and planned)"
+                                ));
+                            }
                             let race = op
                                 .opts
                                 .as_ref()
@@ -291,6 +347,9 @@ pub fn decide(
                                 .filter(|e| !e.trim().is_empty())
                                 .map(str::to_string);
                             if let Some(source) = &wait.expression {
+                                if let Err(err) = Expr::compile(source) {
+                                    return fail(format!("waitForEvent: {err}"));
+                                }
                                 let trigger: Value =
                                     serde_json::from_str(&wait.trigger_event).unwrap_or_default();
                                 wait.match_key = async_equality_key(source, &trigger);
@@ -399,7 +458,8 @@ pub fn decide(
             }
         }
     }
-    if decision.finish.is_some() {
+    if let Some(finish) = decision.finish.take() {
+        decision.finish = Some(bound_output(finish));
         decision.discover = Discover::No;
         decision.schedule.clear();
         decision.pauses.clear();
@@ -420,6 +480,8 @@ pub struct ExecutorStatus {
     pub runs_completed: u64,
     pub runs_failed: u64,
     pub in_flight: usize,
+    /// Items whose processing panicked (their runs were failed).
+    pub panics: u64,
     pub last_error: Option<String>,
 }
 
@@ -442,9 +504,16 @@ impl Worker {
         self.leased
             .borrow_mut()
             .insert(lease.lease_id, lease.item.id.clone());
-        let result = tokio::select! {
-            result = self.process(&lease) => result,
-            () = self.heartbeat(&lease) => Ok(()),
+        // A panic while processing one item fails that item's run (a poison
+        // item must not come back after every lease) and leaves the
+        // executor running.
+        let outcome = tokio::select! {
+            result = AssertUnwindSafe(self.process(&lease)).catch_unwind() => result,
+            () = self.heartbeat(&lease) => Ok(Ok(())),
+        };
+        let result = match outcome {
+            Ok(result) => result,
+            Err(panic) => self.poisoned(&lease, &panic_message(panic.as_ref())).await,
         };
         if let Err(err) = result {
             warn!(run_id = %lease.item.run_id, item = %lease.item.id, error = %err,
@@ -453,6 +522,31 @@ impl Worker {
         }
         self.leased.borrow_mut().remove(&lease.lease_id);
         self.status.borrow_mut().in_flight -= 1;
+    }
+
+    /// Fails the run of an item whose processing panicked, and acks it.
+    async fn poisoned(&self, lease: &Lease, message: &str) -> StoreResult<()> {
+        let item = &lease.item;
+        error!(run_id = %item.run_id, item = %item.id, panic = %message,
+               "processing a queue item panicked; failing its run");
+        {
+            let mut status = self.status.borrow_mut();
+            status.panics += 1;
+            status.last_error = Some(format!("processing {} panicked: {message}", item.id));
+        }
+        if let Some(run) = self.backends.state.load_run(&item.run_id).await? {
+            if !run.status.is_terminal() {
+                let error = json!({"error": "internal error", "name": "InternalError",
+                    "message": format!("Baton failed while processing this run: {message}")});
+                let now = self.clock.now();
+                if lifecycle::finish_run(&self.backends, &run, RunStatus::Failed, error, now)
+                    .await?
+                {
+                    self.status.borrow_mut().runs_failed += 1;
+                }
+            }
+        }
+        self.ack(lease, Vec::new()).await
     }
 
     /// Renews the lease while the item is being processed. Never returns.
@@ -497,7 +591,17 @@ impl Worker {
 
     /// Saves a result that resumes the run (a sleep, a wait, an invoke, a
     /// server-side fetch) and calls the function again.
-    async fn resume(&self, lease: &Lease, run: &RunRecord, step: StepRecord) -> StoreResult<()> {
+    /// Saves a sleep's, wait's or invoke's result and calls again. The pause
+    /// it resolves is dropped only after the result is stored, so a pause that
+    /// is gone always means its result is there (or the run has ended): a
+    /// crash in between leaves the pause, and the item's redelivery finishes.
+    async fn resume(
+        &self,
+        lease: &Lease,
+        run: &RunRecord,
+        step: StepRecord,
+        pause_id: Option<&str>,
+    ) -> StoreResult<()> {
         let next = match self.backends.state.save_step(&run.id, step).await? {
             SaveStep::Saved { stack_len, .. } | SaveStep::Duplicate { stack_len, .. } => {
                 vec![(
@@ -507,6 +611,9 @@ impl Worker {
             }
             SaveStep::RunEnded => Vec::new(),
         };
+        if let Some(pause_id) = pause_id {
+            self.backends.state.take_pause(pause_id).await?;
+        }
         self.ack(lease, next).await
     }
 
@@ -560,13 +667,16 @@ impl Worker {
             return self.ack(lease, Vec::new()).await;
         };
         if run.status.is_terminal() {
+            // A crash may have come between the run's end and its effects.
+            lifecycle::ensure_lifecycle_published(&self.backends, &run).await?;
             return self.ack(lease, Vec::new()).await;
         }
         let stack_len = run.stack.len() as u32;
         let step_id = match &item.kind {
+            ItemKind::Finalize => return self.ack(lease, Vec::new()).await,
             ItemKind::Wake { step_id, name } => {
                 let step = self.step_record(step_id, name, StepKind::Sleep, Value::Null);
-                return self.resume(lease, &run, step).await;
+                return self.resume(lease, &run, step, None).await;
             }
             ItemKind::Resume {
                 pause_id,
@@ -582,11 +692,10 @@ impl Worker {
                 };
                 let memo = serde_json::from_str(memo).unwrap_or(Value::Null);
                 let step = self.step_record(step_id, name, kind, memo);
-                self.backends.state.take_pause(pause_id).await?;
-                return self.resume(lease, &run, step).await;
+                return self.resume(lease, &run, step, Some(pause_id)).await;
             }
             ItemKind::PauseTimeout { pause_id } => {
-                let Some(pause) = self.backends.state.take_pause(pause_id).await? else {
+                let Some(pause) = self.backends.state.get_pause(pause_id).await? else {
                     return self.ack(lease, Vec::new()).await; // resumed already
                 };
                 let (kind, memo) = match pause.kind {
@@ -600,7 +709,7 @@ impl Worker {
                     _ => (StepKind::WaitForEvent, Value::Null),
                 };
                 let step = self.step_record(&pause.step_id, &pause.step_name, kind, memo);
-                return self.resume(lease, &run, step).await;
+                return self.resume(lease, &run, step, Some(pause_id)).await;
             }
             ItemKind::StartTimeout => {
                 if run.status == RunStatus::Queued {
@@ -751,6 +860,34 @@ impl Worker {
         self.perform(lease, &run, decision).await
     }
 
+    /// A reply that made no progress: call again with backoff, and fail the
+    /// run after [`MAX_NO_PROGRESS`] in a row. The count travels in the
+    /// discovery item's id (`<run>/d/<seq>~<count>`), so it survives restarts.
+    async fn no_progress(&self, lease: &Lease, run: &RunRecord) -> StoreResult<()> {
+        let now = self.clock.now();
+        let count = no_progress_count(&lease.item.id) + 1;
+        if count > MAX_NO_PROGRESS {
+            warn!(run_id = %run.id, count, "the app made no progress; failing the run");
+            let error = json!({"error": "no progress", "name": "NoProgressError",
+                "message": format!("the app answered {count} calls in a row without running, \
+                    planning or reporting any step (an empty 206 or only DiscoveryRequest)")});
+            if lifecycle::finish_run(&self.backends, run, RunStatus::Failed, error, now).await? {
+                self.status.borrow_mut().runs_failed += 1;
+            }
+            return self.ack(lease, Vec::new()).await;
+        }
+        let delay = match (count, self.config.retry_interval) {
+            (1, _) => Duration::ZERO,
+            (_, Some(fixed)) => fixed,
+            (_, None) => (Duration::from_millis(250) * 2u32.pow(count.min(12) - 2))
+                .min(Duration::from_secs(60)),
+        };
+        let mut next =
+            QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
+        next.id = format!("{}~{count}", next.id);
+        self.ack(lease, vec![(next, now.plus(delay))]).await
+    }
+
     async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {
         let now = self.clock.now();
         if let Some(due) = decision.retry {
@@ -765,6 +902,9 @@ impl Worker {
                 .retry_at(lease.lease_id, &lease.item.id, due, true)
                 .await?;
             return Ok(());
+        }
+        if decision.no_progress {
+            return self.no_progress(lease, run).await;
         }
         let mut saves = decision.save;
         let mut discover = decision.discover;
@@ -791,8 +931,22 @@ impl Worker {
                 discover = Discover::Always;
                 continue;
             }
+            // The invoke event is derived from the stored pause, so a retry
+            // after a crash between saving the pause and publishing the
+            // event publishes the same event, once.
             if self.backends.state.save_pause(invoke.pause.clone()).await? {
-                invoked.push(invoke_event(run, &invoke, now));
+                invoked.push(invoke_event(run, &invoke, &invoke.pause));
+            } else if let Some(stored) = self.backends.state.get_pause(&invoke.pause.id).await? {
+                let event = invoke_event(run, &invoke, &stored);
+                if self
+                    .backends
+                    .data
+                    .get_event(&event.internal_id)
+                    .await?
+                    .is_none()
+                {
+                    invoked.push(event);
+                }
             }
         }
         for pause in decision.pauses {
@@ -866,9 +1020,20 @@ impl Worker {
     }
 }
 
-/// The `inngest/function.invoked` event that starts an invoked function.
-fn invoke_event(run: &RunRecord, invoke: &Invoke, now: Timestamp) -> EventRecord {
-    let correlation = invoke.pause.correlation_id.clone().unwrap_or_default();
+/// How many no-progress replies in a row led to this item (see
+/// [`Worker::no_progress`]).
+fn no_progress_count(item_id: &str) -> u32 {
+    item_id
+        .rsplit_once('~')
+        .and_then(|(_, count)| count.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The `inngest/function.invoked` event that starts an invoked function,
+/// derived from its stored pause (deterministic ids and time).
+fn invoke_event(run: &RunRecord, invoke: &Invoke, pause: &PauseRecord) -> EventRecord {
+    let correlation = pause.correlation_id.clone().unwrap_or_default();
+    let created = Timestamp(pause.created_at);
     let mut data = invoke.data.clone();
     if let Value::Object(map) = &mut data {
         map.insert(
@@ -879,8 +1044,8 @@ fn invoke_event(run: &RunRecord, invoke: &Invoke, now: Timestamp) -> EventRecord
                 "source_app_id": run.app_id,
                 "source_fn_id": run.fn_id,
                 "source_fn_v": run.fn_version,
-                "expire": invoke.pause.expires_at,
-                "gid": ulid::Ulid::new().to_string(),
+                "expire": pause.expires_at,
+                "gid": lifecycle::derived_ulid(pause.created_at, &format!("{}/gid", pause.id)).to_string(),
                 "name": FUNCTION_INVOKED,
             }),
         );
@@ -889,8 +1054,8 @@ fn invoke_event(run: &RunRecord, invoke: &Invoke, now: Timestamp) -> EventRecord
         FUNCTION_INVOKED,
         data,
         Some(correlation),
-        ulid::Ulid::new(),
-        now,
+        lifecycle::derived_ulid(pause.created_at, &format!("{}/invoke", pause.id)),
+        created,
         Some(invoke.function_id.clone()),
     )
 }
@@ -991,9 +1156,19 @@ impl Actor for Executor {
         let stop = self.stop.subscribe();
         let ended = self.ended.clone();
         actix_rt::spawn(async move {
-            dispatch_loop(worker, semaphore, stop.clone()).await;
-            if !*stop.borrow() {
-                ended.ended("executor", "the dispatch loop ended");
+            let finished = AssertUnwindSafe(dispatch_loop(worker, semaphore, stop.clone()))
+                .catch_unwind()
+                .await;
+            match finished {
+                Err(panic) => ended.ended(
+                    "executor",
+                    format!(
+                        "the dispatch loop panicked: {}",
+                        panic_message(panic.as_ref())
+                    ),
+                ),
+                Ok(()) if !*stop.borrow() => ended.ended("executor", "the dispatch loop ended"),
+                Ok(()) => {}
             }
         });
         info!(workers = self.worker.config.workers, "executor started");
@@ -1354,5 +1529,240 @@ mod tests {
             Duration::from_secs(7_200)
         );
         assert_eq!(backoff(Some(DELAY), 5, Duration::from_secs(9)), DELAY);
+    }
+
+    // Crash windows: a state call that fails stands for a crash right before
+    // it. After each, a redelivery of the same item must still find a way
+    // forward (nothing lost, no zombie run).
+
+    mod crash_windows {
+        use super::*;
+        use crate::clock::{ManualClock, SharedClock};
+        use crate::store::fault::{Faults, FaultyState};
+        use crate::store::sled::SledDb;
+
+        struct Harness {
+            worker: Rc<Worker>,
+            faults: Arc<Faults>,
+            real: Backends,
+            _db: SledDb,
+        }
+
+        fn harness() -> Harness {
+            let db = SledDb::temporary().unwrap();
+            let real = db.backends().unwrap();
+            let faulty = FaultyState::new(real.state.clone());
+            let faults = faulty.faults.clone();
+            let mut backends = real.clone();
+            backends.state = Arc::new(faulty);
+            let clock: SharedClock = ManualClock::at(NOW);
+            let worker = Rc::new(Worker {
+                backends,
+                clock,
+                client: SdkClient::new(None, Duration::from_secs(5)),
+                config: ExecutorConfig {
+                    workers: 1,
+                    lease_ttl: Duration::from_secs(30),
+                    retry_interval: None,
+                },
+                status: RefCell::new(ExecutorStatus::default()),
+                functions: RefCell::new(HashMap::new()),
+                leased: RefCell::new(HashMap::new()),
+            });
+            Harness {
+                worker,
+                faults,
+                real,
+                _db: db,
+            }
+        }
+
+        async fn waiting_run(h: &Harness) -> (RunRecord, PauseRecord) {
+            let mut run = sample_run("fn", &ulid::Ulid::new().to_string());
+            run.status = RunStatus::Running;
+            h.real.state.create_run(run.clone()).await.unwrap();
+            let pause = PauseRecord {
+                id: format!("{}/wait", run.id),
+                run_id: run.id.clone(),
+                fn_id: run.fn_id.clone(),
+                step_id: "wait".into(),
+                step_name: "wait".into(),
+                kind: PauseKind::WaitForEvent,
+                event_name: "test/reply".into(),
+                expression: None,
+                match_key: None,
+                correlation_id: None,
+                trigger_event: "{}".into(),
+                created_at: NOW.millis() - 10,
+                expires_at: NOW.millis(),
+            };
+            assert!(h.real.state.save_pause(pause.clone()).await.unwrap());
+            (run, pause)
+        }
+
+        async fn lease_item(h: &Harness, item: QueueItem) -> Lease {
+            h.real.queue.enqueue(item, NOW).await.unwrap();
+            let mut leases = h
+                .real
+                .queue
+                .lease_due(NOW, 1, Duration::from_secs(30))
+                .await
+                .unwrap();
+            leases.pop().expect("the item is due")
+        }
+
+        /// Before: the timeout took the pause, then the crash lost the step;
+        /// the redelivered item found no pause and was acked: a run with
+        /// nothing left to move it (the zombie of the kill -9 test).
+        #[actix_rt::test]
+        async fn pause_timeout_crash_before_saving_keeps_the_pause() {
+            let h = harness();
+            let (run, pause) = waiting_run(&h).await;
+            let lease =
+                lease_item(&h, QueueItem::pause_timeout(&run.id, &run.fn_id, &pause.id)).await;
+            h.faults.fail_next("save_step", 1);
+            assert!(h.worker.process(&lease).await.is_err());
+            assert!(
+                h.real.state.get_pause(&pause.id).await.unwrap().is_some(),
+                "the pause must outlive a crash before its result is saved"
+            );
+            // The redelivery resumes the run.
+            h.faults.heal();
+            h.worker.process(&lease).await.unwrap();
+            let steps = h.real.state.load_steps(&run.id).await.unwrap();
+            assert_eq!(steps.len(), 1, "the timeout's null result is saved");
+            assert_eq!(steps[0].memo, "null");
+            assert!(h.real.state.get_pause(&pause.id).await.unwrap().is_none());
+            assert_eq!(
+                h.real.queue.len().await.unwrap(),
+                1,
+                "a discovery call is queued"
+            );
+        }
+
+        /// The same window for an event that resumed the wait.
+        #[actix_rt::test]
+        async fn resume_crash_before_saving_keeps_the_pause() {
+            let h = harness();
+            let (run, pause) = waiting_run(&h).await;
+            let lease = lease_item(
+                &h,
+                QueueItem::resume(&pause, r#"{"name":"test/reply"}"#.into()),
+            )
+            .await;
+            h.faults.fail_next("save_step", 1);
+            assert!(h.worker.process(&lease).await.is_err());
+            assert!(h.real.state.get_pause(&pause.id).await.unwrap().is_some());
+            h.faults.heal();
+            h.worker.process(&lease).await.unwrap();
+            let steps = h.real.state.load_steps(&run.id).await.unwrap();
+            assert_eq!(steps[0].memo, r#"{"name":"test/reply"}"#);
+            assert!(h.real.state.get_pause(&pause.id).await.unwrap().is_none());
+            // A late timeout of the same pause changes nothing.
+            let timeout =
+                lease_item(&h, QueueItem::pause_timeout(&run.id, &run.fn_id, &pause.id)).await;
+            h.worker.process(&timeout).await.unwrap();
+            let steps = h.real.state.load_steps(&run.id).await.unwrap();
+            assert_eq!(steps.len(), 1);
+            assert_eq!(steps[0].memo, r#"{"name":"test/reply"}"#);
+        }
+
+        /// A crash between a run's end and its lifecycle events: the
+        /// redelivered item publishes them, once, with the same ids.
+        #[actix_rt::test]
+        async fn lifecycle_events_survive_a_crash_after_the_runs_end() {
+            let h = harness();
+            let (run, _) = waiting_run(&h).await;
+            let lease = lease_item(&h, QueueItem::discovery(&run.id, &run.fn_id, 0)).await;
+            // The run ended (committed) but nothing was published.
+            assert!(h
+                .real
+                .state
+                .finish_run(
+                    &run.id,
+                    RunStatus::Failed,
+                    Some(r#"{"message":"boom"}"#.into()),
+                    NOW
+                )
+                .await
+                .unwrap());
+            h.worker.process(&lease).await.unwrap();
+            let expected = lifecycle::lifecycle_events(
+                &run,
+                RunStatus::Failed,
+                &json!({"message": "boom"}),
+                NOW,
+            );
+            for event in &expected {
+                let stored = h.real.data.get_event(&event.internal_id).await.unwrap();
+                assert_eq!(stored.map(|e| e.name), Some(event.name.clone()));
+            }
+            assert!(
+                h.real
+                    .state
+                    .pauses_for_run(&run.id)
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "an ended run keeps no pause"
+            );
+            // A second redelivery publishes nothing new.
+            let again = lease_item(
+                &h,
+                QueueItem::discovery(&run.id, &run.fn_id, 0).with_id("again"),
+            )
+            .await;
+            h.worker.process(&again).await.unwrap();
+            let events = h.real.data.list_events(100, None).await.unwrap();
+            assert_eq!(events.len(), expected.len());
+        }
+
+        /// A cancel from outside the queue leaves a `Finalize` item behind.
+        #[actix_rt::test]
+        async fn cancels_enqueue_a_finalize_safety_net() {
+            let h = harness();
+            let (run, _) = waiting_run(&h).await;
+            assert!(lifecycle::cancel_run(&h.real, &run.id, NOW).await.unwrap());
+            let leases = h
+                .real
+                .queue
+                .lease_due(
+                    NOW.plus(Duration::from_secs(60)),
+                    10,
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+            assert!(leases.iter().any(|l| l.item.kind == ItemKind::Finalize));
+        }
+
+        #[test]
+        fn invoke_events_are_derived_from_the_stored_pause() {
+            let run = run();
+            let pause = PauseRecord {
+                id: format!("{}/inv", run.id),
+                run_id: run.id.clone(),
+                fn_id: run.fn_id.clone(),
+                step_id: "inv".into(),
+                step_name: "inv".into(),
+                kind: PauseKind::Invoke,
+                event_name: FUNCTION_FINISHED.into(),
+                expression: None,
+                match_key: None,
+                correlation_id: Some(format!("{}.inv", run.id)),
+                trigger_event: "{}".into(),
+                created_at: 77,
+                expires_at: 99,
+            };
+            let invoke = Invoke {
+                function_id: "app-callee".into(),
+                data: json!({"data": {"x": 1}}),
+                pause: pause.clone(),
+            };
+            let a = invoke_event(&run, &invoke, &pause);
+            let b = invoke_event(&run, &invoke, &pause);
+            assert_eq!(a, b, "a retry after a crash publishes the very same event");
+            assert_eq!(a.received_at, 77);
+        }
     }
 }
