@@ -48,8 +48,8 @@ impl Default for Guard {
 }
 
 impl Guard {
-    /// `listen_host` (the address Baton listens on) is answered too, unless
-    /// it is a wildcard address.
+    /// `listen_host` (what Baton listens on, which may be a name) is
+    /// answered too.
     pub fn new(
         dev_mode: bool,
         listen_host: &str,
@@ -145,6 +145,9 @@ impl Guard {
         let ip = name.trim_start_matches('[').trim_end_matches(']');
         name == "localhost"
             || name.ends_with(".localhost")
+            // Docker's names for the host, which no web page can control.
+            || name == "host.docker.internal"
+            || name == "gateway.docker.internal"
             || ip.parse::<IpAddr>().is_ok()
             || self.allowed_hosts.iter().any(|allowed| allowed == name)
     }
@@ -385,6 +388,7 @@ mod tests {
             "192.168.1.20:8288",
             "Baton.Internal:8288",
             "LOCALHOST.",
+            "host.docker.internal:8288",
         ] {
             check(Method::GET, "/v1/runs", &[("host", host)], false);
         }
