@@ -519,9 +519,20 @@ async fn sync_errors_never_echo_the_target() {
         &format!("{{\"status\": 500, \"error\": \"{secret}\"}}"),
     ))
     .await;
+    let redirecting = Stub::start(http_answer(
+        "302 Found",
+        &format!("location: http://{secret}.internal/\r\n"),
+        "",
+    ))
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let baton = Baton::start(&dir.path().join("data"));
-    for (stub, expected) in [(&refusing, 400), (&answering, 200), (&passing_error, 400)] {
+    for (stub, expected) in [
+        (&refusing, 400),
+        (&answering, 200),
+        (&passing_error, 400),
+        (&redirecting, 400),
+    ] {
         let (status, body, _) = send(
             client()
                 .post(format!("{}/v1/apps/sync", baton.url))
