@@ -6,6 +6,7 @@ mod backend_nats;
 mod backend_redis;
 mod browser;
 mod cli;
+mod conformance;
 mod crash;
 mod events;
 mod flow;
