@@ -10,6 +10,7 @@ mod conformance;
 mod crash;
 mod events;
 mod flow;
+mod gql;
 mod openapi;
 mod production;
 mod sdk_node;
