@@ -190,6 +190,23 @@ pub fn decide(
         }
         _ => Discover::Always,
     };
+    // In a parallel group (several ops, request version 2), sleeps, waits,
+    // invokes and fetches join the planned set beside the planned steps, so
+    // the run is called again once the whole group is done (as Inngest's
+    // pending steps), not when only its `step.run`s are.
+    let joins_group = |op: &crate::sdk::Op| {
+        let ops = match reply {
+            SdkReply::Ops { ops, .. } => ops.len(),
+            _ => 0,
+        };
+        let race = op
+            .opts
+            .as_ref()
+            .and_then(|o| o.get("parallelMode"))
+            .and_then(Value::as_str)
+            == Some("race");
+        ops > 1 && run.request_version != 1 && !race && !run.stack.contains(&op.id)
+    };
     let fail = |message: String| Decision {
         finish: Some((RunStatus::Failed, limit_error(message))),
         ..Decision::default()
@@ -320,6 +337,9 @@ pub fn decide(
                             )),
                             Err(err) => return fail(format!("invalid sleep duration: {err}")),
                         }
+                        if joins_group(op) {
+                            decision.plan.push(op.id.clone());
+                        }
                         None
                     }
                     "WaitForEvent" => {
@@ -360,6 +380,9 @@ pub fn decide(
                                 expires,
                             ));
                             decision.pauses.push(wait);
+                            if joins_group(op) {
+                                decision.plan.push(op.id.clone());
+                            }
                             None
                         }
                     }
@@ -391,6 +414,9 @@ pub fn decide(
                             function_id,
                             data,
                         });
+                        if joins_group(op) {
+                            decision.plan.push(op.id.clone());
+                        }
                         None
                     }
                     "Gateway" | "AIGateway" => {
@@ -400,6 +426,9 @@ pub fn decide(
                             ai: op.op == "AIGateway",
                             opts: op.opts.clone().unwrap_or(Value::Null),
                         });
+                        if joins_group(op) {
+                            decision.plan.push(op.id.clone());
+                        }
                         None
                     }
                     "RunComplete" | "SyncRunComplete" => {
@@ -452,7 +481,11 @@ pub fn decide(
                     }
                     decision.save.push(step);
                     if decision.discover != Discover::Always {
-                        decision.discover = after_save;
+                        decision.discover = if joins_group(op) {
+                            Discover::WhenGroupDone
+                        } else {
+                            after_save
+                        };
                     }
                 }
             }
@@ -467,6 +500,16 @@ pub fn decide(
         decision.fetches.clear();
     }
     decision
+}
+
+/// What a server-side result (a fetch, a missing invoke target) asks for: a
+/// step of a parallel group waits for the group, any other calls again.
+fn after_result(discover: Discover, in_group: bool) -> Discover {
+    match discover {
+        Discover::Always => Discover::Always,
+        _ if in_group => Discover::WhenGroupDone,
+        _ => Discover::Always,
+    }
 }
 
 /// Counters for `Observe`.
@@ -591,10 +634,11 @@ impl Worker {
 
     /// Saves a result that resumes the run (a sleep, a wait, an invoke, a
     /// server-side fetch) and calls the function again.
-    /// Saves a sleep's, wait's or invoke's result and calls again. The pause
-    /// it resolves is dropped only after the result is stored, so a pause that
-    /// is gone always means its result is there (or the run has ended): a
-    /// crash in between leaves the pause, and the item's redelivery finishes.
+    /// A step of a parallel group calls again only when it is the group's
+    /// last. The pause it resolves is dropped only after the result is
+    /// stored, so a pause that is gone always means its result is there (or
+    /// the run has ended): a crash in between leaves the pause, and the
+    /// item's redelivery finishes.
     async fn resume(
         &self,
         lease: &Lease,
@@ -602,12 +646,27 @@ impl Worker {
         step: StepRecord,
         pause_id: Option<&str>,
     ) -> StoreResult<()> {
+        let in_group = run.planned.contains(&step.id);
         let next = match self.backends.state.save_step(&run.id, step).await? {
-            SaveStep::Saved { stack_len, .. } | SaveStep::Duplicate { stack_len, .. } => {
-                vec![(
-                    QueueItem::discovery(&run.id, &run.fn_id, stack_len),
-                    self.clock.now(),
-                )]
+            SaveStep::Saved {
+                stack_len,
+                planned_left,
+            }
+            | SaveStep::Duplicate {
+                stack_len,
+                planned_left,
+            } => {
+                if in_group && planned_left > 0 {
+                    Vec::new()
+                } else {
+                    if in_group && run.force_plan {
+                        self.backends.state.set_force_plan(&run.id, false).await?;
+                    }
+                    vec![(
+                        QueueItem::discovery(&run.id, &run.fn_id, stack_len),
+                        self.clock.now(),
+                    )]
+                }
             }
             SaveStep::RunEnded => Vec::new(),
         };
@@ -789,6 +848,7 @@ impl Worker {
         let call = CallRequest {
             url: &function.url,
             run_id: &run.id,
+            job_id: &item.id,
             step_id: &step_id,
             events: &events,
             steps: memos,
@@ -912,7 +972,7 @@ impl Worker {
         for fetch in &decision.fetches {
             let memo = self.client.fetch(fetch.ai, &fetch.opts).await;
             saves.push(self.step_record(&fetch.step_id, &fetch.name, StepKind::Fetch, memo));
-            discover = Discover::Always;
+            discover = after_result(discover, decision.plan.contains(&fetch.step_id));
         }
         // Invokes: a missing target is the step's error; otherwise wait for
         // the callee and start it.
@@ -928,7 +988,7 @@ impl Worker {
                     StepKind::Invoke,
                     memo,
                 ));
-                discover = Discover::Always;
+                discover = after_result(discover, decision.plan.contains(&invoke.pause.step_id));
                 continue;
             }
             // The invoke event is derived from the stored pause, so a retry
@@ -1424,6 +1484,63 @@ mod tests {
                 ItemKind::Planned { race: true, .. }
             ));
         });
+    }
+
+    #[test]
+    fn async_steps_of_a_parallel_group_join_the_group() {
+        // An invoke, a sleep and a wait beside planned steps: the run is
+        // called again once all of them are done.
+        let invoke = with_opts(
+            op("InvokeFunction", "i"),
+            json!({"function_id": "child", "payload": {"data": {}}}),
+        );
+        let sleep = with_opts(op("Sleep", "s"), json!({"duration": "1s"}));
+        let wait = with_opts(
+            op("WaitForEvent", "w"),
+            json!({"event": "e", "timeout": "1m"}),
+        );
+        check(
+            0,
+            ops(
+                vec![invoke.clone(), sleep, wait, op("StepPlanned", "p")],
+                false,
+            ),
+            |d| {
+                assert_eq!(d.plan, ["i", "s", "w", "p"]);
+                assert_eq!(d.discover, Discover::No);
+            },
+        );
+        // Results given in the same answer wait for the group too.
+        check(
+            0,
+            ops(vec![invoke.clone(), op("StepRun", "a")], false),
+            |d| {
+                assert_eq!(d.plan, ["i"]);
+                assert_eq!(d.discover, Discover::WhenGroupDone);
+            },
+        );
+        // Alone, in race mode, or with request version 1, they do not.
+        check(0, ops(vec![invoke.clone()], false), |d| {
+            assert!(d.plan.is_empty())
+        });
+        let raced = with_opts(
+            op("InvokeFunction", "i"),
+            json!({"function_id": "child", "parallelMode": "race"}),
+        );
+        check(0, ops(vec![raced, op("StepPlanned", "p")], false), |d| {
+            assert_eq!(d.plan, ["p"])
+        });
+        let mut v1 = run();
+        v1.request_version = 1;
+        let lease = lease_for(QueueItem::discovery(&v1.id, &v1.fn_id, 0), 0);
+        let d = decide(
+            &v1,
+            &lease,
+            &ops(vec![invoke, op("StepPlanned", "p")], false),
+            NOW,
+            DELAY,
+        );
+        assert_eq!(d.plan, ["p"]);
     }
 
     #[test]

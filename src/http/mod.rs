@@ -6,6 +6,7 @@ pub mod core_api;
 pub mod dashboard;
 pub mod error;
 pub mod event_api;
+pub mod gql;
 pub mod guard;
 pub mod openapi;
 pub mod session;
@@ -217,6 +218,7 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/v1/events", web::get().to(core_api::list_events))
             .route("/v1/events/{id}", web::get().to(core_api::get_event))
             .route("/v1/events/{id}/runs", web::get().to(core_api::event_runs))
+            .route("/v0/gql", web::post().to(gql::graphql))
             .route("/v1/status", web::get().to(core_api::status));
     }
 }
