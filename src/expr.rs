@@ -49,8 +49,11 @@ impl fmt::Debug for Expr {
 
 impl Expr {
     pub fn compile(source: &str) -> Result<Expr, String> {
-        let program = Program::compile(source)
-            .map_err(|err| format!("invalid expression {source:?}: {err}"))?;
+        // The parser panics on some malformed input (`a ==`); an expression
+        // comes from apps and API clients, so that must be an error.
+        let compiled = std::panic::catch_unwind(|| Program::compile(source))
+            .map_err(|_| format!("invalid expression {source:?}: it does not parse"))?;
+        let program = compiled.map_err(|err| format!("invalid expression {source:?}: {err}"))?;
         Ok(Expr {
             source: source.into(),
             program: Arc::new(program),
@@ -138,6 +141,13 @@ pub fn json_path<'a>(value: &'a serde_json::Value, path: &str) -> Option<&'a ser
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn malformed_expressions_are_errors_not_panics() {
+        for source in ["event.data.n ==", "event.data.n == (", "&& true", ""] {
+            assert!(Expr::compile(source).is_err(), "{source:?} compiled");
+        }
+    }
 
     #[test]
     fn conditions_over_events() {

@@ -8,10 +8,20 @@ use clap::Parser;
 use tracing::info;
 
 use baton::cli::{Cli, Command};
+use baton::client::{self, ClientCommand};
 use baton::serve::{check_locality, serve, Mode, Service};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(command) = client_command(&cli.command) {
+        return match client::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("baton: {err}");
+                ExitCode::from(err.kind as u8)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
@@ -28,6 +38,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// The commands that talk to a running server rather than run one.
+fn client_command(command: &Command) -> Option<ClientCommand<'_>> {
+    match command {
+        Command::Runs(args) => Some(ClientCommand::Runs(args)),
+        Command::Events(args) => Some(ClientCommand::Events(args)),
+        Command::Apps(args) => Some(ClientCommand::Apps(args)),
+        Command::Status(args) => Some(ClientCommand::Status(args)),
+        Command::Dev(_) | Command::Start(_) | Command::Serve(_) => None,
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let (command, services, mode, (source, settings)) = match &cli.command {
         Command::Dev(args) => ("dev", Service::all(), Mode::Dev, args.settings()?),
@@ -38,6 +59,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Production,
             args.prod.settings()?,
         ),
+        // Client commands are run by `main` before this.
+        _ => anyhow::bail!("not a server command"),
     };
     check_locality(&settings, &services)?;
     let listener = TcpListener::bind((settings.host.as_str(), settings.port)).map_err(|err| {

@@ -182,6 +182,12 @@ pub async fn serve(
             ),
             None => core,
         };
+        let core = match (&settings.discovery, mode) {
+            (Some(discovery), Mode::Dev) => {
+                core.with_discovery(crate::actors::discovery::Discovery::new(discovery.clone()))
+            }
+            _ => core,
+        };
         core.start()
     });
 
