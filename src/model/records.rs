@@ -71,6 +71,7 @@ versioned_record!(StoredQueueItem, QueueEntry, "queue item");
 versioned_record!(StoredPause, PauseRecord, "pause");
 versioned_record!(StoredDebounce, DebounceRecord, "debounce");
 versioned_record!(StoredBatch, BatchRecord, "batch");
+versioned_record!(StoredAttempt, super::trace::AttemptRecord, "attempt");
 
 /// A queue item with its scheduling state, as the queue stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -17,3 +17,4 @@ mod sdk_node;
 mod split;
 mod steps;
 mod support;
+mod trace;

@@ -997,6 +997,16 @@ async fn every_documented_operation_answers_as_documented() {
         .clone();
     assert_eq!(function["recent_runs"]["counts"]["Completed"], 2);
 
+    // A run's trace.
+    let reply = api
+        .get("/v1/runs/{id}/trace", &[("id", &three_run)], &[])
+        .await;
+    assert!(reply.body["data"]["spans"].as_array().unwrap().len() >= 4);
+    let reply = api
+        .get("/v1/runs/{id}/trace", &[("id", "01NOSUCHRUN")], &[])
+        .await;
+    assert_eq!(reply.status, 404);
+
     // Bulk actions: a preview, a start, its progress, a refusal.
     let reply = api
         .call(
