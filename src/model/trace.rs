@@ -509,6 +509,23 @@ mod tests {
     }
 
     #[test]
+    fn attempt_records_round_trip() {
+        use crate::model::records::Record;
+        let reply = ops(vec![op(
+            "StepError",
+            "a",
+            json!({"x": 1}),
+            Some(json!({"name": "Error", "message": "no"})),
+        )]);
+        let attempt = AttemptRecord::from_reply("run", "p", 2, 10, 20, &reply);
+        assert_eq!(attempt.ops[0].error.as_deref(), Some("Error: no"));
+        assert_eq!(
+            AttemptRecord::from_bytes(&attempt.to_bytes()).unwrap(),
+            attempt
+        );
+    }
+
+    #[test]
     fn calls_that_fail_outside_steps_are_a_span_of_their_own() {
         let mut run = crate::store::testsuite::sample_run("app-f", "k");
         run.created_at = 0;
