@@ -103,6 +103,13 @@ async function uxScenario(page) {
   check(attempts.length === 3, `three attempts expected: ${JSON.stringify(attempts)}`);
   check(/flaky failure/.test(attempts[0]) && /flaky failure/.test(attempts[1]) && attempts[2] === "",
     `attempt errors: ${JSON.stringify(attempts)}`);
+  // The attempts lie left to right on a real axis (positions are set
+  // through the CSSOM: the CSP refuses inline style attributes).
+  const boxes = await page
+    .locator('[data-testid="trace-row"][data-span-name="flaky-step"] [data-testid="trace-attempt"]')
+    .evaluateAll((els) => els.map((el) => el.getBoundingClientRect().x));
+  check(boxes[0] < boxes[1] && boxes[1] < boxes[2], `attempts are not laid out in time: ${JSON.stringify(boxes)}`);
+  check(boxes[2] - boxes[0] > 100, `the axis is squashed: ${JSON.stringify(boxes)}`);
   const kinds = await page.locator('[data-testid="trace-row"]').evaluateAll((els) => els.map((el) => el.getAttribute("data-kind")));
   check(kinds[0] === "queued", `the trace starts with the queue: ${JSON.stringify(kinds)}`);
   await page.screenshot({ path: join(artifacts, "trace-retries.png"), fullPage: true });

@@ -29,6 +29,8 @@ function h(tag, props, ...children) {
   for (const [key, value] of Object.entries(props ?? {})) {
     if (value === undefined || value === null || value === false) continue;
     if (key === "class") el.className = value;
+    // Through the CSSOM: the CSP refuses inline style attributes.
+    else if (key === "style" && typeof value === "object") Object.assign(el.style, value);
     else if (key.startsWith("on") && typeof value === "function") {
       el.addEventListener(key.slice(2), value);
     } else if (key === "value" || key === "checked" || key === "selected") el[key] = value;
@@ -1064,7 +1066,7 @@ function traceView(trace) {
   const widthPct = (a, b) => `max(3px, ${(((b - a) / total) * 100).toFixed(3)}%)`;
 
   const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) =>
-    h("span", { class: "trace-tick", style: `left: ${f * 100}%` }, f === 0 ? "0" : `+${fmtDuration(total * f)}`));
+    h("span", { class: "trace-tick", style: { left: `${f * 100}%` } }, f === 0 ? "0" : `+${fmtDuration(total * f)}`));
   const axis = h("div", { class: "trace-row trace-axis", "aria-hidden": "true" },
     h("div", { class: "trace-label" }, `${plural(spans.length, "span")} · ${fmtDuration(total)}`),
     h("div", { class: "trace-track" }, ticks),
@@ -1078,22 +1080,25 @@ function traceView(trace) {
     const attempts = span.attempts ?? [];
     if (attempts.length > 0) {
       // The span's extent as a thin line, each attempt a block on it.
-      bars.push(h("span", { class: "trace-extent", style: `left: ${pct(start)}; width: ${widthPct(start, end)}` }));
+      bars.push(h("span", { class: "trace-extent", style: { left: pct(start), width: widthPct(start, end) } }));
       attempts.forEach((attempt, i) => {
         const a = parseTime(attempt.start) ?? start;
         const b = parseTime(attempt.end) ?? a;
         const title = `attempt ${i + 1}: ${fmtDuration(b - a)}${attempt.error ? ` · ${attempt.error}` : ""}`;
         bars.push(h("span", {
           class: `trace-bar trace-attempt ${attempt.error ? "trace-error" : "trace-ok"}`,
-          style: `left: ${pct(a)}; width: ${widthPct(a, b)}`, title,
+          style: { left: pct(a), width: widthPct(a, b) }, title,
           "data-testid": "trace-attempt", "data-error": attempt.error ?? "",
         }));
       });
-      if (open) bars.push(h("span", { class: "trace-bar trace-open", style: `left: ${pct(parseTime(attempts[attempts.length - 1].end) ?? start)}; width: ${widthPct(parseTime(attempts[attempts.length - 1].end) ?? start, end)}` }));
+      if (open) {
+        const since = parseTime(attempts[attempts.length - 1].end) ?? start;
+        bars.push(h("span", { class: "trace-bar trace-open", style: { left: pct(since), width: widthPct(since, end) } }));
+      }
     } else {
       bars.push(h("span", {
         class: `trace-bar trace-${span.kind} trace-status-${span.status}${open ? " trace-open" : ""}`,
-        style: `left: ${pct(start)}; width: ${widthPct(start, end)}`,
+        style: { left: pct(start), width: widthPct(start, end) },
         title: `${span.name}: ${fmtDuration(end - start)}${open ? " so far" : ""}`,
       }));
     }
@@ -1672,7 +1677,7 @@ function appsView(ctx) {
  *  (with the reason) or gone. */
 function discoveryPanel(discovery) {
   if (!discovery.enabled) {
-    return h("p", { class: "muted", "data-testid": "discovery-off" },
+    return h("p", { class: "muted", "data-testid": "discovery-off" }, h("strong", null, "Discovery "),
       "App discovery is off (production, or --no-discovery). Sync apps with -u <app URL> or Resync.");
   }
   const ports = discovery.ports ?? [];
@@ -1680,6 +1685,7 @@ function discoveryPanel(discovery) {
   const every = discovery.interval_ms ? ` every ${fmtDuration(discovery.interval_ms)}` : "";
   const apps = discovery.apps ?? [];
   return h("div", null,
+    h("h2", null, "Discovery"),
     h("p", { class: "muted" }, `Looking for apps on 127.0.0.1 ports ${shown}${every} (paths ${(discovery.paths ?? []).join(", ")}).`),
     apps.length === 0
       ? h("p", { class: "muted", "data-testid": "discovery-none" }, "Nothing found yet: start your app on one of these ports.")
