@@ -184,7 +184,10 @@ pub async fn serve(
         };
         let core = match (&settings.discovery, mode) {
             (Some(discovery), Mode::Dev) => {
-                core.with_discovery(crate::actors::discovery::Discovery::new(discovery.clone()))
+                core.with_discovery(crate::actors::discovery::Discovery::new(
+                    discovery.clone(),
+                    settings.sync_urls.clone(),
+                ))
             }
             _ => core,
         };

@@ -38,13 +38,16 @@ pub struct FoundApp {
 #[derive(Clone)]
 pub struct Discovery {
     pub settings: DiscoverySettings,
+    /// URLs given with `-u`: probed (and re-synced) every scan too.
+    pub extra_urls: Vec<String>,
     found: Arc<Mutex<BTreeMap<String, FoundApp>>>,
 }
 
 impl Discovery {
-    pub fn new(settings: DiscoverySettings) -> Discovery {
+    pub fn new(settings: DiscoverySettings, extra_urls: Vec<String>) -> Discovery {
         Discovery {
             settings,
+            extra_urls,
             found: Arc::default(),
         }
     }
@@ -78,8 +81,24 @@ async fn probe(http: &reqwest::Client, url: &str) -> Probe {
     }
 }
 
-/// The URLs on loopback that answer as Inngest apps now.
-async fn scan(http: &reqwest::Client, settings: &DiscoverySettings) -> Vec<String> {
+/// The URLs on loopback (and the `-u` ones) that answer as Inngest apps now.
+async fn scan(http: &reqwest::Client, discovery: &Discovery) -> Vec<String> {
+    let settings = &discovery.settings;
+    let extra = discovery.extra_urls.iter().map(|url| async move {
+        matches!(probe(http, url).await, Probe::App).then(|| url.clone())
+    });
+    let mut found: Vec<String> = futures::future::join_all(extra)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    found.extend(scan_ports(http, settings).await);
+    found.sort();
+    found.dedup();
+    found
+}
+
+async fn scan_ports(http: &reqwest::Client, settings: &DiscoverySettings) -> Vec<String> {
     let ports = settings.ports.iter().map(|port| async move {
         let mut found = Vec::new();
         for path in &settings.paths {
@@ -126,7 +145,7 @@ pub async fn discovery_loop(
         "looking for apps on loopback (--no-discovery turns this off)"
     );
     loop {
-        let answering = scan(&http, &discovery.settings).await;
+        let answering = scan(&http, &discovery).await;
         let now = clock.now().to_rfc3339();
         let known: Vec<String> = {
             let mut found = discovery.lock();

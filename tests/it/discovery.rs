@@ -140,6 +140,41 @@ async fn a_changed_app_is_synced_again_and_a_stopped_one_is_gone() {
 }
 
 #[tokio::test]
+async fn sdk_url_apps_are_synced_again_when_they_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let app_port = free_port();
+    let url = format!("http://127.0.0.1:{app_port}/api/inngest");
+    // The app's port is not scanned: only `-u` finds it.
+    let mut options = discovering(&[free_port()]);
+    options.extra_args.extend(["-u".into(), url.clone()]);
+    let baton = Baton::start_with(&dir.path().join("data"), options);
+    let app = NodeApp::start_on(&baton.url, app_port);
+    eventually(TIMEOUT, "the app's functions", || async {
+        function_ids(&baton)
+            .await
+            .contains(&"baton-test-three-steps".to_string())
+            .then_some(())
+    })
+    .await;
+    drop(app);
+    let _app = SdkApp::launch(
+        Sdk::Node,
+        &baton.url,
+        app_port,
+        &[("EXTRA_FUNCTION", "added-later")],
+    );
+    eventually(TIMEOUT, "the new function to be synced", || async {
+        function_ids(&baton)
+            .await
+            .contains(&"baton-test-added-later".to_string())
+            .then_some(())
+    })
+    .await;
+    let apps = discovered(&baton).await["apps"].clone();
+    assert_eq!(apps[0]["url"], url.as_str(), "{apps}");
+}
+
+#[tokio::test]
 async fn an_app_that_cannot_sync_shows_why() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
