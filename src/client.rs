@@ -25,7 +25,7 @@ pub struct Connection {
     pub json: bool,
     /// File holding the signing key (production servers); else
     /// $BATON_SIGNING_KEY or $INNGEST_SIGNING_KEY.
-    #[arg(long, global = true)]
+    #[arg(long, env = "BATON_SIGNING_KEY_FILE", global = true)]
     pub signing_key_file: Option<PathBuf>,
 }
 

@@ -12,6 +12,10 @@ use baton::client::{self, ClientCommand};
 use baton::serve::{check_locality, serve, Mode, Service};
 
 fn main() -> ExitCode {
+    // Before any thread starts: threads get the stack the CEL bounds need.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", baton::THREAD_STACK_BYTES.to_string());
+    }
     let cli = Cli::parse();
     if let Some(command) = client_command(&cli.command) {
         return match client::run(command) {
@@ -45,7 +49,7 @@ fn client_command(command: &Command) -> Option<ClientCommand<'_>> {
         Command::Events(args) => Some(ClientCommand::Events(args)),
         Command::Apps(args) => Some(ClientCommand::Apps(args)),
         Command::Status(args) => Some(ClientCommand::Status(args)),
-        Command::Dev(_) | Command::Start(_) | Command::Serve(_) => None,
+        Command::Dev(_) | Command::Start(_) | Command::Serve(_) | Command::Doctor(_) => None,
     }
 }
 
@@ -59,6 +63,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Production,
             args.prod.settings()?,
         ),
+        Command::Doctor(args) => return doctor(&args.data_dir()?),
         // Client commands are run by `main` before this.
         _ => anyhow::bail!("not a server command"),
     };
@@ -75,7 +80,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let dir = std::fs::canonicalize(&settings.data_dir).unwrap_or(settings.data_dir.clone());
         format!("data in {}", dir.display())
     } else {
-        format!("data in redis at {}", settings.backends.redis_url)
+        format!(
+            "data in redis at {}",
+            baton::secret::redact_url(&settings.backends.redis_url)
+        )
     };
     let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
     info!(
@@ -83,6 +91,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         names.join(" ")
     );
     actix_rt::System::new().block_on(serve(settings, services, mode, listener, shutdown_signal()))
+}
+
+/// `baton doctor`: checks the embedded store and reports what is damaged.
+fn doctor(dir: &std::path::Path) -> anyhow::Result<()> {
+    println!("checking the store in {}", dir.display());
+    let report = baton::store::sled::check::doctor(dir);
+    for line in &report.lines {
+        println!("{line}");
+    }
+    if report.damaged > 0 {
+        anyhow::bail!("the store is damaged: {} problem(s) found", report.damaged);
+    }
+    println!("the store is healthy");
+    Ok(())
 }
 
 /// Resolves at the first Ctrl-C or SIGTERM; a second one exits at once.

@@ -261,9 +261,22 @@ pub fn parse_reply(
             no_retry: false,
             retry_after: None,
         },
-        200 => SdkReply::Complete {
-            output: parsed.unwrap_or(Value::Null),
-            request_version,
+        200 => match parsed {
+            Some(output) => SdkReply::Complete {
+                output,
+                request_version,
+            },
+            // An empty body is a function that returned nothing.
+            None if body.iter().all(u8::is_ascii_whitespace) => SdkReply::Complete {
+                output: Value::Null,
+                request_version,
+            },
+            None => SdkReply::Error {
+                status,
+                error: standard_error("invalid 200 answer: the body is not JSON", &Value::Null),
+                no_retry: false,
+                retry_after: None,
+            },
         },
         206 => match parsed {
             Some(Value::Array(items)) => parse_ops(items, no_retry, retry_after, request_version),
@@ -363,10 +376,86 @@ fn parse_stream(body: &[u8], now: Timestamp) -> SdkReply {
     )
 }
 
+/// Calls and sync pings carry a signed body and its signature: a redirect
+/// is followed only within the same host (an upgrade to https allowed),
+/// never to another host, which would receive both.
+fn same_host_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(previous) = attempt.previous().last() else {
+            return attempt.stop();
+        };
+        let next = attempt.url();
+        let same_host = next.host_str() == previous.host_str();
+        let same_origin = next.scheme() == previous.scheme()
+            && next.port_or_known_default() == previous.port_or_known_default();
+        let upgrade = previous.scheme() == "http"
+            && next.scheme() == "https"
+            && next.port_or_known_default() == Some(443);
+        if attempt.previous().len() > 5 || !same_host || !(same_origin || upgrade) {
+            attempt.stop()
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// The message for a redirect that was not followed.
+fn refused_redirect(url: &str, response: &reqwest::Response) -> Option<String> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("nowhere");
+    Some(format!(
+        "the app at {url} answered {} redirecting to {}; Baton follows redirects only \
+         within the same host, so that the signed request goes nowhere else",
+        response.status(),
+        truncate(location)
+    ))
+}
+
+/// Largest answer read from an app, bytes: a reply may carry several step
+/// results, but never more than a run's whole state may hold.
+pub const MAX_REPLY_BYTES: usize = 32 << 20;
+
+/// Reads a response body chunk by chunk, failing once it passes `limit`
+/// bytes, so an endless or huge answer never fills memory.
+async fn read_capped(
+    url: &str,
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
+    let too_large = || format!("the answer from {url} is larger than {limit} bytes");
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| describe_transport_error(url, &err))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Makes calls and sync pings to SDK apps.
 #[derive(Clone)]
 pub struct SdkClient {
     http: reqwest::Client,
+    /// For `step.fetch` and `step.ai.infer`: unsigned calls the app asked
+    /// for, which follow redirects as `fetch` does.
+    gateway: reqwest::Client,
     signing_key: Option<String>,
 }
 
@@ -385,9 +474,18 @@ impl SdkClient {
             .timeout(call_timeout)
             .connect_timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(256)
+            .redirect(same_host_redirects())
             .build()
             .expect("building the HTTP client with static settings");
-        SdkClient { http, signing_key }
+        let gateway = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .expect("building the HTTP client with static settings");
+        SdkClient {
+            http,
+            gateway,
+            signing_key,
+        }
     }
 
     fn sign(
@@ -431,13 +529,12 @@ impl SdkClient {
             .send()
             .await
             .map_err(|err| describe_transport_error(&url, &err))?;
+        if let Some(refused) = refused_redirect(&url, &response) {
+            return Err(refused);
+        }
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|err| describe_transport_error(&url, &err))?
-            .to_vec();
+        let body = read_capped(&url, response, MAX_REPLY_BYTES).await?;
         Ok(RawReply {
             used_api,
             status,
@@ -446,8 +543,9 @@ impl SdkClient {
         })
     }
 
-    /// Asks the app at `url` to sync (PROTOCOL §3.1). Returns the app's
-    /// answer body on success.
+    /// Asks the app at `url` to sync (PROTOCOL §3.1). The answer's body is
+    /// never passed on, on success or failure (it is only logged): the URL
+    /// may be anything, and Baton must not read other servers for a caller.
     pub async fn ping(
         &self,
         url: &str,
@@ -467,22 +565,27 @@ impl SdkClient {
             .send()
             .await
             .map_err(|err| describe_transport_error(url, &err))?;
+        if let Some(refused) = refused_redirect(url, &response) {
+            return Err(refused);
+        }
         let status = response.status();
         let text = response
             .text()
             .await
             .map_err(|err| describe_transport_error(url, &err))?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        tracing::debug!(%url, %status, answer = truncate(&text), "sync answer");
         if !status.is_success() {
-            return Err(format!("the app answered the sync with {status}: {text}"));
+            return Err(format!("the app answered the sync with {status}"));
         }
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         // PY passes the server's error through with a 200 (PROTOCOL §3.3).
         if let Some(code) = value.get("status").and_then(Value::as_u64) {
             if code >= 400 {
-                return Err(format!("sync failed: {text}"));
+                return Err(format!("the app says the sync failed with status {code}"));
             }
         }
-        Ok(value)
+        let modified = value.get("modified").and_then(Value::as_bool);
+        Ok(json!({ "url": url, "synced": true, "modified": modified }))
     }
 }
 
@@ -506,7 +609,7 @@ impl SdkClient {
                 .unwrap_or(reqwest::Method::GET)
         };
         let mut request = self
-            .http
+            .gateway
             .request(method, url)
             .timeout(Duration::from_secs(300));
         if ai {
@@ -549,9 +652,9 @@ impl SdkClient {
                 headers.insert(name.as_str().to_string(), Value::String(value.to_string()));
             }
         }
-        let text = match response.text().await {
-            Ok(text) => text,
-            Err(err) => return fail(describe_transport_error(url, &err)),
+        let text = match read_capped(url, response, MAX_REPLY_BYTES).await {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(message) => return fail(message),
         };
         if ai {
             if !status.is_success() {
@@ -693,6 +796,19 @@ mod tests {
         assert!(matches!(
             parse_reply(200, headers(&[]), b"{}", now),
             SdkReply::Error { .. }
+        ));
+        // A 200 whose body is not JSON is an error, not a null output; an
+        // empty body is a function that returned nothing.
+        assert!(matches!(
+            parse_reply(200, headers(SDK), b"{not json", now),
+            SdkReply::Error { status: 200, .. }
+        ));
+        assert!(matches!(
+            parse_reply(200, headers(SDK), b"", now),
+            SdkReply::Complete {
+                output: Value::Null,
+                ..
+            }
         ));
     }
 

@@ -275,23 +275,8 @@ fn redis_error(url: &str, err: ::redis::RedisError) -> StoreError {
     StoreError::new(kind, format!("Redis at {url}: {err}"))
 }
 
-/// `url` with its password replaced by `***`, for messages.
 fn redact(url: &str) -> String {
-    let mut shown = url.to_string();
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.rsplit_once('@') {
-            if let Some((user, _password)) = userinfo.split_once(':') {
-                shown = format!("{scheme}://{user}:***@{host}");
-            }
-        }
-    }
-    // `redis+unix:///path?pass=secret`
-    if let Some(start) = shown.find("pass=") {
-        let value = start + "pass=".len();
-        let end = shown[value..].find('&').map_or(shown.len(), |i| value + i);
-        shown.replace_range(value..end, "***");
-    }
-    shown
+    crate::secret::redact_url(url)
 }
 
 /// Counts the attempts of an optimistic read-modify-write.
