@@ -239,6 +239,15 @@ pub async fn serve(
             ),
             None => core,
         };
+        let core = match (&settings.discovery, mode) {
+            (Some(discovery), Mode::Dev) => {
+                core.with_discovery(crate::actors::discovery::Discovery::new(
+                    discovery.clone(),
+                    settings.sync_urls.clone(),
+                ))
+            }
+            _ => core,
+        };
         core.start()
     });
 

@@ -863,6 +863,7 @@ impl Worker {
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
         let call_started = std::time::Instant::now();
+        let call_started_at = self.clock.now();
         let sent = self.client.call(&call, self.clock.now()).await;
         METRICS
             .sdk_call_seconds
@@ -913,6 +914,22 @@ impl Worker {
         if let SdkReply::Error { status, error, .. } = &reply {
             self.status.borrow_mut().call_errors += 1;
             debug!(run_id = %run.id, status, error = %error, "call failed");
+        }
+        // The run's trace (observability only: a failure to note it is logged).
+        let item_step = match &item.kind {
+            ItemKind::Planned { step_id, .. } => step_id.as_str(),
+            _ => "",
+        };
+        let attempt = crate::model::trace::AttemptRecord::from_reply(
+            &run.id,
+            item_step,
+            lease.attempt,
+            call_started_at.millis(),
+            self.clock.now().millis(),
+            &reply,
+        );
+        if let Err(err) = self.backends.state.record_attempt(attempt).await {
+            warn!(run_id = %run.id, error = %err, "cannot note the call in the run's trace");
         }
         let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..30_000));
         let delay = backoff(self.config.retry_interval, lease.attempt, jitter);
