@@ -122,6 +122,10 @@ pub struct DevArgs {
     /// Lease of a queue item (a time string); a crashed call is retried after it.
     #[arg(long)]
     pub lease_ttl: Option<String>,
+    /// Do not offer the JS SDK checkpointing (one call per step instead);
+    /// overrides executor.checkpointing.
+    #[arg(long)]
+    pub no_checkpointing: bool,
 }
 
 impl DevArgs {
@@ -156,6 +160,9 @@ impl DevArgs {
         }
         if let Some(ttl) = &self.lease_ttl {
             raw.executor.lease_ttl = ttl.clone();
+        }
+        if self.no_checkpointing {
+            raw.executor.checkpointing = false;
         }
         Ok((source, raw.validate()?))
     }

@@ -159,6 +159,7 @@ pub async fn serve(
             workers: settings.workers,
             lease_ttl: settings.lease_ttl,
             retry_interval: settings.retry_interval,
+            checkpointing: settings.checkpointing,
         };
         let addr = Executor::start_in_arbiter(&arbiter.handle(), move |_| {
             Executor::new(backends, clock, client, config, ended)
@@ -214,6 +215,7 @@ pub async fn serve(
             settings.session_ttl,
         ),
         retention: settings.retention,
+        lease_ttl: settings.lease_ttl,
     });
     let server = HttpServer::new(move || {
         let state = state.clone();

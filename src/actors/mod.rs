@@ -1,6 +1,7 @@
 //! One actor per service. Each file holds the actor, its messages and its
 //! handlers. Durable state lives in the stores; actor fields are caches.
 
+pub mod checkpoint;
 pub mod core_api;
 pub mod event_api;
 pub mod executor;

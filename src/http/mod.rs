@@ -2,6 +2,7 @@
 //! one store read) and map the reply. Routes of services that do not run in
 //! this process are not mounted.
 
+pub mod checkpoint;
 pub mod core_api;
 pub mod dashboard;
 pub mod error;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub sessions: session::Sessions,
     /// Retention of finished runs and events, shown by `/v1/status`.
     pub retention: Option<std::time::Duration>,
+    /// The executor's queue lease; a valid checkpoint renews its call's.
+    pub lease_ttl: std::time::Duration,
 }
 
 /// Production-mode checks of SDK requests (PROTOCOL §1.4, §1.5).
@@ -213,7 +216,15 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/v1/events", web::get().to(core_api::list_events))
             .route("/v1/events/{id}", web::get().to(core_api::get_event))
             .route("/v1/events/{id}/runs", web::get().to(core_api::event_runs))
-            .route("/v1/status", web::get().to(core_api::status));
+            .route("/v1/status", web::get().to(core_api::status))
+            .route(
+                "/v1/checkpoint/{id}/async",
+                web::post().to(checkpoint::checkpoint_async),
+            )
+            .route(
+                "/v1/checkpoint/{id}/steps",
+                web::post().to(checkpoint::checkpoint_steps),
+            );
     }
 }
 
