@@ -109,9 +109,8 @@ pub async fn checkpoint_async(
             op.op, op.id
         )));
     }
-    let (lease_id, item_id) = parse_qi_id(&request.qi_id).ok_or_else(|| {
-        CheckpointError::Invalid(format!("invalid qi_id {:?}", request.qi_id))
-    })?;
+    let (lease_id, item_id) = parse_qi_id(&request.qi_id)
+        .ok_or_else(|| CheckpointError::Invalid(format!("invalid qi_id {:?}", request.qi_id)))?;
     let Some(run) = backends.state.load_run(path_run_id).await? else {
         return Err(CheckpointError::NotFound(path_run_id.to_string()));
     };
@@ -248,13 +247,26 @@ mod tests {
             .await
             .unwrap()
             .remove(0);
-        let save = |ops| checkpoint_async(&backends, &clock, TTL, &run.id, request(&run, &lease, ops));
+        let save =
+            |ops| checkpoint_async(&backends, &clock, TTL, &run.id, request(&run, &lease, ops));
 
         let stored = save(vec![step_op("a", json!(1))]).await.unwrap();
-        assert_eq!(stored, Checkpointed { saved: 1, duplicates: 0 });
+        assert_eq!(
+            stored,
+            Checkpointed {
+                saved: 1,
+                duplicates: 0
+            }
+        );
         // The same checkpoint again (the SDK retries a lost answer): no change.
         let stored = save(vec![step_op("a", json!(2))]).await.unwrap();
-        assert_eq!(stored, Checkpointed { saved: 0, duplicates: 1 });
+        assert_eq!(
+            stored,
+            Checkpointed {
+                saved: 0,
+                duplicates: 1
+            }
+        );
         let steps = backends.state.load_steps(&run.id).await.unwrap();
         assert_eq!(steps.len(), 1);
         assert_eq!(steps[0].memo, r#"{"data":1}"#);
@@ -263,9 +275,15 @@ mod tests {
         // Not results, or past a limit: 400, for the executor's own path.
         let mut sleep = step_op("s", Value::Null);
         sleep.op = "Sleep".into();
-        assert!(matches!(save(vec![sleep]).await, Err(CheckpointError::Invalid(_))));
+        assert!(matches!(
+            save(vec![sleep]).await,
+            Err(CheckpointError::Invalid(_))
+        ));
         let huge = json!("x".repeat(crate::actors::executor::MAX_STEP_BYTES));
-        assert!(matches!(save(vec![step_op("big", huge)]).await, Err(CheckpointError::Invalid(_))));
+        assert!(matches!(
+            save(vec![step_op("big", huge)]).await,
+            Err(CheckpointError::Invalid(_))
+        ));
 
         // Another function's id, or an item of another run: stale.
         let mut other = request(&run, &lease, vec![step_op("b", json!(1))]);
@@ -280,7 +298,10 @@ mod tests {
             .await
             .unwrap();
         let result = save(vec![step_op("b", json!(1))]).await;
-        assert!(matches!(result, Err(CheckpointError::Stale(_))), "{result:?}");
+        assert!(
+            matches!(result, Err(CheckpointError::Stale(_))),
+            "{result:?}"
+        );
         assert_eq!(backends.state.load_steps(&run.id).await.unwrap().len(), 1);
 
         // An ended run: stale.
@@ -290,8 +311,18 @@ mod tests {
             .await
             .unwrap();
         let result = save(vec![step_op("c", json!(1))]).await;
-        assert!(matches!(result, Err(CheckpointError::Stale(_))), "{result:?}");
-        let missing = checkpoint_async(&backends, &clock, TTL, "nope", request(&run, &lease, vec![])).await;
+        assert!(
+            matches!(result, Err(CheckpointError::Stale(_))),
+            "{result:?}"
+        );
+        let missing = checkpoint_async(
+            &backends,
+            &clock,
+            TTL,
+            "nope",
+            request(&run, &lease, vec![]),
+        )
+        .await;
         assert!(matches!(missing, Err(CheckpointError::Invalid(_))));
     }
 

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::actors::checkpoint;
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
@@ -33,7 +34,6 @@ use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
 };
-use crate::actors::checkpoint;
 use crate::sdk::{parse_reply, step_error, CallRequest, CheckpointOffer, SdkClient, SdkReply};
 use crate::store::{Backends, Lease, SaveStep, StoreResult};
 

@@ -60,7 +60,9 @@ pub async fn checkpoint_steps(
     serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .filter(serde_json::Value::is_object)
-        .ok_or_else(|| ApiError::BadRequest("invalid checkpoint body: expected an object".into()))?;
+        .ok_or_else(|| {
+            ApiError::BadRequest("invalid checkpoint body: expected an object".into())
+        })?;
     match state.backends.state.load_run(&run_id).await? {
         None => Err(ApiError::NotFound(format!("run {run_id} not found"))),
         Some(_) => Err(ApiError::Conflict(format!(

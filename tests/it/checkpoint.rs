@@ -58,9 +58,19 @@ async fn node_checkpointing_runs_a_function_in_one_call_and_retries_as_before() 
 
     // A step after checkpointed ones fails twice: it gets its own attempts
     // (3 of the 4 allowed), the steps around it run once.
-    let retry = send_event(&baton, "test/ckpt-mixed", json!({"key": "r", "fail": "retry"})).await;
+    let retry = send_event(
+        &baton,
+        "test/ckpt-mixed",
+        json!({"key": "r", "fail": "retry"}),
+    )
+    .await;
     // NonRetriableError after a checkpointed step: the run fails at once.
-    let fatal = send_event(&baton, "test/ckpt-mixed", json!({"key": "f", "fail": "fatal"})).await;
+    let fatal = send_event(
+        &baton,
+        "test/ckpt-mixed",
+        json!({"key": "f", "fail": "fatal"}),
+    )
+    .await;
     let run = finished_run(&baton, &retry, TIMEOUT).await;
     assert_eq!(run["status"], "Completed", "{run}");
     assert_eq!(run["output"], json!({"one": 1, "mid": 3, "two": 2}));
@@ -136,7 +146,10 @@ async fn stale_checkpoints_get_409_and_change_nothing() {
         async move {
             let response = client().post(url).json(&body).send().await.unwrap();
             let status = response.status().as_u16();
-            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
         }
     };
     let body = |run: &str, fn_id: &str, qi_id: String| {
@@ -155,7 +168,10 @@ async fn stale_checkpoints_get_409_and_change_nothing() {
     .await;
     assert_eq!(status, 409, "{answer}");
     assert_eq!(answer["status"], 409);
-    assert!(answer["error"].as_str().unwrap().contains("lease"), "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("lease"),
+        "{answer}"
+    );
     // Another function's id.
     let (status, answer) = post(
         run_id.clone(),
@@ -166,7 +182,11 @@ async fn stale_checkpoints_get_409_and_change_nothing() {
     // A finished run.
     let (status, answer) = post(
         done_id.clone(),
-        body(&done_id, "baton-test-three-steps", format!("1:{done_id}/d/3")),
+        body(
+            &done_id,
+            "baton-test-three-steps",
+            format!("1:{done_id}/d/3"),
+        ),
     )
     .await;
     assert_eq!(status, 409, "{answer}");
@@ -193,7 +213,10 @@ async fn stale_checkpoints_get_409_and_change_nothing() {
     sleep["steps"][0]["op"] = json!("Sleep");
     let (status, answer) = post(run_id.clone(), sleep).await;
     assert_eq!(status, 400, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("Sleep"), "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("Sleep"),
+        "{answer}"
+    );
     let response = client()
         .post(format!("{}/v1/checkpoint/{run_id}/async", baton.url))
         .body("{not json")
