@@ -9,6 +9,8 @@
 //!
 //! Every implementation passes the conformance suites in [`testsuite`].
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod fault;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
