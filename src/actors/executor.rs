@@ -1475,6 +1475,7 @@ mod tests {
                     workers: 1,
                     lease_ttl: Duration::from_secs(30),
                     retry_interval: None,
+                    checkpointing: false,
                 },
                 status: RefCell::new(ExecutorStatus::default()),
                 functions: RefCell::new(HashMap::new()),
