@@ -135,10 +135,9 @@ pub async fn checkpoint_async(
     let decision = plain_saves(&run, lease_id, item_id, request.steps, clock)?;
     // The call must still hold its lease: a call whose lease expired (and
     // whose item another worker may have taken), or whose item was acked,
-    // no longer speaks for the run. Holding it, the checkpoint also counts
-    // as a sign of life and renews it.
-    let expires = clock.now().plus(lease_ttl);
-    if !backends.queue.extend(lease_id, item_id, expires).await? {
+    // no longer speaks for the run.
+    let renew_to = clock.now().plus(lease_ttl);
+    if !backends.queue.holds(lease_id, item_id, renew_to).await? {
         return Err(CheckpointError::Stale(
             "the call's queue lease has moved on".into(),
         ));

@@ -811,7 +811,7 @@ impl Worker {
             let held = self
                 .backends
                 .queue
-                .extend(lease.lease_id, &lease.item.id, expires)
+                .holds(lease.lease_id, &lease.item.id, expires)
                 .await?;
             if !held {
                 debug!(run_id = %run.id, item = %lease.item.id, "stale call's answer dropped");
