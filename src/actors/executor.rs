@@ -632,12 +632,14 @@ impl Worker {
                 lifecycle::cancel_run(&self.backends, &run.id, self.clock.now()).await?;
                 return self.ack(lease, Vec::new()).await;
             }
-            ItemKind::Discovery { seq } if *seq < stack_len && lease.attempt == 0 => {
+            ItemKind::Discovery { seq }
+                if *seq < stack_len && (lease.attempt == 0 || !self.config.checkpointing) =>
+            {
                 // Superseded by a result saved after this item was scheduled
-                // (a crash between saving and acking lands here). A retry
-                // (attempt > 0) is not superseded: its call checkpointed
-                // steps and then failed, and the failing step's attempts go
-                // on from there.
+                // (a crash between saving and acking lands here). With
+                // checkpointing, a retry (attempt > 0) is not superseded: its
+                // call checkpointed steps and then failed, and the failing
+                // step's attempts go on from there.
                 let next = QueueItem::discovery(&run.id, &run.fn_id, stack_len).for_run(&run);
                 return self.ack(lease, vec![(next, self.clock.now())]).await;
             }
