@@ -77,6 +77,16 @@ pub struct CallRequest<'a> {
     /// Above this many body bytes, send `use_api` and let the SDK fetch
     /// events and steps from `/v0/runs/{id}/…` (PROTOCOL §4.10).
     pub max_body_bytes: usize,
+    /// Offers the SDK checkpointing (PROTOCOL §5.1).
+    pub checkpoint: Option<CheckpointOffer>,
+}
+
+/// What a call sends so that the JS SDK v4 checkpoints: `ctx.fn_id` and
+/// `ctx.qi_id` (the call's queue lease, `actors::checkpoint::qi_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointOffer {
+    pub fn_id: String,
+    pub qi_id: String,
 }
 
 impl CallRequest<'_> {
@@ -95,7 +105,7 @@ impl CallRequest<'_> {
         } else {
             (self.events.to_vec(), self.steps.clone())
         };
-        json!({
+        let mut body = json!({
             "event": self.events.first().cloned().unwrap_or_else(|| json!({})),
             "events": events,
             "steps": steps,
@@ -111,7 +121,12 @@ impl CallRequest<'_> {
             },
             "version": if matches!(self.request_version, 1 | 2) { self.request_version } else { -1 },
             "use_api": use_api,
-        })
+        });
+        if let Some(offer) = &self.checkpoint {
+            body["ctx"]["fn_id"] = json!(offer.fn_id);
+            body["ctx"]["qi_id"] = json!(offer.qi_id);
+        }
+        body
     }
 }
 

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
+use crate::actors::checkpoint;
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
@@ -35,7 +36,7 @@ use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
 };
-use crate::sdk::{parse_reply, step_error, CallRequest, SdkClient, SdkReply};
+use crate::sdk::{parse_reply, step_error, CallRequest, CheckpointOffer, SdkClient, SdkReply};
 use crate::store::{Backends, Lease, SaveStep, StoreResult};
 
 /// Inngest's retry backoff table (GO `pkg/backoff TableBackoff`).
@@ -63,6 +64,8 @@ pub struct ExecutorConfig {
     pub lease_ttl: Duration,
     /// Fixed retry delay; `None` uses [`BACKOFF_TABLE`] plus jitter.
     pub retry_interval: Option<Duration>,
+    /// Offer the SDK checkpointing in discovery calls (`actors::checkpoint`).
+    pub checkpointing: bool,
 }
 
 /// When to make a discovery call after saving results.
@@ -782,9 +785,14 @@ impl Worker {
                 lifecycle::cancel_run(&self.backends, &run.id, self.clock.now()).await?;
                 return self.ack(lease, Vec::new()).await;
             }
-            ItemKind::Discovery { seq } if *seq < stack_len => {
+            ItemKind::Discovery { seq }
+                if *seq < stack_len && (lease.attempt == 0 || !self.config.checkpointing) =>
+            {
                 // Superseded by a result saved after this item was scheduled
-                // (a crash between saving and acking lands here).
+                // (a crash between saving and acking lands here). With
+                // checkpointing, a retry (attempt > 0) is not superseded: its
+                // call checkpointed steps and then failed, and the failing
+                // step's attempts go on from there.
                 let next = QueueItem::discovery(&run.id, &run.fn_id, stack_len).for_run(&run);
                 return self.ack(lease, vec![(next, self.clock.now())]).await;
             }
@@ -845,6 +853,16 @@ impl Worker {
             .iter()
             .map(|e| serde_json::from_str(e).unwrap_or(Value::Null))
             .collect();
+        // Checkpointing: a discovery call that may run steps inline lets
+        // the SDK run them all, storing each through `actors::checkpoint`.
+        let checkpoint = (self.config.checkpointing
+            && matches!(item.kind, ItemKind::Discovery { .. })
+            && !run.force_plan)
+            .then(|| CheckpointOffer {
+                fn_id: run.fn_id.clone(),
+                qi_id: checkpoint::qi_id(lease.lease_id, &item.id),
+            });
+        let offered = checkpoint.is_some();
         let call = CallRequest {
             url: &function.url,
             run_id: &run.id,
@@ -859,6 +877,7 @@ impl Worker {
             disable_immediate_execution: run.force_plan
                 || matches!(item.kind, ItemKind::Planned { .. }),
             max_body_bytes: MAX_CALL_BODY_BYTES,
+            checkpoint,
         };
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
@@ -904,6 +923,12 @@ impl Worker {
             SdkReply::Error { .. } => -1,
         };
         let mut run = run;
+        if offered {
+            match self.after_checkpoints(lease, &reply).await? {
+                Some(current) => run = current,
+                None => return Ok(()),
+            }
+        }
         if request_version > 0 && request_version != run.request_version {
             self.backends
                 .state
@@ -963,6 +988,38 @@ impl Worker {
             QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
         next.id = format!("{}~{count}", next.id);
         self.ack(lease, vec![(next, now.plus(delay))]).await
+    }
+
+    /// After a call that was offered checkpointing: the run as it is now
+    /// (the call may have stored steps), or `None` when the reply must be
+    /// dropped: the run has ended (the item is acked), or the reply is the
+    /// SDK stopping because a checkpoint was refused as stale and this call
+    /// no longer holds its lease (the item is someone else's now).
+    async fn after_checkpoints(
+        &self,
+        lease: &Lease,
+        reply: &SdkReply,
+    ) -> StoreResult<Option<RunRecord>> {
+        let run = match self.backends.state.load_run(&lease.item.run_id).await? {
+            Some(run) if !run.status.is_terminal() => run,
+            _ => {
+                self.ack(lease, Vec::new()).await?;
+                return Ok(None);
+            }
+        };
+        if let SdkReply::Error { no_retry: true, .. } = reply {
+            let expires = self.clock.now().plus(self.config.lease_ttl);
+            let held = self
+                .backends
+                .queue
+                .holds(lease.lease_id, &lease.item.id, expires)
+                .await?;
+            if !held {
+                debug!(run_id = %run.id, item = %lease.item.id, "stale call's answer dropped");
+                return Ok(None);
+            }
+        }
+        Ok(Some(run))
     }
 
     async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {
@@ -1698,6 +1755,7 @@ mod tests {
                     workers: 1,
                     lease_ttl: Duration::from_secs(30),
                     retry_interval: None,
+                    checkpointing: false,
                 },
                 status: RefCell::new(ExecutorStatus::default()),
                 functions: RefCell::new(HashMap::new()),

@@ -5,6 +5,7 @@ mod api;
 mod backend_nats;
 mod backend_redis;
 mod browser;
+mod checkpoint;
 mod cli;
 mod client;
 mod conformance;
