@@ -84,7 +84,7 @@ async fn send_until(url: String, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<Sen
                 }
                 // Half of the waits get their reply (some before the wait
                 // begins, which then times out: both must finish).
-                if function == "wait-match" && i % 2 == 0 {
+                if function == "wait-match" && i.is_multiple_of(2) {
                     let reply = json!([{"name": "test/wait.reply", "data": {"key": key}}]);
                     let _ = client()
                         .post(format!("{url}/e/torture"))
