@@ -22,5 +22,6 @@ mod security;
 mod split;
 mod steps;
 mod support;
+mod torture;
 mod trace;
 mod upgrade;
