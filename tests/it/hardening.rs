@@ -453,7 +453,7 @@ async fn seeded_ids_never_overwrite_events() {
 }
 
 /// Starts the binary on `dir` and expects it to refuse; returns its output.
-fn refused_start(dir: &std::path::Path) -> String {
+fn refused_start(dir: &std::path::Path, what: &str) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_baton"))
         .args(["dev", "--host", "127.0.0.1", "--port", "0", "--data-dir"])
         .arg(dir)
@@ -471,7 +471,11 @@ fn refused_start(dir: &std::path::Path) -> String {
     });
     let Ok(Ok(output)) = receiver.recv_timeout(Duration::from_secs(30)) else {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        panic!("baton started on a damaged store");
+        let files: Vec<String> = std::fs::read_dir(dir.join("db"))
+            .unwrap()
+            .map(|e| format!("{:?}", e.unwrap().path()))
+            .collect();
+        panic!("{what}: baton started on a damaged store ({files:?})");
     };
     let text = format!(
         "{}{}",
@@ -518,22 +522,27 @@ async fn damaged_stores_are_refused_loudly() {
         let status = baton.interrupt(Duration::from_secs(20));
         assert!(status.is_some_and(|s| s.success()));
     }
-    let (healthy, report) = doctor(dir.path());
-    assert!(healthy, "{report}");
-    assert!(report.contains("events: 21 ok, 0 damaged"), "{report}");
-
     let db_dir = dir.path().join("db");
     let db_file = db_dir.join("db");
     let pristine = std::fs::read(&db_file).unwrap();
-    // sled may rewrite its files when it opens a damaged store: keep the
-    // whole directory to put back after each case.
+    // sled may rewrite its files (a snapshot) whenever it opens the store:
+    // keep the whole directory, as Baton left it, to put back after each case.
     let backup = tempfile::tempdir().unwrap();
     copy_dir(&db_dir, backup.path());
     let mark = std::fs::read(dir.path().join("durable-seq")).unwrap();
-    let damages: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    let (healthy, report) = doctor(dir.path());
+    assert!(healthy, "{report}");
+    assert!(report.contains("events: 21 ok, 0 damaged"), "{report}");
+    std::fs::remove_dir_all(&db_dir).unwrap();
+    copy_dir(backup.path(), &db_dir);
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let damages: Vec<(&str, Damage)> = vec![
         (
             "zeroed head",
-            Box::new(|bytes| bytes[..4_096.min(bytes.len())].fill(0)),
+            Box::new(|bytes| {
+                let end = bytes.len().min(4_096);
+                bytes[..end].fill(0)
+            }),
         ),
         (
             "32 flipped bytes at the head",
@@ -548,7 +557,7 @@ async fn damaged_stores_are_refused_loudly() {
         let mut bytes = pristine.clone();
         damage(&mut bytes);
         std::fs::write(&db_file, &bytes).unwrap();
-        let output = refused_start(dir.path());
+        let output = refused_start(dir.path(), what);
         assert!(output.contains("damaged"), "{what}: {output}");
         let (healthy, report) = doctor(dir.path());
         assert!(!healthy, "{what}: doctor found nothing: {report}");

@@ -70,9 +70,28 @@ impl SledDb {
                     dir.display()
                 ))
             }
+            corrupt @ sled::Error::Corruption { .. } => StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!(
+                    "the store in {dir} is damaged: {corrupt}; Baton will not start on it. \
+                     Run `baton doctor --data-dir {dir}` for details, or restore the \
+                     directory from a backup",
+                    dir = dir.display(),
+                ),
+            ),
             other => sled_error(other),
         })?;
-        check::verify(&db, dir)?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check::verify(&db, dir)))
+            .map_err(|panic| {
+                StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    format!(
+                    "the store in {} is damaged: sled failed reading it ({}); run `baton doctor`",
+                    dir.display(),
+                    crate::expr::panic_message(panic.as_ref())
+                ),
+                )
+            })??;
         Ok(SledDb::from_db(db, Some(dir)))
     }
 
