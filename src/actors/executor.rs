@@ -1487,6 +1487,68 @@ mod tests {
     }
 
     #[test]
+    fn hostile_replies_end_the_run() {
+        // No ops, or only DiscoveryRequest: no progress (bounded by perform).
+        check(0, ops(vec![], false), |d| {
+            assert!(d.no_progress && d.finish.is_none())
+        });
+        check(0, ops(vec![op("DiscoveryRequest", "d")], false), |d| {
+            assert!(d.no_progress)
+        });
+        // A sleep too long, or until a date too far.
+        let mut sleep = op("Sleep", "s");
+        sleep.name = Some("99999999999999999999w".into());
+        check(0, ops(vec![sleep.clone()], false), |d| assert!(failed(d)));
+        sleep.name = Some("2999-01-01T00:00:00Z".into());
+        check(0, ops(vec![sleep], false), |d| assert!(failed(d)));
+        // Waits with a hostile timeout or `if`.
+        for opts in [
+            json!({"timeout": "99999999999999999999w"}),
+            json!({"timeout": -5}),
+            json!({"timeout": "1h", "if": ")"}),
+            json!({"timeout": "1h", "if": format!("{}1{}", "(".repeat(400), ")".repeat(400))}),
+        ] {
+            let wait = with_opts(op("WaitForEvent", "w"), opts.clone());
+            check(0, ops(vec![wait], false), |d| assert!(failed(d), "{opts}"));
+        }
+        // An output larger than a step's may be.
+        let huge = SdkReply::Complete {
+            output: json!("x".repeat(MAX_STEP_BYTES + 1)),
+            request_version: 2,
+        };
+        check(0, huge, |d| {
+            assert!(failed(d));
+            assert!(d.finish.as_ref().unwrap().1["message"]
+                .as_str()
+                .unwrap()
+                .contains("output"));
+        });
+        // Planning past the step cap.
+        let mut busy = run();
+        busy.planned = (0..MAX_STEPS).map(|i| format!("p{i}")).collect();
+        let lease = lease_for(QueueItem::discovery(&busy.id, &busy.fn_id, 0), 0);
+        let d = decide(
+            &busy,
+            &lease,
+            &ops(vec![op("StepPlanned", "one-more")], false),
+            NOW,
+            DELAY,
+        );
+        assert!(failed(&d));
+        let many: Vec<Op> = (0..=MAX_OPS_PER_REPLY)
+            .map(|i| op("StepPlanned", &format!("p{i}")))
+            .collect();
+        check(0, ops(many, false), |d| assert!(failed(d)));
+    }
+
+    #[test]
+    fn no_progress_counts_travel_in_item_ids() {
+        assert_eq!(no_progress_count("run/d/3"), 0);
+        assert_eq!(no_progress_count("run/d/3~4"), 4);
+        assert_eq!(no_progress_count("run/d/3~x"), 0);
+    }
+
+    #[test]
     fn backoff_table_and_fixed_interval() {
         assert_eq!(backoff(None, 0, Duration::ZERO), Duration::from_secs(15));
         assert_eq!(
