@@ -81,7 +81,7 @@ fn rng(target: &str) -> (u64, StdRng) {
     let seed = std::env::var("BATON_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     eprintln!("fuzz {target}: seed {seed} (BATON_FUZZ_SEED={seed} replays it)");
     (seed, StdRng::seed_from_u64(seed))
 }
