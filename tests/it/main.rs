@@ -13,6 +13,8 @@ mod hardening;
 mod openapi;
 mod production;
 mod sdk_node;
+mod security;
 mod split;
 mod steps;
 mod support;
+mod upgrade;
