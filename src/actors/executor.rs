@@ -958,6 +958,23 @@ impl Worker {
                 .plan_steps(&run.id, &decision.plan, decision.force_plan)
                 .await?;
         }
+        if !decision.plan.is_empty() {
+            // `decide` checked the step cap against the run as loaded;
+            // replies handled at the same time each saw an older plan, so
+            // check the stored one too before scheduling more.
+            let stored = self.backends.state.load_run(&run.id).await?;
+            if let Some(stored) = stored.filter(|r| r.stack.len() + r.planned.len() > MAX_STEPS) {
+                let error = limit_error(format!(
+                    "the run has more than {MAX_STEPS} steps (done and planned)"
+                ));
+                if lifecycle::finish_run(&self.backends, &stored, RunStatus::Failed, error, now)
+                    .await?
+                {
+                    self.status.borrow_mut().runs_failed += 1;
+                }
+                return self.ack(lease, Vec::new()).await;
+            }
+        }
         let mut stack_len = run.stack.len() as u32;
         let mut planned_left = run.planned.len() as u32;
         let saved_any = !saves.is_empty();
