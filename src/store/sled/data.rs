@@ -1,5 +1,6 @@
 //! [`DataStore`] on sled. Keys in the `data` tree: `e/<internal id>` event
-//! (ULIDs sort by time), `p/<internal id>` pending for the runner,
+//! (ULIDs sort by time), `t/<received at, u64 BE>/<internal id>` the age
+//! index retention scans (`ti` marks it built), `p/<internal id>` pending for the runner,
 //! `a/<app>` app, `f/<fn>` function, `g` the functions generation.
 
 use std::collections::HashMap;
@@ -19,11 +20,32 @@ pub struct SledDataStore {
 
 impl SledDataStore {
     pub fn open(db: &SledDb) -> StoreResult<SledDataStore> {
-        Ok(SledDataStore {
+        let store = SledDataStore {
             tree: db.tree("data")?,
             commit: db.commit.clone(),
             write_lock: Mutex::new(()),
-        })
+        };
+        store.build_age_index()?;
+        Ok(store)
+    }
+
+    /// Indexes events stored before the age index existed (once).
+    fn build_age_index(&self) -> StoreResult<()> {
+        if self
+            .tree
+            .contains_key(AGE_INDEX_BUILT)
+            .map_err(sled_error)?
+        {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for entry in self.tree.scan_prefix(b"e/") {
+            let (_, bytes) = entry.map_err(sled_error)?;
+            let event = EventRecord::from_bytes(&bytes)?;
+            batch.insert(age_key(&event), &[]);
+        }
+        batch.insert(AGE_INDEX_BUILT, &[]);
+        self.tree.apply_batch(batch).map_err(sled_error)
     }
 
     fn get_record<R: Record>(&self, key: Vec<u8>) -> StoreResult<Option<R>> {
@@ -44,6 +66,15 @@ impl SledDataStore {
     }
 }
 
+/// Marks the age index as covering every event.
+const AGE_INDEX_BUILT: &[u8] = b"ti";
+
+/// `t/<received at, u64 BE>/<internal id>`.
+fn age_key(event: &EventRecord) -> Vec<u8> {
+    let received = (event.received_at.max(0) as u64).to_be_bytes();
+    key(&[b"t", &received, event.internal_id.as_bytes()])
+}
+
 #[async_trait::async_trait]
 impl DataStore for SledDataStore {
     async fn put_events(&self, events: &[EventRecord]) -> StoreResult<()> {
@@ -52,6 +83,7 @@ impl DataStore for SledDataStore {
             let id = event.internal_id.as_bytes();
             batch.insert(key(&[b"e", id]), event.to_bytes());
             batch.insert(key(&[b"p", id]), &[]);
+            batch.insert(age_key(event), &[]);
         }
         self.tree.apply_batch(batch).map_err(sled_error)?;
         self.commit.flush().await
@@ -102,20 +134,34 @@ impl DataStore for SledDataStore {
     }
 
     async fn delete_events_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64> {
+        // Oldest received first, by the age index (ids need not follow
+        // arrival: a seed may name any time).
+        let end = key(&[b"t", &(cutoff.millis().max(0) as u64).to_be_bytes()]);
         let mut batch = sled::Batch::default();
         let mut deleted = 0u64;
-        for entry in self.tree.scan_prefix(b"e/") {
-            let (event_key, bytes) = entry.map_err(sled_error)?;
-            let event = EventRecord::from_bytes(&bytes)?;
-            if event.received_at >= cutoff.millis() || deleted as usize >= max {
+        for entry in self.tree.range(b"t/".to_vec()..end) {
+            if deleted as usize >= max {
                 break;
             }
-            let pending = key(&[b"p", event.internal_id.as_bytes()]);
-            if self.tree.contains_key(pending).map_err(sled_error)? {
+            let (age_key, _) = entry.map_err(sled_error)?;
+            // `t/` + 8 bytes + `/`, then the id.
+            let Some(id) = age_key.get(11..) else {
+                batch.remove(age_key);
+                continue;
+            };
+            if self
+                .tree
+                .contains_key(key(&[b"p", id]))
+                .map_err(sled_error)?
+            {
                 continue; // the runner has not seen it yet
             }
+            let event_key = key(&[b"e", id]);
+            if self.tree.contains_key(&event_key).map_err(sled_error)? {
+                deleted += 1;
+            }
             batch.remove(event_key);
-            deleted += 1;
+            batch.remove(age_key);
         }
         self.tree.apply_batch(batch).map_err(sled_error)?;
         Ok(deleted)
