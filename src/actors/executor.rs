@@ -865,26 +865,41 @@ impl Worker {
     /// discovery item's id (`<run>/d/<seq>~<count>`), so it survives restarts.
     async fn no_progress(&self, lease: &Lease, run: &RunRecord) -> StoreResult<()> {
         let now = self.clock.now();
-        let count = no_progress_count(&lease.item.id) + 1;
+        // Steps saved during the call (checkpointing: the SDK saves them
+        // through the API, then asks for a new request) are progress.
+        let Some(stored) = self.backends.state.load_run(&run.id).await? else {
+            return self.ack(lease, Vec::new()).await;
+        };
+        if stored.status.is_terminal() {
+            return self.ack(lease, Vec::new()).await;
+        }
+        let count = if stored.stack.len() > run.stack.len() {
+            0
+        } else {
+            no_progress_count(&lease.item.id) + 1
+        };
         if count > MAX_NO_PROGRESS {
             warn!(run_id = %run.id, count, "the app made no progress; failing the run");
             let error = json!({"error": "no progress", "name": "NoProgressError",
                 "message": format!("the app answered {count} calls in a row without running, \
                     planning or reporting any step (an empty 206 or only DiscoveryRequest)")});
-            if lifecycle::finish_run(&self.backends, run, RunStatus::Failed, error, now).await? {
+            if lifecycle::finish_run(&self.backends, &stored, RunStatus::Failed, error, now).await?
+            {
                 self.status.borrow_mut().runs_failed += 1;
             }
             return self.ack(lease, Vec::new()).await;
         }
         let delay = match (count, self.config.retry_interval) {
-            (1, _) => Duration::ZERO,
+            (0 | 1, _) => Duration::ZERO,
             (_, Some(fixed)) => fixed,
             (_, None) => (Duration::from_millis(250) * 2u32.pow(count.min(12) - 2))
                 .min(Duration::from_secs(60)),
         };
         let mut next =
-            QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
-        next.id = format!("{}~{count}", next.id);
+            QueueItem::discovery(&run.id, &run.fn_id, stored.stack.len() as u32).for_run(&stored);
+        if count > 0 {
+            next.id = format!("{}~{count}", next.id);
+        }
         self.ack(lease, vec![(next, now.plus(delay))]).await
     }
 
