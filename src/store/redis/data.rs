@@ -197,7 +197,23 @@ impl DataStore for RedisDataStore {
                 max.min(isize::MAX as usize) as isize - 1,
             )
             .await?;
-        self.events(&ids).await
+        // A damaged event is skipped (and counted): it must not stop the
+        // runner from creating the runs of every other event.
+        let keys: Vec<String> = ids.iter().map(|id| self.event_key(id)).collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<Option<Vec<u8>>> = self.conn.query(::redis::cmd("MGET").arg(&keys)).await?;
+        let mut events = Vec::with_capacity(values.len());
+        for (id, bytes) in ids.iter().zip(values) {
+            match bytes.map(|bytes| EventRecord::from_bytes(&bytes)) {
+                Some(Ok(event)) => events.push(event),
+                Some(Err(err)) => tracing::error!(event = %id, error = %err,
+                    "a pending event is damaged; it is skipped"),
+                None => {}
+            }
+        }
+        Ok(events)
     }
 
     async fn mark_processed(&self, internal_ids: &[String]) -> StoreResult<()> {

@@ -118,8 +118,15 @@ impl DataStore for SledDataStore {
         for entry in self.tree.scan_prefix(b"p/").take(max) {
             let (pending_key, _) = entry.map_err(sled_error)?;
             let id = &pending_key[2..];
-            if let Some(event) = self.get_record(key(&[b"e", id]))? {
-                events.push(event);
+            // A damaged event is skipped (and counted): it must not stop the
+            // runner from creating the runs of every other event.
+            let Some(bytes) = self.tree.get(key(&[b"e", id])).map_err(sled_error)? else {
+                continue;
+            };
+            match EventRecord::from_bytes(&bytes) {
+                Ok(event) => events.push(event),
+                Err(err) => tracing::error!(event = %String::from_utf8_lossy(id), error = %err,
+                    "a pending event is damaged; it is skipped"),
             }
         }
         Ok(events)
@@ -266,5 +273,38 @@ impl SledDataStore {
                 u64::from_be_bytes(raw)
             })
             .unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[actix_rt::test]
+    async fn a_damaged_pending_event_is_skipped_not_fatal() {
+        let db = SledDb::temporary().unwrap();
+        let data = SledDataStore::open(&db).unwrap();
+        let events: Vec<EventRecord> = (0..3u64)
+            .map(|n| {
+                let id = ulid::Ulid::from_parts(1_000 + n, 0).to_string();
+                EventRecord {
+                    internal_id: id.clone(),
+                    name: "a".into(),
+                    id,
+                    received_at: 1,
+                    payload: "{}".into(),
+                    target_fn: None,
+                }
+            })
+            .collect();
+        data.put_events(&events).await.unwrap();
+        // Damage the middle event's record on disk.
+        let damaged = key(&[b"e", events[1].internal_id.as_bytes()]);
+        data.tree.insert(damaged, &[0xff, 0x01]).unwrap();
+        let before = crate::model::records::decode_errors();
+        let pending = data.pending_events(10).await.unwrap();
+        let ids: Vec<&str> = pending.iter().map(|e| e.internal_id.as_str()).collect();
+        assert_eq!(ids, [&events[0].internal_id, &events[2].internal_id]);
+        assert!(crate::model::records::decode_errors() > before);
     }
 }
