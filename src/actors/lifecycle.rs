@@ -255,6 +255,28 @@ mod tests {
     use crate::store::testsuite::sample_run;
 
     #[test]
+    fn lifecycle_events_keep_to_the_event_size_limit() {
+        let mut run = sample_run("fn", "k");
+        run.events = vec![
+            serde_json::json!({"name": "a", "data": {"pad": "x".repeat(2 << 20)}})
+                .to_string();
+            3
+        ];
+        let output = serde_json::json!("y".repeat(MAX_EVENT_BYTES));
+        for event in lifecycle_events(&run, RunStatus::Completed, &output, Timestamp(0)) {
+            assert!(
+                event.payload.len() <= MAX_EVENT_BYTES,
+                "{}",
+                event.payload.len()
+            );
+        }
+        let events = lifecycle_events(&run, RunStatus::Completed, &output, Timestamp(0));
+        let payload: Value = serde_json::from_str(&events[0].payload).unwrap();
+        assert!(payload["data"]["result"].is_null());
+        assert_eq!(payload["data"]["error"]["name"], "OutputTooLargeError");
+    }
+
+    #[test]
     fn failed_runs_emit_finished_and_failed() {
         let mut run = sample_run("app-fn", "k");
         run.correlation_id = Some("caller.step".into());

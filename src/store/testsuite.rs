@@ -865,6 +865,48 @@ pub async fn data_suite(data: &dyn DataStore) -> anyhow::Result<()> {
     sync_versions_functions(data)
         .await
         .context("sync_versions_functions")?;
+    retention_goes_by_age(data)
+        .await
+        .context("retention_goes_by_age")?;
+    Ok(())
+}
+
+/// Retention deletes by the time events were received, not by id: an old
+/// id received late (a re-used seed) neither goes early nor holds back
+/// events received before it; pending events stay.
+async fn retention_goes_by_age(data: &dyn DataStore) -> anyhow::Result<()> {
+    let base = 50_000_000;
+    let mut late = event("test/late");
+    late.internal_id = ulid::Ulid::from_parts(2, rand::random()).to_string();
+    late.received_at = base + 1_000_000;
+    let mut early = event("test/early");
+    early.received_at = base;
+    let mut waiting = event("test/waiting");
+    waiting.received_at = base;
+    data.put_events(&[late.clone(), early.clone(), waiting.clone()])
+        .await?;
+    data.mark_processed(&[late.internal_id.clone(), early.internal_id.clone()])
+        .await?;
+    data.delete_events_before(Timestamp(base + 10), 1_000)
+        .await?;
+    ensure!(
+        data.get_event(&early.internal_id).await?.is_none(),
+        "an event received before the cutoff was kept"
+    );
+    ensure!(
+        data.get_event(&late.internal_id).await?.is_some(),
+        "an event received after the cutoff was deleted"
+    );
+    ensure!(
+        data.get_event(&waiting.internal_id).await?.is_some(),
+        "a pending event was deleted"
+    );
+    data.mark_processed(std::slice::from_ref(&waiting.internal_id))
+        .await?;
+    data.delete_events_before(Timestamp(base + 2_000_000), 1_000)
+        .await?;
+    ensure!(data.get_event(&late.internal_id).await?.is_none());
+    ensure!(data.get_event(&waiting.internal_id).await?.is_none());
     Ok(())
 }
 
