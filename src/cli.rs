@@ -37,15 +37,27 @@ pub struct ProdArgs {
     #[command(flatten)]
     pub common: DevArgs,
     /// Signing key shared with the apps (INNGEST_SIGNING_KEY); overrides
-    /// keys.signing_key.
+    /// keys.signing_key. On the command line it is visible in `ps`: prefer
+    /// the environment or --signing-key-file.
     #[arg(long, env = "BATON_SIGNING_KEY", hide_env_values = true)]
     pub signing_key: Option<String>,
+    /// A file holding the signing key (e.g. a Docker or systemd secret).
+    #[arg(
+        long,
+        env = "BATON_SIGNING_KEY_FILE",
+        conflicts_with = "signing_key",
+        value_name = "FILE"
+    )]
+    pub signing_key_file: Option<PathBuf>,
     /// A second signing key accepted during rotation.
     #[arg(long, env = "BATON_SIGNING_KEY_FALLBACK", hide_env_values = true)]
     pub signing_key_fallback: Option<String>,
     /// An accepted event key (INNGEST_EVENT_KEY); repeatable.
-    #[arg(long = "event-key")]
+    #[arg(long = "event-key", env = "BATON_EVENT_KEY", hide_env_values = true)]
     pub event_keys: Vec<String>,
+    /// A file of accepted event keys, one per line.
+    #[arg(long, env = "BATON_EVENT_KEY_FILE", value_name = "FILE")]
+    pub event_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +78,15 @@ impl ProdArgs {
         let (source, mut settings) = self.common.settings()?;
         if let Some(key) = &self.signing_key {
             settings.signing_key = Some(validated_key("--signing-key", key)?);
+        }
+        if let Some(path) = &self.signing_key_file {
+            let key = crate::secret::read_secret_file("--signing-key-file", path)?;
+            settings.signing_key = Some(validated_key("--signing-key-file", &key)?);
+        }
+        if let Some(path) = &self.event_key_file {
+            settings
+                .event_keys
+                .extend(crate::secret::read_secret_lines("--event-key-file", path)?);
         }
         if let Some(key) = &self.signing_key_fallback {
             settings.signing_key_fallback = Some(validated_key("--signing-key-fallback", key)?);
@@ -100,14 +121,14 @@ pub struct DevArgs {
     /// Configuration file (else $BATON_CONFIG, else /etc/baton/config.toml).
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
-    /// Address to listen on.
-    #[arg(long)]
+    /// Address to listen on (0.0.0.0: every interface).
+    #[arg(long, env = "BATON_HOST")]
     pub host: Option<String>,
     /// Port to listen on (0 picks a free one).
-    #[arg(short, long)]
+    #[arg(short, long, env = "BATON_PORT")]
     pub port: Option<u16>,
     /// Where the embedded store keeps its files.
-    #[arg(long)]
+    #[arg(long, env = "BATON_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// App URL to sync at start (repeatable).
     #[arg(short = 'u', long = "sdk-url")]

@@ -11,6 +11,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod sdk;
+pub mod secret;
 pub mod serve;
 pub mod settings;
 pub mod store;

@@ -52,7 +52,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let dir = std::fs::canonicalize(&settings.data_dir).unwrap_or(settings.data_dir.clone());
         format!("data in {}", dir.display())
     } else {
-        format!("data in redis at {}", settings.backends.redis_url)
+        format!(
+            "data in redis at {}",
+            baton::secret::redact_url(&settings.backends.redis_url)
+        )
     };
     let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
     info!(

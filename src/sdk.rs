@@ -428,10 +428,54 @@ fn closed_before_answer(err: &reqwest::Error) -> bool {
     false
 }
 
+/// Calls and sync pings carry a signed body and its signature: a redirect
+/// is followed only within the same host (an upgrade to https allowed),
+/// never to another host, which would receive both.
+fn same_host_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(previous) = attempt.previous().last() else {
+            return attempt.stop();
+        };
+        let next = attempt.url();
+        let same_host = next.host_str() == previous.host_str();
+        let same_origin = next.scheme() == previous.scheme()
+            && next.port_or_known_default() == previous.port_or_known_default();
+        let upgrade = previous.scheme() == "http"
+            && next.scheme() == "https"
+            && next.port_or_known_default() == Some(443);
+        if attempt.previous().len() > 5 || !same_host || !(same_origin || upgrade) {
+            attempt.stop()
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// The message for a redirect that was not followed.
+fn refused_redirect(url: &str, response: &reqwest::Response) -> Option<String> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("nowhere");
+    Some(format!(
+        "the app at {url} answered {} redirecting to {}; Baton follows redirects only \
+         within the same host, so that the signed request goes nowhere else",
+        response.status(),
+        truncate(location)
+    ))
+}
+
 /// Makes calls and sync pings to SDK apps.
 #[derive(Clone)]
 pub struct SdkClient {
     http: reqwest::Client,
+    /// For `step.fetch` and `step.ai.infer`: unsigned calls the app asked
+    /// for, which follow redirects as `fetch` does.
+    gateway: reqwest::Client,
     signing_key: Option<String>,
 }
 
@@ -454,9 +498,19 @@ impl SdkClient {
             // Header names as Go (Inngest) writes them: `X-Api-Key`. Names
             // are case-insensitive, but some apps and proxies compare them.
             .http1_title_case_headers()
+            .redirect(same_host_redirects())
             .build()
             .expect("building the HTTP client with static settings");
-        SdkClient { http, signing_key }
+        let gateway = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .http1_title_case_headers()
+            .build()
+            .expect("building the HTTP client with static settings");
+        SdkClient {
+            http,
+            gateway,
+            signing_key,
+        }
     }
 
     fn sign(
@@ -499,6 +553,9 @@ impl SdkClient {
         let response = send_retrying_stale(request)
             .await
             .map_err(|err| describe_transport_error(&url, &err))?;
+        if let Some(refused) = refused_redirect(&url, &response) {
+            return Err(refused);
+        }
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = response
@@ -514,8 +571,9 @@ impl SdkClient {
         })
     }
 
-    /// Asks the app at `url` to sync (PROTOCOL §3.1). Returns the app's
-    /// answer body on success.
+    /// Asks the app at `url` to sync (PROTOCOL §3.1). The answer's body is
+    /// never passed on, on success or failure (it is only logged): the URL
+    /// may be anything, and Baton must not read other servers for a caller.
     pub async fn ping(
         &self,
         url: &str,
@@ -535,22 +593,27 @@ impl SdkClient {
             .send()
             .await
             .map_err(|err| describe_transport_error(url, &err))?;
+        if let Some(refused) = refused_redirect(url, &response) {
+            return Err(refused);
+        }
         let status = response.status();
         let text = response
             .text()
             .await
             .map_err(|err| describe_transport_error(url, &err))?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        tracing::debug!(%url, %status, answer = truncate(&text), "sync answer");
         if !status.is_success() {
-            return Err(format!("the app answered the sync with {status}: {text}"));
+            return Err(format!("the app answered the sync with {status}"));
         }
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         // PY passes the server's error through with a 200 (PROTOCOL §3.3).
         if let Some(code) = value.get("status").and_then(Value::as_u64) {
             if code >= 400 {
-                return Err(format!("sync failed: {text}"));
+                return Err(format!("the app says the sync failed with status {code}"));
             }
         }
-        Ok(value)
+        let modified = value.get("modified").and_then(Value::as_bool);
+        Ok(json!({ "url": url, "synced": true, "modified": modified }))
     }
 }
 
@@ -574,7 +637,7 @@ impl SdkClient {
                 .unwrap_or(reqwest::Method::GET)
         };
         let mut request = self
-            .http
+            .gateway
             .request(method, url)
             .timeout(Duration::from_secs(300));
         if ai {

@@ -538,11 +538,19 @@ impl Worker {
         Ok(def)
     }
 
-    /// Saves a result that resumes the run (a sleep, a wait, an invoke, a
-    /// server-side fetch) and calls the function again.
+    /// Saves a sleep's, wait's or invoke's result and calls again. The pause
+    /// it resolves is dropped only after the result is stored, so a pause that
+    /// is gone always means its result is there (or the run has ended): a
+    /// crash in between leaves the pause, and the item's redelivery finishes.
     /// A step of a parallel group calls again only when it is the group's
     /// last.
-    async fn resume(&self, lease: &Lease, run: &RunRecord, step: StepRecord) -> StoreResult<()> {
+    async fn resume(
+        &self,
+        lease: &Lease,
+        run: &RunRecord,
+        step: StepRecord,
+        pause_id: Option<&str>,
+    ) -> StoreResult<()> {
         let in_group = run.planned.contains(&step.id);
         let next = match self.backends.state.save_step(&run.id, step).await? {
             SaveStep::Saved {
@@ -567,6 +575,9 @@ impl Worker {
             }
             SaveStep::RunEnded => Vec::new(),
         };
+        if let Some(pause_id) = pause_id {
+            self.backends.state.take_pause(pause_id).await?;
+        }
         self.ack(lease, next).await
     }
 
@@ -620,13 +631,16 @@ impl Worker {
             return self.ack(lease, Vec::new()).await;
         };
         if run.status.is_terminal() {
+            // A crash may have come between the run's end and its effects.
+            lifecycle::ensure_lifecycle_published(&self.backends, &run).await?;
             return self.ack(lease, Vec::new()).await;
         }
         let stack_len = run.stack.len() as u32;
         let step_id = match &item.kind {
+            ItemKind::Finalize => return self.ack(lease, Vec::new()).await,
             ItemKind::Wake { step_id, name } => {
                 let step = self.step_record(step_id, name, StepKind::Sleep, Value::Null);
-                return self.resume(lease, &run, step).await;
+                return self.resume(lease, &run, step, None).await;
             }
             ItemKind::Resume {
                 pause_id,
@@ -642,11 +656,10 @@ impl Worker {
                 };
                 let memo = serde_json::from_str(memo).unwrap_or(Value::Null);
                 let step = self.step_record(step_id, name, kind, memo);
-                self.backends.state.take_pause(pause_id).await?;
-                return self.resume(lease, &run, step).await;
+                return self.resume(lease, &run, step, Some(pause_id)).await;
             }
             ItemKind::PauseTimeout { pause_id } => {
-                let Some(pause) = self.backends.state.take_pause(pause_id).await? else {
+                let Some(pause) = self.backends.state.get_pause(pause_id).await? else {
                     return self.ack(lease, Vec::new()).await; // resumed already
                 };
                 let (kind, memo) = match pause.kind {
@@ -660,7 +673,7 @@ impl Worker {
                     _ => (StepKind::WaitForEvent, Value::Null),
                 };
                 let step = self.step_record(&pause.step_id, &pause.step_name, kind, memo);
-                return self.resume(lease, &run, step).await;
+                return self.resume(lease, &run, step, Some(pause_id)).await;
             }
             ItemKind::StartTimeout => {
                 if run.status == RunStatus::Queued {
@@ -852,8 +865,22 @@ impl Worker {
                 discover = after_result(discover, decision.plan.contains(&invoke.pause.step_id));
                 continue;
             }
+            // The invoke event is derived from the stored pause, so a retry
+            // after a crash between saving the pause and publishing the
+            // event publishes the same event, once.
             if self.backends.state.save_pause(invoke.pause.clone()).await? {
-                invoked.push(invoke_event(run, &invoke, now));
+                invoked.push(invoke_event(run, &invoke, &invoke.pause));
+            } else if let Some(stored) = self.backends.state.get_pause(&invoke.pause.id).await? {
+                let event = invoke_event(run, &invoke, &stored);
+                if self
+                    .backends
+                    .data
+                    .get_event(&event.internal_id)
+                    .await?
+                    .is_none()
+                {
+                    invoked.push(event);
+                }
             }
         }
         for pause in decision.pauses {
@@ -927,9 +954,11 @@ impl Worker {
     }
 }
 
-/// The `inngest/function.invoked` event that starts an invoked function.
-fn invoke_event(run: &RunRecord, invoke: &Invoke, now: Timestamp) -> EventRecord {
-    let correlation = invoke.pause.correlation_id.clone().unwrap_or_default();
+/// The `inngest/function.invoked` event that starts an invoked function,
+/// derived from its stored pause (deterministic ids and time).
+fn invoke_event(run: &RunRecord, invoke: &Invoke, pause: &PauseRecord) -> EventRecord {
+    let correlation = pause.correlation_id.clone().unwrap_or_default();
+    let created = Timestamp(pause.created_at);
     let mut data = invoke.data.clone();
     if let Value::Object(map) = &mut data {
         map.insert(
@@ -940,8 +969,8 @@ fn invoke_event(run: &RunRecord, invoke: &Invoke, now: Timestamp) -> EventRecord
                 "source_app_id": run.app_id,
                 "source_fn_id": run.fn_id,
                 "source_fn_v": run.fn_version,
-                "expire": invoke.pause.expires_at,
-                "gid": ulid::Ulid::new().to_string(),
+                "expire": pause.expires_at,
+                "gid": lifecycle::derived_ulid(pause.created_at, &format!("{}/gid", pause.id)).to_string(),
                 "name": FUNCTION_INVOKED,
             }),
         );
@@ -950,8 +979,8 @@ fn invoke_event(run: &RunRecord, invoke: &Invoke, now: Timestamp) -> EventRecord
         FUNCTION_INVOKED,
         data,
         Some(correlation),
-        ulid::Ulid::new(),
-        now,
+        lifecycle::derived_ulid(pause.created_at, &format!("{}/invoke", pause.id)),
+        created,
         Some(invoke.function_id.clone()),
     )
 }
@@ -1472,5 +1501,240 @@ mod tests {
             Duration::from_secs(7_200)
         );
         assert_eq!(backoff(Some(DELAY), 5, Duration::from_secs(9)), DELAY);
+    }
+
+    // Crash windows: a state call that fails stands for a crash right before
+    // it. After each, a redelivery of the same item must still find a way
+    // forward (nothing lost, no zombie run).
+
+    mod crash_windows {
+        use super::*;
+        use crate::clock::{ManualClock, SharedClock};
+        use crate::store::fault::{Faults, FaultyState};
+        use crate::store::sled::SledDb;
+
+        struct Harness {
+            worker: Rc<Worker>,
+            faults: Arc<Faults>,
+            real: Backends,
+            _db: SledDb,
+        }
+
+        fn harness() -> Harness {
+            let db = SledDb::temporary().unwrap();
+            let real = db.backends().unwrap();
+            let faulty = FaultyState::new(real.state.clone());
+            let faults = faulty.faults.clone();
+            let mut backends = real.clone();
+            backends.state = Arc::new(faulty);
+            let clock: SharedClock = ManualClock::at(NOW);
+            let worker = Rc::new(Worker {
+                backends,
+                clock,
+                client: SdkClient::new(None, Duration::from_secs(5)),
+                config: ExecutorConfig {
+                    workers: 1,
+                    lease_ttl: Duration::from_secs(30),
+                    retry_interval: None,
+                },
+                status: RefCell::new(ExecutorStatus::default()),
+                functions: RefCell::new(HashMap::new()),
+                leased: RefCell::new(HashMap::new()),
+            });
+            Harness {
+                worker,
+                faults,
+                real,
+                _db: db,
+            }
+        }
+
+        async fn waiting_run(h: &Harness) -> (RunRecord, PauseRecord) {
+            let mut run = sample_run("fn", &ulid::Ulid::new().to_string());
+            run.status = RunStatus::Running;
+            h.real.state.create_run(run.clone()).await.unwrap();
+            let pause = PauseRecord {
+                id: format!("{}/wait", run.id),
+                run_id: run.id.clone(),
+                fn_id: run.fn_id.clone(),
+                step_id: "wait".into(),
+                step_name: "wait".into(),
+                kind: PauseKind::WaitForEvent,
+                event_name: "test/reply".into(),
+                expression: None,
+                match_key: None,
+                correlation_id: None,
+                trigger_event: "{}".into(),
+                created_at: NOW.millis() - 10,
+                expires_at: NOW.millis(),
+            };
+            assert!(h.real.state.save_pause(pause.clone()).await.unwrap());
+            (run, pause)
+        }
+
+        async fn lease_item(h: &Harness, item: QueueItem) -> Lease {
+            h.real.queue.enqueue(item, NOW).await.unwrap();
+            let mut leases = h
+                .real
+                .queue
+                .lease_due(NOW, 1, Duration::from_secs(30))
+                .await
+                .unwrap();
+            leases.pop().expect("the item is due")
+        }
+
+        /// Before: the timeout took the pause, then the crash lost the step;
+        /// the redelivered item found no pause and was acked: a run with
+        /// nothing left to move it (the zombie of the kill -9 test).
+        #[actix_rt::test]
+        async fn pause_timeout_crash_before_saving_keeps_the_pause() {
+            let h = harness();
+            let (run, pause) = waiting_run(&h).await;
+            let lease =
+                lease_item(&h, QueueItem::pause_timeout(&run.id, &run.fn_id, &pause.id)).await;
+            h.faults.fail_next("save_step", 1);
+            assert!(h.worker.process(&lease).await.is_err());
+            assert!(
+                h.real.state.get_pause(&pause.id).await.unwrap().is_some(),
+                "the pause must outlive a crash before its result is saved"
+            );
+            // The redelivery resumes the run.
+            h.faults.heal();
+            h.worker.process(&lease).await.unwrap();
+            let steps = h.real.state.load_steps(&run.id).await.unwrap();
+            assert_eq!(steps.len(), 1, "the timeout's null result is saved");
+            assert_eq!(steps[0].memo, "null");
+            assert!(h.real.state.get_pause(&pause.id).await.unwrap().is_none());
+            assert_eq!(
+                h.real.queue.len().await.unwrap(),
+                1,
+                "a discovery call is queued"
+            );
+        }
+
+        /// The same window for an event that resumed the wait.
+        #[actix_rt::test]
+        async fn resume_crash_before_saving_keeps_the_pause() {
+            let h = harness();
+            let (run, pause) = waiting_run(&h).await;
+            let lease = lease_item(
+                &h,
+                QueueItem::resume(&pause, r#"{"name":"test/reply"}"#.into()),
+            )
+            .await;
+            h.faults.fail_next("save_step", 1);
+            assert!(h.worker.process(&lease).await.is_err());
+            assert!(h.real.state.get_pause(&pause.id).await.unwrap().is_some());
+            h.faults.heal();
+            h.worker.process(&lease).await.unwrap();
+            let steps = h.real.state.load_steps(&run.id).await.unwrap();
+            assert_eq!(steps[0].memo, r#"{"name":"test/reply"}"#);
+            assert!(h.real.state.get_pause(&pause.id).await.unwrap().is_none());
+            // A late timeout of the same pause changes nothing.
+            let timeout =
+                lease_item(&h, QueueItem::pause_timeout(&run.id, &run.fn_id, &pause.id)).await;
+            h.worker.process(&timeout).await.unwrap();
+            let steps = h.real.state.load_steps(&run.id).await.unwrap();
+            assert_eq!(steps.len(), 1);
+            assert_eq!(steps[0].memo, r#"{"name":"test/reply"}"#);
+        }
+
+        /// A crash between a run's end and its lifecycle events: the
+        /// redelivered item publishes them, once, with the same ids.
+        #[actix_rt::test]
+        async fn lifecycle_events_survive_a_crash_after_the_runs_end() {
+            let h = harness();
+            let (run, _) = waiting_run(&h).await;
+            let lease = lease_item(&h, QueueItem::discovery(&run.id, &run.fn_id, 0)).await;
+            // The run ended (committed) but nothing was published.
+            assert!(h
+                .real
+                .state
+                .finish_run(
+                    &run.id,
+                    RunStatus::Failed,
+                    Some(r#"{"message":"boom"}"#.into()),
+                    NOW
+                )
+                .await
+                .unwrap());
+            h.worker.process(&lease).await.unwrap();
+            let expected = lifecycle::lifecycle_events(
+                &run,
+                RunStatus::Failed,
+                &json!({"message": "boom"}),
+                NOW,
+            );
+            for event in &expected {
+                let stored = h.real.data.get_event(&event.internal_id).await.unwrap();
+                assert_eq!(stored.map(|e| e.name), Some(event.name.clone()));
+            }
+            assert!(
+                h.real
+                    .state
+                    .pauses_for_run(&run.id)
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "an ended run keeps no pause"
+            );
+            // A second redelivery publishes nothing new.
+            let again = lease_item(
+                &h,
+                QueueItem::discovery(&run.id, &run.fn_id, 0).with_id("again"),
+            )
+            .await;
+            h.worker.process(&again).await.unwrap();
+            let events = h.real.data.list_events(100, None).await.unwrap();
+            assert_eq!(events.len(), expected.len());
+        }
+
+        /// A cancel from outside the queue leaves a `Finalize` item behind.
+        #[actix_rt::test]
+        async fn cancels_enqueue_a_finalize_safety_net() {
+            let h = harness();
+            let (run, _) = waiting_run(&h).await;
+            assert!(lifecycle::cancel_run(&h.real, &run.id, NOW).await.unwrap());
+            let leases = h
+                .real
+                .queue
+                .lease_due(
+                    NOW.plus(Duration::from_secs(60)),
+                    10,
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+            assert!(leases.iter().any(|l| l.item.kind == ItemKind::Finalize));
+        }
+
+        #[test]
+        fn invoke_events_are_derived_from_the_stored_pause() {
+            let run = run();
+            let pause = PauseRecord {
+                id: format!("{}/inv", run.id),
+                run_id: run.id.clone(),
+                fn_id: run.fn_id.clone(),
+                step_id: "inv".into(),
+                step_name: "inv".into(),
+                kind: PauseKind::Invoke,
+                event_name: FUNCTION_FINISHED.into(),
+                expression: None,
+                match_key: None,
+                correlation_id: Some(format!("{}.inv", run.id)),
+                trigger_event: "{}".into(),
+                created_at: 77,
+                expires_at: 99,
+            };
+            let invoke = Invoke {
+                function_id: "app-callee".into(),
+                data: json!({"data": {"x": 1}}),
+                pause: pause.clone(),
+            };
+            let a = invoke_event(&run, &invoke, &pause);
+            let b = invoke_event(&run, &invoke, &pause);
+            assert_eq!(a, b, "a retry after a crash publishes the very same event");
+            assert_eq!(a.received_at, 77);
+        }
     }
 }

@@ -3,11 +3,12 @@
 //! §2.4), cancelling, and building internal events.
 
 use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 use tracing::info;
 
 use crate::actors::event_api::publish_events;
 use crate::clock::Timestamp;
-use crate::model::{EventRecord, RunRecord, RunStatus};
+use crate::model::{EventRecord, QueueItem, RunRecord, RunStatus};
 use crate::store::{Backends, StoreResult};
 
 pub const FUNCTION_FINISHED: &str = "inngest/function.finished";
@@ -44,19 +45,35 @@ pub fn internal_event(
     }
 }
 
+/// A ULID that is the same every time it is derived from the same moment and
+/// key: the internal id of an effect (lifecycle or invoke event) that may be
+/// produced again after a crash, so that producing it again changes nothing.
+pub fn derived_ulid(at_ms: i64, key: &str) -> ulid::Ulid {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut random = [0u8; 16];
+    random.copy_from_slice(&digest[..16]);
+    // A ULID's random part is 80 bits.
+    let random = u128::from_be_bytes(random) & ((1u128 << 80) - 1);
+    ulid::Ulid::from_parts(at_ms.max(0) as u64, random)
+}
+
 /// The error of a cancelled run, as its output and in lifecycle events.
 pub fn cancelled_error() -> Value {
     json!({"error": "function cancelled", "name": "Error", "message": "function cancelled"})
 }
 
 /// `inngest/function.finished` (and `.failed` / `.cancelled`) for a run that
-/// just ended.
+/// ended at `ended_at`. Deterministic: the same run, outcome and end time
+/// give the same events with the same internal ids, so they can be rebuilt
+/// from the stored run after a crash (`ensure_lifecycle_published`).
 pub fn lifecycle_events(
     run: &RunRecord,
     status: RunStatus,
     output: &Value,
-    now: Timestamp,
+    ended_at: Timestamp,
 ) -> Vec<EventRecord> {
+    let now = ended_at;
+    let effect_id = |name: &str| derived_ulid(now.millis(), &format!("{}/{name}", run.id));
     let events: Vec<Value> = run
         .events
         .iter()
@@ -83,7 +100,7 @@ pub fn lifecycle_events(
         FUNCTION_FINISHED,
         data.clone(),
         None,
-        ulid::Ulid::new(),
+        effect_id(FUNCTION_FINISHED),
         now,
         None,
     )];
@@ -92,7 +109,7 @@ pub fn lifecycle_events(
             FUNCTION_FAILED,
             data,
             Some(run.id.clone()),
-            ulid::Ulid::new(),
+            effect_id(FUNCTION_FAILED),
             now,
             None,
         )),
@@ -100,7 +117,7 @@ pub fn lifecycle_events(
             FUNCTION_CANCELLED,
             data,
             Some(format!("cancel-{}", run.id)),
-            ulid::Ulid::new(),
+            effect_id(FUNCTION_CANCELLED),
             now,
             None,
         )),
@@ -111,6 +128,12 @@ pub fn lifecycle_events(
 
 /// Ends a run: stores the outcome, drops its pauses, emits its lifecycle
 /// events. Returns false (and does nothing else) if it had already ended.
+///
+/// The effects come after the commit, so a crash in between must be covered
+/// by whoever called: the executor's queue item is acked only after this
+/// returns, and a redelivered item of an ended run calls
+/// `ensure_lifecycle_published`; cancels from outside the queue enqueue a
+/// `Finalize` item first (`cancel_run`).
 pub async fn finish_run(
     backends: &Backends,
     run: &RunRecord,
@@ -144,6 +167,44 @@ pub async fn finish_run(
     Ok(true)
 }
 
+/// For a run that has ended: publishes its lifecycle events unless they are
+/// stored already (a crash came between the run's end and their
+/// publication). They are rebuilt from the stored outcome with the same ids.
+pub async fn ensure_lifecycle_published(backends: &Backends, run: &RunRecord) -> StoreResult<()> {
+    let (Some(ended_at), true) = (
+        run.ended_at,
+        matches!(
+            run.status,
+            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled
+        ),
+    ) else {
+        return Ok(());
+    };
+    let output = run
+        .output
+        .as_deref()
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or(Value::Null);
+    let events = lifecycle_events(run, run.status, &output, Timestamp(ended_at));
+    if backends
+        .data
+        .get_event(&events[0].internal_id)
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
+    info!(run_id = %run.id, "publishing the lifecycle events a crash held back");
+    for pause in backends.state.pauses_for_run(&run.id).await? {
+        backends.state.take_pause(&pause.id).await?;
+    }
+    publish_events(backends, &events).await
+}
+
+/// How long after a cancel its `Finalize` item checks that the lifecycle
+/// events went out: well past the cancel's own commit and publication.
+const FINALIZE_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Cancels a run that has not ended. Returns false if it had ended or does
 /// not exist. Its queued work is dropped when delivered (the run has ended).
 pub async fn cancel_run(backends: &Backends, run_id: &str, now: Timestamp) -> StoreResult<bool> {
@@ -153,6 +214,15 @@ pub async fn cancel_run(backends: &Backends, run_id: &str, now: Timestamp) -> St
     if run.status.is_terminal() {
         return Ok(false);
     }
+    // The safety net first: if the process dies between the commit below and
+    // the lifecycle events, this item publishes them.
+    backends
+        .queue
+        .enqueue(
+            QueueItem::finalize(&run.id, &run.fn_id),
+            now.plus(FINALIZE_AFTER),
+        )
+        .await?;
     finish_run(backends, &run, RunStatus::Cancelled, cancelled_error(), now).await
 }
 

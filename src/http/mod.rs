@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod error;
 pub mod event_api;
 pub mod gql;
+pub mod guard;
 pub mod openapi;
 pub mod session;
 
@@ -37,6 +38,8 @@ pub struct AppState {
     pub sessions: session::Sessions,
     /// Retention of finished runs and events, shown by `/v1/status`.
     pub retention: Option<std::time::Duration>,
+    /// Host and origin checks, body deadline, trusted proxies.
+    pub guard: guard::Guard,
 }
 
 /// Production-mode checks of SDK requests (PROTOCOL §1.4, §1.5).
@@ -77,11 +80,11 @@ impl Auth {
             return false;
         };
         let token = crate::sdk::strip_key_prefix(token.trim()).to_ascii_lowercase();
-        !token.is_empty() && self.bearers.contains(&token)
+        !token.is_empty() && crate::secret::matches_any(&token, &self.bearers)
     }
 
     pub fn event_key_ok(&self, key: &str) -> bool {
-        !self.enabled || self.event_keys.iter().any(|k| k == key)
+        !self.enabled || crate::secret::matches_any(key, &self.event_keys)
     }
 }
 
@@ -153,7 +156,8 @@ pub async fn require_auth(
                 .headers()
                 .get("x-csrf-token")
                 .and_then(|v| v.to_str().ok());
-            if !safe && sent != Some(csrf.as_str()) {
+            let csrf_ok = sent.is_some_and(|sent| crate::secret::secret_eq(sent, &csrf));
+            if !safe && !csrf_ok {
                 let error = ApiError::Forbidden("missing or wrong CSRF token".into());
                 return Ok(deny(
                     request,
@@ -223,8 +227,10 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
 pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|err| ApiError::BadRequest(format!("cannot read body: {err}")))?;
+        let chunk = chunk.map_err(|err| match err {
+            err if guard::is_timeout(&err) => ApiError::Timeout(err.to_string()),
+            err => ApiError::BadRequest(format!("cannot read body: {err}")),
+        })?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::TooLarge(limit));
         }

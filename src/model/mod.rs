@@ -239,6 +239,11 @@ pub enum ItemKind {
     DebounceTimer { key: String, generation: u64 },
     /// A batch's timeout: run the events gathered so far (`run_id` empty).
     BatchTimer { key: String, batch_id: String },
+    /// Enqueued before a run is cancelled from outside a queue item (API,
+    /// `cancelOn`, singleton): once the run has ended it makes sure the
+    /// lifecycle events went out, so a crash between the cancel's commit and
+    /// their publication loses nothing. Appended last: older records decode.
+    Finalize,
 }
 
 /// The partition of a function's items that call no app (wake-ups,
@@ -329,6 +334,18 @@ impl QueueItem {
             run_id: run_id.to_string(),
             fn_id: fn_id.to_string(),
             kind: ItemKind::StartTimeout,
+            partition: timer_partition(fn_id),
+            limits: Vec::new(),
+            priority_ms: 0,
+        }
+    }
+
+    pub fn finalize(run_id: &str, fn_id: &str) -> QueueItem {
+        QueueItem {
+            id: format!("{run_id}/finalize"),
+            run_id: run_id.to_string(),
+            fn_id: fn_id.to_string(),
+            kind: ItemKind::Finalize,
             partition: timer_partition(fn_id),
             limits: Vec::new(),
             priority_ms: 0,

@@ -9,6 +9,8 @@
 //!
 //! Every implementation passes the conformance suites in [`testsuite`].
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod fault;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -85,6 +87,18 @@ impl From<RecordError> for StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The error for a store written by a newer build.
+pub(crate) fn newer_format(store: &str, found: u32) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Unsupported,
+        format!(
+            "{store} was written by a newer Baton (store format {found}; this build reads up to {}): \
+             run that version or a later one",
+            crate::model::records::STORE_FORMAT
+        ),
+    )
+}
 
 /// What [`StateStore::create_run`] did.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,6 +14,8 @@ mod gql;
 mod openapi;
 mod production;
 mod sdk_node;
+mod security;
 mod split;
 mod steps;
 mod support;
+mod upgrade;

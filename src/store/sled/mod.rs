@@ -58,6 +58,7 @@ impl SledDb {
                 }
                 other => sled_error(other),
             })?;
+        check_format(&db, dir)?;
         Ok(SledDb::from_db(db))
     }
 
@@ -100,6 +101,39 @@ impl SledDb {
     }
 }
 
+/// The store-format header (`meta/format`): written by the first start,
+/// checked by every later one, so that a build never misreads a store that a
+/// newer build wrote.
+fn check_format(db: &sled::Db, dir: &Path) -> StoreResult<()> {
+    use crate::model::records::STORE_FORMAT;
+    let meta = db.open_tree("meta").map_err(sled_error)?;
+    match meta.get(b"format").map_err(sled_error)? {
+        Some(bytes) => {
+            let found = <[u8; 4]>::try_from(bytes.as_ref())
+                .map(u32::from_be_bytes)
+                .map_err(|_| {
+                    StoreError::new(
+                        StoreErrorKind::Corrupt,
+                        format!("data dir {}: its format header is damaged", dir.display()),
+                    )
+                })?;
+            if found > STORE_FORMAT {
+                return Err(crate::store::newer_format(
+                    &dir.display().to_string(),
+                    found,
+                ));
+            }
+        }
+        // A new store, or one written before the header existed (format 1).
+        None => {
+            meta.insert(b"format", &STORE_FORMAT.to_be_bytes())
+                .map_err(sled_error)?;
+            meta.flush().map_err(sled_error)?;
+        }
+    }
+    Ok(())
+}
+
 /// Joins key parts with `/`.
 fn key(parts: &[&[u8]]) -> Vec<u8> {
     let mut key = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
@@ -117,6 +151,33 @@ mod tests {
     use super::*;
     use crate::clock::{ManualClock, Timestamp};
     use crate::store::testsuite;
+
+    #[test]
+    fn a_store_of_a_newer_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = SledDb::open(dir.path(), 1 << 20).unwrap();
+            let meta = db.tree("meta").unwrap();
+            let format = meta.get(b"format").unwrap().expect("the header is written");
+            assert_eq!(format.as_ref(), 1u32.to_be_bytes());
+            meta.insert(b"format", &99u32.to_be_bytes()).unwrap();
+            db.db.flush().unwrap();
+        }
+        // The group-commit thread holds the first handle until it notices.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let err = loop {
+            match SledDb::open(dir.path(), 1 << 20) {
+                Err(err)
+                    if err.message.contains("in use") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(err) => break err.to_string(),
+                Ok(_) => panic!("a store of format 99 must be refused"),
+            }
+        };
+        assert!(err.contains("newer Baton (store format 99"), "{err}");
+    }
 
     #[actix_rt::test]
     async fn sled_state_store_conformance() {
