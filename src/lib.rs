@@ -3,6 +3,7 @@
 
 pub mod actors;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod cron;
 pub mod duration;
@@ -15,3 +16,9 @@ pub mod secret;
 pub mod serve;
 pub mod settings;
 pub mod store;
+
+/// Stack of every thread Baton starts (set through `RUST_MIN_STACK` in
+/// `main`). CEL's parser and evaluator recurse once per nesting level and
+/// operator; `expr` bounds both, and this leaves room for those bounds even
+/// in debug builds, whose frames are several times larger.
+pub const THREAD_STACK_BYTES: usize = 32 << 20;

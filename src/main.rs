@@ -8,10 +8,24 @@ use clap::Parser;
 use tracing::info;
 
 use baton::cli::{Cli, Command};
+use baton::client::{self, ClientCommand};
 use baton::serve::{check_locality, serve, Mode, Service};
 
 fn main() -> ExitCode {
+    // Before any thread starts: threads get the stack the CEL bounds need.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", baton::THREAD_STACK_BYTES.to_string());
+    }
     let cli = Cli::parse();
+    if let Some(command) = client_command(&cli.command) {
+        return match client::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("baton: {err}");
+                ExitCode::from(err.kind as u8)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
@@ -28,6 +42,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// The commands that talk to a running server rather than run one.
+fn client_command(command: &Command) -> Option<ClientCommand<'_>> {
+    match command {
+        Command::Runs(args) => Some(ClientCommand::Runs(args)),
+        Command::Events(args) => Some(ClientCommand::Events(args)),
+        Command::Apps(args) => Some(ClientCommand::Apps(args)),
+        Command::Status(args) => Some(ClientCommand::Status(args)),
+        Command::Dev(_) | Command::Start(_) | Command::Serve(_) | Command::Doctor(_) => None,
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let (command, services, mode, (source, settings)) = match &cli.command {
         Command::Dev(args) => ("dev", Service::all(), Mode::Dev, args.settings()?),
@@ -38,6 +63,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Production,
             args.prod.settings()?,
         ),
+        Command::Doctor(args) => return doctor(&args.data_dir()?),
+        // Client commands are run by `main` before this.
+        _ => anyhow::bail!("not a server command"),
     };
     check_locality(&settings, &services)?;
     let listener = TcpListener::bind((settings.host.as_str(), settings.port)).map_err(|err| {
@@ -63,6 +91,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         names.join(" ")
     );
     actix_rt::System::new().block_on(serve(settings, services, mode, listener, shutdown_signal()))
+}
+
+/// `baton doctor`: checks the embedded store and reports what is damaged.
+fn doctor(dir: &std::path::Path) -> anyhow::Result<()> {
+    println!("checking the store in {}", dir.display());
+    let report = baton::store::sled::check::doctor(dir);
+    for line in &report.lines {
+        println!("{line}");
+    }
+    if report.damaged > 0 {
+        anyhow::bail!("the store is damaged: {} problem(s) found", report.damaged);
+    }
+    println!("the store is healthy");
+    Ok(())
 }
 
 /// Resolves at the first Ctrl-C or SIGTERM; a second one exits at once.

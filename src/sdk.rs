@@ -77,6 +77,16 @@ pub struct CallRequest<'a> {
     /// Above this many body bytes, send `use_api` and let the SDK fetch
     /// events and steps from `/v0/runs/{id}/…` (PROTOCOL §4.10).
     pub max_body_bytes: usize,
+    /// Offers the SDK checkpointing (PROTOCOL §5.1).
+    pub checkpoint: Option<CheckpointOffer>,
+}
+
+/// What a call sends so that the JS SDK v4 checkpoints: `ctx.fn_id` and
+/// `ctx.qi_id` (the call's queue lease, `actors::checkpoint::qi_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointOffer {
+    pub fn_id: String,
+    pub qi_id: String,
 }
 
 impl CallRequest<'_> {
@@ -95,7 +105,7 @@ impl CallRequest<'_> {
         } else {
             (self.events.to_vec(), self.steps.clone())
         };
-        json!({
+        let mut body = json!({
             "event": self.events.first().cloned().unwrap_or_else(|| json!({})),
             "events": events,
             "steps": steps,
@@ -111,7 +121,12 @@ impl CallRequest<'_> {
             },
             "version": if matches!(self.request_version, 1 | 2) { self.request_version } else { -1 },
             "use_api": use_api,
-        })
+        });
+        if let Some(offer) = &self.checkpoint {
+            body["ctx"]["fn_id"] = json!(offer.fn_id);
+            body["ctx"]["qi_id"] = json!(offer.qi_id);
+        }
+        body
     }
 }
 
@@ -265,9 +280,22 @@ pub fn parse_reply(
             no_retry: false,
             retry_after: None,
         },
-        200 => SdkReply::Complete {
-            output: parsed.unwrap_or(Value::Null),
-            request_version,
+        200 => match parsed {
+            Some(output) => SdkReply::Complete {
+                output,
+                request_version,
+            },
+            // An empty body is a function that returned nothing.
+            None if body.iter().all(u8::is_ascii_whitespace) => SdkReply::Complete {
+                output: Value::Null,
+                request_version,
+            },
+            None => SdkReply::Error {
+                status,
+                error: standard_error("invalid 200 answer: the body is not JSON", &Value::Null),
+                no_retry: false,
+                retry_after: None,
+            },
         },
         206 => match parsed {
             Some(Value::Array(items)) => parse_ops(items, no_retry, retry_after, request_version),
@@ -377,6 +405,79 @@ fn parse_stream(body: &[u8], now: Timestamp) -> SdkReply {
     )
 }
 
+/// Calls and sync pings carry a signed body and its signature: a redirect
+/// is followed only within the same host (an upgrade to https allowed),
+/// never to another host, which would receive both.
+fn same_host_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(previous) = attempt.previous().last() else {
+            return attempt.stop();
+        };
+        let next = attempt.url();
+        let same_host = next.host_str() == previous.host_str();
+        let same_origin = next.scheme() == previous.scheme()
+            && next.port_or_known_default() == previous.port_or_known_default();
+        let upgrade = previous.scheme() == "http"
+            && next.scheme() == "https"
+            && next.port_or_known_default() == Some(443);
+        if attempt.previous().len() > 5 || !same_host || !(same_origin || upgrade) {
+            attempt.stop()
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// The message for a redirect that was not followed.
+fn refused_redirect(url: &str, response: &reqwest::Response) -> Option<String> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("nowhere");
+    Some(format!(
+        "the app at {url} answered {} redirecting to {}; Baton follows redirects only \
+         within the same host, so that the signed request goes nowhere else",
+        response.status(),
+        truncate(location)
+    ))
+}
+
+/// Largest answer read from an app, bytes: a reply may carry several step
+/// results, but never more than a run's whole state may hold.
+pub const MAX_REPLY_BYTES: usize = 32 << 20;
+
+/// Reads a response body chunk by chunk, failing once it passes `limit`
+/// bytes, so an endless or huge answer never fills memory.
+async fn read_capped(
+    url: &str,
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
+    let too_large = || format!("the answer from {url} is larger than {limit} bytes");
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| describe_transport_error(url, &err))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// How long an idle pooled connection to an app is kept: shorter than the
 /// keep-alive of common app servers (Node and uvicorn close idle
 /// connections after 5 s), so Baton rarely writes to one the app is closing.
@@ -428,47 +529,6 @@ fn closed_before_answer(err: &reqwest::Error) -> bool {
     false
 }
 
-/// Calls and sync pings carry a signed body and its signature: a redirect
-/// is followed only within the same host (an upgrade to https allowed),
-/// never to another host, which would receive both.
-fn same_host_redirects() -> reqwest::redirect::Policy {
-    reqwest::redirect::Policy::custom(|attempt| {
-        let Some(previous) = attempt.previous().last() else {
-            return attempt.stop();
-        };
-        let next = attempt.url();
-        let same_host = next.host_str() == previous.host_str();
-        let same_origin = next.scheme() == previous.scheme()
-            && next.port_or_known_default() == previous.port_or_known_default();
-        let upgrade = previous.scheme() == "http"
-            && next.scheme() == "https"
-            && next.port_or_known_default() == Some(443);
-        if attempt.previous().len() > 5 || !same_host || !(same_origin || upgrade) {
-            attempt.stop()
-        } else {
-            attempt.follow()
-        }
-    })
-}
-
-/// The message for a redirect that was not followed.
-fn refused_redirect(url: &str, response: &reqwest::Response) -> Option<String> {
-    if !response.status().is_redirection() {
-        return None;
-    }
-    let location = response
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("nowhere");
-    Some(format!(
-        "the app at {url} answered {} redirecting to {}; Baton follows redirects only \
-         within the same host, so that the signed request goes nowhere else",
-        response.status(),
-        truncate(location)
-    ))
-}
-
 /// Makes calls and sync pings to SDK apps.
 #[derive(Clone)]
 pub struct SdkClient {
@@ -494,15 +554,16 @@ impl SdkClient {
             .timeout(call_timeout)
             .connect_timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(256)
+            .redirect(same_host_redirects())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             // Header names as Go (Inngest) writes them: `X-Api-Key`. Names
             // are case-insensitive, but some apps and proxies compare them.
             .http1_title_case_headers()
-            .redirect(same_host_redirects())
             .build()
             .expect("building the HTTP client with static settings");
         let gateway = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .http1_title_case_headers()
             .build()
             .expect("building the HTTP client with static settings");
@@ -558,11 +619,7 @@ impl SdkClient {
         }
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|err| describe_transport_error(&url, &err))?
-            .to_vec();
+        let body = read_capped(&url, response, MAX_REPLY_BYTES).await?;
         Ok(RawReply {
             used_api,
             status,
@@ -680,9 +737,9 @@ impl SdkClient {
                 headers.insert(name.as_str().to_string(), Value::String(value.to_string()));
             }
         }
-        let text = match response.text().await {
-            Ok(text) => text,
-            Err(err) => return fail(describe_transport_error(url, &err)),
+        let text = match read_capped(url, response, MAX_REPLY_BYTES).await {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(message) => return fail(message),
         };
         if ai {
             if !status.is_success() {
@@ -836,6 +893,19 @@ mod tests {
         assert!(matches!(
             parse_reply(200, headers(&[]), b"{}", now),
             SdkReply::Error { .. }
+        ));
+        // A 200 whose body is not JSON is an error, not a null output; an
+        // empty body is a function that returned nothing.
+        assert!(matches!(
+            parse_reply(200, headers(SDK), b"{not json", now),
+            SdkReply::Error { status: 200, .. }
+        ));
+        assert!(matches!(
+            parse_reply(200, headers(SDK), b"", now),
+            SdkReply::Complete {
+                output: Value::Null,
+                ..
+            }
         ));
     }
 

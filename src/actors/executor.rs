@@ -10,30 +10,33 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures::FutureExt;
 use rand::Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::actors::checkpoint;
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
-use crate::duration::{parse_time_str, sleep_until};
-use crate::expr::async_equality_key;
+use crate::duration::{duration_from_secs, parse_time_str, sleep_until};
+use crate::expr::{async_equality_key, panic_message, Expr};
 use crate::metrics::METRICS;
 use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
 };
-use crate::sdk::{parse_reply, step_error, CallRequest, SdkClient, SdkReply};
+use crate::sdk::{parse_reply, step_error, CallRequest, CheckpointOffer, SdkClient, SdkReply};
 use crate::store::{Backends, Lease, SaveStep, StoreResult};
 
 /// Inngest's retry backoff table (GO `pkg/backoff TableBackoff`).
@@ -47,6 +50,11 @@ pub const MAX_STEP_BYTES: usize = 4 << 20;
 pub const MAX_STATE_BYTES: u64 = 32 << 20;
 /// Call bodies above this make the SDK fetch state through the API.
 pub const MAX_CALL_BODY_BYTES: usize = 4 << 20;
+/// Most ops one reply may carry.
+pub const MAX_OPS_PER_REPLY: usize = MAX_STEPS;
+/// Replies in a row that make no progress (`206 []`, a lone
+/// `DiscoveryRequest`) before the run fails; they are re-tried with backoff.
+pub const MAX_NO_PROGRESS: u32 = 10;
 /// How long a pause with no timeout waits.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(366 * 86_400);
 
@@ -56,6 +64,8 @@ pub struct ExecutorConfig {
     pub lease_ttl: Duration,
     /// Fixed retry delay; `None` uses [`BACKOFF_TABLE`] plus jitter.
     pub retry_interval: Option<Duration>,
+    /// Offer the SDK checkpointing in discovery calls (`actors::checkpoint`).
+    pub checkpointing: bool,
 }
 
 /// When to make a discovery call after saving results.
@@ -107,6 +117,9 @@ pub struct Decision {
     pub finish: Option<(RunStatus, Value)>,
     /// Run the same item again at this time, as a new attempt.
     pub retry: Option<Timestamp>,
+    /// The reply made no progress (no ops, or only `DiscoveryRequest`): call
+    /// again later, up to [`MAX_NO_PROGRESS`] times in a row.
+    pub no_progress: bool,
 }
 
 /// The delay before retrying after attempt `attempt` (0-based) failed.
@@ -125,12 +138,41 @@ fn limit_error(message: String) -> Value {
 }
 
 fn pause_timeout(opts: Option<&Value>) -> Result<Option<Duration>, String> {
-    match opts.and_then(|o| o.get("timeout")) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => parse_time_str(text).map(Some),
-        Some(Value::Number(n)) => Ok(n.as_f64().map(|ms| Duration::from_millis(ms as u64))),
-        Some(other) => Err(format!("invalid timeout {other}")),
+    let timeout = match opts.and_then(|o| o.get("timeout")) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(text)) => parse_time_str(text)?,
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| format!("invalid timeout {n}"))
+            .and_then(|ms| duration_from_secs(ms / 1_000.0))?,
+        Some(other) => return Err(format!("invalid timeout {other}")),
+    };
+    if timeout > DEFAULT_PAUSE {
+        return Err(format!(
+            "timeout is longer than the most accepted ({} days)",
+            DEFAULT_PAUSE.as_secs() / 86_400
+        ));
     }
+    Ok(Some(timeout))
+}
+
+/// Ends the run as failed when its output is larger than a step's may be.
+fn bound_output(finish: (RunStatus, Value)) -> (RunStatus, Value) {
+    let size = serde_json::to_vec(&finish.1).map_or(0, |bytes| bytes.len());
+    if size <= MAX_STEP_BYTES {
+        return finish;
+    }
+    let what = if finish.0 == RunStatus::Completed {
+        "output"
+    } else {
+        "error"
+    };
+    (
+        RunStatus::Failed,
+        limit_error(format!(
+            "the run's {what} is {size} bytes; the limit is {MAX_STEP_BYTES}"
+        )),
+    )
 }
 
 /// The pure decision for one SDK reply (no IO).
@@ -196,6 +238,17 @@ pub fn decide(
         } => {
             let attempts = lease.attempt + 1;
             let mut state_bytes = run.state_bytes;
+            if ops.len() > MAX_OPS_PER_REPLY {
+                return fail(format!(
+                    "the app answered with {} steps at once; the limit is {MAX_OPS_PER_REPLY}",
+                    ops.len()
+                ));
+            }
+            if ops.iter().all(|op| op.op == "DiscoveryRequest") {
+                // Nothing to save or schedule: call again later, bounded.
+                decision.no_progress = true;
+                return decision;
+            }
             if ops.len() > 1 {
                 decision.force_plan = true;
             }
@@ -252,6 +305,12 @@ pub fn decide(
                     }
                     "StepPlanned" => {
                         if !run.stack.contains(&op.id) {
+                            let planned = run.stack.len() + run.planned.len() + decision.plan.len();
+                            if planned >= MAX_STEPS {
+                                return fail(format!(
+                                    "the run has more than {MAX_STEPS} steps (done and planned)"
+                                ));
+                            }
                             let race = op
                                 .opts
                                 .as_ref()
@@ -311,6 +370,9 @@ pub fn decide(
                                 .filter(|e| !e.trim().is_empty())
                                 .map(str::to_string);
                             if let Some(source) = &wait.expression {
+                                if let Err(err) = Expr::compile(source) {
+                                    return fail(format!("waitForEvent: {err}"));
+                                }
                                 let trigger: Value =
                                     serde_json::from_str(&wait.trigger_event).unwrap_or_default();
                                 wait.match_key = async_equality_key(source, &trigger);
@@ -432,7 +494,8 @@ pub fn decide(
             }
         }
     }
-    if decision.finish.is_some() {
+    if let Some(finish) = decision.finish.take() {
+        decision.finish = Some(bound_output(finish));
         decision.discover = Discover::No;
         decision.schedule.clear();
         decision.pauses.clear();
@@ -463,6 +526,8 @@ pub struct ExecutorStatus {
     pub runs_completed: u64,
     pub runs_failed: u64,
     pub in_flight: usize,
+    /// Items whose processing panicked (their runs were failed).
+    pub panics: u64,
     pub last_error: Option<String>,
 }
 
@@ -485,9 +550,16 @@ impl Worker {
         self.leased
             .borrow_mut()
             .insert(lease.lease_id, lease.item.id.clone());
-        let result = tokio::select! {
-            result = self.process(&lease) => result,
-            () = self.heartbeat(&lease) => Ok(()),
+        // A panic while processing one item fails that item's run (a poison
+        // item must not come back after every lease) and leaves the
+        // executor running.
+        let outcome = tokio::select! {
+            result = AssertUnwindSafe(self.process(&lease)).catch_unwind() => result,
+            () = self.heartbeat(&lease) => Ok(Ok(())),
+        };
+        let result = match outcome {
+            Ok(result) => result,
+            Err(panic) => self.poisoned(&lease, &panic_message(panic.as_ref())).await,
         };
         if let Err(err) = result {
             warn!(run_id = %lease.item.run_id, item = %lease.item.id, error = %err,
@@ -496,6 +568,31 @@ impl Worker {
         }
         self.leased.borrow_mut().remove(&lease.lease_id);
         self.status.borrow_mut().in_flight -= 1;
+    }
+
+    /// Fails the run of an item whose processing panicked, and acks it.
+    async fn poisoned(&self, lease: &Lease, message: &str) -> StoreResult<()> {
+        let item = &lease.item;
+        error!(run_id = %item.run_id, item = %item.id, panic = %message,
+               "processing a queue item panicked; failing its run");
+        {
+            let mut status = self.status.borrow_mut();
+            status.panics += 1;
+            status.last_error = Some(format!("processing {} panicked: {message}", item.id));
+        }
+        if let Some(run) = self.backends.state.load_run(&item.run_id).await? {
+            if !run.status.is_terminal() {
+                let error = json!({"error": "internal error", "name": "InternalError",
+                    "message": format!("Baton failed while processing this run: {message}")});
+                let now = self.clock.now();
+                if lifecycle::finish_run(&self.backends, &run, RunStatus::Failed, error, now)
+                    .await?
+                {
+                    self.status.borrow_mut().runs_failed += 1;
+                }
+            }
+        }
+        self.ack(lease, Vec::new()).await
     }
 
     /// Renews the lease while the item is being processed. Never returns.
@@ -538,12 +635,13 @@ impl Worker {
         Ok(def)
     }
 
-    /// Saves a sleep's, wait's or invoke's result and calls again. The pause
-    /// it resolves is dropped only after the result is stored, so a pause that
-    /// is gone always means its result is there (or the run has ended): a
-    /// crash in between leaves the pause, and the item's redelivery finishes.
+    /// Saves a result that resumes the run (a sleep, a wait, an invoke, a
+    /// server-side fetch) and calls the function again.
     /// A step of a parallel group calls again only when it is the group's
-    /// last.
+    /// last. The pause it resolves is dropped only after the result is
+    /// stored, so a pause that is gone always means its result is there (or
+    /// the run has ended): a crash in between leaves the pause, and the
+    /// item's redelivery finishes.
     async fn resume(
         &self,
         lease: &Lease,
@@ -687,9 +785,14 @@ impl Worker {
                 lifecycle::cancel_run(&self.backends, &run.id, self.clock.now()).await?;
                 return self.ack(lease, Vec::new()).await;
             }
-            ItemKind::Discovery { seq } if *seq < stack_len => {
+            ItemKind::Discovery { seq }
+                if *seq < stack_len && (lease.attempt == 0 || !self.config.checkpointing) =>
+            {
                 // Superseded by a result saved after this item was scheduled
-                // (a crash between saving and acking lands here).
+                // (a crash between saving and acking lands here). With
+                // checkpointing, a retry (attempt > 0) is not superseded: its
+                // call checkpointed steps and then failed, and the failing
+                // step's attempts go on from there.
                 let next = QueueItem::discovery(&run.id, &run.fn_id, stack_len).for_run(&run);
                 return self.ack(lease, vec![(next, self.clock.now())]).await;
             }
@@ -750,6 +853,16 @@ impl Worker {
             .iter()
             .map(|e| serde_json::from_str(e).unwrap_or(Value::Null))
             .collect();
+        // Checkpointing: a discovery call that may run steps inline lets
+        // the SDK run them all, storing each through `actors::checkpoint`.
+        let checkpoint = (self.config.checkpointing
+            && matches!(item.kind, ItemKind::Discovery { .. })
+            && !run.force_plan)
+            .then(|| CheckpointOffer {
+                fn_id: run.fn_id.clone(),
+                qi_id: checkpoint::qi_id(lease.lease_id, &item.id),
+            });
+        let offered = checkpoint.is_some();
         let call = CallRequest {
             url: &function.url,
             run_id: &run.id,
@@ -764,10 +877,12 @@ impl Worker {
             disable_immediate_execution: run.force_plan
                 || matches!(item.kind, ItemKind::Planned { .. }),
             max_body_bytes: MAX_CALL_BODY_BYTES,
+            checkpoint,
         };
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
         let call_started = std::time::Instant::now();
+        let call_started_at = self.clock.now();
         let sent = self.client.call(&call, self.clock.now()).await;
         METRICS
             .sdk_call_seconds
@@ -808,6 +923,12 @@ impl Worker {
             SdkReply::Error { .. } => -1,
         };
         let mut run = run;
+        if offered {
+            match self.after_checkpoints(lease, &reply).await? {
+                Some(current) => run = current,
+                None => return Ok(()),
+            }
+        }
         if request_version > 0 && request_version != run.request_version {
             self.backends
                 .state
@@ -819,10 +940,86 @@ impl Worker {
             self.status.borrow_mut().call_errors += 1;
             debug!(run_id = %run.id, status, error = %error, "call failed");
         }
+        // The run's trace (observability only: a failure to note it is logged).
+        let item_step = match &item.kind {
+            ItemKind::Planned { step_id, .. } => step_id.as_str(),
+            _ => "",
+        };
+        let attempt = crate::model::trace::AttemptRecord::from_reply(
+            &run.id,
+            item_step,
+            lease.attempt,
+            call_started_at.millis(),
+            self.clock.now().millis(),
+            &reply,
+        );
+        if let Err(err) = self.backends.state.record_attempt(attempt).await {
+            warn!(run_id = %run.id, error = %err, "cannot note the call in the run's trace");
+        }
         let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..30_000));
         let delay = backoff(self.config.retry_interval, lease.attempt, jitter);
         let decision = decide(&run, lease, &reply, self.clock.now(), delay);
         self.perform(lease, &run, decision).await
+    }
+
+    /// A reply that made no progress: call again with backoff, and fail the
+    /// run after [`MAX_NO_PROGRESS`] in a row. The count travels in the
+    /// discovery item's id (`<run>/d/<seq>~<count>`), so it survives restarts.
+    async fn no_progress(&self, lease: &Lease, run: &RunRecord) -> StoreResult<()> {
+        let now = self.clock.now();
+        let count = no_progress_count(&lease.item.id) + 1;
+        if count > MAX_NO_PROGRESS {
+            warn!(run_id = %run.id, count, "the app made no progress; failing the run");
+            let error = json!({"error": "no progress", "name": "NoProgressError",
+                "message": format!("the app answered {count} calls in a row without running, \
+                    planning or reporting any step (an empty 206 or only DiscoveryRequest)")});
+            if lifecycle::finish_run(&self.backends, run, RunStatus::Failed, error, now).await? {
+                self.status.borrow_mut().runs_failed += 1;
+            }
+            return self.ack(lease, Vec::new()).await;
+        }
+        let delay = match (count, self.config.retry_interval) {
+            (1, _) => Duration::ZERO,
+            (_, Some(fixed)) => fixed,
+            (_, None) => (Duration::from_millis(250) * 2u32.pow(count.min(12) - 2))
+                .min(Duration::from_secs(60)),
+        };
+        let mut next =
+            QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
+        next.id = format!("{}~{count}", next.id);
+        self.ack(lease, vec![(next, now.plus(delay))]).await
+    }
+
+    /// After a call that was offered checkpointing: the run as it is now
+    /// (the call may have stored steps), or `None` when the reply must be
+    /// dropped: the run has ended (the item is acked), or the reply is the
+    /// SDK stopping because a checkpoint was refused as stale and this call
+    /// no longer holds its lease (the item is someone else's now).
+    async fn after_checkpoints(
+        &self,
+        lease: &Lease,
+        reply: &SdkReply,
+    ) -> StoreResult<Option<RunRecord>> {
+        let run = match self.backends.state.load_run(&lease.item.run_id).await? {
+            Some(run) if !run.status.is_terminal() => run,
+            _ => {
+                self.ack(lease, Vec::new()).await?;
+                return Ok(None);
+            }
+        };
+        if let SdkReply::Error { no_retry: true, .. } = reply {
+            let expires = self.clock.now().plus(self.config.lease_ttl);
+            let held = self
+                .backends
+                .queue
+                .holds(lease.lease_id, &lease.item.id, expires)
+                .await?;
+            if !held {
+                debug!(run_id = %run.id, item = %lease.item.id, "stale call's answer dropped");
+                return Ok(None);
+            }
+        }
+        Ok(Some(run))
     }
 
     async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {
@@ -839,6 +1036,9 @@ impl Worker {
                 .retry_at(lease.lease_id, &lease.item.id, due, true)
                 .await?;
             return Ok(());
+        }
+        if decision.no_progress {
+            return self.no_progress(lease, run).await;
         }
         let mut saves = decision.save;
         let mut discover = decision.discover;
@@ -952,6 +1152,15 @@ impl Worker {
         }
         self.ack(lease, next).await
     }
+}
+
+/// How many no-progress replies in a row led to this item (see
+/// [`Worker::no_progress`]).
+fn no_progress_count(item_id: &str) -> u32 {
+    item_id
+        .rsplit_once('~')
+        .and_then(|(_, count)| count.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The `inngest/function.invoked` event that starts an invoked function,
@@ -1081,9 +1290,19 @@ impl Actor for Executor {
         let stop = self.stop.subscribe();
         let ended = self.ended.clone();
         actix_rt::spawn(async move {
-            dispatch_loop(worker, semaphore, stop.clone()).await;
-            if !*stop.borrow() {
-                ended.ended("executor", "the dispatch loop ended");
+            let finished = AssertUnwindSafe(dispatch_loop(worker, semaphore, stop.clone()))
+                .catch_unwind()
+                .await;
+            match finished {
+                Err(panic) => ended.ended(
+                    "executor",
+                    format!(
+                        "the dispatch loop panicked: {}",
+                        panic_message(panic.as_ref())
+                    ),
+                ),
+                Ok(()) if !*stop.borrow() => ended.ended("executor", "the dispatch loop ended"),
+                Ok(()) => {}
             }
         });
         info!(workers = self.worker.config.workers, "executor started");
@@ -1536,6 +1755,7 @@ mod tests {
                     workers: 1,
                     lease_ttl: Duration::from_secs(30),
                     retry_interval: None,
+                    checkpointing: false,
                 },
                 status: RefCell::new(ExecutorStatus::default()),
                 functions: RefCell::new(HashMap::new()),

@@ -2,6 +2,8 @@
 //! bincode: to change a format add a `V2` variant and convert on read; never
 //! edit a shipped variant, so data written by older versions still reads.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{
@@ -28,12 +30,26 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
         .expect("in-memory bincode encoding of plain records cannot fail")
 }
 
+/// Records that failed to decode since the process started: each one is
+/// damaged data, counted so that corruption is visible (`/v1/status`).
+static DECODE_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// How many stored records failed to decode since start.
+pub fn decode_errors() -> u64 {
+    DECODE_ERRORS.load(Ordering::Relaxed)
+}
+
 fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, RecordError> {
     bincode::serde::decode_from_slice(bytes, bincode::config::standard())
         .map(|(value, _)| value)
-        .map_err(|err| RecordError {
-            what,
-            message: err.to_string(),
+        .map_err(|err| {
+            let count = DECODE_ERRORS.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::error!(record = what, error = %err, decode_errors = count,
+                            "a stored record is damaged; run `baton doctor`");
+            RecordError {
+                what,
+                message: err.to_string(),
+            }
         })
 }
 
@@ -79,6 +95,12 @@ versioned_record!(StoredQueueItem, QueueEntry, v1::QueueEntry, "queue item");
 versioned_record!(StoredPause, PauseRecord, v1::Pause, "pause");
 versioned_record!(StoredDebounce, DebounceRecord, v1::Debounce, "debounce");
 versioned_record!(StoredBatch, BatchRecord, v1::Batch, "batch");
+versioned_record!(
+    StoredAttempt,
+    super::trace::AttemptRecord,
+    v1::Attempt,
+    "attempt"
+);
 
 /// A queue item with its scheduling state, as the queue stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -386,7 +408,9 @@ mod tests {
 
     #[test]
     fn garbage_is_a_clear_error() {
+        let before = decode_errors();
         let err = RunRecord::from_bytes(&[200, 1, 2]).unwrap_err();
         assert!(err.to_string().starts_with("corrupt run record"), "{err}");
+        assert!(decode_errors() > before);
     }
 }

@@ -282,6 +282,25 @@ pub trait StateStore: Send + Sync + 'static {
         Ok(0)
     }
 
+    /// Notes one call to the app for the run's trace. Observability, not
+    /// state: need not be durable on return, and a store may keep none
+    /// (the trace then shows steps without their attempts). Deleted with
+    /// the run.
+    async fn record_attempt(
+        &self,
+        _attempt: crate::model::trace::AttemptRecord,
+    ) -> StoreResult<()> {
+        Ok(())
+    }
+
+    /// The run's recorded calls, oldest first.
+    async fn load_attempts(
+        &self,
+        _run_id: &str,
+    ) -> StoreResult<Vec<crate::model::trace::AttemptRecord>> {
+        Ok(Vec::new())
+    }
+
     /// Runs started by the event with this internal id, oldest first.
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>>;
 }
@@ -314,6 +333,14 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Extends a lease to `expires`. False if the lease is no longer held.
     async fn extend(&self, lease_id: u64, item_id: &str, expires: Timestamp) -> StoreResult<bool>;
+
+    /// Whether `lease_id` still holds `item_id` (a checkpoint's staleness
+    /// check, made for every checkpointed step). An implementation may renew
+    /// the lease to `renew_to` while at it, or only read, whichever is
+    /// cheaper for it; the default renews.
+    async fn holds(&self, lease_id: u64, item_id: &str, renew_to: Timestamp) -> StoreResult<bool> {
+        self.extend(lease_id, item_id, renew_to).await
+    }
 
     /// Removes a leased item and, in the same atomic step, enqueues `next`
     /// (deduplicated like `enqueue`). False if the lease was no longer held,

@@ -127,6 +127,27 @@ async fn sdk_app_with_keys_runs_and_bad_keys_are_refused() {
         .await;
         assert_eq!(run["output"]["sum"], 6, "{sdk:?}: {run}");
 
+        // The JS SDK checkpointed its steps with the key: one call for the
+        // run (Python, which never checkpoints: one per step and the last).
+        let (_, status) = get_authed(&baton, "/v1/status", SIGNING_KEY).await;
+        let calls = if sdk == Sdk::Node { 1 } else { 4 };
+        assert_eq!(
+            status["data"]["executor"]["calls"], calls,
+            "{sdk:?}: {status}"
+        );
+        // A checkpoint without the key is refused.
+        let response = client()
+            .post(format!(
+                "{}/v1/checkpoint/{}/async",
+                baton.url,
+                run["run_id"].as_str().unwrap()
+            ))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 401);
+
         // The API needs the signing key; /dev is not served.
         let status = client()
             .get(format!("{}/v1/events/{event_id}/runs", baton.url))

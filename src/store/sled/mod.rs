@@ -7,6 +7,7 @@
 //! points (`flush`) go through [`GroupCommit`], so concurrent writers share
 //! one fsync. One process per directory: sled locks it.
 
+pub mod check;
 mod commit;
 mod data;
 mod queue;
@@ -44,22 +45,36 @@ impl SledDb {
         std::fs::create_dir_all(dir).map_err(|err| {
             StoreError::unavailable(format!("cannot create data dir {}: {err}", dir.display()))
         })?;
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|err| match err {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::unavailable(format!(
-                        "data dir {} is in use by another process",
-                        dir.display()
-                    ))
-                }
-                other => sled_error(other),
-            })?;
+        // sled panics on some damaged files; that is a corrupt store too.
+        let opened = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(dir.join("db"))
+                .cache_capacity(cache_bytes)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+        })
+        .map_err(|panic| {
+            StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!(
+                    "the store in {} is damaged: sled failed opening it ({}); run `baton doctor`",
+                    dir.display(),
+                    crate::expr::panic_message(panic.as_ref())
+                ),
+            )
+        })?;
+        let db = opened.map_err(|err| match err {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                StoreError::unavailable(format!(
+                    "data dir {} is in use by another process",
+                    dir.display()
+                ))
+            }
+            other => sled_error(other),
+        })?;
         check_format(&db, dir)?;
-        Ok(SledDb::from_db(db))
+        check::verify(&db, dir)?;
+        Ok(SledDb::from_db(db, Some(dir)))
     }
 
     /// A database that lives in memory and is deleted on drop; for tests.
@@ -68,11 +83,12 @@ impl SledDb {
             .temporary(true)
             .open()
             .map_err(sled_error)?;
-        Ok(SledDb::from_db(db))
+        Ok(SledDb::from_db(db, None))
     }
 
-    fn from_db(db: sled::Db) -> SledDb {
-        let commit = GroupCommit::start(db.clone());
+    fn from_db(db: sled::Db, dir: Option<&Path>) -> SledDb {
+        let mark = Arc::new(check::DurabilityMark::new(dir));
+        let commit = GroupCommit::start(db.clone(), mark);
         SledDb { db, commit }
     }
 

@@ -622,6 +622,32 @@ const fiveSteps = inngest.createFunction(
   },
 );
 
+// Checkpointing: steps before and after one that fails (`event.data.fail`:
+// "retry" fails twice then succeeds, "fatal" throws NonRetriableError).
+const ckptMixed = inngest.createFunction(
+  { id: "ckpt-mixed", retries: 3, triggers: [{ event: "test/ckpt-mixed" }] },
+  async ({ event, step }) => {
+    const one = await step.run("one", () => {
+      bump("ckpt-mixed", "one", event);
+      return 1;
+    });
+    const mid = await step.run("mid", () => {
+      bump("ckpt-mixed", "mid", event);
+      const key = `ckpt-mixed:${keyOf(event)}`;
+      const n = (flakyExecutions.get(key) ?? 0) + 1;
+      flakyExecutions.set(key, n);
+      if (event.data?.fail === "fatal") throw new NonRetriableError("fatal mid");
+      if (n <= 2) throw new Error("mid failure");
+      return n;
+    });
+    const two = await step.run("two", () => {
+      bump("ckpt-mixed", "two", event);
+      return 2;
+    });
+    return { one, mid, two };
+  },
+);
+
 const startTimeout = inngest.createFunction(
   {
     id: "start-timeout",
@@ -638,6 +664,7 @@ const startTimeout = inngest.createFunction(
 );
 
 const functions = [
+  ckptMixed,
   startTimeout,
   fiveSteps,
   limited,
@@ -679,6 +706,16 @@ const functions = [
   benchWait,
   benchKeyed,
 ];
+
+// EXTRA_FUNCTION=<id>: one more function (discovery tests change an app's functions).
+if (process.env.EXTRA_FUNCTION) {
+  functions.push(
+    inngest.createFunction(
+      { id: process.env.EXTRA_FUNCTION, triggers: [{ event: "test/extra" }] },
+      async () => "extra",
+    ),
+  );
+}
 
 // ---- HTTP server ----------------------------------------------------------------------
 
