@@ -70,6 +70,13 @@ impl SledDb {
                     dir.display()
                 ))
             }
+            corrupt @ sled::Error::Corruption { .. } => StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!(
+                    "the store in {} is damaged: {corrupt}; run `baton doctor`",
+                    dir.display()
+                ),
+            ),
             other => sled_error(other),
         })?;
         check_format(&db, dir)?;
