@@ -76,6 +76,7 @@ impl DoctorArgs {
             no_discovery: false,
             discovery_ports: None,
             discovery_interval: None,
+            no_checkpointing: false,
         };
         Ok(args.settings()?.1.data_dir)
     }
@@ -201,6 +202,10 @@ pub struct DevArgs {
     /// Time between discovery scans (discovery.interval).
     #[arg(long, hide = true)]
     pub discovery_interval: Option<String>,
+    /// Do not offer the JS SDK checkpointing (one call per step instead);
+    /// overrides executor.checkpointing.
+    #[arg(long)]
+    pub no_checkpointing: bool,
 }
 
 impl DevArgs {
@@ -244,6 +249,9 @@ impl DevArgs {
         }
         if let Some(interval) = &self.discovery_interval {
             raw.discovery.interval = interval.clone();
+        }
+        if self.no_checkpointing {
+            raw.executor.checkpointing = false;
         }
         Ok((source, raw.validate()?))
     }

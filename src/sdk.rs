@@ -62,6 +62,9 @@ pub fn call_url(function_url: &str, step_id: &str) -> String {
 pub struct CallRequest<'a> {
     pub url: &'a str,
     pub run_id: &'a str,
+    /// The queue item's id, stable across its retries: sent as
+    /// `x-inngest-job-id` (the JS SDK shows it to middleware as `ctx.jobId`).
+    pub job_id: &'a str,
     /// `step` for a discovery call, else the hashed step id.
     pub step_id: &'a str,
     pub events: &'a [Value],
@@ -74,6 +77,16 @@ pub struct CallRequest<'a> {
     /// Above this many body bytes, send `use_api` and let the SDK fetch
     /// events and steps from `/v0/runs/{id}/…` (PROTOCOL §4.10).
     pub max_body_bytes: usize,
+    /// Offers the SDK checkpointing (PROTOCOL §5.1).
+    pub checkpoint: Option<CheckpointOffer>,
+}
+
+/// What a call sends so that the JS SDK v4 checkpoints: `ctx.fn_id` and
+/// `ctx.qi_id` (the call's queue lease, `actors::checkpoint::qi_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointOffer {
+    pub fn_id: String,
+    pub qi_id: String,
 }
 
 impl CallRequest<'_> {
@@ -92,7 +105,7 @@ impl CallRequest<'_> {
         } else {
             (self.events.to_vec(), self.steps.clone())
         };
-        json!({
+        let mut body = json!({
             "event": self.events.first().cloned().unwrap_or_else(|| json!({})),
             "events": events,
             "steps": steps,
@@ -108,7 +121,12 @@ impl CallRequest<'_> {
             },
             "version": if matches!(self.request_version, 1 | 2) { self.request_version } else { -1 },
             "use_api": use_api,
-        })
+        });
+        if let Some(offer) = &self.checkpoint {
+            body["ctx"]["fn_id"] = json!(offer.fn_id);
+            body["ctx"]["qi_id"] = json!(offer.qi_id);
+        }
+        body
     }
 }
 
@@ -157,7 +175,8 @@ pub enum SdkReply {
     Error {
         /// HTTP status, 0 when there was no answer.
         status: u16,
-        /// Normalized `{error, name, message, stack?}`.
+        /// The SDK's own error body when it sent a JSON object, else the
+        /// normalized `{error, name, message, stack?}` (Go's StandardError).
         error: Value,
         no_retry: bool,
         retry_after: Option<Duration>,
@@ -291,12 +310,22 @@ pub fn parse_reply(
             },
         },
         _ => {
-            let body_value = parsed.unwrap_or_else(|| {
-                Value::String(String::from_utf8_lossy(&body[..body.len().min(2_000)]).to_string())
-            });
+            let error = match parsed {
+                // The SDK's own error body (`{code?, name, message, stack}`)
+                // is the run's output as is, as on Inngest.
+                Some(body @ Value::Object(_)) if is_sdk => body,
+                parsed => {
+                    let body_value = parsed.unwrap_or_else(|| {
+                        Value::String(
+                            String::from_utf8_lossy(&body[..body.len().min(2_000)]).to_string(),
+                        )
+                    });
+                    standard_error(&format!("invalid status code: {status}"), &body_value)
+                }
+            };
             SdkReply::Error {
                 status,
-                error: standard_error(&format!("invalid status code: {status}"), &body_value),
+                error,
                 no_retry,
                 retry_after,
             }
@@ -449,6 +478,57 @@ async fn read_capped(
     Ok(body)
 }
 
+/// How long an idle pooled connection to an app is kept: shorter than the
+/// keep-alive of common app servers (Node and uvicorn close idle
+/// connections after 5 s), so Baton rarely writes to one the app is closing.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Sends `request`, and once more when the connection was closed before any
+/// answer came back: a pooled keep-alive connection the app closed while the
+/// request was on its way. Such a request did not reach the function, so the
+/// second try is not a new attempt.
+async fn send_retrying_stale(
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let again = request.try_clone();
+    match request.send().await {
+        Err(err) if closed_before_answer(&err) => match again {
+            Some(again) => {
+                tracing::debug!(error = %err, "connection closed before an answer; sending once more");
+                again.send().await
+            }
+            None => Err(err),
+        },
+        other => other,
+    }
+}
+
+/// Whether the error is a connection closed or reset before any answer.
+fn closed_before_answer(err: &reqwest::Error) -> bool {
+    if err.is_timeout() || err.is_connect() || !err.is_request() {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            if hyper.is_incomplete_message() || hyper.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// Makes calls and sync pings to SDK apps.
 #[derive(Clone)]
 pub struct SdkClient {
@@ -475,10 +555,16 @@ impl SdkClient {
             .connect_timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(256)
             .redirect(same_host_redirects())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            // Header names as Go (Inngest) writes them: `X-Api-Key`. Names
+            // are case-insensitive, but some apps and proxies compare them.
+            .http1_title_case_headers()
             .build()
             .expect("building the HTTP client with static settings");
         let gateway = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .http1_title_case_headers()
             .build()
             .expect("building the HTTP client with static settings");
         SdkClient {
@@ -513,6 +599,7 @@ impl SdkClient {
             .header("content-type", "application/json")
             .header("x-run-id", call.run_id)
             .header("x-inngest-step-id", call.step_id)
+            .header("x-inngest-job-id", call.job_id)
             .header("x-request-id", ulid::Ulid::new().to_string())
             .header(
                 "x-inngest-req-version",
@@ -523,10 +610,8 @@ impl SdkClient {
                 }
                 .to_string(),
             );
-        let request = self.sign(request, &body, now);
-        let response = request
-            .body(body)
-            .send()
+        let request = self.sign(request, &body, now).body(body);
+        let response = send_retrying_stale(request)
             .await
             .map_err(|err| describe_transport_error(&url, &err))?;
         if let Some(refused) = refused_redirect(&url, &response) {
@@ -779,7 +864,7 @@ mod tests {
         } = parse_reply(
             400,
             headers(&[("x-inngest-sdk", "js"), ("x-inngest-no-retry", "true")]),
-            br#"{"name":"NonRetriableError","message":"nope","stack":"s"}"#,
+            br#"{"code":"non_retriable_error","name":"NonRetriableError","message":"nope","stack":"s"}"#,
             now,
         )
         else {
@@ -787,10 +872,22 @@ mod tests {
         };
         assert_eq!(status, 400);
         assert!(no_retry);
+        // The SDK's error body is kept as is.
         assert_eq!(
             error,
-            json!({"error": "invalid status code: 400", "name": "NonRetriableError",
+            json!({"code": "non_retriable_error", "name": "NonRetriableError",
                    "message": "nope", "stack": "s"})
+        );
+        // A failure that is not the SDK's answer gets the standard shape.
+        let SdkReply::Error { error, .. } =
+            parse_reply(502, headers(&[]), b"<html>Bad Gateway</html>", now)
+        else {
+            panic!("expected an error")
+        };
+        assert_eq!(
+            error,
+            json!({"error": "invalid status code: 502", "name": "Error",
+                   "message": "<html>Bad Gateway</html>"})
         );
         // 200 from something that is not an SDK is an error, not a result.
         assert!(matches!(

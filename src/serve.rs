@@ -216,6 +216,7 @@ pub async fn serve(
             workers: settings.workers,
             lease_ttl: settings.lease_ttl,
             retry_interval: settings.retry_interval,
+            checkpointing: settings.checkpointing,
         };
         let addr = Executor::start_in_arbiter(&arbiter.handle(), move |_| {
             Executor::new(backends, clock, client, config, ended)
@@ -288,6 +289,7 @@ pub async fn serve(
             settings.trusted_proxies.clone(),
             settings.body_timeout,
         ),
+        lease_ttl: settings.lease_ttl,
     });
     let max_connections = connection_limit(settings.max_connections, settings.workers);
     let server = HttpServer::new(move || {

@@ -201,6 +201,9 @@ pub struct RawExecutor {
     pub retry_interval: String,
     /// Longest a single call to an app may take.
     pub call_timeout: String,
+    /// Offer the JS SDK checkpointing: it runs several steps in one call
+    /// and stores each through `/v1/checkpoint/{run}/async`. Since 0.1.
+    pub checkpointing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -254,6 +257,7 @@ impl Default for RawExecutor {
             lease_ttl: "30s".into(),
             retry_interval: String::new(),
             call_timeout: "2h".into(),
+            checkpointing: true,
         }
     }
 }
@@ -277,6 +281,7 @@ pub struct Settings {
     pub lease_ttl: Duration,
     pub retry_interval: Option<Duration>,
     pub call_timeout: Duration,
+    pub checkpointing: bool,
     pub signing_key: Option<String>,
     pub signing_key_fallback: Option<String>,
     pub event_keys: Vec<String>,
@@ -428,6 +433,7 @@ impl RawSettings {
             lease_ttl,
             retry_interval,
             call_timeout,
+            checkpointing: self.executor.checkpointing,
             signing_key,
             signing_key_fallback,
             event_keys,

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
+use crate::actors::checkpoint;
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
@@ -35,7 +36,7 @@ use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
 };
-use crate::sdk::{parse_reply, step_error, CallRequest, SdkClient, SdkReply};
+use crate::sdk::{parse_reply, step_error, CallRequest, CheckpointOffer, SdkClient, SdkReply};
 use crate::store::{Backends, Lease, SaveStep, StoreResult};
 
 /// Inngest's retry backoff table (GO `pkg/backoff TableBackoff`).
@@ -63,6 +64,8 @@ pub struct ExecutorConfig {
     pub lease_ttl: Duration,
     /// Fixed retry delay; `None` uses [`BACKOFF_TABLE`] plus jitter.
     pub retry_interval: Option<Duration>,
+    /// Offer the SDK checkpointing in discovery calls (`actors::checkpoint`).
+    pub checkpointing: bool,
 }
 
 /// When to make a discovery call after saving results.
@@ -189,6 +192,23 @@ pub fn decide(
             Discover::WhenGroupDone
         }
         _ => Discover::Always,
+    };
+    // In a parallel group (several ops, request version 2), sleeps, waits,
+    // invokes and fetches join the planned set beside the planned steps, so
+    // the run is called again once the whole group is done (as Inngest's
+    // pending steps), not when only its `step.run`s are.
+    let joins_group = |op: &crate::sdk::Op| {
+        let ops = match reply {
+            SdkReply::Ops { ops, .. } => ops.len(),
+            _ => 0,
+        };
+        let race = op
+            .opts
+            .as_ref()
+            .and_then(|o| o.get("parallelMode"))
+            .and_then(Value::as_str)
+            == Some("race");
+        ops > 1 && run.request_version != 1 && !race && !run.stack.contains(&op.id)
     };
     let fail = |message: String| Decision {
         finish: Some((RunStatus::Failed, limit_error(message))),
@@ -320,6 +340,9 @@ pub fn decide(
                             )),
                             Err(err) => return fail(format!("invalid sleep duration: {err}")),
                         }
+                        if joins_group(op) {
+                            decision.plan.push(op.id.clone());
+                        }
                         None
                     }
                     "WaitForEvent" => {
@@ -360,6 +383,9 @@ pub fn decide(
                                 expires,
                             ));
                             decision.pauses.push(wait);
+                            if joins_group(op) {
+                                decision.plan.push(op.id.clone());
+                            }
                             None
                         }
                     }
@@ -391,6 +417,9 @@ pub fn decide(
                             function_id,
                             data,
                         });
+                        if joins_group(op) {
+                            decision.plan.push(op.id.clone());
+                        }
                         None
                     }
                     "Gateway" | "AIGateway" => {
@@ -400,6 +429,9 @@ pub fn decide(
                             ai: op.op == "AIGateway",
                             opts: op.opts.clone().unwrap_or(Value::Null),
                         });
+                        if joins_group(op) {
+                            decision.plan.push(op.id.clone());
+                        }
                         None
                     }
                     "RunComplete" | "SyncRunComplete" => {
@@ -452,7 +484,11 @@ pub fn decide(
                     }
                     decision.save.push(step);
                     if decision.discover != Discover::Always {
-                        decision.discover = after_save;
+                        decision.discover = if joins_group(op) {
+                            Discover::WhenGroupDone
+                        } else {
+                            after_save
+                        };
                     }
                 }
             }
@@ -467,6 +503,16 @@ pub fn decide(
         decision.fetches.clear();
     }
     decision
+}
+
+/// What a server-side result (a fetch, a missing invoke target) asks for: a
+/// step of a parallel group waits for the group, any other calls again.
+fn after_result(discover: Discover, in_group: bool) -> Discover {
+    match discover {
+        Discover::Always => Discover::Always,
+        _ if in_group => Discover::WhenGroupDone,
+        _ => Discover::Always,
+    }
 }
 
 /// Counters for `Observe`.
@@ -591,10 +637,11 @@ impl Worker {
 
     /// Saves a result that resumes the run (a sleep, a wait, an invoke, a
     /// server-side fetch) and calls the function again.
-    /// Saves a sleep's, wait's or invoke's result and calls again. The pause
-    /// it resolves is dropped only after the result is stored, so a pause that
-    /// is gone always means its result is there (or the run has ended): a
-    /// crash in between leaves the pause, and the item's redelivery finishes.
+    /// A step of a parallel group calls again only when it is the group's
+    /// last. The pause it resolves is dropped only after the result is
+    /// stored, so a pause that is gone always means its result is there (or
+    /// the run has ended): a crash in between leaves the pause, and the
+    /// item's redelivery finishes.
     async fn resume(
         &self,
         lease: &Lease,
@@ -602,12 +649,27 @@ impl Worker {
         step: StepRecord,
         pause_id: Option<&str>,
     ) -> StoreResult<()> {
+        let in_group = run.planned.contains(&step.id);
         let next = match self.backends.state.save_step(&run.id, step).await? {
-            SaveStep::Saved { stack_len, .. } | SaveStep::Duplicate { stack_len, .. } => {
-                vec![(
-                    QueueItem::discovery(&run.id, &run.fn_id, stack_len),
-                    self.clock.now(),
-                )]
+            SaveStep::Saved {
+                stack_len,
+                planned_left,
+            }
+            | SaveStep::Duplicate {
+                stack_len,
+                planned_left,
+            } => {
+                if in_group && planned_left > 0 {
+                    Vec::new()
+                } else {
+                    if in_group && run.force_plan {
+                        self.backends.state.set_force_plan(&run.id, false).await?;
+                    }
+                    vec![(
+                        QueueItem::discovery(&run.id, &run.fn_id, stack_len),
+                        self.clock.now(),
+                    )]
+                }
             }
             SaveStep::RunEnded => Vec::new(),
         };
@@ -723,9 +785,14 @@ impl Worker {
                 lifecycle::cancel_run(&self.backends, &run.id, self.clock.now()).await?;
                 return self.ack(lease, Vec::new()).await;
             }
-            ItemKind::Discovery { seq } if *seq < stack_len => {
+            ItemKind::Discovery { seq }
+                if *seq < stack_len && (lease.attempt == 0 || !self.config.checkpointing) =>
+            {
                 // Superseded by a result saved after this item was scheduled
-                // (a crash between saving and acking lands here).
+                // (a crash between saving and acking lands here). With
+                // checkpointing, a retry (attempt > 0) is not superseded: its
+                // call checkpointed steps and then failed, and the failing
+                // step's attempts go on from there.
                 let next = QueueItem::discovery(&run.id, &run.fn_id, stack_len).for_run(&run);
                 return self.ack(lease, vec![(next, self.clock.now())]).await;
             }
@@ -786,9 +853,20 @@ impl Worker {
             .iter()
             .map(|e| serde_json::from_str(e).unwrap_or(Value::Null))
             .collect();
+        // Checkpointing: a discovery call that may run steps inline lets
+        // the SDK run them all, storing each through `actors::checkpoint`.
+        let checkpoint = (self.config.checkpointing
+            && matches!(item.kind, ItemKind::Discovery { .. })
+            && !run.force_plan)
+            .then(|| CheckpointOffer {
+                fn_id: run.fn_id.clone(),
+                qi_id: checkpoint::qi_id(lease.lease_id, &item.id),
+            });
+        let offered = checkpoint.is_some();
         let call = CallRequest {
             url: &function.url,
             run_id: &run.id,
+            job_id: &item.id,
             step_id: &step_id,
             events: &events,
             steps: memos,
@@ -799,6 +877,7 @@ impl Worker {
             disable_immediate_execution: run.force_plan
                 || matches!(item.kind, ItemKind::Planned { .. }),
             max_body_bytes: MAX_CALL_BODY_BYTES,
+            checkpoint,
         };
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
@@ -844,6 +923,12 @@ impl Worker {
             SdkReply::Error { .. } => -1,
         };
         let mut run = run;
+        if offered {
+            match self.after_checkpoints(lease, &reply).await? {
+                Some(current) => run = current,
+                None => return Ok(()),
+            }
+        }
         if request_version > 0 && request_version != run.request_version {
             self.backends
                 .state
@@ -905,6 +990,38 @@ impl Worker {
         self.ack(lease, vec![(next, now.plus(delay))]).await
     }
 
+    /// After a call that was offered checkpointing: the run as it is now
+    /// (the call may have stored steps), or `None` when the reply must be
+    /// dropped: the run has ended (the item is acked), or the reply is the
+    /// SDK stopping because a checkpoint was refused as stale and this call
+    /// no longer holds its lease (the item is someone else's now).
+    async fn after_checkpoints(
+        &self,
+        lease: &Lease,
+        reply: &SdkReply,
+    ) -> StoreResult<Option<RunRecord>> {
+        let run = match self.backends.state.load_run(&lease.item.run_id).await? {
+            Some(run) if !run.status.is_terminal() => run,
+            _ => {
+                self.ack(lease, Vec::new()).await?;
+                return Ok(None);
+            }
+        };
+        if let SdkReply::Error { no_retry: true, .. } = reply {
+            let expires = self.clock.now().plus(self.config.lease_ttl);
+            let held = self
+                .backends
+                .queue
+                .holds(lease.lease_id, &lease.item.id, expires)
+                .await?;
+            if !held {
+                debug!(run_id = %run.id, item = %lease.item.id, "stale call's answer dropped");
+                return Ok(None);
+            }
+        }
+        Ok(Some(run))
+    }
+
     async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {
         let now = self.clock.now();
         if let Some(due) = decision.retry {
@@ -929,7 +1046,7 @@ impl Worker {
         for fetch in &decision.fetches {
             let memo = self.client.fetch(fetch.ai, &fetch.opts).await;
             saves.push(self.step_record(&fetch.step_id, &fetch.name, StepKind::Fetch, memo));
-            discover = Discover::Always;
+            discover = after_result(discover, decision.plan.contains(&fetch.step_id));
         }
         // Invokes: a missing target is the step's error; otherwise wait for
         // the callee and start it.
@@ -945,7 +1062,7 @@ impl Worker {
                     StepKind::Invoke,
                     memo,
                 ));
-                discover = Discover::Always;
+                discover = after_result(discover, decision.plan.contains(&invoke.pause.step_id));
                 continue;
             }
             // The invoke event is derived from the stored pause, so a retry
@@ -1444,6 +1561,63 @@ mod tests {
     }
 
     #[test]
+    fn async_steps_of_a_parallel_group_join_the_group() {
+        // An invoke, a sleep and a wait beside planned steps: the run is
+        // called again once all of them are done.
+        let invoke = with_opts(
+            op("InvokeFunction", "i"),
+            json!({"function_id": "child", "payload": {"data": {}}}),
+        );
+        let sleep = with_opts(op("Sleep", "s"), json!({"duration": "1s"}));
+        let wait = with_opts(
+            op("WaitForEvent", "w"),
+            json!({"event": "e", "timeout": "1m"}),
+        );
+        check(
+            0,
+            ops(
+                vec![invoke.clone(), sleep, wait, op("StepPlanned", "p")],
+                false,
+            ),
+            |d| {
+                assert_eq!(d.plan, ["i", "s", "w", "p"]);
+                assert_eq!(d.discover, Discover::No);
+            },
+        );
+        // Results given in the same answer wait for the group too.
+        check(
+            0,
+            ops(vec![invoke.clone(), op("StepRun", "a")], false),
+            |d| {
+                assert_eq!(d.plan, ["i"]);
+                assert_eq!(d.discover, Discover::WhenGroupDone);
+            },
+        );
+        // Alone, in race mode, or with request version 1, they do not.
+        check(0, ops(vec![invoke.clone()], false), |d| {
+            assert!(d.plan.is_empty())
+        });
+        let raced = with_opts(
+            op("InvokeFunction", "i"),
+            json!({"function_id": "child", "parallelMode": "race"}),
+        );
+        check(0, ops(vec![raced, op("StepPlanned", "p")], false), |d| {
+            assert_eq!(d.plan, ["p"])
+        });
+        let mut v1 = run();
+        v1.request_version = 1;
+        let lease = lease_for(QueueItem::discovery(&v1.id, &v1.fn_id, 0), 0);
+        let d = decide(
+            &v1,
+            &lease,
+            &ops(vec![invoke, op("StepPlanned", "p")], false),
+            NOW,
+            DELAY,
+        );
+        assert_eq!(d.plan, ["p"]);
+    }
+
+    #[test]
     fn waits_make_pauses_with_timeouts() {
         let mut wait = with_opts(
             op("WaitForEvent", "w"),
@@ -1581,6 +1755,7 @@ mod tests {
                     workers: 1,
                     lease_ttl: Duration::from_secs(30),
                     retry_interval: None,
+                    checkpointing: false,
                 },
                 status: RefCell::new(ExecutorStatus::default()),
                 functions: RefCell::new(HashMap::new()),

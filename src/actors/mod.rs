@@ -2,6 +2,7 @@
 //! handlers. Durable state lives in the stores; actor fields are caches.
 
 pub mod bulk;
+pub mod checkpoint;
 pub mod core_api;
 pub mod discovery;
 pub mod event_api;

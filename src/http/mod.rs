@@ -3,11 +3,13 @@
 //! this process are not mounted.
 
 pub mod bulk;
+pub mod checkpoint;
 pub mod core_api;
 pub mod dashboard;
 pub mod discovery;
 pub mod error;
 pub mod event_api;
+pub mod gql;
 pub mod guard;
 pub mod openapi;
 pub mod session;
@@ -42,6 +44,8 @@ pub struct AppState {
     pub retention: Option<std::time::Duration>,
     /// Host and origin checks, body deadline, trusted proxies.
     pub guard: guard::Guard,
+    /// The executor's queue lease; a valid checkpoint renews its call's.
+    pub lease_ttl: std::time::Duration,
 }
 
 /// Production-mode checks of SDK requests (PROTOCOL §1.4, §1.5).
@@ -224,7 +228,16 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/v1/events", web::get().to(core_api::list_events))
             .route("/v1/events/{id}", web::get().to(core_api::get_event))
             .route("/v1/events/{id}/runs", web::get().to(core_api::event_runs))
-            .route("/v1/status", web::get().to(core_api::status));
+            .route("/v0/gql", web::post().to(gql::graphql))
+            .route("/v1/status", web::get().to(core_api::status))
+            .route(
+                "/v1/checkpoint/{id}/async",
+                web::post().to(checkpoint::checkpoint_async),
+            )
+            .route(
+                "/v1/checkpoint/{id}/steps",
+                web::post().to(checkpoint::checkpoint_steps),
+            );
     }
 }
 

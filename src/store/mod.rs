@@ -334,6 +334,14 @@ pub trait Queue: Send + Sync + 'static {
     /// Extends a lease to `expires`. False if the lease is no longer held.
     async fn extend(&self, lease_id: u64, item_id: &str, expires: Timestamp) -> StoreResult<bool>;
 
+    /// Whether `lease_id` still holds `item_id` (a checkpoint's staleness
+    /// check, made for every checkpointed step). An implementation may renew
+    /// the lease to `renew_to` while at it, or only read, whichever is
+    /// cheaper for it; the default renews.
+    async fn holds(&self, lease_id: u64, item_id: &str, renew_to: Timestamp) -> StoreResult<bool> {
+        self.extend(lease_id, item_id, renew_to).await
+    }
+
     /// Removes a leased item and, in the same atomic step, enqueues `next`
     /// (deduplicated like `enqueue`). False if the lease was no longer held,
     /// in which case nothing changes.

@@ -664,6 +664,15 @@ async fn expired_lease_redelivers(queue: &dyn Queue, clock: &ManualClock) -> any
     );
     ensure!(second[0].lease_id != first[0].lease_id);
     ensure!(
+        queue
+            .holds(second[0].lease_id, &id, clock.now().plus(TTL))
+            .await?
+            && !queue
+                .holds(first[0].lease_id, &id, clock.now().plus(TTL))
+                .await?,
+        "holds answers for the lease that holds the item, not for an older one"
+    );
+    ensure!(
         !queue.ack(first[0].lease_id, &id, Vec::new()).await?,
         "a lost lease could still ack"
     );

@@ -167,3 +167,76 @@ async fn kill_9_during_ingest_keeps_every_acknowledged_event() {
         );
     }
 }
+
+/// `kill -9` in the middle of checkpointed runs: each run's steps go through
+/// one call, checkpoint by checkpoint, when Baton dies. After the restart no
+/// stored step runs again and every run finishes.
+#[tokio::test]
+async fn kill_9_mid_checkpointed_run_repeats_no_stored_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut baton = Baton::start(&data_dir);
+    let port = baton.port;
+    let app = NodeApp::start(&baton.url);
+    app.sync().await;
+
+    let runs = 4;
+    let mut events = Vec::new();
+    for i in 0..runs {
+        let key = format!("ckpt-crash-{i}");
+        let id = send_event(&baton, "test/slow-steps", json!({"key": key, "ms": 800})).await;
+        events.push((key, id));
+    }
+    // Every run has a stored step and one has two: with checkpointing that
+    // took one call per run (without it, at least two per run).
+    eventually(TIMEOUT, "checkpointed steps in every run", || async {
+        let stored = stored_steps(&baton, &events).await;
+        (stored.values().all(|s| !s.is_empty()) && stored.values().any(|s| s.len() >= 2))
+            .then_some(())
+    })
+    .await;
+    let status = get_json(&format!("{}/v1/status", baton.url)).await;
+    let before_kill = stored_steps(&baton, &events).await;
+    baton.kill_9();
+    assert_eq!(
+        status["data"]["executor"]["calls"], runs,
+        "one call per run: {status}"
+    );
+    assert!(
+        before_kill.values().any(|s| s.len() < 3),
+        "the kill came after every run had finished: {before_kill:?}"
+    );
+
+    let baton = Baton::start_with(
+        &data_dir,
+        BatonOptions {
+            port,
+            ..BatonOptions::default()
+        },
+    );
+    for (key, id) in &events {
+        let run = finished_run(&baton, id, TIMEOUT).await;
+        assert_eq!(run["status"], "Completed", "{key}: {run}");
+        assert_eq!(run["output"], json!(["slow1", "slow2", "slow3"]), "{key}");
+        assert_eq!(step_names(&run), ["slow1", "slow2", "slow3"], "{key}");
+    }
+    let counters = app.counters().await;
+    for (key, stored) in &before_kill {
+        for step in ["slow1", "slow2", "slow3"] {
+            let count = counters[format!("slow-steps:{step}:{key}")]
+                .as_u64()
+                .unwrap_or(0);
+            if stored.iter().any(|s| s == step) {
+                assert_eq!(
+                    count, 1,
+                    "{step} of {key} was stored before the kill but ran again"
+                );
+            } else {
+                assert!(
+                    (1..=2).contains(&count),
+                    "{step} of {key} ran {count} times"
+                );
+            }
+        }
+    }
+}

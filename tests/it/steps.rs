@@ -2,7 +2,8 @@
 //! invokes, parallel steps, cancellation, onFailure, cron, trigger
 //! expressions, and restarts in the middle of a sleep and of a wait. Each
 //! scenario is one function run once with the Node app and once with the
-//! Python app.
+//! Python app, and the Node one again with checkpointing off (the JS SDK
+//! checkpoints by default; Python never does).
 
 use std::time::{Duration, Instant};
 
@@ -21,9 +22,22 @@ fn timeout_value(sdk: Sdk, seconds: u64) -> Value {
     }
 }
 
+tokio::task_local! {
+    /// Whether the scenario's server offers checkpointing (default: yes).
+    static CHECKPOINTING: bool;
+}
+
+fn baton_options() -> BatonOptions {
+    let mut options = BatonOptions::default();
+    if !CHECKPOINTING.try_with(|on| *on).unwrap_or(true) {
+        options.extra_args.push("--no-checkpointing".into());
+    }
+    options
+}
+
 async fn start(sdk: Sdk, env: &[(&str, &str)]) -> (tempfile::TempDir, Baton, SdkApp) {
     let dir = tempfile::tempdir().unwrap();
-    let baton = Baton::start(&dir.path().join("data"));
+    let baton = Baton::start_with(&dir.path().join("data"), baton_options());
     let app = SdkApp::launch(sdk, &baton.url, free_port(), env);
     app.sync().await;
     (dir, baton, app)
@@ -298,7 +312,7 @@ async fn cron(sdk: Sdk) {
 async fn restarts_mid_sleep_and_wait(sdk: Sdk) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let mut baton = Baton::start(&data_dir);
+    let mut baton = Baton::start_with(&data_dir, baton_options());
     let port = baton.port;
     let app = SdkApp::launch(sdk, &baton.url, free_port(), &[]);
     app.sync().await;
@@ -326,7 +340,7 @@ async fn restarts_mid_sleep_and_wait(sdk: Sdk) {
         &data_dir,
         BatonOptions {
             port,
-            ..BatonOptions::default()
+            ..baton_options()
         },
     );
     send_event(
@@ -361,6 +375,14 @@ macro_rules! both_sdks {
             $(#[tokio::test]
             async fn $scenario() {
                 super::$scenario(crate::support::Sdk::Python).await;
+            })*
+        }
+        mod node_without_checkpointing {
+            $(#[tokio::test]
+            async fn $scenario() {
+                super::CHECKPOINTING
+                    .scope(false, super::$scenario(crate::support::Sdk::Node))
+                    .await;
             })*
         }
     };

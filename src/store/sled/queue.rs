@@ -379,6 +379,12 @@ impl Queue for SledQueue {
         Ok(true)
     }
 
+    /// A read: renewing would cost a sled write for every checkpointed step,
+    /// and the executor's heartbeat renews the lease anyway.
+    async fn holds(&self, lease_id: u64, item_id: &str, _renew_to: Timestamp) -> StoreResult<bool> {
+        Ok(self.held(lease_id, item_id)?.is_some())
+    }
+
     async fn ack(
         &self,
         lease_id: u64,

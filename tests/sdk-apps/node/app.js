@@ -14,6 +14,10 @@
 //                         under "ai" and answers a fixed chat.completion)
 //
 // Env: TICKER_CRON sets the cron of `ticker` (default "0 0 1 1 *", i.e. once a year).
+//      RECORD_CALLS=1 records {fnId, stepId, runId, jobId} of every call under "calls"
+//      (jobId: the x-inngest-job-id header).
+//      DROP_REUSED_CONNECTIONS=1 closes a connection, unanswered, when a second call
+//      arrives on it: a keep-alive connection the server closes as a request comes in.
 //
 // The SDK is configured only via environment variables (INNGEST_DEV, INNGEST_BASE_URL,
 // INNGEST_SIGNING_KEY, INNGEST_EVENT_KEY, ...). Optional: INNGEST_CHECKPOINTING=0 turns off
@@ -618,6 +622,32 @@ const fiveSteps = inngest.createFunction(
   },
 );
 
+// Checkpointing: steps before and after one that fails (`event.data.fail`:
+// "retry" fails twice then succeeds, "fatal" throws NonRetriableError).
+const ckptMixed = inngest.createFunction(
+  { id: "ckpt-mixed", retries: 3, triggers: [{ event: "test/ckpt-mixed" }] },
+  async ({ event, step }) => {
+    const one = await step.run("one", () => {
+      bump("ckpt-mixed", "one", event);
+      return 1;
+    });
+    const mid = await step.run("mid", () => {
+      bump("ckpt-mixed", "mid", event);
+      const key = `ckpt-mixed:${keyOf(event)}`;
+      const n = (flakyExecutions.get(key) ?? 0) + 1;
+      flakyExecutions.set(key, n);
+      if (event.data?.fail === "fatal") throw new NonRetriableError("fatal mid");
+      if (n <= 2) throw new Error("mid failure");
+      return n;
+    });
+    const two = await step.run("two", () => {
+      bump("ckpt-mixed", "two", event);
+      return 2;
+    });
+    return { one, mid, two };
+  },
+);
+
 const startTimeout = inngest.createFunction(
   {
     id: "start-timeout",
@@ -634,6 +664,7 @@ const startTimeout = inngest.createFunction(
 );
 
 const functions = [
+  ckptMixed,
   startTimeout,
   fiveSteps,
   limited,
@@ -703,6 +734,24 @@ const server = http.createServer((req, res) => {
   const path = (req.url || "/").split("?")[0];
 
   if (path === "/api/inngest" || path === "/api/inngest/") {
+    if (req.method === "POST" && process.env.DROP_REUSED_CONNECTIONS === "1") {
+      const socket = req.socket;
+      socket.batonCalls = (socket.batonCalls ?? 0) + 1;
+      if (socket.batonCalls > 1) {
+        record("dropped", req.headers["x-inngest-step-id"] ?? null);
+        socket.destroy();
+        return;
+      }
+    }
+    if (req.method === "POST" && process.env.RECORD_CALLS === "1") {
+      const query = new URL(req.url || "/", "http://localhost").searchParams;
+      record("calls", {
+        fnId: query.get("fnId"),
+        stepId: query.get("stepId"),
+        runId: req.headers["x-run-id"] ?? null,
+        jobId: req.headers["x-inngest-job-id"] ?? null,
+      });
+    }
     return inngestHandler(req, res);
   }
   if (path === "/counters" && req.method === "GET") {

@@ -1,0 +1,72 @@
+//! `/v1/checkpoint/{run}/…`: the SDK's checkpoint routes (PROTOCOL §5.1).
+//! Parses the body and maps what `actors::checkpoint` answers.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use crate::actors::checkpoint::{self, AsyncCheckpoint, CheckpointError};
+use crate::actors::executor::MAX_STEP_BYTES;
+use crate::http::{read_body, ApiError, AppState};
+
+/// Largest checkpoint body: one step at its size limit, with room for the
+/// rest. A larger one gets 413, and the SDK returns its steps in the call's
+/// answer instead, where the executor applies its limits.
+const MAX_CHECKPOINT_BYTES: usize = MAX_STEP_BYTES + (1 << 20);
+
+impl From<CheckpointError> for ApiError {
+    fn from(err: CheckpointError) -> ApiError {
+        match err {
+            CheckpointError::Invalid(message) => ApiError::BadRequest(message),
+            CheckpointError::NotFound(_) => ApiError::NotFound(err.to_string()),
+            CheckpointError::Stale(_) => ApiError::Conflict(err.to_string()),
+            CheckpointError::Store(err) => err.into(),
+        }
+    }
+}
+
+/// `POST /v1/checkpoint/{run}/async`: steps a checkpointing call finished.
+/// 200 once they are stored durably; 409 when the call is stale.
+pub async fn checkpoint_async(
+    state: web::Data<AppState>,
+    run_id: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, MAX_CHECKPOINT_BYTES).await?;
+    let request: AsyncCheckpoint = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::BadRequest(format!("invalid checkpoint body: {err}")))?;
+    let stored = checkpoint::checkpoint_async(
+        &state.backends,
+        &state.clock,
+        state.lease_ttl,
+        &run_id,
+        request,
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "data": {"saved": stored.saved, "duplicates": stored.duplicates},
+    })))
+}
+
+/// `POST /v1/checkpoint/{run}/steps`: steps of a run that a durable HTTP
+/// endpoint started with `POST /v1/checkpoint`. Baton starts no such runs
+/// (every run is driven by its queue, and checkpoints through `/async`), so
+/// this only answers why it stores nothing.
+pub async fn checkpoint_steps(
+    state: web::Data<AppState>,
+    run_id: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, MAX_CHECKPOINT_BYTES).await?;
+    serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .filter(serde_json::Value::is_object)
+        .ok_or_else(|| {
+            ApiError::BadRequest("invalid checkpoint body: expected an object".into())
+        })?;
+    match state.backends.state.load_run(&run_id).await? {
+        None => Err(ApiError::NotFound(format!("run {run_id} not found"))),
+        Some(_) => Err(ApiError::Conflict(format!(
+            "run {run_id} is not a durable-endpoint run; its calls checkpoint through /v1/checkpoint/{run_id}/async"
+        ))),
+    }
+}
