@@ -30,6 +30,36 @@ pub enum Command {
     /// Production, split: run the named services (event-api, runner,
     /// executor, api) in this process, sharing Redis and NATS with others.
     Serve(ServeArgs),
+    /// Check the embedded store for damage (stop Baton first): reports what
+    /// is damaged and exits non-zero if anything is.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Configuration file (else $BATON_CONFIG, else /etc/baton/config.toml).
+    #[arg(short = 'c', long = "config")]
+    pub config: Option<PathBuf>,
+    /// The data directory to check (else storage.data_dir of the config).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DoctorArgs {
+    pub fn data_dir(&self) -> anyhow::Result<PathBuf> {
+        let args = DevArgs {
+            config: self.config.clone(),
+            host: None,
+            port: None,
+            data_dir: self.data_dir.clone(),
+            sdk_urls: Vec::new(),
+            retry_interval: None,
+            workers: None,
+            lease_ttl: None,
+            no_checkpointing: false,
+        };
+        Ok(args.settings()?.1.data_dir)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -37,15 +67,27 @@ pub struct ProdArgs {
     #[command(flatten)]
     pub common: DevArgs,
     /// Signing key shared with the apps (INNGEST_SIGNING_KEY); overrides
-    /// keys.signing_key.
+    /// keys.signing_key. On the command line it is visible in `ps`: prefer
+    /// the environment or --signing-key-file.
     #[arg(long, env = "BATON_SIGNING_KEY", hide_env_values = true)]
     pub signing_key: Option<String>,
+    /// A file holding the signing key (e.g. a Docker or systemd secret).
+    #[arg(
+        long,
+        env = "BATON_SIGNING_KEY_FILE",
+        conflicts_with = "signing_key",
+        value_name = "FILE"
+    )]
+    pub signing_key_file: Option<PathBuf>,
     /// A second signing key accepted during rotation.
     #[arg(long, env = "BATON_SIGNING_KEY_FALLBACK", hide_env_values = true)]
     pub signing_key_fallback: Option<String>,
     /// An accepted event key (INNGEST_EVENT_KEY); repeatable.
-    #[arg(long = "event-key")]
+    #[arg(long = "event-key", env = "BATON_EVENT_KEY", hide_env_values = true)]
     pub event_keys: Vec<String>,
+    /// A file of accepted event keys, one per line.
+    #[arg(long, env = "BATON_EVENT_KEY_FILE", value_name = "FILE")]
+    pub event_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +108,15 @@ impl ProdArgs {
         let (source, mut settings) = self.common.settings()?;
         if let Some(key) = &self.signing_key {
             settings.signing_key = Some(validated_key("--signing-key", key)?);
+        }
+        if let Some(path) = &self.signing_key_file {
+            let key = crate::secret::read_secret_file("--signing-key-file", path)?;
+            settings.signing_key = Some(validated_key("--signing-key-file", &key)?);
+        }
+        if let Some(path) = &self.event_key_file {
+            settings
+                .event_keys
+                .extend(crate::secret::read_secret_lines("--event-key-file", path)?);
         }
         if let Some(key) = &self.signing_key_fallback {
             settings.signing_key_fallback = Some(validated_key("--signing-key-fallback", key)?);
@@ -100,14 +151,14 @@ pub struct DevArgs {
     /// Configuration file (else $BATON_CONFIG, else /etc/baton/config.toml).
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
-    /// Address to listen on.
-    #[arg(long)]
+    /// Address to listen on (0.0.0.0: every interface).
+    #[arg(long, env = "BATON_HOST")]
     pub host: Option<String>,
     /// Port to listen on (0 picks a free one).
-    #[arg(short, long)]
+    #[arg(short, long, env = "BATON_PORT")]
     pub port: Option<u16>,
     /// Where the embedded store keeps its files.
-    #[arg(long)]
+    #[arg(long, env = "BATON_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// App URL to sync at start (repeatable).
     #[arg(short = 'u', long = "sdk-url")]

@@ -6,6 +6,30 @@ use std::time::Duration;
 
 use crate::clock::Timestamp;
 
+/// Longest duration accepted anywhere (100 years): checked before any
+/// arithmetic, so a huge number is an error rather than a panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 366 * 86_400);
+/// Longest sleep, and the furthest date a sleep may name.
+pub const MAX_SLEEP: Duration = Duration::from_secs(366 * 86_400);
+
+/// Seconds (from JSON or a config) as a duration: finite, not negative, at
+/// most [`MAX_DURATION`].
+pub fn duration_from_secs(seconds: f64) -> Result<Duration, String> {
+    if !seconds.is_finite() {
+        return Err(format!("{seconds} is not a number of seconds"));
+    }
+    if seconds < 0.0 {
+        return Err(format!("{seconds} is negative; a duration must not be"));
+    }
+    if seconds > MAX_DURATION.as_secs_f64() {
+        return Err(format!(
+            "{seconds} seconds is longer than the most accepted ({} days)",
+            MAX_DURATION.as_secs() / 86_400
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
 /// Parses a sequence of `<number><unit>` pairs, units `ns us µs ms s m h d w`.
 pub fn parse_time_str(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -23,7 +47,9 @@ pub fn parse_time_str(text: &str) -> Result<Duration, String> {
         }
         let number: f64 = rest[..number_len]
             .parse()
-            .map_err(|_| format!("time string {text:?} has a bad number"))?;
+            .ok()
+            .filter(|n: &f64| n.is_finite())
+            .ok_or_else(|| format!("time string {text:?} has a bad number"))?;
         rest = &rest[number_len..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -46,7 +72,12 @@ pub fn parse_time_str(text: &str) -> Result<Duration, String> {
         total += number * seconds_per_unit;
         rest = &rest[unit_len..];
     }
-    Ok(Duration::from_secs_f64(total))
+    duration_from_secs(total).map_err(|_| {
+        format!(
+            "time string {text:?} is longer than the most accepted ({} days)",
+            MAX_DURATION.as_secs() / 86_400
+        )
+    })
 }
 
 /// Parses an RFC 3339 / ISO 8601 date such as `2026-11-25T16:23:15.083Z`.
@@ -60,15 +91,28 @@ pub fn parse_iso_date(text: &str) -> Option<Timestamp> {
 }
 
 /// When a `Sleep` op named `name` ends, as GO reads it: a date when the text
-/// looks like one, else a time string from `now`.
+/// looks like one, else a time string from `now`. Sleeps longer than
+/// [`MAX_SLEEP`] (or dates further away) are refused.
 pub fn sleep_until(name: &str, now: Timestamp) -> Result<Timestamp, String> {
+    let latest = now.plus(MAX_SLEEP);
+    let days = MAX_SLEEP.as_secs() / 86_400;
     if name.len() >= 10 {
         if let Some(at) = parse_iso_date(name) {
+            if at > latest {
+                return Err(format!(
+                    "sleep until {name:?} is more than {days} days away; the most is {days} days"
+                ));
+            }
             return Ok(at);
         }
     }
     let duration = parse_time_str(name)?;
-    Ok(now.plus(duration.min(Duration::from_secs(366 * 86_400))))
+    if duration > MAX_SLEEP {
+        return Err(format!(
+            "sleep of {name:?} is longer than the most accepted ({days} days)"
+        ));
+    }
+    Ok(now.plus(duration))
 }
 
 #[cfg(test)]
@@ -98,6 +142,16 @@ mod tests {
         assert!(parse_time_str("5").is_err());
         assert!(parse_time_str("5 parsecs").is_err());
         assert!(parse_time_str("s").is_err());
+        // Huge numbers are errors, not panics.
+        assert!(parse_time_str("99999999999999999999w").is_err());
+        assert!(parse_time_str(&format!("{}s", "9".repeat(400))).is_err());
+        assert!(duration_from_secs(-1.0).is_err());
+        assert!(duration_from_secs(f64::NAN).is_err());
+        assert!(duration_from_secs(1e30).is_err());
+        assert_eq!(
+            duration_from_secs(1.5).unwrap(),
+            Duration::from_millis(1_500)
+        );
     }
 
     #[test]
@@ -106,8 +160,13 @@ mod tests {
         assert_eq!(sleep_until("2s", now).unwrap(), Timestamp(1_002_000));
         assert_eq!(sleep_until("", now).unwrap(), now);
         assert_eq!(
-            sleep_until("2023-11-14T22:13:20.123Z", now).unwrap(),
+            sleep_until("2023-11-14T22:13:20.123Z", Timestamp(1_699_000_000_000)).unwrap(),
             Timestamp(1_700_000_000_123)
         );
+        // Beyond the cap: refused, as a date or as a duration.
+        assert!(sleep_until("367d", now).is_err());
+        assert!(sleep_until("99999999999999999999w", now).is_err());
+        assert!(sleep_until("2100-01-01T00:00:00Z", Timestamp(1_700_000_000_000)).is_err());
+        assert!(sleep_until("366d", now).is_ok());
     }
 }

@@ -47,9 +47,121 @@ impl fmt::Debug for Expr {
     }
 }
 
+/// Longest expression accepted, bytes.
+pub const MAX_EXPRESSION_BYTES: usize = 4_096;
+/// Deepest nesting of brackets and unary operators accepted. The parser and
+/// the evaluator recurse once per level, so this bounds their stack use.
+pub const MAX_EXPRESSION_DEPTH: usize = 32;
+/// Most binary operators and calls in one expression: each adds a level to
+/// the tree the evaluator walks recursively.
+pub const MAX_EXPRESSION_TERMS: usize = 256;
+
+/// Checks the size and shape of an expression before it is parsed: the
+/// parser recurses per nesting level and would overflow the stack.
+pub fn check_bounds(source: &str) -> Result<(), String> {
+    let shown = || {
+        let cut: String = source.chars().take(60).collect();
+        if cut.len() < source.len() {
+            format!("{cut:?}…")
+        } else {
+            format!("{cut:?}")
+        }
+    };
+    if source.len() > MAX_EXPRESSION_BYTES {
+        return Err(format!(
+            "expression {} is {} bytes; the limit is {MAX_EXPRESSION_BYTES}",
+            shown(),
+            source.len()
+        ));
+    }
+    let bytes = source.as_bytes();
+    let (mut depth, mut deepest, mut terms) = (0usize, 0usize, 0usize);
+    // Unary operators in a row (`!!!x`, `--x`) nest like brackets.
+    let mut unary_run = 0usize;
+    let mut index = 0;
+    while index < bytes.len() {
+        let byte = bytes[index];
+        match byte {
+            b'"' | b'\'' => {
+                // Skip a string literal (escapes included); an unclosed one
+                // runs to the end and the parser reports it.
+                let triple = bytes.get(index..index + 3) == Some(&[byte, byte, byte][..]);
+                let quote_len = if triple { 3 } else { 1 };
+                index += quote_len;
+                while index < bytes.len() {
+                    if bytes[index] == b'\\' {
+                        index += 2;
+                        continue;
+                    }
+                    if bytes[index] == byte
+                        && (!triple || bytes.get(index..index + 3) == Some(&[byte, byte, byte][..]))
+                    {
+                        index += quote_len;
+                        break;
+                    }
+                    index += 1;
+                }
+                unary_run = 0;
+                continue;
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                terms += 1;
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'!' | b'-' => {
+                if bytes.get(index + 1) != Some(&b'=') {
+                    unary_run += 1;
+                }
+                terms += 1;
+            }
+            b'&' | b'|' | b'=' | b'<' | b'>' | b'+' | b'*' | b'/' | b'%' | b'?' | b'.' | b',' => {
+                terms += 1
+            }
+            b' ' | b'\t' | b'\n' | b'\r' => {}
+            _ => unary_run = 0,
+        }
+        deepest = deepest.max(depth + unary_run);
+        if deepest > MAX_EXPRESSION_DEPTH {
+            return Err(format!(
+                "expression {} nests more than {MAX_EXPRESSION_DEPTH} levels deep",
+                shown()
+            ));
+        }
+        if terms > MAX_EXPRESSION_TERMS {
+            return Err(format!(
+                "expression {} has more than {MAX_EXPRESSION_TERMS} operators",
+                shown()
+            ));
+        }
+        index += 1;
+    }
+    Ok(())
+}
+
+/// A panic's message, for errors.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        text.to_string()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
 impl Expr {
+    /// Parses `source`, bounded in size and depth. The parser panics on some
+    /// inputs (`")"`), so a panic is caught and reported as invalid.
     pub fn compile(source: &str) -> Result<Expr, String> {
-        let program = Program::compile(source)
+        check_bounds(source)?;
+        let program = std::panic::catch_unwind(|| Program::compile(source))
+            .map_err(|panic| {
+                format!(
+                    "invalid expression {source:?}: the parser failed ({})",
+                    panic_message(panic.as_ref())
+                )
+            })?
             .map_err(|err| format!("invalid expression {source:?}: {err}"))?;
         Ok(Expr {
             source: source.into(),
@@ -68,7 +180,6 @@ impl Expr {
             context.add_variable_from_value(*name, to_cel(value));
         }
         let value = self
-            .program
             .execute(&context)
             .map_err(|err| format!("expression {:?} failed: {err}", self.source))?;
         value
@@ -83,7 +194,16 @@ impl Expr {
         for (name, value) in vars {
             context.add_variable_from_value(*name, to_cel(value));
         }
-        matches!(self.program.execute(&context), Ok(Value::Bool(true)))
+        matches!(self.execute(&context), Ok(Value::Bool(true)))
+    }
+
+    /// Runs the program; a panic in the interpreter is an error, never a
+    /// crash of the caller.
+    fn execute(&self, context: &Context) -> Result<Value, String> {
+        let program = &self.program;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| program.execute(context)))
+            .map_err(|panic| format!("the interpreter failed: {}", panic_message(panic.as_ref())))?
+            .map_err(|err| err.to_string())
     }
 }
 
@@ -149,6 +269,48 @@ mod tests {
         // A missing field is an evaluation error, which does not match.
         assert!(!check("event.data.missing == 1"));
         assert!(Expr::compile("event.data.(").is_err());
+    }
+
+    #[test]
+    fn hostile_sources_are_errors() {
+        // Threads of the server get the stack that the bounds assume (see
+        // `main`); debug builds need it.
+        std::thread::Builder::new()
+            .stack_size(crate::THREAD_STACK_BYTES)
+            .spawn(hostile_sources)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn hostile_sources() {
+        // The parser panics on a lone `)`; that is an error, not a panic.
+        for source in [")", "))) bad", "(", "]", "}{", "event.data.a == ')'"] {
+            let _ = Expr::compile(source);
+        }
+        assert!(Expr::compile(")").is_err());
+        let deep = format!("{}1{}", "(".repeat(300), ")".repeat(300));
+        assert!(Expr::compile(&deep).unwrap_err().contains("levels deep"));
+        let nots = format!("{}true", "!".repeat(400));
+        assert!(Expr::compile(&nots).unwrap_err().contains("levels deep"));
+        let chain = vec!["1"; 2_000].join("+");
+        assert!(Expr::compile(&chain).is_err());
+        assert!(Expr::compile(&"a".repeat(MAX_EXPRESSION_BYTES + 1))
+            .unwrap_err()
+            .contains("bytes"));
+        // Brackets inside strings do not count.
+        let quoted = format!("event.data.s == '{}'", "(".repeat(100));
+        assert!(Expr::compile(&quoted).is_ok());
+        // Just inside the bounds compiles and evaluates.
+        let nested = format!(
+            "{}event.data.n{} == 3",
+            "(".repeat(MAX_EXPRESSION_DEPTH - 1),
+            ")".repeat(MAX_EXPRESSION_DEPTH - 1)
+        );
+        let event = json!({"data": {"n": 3}});
+        assert!(Expr::compile(&nested)
+            .unwrap()
+            .matches(&[("event", &event)]));
     }
 
     #[test]

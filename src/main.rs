@@ -11,6 +11,10 @@ use baton::cli::{Cli, Command};
 use baton::serve::{check_locality, serve, Mode, Service};
 
 fn main() -> ExitCode {
+    // Before any thread starts: threads get the stack the CEL bounds need.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", baton::THREAD_STACK_BYTES.to_string());
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -38,6 +42,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Production,
             args.prod.settings()?,
         ),
+        Command::Doctor(args) => return doctor(&args.data_dir()?),
     };
     check_locality(&settings, &services)?;
     let listener = TcpListener::bind((settings.host.as_str(), settings.port)).map_err(|err| {
@@ -52,7 +57,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let dir = std::fs::canonicalize(&settings.data_dir).unwrap_or(settings.data_dir.clone());
         format!("data in {}", dir.display())
     } else {
-        format!("data in redis at {}", settings.backends.redis_url)
+        format!(
+            "data in redis at {}",
+            baton::secret::redact_url(&settings.backends.redis_url)
+        )
     };
     let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
     info!(
@@ -60,6 +68,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         names.join(" ")
     );
     actix_rt::System::new().block_on(serve(settings, services, mode, listener, shutdown_signal()))
+}
+
+/// `baton doctor`: checks the embedded store and reports what is damaged.
+fn doctor(dir: &std::path::Path) -> anyhow::Result<()> {
+    println!("checking the store in {}", dir.display());
+    let report = baton::store::sled::check::doctor(dir);
+    for line in &report.lines {
+        println!("{line}");
+    }
+    if report.damaged > 0 {
+        anyhow::bail!("the store is damaged: {} problem(s) found", report.damaged);
+    }
+    println!("the store is healthy");
+    Ok(())
 }
 
 /// Resolves at the first Ctrl-C or SIGTERM; a second one exits at once.

@@ -62,6 +62,9 @@ pub fn call_url(function_url: &str, step_id: &str) -> String {
 pub struct CallRequest<'a> {
     pub url: &'a str,
     pub run_id: &'a str,
+    /// The queue item's id, stable across its retries: sent as
+    /// `x-inngest-job-id` (the JS SDK shows it to middleware as `ctx.jobId`).
+    pub job_id: &'a str,
     /// `step` for a discovery call, else the hashed step id.
     pub step_id: &'a str,
     pub events: &'a [Value],
@@ -172,7 +175,8 @@ pub enum SdkReply {
     Error {
         /// HTTP status, 0 when there was no answer.
         status: u16,
-        /// Normalized `{error, name, message, stack?}`.
+        /// The SDK's own error body when it sent a JSON object, else the
+        /// normalized `{error, name, message, stack?}` (Go's StandardError).
         error: Value,
         no_retry: bool,
         retry_after: Option<Duration>,
@@ -276,9 +280,22 @@ pub fn parse_reply(
             no_retry: false,
             retry_after: None,
         },
-        200 => SdkReply::Complete {
-            output: parsed.unwrap_or(Value::Null),
-            request_version,
+        200 => match parsed {
+            Some(output) => SdkReply::Complete {
+                output,
+                request_version,
+            },
+            // An empty body is a function that returned nothing.
+            None if body.iter().all(u8::is_ascii_whitespace) => SdkReply::Complete {
+                output: Value::Null,
+                request_version,
+            },
+            None => SdkReply::Error {
+                status,
+                error: standard_error("invalid 200 answer: the body is not JSON", &Value::Null),
+                no_retry: false,
+                retry_after: None,
+            },
         },
         206 => match parsed {
             Some(Value::Array(items)) => parse_ops(items, no_retry, retry_after, request_version),
@@ -293,12 +310,22 @@ pub fn parse_reply(
             },
         },
         _ => {
-            let body_value = parsed.unwrap_or_else(|| {
-                Value::String(String::from_utf8_lossy(&body[..body.len().min(2_000)]).to_string())
-            });
+            let error = match parsed {
+                // The SDK's own error body (`{code?, name, message, stack}`)
+                // is the run's output as is, as on Inngest.
+                Some(body @ Value::Object(_)) if is_sdk => body,
+                parsed => {
+                    let body_value = parsed.unwrap_or_else(|| {
+                        Value::String(
+                            String::from_utf8_lossy(&body[..body.len().min(2_000)]).to_string(),
+                        )
+                    });
+                    standard_error(&format!("invalid status code: {status}"), &body_value)
+                }
+            };
             SdkReply::Error {
                 status,
-                error: standard_error(&format!("invalid status code: {status}"), &body_value),
+                error,
                 no_retry,
                 retry_after,
             }
@@ -378,10 +405,137 @@ fn parse_stream(body: &[u8], now: Timestamp) -> SdkReply {
     )
 }
 
+/// Calls and sync pings carry a signed body and its signature: a redirect
+/// is followed only within the same host (an upgrade to https allowed),
+/// never to another host, which would receive both.
+fn same_host_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(previous) = attempt.previous().last() else {
+            return attempt.stop();
+        };
+        let next = attempt.url();
+        let same_host = next.host_str() == previous.host_str();
+        let same_origin = next.scheme() == previous.scheme()
+            && next.port_or_known_default() == previous.port_or_known_default();
+        let upgrade = previous.scheme() == "http"
+            && next.scheme() == "https"
+            && next.port_or_known_default() == Some(443);
+        if attempt.previous().len() > 5 || !same_host || !(same_origin || upgrade) {
+            attempt.stop()
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// The message for a redirect that was not followed.
+fn refused_redirect(url: &str, response: &reqwest::Response) -> Option<String> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("nowhere");
+    Some(format!(
+        "the app at {url} answered {} redirecting to {}; Baton follows redirects only \
+         within the same host, so that the signed request goes nowhere else",
+        response.status(),
+        truncate(location)
+    ))
+}
+
+/// Largest answer read from an app, bytes: a reply may carry several step
+/// results, but never more than a run's whole state may hold.
+pub const MAX_REPLY_BYTES: usize = 32 << 20;
+
+/// Reads a response body chunk by chunk, failing once it passes `limit`
+/// bytes, so an endless or huge answer never fills memory.
+async fn read_capped(
+    url: &str,
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
+    let too_large = || format!("the answer from {url} is larger than {limit} bytes");
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| describe_transport_error(url, &err))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// How long an idle pooled connection to an app is kept: shorter than the
+/// keep-alive of common app servers (Node and uvicorn close idle
+/// connections after 5 s), so Baton rarely writes to one the app is closing.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Sends `request`, and once more when the connection was closed before any
+/// answer came back: a pooled keep-alive connection the app closed while the
+/// request was on its way. Such a request did not reach the function, so the
+/// second try is not a new attempt.
+async fn send_retrying_stale(
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let again = request.try_clone();
+    match request.send().await {
+        Err(err) if closed_before_answer(&err) => match again {
+            Some(again) => {
+                tracing::debug!(error = %err, "connection closed before an answer; sending once more");
+                again.send().await
+            }
+            None => Err(err),
+        },
+        other => other,
+    }
+}
+
+/// Whether the error is a connection closed or reset before any answer.
+fn closed_before_answer(err: &reqwest::Error) -> bool {
+    if err.is_timeout() || err.is_connect() || !err.is_request() {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            if hyper.is_incomplete_message() || hyper.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// Makes calls and sync pings to SDK apps.
 #[derive(Clone)]
 pub struct SdkClient {
     http: reqwest::Client,
+    /// For `step.fetch` and `step.ai.infer`: unsigned calls the app asked
+    /// for, which follow redirects as `fetch` does.
+    gateway: reqwest::Client,
     signing_key: Option<String>,
 }
 
@@ -400,9 +554,24 @@ impl SdkClient {
             .timeout(call_timeout)
             .connect_timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(256)
+            .redirect(same_host_redirects())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            // Header names as Go (Inngest) writes them: `X-Api-Key`. Names
+            // are case-insensitive, but some apps and proxies compare them.
+            .http1_title_case_headers()
             .build()
             .expect("building the HTTP client with static settings");
-        SdkClient { http, signing_key }
+        let gateway = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .http1_title_case_headers()
+            .build()
+            .expect("building the HTTP client with static settings");
+        SdkClient {
+            http,
+            gateway,
+            signing_key,
+        }
     }
 
     fn sign(
@@ -430,6 +599,7 @@ impl SdkClient {
             .header("content-type", "application/json")
             .header("x-run-id", call.run_id)
             .header("x-inngest-step-id", call.step_id)
+            .header("x-inngest-job-id", call.job_id)
             .header("x-request-id", ulid::Ulid::new().to_string())
             .header(
                 "x-inngest-req-version",
@@ -440,19 +610,16 @@ impl SdkClient {
                 }
                 .to_string(),
             );
-        let request = self.sign(request, &body, now);
-        let response = request
-            .body(body)
-            .send()
+        let request = self.sign(request, &body, now).body(body);
+        let response = send_retrying_stale(request)
             .await
             .map_err(|err| describe_transport_error(&url, &err))?;
+        if let Some(refused) = refused_redirect(&url, &response) {
+            return Err(refused);
+        }
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|err| describe_transport_error(&url, &err))?
-            .to_vec();
+        let body = read_capped(&url, response, MAX_REPLY_BYTES).await?;
         Ok(RawReply {
             used_api,
             status,
@@ -461,8 +628,9 @@ impl SdkClient {
         })
     }
 
-    /// Asks the app at `url` to sync (PROTOCOL §3.1). Returns the app's
-    /// answer body on success.
+    /// Asks the app at `url` to sync (PROTOCOL §3.1). The answer's body is
+    /// never passed on, on success or failure (it is only logged): the URL
+    /// may be anything, and Baton must not read other servers for a caller.
     pub async fn ping(
         &self,
         url: &str,
@@ -482,22 +650,27 @@ impl SdkClient {
             .send()
             .await
             .map_err(|err| describe_transport_error(url, &err))?;
+        if let Some(refused) = refused_redirect(url, &response) {
+            return Err(refused);
+        }
         let status = response.status();
         let text = response
             .text()
             .await
             .map_err(|err| describe_transport_error(url, &err))?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        tracing::debug!(%url, %status, answer = truncate(&text), "sync answer");
         if !status.is_success() {
-            return Err(format!("the app answered the sync with {status}: {text}"));
+            return Err(format!("the app answered the sync with {status}"));
         }
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         // PY passes the server's error through with a 200 (PROTOCOL §3.3).
         if let Some(code) = value.get("status").and_then(Value::as_u64) {
             if code >= 400 {
-                return Err(format!("sync failed: {text}"));
+                return Err(format!("the app says the sync failed with status {code}"));
             }
         }
-        Ok(value)
+        let modified = value.get("modified").and_then(Value::as_bool);
+        Ok(json!({ "url": url, "synced": true, "modified": modified }))
     }
 }
 
@@ -521,7 +694,7 @@ impl SdkClient {
                 .unwrap_or(reqwest::Method::GET)
         };
         let mut request = self
-            .http
+            .gateway
             .request(method, url)
             .timeout(Duration::from_secs(300));
         if ai {
@@ -564,9 +737,9 @@ impl SdkClient {
                 headers.insert(name.as_str().to_string(), Value::String(value.to_string()));
             }
         }
-        let text = match response.text().await {
-            Ok(text) => text,
-            Err(err) => return fail(describe_transport_error(url, &err)),
+        let text = match read_capped(url, response, MAX_REPLY_BYTES).await {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(message) => return fail(message),
         };
         if ai {
             if !status.is_success() {
@@ -691,7 +864,7 @@ mod tests {
         } = parse_reply(
             400,
             headers(&[("x-inngest-sdk", "js"), ("x-inngest-no-retry", "true")]),
-            br#"{"name":"NonRetriableError","message":"nope","stack":"s"}"#,
+            br#"{"code":"non_retriable_error","name":"NonRetriableError","message":"nope","stack":"s"}"#,
             now,
         )
         else {
@@ -699,15 +872,40 @@ mod tests {
         };
         assert_eq!(status, 400);
         assert!(no_retry);
+        // The SDK's error body is kept as is.
         assert_eq!(
             error,
-            json!({"error": "invalid status code: 400", "name": "NonRetriableError",
+            json!({"code": "non_retriable_error", "name": "NonRetriableError",
                    "message": "nope", "stack": "s"})
+        );
+        // A failure that is not the SDK's answer gets the standard shape.
+        let SdkReply::Error { error, .. } =
+            parse_reply(502, headers(&[]), b"<html>Bad Gateway</html>", now)
+        else {
+            panic!("expected an error")
+        };
+        assert_eq!(
+            error,
+            json!({"error": "invalid status code: 502", "name": "Error",
+                   "message": "<html>Bad Gateway</html>"})
         );
         // 200 from something that is not an SDK is an error, not a result.
         assert!(matches!(
             parse_reply(200, headers(&[]), b"{}", now),
             SdkReply::Error { .. }
+        ));
+        // A 200 whose body is not JSON is an error, not a null output; an
+        // empty body is a function that returned nothing.
+        assert!(matches!(
+            parse_reply(200, headers(SDK), b"{not json", now),
+            SdkReply::Error { status: 200, .. }
+        ));
+        assert!(matches!(
+            parse_reply(200, headers(SDK), b"", now),
+            SdkReply::Complete {
+                output: Value::Null,
+                ..
+            }
         ));
     }
 

@@ -115,6 +115,63 @@ pub fn check_locality(settings: &Settings, services: &[Service]) -> anyhow::Resu
     Ok(())
 }
 
+/// HTTP worker threads.
+const HTTP_WORKERS: usize = 2;
+
+/// The connection limit to use: `configured`, but below what the process's
+/// file limit allows (raised to its hard limit first), leaving room for
+/// the store's files and the calls to apps.
+fn connection_limit(configured: usize, call_workers: usize) -> usize {
+    let Some(files) = raise_file_limit() else {
+        return configured;
+    };
+    let reserve = 256 + call_workers as u64;
+    let allowed = files.saturating_sub(reserve).max(64) as usize;
+    if configured > allowed {
+        tracing::warn!(
+            configured,
+            allowed,
+            open_files = files,
+            "server.max_connections is above what the open-file limit allows; using {allowed}"
+        );
+        return allowed;
+    }
+    configured
+}
+
+/// Raises the soft limit of open files to the hard one (as Go programs
+/// do); returns the soft limit in force.
+#[cfg(unix)]
+fn raise_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        let wanted = limit.rlim_max.min(1 << 20);
+        if wanted > limit.rlim_cur {
+            let raised = libc::rlimit {
+                rlim_cur: wanted,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = wanted;
+            }
+        }
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
+    Some(limit.rlim_cur as u64)
+}
+
+#[cfg(not(unix))]
+fn raise_file_limit() -> Option<u64> {
+    None
+}
+
 /// Runs the given services until `shutdown` resolves or a service ends.
 /// Returns an error if a service ended on its own.
 pub async fn serve(
@@ -213,19 +270,34 @@ pub async fn serve(
         sessions: http::session::Sessions::new(
             settings.dashboard_password.clone(),
             settings.session_ttl,
-        ),
+        )
+        .with_secure_cookie(settings.secure_cookie),
         retention: settings.retention,
         lease_ttl: settings.lease_ttl,
+        guard: http::guard::Guard::new(
+            mode == Mode::Dev,
+            &settings.host,
+            &settings.allowed_hosts,
+            settings.trusted_proxies.clone(),
+            settings.body_timeout,
+        ),
     });
+    let max_connections = connection_limit(settings.max_connections, settings.workers);
     let server = HttpServer::new(move || {
         let state = state.clone();
         App::new()
             .wrap(actix_web::middleware::from_fn(http::require_auth))
+            .wrap(actix_web::middleware::from_fn(http::guard::protect))
             .configure(move |config| http::configure(config, state))
     })
     .disable_signals()
     .shutdown_timeout(5)
-    .workers(2)
+    .workers(HTTP_WORKERS)
+    // Slow clients are cut off (headers here, bodies in `guard::protect`),
+    // and connections are limited, so that they cannot hold every file
+    // descriptor and stop the accept loop.
+    .client_request_timeout(settings.header_timeout)
+    .max_connections(max_connections.div_ceil(HTTP_WORKERS))
     .listen(listener)
     .context("failed to serve on the listener")?
     .run();

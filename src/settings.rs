@@ -37,6 +37,10 @@ pub struct RawDashboard {
     pub password: String,
     /// How long a login lasts.
     pub session_ttl: String,
+    /// When the session cookie gets `Secure`: "auto" (when a trusted proxy
+    /// says the request came over https, `X-Forwarded-Proto`), "always" or
+    /// "never" (new in 0.1).
+    pub secure_cookie: String,
 }
 
 impl Default for RawDashboard {
@@ -44,6 +48,7 @@ impl Default for RawDashboard {
         RawDashboard {
             password: String::new(),
             session_ttl: "12h".into(),
+            secure_cookie: "auto".into(),
         }
     }
 }
@@ -116,6 +121,18 @@ pub struct RawServer {
     pub port: u16,
     /// Largest accepted request body, bytes.
     pub max_body_bytes: usize,
+    /// Host names `baton dev` answers besides loopback names and the listen
+    /// address; "*" answers any (new in 0.1). Guards against DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` and
+    /// `X-Forwarded-Proto` are believed (new in 0.1).
+    pub trusted_proxies: Vec<String>,
+    /// Most connections open at once; more wait to be accepted (new in 0.1).
+    pub max_connections: usize,
+    /// Longest time a client may take to send a request's headers (new in 0.1).
+    pub header_timeout: String,
+    /// Longest time a client may take to send a request's body (new in 0.1).
+    pub body_timeout: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +187,11 @@ impl Default for RawServer {
             host: "127.0.0.1".into(),
             port: 8288,
             max_body_bytes: 16 << 20,
+            allowed_hosts: Vec::new(),
+            trusted_proxies: Vec::new(),
+            max_connections: 10_000,
+            header_timeout: "10s".into(),
+            body_timeout: "60s".into(),
         }
     }
 }
@@ -201,6 +223,13 @@ pub struct Settings {
     pub host: String,
     pub port: u16,
     pub max_body_bytes: usize,
+    /// Lowercase host names `baton dev` answers besides loopback ones.
+    pub allowed_hosts: Vec<String>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub secure_cookie: SecureCookie,
     pub data_dir: PathBuf,
     pub cache_bytes: u64,
     pub workers: usize,
@@ -219,6 +248,15 @@ pub struct Settings {
     pub retention: Option<Duration>,
     pub retention_interval: Duration,
     pub retention_batch: usize,
+}
+
+/// When the dashboard's session cookie is marked `Secure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecureCookie {
+    /// When a trusted proxy says the request came over https.
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,10 +342,44 @@ impl RawSettings {
             nats_stream: self.backends.nats_stream,
             nats_subject: self.backends.nats_subject,
         };
+        let trusted_proxies = self
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|text| parse_proxy(text))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if self.server.max_connections == 0 {
+            bail!("server.max_connections must be at least 1");
+        }
+        let header_timeout = duration("server.header_timeout", &self.server.header_timeout)?;
+        let body_timeout = duration("server.body_timeout", &self.server.body_timeout)?;
+        if header_timeout.is_zero() || body_timeout.is_zero() {
+            bail!("server.header_timeout and server.body_timeout must be more than 0");
+        }
+        let secure_cookie = match self.dashboard.secure_cookie.as_str() {
+            "auto" => SecureCookie::Auto,
+            "always" => SecureCookie::Always,
+            "never" => SecureCookie::Never,
+            other => bail!(
+                "dashboard.secure_cookie must be \"auto\", \"always\" or \"never\", not {other:?}"
+            ),
+        };
         Ok(Settings {
             host: self.server.host,
             port: self.server.port,
             max_body_bytes: self.server.max_body_bytes,
+            allowed_hosts: self
+                .server
+                .allowed_hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            trusted_proxies,
+            max_connections: self.server.max_connections,
+            header_timeout,
+            body_timeout,
+            secure_cookie,
             data_dir: self.storage.data_dir,
             cache_bytes: self.storage.cache_bytes,
             workers: self.executor.workers,
@@ -331,6 +403,21 @@ impl RawSettings {
             retention_batch: self.retention.batch.max(1),
         })
     }
+}
+
+/// A trusted proxy: an address (`10.0.0.1`) or a range (`10.0.0.0/8`).
+fn parse_proxy(text: &str) -> anyhow::Result<ipnet::IpNet> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<ipnet::IpNet>() {
+        return Ok(net);
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "server.trusted_proxies: {text:?} is not an IP address or range (10.0.0.0/8)"
+            )
+        })
 }
 
 fn parse_signing_key(name: &str, value: &str) -> anyhow::Result<Option<String>> {
@@ -395,16 +482,43 @@ pub fn parse(
     let Some(text) = text else {
         return Ok(RawSettings::default());
     };
-    let text = interpolate(text, env)?;
+    let mut substituted = Vec::new();
+    let text = interpolate_into(text, env, &mut substituted)?;
+    // Errors quote the text they trip on, which may hold a secret that came
+    // from the environment: show `${VAR}` in its place.
+    let hidden = |message: String| anyhow::anyhow!(hide_values(message, &substituted));
     let defaults = toml_of_defaults();
     let merged = Config::builder()
         .add_source(File::from_str(&defaults, FileFormat::Toml))
         .add_source(File::from_str(&text, FileFormat::Toml))
         .build()
-        .context("invalid configuration")?;
+        .map_err(|err| hidden(format!("invalid configuration: {err}")))?;
     merged
         .try_deserialize::<RawSettings>()
-        .map_err(|err| anyhow::anyhow!("invalid configuration: {err}"))
+        .map_err(|err| hidden(format!("invalid configuration: {err}")))
+}
+
+/// `message` with every value substituted from the environment (and each
+/// of its lines, and its escaped form) replaced by `${NAME}`. Values
+/// shorter than 3 characters are left alone: they are no secret, and
+/// replacing them would garble line numbers.
+fn hide_values(mut message: String, substituted: &[(String, String)]) -> String {
+    let mut pieces: Vec<(String, &str)> = Vec::new();
+    for (name, value) in substituted {
+        let mut forms = vec![value.clone(), value.escape_debug().to_string()];
+        forms.extend(value.lines().map(str::to_string));
+        for form in forms {
+            if form.trim().chars().count() >= 3 {
+                pieces.push((form, name));
+            }
+        }
+    }
+    // Longest first, so that a value containing another is hidden whole.
+    pieces.sort_by_key(|(form, _)| std::cmp::Reverse(form.len()));
+    for (form, name) in pieces {
+        message = message.replace(&form, &format!("${{{name}}}"));
+    }
+    message
 }
 
 fn toml_of_defaults() -> String {
@@ -416,6 +530,15 @@ fn toml_of_defaults() -> String {
 /// Replaces `${VAR}` and `${VAR:-default}` outside comment lines. An unset
 /// variable without a default is an error naming it; values are never logged.
 pub fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<String> {
+    interpolate_into(text, env, &mut Vec::new())
+}
+
+/// [`interpolate`], noting each (name, value) substituted.
+fn interpolate_into(
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+    substituted: &mut Vec<(String, String)>,
+) -> anyhow::Result<String> {
     let mut out = String::with_capacity(text.len());
     for (number, line) in text.split_inclusive('\n').enumerate() {
         if line.trim_start().starts_with('#') {
@@ -440,7 +563,10 @@ pub fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::
                 bail!("config line {}: invalid variable name {name:?}", number + 1);
             }
             match env(name).or_else(|| default.map(str::to_string)) {
-                Some(value) => out.push_str(&value),
+                Some(value) => {
+                    out.push_str(&value);
+                    substituted.push((name.to_string(), value));
+                }
                 None => bail!(
                     "config line {}: environment variable {name} is not set",
                     number + 1
@@ -492,6 +618,43 @@ mod tests {
         assert_eq!(raw.executor.workers, 100);
         let settings = raw.validate().unwrap();
         assert_eq!(settings.signing_key.as_deref(), Some("signkey-test-abcd"));
+    }
+
+    #[test]
+    fn errors_after_interpolation_hide_the_values() {
+        let secret = "signkey-prod-s3cr3t\"oops";
+        let env = |name: &str| (name == "BATON_SIGNING_KEY").then(|| secret.to_string());
+        // The value breaks the TOML string it is put in.
+        let text = "[keys]\nsigning_key = \"${BATON_SIGNING_KEY}\"\n";
+        let err = format!("{:#}", parse(Some(text), env).unwrap_err());
+        assert!(!err.contains("s3cr3t"), "{err}");
+        assert!(err.contains("${BATON_SIGNING_KEY}"), "{err}");
+        // A value of the wrong type is quoted by the deserializer.
+        let env = |name: &str| (name == "PORT").then(|| "\"p4ssw0rd-ish\"".to_string());
+        let err = format!(
+            "{:#}",
+            parse(Some("[server]\nport = ${PORT}\n"), env).unwrap_err()
+        );
+        assert!(!err.contains("p4ssw0rd"), "{err}");
+    }
+
+    #[test]
+    fn server_protection_settings() {
+        let mut raw = RawSettings::default();
+        raw.server.trusted_proxies = vec!["10.0.0.0/8".into(), "127.0.0.1".into()];
+        raw.server.allowed_hosts = vec![" Baton.Local ".into()];
+        let settings = raw.validate().unwrap();
+        assert_eq!(settings.trusted_proxies.len(), 2);
+        assert_eq!(settings.allowed_hosts, ["baton.local"]);
+        assert_eq!(settings.secure_cookie, SecureCookie::Auto);
+        let mut raw = RawSettings::default();
+        raw.server.trusted_proxies = vec!["proxy.internal".into()];
+        let err = raw.validate().unwrap_err().to_string();
+        assert!(err.contains("server.trusted_proxies"), "{err}");
+        let mut raw = RawSettings::default();
+        raw.dashboard.secure_cookie = "sometimes".into();
+        let err = raw.validate().unwrap_err().to_string();
+        assert!(err.contains("dashboard.secure_cookie"), "{err}");
     }
 
     #[test]

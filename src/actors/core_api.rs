@@ -3,6 +3,7 @@
 //! Run and event queries are plain store reads done by the HTTP layer.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -124,6 +125,10 @@ pub struct CoreApi {
     initial_urls: Vec<String>,
     /// (max age, interval, batch) of the history clean-up, if any.
     retention: Option<(std::time::Duration, std::time::Duration, usize)>,
+    /// The last registration refused (a count, Baton's reason), so that a
+    /// sync Baton asked for can say why with Baton's own words rather than
+    /// the app's answer.
+    last_refusal: Arc<Mutex<(u64, String)>>,
 }
 
 impl CoreApi {
@@ -141,6 +146,7 @@ impl CoreApi {
             server_kind,
             initial_urls,
             retention: None,
+            last_refusal: Arc::default(),
         }
     }
 
@@ -229,16 +235,31 @@ impl Handler<RegisterApp> for CoreApi {
         let backends = self.backends.clone();
         let now = self.clock.now();
         let kind = self.server_kind;
+        let last_refusal = self.last_refusal.clone();
+        let refuse = move |why: String| {
+            warn!(error = %why, "app registration refused");
+            let mut last = last_refusal.lock().unwrap_or_else(|p| p.into_inner());
+            *last = (last.0 + 1, why.clone());
+            SyncError::Invalid(why)
+        };
         Box::pin(async move {
             if let Some(expected) = msg.expected_server_kind.as_deref() {
                 if !expected.is_empty() && expected != kind {
-                    return Err(SyncError::Invalid(format!(
+                    return Err(refuse(format!(
                         "the SDK expects a {expected} server but this is a {kind} server"
                     )));
                 }
             }
-            let (app, functions) =
-                parse_register(&msg.body, now.millis()).map_err(SyncError::Invalid)?;
+            // A config that panics the parser is refused like any bad
+            // config; it must not take the service down.
+            let parsed = std::panic::catch_unwind(|| parse_register(&msg.body, now.millis()))
+                .map_err(|panic| {
+                    SyncError::Invalid(format!(
+                        "the sync could not be parsed: {}",
+                        crate::expr::panic_message(panic.as_ref())
+                    ))
+                })?;
+            let (app, functions) = parsed.map_err(refuse)?;
             let (app_id, count) = (app.id.clone(), functions.len());
             let outcome = backends.data.sync_app(app, functions).await?;
             info!(app = %app_id, functions = count, modified = outcome.modified, "app registered");
@@ -265,9 +286,18 @@ impl Handler<SyncUrl> for CoreApi {
         let now = self.clock.now();
         let kind = self.server_kind;
         let backends = self.backends.clone();
+        let last_refusal = self.last_refusal.clone();
+        let refusals_before = last_refusal.lock().unwrap_or_else(|p| p.into_inner()).0;
         Box::pin(async move {
-            let result = client.ping(&url, kind, now).await;
-            if let Err(err) = &result {
+            let mut result = client.ping(&url, kind, now).await;
+            if let Err(err) = &mut result {
+                let (refusals, why) = last_refusal
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                if refusals != refusals_before {
+                    err.push_str(&format!("; Baton refused its registration: {why}"));
+                }
                 record_sync_error(&backends, &url, err).await;
             }
             result

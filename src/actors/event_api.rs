@@ -16,6 +16,13 @@ pub const MAX_EVENTS_PER_REQUEST: usize = 5_000;
 /// Largest single event, bytes of JSON (GO's `AbsoluteMaxEventSize`).
 pub const MAX_EVENT_BYTES: usize = 3 << 20;
 
+/// Longest event name, bytes.
+pub const MAX_EVENT_NAME_BYTES: usize = 256;
+/// A seed whose time is further than this from now is ignored (the event
+/// gets a fresh id): ids then stay close to arrival order, which keeps
+/// retention, which deletes oldest ids first, moving.
+pub const MAX_SEED_SKEW_MS: i64 = 3_600_000;
+
 /// Earliest and latest accepted `ts` (1980-01-01, 2100-01-01), ms.
 const MIN_TS: i64 = 315_532_800_000;
 const MAX_TS: i64 = 4_102_444_800_000;
@@ -74,7 +81,9 @@ pub fn normalize_events(
             raw_events.len()
         )));
     }
-    let seed = seed_header.and_then(parse_seed);
+    let seed = seed_header
+        .and_then(parse_seed)
+        .filter(|(millis, _)| (*millis as i64).abs_diff(now.millis()) <= MAX_SEED_SKEW_MS as u64);
     raw_events
         .into_iter()
         .enumerate()
@@ -101,7 +110,13 @@ fn normalize_event(
         }
         Some(_) => return Err("the event name must be a string".into()),
     };
-    if name.to_ascii_lowercase().starts_with("inngest/") {
+    if name.len() > MAX_EVENT_NAME_BYTES {
+        return Err(format!(
+            "the event name is {} bytes; the most is {MAX_EVENT_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    if name.trim().to_ascii_lowercase().starts_with("inngest/") {
         return Err(format!(
             "event name {name:?} is reserved: names starting with inngest/ are internal"
         ));
@@ -201,21 +216,74 @@ impl Actor for EventApi {
 }
 
 /// Stores and publishes validated events; replies with their ids once they
-/// are on disk.
+/// are on disk. The flag says the ids were derived from the SDK's seed
+/// header, so they may name events stored already.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<String>, StoreError>")]
-pub struct IngestEvents(pub Vec<EventRecord>);
+pub struct IngestEvents(pub Vec<EventRecord>, pub bool);
+
+/// Whether two payloads are the same event sent again (an SDK retry): equal
+/// but for `ts`, which defaults to the time of receipt.
+fn same_event(stored: &str, new: &str) -> bool {
+    let strip = |text: &str| {
+        let mut value: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+        if let Value::Object(map) = &mut value {
+            map.remove("ts");
+        }
+        value
+    };
+    strip(stored) == strip(new)
+}
+
+/// Seeded ids are unique per payload and never overwrite a stored event: an
+/// event already stored under its id with the same payload is an SDK retry
+/// (its id is answered and nothing is stored again); with another payload
+/// it gets a fresh id.
+async fn settle_seeded_ids(
+    backends: &Backends,
+    events: Vec<EventRecord>,
+) -> Result<(Vec<EventRecord>, Vec<String>), StoreError> {
+    let mut fresh = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    for mut event in events {
+        if let Some(stored) = backends.data.get_event(&event.internal_id).await? {
+            if same_event(&stored.payload, &event.payload) {
+                ids.push(stored.internal_id);
+                continue;
+            }
+            let id = Ulid::new().to_string();
+            tracing::warn!(seeded_id = %event.internal_id, new_id = %id,
+                "an event seed was reused with another payload; the event gets a fresh id");
+            if event.id == event.internal_id {
+                let mut payload: Value =
+                    serde_json::from_str(&event.payload).unwrap_or(Value::Null);
+                payload["id"] = Value::String(id.clone());
+                event.payload = payload.to_string();
+                event.id = id.clone();
+            }
+            event.internal_id = id;
+        }
+        ids.push(event.internal_id.clone());
+        fresh.push(event);
+    }
+    Ok((fresh, ids))
+}
 
 impl Handler<IngestEvents> for EventApi {
     type Result = ResponseFuture<Result<Vec<String>, StoreError>>;
 
     fn handle(
         &mut self,
-        IngestEvents(events): IngestEvents,
+        IngestEvents(events, seeded): IngestEvents,
         _: &mut Self::Context,
     ) -> Self::Result {
         let backends = self.backends.clone();
         Box::pin(async move {
+            if seeded {
+                let (fresh, ids) = settle_seeded_ids(&backends, events).await?;
+                publish_events(&backends, &fresh).await?;
+                return Ok(ids);
+            }
             publish_events(&backends, &events).await?;
             Ok(events.into_iter().map(|e| e.internal_id).collect())
         })
@@ -265,6 +333,11 @@ mod tests {
         bad(r#"[{"name":"a","data":"x"}]"#, "data must be a JSON object");
         bad(r#"[{"name":"a","ts":5}]"#, "between 1980 and 2100");
         bad(r#"[{"name":"ok"},{"name":"inngest/x"}]"#, "event 1");
+        bad(r#"[{"name":" inngest/function.finished"}]"#, "reserved");
+        bad(
+            &format!(r#"{{"name":"{}"}}"#, "n".repeat(300)),
+            "the most is 256",
+        );
     }
 
     #[test]
@@ -285,6 +358,16 @@ mod tests {
         let b = normalize_events(br#"[{"name":"a"},{"name":"b"}]"#, Some(&header), NOW).unwrap();
         assert_eq!(a[1].internal_id, b[1].internal_id);
         assert_ne!(a[0].internal_id, a[1].internal_id);
+        // A seed far from now is ignored: the ids are fresh.
+        let old = format!(
+            "1600000000000,{}",
+            base64::engine::general_purpose::STANDARD.encode(entropy)
+        );
+        let c = normalize_events(br#"[{"name":"a"}]"#, Some(&old), NOW).unwrap();
+        assert_ne!(
+            c[0].internal_id,
+            seeded_id(parse_seed(&old).unwrap(), 0).to_string()
+        );
         assert!(parse_seed("0,AAAAAAAAAAAAAA==").is_none());
         assert!(parse_seed("17,AAAA").is_none());
     }

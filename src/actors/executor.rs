@@ -10,16 +10,18 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures::FutureExt;
 use rand::Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::actors::checkpoint;
 use crate::actors::event_api::publish_events;
@@ -27,8 +29,8 @@ use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
-use crate::duration::{parse_time_str, sleep_until};
-use crate::expr::async_equality_key;
+use crate::duration::{duration_from_secs, parse_time_str, sleep_until};
+use crate::expr::{async_equality_key, panic_message, Expr};
 use crate::metrics::METRICS;
 use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
@@ -48,6 +50,11 @@ pub const MAX_STEP_BYTES: usize = 4 << 20;
 pub const MAX_STATE_BYTES: u64 = 32 << 20;
 /// Call bodies above this make the SDK fetch state through the API.
 pub const MAX_CALL_BODY_BYTES: usize = 4 << 20;
+/// Most ops one reply may carry.
+pub const MAX_OPS_PER_REPLY: usize = MAX_STEPS;
+/// Replies in a row that make no progress (`206 []`, a lone
+/// `DiscoveryRequest`) before the run fails; they are re-tried with backoff.
+pub const MAX_NO_PROGRESS: u32 = 10;
 /// How long a pause with no timeout waits.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(366 * 86_400);
 
@@ -110,6 +117,9 @@ pub struct Decision {
     pub finish: Option<(RunStatus, Value)>,
     /// Run the same item again at this time, as a new attempt.
     pub retry: Option<Timestamp>,
+    /// The reply made no progress (no ops, or only `DiscoveryRequest`): call
+    /// again later, up to [`MAX_NO_PROGRESS`] times in a row.
+    pub no_progress: bool,
 }
 
 /// The delay before retrying after attempt `attempt` (0-based) failed.
@@ -128,12 +138,41 @@ fn limit_error(message: String) -> Value {
 }
 
 fn pause_timeout(opts: Option<&Value>) -> Result<Option<Duration>, String> {
-    match opts.and_then(|o| o.get("timeout")) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => parse_time_str(text).map(Some),
-        Some(Value::Number(n)) => Ok(n.as_f64().map(|ms| Duration::from_millis(ms as u64))),
-        Some(other) => Err(format!("invalid timeout {other}")),
+    let timeout = match opts.and_then(|o| o.get("timeout")) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(text)) => parse_time_str(text)?,
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| format!("invalid timeout {n}"))
+            .and_then(|ms| duration_from_secs(ms / 1_000.0))?,
+        Some(other) => return Err(format!("invalid timeout {other}")),
+    };
+    if timeout > DEFAULT_PAUSE {
+        return Err(format!(
+            "timeout is longer than the most accepted ({} days)",
+            DEFAULT_PAUSE.as_secs() / 86_400
+        ));
     }
+    Ok(Some(timeout))
+}
+
+/// Ends the run as failed when its output is larger than a step's may be.
+fn bound_output(finish: (RunStatus, Value)) -> (RunStatus, Value) {
+    let size = serde_json::to_vec(&finish.1).map_or(0, |bytes| bytes.len());
+    if size <= MAX_STEP_BYTES {
+        return finish;
+    }
+    let what = if finish.0 == RunStatus::Completed {
+        "output"
+    } else {
+        "error"
+    };
+    (
+        RunStatus::Failed,
+        limit_error(format!(
+            "the run's {what} is {size} bytes; the limit is {MAX_STEP_BYTES}"
+        )),
+    )
 }
 
 /// The pure decision for one SDK reply (no IO).
@@ -153,6 +192,23 @@ pub fn decide(
             Discover::WhenGroupDone
         }
         _ => Discover::Always,
+    };
+    // In a parallel group (several ops, request version 2), sleeps, waits,
+    // invokes and fetches join the planned set beside the planned steps, so
+    // the run is called again once the whole group is done (as Inngest's
+    // pending steps), not when only its `step.run`s are.
+    let joins_group = |op: &crate::sdk::Op| {
+        let ops = match reply {
+            SdkReply::Ops { ops, .. } => ops.len(),
+            _ => 0,
+        };
+        let race = op
+            .opts
+            .as_ref()
+            .and_then(|o| o.get("parallelMode"))
+            .and_then(Value::as_str)
+            == Some("race");
+        ops > 1 && run.request_version != 1 && !race && !run.stack.contains(&op.id)
     };
     let fail = |message: String| Decision {
         finish: Some((RunStatus::Failed, limit_error(message))),
@@ -182,6 +238,17 @@ pub fn decide(
         } => {
             let attempts = lease.attempt + 1;
             let mut state_bytes = run.state_bytes;
+            if ops.len() > MAX_OPS_PER_REPLY {
+                return fail(format!(
+                    "the app answered with {} steps at once; the limit is {MAX_OPS_PER_REPLY}",
+                    ops.len()
+                ));
+            }
+            if ops.iter().all(|op| op.op == "DiscoveryRequest") {
+                // Nothing to save or schedule: call again later, bounded.
+                decision.no_progress = true;
+                return decision;
+            }
             if ops.len() > 1 {
                 decision.force_plan = true;
             }
@@ -238,6 +305,12 @@ pub fn decide(
                     }
                     "StepPlanned" => {
                         if !run.stack.contains(&op.id) {
+                            let planned = run.stack.len() + run.planned.len() + decision.plan.len();
+                            if planned >= MAX_STEPS {
+                                return fail(format!(
+                                    "the run has more than {MAX_STEPS} steps (done and planned)"
+                                ));
+                            }
                             let race = op
                                 .opts
                                 .as_ref()
@@ -267,6 +340,9 @@ pub fn decide(
                             )),
                             Err(err) => return fail(format!("invalid sleep duration: {err}")),
                         }
+                        if joins_group(op) {
+                            decision.plan.push(op.id.clone());
+                        }
                         None
                     }
                     "WaitForEvent" => {
@@ -294,6 +370,9 @@ pub fn decide(
                                 .filter(|e| !e.trim().is_empty())
                                 .map(str::to_string);
                             if let Some(source) = &wait.expression {
+                                if let Err(err) = Expr::compile(source) {
+                                    return fail(format!("waitForEvent: {err}"));
+                                }
                                 let trigger: Value =
                                     serde_json::from_str(&wait.trigger_event).unwrap_or_default();
                                 wait.match_key = async_equality_key(source, &trigger);
@@ -304,6 +383,9 @@ pub fn decide(
                                 expires,
                             ));
                             decision.pauses.push(wait);
+                            if joins_group(op) {
+                                decision.plan.push(op.id.clone());
+                            }
                             None
                         }
                     }
@@ -335,6 +417,9 @@ pub fn decide(
                             function_id,
                             data,
                         });
+                        if joins_group(op) {
+                            decision.plan.push(op.id.clone());
+                        }
                         None
                     }
                     "Gateway" | "AIGateway" => {
@@ -344,6 +429,9 @@ pub fn decide(
                             ai: op.op == "AIGateway",
                             opts: op.opts.clone().unwrap_or(Value::Null),
                         });
+                        if joins_group(op) {
+                            decision.plan.push(op.id.clone());
+                        }
                         None
                     }
                     "RunComplete" | "SyncRunComplete" => {
@@ -396,13 +484,18 @@ pub fn decide(
                     }
                     decision.save.push(step);
                     if decision.discover != Discover::Always {
-                        decision.discover = after_save;
+                        decision.discover = if joins_group(op) {
+                            Discover::WhenGroupDone
+                        } else {
+                            after_save
+                        };
                     }
                 }
             }
         }
     }
-    if decision.finish.is_some() {
+    if let Some(finish) = decision.finish.take() {
+        decision.finish = Some(bound_output(finish));
         decision.discover = Discover::No;
         decision.schedule.clear();
         decision.pauses.clear();
@@ -410,6 +503,16 @@ pub fn decide(
         decision.fetches.clear();
     }
     decision
+}
+
+/// What a server-side result (a fetch, a missing invoke target) asks for: a
+/// step of a parallel group waits for the group, any other calls again.
+fn after_result(discover: Discover, in_group: bool) -> Discover {
+    match discover {
+        Discover::Always => Discover::Always,
+        _ if in_group => Discover::WhenGroupDone,
+        _ => Discover::Always,
+    }
 }
 
 /// Counters for `Observe`.
@@ -423,6 +526,8 @@ pub struct ExecutorStatus {
     pub runs_completed: u64,
     pub runs_failed: u64,
     pub in_flight: usize,
+    /// Items whose processing panicked (their runs were failed).
+    pub panics: u64,
     pub last_error: Option<String>,
 }
 
@@ -445,9 +550,16 @@ impl Worker {
         self.leased
             .borrow_mut()
             .insert(lease.lease_id, lease.item.id.clone());
-        let result = tokio::select! {
-            result = self.process(&lease) => result,
-            () = self.heartbeat(&lease) => Ok(()),
+        // A panic while processing one item fails that item's run (a poison
+        // item must not come back after every lease) and leaves the
+        // executor running.
+        let outcome = tokio::select! {
+            result = AssertUnwindSafe(self.process(&lease)).catch_unwind() => result,
+            () = self.heartbeat(&lease) => Ok(Ok(())),
+        };
+        let result = match outcome {
+            Ok(result) => result,
+            Err(panic) => self.poisoned(&lease, &panic_message(panic.as_ref())).await,
         };
         if let Err(err) = result {
             warn!(run_id = %lease.item.run_id, item = %lease.item.id, error = %err,
@@ -456,6 +568,31 @@ impl Worker {
         }
         self.leased.borrow_mut().remove(&lease.lease_id);
         self.status.borrow_mut().in_flight -= 1;
+    }
+
+    /// Fails the run of an item whose processing panicked, and acks it.
+    async fn poisoned(&self, lease: &Lease, message: &str) -> StoreResult<()> {
+        let item = &lease.item;
+        error!(run_id = %item.run_id, item = %item.id, panic = %message,
+               "processing a queue item panicked; failing its run");
+        {
+            let mut status = self.status.borrow_mut();
+            status.panics += 1;
+            status.last_error = Some(format!("processing {} panicked: {message}", item.id));
+        }
+        if let Some(run) = self.backends.state.load_run(&item.run_id).await? {
+            if !run.status.is_terminal() {
+                let error = json!({"error": "internal error", "name": "InternalError",
+                    "message": format!("Baton failed while processing this run: {message}")});
+                let now = self.clock.now();
+                if lifecycle::finish_run(&self.backends, &run, RunStatus::Failed, error, now)
+                    .await?
+                {
+                    self.status.borrow_mut().runs_failed += 1;
+                }
+            }
+        }
+        self.ack(lease, Vec::new()).await
     }
 
     /// Renews the lease while the item is being processed. Never returns.
@@ -500,10 +637,11 @@ impl Worker {
 
     /// Saves a result that resumes the run (a sleep, a wait, an invoke, a
     /// server-side fetch) and calls the function again.
-    /// Saves a sleep's, wait's or invoke's result and calls again. The pause
-    /// it resolves is dropped only after the result is stored, so a pause that
-    /// is gone always means its result is there (or the run has ended): a
-    /// crash in between leaves the pause, and the item's redelivery finishes.
+    /// A step of a parallel group calls again only when it is the group's
+    /// last. The pause it resolves is dropped only after the result is
+    /// stored, so a pause that is gone always means its result is there (or
+    /// the run has ended): a crash in between leaves the pause, and the
+    /// item's redelivery finishes.
     async fn resume(
         &self,
         lease: &Lease,
@@ -511,12 +649,27 @@ impl Worker {
         step: StepRecord,
         pause_id: Option<&str>,
     ) -> StoreResult<()> {
+        let in_group = run.planned.contains(&step.id);
         let next = match self.backends.state.save_step(&run.id, step).await? {
-            SaveStep::Saved { stack_len, .. } | SaveStep::Duplicate { stack_len, .. } => {
-                vec![(
-                    QueueItem::discovery(&run.id, &run.fn_id, stack_len),
-                    self.clock.now(),
-                )]
+            SaveStep::Saved {
+                stack_len,
+                planned_left,
+            }
+            | SaveStep::Duplicate {
+                stack_len,
+                planned_left,
+            } => {
+                if in_group && planned_left > 0 {
+                    Vec::new()
+                } else {
+                    if in_group && run.force_plan {
+                        self.backends.state.set_force_plan(&run.id, false).await?;
+                    }
+                    vec![(
+                        QueueItem::discovery(&run.id, &run.fn_id, stack_len),
+                        self.clock.now(),
+                    )]
+                }
             }
             SaveStep::RunEnded => Vec::new(),
         };
@@ -713,6 +866,7 @@ impl Worker {
         let call = CallRequest {
             url: &function.url,
             run_id: &run.id,
+            job_id: &item.id,
             step_id: &step_id,
             events: &events,
             steps: memos,
@@ -768,6 +922,7 @@ impl Worker {
             SdkReply::Error { .. } => -1,
         };
         let mut run = run;
+        let stack_before = run.stack.len();
         if offered {
             match self.after_checkpoints(lease, &reply).await? {
                 Some(current) => run = current,
@@ -787,7 +942,13 @@ impl Worker {
         }
         let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..30_000));
         let delay = backoff(self.config.retry_interval, lease.attempt, jitter);
-        let decision = decide(&run, lease, &reply, self.clock.now(), delay);
+        let mut decision = decide(&run, lease, &reply, self.clock.now(), delay);
+        if decision.no_progress && run.stack.len() > stack_before {
+            // The call checkpointed steps, then stopped at its time limit
+            // (`DiscoveryRequest`): progress, so simply call again.
+            decision.no_progress = false;
+            decision.discover = Discover::Always;
+        }
         self.perform(lease, &run, decision).await
     }
 
@@ -823,6 +984,34 @@ impl Worker {
         Ok(Some(run))
     }
 
+    /// A reply that made no progress: call again with backoff, and fail the
+    /// run after [`MAX_NO_PROGRESS`] in a row. The count travels in the
+    /// discovery item's id (`<run>/d/<seq>~<count>`), so it survives restarts.
+    async fn no_progress(&self, lease: &Lease, run: &RunRecord) -> StoreResult<()> {
+        let now = self.clock.now();
+        let count = no_progress_count(&lease.item.id) + 1;
+        if count > MAX_NO_PROGRESS {
+            warn!(run_id = %run.id, count, "the app made no progress; failing the run");
+            let error = json!({"error": "no progress", "name": "NoProgressError",
+                "message": format!("the app answered {count} calls in a row without running, \
+                    planning or reporting any step (an empty 206 or only DiscoveryRequest)")});
+            if lifecycle::finish_run(&self.backends, run, RunStatus::Failed, error, now).await? {
+                self.status.borrow_mut().runs_failed += 1;
+            }
+            return self.ack(lease, Vec::new()).await;
+        }
+        let delay = match (count, self.config.retry_interval) {
+            (1, _) => Duration::ZERO,
+            (_, Some(fixed)) => fixed,
+            (_, None) => (Duration::from_millis(250) * 2u32.pow(count.min(12) - 2))
+                .min(Duration::from_secs(60)),
+        };
+        let mut next =
+            QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
+        next.id = format!("{}~{count}", next.id);
+        self.ack(lease, vec![(next, now.plus(delay))]).await
+    }
+
     async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {
         let now = self.clock.now();
         if let Some(due) = decision.retry {
@@ -838,13 +1027,16 @@ impl Worker {
                 .await?;
             return Ok(());
         }
+        if decision.no_progress {
+            return self.no_progress(lease, run).await;
+        }
         let mut saves = decision.save;
         let mut discover = decision.discover;
         // Server-side HTTP calls become step results.
         for fetch in &decision.fetches {
             let memo = self.client.fetch(fetch.ai, &fetch.opts).await;
             saves.push(self.step_record(&fetch.step_id, &fetch.name, StepKind::Fetch, memo));
-            discover = Discover::Always;
+            discover = after_result(discover, decision.plan.contains(&fetch.step_id));
         }
         // Invokes: a missing target is the step's error; otherwise wait for
         // the callee and start it.
@@ -860,7 +1052,7 @@ impl Worker {
                     StepKind::Invoke,
                     memo,
                 ));
-                discover = Discover::Always;
+                discover = after_result(discover, decision.plan.contains(&invoke.pause.step_id));
                 continue;
             }
             // The invoke event is derived from the stored pause, so a retry
@@ -950,6 +1142,15 @@ impl Worker {
         }
         self.ack(lease, next).await
     }
+}
+
+/// How many no-progress replies in a row led to this item (see
+/// [`Worker::no_progress`]).
+fn no_progress_count(item_id: &str) -> u32 {
+    item_id
+        .rsplit_once('~')
+        .and_then(|(_, count)| count.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The `inngest/function.invoked` event that starts an invoked function,
@@ -1079,9 +1280,19 @@ impl Actor for Executor {
         let stop = self.stop.subscribe();
         let ended = self.ended.clone();
         actix_rt::spawn(async move {
-            dispatch_loop(worker, semaphore, stop.clone()).await;
-            if !*stop.borrow() {
-                ended.ended("executor", "the dispatch loop ended");
+            let finished = AssertUnwindSafe(dispatch_loop(worker, semaphore, stop.clone()))
+                .catch_unwind()
+                .await;
+            match finished {
+                Err(panic) => ended.ended(
+                    "executor",
+                    format!(
+                        "the dispatch loop panicked: {}",
+                        panic_message(panic.as_ref())
+                    ),
+                ),
+                Ok(()) if !*stop.borrow() => ended.ended("executor", "the dispatch loop ended"),
+                Ok(()) => {}
             }
         });
         info!(workers = self.worker.config.workers, "executor started");
@@ -1337,6 +1548,63 @@ mod tests {
                 ItemKind::Planned { race: true, .. }
             ));
         });
+    }
+
+    #[test]
+    fn async_steps_of_a_parallel_group_join_the_group() {
+        // An invoke, a sleep and a wait beside planned steps: the run is
+        // called again once all of them are done.
+        let invoke = with_opts(
+            op("InvokeFunction", "i"),
+            json!({"function_id": "child", "payload": {"data": {}}}),
+        );
+        let sleep = with_opts(op("Sleep", "s"), json!({"duration": "1s"}));
+        let wait = with_opts(
+            op("WaitForEvent", "w"),
+            json!({"event": "e", "timeout": "1m"}),
+        );
+        check(
+            0,
+            ops(
+                vec![invoke.clone(), sleep, wait, op("StepPlanned", "p")],
+                false,
+            ),
+            |d| {
+                assert_eq!(d.plan, ["i", "s", "w", "p"]);
+                assert_eq!(d.discover, Discover::No);
+            },
+        );
+        // Results given in the same answer wait for the group too.
+        check(
+            0,
+            ops(vec![invoke.clone(), op("StepRun", "a")], false),
+            |d| {
+                assert_eq!(d.plan, ["i"]);
+                assert_eq!(d.discover, Discover::WhenGroupDone);
+            },
+        );
+        // Alone, in race mode, or with request version 1, they do not.
+        check(0, ops(vec![invoke.clone()], false), |d| {
+            assert!(d.plan.is_empty())
+        });
+        let raced = with_opts(
+            op("InvokeFunction", "i"),
+            json!({"function_id": "child", "parallelMode": "race"}),
+        );
+        check(0, ops(vec![raced, op("StepPlanned", "p")], false), |d| {
+            assert_eq!(d.plan, ["p"])
+        });
+        let mut v1 = run();
+        v1.request_version = 1;
+        let lease = lease_for(QueueItem::discovery(&v1.id, &v1.fn_id, 0), 0);
+        let d = decide(
+            &v1,
+            &lease,
+            &ops(vec![invoke, op("StepPlanned", "p")], false),
+            NOW,
+            DELAY,
+        );
+        assert_eq!(d.plan, ["p"]);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use crate::actors::event_api::publish_events;
+use crate::actors::event_api::{publish_events, MAX_EVENT_BYTES};
 use crate::clock::Timestamp;
 use crate::model::{EventRecord, QueueItem, RunRecord, RunStatus};
 use crate::store::{Backends, StoreResult};
@@ -16,6 +16,10 @@ pub const FUNCTION_FAILED: &str = "inngest/function.failed";
 pub const FUNCTION_CANCELLED: &str = "inngest/function.cancelled";
 pub const FUNCTION_INVOKED: &str = "inngest/function.invoked";
 pub const SCHEDULED_TIMER: &str = "inngest/scheduled.timer";
+
+/// Room for a lifecycle event's `data`, leaving space for its envelope
+/// within the event size limit.
+const MAX_LIFECYCLE_DATA_BYTES: usize = MAX_EVENT_BYTES - 4_096;
 
 /// An internal event (never user input): payload `{name, data, id, ts, user}`.
 pub fn internal_event(
@@ -95,6 +99,25 @@ pub fn lifecycle_events(
         data.insert("correlation_id".into(), json!(correlation));
     }
     data.insert("_inngest".into(), json!({"status": status.as_str()}));
+    // Lifecycle events obey the event size limit like any other: drop the
+    // batch beyond its first event, then the output, until they fit.
+    let size = |data: &Map<String, Value>| serde_json::to_vec(data).map_or(0, |b| b.len());
+    if size(&data) > MAX_LIFECYCLE_DATA_BYTES {
+        let first = data.get("event").cloned().unwrap_or(Value::Null);
+        data.insert("events".into(), Value::Array(vec![first]));
+    }
+    if size(&data) > MAX_LIFECYCLE_DATA_BYTES {
+        data.remove("result");
+        data.insert(
+            "error".into(),
+            json!({"error": "limit exceeded", "name": "OutputTooLargeError",
+                   "message": format!("the run's output is too large for an event (the most is {MAX_EVENT_BYTES} bytes)")}),
+        );
+    }
+    if size(&data) > MAX_LIFECYCLE_DATA_BYTES {
+        data.insert("event".into(), Value::Null);
+        data.insert("events".into(), Value::Array(Vec::new()));
+    }
     let data = Value::Object(data);
     let mut out = vec![internal_event(
         FUNCTION_FINISHED,

@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
@@ -23,7 +24,7 @@ use crate::actors::lifecycle::{self, FUNCTION_FINISHED, SCHEDULED_TIMER};
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
 use crate::cron::Schedule;
-use crate::expr::{json_path, Expr};
+use crate::expr::{json_path, panic_message, Expr};
 use crate::model::{EventRecord, FunctionDef, PauseKind, QueueItem, Trigger};
 use crate::store::{Backends, StoreResult};
 
@@ -40,6 +41,8 @@ pub struct RunnerStatus {
     pub pause_matches: u64,
     /// Time spent matching events to pauses, µs in all.
     pub pause_match_micros: u64,
+    /// Events whose handling panicked; they were skipped.
+    pub poison_events: u64,
     pub last_error: Option<String>,
 }
 
@@ -244,6 +247,55 @@ impl Matcher {
         Ok(())
     }
 
+    /// [`Matcher::handle_batch`], with panics isolated per event: when a
+    /// batch panics, its events are handled one by one, and an event whose
+    /// handling panics is logged, counted and marked processed, so that it
+    /// never stops the runner nor comes back at every start.
+    async fn handle_batch_isolated(&self, events: Vec<EventRecord>) -> StoreResult<()> {
+        let single = events.len() == 1;
+        let attempt = AssertUnwindSafe(self.handle_batch(events.clone()))
+            .catch_unwind()
+            .await;
+        let panic = match attempt {
+            Ok(result) => return result,
+            Err(panic) => panic_message(panic.as_ref()),
+        };
+        if single {
+            return self.skip_poison_event(&events[0], &panic).await;
+        }
+        warn!(events = events.len(), %panic, "a batch of events panicked; handling them one by one");
+        for event in events {
+            let attempt = AssertUnwindSafe(self.handle_batch(vec![event.clone()]))
+                .catch_unwind()
+                .await;
+            match attempt {
+                Ok(result) => result?,
+                Err(panic) => {
+                    self.skip_poison_event(&event, &panic_message(panic.as_ref()))
+                        .await?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn skip_poison_event(&self, event: &EventRecord, panic: &str) -> StoreResult<()> {
+        error!(event_id = %event.internal_id, event = %event.name, %panic,
+               "handling an event panicked; it is skipped");
+        {
+            let mut status = self.status.borrow_mut();
+            status.poison_events += 1;
+            status.last_error = Some(format!(
+                "handling event {} ({}) panicked: {panic}",
+                event.internal_id, event.name
+            ));
+        }
+        self.backends
+            .data
+            .mark_processed(std::slice::from_ref(&event.internal_id))
+            .await
+    }
+
     async fn catch_up(&self) -> StoreResult<u64> {
         let mut total = 0;
         loop {
@@ -252,7 +304,7 @@ impl Matcher {
                 return Ok(total);
             }
             total += pending.len() as u64;
-            self.handle_batch(pending).await?;
+            self.handle_batch_isolated(pending).await?;
         }
     }
 }
@@ -438,7 +490,7 @@ async fn run_loop(matcher: Rc<Matcher>) -> String {
             lanes.push(event);
         }
         let batch = lanes.take_batch(BATCH);
-        if let Err(err) = matcher.handle_batch(batch).await {
+        if let Err(err) = matcher.handle_batch_isolated(batch).await {
             warn!(error = %err, "cannot create runs; the events stay pending");
             matcher.status.borrow_mut().last_error = Some(err.to_string());
         }
@@ -474,9 +526,24 @@ impl Actor for Runner {
     fn started(&mut self, _ctx: &mut Self::Context) {
         let matcher = self.matcher.clone();
         let ended = self.ended.clone();
-        actix_rt::spawn(cron_loop(matcher.clone()));
+        // A loop that panics ends the service loudly: `serve` stops the
+        // process with an error instead of running on without a runner.
+        let cron_ended = ended.clone();
+        let cron_matcher = matcher.clone();
         actix_rt::spawn(async move {
-            let why = run_loop(matcher).await;
+            if let Err(panic) = AssertUnwindSafe(cron_loop(cron_matcher))
+                .catch_unwind()
+                .await
+            {
+                let why = format!("the cron loop panicked: {}", panic_message(panic.as_ref()));
+                cron_ended.ended("runner", why);
+            }
+        });
+        actix_rt::spawn(async move {
+            let why = match AssertUnwindSafe(run_loop(matcher)).catch_unwind().await {
+                Ok(why) => why,
+                Err(panic) => format!("the run loop panicked: {}", panic_message(panic.as_ref())),
+            };
             ended.ended("runner", why);
         });
     }

@@ -278,21 +278,55 @@ pub async fn list_runs(
         (None, Some(until)) => Some(ulid::Ulid::from_parts(until.max(0) as u64, 0).to_string()),
         (None, None) => None,
     };
-    let mut runs = state
-        .backends
-        .state
-        .list_runs(
-            limit,
-            cursor.as_deref(),
-            query.function_id.as_deref(),
-            status,
-        )
-        .await?;
-    if let Some(since) = since {
-        runs.retain(|run| run.created_at >= since);
+    // Read in small chunks and stop at the page's byte budget, so a page
+    // of large runs never holds more than that in memory.
+    let mut runs: Vec<Value> = Vec::new();
+    let mut cursor = cursor;
+    let mut bytes = 0;
+    'pages: while runs.len() < limit {
+        let want = PAGE_CHUNK.min(limit - runs.len());
+        let chunk = state
+            .backends
+            .state
+            .list_runs(
+                want,
+                cursor.as_deref(),
+                query.function_id.as_deref(),
+                status,
+            )
+            .await?;
+        let exhausted = chunk.len() < want;
+        cursor = chunk.last().map(|run| run.id.clone());
+        for run in &chunk {
+            if since.is_some_and(|since| run.created_at < since) {
+                break 'pages; // newest first: the rest are older still
+            }
+            let value = run_json(run, None);
+            if !push_within_budget(&mut runs, &mut bytes, value) {
+                break 'pages;
+            }
+        }
+        if exhausted {
+            break;
+        }
     }
-    let runs: Vec<Value> = runs.iter().map(|run| run_json(run, None)).collect();
     Ok(wrap(&state, Value::Array(runs)))
+}
+
+/// Most items read from the store at a time for a list page.
+const PAGE_CHUNK: usize = 20;
+/// Most bytes of JSON in one list page; a page always holds one item.
+pub const MAX_PAGE_BYTES: usize = 8 << 20;
+
+/// Adds `value` to a page unless that would pass [`MAX_PAGE_BYTES`].
+fn push_within_budget(page: &mut Vec<Value>, bytes: &mut usize, value: Value) -> bool {
+    let size = serde_json::to_vec(&value).map_or(0, |b| b.len());
+    if !page.is_empty() && *bytes + size > MAX_PAGE_BYTES {
+        return false;
+    }
+    *bytes += size;
+    page.push(value);
+    true
 }
 
 /// The run, or a 404 naming it.
@@ -361,27 +395,33 @@ pub async fn list_events(
 ) -> Result<HttpResponse, ApiError> {
     let limit = query.limit.unwrap_or(20).clamp(1, 1_000);
     let mut cursor = query.cursor.clone();
-    let mut found = Vec::new();
+    let mut found: Vec<Value> = Vec::new();
+    let mut bytes = 0;
+    let want = (limit * 2).min(PAGE_CHUNK * 5);
     // Filtering by name may need more than one page of the store.
-    loop {
+    'pages: loop {
         let page = state
             .backends
             .data
-            .list_events(limit * 2, cursor.as_deref())
+            .list_events(want, cursor.as_deref())
             .await?;
-        let exhausted = page.len() < limit * 2;
+        let exhausted = page.len() < want;
         cursor = page.last().map(|e| e.internal_id.clone());
-        found.extend(
-            page.into_iter()
-                .filter(|e| query.name.as_ref().is_none_or(|n| &e.name == n)),
-        );
+        for event in page
+            .iter()
+            .filter(|e| query.name.as_ref().is_none_or(|n| &e.name == n))
+        {
+            if found.len() >= limit
+                || !push_within_budget(&mut found, &mut bytes, event_json(event))
+            {
+                break 'pages;
+            }
+        }
         if found.len() >= limit || exhausted {
             break;
         }
     }
-    found.truncate(limit);
-    let events: Vec<Value> = found.iter().map(event_json).collect();
-    Ok(wrap(&state, Value::Array(events)))
+    Ok(wrap(&state, Value::Array(found)))
 }
 
 /// `DELETE /v1/runs/{id}`: cancels the run; answers with the run.
@@ -465,7 +505,7 @@ pub async fn send_event(
     let event_api = state.event_api.as_ref().ok_or_else(|| {
         ApiError::Unavailable("the event API does not run in this process".into())
     })?;
-    let ids = event_api.send(IngestEvents(events)).await??;
+    let ids = event_api.send(IngestEvents(events, false)).await??;
     Ok(HttpResponse::Ok().json(json!({ "ids": ids, "status": 200 })))
 }
 
@@ -555,6 +595,7 @@ pub async fn status(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
             "executor": executor,
             "runner": runner,
             "store_bytes": (state.store_size)(),
+            "record_decode_errors": crate::model::records::decode_errors(),
         }),
     ))
 }

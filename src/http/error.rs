@@ -22,6 +22,12 @@ pub enum ApiError {
     Gone(String),
     #[error("{0}")]
     Conflict(String),
+    /// The client was too slow sending its request.
+    #[error("{0}")]
+    Timeout(String),
+    /// Too many attempts; the client may retry after this many seconds.
+    #[error("{0}")]
+    TooManyRequests(String, u64),
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
     #[error("{0}")]
@@ -39,6 +45,8 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Gone(_) => "gone",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Timeout(_) => "timeout",
+            ApiError::TooManyRequests(..) => "too_many_requests",
             ApiError::TooLarge(_) => "too_large",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -71,6 +79,8 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -79,7 +89,15 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
-        HttpResponse::build(status).json(json!({
+        let mut response = HttpResponse::build(status);
+        if let ApiError::TooManyRequests(_, retry_after) = self {
+            response.insert_header(("retry-after", retry_after.to_string()));
+        }
+        if let ApiError::Timeout(_) = self {
+            // The rest of the body is not read: the connection cannot be reused.
+            response.insert_header(("connection", "close"));
+        }
+        response.json(json!({
             "status": status.as_u16(),
             "code": self.code(),
             "error": self.to_string(),

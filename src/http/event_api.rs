@@ -41,7 +41,9 @@ pub async fn receive(
         .event_api
         .as_ref()
         .ok_or_else(|| ApiError::Unavailable("the event API does not run here".into()))?;
-    let ids = event_api.send(IngestEvents(events)).await??;
+    let ids = event_api
+        .send(IngestEvents(events, seed.is_some()))
+        .await??;
     METRICS.events_received.inc_by(ids.len() as u64);
     Ok(HttpResponse::Ok().json(json!({ "ids": ids, "status": 200 })))
 }

@@ -7,6 +7,8 @@ pub mod core_api;
 pub mod dashboard;
 pub mod error;
 pub mod event_api;
+pub mod gql;
+pub mod guard;
 pub mod openapi;
 pub mod session;
 
@@ -39,6 +41,8 @@ pub struct AppState {
     pub retention: Option<std::time::Duration>,
     /// The executor's queue lease; a valid checkpoint renews its call's.
     pub lease_ttl: std::time::Duration,
+    /// Host and origin checks, body deadline, trusted proxies.
+    pub guard: guard::Guard,
 }
 
 /// Production-mode checks of SDK requests (PROTOCOL §1.4, §1.5).
@@ -79,11 +83,11 @@ impl Auth {
             return false;
         };
         let token = crate::sdk::strip_key_prefix(token.trim()).to_ascii_lowercase();
-        !token.is_empty() && self.bearers.contains(&token)
+        !token.is_empty() && crate::secret::matches_any(&token, &self.bearers)
     }
 
     pub fn event_key_ok(&self, key: &str) -> bool {
-        !self.enabled || self.event_keys.iter().any(|k| k == key)
+        !self.enabled || crate::secret::matches_any(key, &self.event_keys)
     }
 }
 
@@ -155,7 +159,8 @@ pub async fn require_auth(
                 .headers()
                 .get("x-csrf-token")
                 .and_then(|v| v.to_str().ok());
-            if !safe && sent != Some(csrf.as_str()) {
+            let csrf_ok = sent.is_some_and(|sent| crate::secret::secret_eq(sent, &csrf));
+            if !safe && !csrf_ok {
                 let error = ApiError::Forbidden("missing or wrong CSRF token".into());
                 return Ok(deny(
                     request,
@@ -216,6 +221,7 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/v1/events", web::get().to(core_api::list_events))
             .route("/v1/events/{id}", web::get().to(core_api::get_event))
             .route("/v1/events/{id}/runs", web::get().to(core_api::event_runs))
+            .route("/v0/gql", web::post().to(gql::graphql))
             .route("/v1/status", web::get().to(core_api::status))
             .route(
                 "/v1/checkpoint/{id}/async",
@@ -232,8 +238,10 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
 pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|err| ApiError::BadRequest(format!("cannot read body: {err}")))?;
+        let chunk = chunk.map_err(|err| match err {
+            err if guard::is_timeout(&err) => ApiError::Timeout(err.to_string()),
+            err => ApiError::BadRequest(format!("cannot read body: {err}")),
+        })?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::TooLarge(limit));
         }

@@ -3,8 +3,12 @@
 //! every state-changing request made with that cookie must echo in
 //! `X-CSRF-Token`. API clients use the signing key as a bearer instead.
 //! Sessions live in the API process's memory: a restart logs users out.
+//! Failed logins are logged and throttled per client (exponential backoff
+//! after a few failures) and globally (a bucket that refills slowly), so
+//! passwords cannot be guessed at speed.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -13,7 +17,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use rand::RngCore;
 use serde_json::json;
 
-use crate::http::{ApiError, AppState};
+use crate::http::{read_body, ApiError, AppState};
+use crate::settings::SecureCookie;
 
 pub const COOKIE: &str = "baton_session";
 
@@ -26,6 +31,128 @@ pub struct Sessions {
     password: Option<String>,
     ttl: Duration,
     sessions: Mutex<HashMap<String, Session>>,
+    pub throttle: LoginThrottle,
+    secure_cookie: SecureCookie,
+}
+
+/// Failed logins a client may make before it has to wait.
+const FREE_FAILURES: u32 = 5;
+/// The longest a client has to wait between attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
+/// A client's failures are forgotten after this long without one.
+const FORGET_AFTER: Duration = Duration::from_secs(60 * 60);
+/// Failed logins of all clients together: a burst, then one per second.
+const GLOBAL_BURST: f64 = 50.0;
+const GLOBAL_PER_SECOND: f64 = 1.0;
+/// Clients remembered at most (the global bucket still applies beyond).
+const MAX_CLIENTS: usize = 100_000;
+
+/// Counts failed logins per client and in all, and says how long to wait.
+pub struct LoginThrottle {
+    state: Mutex<ThrottleState>,
+}
+
+struct ThrottleState {
+    clients: HashMap<IpAddr, Failures>,
+    /// Failures the global bucket still allows, refilled over time.
+    tokens: f64,
+    refilled: Instant,
+}
+
+struct Failures {
+    count: u32,
+    last: Instant,
+    blocked_until: Instant,
+}
+
+impl Default for LoginThrottle {
+    fn default() -> Self {
+        LoginThrottle {
+            state: Mutex::new(ThrottleState {
+                clients: HashMap::new(),
+                tokens: GLOBAL_BURST,
+                refilled: Instant::now(),
+            }),
+        }
+    }
+}
+
+fn whole_seconds(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+}
+
+impl ThrottleState {
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * GLOBAL_PER_SECOND).min(GLOBAL_BURST);
+        self.refilled = now;
+    }
+}
+
+impl LoginThrottle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ThrottleState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `Err(wait)` when `client` (or everyone) must wait before trying again.
+    pub fn check(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
+        let mut state = self.lock();
+        if let Some(failures) = client.and_then(|c| state.clients.get(&c)) {
+            if failures.blocked_until > now {
+                return Err(failures.blocked_until - now);
+            }
+        }
+        state.refill(now);
+        if state.tokens < 1.0 {
+            return Err(Duration::from_secs_f64(
+                (1.0 - state.tokens) / GLOBAL_PER_SECOND,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Notes a failed login; returns the client's failures in a row and
+    /// how long it must now wait, if it must.
+    pub fn failed(&self, client: Option<IpAddr>, now: Instant) -> (u32, Option<Duration>) {
+        let mut state = self.lock();
+        state.refill(now);
+        state.tokens = (state.tokens - 1.0).max(0.0);
+        let Some(client) = client else {
+            return (0, None);
+        };
+        if state.clients.len() >= MAX_CLIENTS && !state.clients.contains_key(&client) {
+            state
+                .clients
+                .retain(|_, f| now.saturating_duration_since(f.last) < FORGET_AFTER);
+            if state.clients.len() >= MAX_CLIENTS {
+                return (0, None);
+            }
+        }
+        let failures = state.clients.entry(client).or_insert(Failures {
+            count: 0,
+            last: now,
+            blocked_until: now,
+        });
+        if now.saturating_duration_since(failures.last) >= FORGET_AFTER {
+            failures.count = 0;
+        }
+        failures.count += 1;
+        failures.last = now;
+        if failures.count < FREE_FAILURES {
+            return (failures.count, None);
+        }
+        let doublings = (failures.count - FREE_FAILURES).min(20);
+        let wait = Duration::from_secs(1u64 << doublings).min(MAX_BACKOFF);
+        failures.blocked_until = now + wait;
+        (failures.count, Some(wait))
+    }
+
+    /// A successful login clears the client's failures.
+    pub fn succeeded(&self, client: Option<IpAddr>) {
+        if let Some(client) = client {
+            self.lock().clients.remove(&client);
+        }
+    }
 }
 
 fn token() -> String {
@@ -34,21 +161,29 @@ fn token() -> String {
     hex::encode(bytes)
 }
 
-/// Compares without stopping at the first difference.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
 impl Sessions {
     pub fn new(password: Option<String>, ttl: Duration) -> Sessions {
         Sessions {
             password,
             ttl,
             sessions: Mutex::new(HashMap::new()),
+            throttle: LoginThrottle::default(),
+            secure_cookie: SecureCookie::Auto,
+        }
+    }
+
+    pub fn with_secure_cookie(mut self, secure_cookie: SecureCookie) -> Sessions {
+        self.secure_cookie = secure_cookie;
+        self
+    }
+
+    /// Whether the cookie gets `Secure`; `https`: a trusted proxy says the
+    /// request came over https.
+    fn secure(&self, https: bool) -> bool {
+        match self.secure_cookie {
+            SecureCookie::Always => true,
+            SecureCookie::Never => false,
+            SecureCookie::Auto => https,
         }
     }
 
@@ -59,7 +194,7 @@ impl Sessions {
     /// A new session (token, csrf) if `password` is right.
     pub fn login(&self, password: &str) -> Option<(String, String)> {
         let expected = self.password.as_deref()?;
-        if !same(expected, password) {
+        if !crate::secret::secret_eq(expected, password) {
             return None;
         }
         let (session, csrf) = (token(), token());
@@ -90,10 +225,11 @@ impl Sessions {
     }
 }
 
-fn session_cookie(value: String, max_age: Duration) -> Cookie<'static> {
+fn session_cookie(value: String, max_age: Duration, secure: bool) -> Cookie<'static> {
     Cookie::build(COOKIE, value)
         .path("/")
         .http_only(true)
+        .secure(secure)
         .same_site(SameSite::Strict)
         .max_age(actix_web::cookie::time::Duration::seconds(
             max_age.as_secs() as i64,
@@ -134,13 +270,17 @@ pub struct LoginForm {
 pub async fn login(
     state: web::Data<AppState>,
     request: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let peer = request.peer_addr().map(|addr| addr.ip());
+    let client = state.guard.client_ip(peer, request.headers());
+    let https = state.guard.is_https(peer, request.headers());
     let json = request
         .headers()
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
+    let body = read_body(payload, 64 << 10).await?;
     let form: LoginForm = if json {
         serde_json::from_slice(&body)
             .map_err(|err| ApiError::BadRequest(format!("expected {{\"password\": …}}: {err}")))?
@@ -148,9 +288,48 @@ pub async fn login(
         serde_urlencoded::from_bytes(&body)
             .map_err(|err| ApiError::BadRequest(format!("expected a password field: {err}")))?
     };
-    match state.sessions.login(&form.password) {
+    let sessions = &state.sessions;
+    // A throttled client is refused before its password is looked at, so
+    // that guessing on cannot tell a right password from a wrong one.
+    if let Err(wait) = sessions.throttle.check(client, Instant::now()) {
+        let seconds = whole_seconds(wait);
+        let message = format!("too many failed logins; try again in {seconds} s");
+        if json {
+            return Err(ApiError::TooManyRequests(message, seconds));
+        }
+        return Ok(HttpResponse::TooManyRequests()
+            .insert_header(("retry-after", seconds.to_string()))
+            .content_type("text/html; charset=utf-8")
+            .body(LOGIN_PAGE.replace(
+                "<!--error-->",
+                &format!(
+                    r#"<p class="error" data-testid="login-error">Too many failed sign-ins; try again in {seconds} s.</p>"#
+                ),
+            )));
+    }
+    let outcome = sessions.login(&form.password);
+    match &outcome {
+        Some(_) => sessions.throttle.succeeded(client),
+        None => {
+            let (failures, wait) = sessions.throttle.failed(client, Instant::now());
+            let client_shown = client.map_or("unknown".to_string(), |ip| ip.to_string());
+            tracing::warn!(
+                client = %client_shown,
+                failures,
+                "dashboard login failed: wrong password"
+            );
+            if let Some(wait) = wait {
+                tracing::warn!(
+                    client = %client_shown,
+                    wait_seconds = whole_seconds(wait),
+                    "dashboard logins from this client throttled"
+                );
+            }
+        }
+    }
+    match outcome {
         Some((session, csrf)) => {
-            let cookie = session_cookie(session, state.sessions.ttl);
+            let cookie = session_cookie(session, sessions.ttl, sessions.secure(https));
             if json {
                 Ok(HttpResponse::Ok()
                     .cookie(cookie)
@@ -176,8 +355,12 @@ pub async fn logout(state: web::Data<AppState>, request: HttpRequest) -> HttpRes
     if let Some(cookie) = request.cookie(COOKIE) {
         state.sessions.logout(cookie.value());
     }
+    let peer = request.peer_addr().map(|addr| addr.ip());
+    let secure = state
+        .sessions
+        .secure(state.guard.is_https(peer, request.headers()));
     HttpResponse::SeeOther()
-        .cookie(session_cookie(String::new(), Duration::ZERO))
+        .cookie(session_cookie(String::new(), Duration::ZERO, secure))
         .insert_header(("location", "/login"))
         .finish()
 }
@@ -202,6 +385,46 @@ pub async fn session(state: web::Data<AppState>, request: HttpRequest) -> HttpRe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_logins_back_off_per_client_and_in_all() {
+        let throttle = LoginThrottle::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for n in 1..FREE_FAILURES {
+            assert!(throttle.check(Some(a), t0).is_ok());
+            assert_eq!(throttle.failed(Some(a), t0), (n, None));
+        }
+        assert_eq!(
+            throttle.failed(Some(a), t0),
+            (FREE_FAILURES, Some(Duration::from_secs(1)))
+        );
+        assert!(throttle.check(Some(a), t0).is_err());
+        assert!(throttle.check(Some(b), t0).is_ok(), "others may still try");
+        let later = t0 + Duration::from_secs(1);
+        assert!(throttle.check(Some(a), later).is_ok());
+        assert_eq!(
+            throttle.failed(Some(a), later).1,
+            Some(Duration::from_secs(2)),
+            "the wait doubles"
+        );
+        throttle.succeeded(Some(a));
+        assert!(throttle.check(Some(a), later).is_ok());
+        // Many clients together empty the global bucket.
+        let throttle = LoginThrottle::default();
+        for i in 0..GLOBAL_BURST as u32 {
+            let client = IpAddr::from([10, 0, (i >> 8) as u8, i as u8]);
+            assert!(throttle.check(Some(client), t0).is_ok());
+            throttle.failed(Some(client), t0);
+        }
+        let fresh: IpAddr = "198.51.100.1".parse().unwrap();
+        let wait = throttle.check(Some(fresh), t0).unwrap_err();
+        assert!(wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(throttle
+            .check(Some(fresh), t0 + Duration::from_secs(2))
+            .is_ok());
+    }
 
     #[test]
     fn sessions_need_the_password_and_expire() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::duration::parse_time_str;
+use crate::duration::{duration_from_secs, parse_time_str};
 use crate::expr::Expr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +106,12 @@ fn duration(value: Option<&Value>, what: &str) -> Result<Option<Duration>, Strin
         Some(Value::String(s)) => parse_time_str(s)
             .map(Some)
             .map_err(|e| format!("{what}: {e}")),
-        Some(Value::Number(n)) => Ok(n.as_f64().map(Duration::from_secs_f64)),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| format!("{n} is not a duration"))
+            .and_then(duration_from_secs)
+            .map(Some)
+            .map_err(|e| format!("{what}: {e}")),
         Some(other) => Err(format!("{what}: {other} is not a duration")),
     }
 }
@@ -115,12 +120,23 @@ fn required_duration(value: Option<&Value>, what: &str) -> Result<Duration, Stri
     duration(value, what)?.ok_or_else(|| format!("{what} is required"))
 }
 
+/// Largest limit (concurrency, throttle, rate limit, burst, batch size)
+/// accepted: far above any real need, far below where counting overflows.
+pub const MAX_LIMIT: u64 = 100_000;
+
 fn limit(value: Option<&Value>, what: &str) -> Result<u32, String> {
-    value
+    let n = value
         .and_then(Value::as_u64)
         .filter(|n| *n >= 1)
-        .map(|n| n.min(u64::from(u32::MAX)) as u32)
-        .ok_or_else(|| format!("{what} must be a positive integer"))
+        .ok_or_else(|| format!("{what} must be a positive integer"))?;
+    bounded(n, what)
+}
+
+fn bounded(n: u64, what: &str) -> Result<u32, String> {
+    if n > MAX_LIMIT {
+        return Err(format!("{what} is {n}; the most is {MAX_LIMIT}"));
+    }
+    Ok(n as u32)
 }
 
 impl FlowControl {
@@ -144,7 +160,7 @@ impl FlowControl {
             if let Some(n) = rule.as_u64() {
                 if n > 0 {
                     flow.concurrency.push(ConcurrencyRule {
-                        limit: n.min(u64::from(u32::MAX)) as u32,
+                        limit: bounded(n, "concurrency")?,
                         key: None,
                         scope: Scope::Fn,
                     });
@@ -171,11 +187,13 @@ impl FlowControl {
             flow.throttle = Some(ThrottleRule {
                 limit: limit(rule.get("limit"), "throttle.limit")?,
                 period: required_duration(rule.get("period"), "throttle.period")?,
-                burst: rule
-                    .get("burst")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(1)
-                    .clamp(1, u64::from(u32::MAX)) as u32,
+                burst: bounded(
+                    rule.get("burst")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(1)
+                        .max(1),
+                    "throttle.burst",
+                )?,
                 key: expr(rule.get("key"), "throttle.key")?,
             });
         }
@@ -250,6 +268,17 @@ mod tests {
         assert_eq!(two.len(), 2);
         assert_eq!(two[0].scope, Scope::Env);
         assert!(parse(json!([])).is_empty());
+        // Absurd limits are refused, not silently broken.
+        for bad in [
+            json!({"concurrency": 18446744073709551615u64}),
+            json!({"concurrency": {"limit": 4294967296u64}}),
+            json!({"throttle": {"limit": 1, "period": "1s", "burst": 1000000000}}),
+            json!({"batchEvents": {"maxSize": 100001, "timeout": "1s"}}),
+            json!({"debounce": {"period": -1}}),
+            json!({"rateLimit": {"limit": 1, "period": "99999999999999999999w"}}),
+        ] {
+            assert!(FlowControl::parse(&bad).is_err(), "{bad}");
+        }
         assert!(FlowControl::parse(
             &json!({"concurrency": [{"limit": 1}, {"limit": 1}, {"limit": 1}]})
         )

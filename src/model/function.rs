@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::duration::parse_time_str;
+use crate::duration::{duration_from_secs, parse_time_str};
 use crate::expr::Expr;
 use crate::model::flow::FlowControl;
 use crate::model::FunctionRecord;
@@ -210,7 +210,11 @@ fn optional_duration(value: Option<&Value>) -> Result<Option<Duration>, String> 
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) if text.is_empty() => Ok(None),
         Some(Value::String(text)) => parse_time_str(text).map(Some),
-        Some(Value::Number(n)) => Ok(n.as_f64().map(Duration::from_secs_f64)),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| format!("{n} is not a duration"))
+            .and_then(duration_from_secs)
+            .map(Some),
         Some(other) => Err(format!("{other} is not a duration")),
     }
 }

@@ -88,6 +88,18 @@ impl From<RecordError> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The error for a store written by a newer build.
+pub(crate) fn newer_format(store: &str, found: u32) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Unsupported,
+        format!(
+            "{store} was written by a newer Baton (store format {found}; this build reads up to {}): \
+             run that version or a later one",
+            crate::model::records::STORE_FORMAT
+        ),
+    )
+}
+
 /// What [`StateStore::create_run`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CreateRun {

@@ -633,3 +633,29 @@ async fn an_unreachable_redis_is_unavailable() {
         err.message
     );
 }
+
+/// The first process writes the store-format header; a store written by a
+/// newer format is refused with a message that says so.
+#[tokio::test]
+async fn a_store_of_a_newer_format_is_refused() {
+    let Some((namespace, _conn)) = Namespace::open().await else {
+        return;
+    };
+    RedisStores::connect(&namespace.url, &namespace.prefix)
+        .await
+        .expect("a new store opens");
+    let mut sync = sync_connection(&namespace.url).unwrap();
+    let format_key = format!("{}format", namespace.prefix);
+    let written: String = redis::cmd("GET").arg(&format_key).query(&mut sync).unwrap();
+    assert_eq!(written, "1");
+    let _: () = redis::cmd("SET")
+        .arg(&format_key)
+        .arg("99")
+        .query(&mut sync)
+        .unwrap();
+    let err = match RedisStores::connect(&namespace.url, &namespace.prefix).await {
+        Ok(_) => panic!("a store of format 99 must be refused"),
+        Err(err) => err.to_string(),
+    };
+    assert!(err.contains("newer Baton (store format 99"), "{err}");
+}

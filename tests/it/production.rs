@@ -158,6 +158,21 @@ async fn sdk_app_with_keys_runs_and_bad_keys_are_refused() {
         assert_eq!(status.as_u16(), 401);
         let (status, _) = get_authed(&baton, "/v1/runs", OTHER_KEY).await;
         assert_eq!(status, 401, "a wrong signing key");
+        // So does the GraphQL API.
+        let query = json!({"query": "query ($id: String!) { run(runID: $id) { status } }",
+                           "variables": {"id": run["run_id"]}});
+        for (header, expected) in [(None, 401), (Some(bearer(SIGNING_KEY)), 200)] {
+            let mut request = client().post(format!("{}/v0/gql", baton.url)).json(&query);
+            if let Some(header) = header {
+                request = request.header("authorization", header);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), expected);
+            if expected == 200 {
+                let answer: Value = response.json().await.unwrap();
+                assert_eq!(answer["data"]["run"]["status"], "COMPLETED", "{answer}");
+            }
+        }
         let status = client()
             .get(format!("{}/dev", baton.url))
             .send()

@@ -86,7 +86,8 @@ impl NatsBus {
                 format!("invalid NATS subject prefix {subject_prefix:?}"),
             ));
         }
-        let events_url = url.to_string();
+        let shown = crate::secret::redact_url(url);
+        let events_url = shown.clone();
         let client = async_nats::ConnectOptions::new()
             .name("baton")
             .event_callback(move |event| {
@@ -108,11 +109,11 @@ impl NatsBus {
             .connect(url)
             .await
             .map_err(|err| {
-                StoreError::unavailable(format!("cannot connect to NATS at {url}: {err}"))
+                StoreError::unavailable(format!("cannot connect to NATS at {shown}: {err}"))
             })?;
         let bus = NatsBus {
             jetstream: jetstream::new(client),
-            url: url.to_string(),
+            url: shown,
             stream: stream.to_string(),
             subject: Subject::from(format!("{subject_prefix}.events")),
         };

@@ -104,6 +104,40 @@ impl RedisConnection {
         })
     }
 
+    /// The store-format header (`<prefix>format`): set by the first process,
+    /// checked by every later one (see `model::records::STORE_FORMAT`).
+    pub async fn check_format(&self) -> StoreResult<()> {
+        use crate::model::records::STORE_FORMAT;
+        let key = self.key("format", "");
+        let mut conn = self.manager.clone();
+        let _: bool = ::redis::cmd("SET")
+            .arg(&key)
+            .arg(STORE_FORMAT)
+            .arg("NX")
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .map(|set| set.is_some())
+            .map_err(|err| StoreError::unavailable(format!("Redis: {err}")))?;
+        let found: Option<String> = ::redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|err| StoreError::unavailable(format!("Redis: {err}")))?;
+        let found: u32 = found.as_deref().unwrap_or("1").parse().map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!("Redis {}: the key {key} is not a store format", self.url),
+            )
+        })?;
+        if found > STORE_FORMAT {
+            return Err(crate::store::newer_format(
+                &format!("the Redis store at {} (prefix {:?})", self.url, self.prefix),
+                found,
+            ));
+        }
+        Ok(())
+    }
+
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -202,6 +236,7 @@ impl RedisStores {
     /// run on a Tokio runtime (the queue starts its wake-up listener there).
     pub async fn connect(url: &str, prefix: &str) -> StoreResult<RedisStores> {
         let conn = RedisConnection::connect(url, prefix).await?;
+        conn.check_format().await?;
         Ok(RedisStores::new(&conn))
     }
 
@@ -240,23 +275,8 @@ fn redis_error(url: &str, err: ::redis::RedisError) -> StoreError {
     StoreError::new(kind, format!("Redis at {url}: {err}"))
 }
 
-/// `url` with its password replaced by `***`, for messages.
 fn redact(url: &str) -> String {
-    let mut shown = url.to_string();
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.rsplit_once('@') {
-            if let Some((user, _password)) = userinfo.split_once(':') {
-                shown = format!("{scheme}://{user}:***@{host}");
-            }
-        }
-    }
-    // `redis+unix:///path?pass=secret`
-    if let Some(start) = shown.find("pass=") {
-        let value = start + "pass=".len();
-        let end = shown[value..].find('&').map_or(shown.len(), |i| value + i);
-        shown.replace_range(value..end, "***");
-    }
-    shown
+    crate::secret::redact_url(url)
 }
 
 /// Counts the attempts of an optimistic read-modify-write.

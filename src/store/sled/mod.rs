@@ -7,6 +7,7 @@
 //! points (`flush`) go through [`GroupCommit`], so concurrent writers share
 //! one fsync. One process per directory: sled locks it.
 
+pub mod check;
 mod commit;
 mod data;
 mod queue;
@@ -44,21 +45,36 @@ impl SledDb {
         std::fs::create_dir_all(dir).map_err(|err| {
             StoreError::unavailable(format!("cannot create data dir {}: {err}", dir.display()))
         })?;
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|err| match err {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::unavailable(format!(
-                        "data dir {} is in use by another process",
-                        dir.display()
-                    ))
-                }
-                other => sled_error(other),
-            })?;
-        Ok(SledDb::from_db(db))
+        // sled panics on some damaged files; that is a corrupt store too.
+        let opened = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(dir.join("db"))
+                .cache_capacity(cache_bytes)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+        })
+        .map_err(|panic| {
+            StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!(
+                    "the store in {} is damaged: sled failed opening it ({}); run `baton doctor`",
+                    dir.display(),
+                    crate::expr::panic_message(panic.as_ref())
+                ),
+            )
+        })?;
+        let db = opened.map_err(|err| match err {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                StoreError::unavailable(format!(
+                    "data dir {} is in use by another process",
+                    dir.display()
+                ))
+            }
+            other => sled_error(other),
+        })?;
+        check_format(&db, dir)?;
+        check::verify(&db, dir)?;
+        Ok(SledDb::from_db(db, Some(dir)))
     }
 
     /// A database that lives in memory and is deleted on drop; for tests.
@@ -67,11 +83,12 @@ impl SledDb {
             .temporary(true)
             .open()
             .map_err(sled_error)?;
-        Ok(SledDb::from_db(db))
+        Ok(SledDb::from_db(db, None))
     }
 
-    fn from_db(db: sled::Db) -> SledDb {
-        let commit = GroupCommit::start(db.clone());
+    fn from_db(db: sled::Db, dir: Option<&Path>) -> SledDb {
+        let mark = Arc::new(check::DurabilityMark::new(dir));
+        let commit = GroupCommit::start(db.clone(), mark);
         SledDb { db, commit }
     }
 
@@ -100,6 +117,39 @@ impl SledDb {
     }
 }
 
+/// The store-format header (`meta/format`): written by the first start,
+/// checked by every later one, so that a build never misreads a store that a
+/// newer build wrote.
+fn check_format(db: &sled::Db, dir: &Path) -> StoreResult<()> {
+    use crate::model::records::STORE_FORMAT;
+    let meta = db.open_tree("meta").map_err(sled_error)?;
+    match meta.get(b"format").map_err(sled_error)? {
+        Some(bytes) => {
+            let found = <[u8; 4]>::try_from(bytes.as_ref())
+                .map(u32::from_be_bytes)
+                .map_err(|_| {
+                    StoreError::new(
+                        StoreErrorKind::Corrupt,
+                        format!("data dir {}: its format header is damaged", dir.display()),
+                    )
+                })?;
+            if found > STORE_FORMAT {
+                return Err(crate::store::newer_format(
+                    &dir.display().to_string(),
+                    found,
+                ));
+            }
+        }
+        // A new store, or one written before the header existed (format 1).
+        None => {
+            meta.insert(b"format", &STORE_FORMAT.to_be_bytes())
+                .map_err(sled_error)?;
+            meta.flush().map_err(sled_error)?;
+        }
+    }
+    Ok(())
+}
+
 /// Joins key parts with `/`.
 fn key(parts: &[&[u8]]) -> Vec<u8> {
     let mut key = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
@@ -117,6 +167,33 @@ mod tests {
     use super::*;
     use crate::clock::{ManualClock, Timestamp};
     use crate::store::testsuite;
+
+    #[test]
+    fn a_store_of_a_newer_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = SledDb::open(dir.path(), 1 << 20).unwrap();
+            let meta = db.tree("meta").unwrap();
+            let format = meta.get(b"format").unwrap().expect("the header is written");
+            assert_eq!(format.as_ref(), 1u32.to_be_bytes());
+            meta.insert(b"format", &99u32.to_be_bytes()).unwrap();
+            db.db.flush().unwrap();
+        }
+        // The group-commit thread holds the first handle until it notices.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let err = loop {
+            match SledDb::open(dir.path(), 1 << 20) {
+                Err(err)
+                    if err.message.contains("in use") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(err) => break err.to_string(),
+                Ok(_) => panic!("a store of format 99 must be refused"),
+            }
+        };
+        assert!(err.contains("newer Baton (store format 99"), "{err}");
+    }
 
     #[actix_rt::test]
     async fn sled_state_store_conformance() {

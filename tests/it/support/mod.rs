@@ -132,7 +132,11 @@ impl Baton {
     }
 
     pub fn start_with(data_dir: &Path, options: BatonOptions) -> Baton {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_baton"));
+        // BATON_TEST_BINARY runs another build (the upgrade fixtures are
+        // made with the previous release that way).
+        let binary = std::env::var("BATON_TEST_BINARY")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_baton").to_string());
+        let mut command = Command::new(binary);
         command
             .args(&options.command)
             .args(["--host", "127.0.0.1", "--port", &options.port.to_string()])

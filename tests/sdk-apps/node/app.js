@@ -14,6 +14,10 @@
 //                         under "ai" and answers a fixed chat.completion)
 //
 // Env: TICKER_CRON sets the cron of `ticker` (default "0 0 1 1 *", i.e. once a year).
+//      RECORD_CALLS=1 records {fnId, stepId, runId, jobId} of every call under "calls"
+//      (jobId: the x-inngest-job-id header).
+//      DROP_REUSED_CONNECTIONS=1 closes a connection, unanswered, when a second call
+//      arrives on it: a keep-alive connection the server closes as a request comes in.
 //
 // The SDK is configured only via environment variables (INNGEST_DEV, INNGEST_BASE_URL,
 // INNGEST_SIGNING_KEY, INNGEST_EVENT_KEY, ...). Optional: INNGEST_CHECKPOINTING=0 turns off
@@ -720,6 +724,24 @@ const server = http.createServer((req, res) => {
   const path = (req.url || "/").split("?")[0];
 
   if (path === "/api/inngest" || path === "/api/inngest/") {
+    if (req.method === "POST" && process.env.DROP_REUSED_CONNECTIONS === "1") {
+      const socket = req.socket;
+      socket.batonCalls = (socket.batonCalls ?? 0) + 1;
+      if (socket.batonCalls > 1) {
+        record("dropped", req.headers["x-inngest-step-id"] ?? null);
+        socket.destroy();
+        return;
+      }
+    }
+    if (req.method === "POST" && process.env.RECORD_CALLS === "1") {
+      const query = new URL(req.url || "/", "http://localhost").searchParams;
+      record("calls", {
+        fnId: query.get("fnId"),
+        stepId: query.get("stepId"),
+        runId: req.headers["x-run-id"] ?? null,
+        jobId: req.headers["x-inngest-job-id"] ?? null,
+      });
+    }
     return inngestHandler(req, res);
   }
   if (path === "/counters" && req.method === "GET") {

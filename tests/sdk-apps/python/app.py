@@ -192,6 +192,8 @@ def invokee(ctx: inngest.ContextSync) -> typing.Any:
     mode = ctx.event.data.get("mode")
     if mode == "slow":
         ctx.step.sleep("slow-nap", datetime.timedelta(seconds=30))
+    if mode == "nap":
+        ctx.step.sleep("nap", datetime.timedelta(seconds=1))
 
     def work() -> dict[str, str]:
         bump("invokee", "work", key)
@@ -221,6 +223,40 @@ def invoker(ctx: inngest.ContextSync) -> typing.Any:
         # re-raised by the SDK as inngest.StepError carrying the server's name/message
         # (e.g. name "InngestInvokeTimeoutError" on timeout).
         return {"error": err.message, "name": err.name, "class": type(err).__name__}
+
+
+@client.create_function(
+    fn_id="parallel-invoke",
+    retries=0,
+    trigger=inngest.TriggerEvent(event="test/parallel-invoke"),
+)
+def parallel_invoke(ctx: inngest.ContextSync) -> typing.Any:
+    """A parallel group of an invoke (whose callee naps 1 s), two step.runs and a
+    send_event; the counter `parallel-invoke:call:<key>` counts the calls."""
+    key = key_of(ctx.event)
+    bump("parallel-invoke", "call", key)
+
+    def make(name: str, value: int) -> typing.Callable[[], int]:
+        def body() -> int:
+            bump("parallel-invoke", name, key)
+            return value
+
+        return lambda: ctx.step.run(name, body)
+
+    results = ctx.group.parallel(
+        (
+            lambda: ctx.step.invoke("invoke", function=invokee, data={"key": key, "mode": "nap"}),
+            make("p1", 1),
+            make("p2", 2),
+            lambda: ctx.step.send_event("send", events=inngest.Event(name="test/noop")),
+        )
+    )
+
+    def after() -> None:
+        bump("parallel-invoke", "after", key)
+
+    ctx.step.run("after", after)
+    return {"invoked": results[0], "sum": results[1] + results[2]}
 
 
 @client.create_function(
@@ -438,6 +474,7 @@ functions = [
     invokee,
     invoker,
     parallel,
+    parallel_invoke,
     cancellable,
     fails_handled,
     ticker,

@@ -1,0 +1,287 @@
+//! Upgrades: a data dir written by the previous release (Baton 0.1.0, commit
+//! a2f0e97), with runs in flight, is opened by this build and its runs
+//! finish. The fixture is `tests/fixtures/prev-release/sled-0.1.0.tar.gz`
+//! (plus `.json`: the ids it holds), made by `make_previous_release_fixture`
+//! below, run with `BATON_TEST_BINARY=<the 0.1.0 binary>`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn fixture_dir() -> PathBuf {
+    repo_root().join("tests/fixtures/prev-release")
+}
+
+fn untar(archive: &Path, into: &Path) {
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(into)
+        .status()
+        .expect("tar is needed");
+    assert!(status.success(), "cannot unpack {}", archive.display());
+}
+
+#[tokio::test]
+async fn a_data_dir_of_the_previous_release_finishes_its_runs() {
+    let ids: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir().join("sled-0.1.0.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    untar(&fixture_dir().join("sled-0.1.0.tar.gz"), dir.path());
+    let data_dir = dir.path().join("data");
+    let baton = Baton::start(&data_dir);
+    // The app now listens elsewhere: syncing again points its functions there.
+    let app = NodeApp::start(&baton.url);
+    app.sync().await;
+
+    // Finished before the upgrade: still readable, with its output.
+    let done = finished_run(&baton, ids["completed"].as_str().unwrap(), TIMEOUT).await;
+    assert_eq!(done["status"], "Completed", "{done}");
+    assert_eq!(step_names(&done).len(), 3, "{done}");
+
+    // Asleep at the upgrade: wakes and finishes.
+    let slept = finished_run(&baton, ids["sleeping"].as_str().unwrap(), TIMEOUT).await;
+    assert_eq!(slept["status"], "Completed", "{slept}");
+    assert_eq!(slept["output"], json!("slept"), "{slept}");
+
+    // Waiting at the upgrade: the old pause still matches a new event.
+    let waiting = ids["waiting"].as_str().unwrap();
+    run_where(&baton, waiting, "the old wait to be open", TIMEOUT, |run| {
+        run["status"] == "Running"
+    })
+    .await;
+    send_event(
+        &baton,
+        "test/wait.reply",
+        json!({"key": "prev-wait", "v": 1}),
+    )
+    .await;
+    let resumed = finished_run(&baton, waiting, TIMEOUT).await;
+    assert_eq!(resumed["status"], "Completed", "{resumed}");
+    assert_eq!(resumed["output"]["received"]["v"], 1, "{resumed}");
+
+    // The old events are all listed.
+    let events = get_json(&format!("{}/v1/events", baton.url)).await;
+    let listed: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["internal_id"].as_str().or(e["id"].as_str()))
+        .collect();
+    for key in ["completed", "sleeping", "waiting"] {
+        let id = ids[key].as_str().unwrap();
+        assert!(listed.contains(&id), "event {id} is listed: {events}");
+    }
+}
+
+/// Makes the fixture above. Run with the previous release's binary:
+/// `BATON_TEST_BINARY=/path/to/baton-0.1.0 cargo test --test it make_previous_release_fixture -- --ignored`
+#[tokio::test]
+#[ignore]
+async fn make_previous_release_fixture() {
+    assert!(
+        std::env::var("BATON_TEST_BINARY").is_ok(),
+        "set BATON_TEST_BINARY to the previous release's binary"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut baton = Baton::start(&data_dir);
+    let app = NodeApp::start(&baton.url);
+    app.sync().await;
+    let completed = send_event(&baton, "test/three-steps", json!({"key": "prev-done"})).await;
+    finished_run(&baton, &completed, TIMEOUT).await;
+    let waiting = send_event(
+        &baton,
+        "test/wait",
+        json!({"key": "prev-wait", "timeout": "365d"}),
+    )
+    .await;
+    let sleeping = send_event(&baton, "test/sleeper", json!({"key": "prev-sleep"})).await;
+    run_where(&baton, &waiting, "the wait", TIMEOUT, |run| {
+        step_names(run).contains(&"before".to_string())
+    })
+    .await;
+    run_where(&baton, &sleeping, "the sleep", TIMEOUT, |run| {
+        step_names(run).contains(&"before".to_string())
+    })
+    .await;
+    // Stop with the sleep and the wait in flight (a kill: nothing tidied).
+    baton.kill_9();
+    let out = fixture_dir();
+    std::fs::create_dir_all(&out).unwrap();
+    let status = Command::new("tar")
+        .arg("-czf")
+        .arg(out.join("sled-0.1.0.tar.gz"))
+        .arg("-C")
+        .arg(dir.path())
+        .arg("data")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ids = json!({"completed": completed, "sleeping": sleeping, "waiting": waiting});
+    std::fs::write(out.join("sled-0.1.0.json"), format!("{ids:#}\n")).unwrap();
+}
+
+// The same on Redis: the previous release's keys (DUMP payloads under the
+// prefix it used) are restored, and this build finishes their runs.
+
+const REDIS_FIXTURE: &str = "redis-0.1.0.json";
+
+fn redis_url() -> String {
+    std::env::var("BATON_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A sync Redis connection, or None (skipped; a failure with
+/// `BATON_REQUIRE_BACKENDS=1`).
+fn redis_or_skip(test: &str) -> Option<redis::Connection> {
+    match redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
+        Ok(conn) => Some(conn),
+        Err(err) => {
+            assert!(
+                std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+                "BATON_REQUIRE_BACKENDS=1 but no Redis at {}: {err}",
+                redis_url()
+            );
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** SKIPPED {test}: no Redis ({err}) ***\n"
+            );
+            None
+        }
+    }
+}
+
+fn keys_under(conn: &mut redis::Connection, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(conn)
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+fn delete_under(conn: &mut redis::Connection, prefix: &str) {
+    for key in keys_under(conn, prefix) {
+        let _: () = redis::cmd("DEL").arg(key).query(conn).unwrap();
+    }
+}
+
+fn redis_config(prefix: &str) -> String {
+    format!(
+        "[backends]\nstate = \"redis\"\nqueue = \"redis\"\ndata = \"redis\"\n\
+         redis_url = \"{}\"\nredis_prefix = \"{prefix}\"\n",
+        redis_url()
+    )
+}
+
+#[tokio::test]
+async fn a_redis_dataset_of_the_previous_release_finishes_its_runs() {
+    let Some(mut conn) = redis_or_skip("a_redis_dataset_of_the_previous_release_finishes_its_runs")
+    else {
+        return;
+    };
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join(REDIS_FIXTURE)).unwrap())
+            .unwrap();
+    let prefix = fixture["prefix"].as_str().unwrap();
+    delete_under(&mut conn, prefix);
+    for pair in fixture["keys"].as_array().unwrap() {
+        let key = pair[0].as_str().unwrap();
+        let dump = hex::decode(pair[1].as_str().unwrap()).unwrap();
+        let _: () = redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dump)
+            .query(&mut conn)
+            .unwrap();
+    }
+    let ids = &fixture["ids"];
+    let dir = tempfile::tempdir().unwrap();
+    let baton = Baton::start_with(
+        &dir.path().join("data"),
+        BatonOptions {
+            config: Some(redis_config(prefix)),
+            ..BatonOptions::default()
+        },
+    );
+    let app = NodeApp::start(&baton.url);
+    app.sync().await;
+    let done = finished_run(&baton, ids["completed"].as_str().unwrap(), TIMEOUT).await;
+    assert_eq!(done["status"], "Completed", "{done}");
+    let slept = finished_run(&baton, ids["sleeping"].as_str().unwrap(), TIMEOUT).await;
+    assert_eq!(slept["output"], json!("slept"), "{slept}");
+    let waiting = ids["waiting"].as_str().unwrap();
+    run_where(&baton, waiting, "the old wait to be open", TIMEOUT, |run| {
+        run["status"] == "Running"
+    })
+    .await;
+    send_event(
+        &baton,
+        "test/wait.reply",
+        json!({"key": "prev-wait", "v": 2}),
+    )
+    .await;
+    let resumed = finished_run(&baton, waiting, TIMEOUT).await;
+    assert_eq!(resumed["output"]["received"]["v"], 2, "{resumed}");
+    drop((baton, app));
+    delete_under(&mut conn, prefix);
+}
+
+/// Makes the Redis fixture; run like `make_previous_release_fixture`.
+#[tokio::test]
+#[ignore]
+async fn make_previous_release_redis_fixture() {
+    assert!(std::env::var("BATON_TEST_BINARY").is_ok());
+    let mut conn = redis_or_skip("make fixture").expect("Redis is needed");
+    let prefix = format!("baton-upgrade-fixture-{}:", ulid::Ulid::new());
+    let dir = tempfile::tempdir().unwrap();
+    let mut baton = Baton::start_with(
+        &dir.path().join("data"),
+        BatonOptions {
+            config: Some(redis_config(&prefix)),
+            ..BatonOptions::default()
+        },
+    );
+    let app = NodeApp::start(&baton.url);
+    app.sync().await;
+    let completed = send_event(&baton, "test/three-steps", json!({"key": "prev-done"})).await;
+    finished_run(&baton, &completed, TIMEOUT).await;
+    let waiting = send_event(
+        &baton,
+        "test/wait",
+        json!({"key": "prev-wait", "timeout": "365d"}),
+    )
+    .await;
+    let sleeping = send_event(&baton, "test/sleeper", json!({"key": "prev-sleep"})).await;
+    for (id, what) in [(&waiting, "the wait"), (&sleeping, "the sleep")] {
+        run_where(&baton, id, what, TIMEOUT, |run| {
+            step_names(run).contains(&"before".to_string())
+        })
+        .await;
+    }
+    baton.kill_9();
+    let keys: Vec<Value> = keys_under(&mut conn, &prefix)
+        .into_iter()
+        .map(|key| {
+            let dump: Vec<u8> = redis::cmd("DUMP").arg(&key).query(&mut conn).unwrap();
+            json!([key, hex::encode(dump)])
+        })
+        .collect();
+    let fixture = json!({
+        "prefix": prefix,
+        "ids": {"completed": completed, "sleeping": sleeping, "waiting": waiting},
+        "keys": keys,
+    });
+    std::fs::write(fixture_dir().join(REDIS_FIXTURE), format!("{fixture:#}\n")).unwrap();
+    delete_under(&mut conn, &prefix);
+}
