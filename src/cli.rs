@@ -8,10 +8,18 @@ use crate::duration::parse_time_str;
 use crate::serve::Service;
 use crate::settings::{self, ConfigSource, Settings};
 
+/// `0.1.0 (commit 1a2b3c4d5e6f)`: the version and the git commit built.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("BATON_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "baton",
-    version,
+    version = VERSION,
     about = "A self-hosted durable-function server for Inngest SDK apps"
 )]
 pub struct Cli {
@@ -30,6 +38,15 @@ pub enum Command {
     /// Production, split: run the named services (event-api, runner,
     /// executor, api) in this process, sharing Redis and NATS with others.
     Serve(ServeArgs),
+    /// Runs of a running server: list, show, cancel, replay (one by id, or
+    /// every run matching a filter).
+    Runs(crate::client::RunsArgs),
+    /// Events of a running server: send, list.
+    Events(crate::client::EventsArgs),
+    /// Apps of a running server: list, sync.
+    Apps(crate::client::AppsArgs),
+    /// A running server's version, mode, queue and store.
+    Status(crate::client::StatusArgs),
     /// Check the embedded store for damage (stop Baton first): reports what
     /// is damaged and exits non-zero if anything is.
     Doctor(DoctorArgs),
@@ -56,6 +73,9 @@ impl DoctorArgs {
             retry_interval: None,
             workers: None,
             lease_ttl: None,
+            no_discovery: false,
+            discovery_ports: None,
+            discovery_interval: None,
             no_checkpointing: false,
         };
         Ok(args.settings()?.1.data_dir)
@@ -173,6 +193,15 @@ pub struct DevArgs {
     /// Lease of a queue item (a time string); a crashed call is retried after it.
     #[arg(long)]
     pub lease_ttl: Option<String>,
+    /// Do not look for apps on loopback (`baton dev` only; production never does).
+    #[arg(long)]
+    pub no_discovery: bool,
+    /// Ports scanned by discovery, comma-separated (discovery.ports).
+    #[arg(long, value_delimiter = ',', hide = true)]
+    pub discovery_ports: Option<Vec<u16>>,
+    /// Time between discovery scans (discovery.interval).
+    #[arg(long, hide = true)]
+    pub discovery_interval: Option<String>,
     /// Do not offer the JS SDK checkpointing (one call per step instead);
     /// overrides executor.checkpointing.
     #[arg(long)]
@@ -211,6 +240,15 @@ impl DevArgs {
         }
         if let Some(ttl) = &self.lease_ttl {
             raw.executor.lease_ttl = ttl.clone();
+        }
+        if self.no_discovery {
+            raw.discovery.enabled = false;
+        }
+        if let Some(ports) = &self.discovery_ports {
+            raw.discovery.ports = ports.clone();
+        }
+        if let Some(interval) = &self.discovery_interval {
+            raw.discovery.interval = interval.clone();
         }
         if self.no_checkpointing {
             raw.executor.checkpointing = false;

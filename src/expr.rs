@@ -260,6 +260,13 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn malformed_expressions_are_errors_not_panics() {
+        for source in ["event.data.n ==", "event.data.n == (", "&& true", ""] {
+            assert!(Expr::compile(source).is_err(), "{source:?} compiled");
+        }
+    }
+
+    #[test]
     fn conditions_over_events() {
         let event = json!({"name": "app/a", "data": {"ok": true, "n": 3, "user": "u1"}});
         let check = |src: &str| Expr::compile(src).unwrap().matches(&[("event", &event)]);

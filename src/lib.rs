@@ -3,6 +3,7 @@
 
 pub mod actors;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod cron;
 pub mod duration;

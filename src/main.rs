@@ -8,6 +8,7 @@ use clap::Parser;
 use tracing::info;
 
 use baton::cli::{Cli, Command};
+use baton::client::{self, ClientCommand};
 use baton::serve::{check_locality, serve, Mode, Service};
 
 fn main() -> ExitCode {
@@ -16,6 +17,15 @@ fn main() -> ExitCode {
         std::env::set_var("RUST_MIN_STACK", baton::THREAD_STACK_BYTES.to_string());
     }
     let cli = Cli::parse();
+    if let Some(command) = client_command(&cli.command) {
+        return match client::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("baton: {err}");
+                ExitCode::from(err.kind as u8)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
@@ -32,6 +42,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// The commands that talk to a running server rather than run one.
+fn client_command(command: &Command) -> Option<ClientCommand<'_>> {
+    match command {
+        Command::Runs(args) => Some(ClientCommand::Runs(args)),
+        Command::Events(args) => Some(ClientCommand::Events(args)),
+        Command::Apps(args) => Some(ClientCommand::Apps(args)),
+        Command::Status(args) => Some(ClientCommand::Status(args)),
+        Command::Dev(_) | Command::Start(_) | Command::Serve(_) | Command::Doctor(_) => None,
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let (command, services, mode, (source, settings)) = match &cli.command {
         Command::Dev(args) => ("dev", Service::all(), Mode::Dev, args.settings()?),
@@ -43,6 +64,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             args.prod.settings()?,
         ),
         Command::Doctor(args) => return doctor(&args.data_dir()?),
+        // Client commands are run by `main` before this.
+        _ => anyhow::bail!("not a server command"),
     };
     check_locality(&settings, &services)?;
     let listener = TcpListener::bind((settings.host.as_str(), settings.port)).map_err(|err| {

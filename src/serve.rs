@@ -240,6 +240,15 @@ pub async fn serve(
             ),
             None => core,
         };
+        let core = match (&settings.discovery, mode) {
+            (Some(discovery), Mode::Dev) => {
+                core.with_discovery(crate::actors::discovery::Discovery::new(
+                    discovery.clone(),
+                    settings.sync_urls.clone(),
+                ))
+            }
+            _ => core,
+        };
         core.start()
     });
 
@@ -273,7 +282,6 @@ pub async fn serve(
         )
         .with_secure_cookie(settings.secure_cookie),
         retention: settings.retention,
-        lease_ttl: settings.lease_ttl,
         guard: http::guard::Guard::new(
             mode == Mode::Dev,
             &settings.host,
@@ -281,6 +289,7 @@ pub async fn serve(
             settings.trusted_proxies.clone(),
             settings.body_timeout,
         ),
+        lease_ttl: settings.lease_ttl,
     });
     let max_connections = connection_limit(settings.max_connections, settings.workers);
     let server = HttpServer::new(move || {

@@ -26,6 +26,51 @@ pub struct RawSettings {
     pub backends: RawBackends,
     pub dashboard: RawDashboard,
     pub retention: RawRetention,
+    pub discovery: RawDiscovery,
+}
+
+/// App discovery under `baton dev` (new in 0.1): loopback ports and paths
+/// polled for Inngest apps, as Inngest's dev server does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawDiscovery {
+    /// Off in production whatever this says.
+    pub enabled: bool,
+    /// Time between scans (each scan also re-syncs the apps found).
+    pub interval: String,
+    /// Loopback ports scanned.
+    pub ports: Vec<u16>,
+    /// Paths tried on each open port.
+    pub paths: Vec<String>,
+}
+
+impl Default for RawDiscovery {
+    fn default() -> Self {
+        let mut ports: Vec<u16> = (3000..=3010).collect();
+        ports.extend([3030, 4000, 5000, 5173, 8000, 8080, 8081, 8888]);
+        ports.extend(8910..=8915);
+        RawDiscovery {
+            enabled: true,
+            interval: "5s".into(),
+            ports,
+            paths: [
+                "/api/inngest",
+                "/x/inngest",
+                "/.netlify/functions/inngest",
+                "/.redwood/functions/inngest",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+/// Validated discovery settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoverySettings {
+    pub interval: Duration,
+    pub ports: Vec<u16>,
+    pub paths: Vec<String>,
 }
 
 /// The web dashboard's login in production (new in 0.1).
@@ -248,6 +293,8 @@ pub struct Settings {
     pub retention: Option<Duration>,
     pub retention_interval: Duration,
     pub retention_batch: usize,
+    /// `None`: discovery is off (it never runs in production).
+    pub discovery: Option<DiscoverySettings>,
 }
 
 /// When the dashboard's session cookie is marked `Secure`.
@@ -401,6 +448,19 @@ impl RawSettings {
             retention_interval: duration("retention.interval", &self.retention.interval)?
                 .max(Duration::from_millis(100)),
             retention_batch: self.retention.batch.max(1),
+            discovery: if self.discovery.enabled {
+                if self.discovery.paths.iter().any(|p| !p.starts_with('/')) {
+                    bail!("discovery.paths must start with /");
+                }
+                Some(DiscoverySettings {
+                    interval: duration("discovery.interval", &self.discovery.interval)?
+                        .max(Duration::from_millis(200)),
+                    ports: self.discovery.ports,
+                    paths: self.discovery.paths,
+                })
+            } else {
+                None
+            },
         })
     }
 }

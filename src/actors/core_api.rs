@@ -117,8 +117,12 @@ async fn record_sync_error(backends: &Backends, url: &str, error: &str) {
 }
 
 pub struct CoreApi {
-    backends: Backends,
-    clock: SharedClock,
+    pub(crate) backends: Backends,
+    pub(crate) clock: SharedClock,
+    /// Bulk actions started here, with their progress (`actors/bulk.rs`).
+    pub(crate) bulk: crate::actors::bulk::BulkJobs,
+    /// App discovery (`baton dev` only).
+    discovery: Option<crate::actors::discovery::Discovery>,
     client: SdkClient,
     /// `dev` or `cloud`: what sync pings say and what registers must expect.
     server_kind: &'static str,
@@ -146,8 +150,16 @@ impl CoreApi {
             server_kind,
             initial_urls,
             retention: None,
+            bulk: Default::default(),
+            discovery: None,
             last_refusal: Arc::default(),
         }
+    }
+
+    /// Looks for apps on loopback and syncs them (`baton dev`).
+    pub fn with_discovery(mut self, discovery: crate::actors::discovery::Discovery) -> CoreApi {
+        self.discovery = Some(discovery);
+        self
     }
 
     /// Deletes finished runs and events older than `max_age`, `batch` of
@@ -185,6 +197,15 @@ impl Actor for CoreApi {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Self::Context) {
+        if let Some(discovery) = self.discovery.clone() {
+            actix_rt::spawn(crate::actors::discovery::discovery_loop(
+                discovery,
+                self.backends.clone(),
+                self.clock.clone(),
+                self.client.clone(),
+                self.server_kind,
+            ));
+        }
         if let Some(retention) = self.retention {
             actix_rt::spawn(retention_loop(
                 self.backends.clone(),
@@ -216,6 +237,19 @@ impl Actor for CoreApi {
                 }
             });
         }
+    }
+}
+
+/// What discovery found (`GET /v1/discovery`); `None` when it is off.
+#[derive(Message)]
+#[rtype(result = "Option<crate::actors::discovery::Discovery>")]
+pub struct GetDiscovery;
+
+impl Handler<GetDiscovery> for CoreApi {
+    type Result = Option<crate::actors::discovery::Discovery>;
+
+    fn handle(&mut self, _: GetDiscovery, _: &mut Self::Context) -> Self::Result {
+        self.discovery.clone()
     }
 }
 
@@ -262,7 +296,12 @@ impl Handler<RegisterApp> for CoreApi {
             let (app, functions) = parsed.map_err(refuse)?;
             let (app_id, count) = (app.id.clone(), functions.len());
             let outcome = backends.data.sync_app(app, functions).await?;
-            info!(app = %app_id, functions = count, modified = outcome.modified, "app registered");
+            if outcome.modified {
+                info!(app = %app_id, functions = count, "app registered");
+            } else {
+                // Discovery asks found apps again every few seconds.
+                tracing::debug!(app = %app_id, functions = count, "app registered, unchanged");
+            }
             Ok(json!({
                 "ok": true,
                 "modified": outcome.modified,
@@ -332,46 +371,50 @@ impl Handler<ReplayRun> for CoreApi {
     fn handle(&mut self, ReplayRun(run_id): ReplayRun, _: &mut Self::Context) -> Self::Result {
         let backends = self.backends.clone();
         let now = self.clock.now();
-        Box::pin(async move {
-            let run = backends
-                .state
-                .load_run(&run_id)
-                .await?
-                .ok_or_else(|| SyncError::Invalid(format!("run {run_id} not found")))?;
-            let record = backends
-                .data
-                .get_function(&run.fn_id)
-                .await?
-                .filter(|f| !f.archived)
-                .ok_or_else(|| {
-                    SyncError::Invalid(format!("function {} no longer exists", run.fn_id))
-                })?;
-            let function =
-                crate::model::FunctionDef::from_record(&record).map_err(SyncError::Invalid)?;
-            let events: Vec<crate::model::EventRecord> = run
-                .event_ids
-                .iter()
-                .zip(&run.events)
-                .map(|(internal_id, payload)| {
-                    let value: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
-                    crate::model::EventRecord {
-                        internal_id: internal_id.clone(),
-                        name: value["name"].as_str().unwrap_or_default().to_string(),
-                        id: value["id"].as_str().unwrap_or_default().to_string(),
-                        received_at: now.millis(),
-                        payload: payload.clone(),
-                        target_fn: None,
-                    }
-                })
-                .collect();
-            let key = format!("replay-{}", ulid::Ulid::new());
-            let new_run = crate::actors::flow::start_run(&backends, &function, events, &key, now)
-                .await?
-                .ok_or_else(|| SyncError::Invalid(format!("run {run_id} has no events")))?;
-            info!(run_id = %new_run, replay_of = %run_id, "run replayed");
-            Ok(new_run)
-        })
+        Box::pin(async move { replay_run(&backends, &run_id, now).await })
     }
+}
+
+/// A new run of the run's function with the same events; answers its id.
+pub async fn replay_run(
+    backends: &Backends,
+    run_id: &str,
+    now: crate::clock::Timestamp,
+) -> Result<String, SyncError> {
+    let run = backends
+        .state
+        .load_run(run_id)
+        .await?
+        .ok_or_else(|| SyncError::Invalid(format!("run {run_id} not found")))?;
+    let record = backends
+        .data
+        .get_function(&run.fn_id)
+        .await?
+        .filter(|f| !f.archived)
+        .ok_or_else(|| SyncError::Invalid(format!("function {} no longer exists", run.fn_id)))?;
+    let function = crate::model::FunctionDef::from_record(&record).map_err(SyncError::Invalid)?;
+    let events: Vec<crate::model::EventRecord> = run
+        .event_ids
+        .iter()
+        .zip(&run.events)
+        .map(|(internal_id, payload)| {
+            let value: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
+            crate::model::EventRecord {
+                internal_id: internal_id.clone(),
+                name: value["name"].as_str().unwrap_or_default().to_string(),
+                id: value["id"].as_str().unwrap_or_default().to_string(),
+                received_at: now.millis(),
+                payload: payload.clone(),
+                target_fn: None,
+            }
+        })
+        .collect();
+    let key = format!("replay-{}", ulid::Ulid::new());
+    let new_run = crate::actors::flow::start_run(backends, &function, events, &key, now)
+        .await?
+        .ok_or_else(|| SyncError::Invalid(format!("run {run_id} has no events")))?;
+    info!(run_id = %new_run, replay_of = %run_id, "run replayed");
+    Ok(new_run)
 }
 
 #[cfg(test)]

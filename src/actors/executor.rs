@@ -882,6 +882,7 @@ impl Worker {
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
         let call_started = std::time::Instant::now();
+        let call_started_at = self.clock.now();
         let sent = self.client.call(&call, self.clock.now()).await;
         METRICS
             .sdk_call_seconds
@@ -940,6 +941,22 @@ impl Worker {
             self.status.borrow_mut().call_errors += 1;
             debug!(run_id = %run.id, status, error = %error, "call failed");
         }
+        // The run's trace (observability only: a failure to note it is logged).
+        let item_step = match &item.kind {
+            ItemKind::Planned { step_id, .. } => step_id.as_str(),
+            _ => "",
+        };
+        let attempt = crate::model::trace::AttemptRecord::from_reply(
+            &run.id,
+            item_step,
+            lease.attempt,
+            call_started_at.millis(),
+            self.clock.now().millis(),
+            &reply,
+        );
+        if let Err(err) = self.backends.state.record_attempt(attempt).await {
+            warn!(run_id = %run.id, error = %err, "cannot note the call in the run's trace");
+        }
         let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..30_000));
         let delay = backoff(self.config.retry_interval, lease.attempt, jitter);
         let mut decision = decide(&run, lease, &reply, self.clock.now(), delay);
@@ -950,6 +967,34 @@ impl Worker {
             decision.discover = Discover::Always;
         }
         self.perform(lease, &run, decision).await
+    }
+
+    /// A reply that made no progress: call again with backoff, and fail the
+    /// run after [`MAX_NO_PROGRESS`] in a row. The count travels in the
+    /// discovery item's id (`<run>/d/<seq>~<count>`), so it survives restarts.
+    async fn no_progress(&self, lease: &Lease, run: &RunRecord) -> StoreResult<()> {
+        let now = self.clock.now();
+        let count = no_progress_count(&lease.item.id) + 1;
+        if count > MAX_NO_PROGRESS {
+            warn!(run_id = %run.id, count, "the app made no progress; failing the run");
+            let error = json!({"error": "no progress", "name": "NoProgressError",
+                "message": format!("the app answered {count} calls in a row without running, \
+                    planning or reporting any step (an empty 206 or only DiscoveryRequest)")});
+            if lifecycle::finish_run(&self.backends, run, RunStatus::Failed, error, now).await? {
+                self.status.borrow_mut().runs_failed += 1;
+            }
+            return self.ack(lease, Vec::new()).await;
+        }
+        let delay = match (count, self.config.retry_interval) {
+            (1, _) => Duration::ZERO,
+            (_, Some(fixed)) => fixed,
+            (_, None) => (Duration::from_millis(250) * 2u32.pow(count.min(12) - 2))
+                .min(Duration::from_secs(60)),
+        };
+        let mut next =
+            QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
+        next.id = format!("{}~{count}", next.id);
+        self.ack(lease, vec![(next, now.plus(delay))]).await
     }
 
     /// After a call that was offered checkpointing: the run as it is now
@@ -982,34 +1027,6 @@ impl Worker {
             }
         }
         Ok(Some(run))
-    }
-
-    /// A reply that made no progress: call again with backoff, and fail the
-    /// run after [`MAX_NO_PROGRESS`] in a row. The count travels in the
-    /// discovery item's id (`<run>/d/<seq>~<count>`), so it survives restarts.
-    async fn no_progress(&self, lease: &Lease, run: &RunRecord) -> StoreResult<()> {
-        let now = self.clock.now();
-        let count = no_progress_count(&lease.item.id) + 1;
-        if count > MAX_NO_PROGRESS {
-            warn!(run_id = %run.id, count, "the app made no progress; failing the run");
-            let error = json!({"error": "no progress", "name": "NoProgressError",
-                "message": format!("the app answered {count} calls in a row without running, \
-                    planning or reporting any step (an empty 206 or only DiscoveryRequest)")});
-            if lifecycle::finish_run(&self.backends, run, RunStatus::Failed, error, now).await? {
-                self.status.borrow_mut().runs_failed += 1;
-            }
-            return self.ack(lease, Vec::new()).await;
-        }
-        let delay = match (count, self.config.retry_interval) {
-            (1, _) => Duration::ZERO,
-            (_, Some(fixed)) => fixed,
-            (_, None) => (Duration::from_millis(250) * 2u32.pow(count.min(12) - 2))
-                .min(Duration::from_secs(60)),
-        };
-        let mut next =
-            QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
-        next.id = format!("{}~{count}", next.id);
-        self.ack(lease, vec![(next, now.plus(delay))]).await
     }
 
     async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {

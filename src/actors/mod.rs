@@ -1,8 +1,10 @@
 //! One actor per service. Each file holds the actor, its messages and its
 //! handlers. Durable state lives in the stores; actor fields are caches.
 
+pub mod bulk;
 pub mod checkpoint;
 pub mod core_api;
+pub mod discovery;
 pub mod event_api;
 pub mod executor;
 pub mod flow;

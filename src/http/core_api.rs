@@ -232,7 +232,7 @@ pub struct ListRuns {
     pub until: Option<String>,
 }
 
-fn parse_time(name: &str, text: &str) -> Result<i64, ApiError> {
+pub fn parse_time(name: &str, text: &str) -> Result<i64, ApiError> {
     crate::duration::parse_iso_date(text)
         .map(|t| t.millis())
         .ok_or_else(|| {
@@ -240,7 +240,7 @@ fn parse_time(name: &str, text: &str) -> Result<i64, ApiError> {
         })
 }
 
-fn parse_status(text: &str) -> Result<RunStatus, ApiError> {
+pub fn parse_status(text: &str) -> Result<RunStatus, ApiError> {
     [
         RunStatus::Queued,
         RunStatus::Running,
@@ -588,6 +588,7 @@ pub async fn status(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         &state,
         json!({
             "version": env!("CARGO_PKG_VERSION"),
+            "commit": env!("BATON_GIT_COMMIT"),
             "mode": if state.dev_mode { "dev" } else { "production" },
             "retention": state.retention.map(human_duration),
             "queue_depth": state.backends.queue.len().await?,

@@ -2,15 +2,18 @@
 //! one store read) and map the reply. Routes of services that do not run in
 //! this process are not mounted.
 
+pub mod bulk;
 pub mod checkpoint;
 pub mod core_api;
 pub mod dashboard;
+pub mod discovery;
 pub mod error;
 pub mod event_api;
 pub mod gql;
 pub mod guard;
 pub mod openapi;
 pub mod session;
+pub mod trace;
 
 use actix::Addr;
 use actix_web::web;
@@ -39,10 +42,10 @@ pub struct AppState {
     pub sessions: session::Sessions,
     /// Retention of finished runs and events, shown by `/v1/status`.
     pub retention: Option<std::time::Duration>,
-    /// The executor's queue lease; a valid checkpoint renews its call's.
-    pub lease_ttl: std::time::Duration,
     /// Host and origin checks, body deadline, trusted proxies.
     pub guard: guard::Guard,
+    /// The executor's queue lease; a valid checkpoint renews its call's.
+    pub lease_ttl: std::time::Duration,
 }
 
 /// Production-mode checks of SDK requests (PROTOCOL §1.4, §1.5).
@@ -205,10 +208,14 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/fn/register", web::post().to(core_api::register))
             .route("/v1/apps", web::get().to(core_api::list_apps))
             .route("/v1/apps/sync", web::post().to(core_api::sync_url))
+            .route("/v1/discovery", web::get().to(discovery::discovery))
             .route("/v1/runs", web::get().to(core_api::list_runs))
+            .route("/v1/runs/bulk", web::post().to(bulk::start))
+            .route("/v1/runs/bulk/{id}", web::get().to(bulk::progress))
             .route("/v1/runs/{id}", web::get().to(core_api::get_run))
             .route("/v1/runs/{id}", web::delete().to(core_api::cancel_run))
             .route("/v1/runs/{id}/replay", web::post().to(core_api::replay_run))
+            .route("/v1/runs/{id}/trace", web::get().to(trace::run_trace))
             .route("/v1/functions", web::get().to(core_api::list_functions))
             .route("/v1/openapi.json", web::get().to(openapi::document))
             .route("/v1/events", web::post().to(core_api::send_event))

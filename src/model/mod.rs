@@ -6,6 +6,7 @@
 pub mod flow;
 pub mod function;
 pub mod records;
+pub mod trace;
 
 use serde::{Deserialize, Serialize};
 

@@ -95,6 +95,12 @@ versioned_record!(StoredQueueItem, QueueEntry, v1::QueueEntry, "queue item");
 versioned_record!(StoredPause, PauseRecord, v1::Pause, "pause");
 versioned_record!(StoredDebounce, DebounceRecord, v1::Debounce, "debounce");
 versioned_record!(StoredBatch, BatchRecord, v1::Batch, "batch");
+versioned_record!(
+    StoredAttempt,
+    super::trace::AttemptRecord,
+    v1::Attempt,
+    "attempt"
+);
 
 /// A queue item with its scheduling state, as the queue stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -282,6 +282,25 @@ pub trait StateStore: Send + Sync + 'static {
         Ok(0)
     }
 
+    /// Notes one call to the app for the run's trace. Observability, not
+    /// state: need not be durable on return, and a store may keep none
+    /// (the trace then shows steps without their attempts). Deleted with
+    /// the run.
+    async fn record_attempt(
+        &self,
+        _attempt: crate::model::trace::AttemptRecord,
+    ) -> StoreResult<()> {
+        Ok(())
+    }
+
+    /// The run's recorded calls, oldest first.
+    async fn load_attempts(
+        &self,
+        _run_id: &str,
+    ) -> StoreResult<Vec<crate::model::trace::AttemptRecord>> {
+        Ok(Vec::new())
+    }
+
     /// Runs started by the event with this internal id, oldest first.
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>>;
 }

@@ -78,6 +78,68 @@ async function devScenario(page) {
   console.log(JSON.stringify({ ok: true, replayed }));
 }
 
+// SCENARIO=ux: APP_URL (found by discovery, never synced by hand),
+// FLAKY_RUN (retried twice), WAITING_RUN (waits for test/wait.reply),
+// KEEP_RUN and DOOMED_RUN (sleeping runs of baton-test-cancellable with
+// keys "keep" and "doomed").
+async function uxScenario(page) {
+  const appUrl = env("APP_URL");
+  const flaky = env("FLAKY_RUN");
+  const waiting = env("WAITING_RUN");
+  const keep = env("KEEP_RUN");
+  const doomed = env("DOOMED_RUN");
+
+  // Apps: discovery found and synced the app.
+  await page.goto(`${base}/#/apps`);
+  await page.locator(`[data-testid="discovered-app"][data-url="${appUrl}"][data-state="synced"]`).waitFor({ timeout: TIMEOUT });
+  await page.screenshot({ path: join(artifacts, "apps-discovery.png"), fullPage: true });
+
+  // The trace of a retried step: one segment per attempt, failed ones with their error.
+  await page.goto(`${base}/#/runs/${flaky}`);
+  await page.locator('[data-testid="trace-row"][data-span-name="flaky-step"]').waitFor({ timeout: TIMEOUT });
+  const attempts = await page
+    .locator('[data-testid="trace-row"][data-span-name="flaky-step"] [data-testid="trace-attempt"]')
+    .evaluateAll((els) => els.map((el) => el.getAttribute("data-error")));
+  check(attempts.length === 3, `three attempts expected: ${JSON.stringify(attempts)}`);
+  check(/flaky failure/.test(attempts[0]) && /flaky failure/.test(attempts[1]) && attempts[2] === "",
+    `attempt errors: ${JSON.stringify(attempts)}`);
+  // The attempts lie left to right on a real axis (positions are set
+  // through the CSSOM: the CSP refuses inline style attributes).
+  const boxes = await page
+    .locator('[data-testid="trace-row"][data-span-name="flaky-step"] [data-testid="trace-attempt"]')
+    .evaluateAll((els) => els.map((el) => el.getBoundingClientRect().x));
+  check(boxes[0] < boxes[1] && boxes[1] < boxes[2], `attempts are not laid out in time: ${JSON.stringify(boxes)}`);
+  check(boxes[2] - boxes[0] > 100, `the axis is squashed: ${JSON.stringify(boxes)}`);
+  const kinds = await page.locator('[data-testid="trace-row"]').evaluateAll((els) => els.map((el) => el.getAttribute("data-kind")));
+  check(kinds[0] === "queued", `the trace starts with the queue: ${JSON.stringify(kinds)}`);
+  await page.screenshot({ path: join(artifacts, "trace-retries.png"), fullPage: true });
+
+  // A wait shows what it waits for.
+  await page.goto(`${base}/#/runs/${waiting}`);
+  const wait = page.locator('[data-testid="trace-row"][data-kind="wait"][data-status="waiting"] [data-testid="trace-wait"]');
+  await wait.waitFor({ timeout: TIMEOUT });
+  const waitText = await wait.textContent();
+  check(/test\/wait\.reply/.test(waitText ?? ""), `the wait says ${waitText}`);
+  await page.screenshot({ path: join(artifacts, "trace-wait.png"), fullPage: true });
+
+  // Bulk cancel: filter the list, narrow with CEL, preview, confirm, follow.
+  page.on("dialog", (dialog) => dialog.accept());
+  await page.goto(`${base}/#/runs?function=baton-test-cancellable&status=Running`);
+  await page.locator('[data-testid="bulk-panel"] summary').click({ timeout: TIMEOUT });
+  await page.fill('[data-testid="bulk-expression"]', 'event.data.key == "doomed"');
+  await page.click('[data-testid="bulk-preview"]');
+  const count = page.locator('[data-testid="bulk-count"]');
+  await count.waitFor({ timeout: TIMEOUT });
+  check((await count.getAttribute("data-count")) === "1", `preview: ${await count.textContent()}`);
+  await page.click('[data-testid="bulk-cancel"]');
+  await page.locator('[data-testid="bulk-done"]').waitFor({ timeout: TIMEOUT });
+  await page.screenshot({ path: join(artifacts, "bulk-cancel.png"), fullPage: true });
+  const status = async (id) => (await (await fetch(`${base}/v1/runs/${id}`)).json()).data.status;
+  check((await status(doomed)) === "Cancelled", `the doomed run is ${await status(doomed)}`);
+  check((await status(keep)) === "Running", `the kept run is ${await status(keep)}`);
+  console.log(JSON.stringify({ ok: true }));
+}
+
 async function loginScenario(page) {
   const password = env("PASSWORD");
   await page.goto(`${base}/`);
@@ -120,6 +182,7 @@ try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   page.on("pageerror", (err) => console.error(`page error: ${err.message}`));
   if (env("SCENARIO") === "login") await loginScenario(page);
+  else if (env("SCENARIO") === "ux") await uxScenario(page);
   else await devScenario(page);
 } catch (err) {
   console.error(`dashboard test failed: ${err.stack ?? err}`);

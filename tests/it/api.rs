@@ -63,23 +63,30 @@ async fn metrics_move_and_replay_makes_a_new_run() {
     let (status, _) = post_events_raw(&baton, "not json").await;
     assert_eq!(status, 400);
 
-    let text = client()
-        .get(format!("{}/metrics", baton.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let after = parse_prometheus(&text);
+    // The counter moves just after the run's end is stored (and visible).
+    let (text, after) = eventually(TIMEOUT, "the finished counter", || async {
+        let text = client()
+            .get(format!("{}/metrics", baton.url))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let after = parse_prometheus(&text);
+        (sample(&after, finished) >= 1.0).then_some((text, after))
+    })
+    .await;
     assert_eq!(sample(&after, finished), 1.0, "{text}");
     assert!(sample(&after, "baton_events_received_total") >= 1.0);
     assert!(sample(&after, "baton_events_rejected_total") >= 1.0);
+    // One call at least: with checkpointing the SDK runs all three steps in
+    // one call (four calls without it).
     assert!(
         sample(
             &after,
             r#"baton_sdk_call_seconds_count{function="baton-test-three-steps"}"#
-        ) >= 4.0
+        ) >= 1.0
     );
     assert!(after
         .iter()

@@ -128,3 +128,60 @@ async fn dashboard_needs_a_login_in_production() {
         ("PASSWORD", "correct horse".into()),
     ]);
 }
+
+#[tokio::test]
+async fn dashboard_shows_discovered_apps_traces_and_bulk_actions() {
+    if browser_ready().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let baton = Baton::start_with(
+        &dir.path().join("data"),
+        BatonOptions {
+            discovery: true,
+            extra_args: vec![
+                "--discovery-ports".into(),
+                port.to_string(),
+                "--discovery-interval".into(),
+                "300ms".into(),
+            ],
+            ..BatonOptions::default()
+        },
+    );
+    // No sync step: discovery finds the app.
+    let app = NodeApp::start_on(&baton.url, port);
+    baton
+        .wait_for_log("app synced", TIMEOUT)
+        .expect("discovery synced the app");
+
+    let flaky = send_event(&baton, "test/flaky", json!({"key": "ui"})).await;
+    let flaky = finished_run(&baton, &flaky, TIMEOUT).await;
+    assert_eq!(flaky["status"], "Completed");
+    let waiting = send_event(&baton, "test/wait", json!({"key": "ui", "timeout": "1h"})).await;
+    let waiting = run_where(&baton, &waiting, "the run to wait", TIMEOUT, |run| {
+        !run["pauses"].as_array().unwrap().is_empty()
+    })
+    .await;
+    let mut sleeping = Vec::new();
+    for key in ["keep", "doomed"] {
+        let event = send_event(&baton, "test/cancellable", json!({"key": key})).await;
+        let run = run_where(&baton, &event, "the run to sleep", TIMEOUT, |run| {
+            !step_names(run).is_empty()
+        })
+        .await;
+        sleeping.push(run["run_id"].as_str().unwrap().to_string());
+    }
+    let id = |run: &serde_json::Value| run["run_id"].as_str().unwrap().to_string();
+    run_script(&[
+        ("SCENARIO", "ux".into()),
+        ("BATON_URL", baton.url.clone()),
+        ("APP_URL", app.url.clone()),
+        ("FLAKY_RUN", id(&flaky)),
+        ("WAITING_RUN", id(&waiting)),
+        ("KEEP_RUN", sleeping[0].clone()),
+        ("DOOMED_RUN", sleeping[1].clone()),
+    ]);
+    assert_eq!(get_run(&baton, &sleeping[1]).await["status"], "Cancelled");
+    assert_eq!(get_run(&baton, &sleeping[0]).await["status"], "Running");
+}

@@ -997,6 +997,63 @@ async fn every_documented_operation_answers_as_documented() {
         .clone();
     assert_eq!(function["recent_runs"]["counts"]["Completed"], 2);
 
+    // A run's trace.
+    let reply = api
+        .get("/v1/runs/{id}/trace", &[("id", &three_run)], &[])
+        .await;
+    assert!(reply.body["data"]["spans"].as_array().unwrap().len() >= 4);
+    let reply = api
+        .get("/v1/runs/{id}/trace", &[("id", "01NOSUCHRUN")], &[])
+        .await;
+    assert_eq!(reply.status, 404);
+
+    // Bulk actions: a preview, a start, its progress, a refusal.
+    let reply = api
+        .call(
+            "POST",
+            "/v1/runs/bulk",
+            &[],
+            &[],
+            Body::Json(json!({"action": "replay", "function_id": three_fn,
+                              "status": "Completed", "dry_run": true})),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body["data"]["matched"].as_u64().unwrap() >= 1);
+    let reply = api
+        .call(
+            "POST",
+            "/v1/runs/bulk",
+            &[],
+            &[],
+            Body::Json(
+                json!({"action": "cancel", "function_id": "no-such-function",
+                              "status": ["Queued", "Running"],
+                              "if": "event.data.key == \"oa\""}),
+            ),
+        )
+        .await;
+    assert_eq!(reply.status, 202);
+    let bulk = reply.body["data"]["id"].as_str().unwrap().to_string();
+    let reply = api.get("/v1/runs/bulk/{id}", &[("id", &bulk)], &[]).await;
+    assert_eq!(reply.body["data"]["matched"], 0);
+    let reply = api
+        .get("/v1/runs/bulk/{id}", &[("id", "01NOSUCHBULK")], &[])
+        .await;
+    assert_eq!(reply.status, 404);
+    let reply = api
+        .call(
+            "POST",
+            "/v1/runs/bulk",
+            &[],
+            &[],
+            Body::Raw(r#"{"action": "delete"}"#),
+        )
+        .await;
+    assert_eq!(reply.status, 400);
+    let reply = api.get("/v1/discovery", &[], &[]).await;
+    assert_eq!(reply.body["data"]["enabled"], false);
+
     // Metrics (text) and the status after all this.
     let reply = api.get("/metrics", &[], &[]).await;
     assert!(reply

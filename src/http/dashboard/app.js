@@ -29,6 +29,8 @@ function h(tag, props, ...children) {
   for (const [key, value] of Object.entries(props ?? {})) {
     if (value === undefined || value === null || value === false) continue;
     if (key === "class") el.className = value;
+    // Through the CSSOM: the CSP refuses inline style attributes.
+    else if (key === "style" && typeof value === "object") Object.assign(el.style, value);
     else if (key.startsWith("on") && typeof value === "function") {
       el.addEventListener(key.slice(2), value);
     } else if (key === "value" || key === "checked" || key === "selected") el[key] = value;
@@ -521,6 +523,7 @@ function runsView(ctx) {
 
   const searchResult = h("div", { class: "search-result" });
   const controls = runFilters(filters, () => {
+    bulk.resetPreview();
     state.runs = [];
     state.done = false;
     state.loaded = false;
@@ -537,9 +540,13 @@ function runsView(ctx) {
   const errorSlot = h("div");
   const more = h("button", { type: "button", class: "btn", hidden: true, onclick: () => loadMore() }, "Load more");
 
+  const bulk = bulkPanel(filters, () => {
+    state.generation += 1;
+    refresh();
+  });
   ctx.root.append(
     h("div", { class: "view-head" }, h("h1", null, "Runs"), searchForm(searchResult)),
-    searchResult, controls.element, errorSlot, table, empty, h("div", { class: "more" }, more),
+    searchResult, controls.element, bulk, errorSlot, table, empty, h("div", { class: "more" }, more),
   );
   render();
 
@@ -594,6 +601,83 @@ function runsView(ctx) {
   }
 
   return { title: "Runs", refresh };
+}
+
+/** Cancel or replay every run matching the list's filters and a CEL
+ *  expression over the triggering event: preview the count, confirm, then
+ *  follow the progress. */
+function bulkPanel(filters, onDone) {
+  const expression = h("input", {
+    type: "text", id: "bulk-expression", "data-testid": "bulk-expression", spellcheck: "false",
+    placeholder: "event.data.customer == \"acme\"", "aria-label": "CEL expression over the triggering event",
+  });
+  const result = h("div", { class: "bulk-result", "data-testid": "bulk-result", role: "status" });
+  const preview = h("button", { type: "button", class: "btn", "data-testid": "bulk-preview" }, "Preview");
+  const cancel = h("button", { type: "button", class: "btn danger", "data-testid": "bulk-cancel", disabled: true }, "Cancel matching runs");
+  const replay = h("button", { type: "button", class: "btn", "data-testid": "bulk-replay", disabled: true }, "Replay matching runs");
+  let previewed = null;
+
+  const request = (action, dryRun) => {
+    const span = timeWindow(filters);
+    const body = { action, dry_run: dryRun };
+    if (filters.function) body.function_id = filters.function;
+    if (filters.status) body.status = filters.status;
+    if (span.since !== null) body.since = new Date(span.since).toISOString();
+    if (span.until !== null) body.until = new Date(span.until).toISOString();
+    if (expression.value.trim()) body.if = expression.value.trim();
+    return body;
+  };
+  const reset = () => {
+    previewed = null;
+    cancel.disabled = replay.disabled = true;
+  };
+  expression.addEventListener("input", reset);
+
+  preview.addEventListener("click", () => act(preview, "Counting…", async () => {
+    const answer = (await api("/v1/runs/bulk", { method: "POST", body: request("cancel", true) }))?.data;
+    previewed = answer?.matched ?? 0;
+    const parts = Object.entries(answer?.by_status ?? {}).map(([status, n]) => `${n} ${status}`);
+    result.replaceChildren(h("p", { "data-testid": "bulk-count", "data-count": String(previewed) },
+      `${plural(previewed, "run")} match`, parts.length ? ` (${parts.join(", ")})` : "", "."));
+    cancel.disabled = replay.disabled = previewed === 0;
+    cancel.textContent = `Cancel ${plural(previewed, "run")}`;
+    replay.textContent = `Replay ${plural(previewed, "run")}`;
+  }));
+
+  const run = (button, action, verb) => act(button, `${verb}…`, async () => {
+    if (previewed === null) return;
+    if (!confirm(`${verb} ${plural(previewed, "run")}?`)) return;
+    let progress = (await api("/v1/runs/bulk", { method: "POST", body: request(action, false) }))?.data;
+    const bar = h("progress", { class: "bulk-progress", max: String(Math.max(progress?.matched ?? 0, 1)), value: "0", "data-testid": "bulk-progress" });
+    const text = h("span");
+    result.replaceChildren(h("p", null, bar, " ", text));
+    while (progress) {
+      bar.value = progress.done;
+      text.textContent = `${progress.done} of ${progress.matched} done, ${progress.changed} ${action === "cancel" ? "cancelled" : "replayed"}${progress.failed ? `, ${progress.failed} failed` : ""}`;
+      if (progress.state !== "running") break;
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      progress = await getData(`/v1/runs/bulk/${enc(progress.id)}`);
+    }
+    result.append(h("p", { "data-testid": "bulk-done", "data-changed": String(progress?.changed ?? 0) },
+      progress?.failed ? `Finished with failures: ${(progress.errors ?? [])[0] ?? ""}` : "Done."));
+    reset();
+    onDone();
+  });
+  cancel.addEventListener("click", () => run(cancel, "cancel", "Cancel"));
+  replay.addEventListener("click", () => run(replay, "replay", "Replay"));
+
+  const panel = collapsible("runs:bulk", "Bulk actions: cancel or replay every run matching these filters",
+    h("div", { class: "bulk", "data-testid": "bulk" },
+      h("form", { class: "bulk-form", onsubmit: (e) => e.preventDefault() },
+        field("And where (CEL over the triggering event)", expression), preview, cancel, replay),
+      result));
+  // The list's filters changed: the count no longer holds.
+  panel.resetPreview = () => {
+    reset();
+    result.replaceChildren();
+  };
+  panel.setAttribute("data-testid", "bulk-panel");
+  return panel;
 }
 
 function runsQuery(filters, cursor) {
@@ -785,6 +869,8 @@ function runView(ctx) {
   const alerts = h("div");
   const facts = h("dl", { class: "facts" });
   const timeline = h("ol", { class: "timeline", "data-testid": "timeline", "aria-label": "Timeline" });
+  const traceSlot = h("div", { class: "trace-slot" });
+  let traceSignature = null;
   const output = h("div", { class: "output" });
   const events = h("div", { class: "run-events" });
   const cancel = h("button", { type: "button", class: "btn danger", "data-testid": "cancel-run", hidden: true, onclick: () => cancelRun() }, "Cancel run");
@@ -795,7 +881,9 @@ function runView(ctx) {
       h("section", { class: "card", "aria-labelledby": "output-title" }, h("h2", { id: "output-title" }, "Output"), output),
       h("section", { class: "card", "aria-labelledby": "events-title" }, h("h2", { id: "events-title" }, "Triggering events"), events)));
 
-  ctx.root.append(h("a", { href: "#/runs", class: "back" }, "← Runs"), head, errorSlot, alerts, facts, body);
+  const traceCard = h("section", { class: "card trace-card", "aria-labelledby": "trace-title", hidden: true },
+    h("h2", { id: "trace-title" }, "Trace"), traceSlot);
+  ctx.root.append(h("a", { href: "#/runs", class: "back" }, "← Runs"), head, errorSlot, alerts, facts, traceCard, body);
 
   const refresh = serial(async () => {
     let run;
@@ -811,6 +899,7 @@ function runView(ctx) {
     }
     if (!ctx.alive()) return;
     errorSlot.replaceChildren();
+    refreshTrace();
     const next = JSON.stringify(run) + functionName(run.function_id);
     if (next === signature) return;
     render(run);
@@ -836,6 +925,21 @@ function runView(ctx) {
       renderEvents(run.event_ids ?? []);
     }
     body.hidden = false;
+  }
+
+  async function refreshTrace() {
+    try {
+      const trace = await getData(`/v1/runs/${enc(id)}/trace`);
+      if (!ctx.alive() || !trace) return;
+      // Open spans grow with the clock: re-render while something goes on.
+      const next = JSON.stringify(trace.spans) + (trace.spans.some((s) => !s.end) ? trace.now : "");
+      if (next === traceSignature) return;
+      traceSignature = next;
+      traceSlot.replaceChildren(traceView(trace));
+      traceCard.hidden = false;
+    } catch (err) {
+      if (err.status !== 404 && ctx.alive()) traceSlot.replaceChildren(alertBox(errorMessage(err)));
+    }
   }
 
   async function renderEvents(ids) {
@@ -940,6 +1044,102 @@ function eventPayload(event) {
   if (!isObject(event)) return event;
   const { internal_id: _internal, received_at: _received, ...payload } = event;
   return payload;
+}
+
+// ---------------------------------------------------------------- trace
+
+const TRACE_KIND_LABEL = { queued: "queued", run: "step", sleep: "sleep", wait: "wait", invoke: "invoke", fetch: "fetch", function: "code" };
+
+/** A run's spans on one time axis: one row per step, one segment per
+ *  attempt (failed ones red, with their error), sleeps and waits hatched,
+ *  what goes on striped up to now. Bars keep a minimum width, and every
+ *  row also says its duration, so a 30 ms step stays visible in a run that
+ *  slept for days. */
+function traceView(trace) {
+  const spans = trace.spans ?? [];
+  const now = parseTime(trace.now) ?? Date.now();
+  const t0 = Math.min(parseTime(trace.start) ?? now, ...spans.map((s) => parseTime(s.start) ?? now));
+  const ends = spans.map((s) => parseTime(s.end) ?? now);
+  const t1 = Math.max(parseTime(trace.end) ?? 0, ...ends, t0 + 1);
+  const total = t1 - t0;
+  const pct = (t) => `${(((t - t0) / total) * 100).toFixed(3)}%`;
+  const widthPct = (a, b) => `max(3px, ${(((b - a) / total) * 100).toFixed(3)}%)`;
+
+  const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) =>
+    h("span", { class: "trace-tick", style: { left: `${f * 100}%` } }, f === 0 ? "0" : `+${fmtDuration(total * f)}`));
+  const axis = h("div", { class: "trace-row trace-axis", "aria-hidden": "true" },
+    h("div", { class: "trace-label" }, `${plural(spans.length, "span")} · ${fmtDuration(total)}`),
+    h("div", { class: "trace-track" }, ticks),
+    h("div", { class: "trace-dur" }, ""));
+
+  const rows = spans.map((span) => {
+    const start = parseTime(span.start) ?? t0;
+    const end = parseTime(span.end) ?? now;
+    const open = !span.end;
+    const bars = [];
+    const attempts = span.attempts ?? [];
+    if (attempts.length > 0) {
+      // The span's extent as a thin line, each attempt a block on it.
+      bars.push(h("span", { class: "trace-extent", style: { left: pct(start), width: widthPct(start, end) } }));
+      attempts.forEach((attempt, i) => {
+        const a = parseTime(attempt.start) ?? start;
+        const b = parseTime(attempt.end) ?? a;
+        const title = `attempt ${i + 1}: ${fmtDuration(b - a)}${attempt.error ? ` · ${attempt.error}` : ""}`;
+        bars.push(h("span", {
+          class: `trace-bar trace-attempt ${attempt.error ? "trace-error" : "trace-ok"}`,
+          style: { left: pct(a), width: widthPct(a, b) }, title,
+          "data-testid": "trace-attempt", "data-error": attempt.error ?? "",
+        }));
+      });
+      if (open) {
+        const since = parseTime(attempts[attempts.length - 1].end) ?? start;
+        bars.push(h("span", { class: "trace-bar trace-open", style: { left: pct(since), width: widthPct(since, end) } }));
+      }
+    } else {
+      bars.push(h("span", {
+        class: `trace-bar trace-${span.kind} trace-status-${span.status}${open ? " trace-open" : ""}`,
+        style: { left: pct(start), width: widthPct(start, end) },
+        title: `${span.name}: ${fmtDuration(end - start)}${open ? " so far" : ""}`,
+      }));
+    }
+    const note = traceNote(span);
+    return h("div", {
+      class: `trace-row trace-row-${span.kind}`, role: "listitem", "data-testid": "trace-row",
+      "data-span-name": span.name, "data-kind": span.kind, "data-status": span.status,
+    },
+    h("div", { class: "trace-label" },
+      h("span", { class: `kind kind-${span.kind === "run" ? "run" : span.kind}` }, TRACE_KIND_LABEL[span.kind] ?? span.kind),
+      h("span", { class: "trace-name", title: span.name }, span.name),
+      note),
+    h("div", { class: "trace-track" }, bars),
+    h("div", { class: `trace-dur trace-status-text-${span.status}` },
+      open ? h("span", null, span.status, " ", elapsedEl(start)) : fmtDuration(end - start),
+      attempts.length > 1 ? h("span", { class: "warn" }, ` · ${plural(attempts.length, "attempt")}`) : null));
+  });
+  return h("div", { class: "trace", "data-testid": "trace", role: "list", "aria-label": "Trace" }, axis, rows);
+}
+
+/** What a wait waits for, the child run of an invoke, why a step failed. */
+function traceNote(span) {
+  const detail = span.detail ?? {};
+  if (span.kind === "wait") {
+    const parts = [" for ", h("code", null, detail.event ?? "?")];
+    if (detail.if) parts.push(" if ", h("code", null, detail.if));
+    if (detail.expires_at) parts.push(" until ", timeEl(detail.expires_at, false));
+    else if (detail.timeout) parts.push(` (timeout ${detail.timeout})`);
+    if (span.status === "timed_out") parts.push(" — timed out");
+    return h("span", { class: "trace-note", "data-testid": "trace-wait" }, parts);
+  }
+  if (span.kind === "invoke") {
+    const child = detail.child_run_id;
+    return h("span", { class: "trace-note" },
+      detail.function_id ? [" ", h("code", null, detail.function_id)] : null,
+      child ? [" → ", h("a", { href: runHref(child), class: "mono", "data-testid": "trace-child-run" }, "child run")] : null);
+  }
+  if (span.kind === "sleep" && detail.duration) return h("span", { class: "trace-note" }, ` ${detail.duration}`);
+  const failed = (span.attempts ?? []).filter((a) => a.error);
+  if (failed.length) return h("span", { class: "trace-note trace-note-error", title: failed[failed.length - 1].error }, ` ${failed[failed.length - 1].error}`);
+  return null;
 }
 
 // ---------------------------------------------------------------- timeline
@@ -1406,9 +1606,26 @@ function statsView(stats) {
 function appsView(ctx) {
   const state = { cache: new Map(), messages: new Map(), busy: new Set(), loaded: false, apps: [] };
   const list = h("div", { class: "app-list" });
-  const empty = h("p", { class: "empty", hidden: true }, "No apps yet. Start Baton with -u <app URL>, or PUT the app's serve URL.");
+  const empty = h("p", { class: "empty", hidden: true }, "No apps yet. Start your app: under baton dev it is found on the usual ports and paths. Or start Baton with -u <app URL>, or PUT the app's serve URL.");
   const errorSlot = h("div");
-  ctx.root.append(h("div", { class: "view-head" }, h("h1", null, "Apps")), errorSlot, list, empty);
+  const discoverySlot = h("section", { class: "card discovery", "data-testid": "discovery", hidden: true, "aria-label": "App discovery" });
+  let discoverySignature = null;
+  ctx.root.append(h("div", { class: "view-head" }, h("h1", null, "Apps")), errorSlot, discoverySlot, list, empty);
+
+  async function refreshDiscovery() {
+    let discovery;
+    try {
+      discovery = await getData("/v1/discovery");
+    } catch {
+      return; // older servers: no panel
+    }
+    if (!ctx.alive() || !discovery) return;
+    const signature = JSON.stringify(discovery);
+    if (signature === discoverySignature) return;
+    discoverySignature = signature;
+    discoverySlot.replaceChildren(discoveryPanel(discovery));
+    discoverySlot.hidden = false;
+  }
 
   function render() {
     reconcile(list, state.apps.map((app) => {
@@ -1440,6 +1657,7 @@ function appsView(ctx) {
 
   const refresh = serial(async () => {
     loadFunctions().then(() => ctx.alive() && render()).catch(() => {});
+    refreshDiscovery();
     try {
       const apps = (await getData("/v1/apps")) ?? [];
       if (!ctx.alive()) return;
@@ -1453,6 +1671,31 @@ function appsView(ctx) {
   });
 
   return { title: "Apps", refresh };
+}
+
+/** What `baton dev` looks at and what it found: found, synced, failed
+ *  (with the reason) or gone. */
+function discoveryPanel(discovery) {
+  if (!discovery.enabled) {
+    return h("p", { class: "muted", "data-testid": "discovery-off" }, h("strong", null, "Discovery "),
+      "App discovery is off (production, or --no-discovery). Sync apps with -u <app URL> or Resync.");
+  }
+  const ports = discovery.ports ?? [];
+  const shown = ports.length > 8 ? `${ports.slice(0, 8).join(", ")}, … (${ports.length} ports)` : ports.join(", ");
+  const every = discovery.interval_ms ? ` every ${fmtDuration(discovery.interval_ms)}` : "";
+  const apps = discovery.apps ?? [];
+  return h("div", null,
+    h("h2", null, "Discovery"),
+    h("p", { class: "muted" }, `Looking for apps on 127.0.0.1 ports ${shown}${every} (paths ${(discovery.paths ?? []).join(", ")}).`),
+    apps.length === 0
+      ? h("p", { class: "muted", "data-testid": "discovery-none" }, "Nothing found yet: start your app on one of these ports.")
+      : h("ul", { class: "discovery-list" }, apps.map((app) =>
+        h("li", { class: "discovery-item", "data-testid": "discovered-app", "data-url": app.url, "data-state": app.state },
+          h("span", { class: `discovery-state discovery-state-${app.state}` }, app.state),
+          h("span", { class: "mono" }, app.url),
+          app.app_id ? h("span", null, "app ", h("strong", null, app.app_id), ` · ${plural(app.functions ?? 0, "function")}`) : null,
+          app.synced_at ? h("span", { class: "muted" }, "synced ", timeEl(app.synced_at)) : null,
+          app.error ? h("span", { class: "form-message error", role: "alert" }, app.error) : null))));
 }
 
 function appCard(app, message, busy, resync) {

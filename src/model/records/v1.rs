@@ -196,6 +196,28 @@ pub struct Batch {
     pub events: Vec<Event>,
 }
 
+/// One call to the app, for a run's trace (added in format 1 as a new
+/// record kind; no older store holds any).
+#[derive(Serialize, Deserialize)]
+pub struct Attempt {
+    pub run_id: String,
+    pub item_step: String,
+    pub attempt: u32,
+    pub started_at: i64,
+    pub ended_at: i64,
+    pub error: Option<String>,
+    pub ops: Vec<OpTrace>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct OpTrace {
+    pub op: String,
+    pub id: String,
+    pub name: String,
+    pub opts: String,
+    pub error: Option<String>,
+}
+
 // Conversions to and from the live types. Fields map one to one in format 1.
 
 /// Both directions between a frozen struct and its live twin, field by field.
@@ -290,6 +312,24 @@ impl Convert<Vec<Event>> for Vec<live::EventRecord> {
     }
 }
 
+impl Convert<Vec<live::trace::OpTrace>> for Vec<OpTrace> {
+    fn convert(self) -> Vec<live::trace::OpTrace> {
+        self.into_iter().map(Into::into).collect()
+    }
+}
+
+impl Convert<Vec<OpTrace>> for Vec<live::trace::OpTrace> {
+    fn convert(self) -> Vec<OpTrace> {
+        self.iter().map(Into::into).collect()
+    }
+}
+
+same_fields!(OpTrace <=> live::trace::OpTrace {
+    op, id, name, opts, error,
+});
+same_fields!(Attempt <=> live::trace::AttemptRecord {
+    run_id, item_step, attempt, started_at, ended_at, error, ops,
+});
 same_fields!(Event <=> live::EventRecord {
     internal_id, name, id, received_at, payload, target_fn,
 });

@@ -26,6 +26,7 @@ use ::redis::Script;
 use super::{Attempts, Change, RedisConnection};
 use crate::clock::Timestamp;
 use crate::model::records::Record;
+use crate::model::trace::AttemptRecord;
 use crate::model::{
     BatchRecord, DebounceRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord,
 };
@@ -774,9 +775,38 @@ impl StateStore for RedisStateStore {
                 invocation.arg(self.conn.key("evruns:", event_id));
             }
             let gone: i64 = self.conn.invoke(&invocation).await?;
+            let _: i64 = self
+                .conn
+                .query(::redis::cmd("DEL").arg(self.conn.key("attempts:", &run.id)))
+                .await?;
             deleted += gone as u64;
         }
         Ok(deleted)
+    }
+
+    async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
+        let key = self.conn.key("attempts:", &attempt.run_id);
+        let _: i64 = self
+            .conn
+            .query(::redis::cmd("RPUSH").arg(&key).arg(attempt.to_bytes()))
+            .await?;
+        Ok(())
+    }
+
+    async fn load_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>> {
+        let values: Vec<Vec<u8>> = self
+            .conn
+            .query(
+                ::redis::cmd("LRANGE")
+                    .arg(self.conn.key("attempts:", run_id))
+                    .arg(0)
+                    .arg(-1),
+            )
+            .await?;
+        values
+            .iter()
+            .map(|bytes| AttemptRecord::from_bytes(bytes).map_err(Into::into))
+            .collect()
     }
 
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>> {

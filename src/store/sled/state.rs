@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use super::{key, sled_error, GroupCommit, SledDb};
 use crate::clock::Timestamp;
 use crate::model::records::Record;
+use crate::model::trace::AttemptRecord;
 use crate::model::{
     BatchRecord, DebounceRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord,
 };
@@ -611,10 +612,35 @@ impl StateStore for SledStateStore {
                 let (step_key, _) = entry.map_err(sled_error)?;
                 batch.remove(step_key);
             }
+            for entry in self.tree.scan_prefix(key(&[b"at", run.id.as_bytes(), b""])) {
+                let (attempt_key, _) = entry.map_err(sled_error)?;
+                batch.remove(attempt_key);
+            }
             self.tree.apply_batch(batch).map_err(sled_error)?;
             deleted += 1;
         }
         Ok(deleted)
+    }
+
+    async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
+        // A ULID per record: ordered by time, unique across executors.
+        let id = ulid::Ulid::new().to_string();
+        self.tree
+            .insert(
+                key(&[b"at", attempt.run_id.as_bytes(), id.as_bytes()]),
+                attempt.to_bytes(),
+            )
+            .map_err(sled_error)?;
+        Ok(())
+    }
+
+    async fn load_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>> {
+        let mut attempts = Vec::new();
+        for entry in self.tree.scan_prefix(key(&[b"at", run_id.as_bytes(), b""])) {
+            let (_, bytes) = entry.map_err(sled_error)?;
+            attempts.push(AttemptRecord::from_bytes(&bytes)?);
+        }
+        Ok(attempts)
     }
 
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>> {

@@ -110,6 +110,9 @@ pub struct BatonOptions {
     pub command: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// App discovery on loopback (`baton dev`); off by default so tests do
+    /// not sync apps of other tests running on this machine.
+    pub discovery: bool,
 }
 
 impl Default for BatonOptions {
@@ -122,6 +125,7 @@ impl Default for BatonOptions {
             config: None,
             command: vec!["dev".into()],
             env: Vec::new(),
+            discovery: false,
         }
     }
 }
@@ -151,6 +155,9 @@ impl Baton {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if !options.discovery {
+            command.arg("--no-discovery");
+        }
         if let Some(config) = &options.config {
             let path = data_dir.with_extension("toml");
             std::fs::write(&path, config).unwrap();

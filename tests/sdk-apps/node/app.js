@@ -707,6 +707,16 @@ const functions = [
   benchKeyed,
 ];
 
+// EXTRA_FUNCTION=<id>: one more function (discovery tests change an app's functions).
+if (process.env.EXTRA_FUNCTION) {
+  functions.push(
+    inngest.createFunction(
+      { id: process.env.EXTRA_FUNCTION, triggers: [{ event: "test/extra" }] },
+      async () => "extra",
+    ),
+  );
+}
+
 // ---- HTTP server ----------------------------------------------------------------------
 
 const inngestHandler = serve({ client: inngest, functions });
