@@ -1064,6 +1064,25 @@ async fn every_documented_operation_answers_as_documented() {
     let reply = api.get("/v1/status", &[], &[]).await;
     assert!(reply.body["data"]["executor"]["calls"].as_u64().unwrap() > 0);
 
+    // The GraphQL API answers a run's status.
+    let reply = api
+        .call(
+            "POST",
+            "/v0/gql",
+            &[],
+            &[],
+            Body::Json(json!({
+                "query": "query ($id: String!) { run(runID: $id) { status } }",
+                "variables": {"id": three_run},
+            })),
+        )
+        .await;
+    assert_eq!(
+        reply.body["data"]["run"]["status"], "COMPLETED",
+        "{}",
+        reply.body
+    );
+
     // Every documented operation was called, and answered with a success.
     let documented = operations(&doc);
     let missing: Vec<_> = documented
