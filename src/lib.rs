@@ -8,6 +8,8 @@ pub mod clock;
 pub mod cron;
 pub mod duration;
 pub mod expr;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod metrics;
 pub mod model;

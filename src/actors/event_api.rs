@@ -18,10 +18,6 @@ pub const MAX_EVENT_BYTES: usize = 3 << 20;
 
 /// Longest event name, bytes.
 pub const MAX_EVENT_NAME_BYTES: usize = 256;
-/// A seed whose time is further than this from now is ignored (the event
-/// gets a fresh id): ids then stay close to arrival order, which keeps
-/// retention, which deletes oldest ids first, moving.
-pub const MAX_SEED_SKEW_MS: i64 = 3_600_000;
 
 /// Earliest and latest accepted `ts` (1980-01-01, 2100-01-01), ms.
 const MIN_TS: i64 = 315_532_800_000;
@@ -81,9 +77,7 @@ pub fn normalize_events(
             raw_events.len()
         )));
     }
-    let seed = seed_header
-        .and_then(parse_seed)
-        .filter(|(millis, _)| (*millis as i64).abs_diff(now.millis()) <= MAX_SEED_SKEW_MS as u64);
+    let seed = seed_header.and_then(parse_seed);
     raw_events
         .into_iter()
         .enumerate()
@@ -358,16 +352,6 @@ mod tests {
         let b = normalize_events(br#"[{"name":"a"},{"name":"b"}]"#, Some(&header), NOW).unwrap();
         assert_eq!(a[1].internal_id, b[1].internal_id);
         assert_ne!(a[0].internal_id, a[1].internal_id);
-        // A seed far from now is ignored: the ids are fresh.
-        let old = format!(
-            "1600000000000,{}",
-            base64::engine::general_purpose::STANDARD.encode(entropy)
-        );
-        let c = normalize_events(br#"[{"name":"a"}]"#, Some(&old), NOW).unwrap();
-        assert_ne!(
-            c[0].internal_id,
-            seeded_id(parse_seed(&old).unwrap(), 0).to_string()
-        );
         assert!(parse_seed("0,AAAAAAAAAAAAAA==").is_none());
         assert!(parse_seed("17,AAAA").is_none());
     }

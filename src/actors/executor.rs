@@ -974,26 +974,45 @@ impl Worker {
     /// discovery item's id (`<run>/d/<seq>~<count>`), so it survives restarts.
     async fn no_progress(&self, lease: &Lease, run: &RunRecord) -> StoreResult<()> {
         let now = self.clock.now();
-        let count = no_progress_count(&lease.item.id) + 1;
+        // Steps saved during the call (checkpointing: the SDK saves them
+        // through the API, then asks for a new request) are progress.
+        let Some(stored) = self.backends.state.load_run(&run.id).await? else {
+            return self.ack(lease, Vec::new()).await;
+        };
+        if stored.status.is_terminal() {
+            return self.ack(lease, Vec::new()).await;
+        }
+        let stack_before = match lease.item.kind {
+            ItemKind::Discovery { seq } => seq as usize,
+            _ => run.stack.len(),
+        };
+        let count = if stored.stack.len() > stack_before {
+            0
+        } else {
+            no_progress_count(&lease.item.id) + 1
+        };
         if count > MAX_NO_PROGRESS {
             warn!(run_id = %run.id, count, "the app made no progress; failing the run");
             let error = json!({"error": "no progress", "name": "NoProgressError",
                 "message": format!("the app answered {count} calls in a row without running, \
                     planning or reporting any step (an empty 206 or only DiscoveryRequest)")});
-            if lifecycle::finish_run(&self.backends, run, RunStatus::Failed, error, now).await? {
+            if lifecycle::finish_run(&self.backends, &stored, RunStatus::Failed, error, now).await?
+            {
                 self.status.borrow_mut().runs_failed += 1;
             }
             return self.ack(lease, Vec::new()).await;
         }
         let delay = match (count, self.config.retry_interval) {
-            (1, _) => Duration::ZERO,
+            (0 | 1, _) => Duration::ZERO,
             (_, Some(fixed)) => fixed,
             (_, None) => (Duration::from_millis(250) * 2u32.pow(count.min(12) - 2))
                 .min(Duration::from_secs(60)),
         };
         let mut next =
-            QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
-        next.id = format!("{}~{count}", next.id);
+            QueueItem::discovery(&run.id, &run.fn_id, stored.stack.len() as u32).for_run(&stored);
+        if count > 0 {
+            next.id = format!("{}~{count}", next.id);
+        }
         self.ack(lease, vec![(next, now.plus(delay))]).await
     }
 
@@ -1098,6 +1117,23 @@ impl Worker {
                 .state
                 .plan_steps(&run.id, &decision.plan, decision.force_plan)
                 .await?;
+        }
+        if !decision.plan.is_empty() {
+            // `decide` checked the step cap against the run as loaded;
+            // replies handled at the same time each saw an older plan, so
+            // check the stored one too before scheduling more.
+            let stored = self.backends.state.load_run(&run.id).await?;
+            if let Some(stored) = stored.filter(|r| r.stack.len() + r.planned.len() > MAX_STEPS) {
+                let error = limit_error(format!(
+                    "the run has more than {MAX_STEPS} steps (done and planned)"
+                ));
+                if lifecycle::finish_run(&self.backends, &stored, RunStatus::Failed, error, now)
+                    .await?
+                {
+                    self.status.borrow_mut().runs_failed += 1;
+                }
+                return self.ack(lease, Vec::new()).await;
+            }
         }
         let mut stack_len = run.stack.len() as u32;
         let mut planned_left = run.planned.len() as u32;
@@ -1713,6 +1749,68 @@ mod tests {
             assert_eq!(d.fetches.len(), 1);
             assert!(!d.fetches[0].ai);
         });
+    }
+
+    #[test]
+    fn hostile_replies_end_the_run() {
+        // No ops, or only DiscoveryRequest: no progress (bounded by perform).
+        check(0, ops(vec![], false), |d| {
+            assert!(d.no_progress && d.finish.is_none())
+        });
+        check(0, ops(vec![op("DiscoveryRequest", "d")], false), |d| {
+            assert!(d.no_progress)
+        });
+        // A sleep too long, or until a date too far.
+        let mut sleep = op("Sleep", "s");
+        sleep.name = Some("99999999999999999999w".into());
+        check(0, ops(vec![sleep.clone()], false), |d| assert!(failed(d)));
+        sleep.name = Some("2999-01-01T00:00:00Z".into());
+        check(0, ops(vec![sleep], false), |d| assert!(failed(d)));
+        // Waits with a hostile timeout or `if`.
+        for opts in [
+            json!({"timeout": "99999999999999999999w"}),
+            json!({"timeout": -5}),
+            json!({"timeout": "1h", "if": ")"}),
+            json!({"timeout": "1h", "if": format!("{}1{}", "(".repeat(400), ")".repeat(400))}),
+        ] {
+            let wait = with_opts(op("WaitForEvent", "w"), opts.clone());
+            check(0, ops(vec![wait], false), |d| assert!(failed(d), "{opts}"));
+        }
+        // An output larger than a step's may be.
+        let huge = SdkReply::Complete {
+            output: json!("x".repeat(MAX_STEP_BYTES + 1)),
+            request_version: 2,
+        };
+        check(0, huge, |d| {
+            assert!(failed(d));
+            assert!(d.finish.as_ref().unwrap().1["message"]
+                .as_str()
+                .unwrap()
+                .contains("output"));
+        });
+        // Planning past the step cap.
+        let mut busy = run();
+        busy.planned = (0..MAX_STEPS).map(|i| format!("p{i}")).collect();
+        let lease = lease_for(QueueItem::discovery(&busy.id, &busy.fn_id, 0), 0);
+        let d = decide(
+            &busy,
+            &lease,
+            &ops(vec![op("StepPlanned", "one-more")], false),
+            NOW,
+            DELAY,
+        );
+        assert!(failed(&d));
+        let many: Vec<Op> = (0..=MAX_OPS_PER_REPLY)
+            .map(|i| op("StepPlanned", &format!("p{i}")))
+            .collect();
+        check(0, ops(many, false), |d| assert!(failed(d)));
+    }
+
+    #[test]
+    fn no_progress_counts_travel_in_item_ids() {
+        assert_eq!(no_progress_count("run/d/3"), 0);
+        assert_eq!(no_progress_count("run/d/3~4"), 4);
+        assert_eq!(no_progress_count("run/d/3~x"), 0);
     }
 
     #[test]

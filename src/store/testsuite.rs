@@ -91,6 +91,28 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
     state.create_run(old.clone()).await?;
     state.create_run(running.clone()).await?;
     state.save_step(&old.id, sample_step("s", "null")).await?;
+    // Trace records come back in the order they were noted, and go with
+    // their run.
+    let attempt = |run: &RunRecord, n: u32| crate::model::trace::AttemptRecord {
+        run_id: run.id.clone(),
+        item_step: String::new(),
+        attempt: n,
+        started_at: 5,
+        ended_at: 6,
+        error: Some(format!("failure {n}")),
+        ops: Vec::new(),
+    };
+    for n in 0..3 {
+        state.record_attempt(attempt(&old, n)).await?;
+    }
+    state.record_attempt(attempt(&running, 0)).await?;
+    let noted: Vec<u32> = state
+        .load_attempts(&old.id)
+        .await?
+        .iter()
+        .map(|a| a.attempt)
+        .collect();
+    ensure!(noted == [0, 1, 2], "attempts read back as {noted:?}");
     state
         .finish_run(&old.id, RunStatus::Completed, None, Timestamp(10))
         .await?;
@@ -108,6 +130,8 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
         "an old ended run survived"
     );
     ensure!(state.load_steps(&old.id).await?.is_empty());
+    ensure!(state.load_attempts(&old.id).await?.is_empty());
+    ensure!(state.load_attempts(&running.id).await?.len() == 1);
     ensure!(state.runs_for_event(&old.event_ids[0]).await?.is_empty());
     ensure!(
         state.load_run(&running.id).await?.is_some(),
@@ -865,6 +889,48 @@ pub async fn data_suite(data: &dyn DataStore) -> anyhow::Result<()> {
     sync_versions_functions(data)
         .await
         .context("sync_versions_functions")?;
+    retention_goes_by_age(data)
+        .await
+        .context("retention_goes_by_age")?;
+    Ok(())
+}
+
+/// Retention deletes by the time events were received, not by id: an old
+/// id received late (a re-used seed) neither goes early nor holds back
+/// events received before it; pending events stay.
+async fn retention_goes_by_age(data: &dyn DataStore) -> anyhow::Result<()> {
+    let base = 50_000_000;
+    let mut late = event("test/late");
+    late.internal_id = ulid::Ulid::from_parts(2, rand::random()).to_string();
+    late.received_at = base + 1_000_000;
+    let mut early = event("test/early");
+    early.received_at = base;
+    let mut waiting = event("test/waiting");
+    waiting.received_at = base;
+    data.put_events(&[late.clone(), early.clone(), waiting.clone()])
+        .await?;
+    data.mark_processed(&[late.internal_id.clone(), early.internal_id.clone()])
+        .await?;
+    data.delete_events_before(Timestamp(base + 10), 1_000)
+        .await?;
+    ensure!(
+        data.get_event(&early.internal_id).await?.is_none(),
+        "an event received before the cutoff was kept"
+    );
+    ensure!(
+        data.get_event(&late.internal_id).await?.is_some(),
+        "an event received after the cutoff was deleted"
+    );
+    ensure!(
+        data.get_event(&waiting.internal_id).await?.is_some(),
+        "a pending event was deleted"
+    );
+    data.mark_processed(std::slice::from_ref(&waiting.internal_id))
+        .await?;
+    data.delete_events_before(Timestamp(base + 2_000_000), 1_000)
+        .await?;
+    ensure!(data.get_event(&late.internal_id).await?.is_none());
+    ensure!(data.get_event(&waiting.internal_id).await?.is_none());
     Ok(())
 }
 

@@ -2,6 +2,8 @@
 //! - `event:<internal id>`: event record; `events`: every event id and
 //!   `pending`: ids not yet processed by the runner; sorted sets whose
 //!   scores are all 0, so members sort by id (ULIDs sort by time);
+//!   `events:age`: event ids scored by the time they were received, which
+//!   retention scans (`events:age:built` marks it complete);
 //! - `app:<app>`: app record; `apps`: app ids (sorted set, scores 0);
 //! - `fn:<fn>`: function record; `fns`: function ids (sorted set, scores 0);
 //! - `fngen`: the functions generation (a counter).
@@ -21,18 +23,19 @@ use crate::store::{DataStore, StoreResult, SyncOutcome};
 const SCAN_CHUNK: usize = 500;
 
 /// Deletes events unless they are pending (again). ARGV: the pending set,
-/// the event index, the event key prefix, then event ids. Returns how many
-/// were deleted.
+/// the event index, the event key prefix, the age index, then event ids.
+/// Returns how many were deleted.
 static DELETE_EVENTS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local pending, index, prefix = ARGV[1], ARGV[2], ARGV[3]
+local pending, index, prefix, age = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local deleted = 0
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local id = ARGV[i]
   if not redis.call('ZSCORE', pending, id) then
     deleted = deleted + redis.call('DEL', prefix .. id)
     redis.call('ZREM', index, id)
+    redis.call('ZREM', age, id)
   end
 end
 return deleted
@@ -73,6 +76,55 @@ impl RedisDataStore {
             .await
     }
 
+    /// Indexes events stored before the age index existed (once per
+    /// keyspace; run again harmlessly if two processes race).
+    async fn build_age_index(&self) -> StoreResult<()> {
+        let built = self.conn.key("events:age:built", "");
+        let done: bool = self.conn.query(::redis::cmd("EXISTS").arg(&built)).await?;
+        if done {
+            return Ok(());
+        }
+        let (index, age) = (self.conn.key("events", ""), self.conn.key("events:age", ""));
+        let mut min = "-".to_string();
+        loop {
+            let ids: Vec<String> = self
+                .conn
+                .query(
+                    ::redis::cmd("ZRANGEBYLEX")
+                        .arg(&index)
+                        .arg(&min)
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(SCAN_CHUNK),
+                )
+                .await?;
+            let Some(last) = ids.last() else {
+                break;
+            };
+            min = format!("({last}");
+            let events = self.events(&ids).await?;
+            if !events.is_empty() {
+                let mut pipe = ::redis::pipe();
+                for event in &events {
+                    pipe.cmd("ZADD")
+                        .arg(&age)
+                        .arg("NX")
+                        .arg(event.received_at)
+                        .arg(&event.internal_id)
+                        .ignore();
+                }
+                self.conn.query_pipe::<()>(&pipe).await?;
+            }
+            if ids.len() < SCAN_CHUNK {
+                break;
+            }
+        }
+        self.conn
+            .query(::redis::cmd("SET").arg(&built).arg(1))
+            .await
+    }
+
     async fn events(&self, ids: &[String]) -> StoreResult<Vec<EventRecord>> {
         let keys: Vec<String> = ids.iter().map(|id| self.event_key(id)).collect();
         self.conn.get_records(&keys).await
@@ -86,6 +138,7 @@ impl DataStore for RedisDataStore {
             return Ok(());
         }
         let (all, pending) = (self.conn.key("events", ""), self.conn.key("pending", ""));
+        let age = self.conn.key("events:age", "");
         let mut pipe = ::redis::pipe();
         pipe.atomic();
         for event in events {
@@ -96,6 +149,11 @@ impl DataStore for RedisDataStore {
                 .ignore();
             pipe.cmd("ZADD").arg(&all).arg(0).arg(id).ignore();
             pipe.cmd("ZADD").arg(&pending).arg(0).arg(id).ignore();
+            pipe.cmd("ZADD")
+                .arg(&age)
+                .arg(event.received_at)
+                .arg(id)
+                .ignore();
         }
         self.conn.query_pipe::<()>(&pipe).await
     }
@@ -139,7 +197,23 @@ impl DataStore for RedisDataStore {
                 max.min(isize::MAX as usize) as isize - 1,
             )
             .await?;
-        self.events(&ids).await
+        // A damaged event is skipped (and counted): it must not stop the
+        // runner from creating the runs of every other event.
+        let keys: Vec<String> = ids.iter().map(|id| self.event_key(id)).collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<Option<Vec<u8>>> = self.conn.query(::redis::cmd("MGET").arg(&keys)).await?;
+        let mut events = Vec::with_capacity(values.len());
+        for (id, bytes) in ids.iter().zip(values) {
+            match bytes.map(|bytes| EventRecord::from_bytes(&bytes)) {
+                Some(Ok(event)) => events.push(event),
+                Some(Err(err)) => tracing::error!(event = %id, error = %err,
+                    "a pending event is damaged; it is skipped"),
+                None => {}
+            }
+        }
+        Ok(events)
     }
 
     async fn mark_processed(&self, internal_ids: &[String]) -> StoreResult<()> {
@@ -156,49 +230,38 @@ impl DataStore for RedisDataStore {
     }
 
     async fn delete_events_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64> {
-        // Oldest first by id (ULIDs sort by time); pending events stay.
+        // Oldest received first, by the age index (ids need not follow
+        // arrival: a seed may name any time); pending events stay.
+        self.build_age_index().await?;
         let (index, pending) = (self.conn.key("events", ""), self.conn.key("pending", ""));
-        let mut min = "-".to_string();
+        let age = self.conn.key("events:age", "");
+        let mut offset = 0usize;
         let mut doomed: Vec<String> = Vec::new();
-        'scan: while doomed.len() < max {
+        while doomed.len() < max {
             let ids: Vec<String> = self
                 .conn
                 .query(
-                    ::redis::cmd("ZRANGEBYLEX")
-                        .arg(&index)
-                        .arg(&min)
-                        .arg("+")
+                    ::redis::cmd("ZRANGEBYSCORE")
+                        .arg(&age)
+                        .arg("-inf")
+                        .arg(format!("({}", cutoff.millis()))
                         .arg("LIMIT")
-                        .arg(0)
+                        .arg(offset)
                         .arg(SCAN_CHUNK),
                 )
                 .await?;
-            let Some(last) = ids.last() else {
+            if ids.is_empty() {
                 break;
-            };
-            min = format!("({last}");
-            let keys: Vec<String> = ids.iter().map(|id| self.event_key(id)).collect();
-            let (values, pending_scores): (Vec<Option<Vec<u8>>>, Vec<Option<f64>>) = self
+            }
+            let pending_scores: Vec<Option<f64>> = self
                 .conn
-                .query_pipe(
-                    ::redis::pipe()
-                        .cmd("MGET")
-                        .arg(&keys)
-                        .cmd("ZMSCORE")
-                        .arg(&pending)
-                        .arg(&ids),
-                )
+                .query(::redis::cmd("ZMSCORE").arg(&pending).arg(&ids))
                 .await?;
-            for ((id, bytes), pending) in ids.iter().zip(values).zip(pending_scores) {
-                let Some(bytes) = bytes else {
-                    continue;
-                };
-                let event = EventRecord::from_bytes(&bytes)?;
-                if event.received_at >= cutoff.millis() || doomed.len() >= max {
-                    break 'scan;
-                }
-                if pending.is_none() {
+            for (id, pending) in ids.iter().zip(pending_scores) {
+                if pending.is_none() && doomed.len() < max {
                     doomed.push(id.clone());
+                } else {
+                    offset += 1; // stays in the index: skip it next time
                 }
             }
             if ids.len() < SCAN_CHUNK {
@@ -213,6 +276,7 @@ impl DataStore for RedisDataStore {
             .arg(&pending)
             .arg(&index)
             .arg(self.conn.key("event:", ""))
+            .arg(&age)
             .arg(&doomed);
         self.conn.invoke(&invocation).await
     }

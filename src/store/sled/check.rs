@@ -29,6 +29,10 @@ const KEY: &[u8] = b"seq";
 /// the database is still a correct (if weaker) check.
 const MARK_EVERY: Duration = Duration::from_millis(50);
 
+/// Stores larger than this are not read through at start (it would slow the
+/// start down); `baton doctor` still reads them whole.
+const MAX_READ_THROUGH_BYTES: u64 = 1 << 30;
+
 /// Writes the durability mark around each flush. It holds no database (the
 /// flush thread must not keep a closed database open).
 pub struct DurabilityMark {
@@ -112,8 +116,45 @@ pub fn verify(db: &sled::Db, dir: &Path) -> StoreResult<()> {
             db = dir.join("db").join("db").display(),
             mark = dir.join(MARK_FILE).display(),
         ))),
-        _ => Ok(()),
+        _ => read_everything(db).map_err(|err| {
+            corrupt(format!(
+                "the store in {dir} is damaged: {err}. Baton will not serve a partial store. \
+                 Run `baton doctor --data-dir {dir}` for details, or restore the directory \
+                 from a backup",
+                dir = dir.display(),
+            ))
+        }),
     }
+}
+
+/// Reads every page of the database, so sled checks each one: a file cut
+/// short or damaged past the recovered head fails here, at start, rather
+/// than at some later read. Costs one pass over the store.
+fn read_everything(db: &sled::Db) -> Result<(), String> {
+    let size = db.size_on_disk().unwrap_or(0);
+    if size > MAX_READ_THROUGH_BYTES {
+        tracing::info!(
+            bytes = size,
+            "the store is large: skipping the read-through check at start (`baton doctor` does it)"
+        );
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut records = 0u64;
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name).map_err(|err| err.to_string())?;
+        for entry in tree.iter() {
+            entry.map_err(|err| {
+                format!(
+                    "sled cannot read tree {:?} after {records} records: {err}",
+                    String::from_utf8_lossy(&name)
+                )
+            })?;
+            records += 1;
+        }
+    }
+    tracing::debug!(records, took = ?started.elapsed(), "store read through at start");
+    Ok(())
 }
 
 /// What `baton doctor` found.

@@ -70,10 +70,30 @@ impl SledDb {
                     dir.display()
                 ))
             }
+            corrupt @ sled::Error::Corruption { .. } => StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!(
+                    "the store in {dir} is damaged: {corrupt}; Baton will not start on it. \
+                     Run `baton doctor --data-dir {dir}` for details, or restore the \
+                     directory from a backup",
+                    dir = dir.display(),
+                ),
+            ),
             other => sled_error(other),
         })?;
+        // Damage first: the format check writes a header into a new store.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check::verify(&db, dir)))
+            .map_err(|panic| {
+                StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    format!(
+                    "the store in {} is damaged: sled failed reading it ({}); run `baton doctor`",
+                    dir.display(),
+                    crate::expr::panic_message(panic.as_ref())
+                ),
+                )
+            })??;
         check_format(&db, dir)?;
-        check::verify(&db, dir)?;
         Ok(SledDb::from_db(db, Some(dir)))
     }
 
