@@ -428,8 +428,14 @@ fn same_host_redirects() -> reqwest::redirect::Policy {
     })
 }
 
-/// The message for a redirect that was not followed.
-fn refused_redirect(url: &str, response: &reqwest::Response) -> Option<String> {
+/// The message for a redirect that was not followed; it names where the
+/// redirect pointed only if `show_location` (not for sync pings, whose
+/// target's answer is never passed on).
+fn refused_redirect(
+    url: &str,
+    response: &reqwest::Response,
+    show_location: bool,
+) -> Option<String> {
     if !response.status().is_redirection() {
         return None;
     }
@@ -437,12 +443,13 @@ fn refused_redirect(url: &str, response: &reqwest::Response) -> Option<String> {
         .headers()
         .get("location")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("nowhere");
+        .filter(|_| show_location)
+        .map(|location| format!(" to {}", truncate(location)))
+        .unwrap_or_default();
     Some(format!(
-        "the app at {url} answered {} redirecting to {}; Baton follows redirects only \
+        "the app at {url} answered {} redirecting{location}; Baton follows redirects only \
          within the same host, so that the signed request goes nowhere else",
         response.status(),
-        truncate(location)
     ))
 }
 
@@ -614,7 +621,7 @@ impl SdkClient {
         let response = send_retrying_stale(request)
             .await
             .map_err(|err| describe_transport_error(&url, &err))?;
-        if let Some(refused) = refused_redirect(&url, &response) {
+        if let Some(refused) = refused_redirect(&url, &response, true) {
             return Err(refused);
         }
         let status = response.status().as_u16();
@@ -650,7 +657,7 @@ impl SdkClient {
             .send()
             .await
             .map_err(|err| describe_transport_error(url, &err))?;
-        if let Some(refused) = refused_redirect(url, &response) {
+        if let Some(refused) = refused_redirect(url, &response, false) {
             return Err(refused);
         }
         let status = response.status();

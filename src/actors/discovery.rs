@@ -64,59 +64,71 @@ impl Discovery {
 }
 
 /// What probing one URL found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Probe {
     /// Nothing listens on the port.
     Closed,
     /// Something answered, but not as an Inngest app.
     NotAnApp,
+    /// No answer in time (a busy app): nothing is concluded.
+    Unknown,
     App,
 }
 
 async fn probe(http: &reqwest::Client, url: &str) -> Probe {
     match http.get(url).send().await {
         Err(err) if err.is_connect() => Probe::Closed,
-        Err(_) => Probe::NotAnApp,
+        Err(_) => Probe::Unknown,
         Ok(response) if response.headers().contains_key("x-inngest-sdk") => Probe::App,
         Ok(_) => Probe::NotAnApp,
     }
 }
 
-/// The URLs on loopback (and the `-u` ones) that answer as Inngest apps now.
-async fn scan(http: &reqwest::Client, discovery: &Discovery) -> Vec<String> {
+/// What one scan found: the URLs that answer as apps, and those that
+/// could not be told (they keep their state).
+#[derive(Debug, Default)]
+struct Scan {
+    apps: Vec<String>,
+    unknown: Vec<String>,
+}
+
+/// Probes the `-u` URLs and the usual paths on the scanned ports.
+async fn scan(http: &reqwest::Client, discovery: &Discovery) -> Scan {
     let settings = &discovery.settings;
-    let extra = discovery.extra_urls.iter().map(|url| async move {
-        matches!(probe(http, url).await, Probe::App).then(|| url.clone())
+    let extra = discovery
+        .extra_urls
+        .iter()
+        .map(|url| async move { vec![(url.clone(), probe(http, url).await)] });
+    let ports = settings.ports.iter().map(|port| async move {
+        let mut probed = Vec::new();
+        for path in &settings.paths {
+            let url = format!("http://127.0.0.1:{port}{path}");
+            let result = probe(http, &url).await;
+            probed.push((url, result));
+            // Nothing listens: the other paths cannot answer either.
+            if result == Probe::Closed {
+                break;
+            }
+        }
+        probed
     });
-    let mut found: Vec<String> = futures::future::join_all(extra)
+    let mut probed: Vec<(String, Probe)> = futures::future::join_all(extra)
         .await
         .into_iter()
         .flatten()
         .collect();
-    found.extend(scan_ports(http, settings).await);
-    found.sort();
-    found.dedup();
-    found
-}
-
-async fn scan_ports(http: &reqwest::Client, settings: &DiscoverySettings) -> Vec<String> {
-    let ports = settings.ports.iter().map(|port| async move {
-        let mut found = Vec::new();
-        for path in &settings.paths {
-            let url = format!("http://127.0.0.1:{port}{path}");
-            match probe(http, &url).await {
-                // Nothing listens: the other paths cannot answer either.
-                Probe::Closed => break,
-                Probe::NotAnApp => {}
-                Probe::App => found.push(url),
-            }
+    probed.extend(futures::future::join_all(ports).await.into_iter().flatten());
+    let mut scan = Scan::default();
+    for (url, result) in probed {
+        match result {
+            Probe::App => scan.apps.push(url),
+            Probe::Unknown => scan.unknown.push(url),
+            Probe::Closed | Probe::NotAnApp => {}
         }
-        found
-    });
-    futures::future::join_all(ports)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
+    }
+    scan.apps.sort();
+    scan.apps.dedup();
+    scan
 }
 
 /// Scans and syncs until the process ends.
@@ -145,7 +157,10 @@ pub async fn discovery_loop(
         "looking for apps on loopback (--no-discovery turns this off)"
     );
     loop {
-        let answering = scan(&http, &discovery).await;
+        let Scan {
+            apps: answering,
+            unknown,
+        } = scan(&http, &discovery).await;
         let now = clock.now().to_rfc3339();
         let known: Vec<String> = {
             let mut found = discovery.lock();
@@ -166,7 +181,8 @@ pub async fn discovery_loop(
             }
             for app in found.values_mut() {
                 app.checked_at = now.clone();
-                if !answering.contains(&app.url) && app.state != "gone" {
+                let silent = !answering.contains(&app.url) && !unknown.contains(&app.url);
+                if silent && app.state != "gone" {
                     info!(url = %app.url, "app no longer answers");
                     app.state = "gone";
                     app.error = Some("no longer answers on this URL".into());

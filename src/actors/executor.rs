@@ -923,6 +923,7 @@ impl Worker {
             SdkReply::Error { .. } => -1,
         };
         let mut run = run;
+        let stack_before = run.stack.len();
         if offered {
             match self.after_checkpoints(lease, &reply).await? {
                 Some(current) => run = current,
@@ -958,7 +959,13 @@ impl Worker {
         }
         let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..30_000));
         let delay = backoff(self.config.retry_interval, lease.attempt, jitter);
-        let decision = decide(&run, lease, &reply, self.clock.now(), delay);
+        let mut decision = decide(&run, lease, &reply, self.clock.now(), delay);
+        if decision.no_progress && run.stack.len() > stack_before {
+            // The call checkpointed steps, then stopped at its time limit
+            // (`DiscoveryRequest`): progress, so simply call again.
+            decision.no_progress = false;
+            decision.discover = Discover::Always;
+        }
         self.perform(lease, &run, decision).await
     }
 

@@ -66,6 +66,19 @@ pub fn cancelled_error() -> Value {
     json!({"error": "function cancelled", "name": "Error", "message": "function cancelled"})
 }
 
+/// The error in lifecycle events is Inngest's `StandardError`
+/// (`{error, name, message, stack?}`): built from a failed run's output when
+/// that is the SDK's own error body, which has no `error` text (the SDKs
+/// answer a function's error with a 500).
+fn event_error(output: &Value) -> Value {
+    match output {
+        Value::Object(map) if !map.get("error").is_some_and(Value::is_string) => {
+            crate::sdk::standard_error("invalid status code: 500", output)
+        }
+        other => other.clone(),
+    }
+}
+
 /// `inngest/function.finished` (and `.failed` / `.cancelled`) for a run that
 /// ended at `ended_at`. Deterministic: the same run, outcome and end time
 /// give the same events with the same internal ids, so they can be rebuilt
@@ -93,7 +106,7 @@ pub fn lifecycle_events(
     data.insert("events".into(), Value::Array(events));
     match status {
         RunStatus::Completed => data.insert("result".into(), output.clone()),
-        _ => data.insert("error".into(), output.clone()),
+        _ => data.insert("error".into(), event_error(output)),
     };
     if let Some(correlation) = &run.correlation_id {
         data.insert("correlation_id".into(), json!(correlation));
@@ -292,6 +305,16 @@ mod tests {
         assert_eq!(failed["data"]["correlation_id"], "caller.step");
         assert_eq!(failed["data"]["event"]["name"], "test/e");
         assert_eq!(failed["data"]["_inngest"]["status"], "Failed");
+
+        // The SDK's error body (the run's output) becomes a StandardError.
+        let body = json!({"code": "unknown", "name": "MyError", "message": "boom", "stack": "s"});
+        let events = lifecycle_events(&run, RunStatus::Failed, &body, Timestamp(5));
+        let failed: Value = serde_json::from_str(&events[1].payload).unwrap();
+        assert_eq!(
+            failed["data"]["error"],
+            json!({"error": "invalid status code: 500", "name": "MyError",
+                   "message": "boom", "stack": "s"})
+        );
     }
 
     #[test]

@@ -48,8 +48,8 @@ impl Default for Guard {
 }
 
 impl Guard {
-    /// `listen_host` (the address Baton listens on) is answered too, unless
-    /// it is a wildcard address.
+    /// `listen_host` (what Baton listens on, which may be a name) is
+    /// answered too.
     pub fn new(
         dev_mode: bool,
         listen_host: &str,
@@ -145,6 +145,9 @@ impl Guard {
         let ip = name.trim_start_matches('[').trim_end_matches(']');
         name == "localhost"
             || name.ends_with(".localhost")
+            // Docker's names for the host, which no web page can control.
+            || name == "host.docker.internal"
+            || name == "gateway.docker.internal"
             || ip.parse::<IpAddr>().is_ok()
             || self.allowed_hosts.iter().any(|allowed| allowed == name)
     }
@@ -257,6 +260,9 @@ pub async fn protect(
                 inner: payload,
                 deadline: Box::pin(tokio::time::sleep(guard.body_timeout)),
                 timeout: guard.body_timeout,
+                started: tokio::time::Instant::now(),
+                received: 0,
+                next_check: Box::pin(tokio::time::sleep(RATE_GRACE)),
                 done: false,
             });
         request.set_payload(Payload::from(limited));
@@ -266,12 +272,33 @@ pub async fn protect(
         .map(|response| response.map_into_boxed_body())
 }
 
-/// A request body that fails with `TimedOut` once its deadline passes.
+/// After this long, a body must keep arriving at [`MIN_BODY_RATE`].
+const RATE_GRACE: Duration = Duration::from_secs(5);
+/// Bytes per second a body must average after [`RATE_GRACE`]: far below
+/// any real client, far above a slowloris drip.
+const MIN_BODY_RATE: u64 = 1024;
+
+/// A request body that fails with `TimedOut` once its deadline passes, or
+/// when, after a grace period, it arrives slower than [`MIN_BODY_RATE`].
 struct DeadlinePayload {
     inner: Payload,
     deadline: Pin<Box<tokio::time::Sleep>>,
     timeout: Duration,
+    started: tokio::time::Instant,
+    received: u64,
+    /// When to check the rate next (every second after the grace period).
+    next_check: Pin<Box<tokio::time::Sleep>>,
     done: bool,
+}
+
+impl DeadlinePayload {
+    fn fail(&mut self, message: String) -> Poll<Option<Result<web::Bytes, PayloadError>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            message,
+        )))))
+    }
 }
 
 impl Stream for DeadlinePayload {
@@ -282,21 +309,33 @@ impl Stream for DeadlinePayload {
             return Poll::Ready(None);
         }
         if let Poll::Ready(item) = Pin::new(&mut self.inner).poll_next(cx) {
-            if item.is_none() {
-                self.done = true;
+            match &item {
+                None => self.done = true,
+                Some(Ok(bytes)) => self.received += bytes.len() as u64,
+                Some(Err(_)) => {}
             }
             return Poll::Ready(item);
         }
         if self.deadline.as_mut().poll(cx).is_ready() {
-            self.done = true;
             let message = format!(
                 "the request body did not arrive within {:?} (server.body_timeout)",
                 self.timeout
             );
-            return Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                message,
-            )))));
+            return self.fail(message);
+        }
+        while self.next_check.as_mut().poll(cx).is_ready() {
+            let elapsed = self.started.elapsed();
+            if self.received < MIN_BODY_RATE * elapsed.as_secs() {
+                let message = format!(
+                    "the request body arrives slower than {MIN_BODY_RATE} bytes/s \
+                     ({} bytes in {} s)",
+                    self.received,
+                    elapsed.as_secs()
+                );
+                return self.fail(message);
+            }
+            let next = tokio::time::Instant::now() + Duration::from_secs(1);
+            self.next_check.as_mut().reset(next);
         }
         Poll::Pending
     }
@@ -349,6 +388,7 @@ mod tests {
             "192.168.1.20:8288",
             "Baton.Internal:8288",
             "LOCALHOST.",
+            "host.docker.internal:8288",
         ] {
             check(Method::GET, "/v1/runs", &[("host", host)], false);
         }

@@ -91,6 +91,28 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
     state.create_run(old.clone()).await?;
     state.create_run(running.clone()).await?;
     state.save_step(&old.id, sample_step("s", "null")).await?;
+    // Trace records come back in the order they were noted, and go with
+    // their run.
+    let attempt = |run: &RunRecord, n: u32| crate::model::trace::AttemptRecord {
+        run_id: run.id.clone(),
+        item_step: String::new(),
+        attempt: n,
+        started_at: 5,
+        ended_at: 6,
+        error: Some(format!("failure {n}")),
+        ops: Vec::new(),
+    };
+    for n in 0..3 {
+        state.record_attempt(attempt(&old, n)).await?;
+    }
+    state.record_attempt(attempt(&running, 0)).await?;
+    let noted: Vec<u32> = state
+        .load_attempts(&old.id)
+        .await?
+        .iter()
+        .map(|a| a.attempt)
+        .collect();
+    ensure!(noted == [0, 1, 2], "attempts read back as {noted:?}");
     state
         .finish_run(&old.id, RunStatus::Completed, None, Timestamp(10))
         .await?;
@@ -108,6 +130,8 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
         "an old ended run survived"
     );
     ensure!(state.load_steps(&old.id).await?.is_empty());
+    ensure!(state.load_attempts(&old.id).await?.is_empty());
+    ensure!(state.load_attempts(&running.id).await?.len() == 1);
     ensure!(state.runs_for_event(&old.event_ids[0]).await?.is_empty());
     ensure!(
         state.load_run(&running.id).await?.is_some(),

@@ -13,8 +13,21 @@ use crate::support::*;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn start(sdk: Sdk, env: &[(&str, &str)]) -> (tempfile::TempDir, Baton, SdkApp) {
+    start_with(sdk, env, &[]).await
+}
+
+/// `args`: extra flags for Baton (`--no-checkpointing`: one call per step).
+async fn start_with(
+    sdk: Sdk,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (tempfile::TempDir, Baton, SdkApp) {
     let dir = tempfile::tempdir().unwrap();
-    let baton = Baton::start(&dir.path().join("data"));
+    let options = BatonOptions {
+        extra_args: args.iter().map(|a| a.to_string()).collect(),
+        ..BatonOptions::default()
+    };
+    let baton = Baton::start_with(&dir.path().join("data"), options);
     let app = SdkApp::launch(sdk, &baton.url, free_port(), env);
     app.sync().await;
     (dir, baton, app)
@@ -22,7 +35,8 @@ async fn start(sdk: Sdk, env: &[(&str, &str)]) -> (tempfile::TempDir, Baton, Sdk
 
 #[tokio::test]
 async fn calls_carry_a_job_id_stable_across_retries() {
-    let (_dir, baton, app) = start(Sdk::Node, &[("RECORD_CALLS", "1")]).await;
+    let (_dir, baton, app) =
+        start_with(Sdk::Node, &[("RECORD_CALLS", "1")], &["--no-checkpointing"]).await;
     let three = send_event(&baton, "test/three-steps", json!({"key": "j1"})).await;
     let flaky = send_event(&baton, "test/flaky", json!({"key": "j2"})).await;
     let three = finished_run(&baton, &three, TIMEOUT).await;
@@ -60,7 +74,12 @@ async fn calls_carry_a_job_id_stable_across_retries() {
 async fn a_call_on_a_connection_closed_before_the_answer_is_sent_again() {
     // The app drops every second call made on one connection, unanswered,
     // as a server whose keep-alive timer fires as the call comes in.
-    let (_dir, baton, app) = start(Sdk::Node, &[("DROP_REUSED_CONNECTIONS", "1")]).await;
+    let (_dir, baton, app) = start_with(
+        Sdk::Node,
+        &[("DROP_REUSED_CONNECTIONS", "1")],
+        &["--no-checkpointing"],
+    )
+    .await;
     let event = send_event(&baton, "test/three-steps", json!({"key": "c1"})).await;
     let run = finished_run(&baton, &event, TIMEOUT).await;
     assert_eq!(run["status"], "Completed", "{run}");

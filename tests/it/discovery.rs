@@ -135,8 +135,11 @@ async fn a_changed_app_is_synced_again_and_a_stopped_one_is_gone() {
             .then_some(())
     })
     .await;
-    let apps = discovered(&baton).await["apps"].clone();
-    assert_eq!(apps[0]["state"], "synced", "{apps}");
+    eventually(TIMEOUT, "discovery to say synced again", || async {
+        let apps = discovered(&baton).await["apps"].clone();
+        (apps[0]["state"] == "synced").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

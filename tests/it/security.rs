@@ -379,6 +379,40 @@ async fn slow_bodies_are_cut_off_and_health_answers() {
 }
 
 #[tokio::test]
+async fn bodies_dripping_slower_than_the_minimum_rate_are_cut_off() {
+    // Default settings: a body must average 1 KiB/s after 5 s.
+    let dir = tempfile::tempdir().unwrap();
+    let baton = Baton::start(&dir.path().join("data"));
+    let addr = format!("127.0.0.1:{}", baton.port);
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /e/key HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: 100000\r\n\r\n"
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut buffer = [0u8; 1024];
+        tokio::select! {
+            read = socket.read(&mut buffer) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if socket.write_all(b"[").await.is_err() {
+                    break;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "a 2 bytes/s body was held");
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("slower than"), "{answer}");
+}
+
+#[tokio::test]
 async fn calls_do_not_follow_redirects_to_other_hosts() {
     // Whatever the redirect points at records what it receives.
     let elsewhere = Stub::start(http_answer("200 OK", "", "{}")).await;
@@ -454,7 +488,9 @@ async fn calls_do_not_follow_redirects_to_other_hosts() {
         "{calls:?}"
     );
     assert!(
-        calls.iter().all(|r| r.contains("x-inngest-signature")),
+        calls
+            .iter()
+            .all(|r| r.to_ascii_lowercase().contains("x-inngest-signature")),
         "the calls are signed: {calls:?}"
     );
     assert_eq!(
@@ -485,9 +521,20 @@ async fn sync_errors_never_echo_the_target() {
         &format!("{{\"status\": 500, \"error\": \"{secret}\"}}"),
     ))
     .await;
+    let redirecting = Stub::start(http_answer(
+        "302 Found",
+        &format!("location: http://{secret}.internal/\r\n"),
+        "",
+    ))
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let baton = Baton::start(&dir.path().join("data"));
-    for (stub, expected) in [(&refusing, 400), (&answering, 200), (&passing_error, 400)] {
+    for (stub, expected) in [
+        (&refusing, 400),
+        (&answering, 200),
+        (&passing_error, 400),
+        (&redirecting, 400),
+    ] {
         let (status, body, _) = send(
             client()
                 .post(format!("{}/v1/apps/sync", baton.url))

@@ -27,6 +27,8 @@ pub struct SledStateStore {
     commit: GroupCommit,
     /// Serializes read-modify-write of run records.
     write_lock: Mutex<()>,
+    /// Orders attempt records noted in the same millisecond.
+    attempt_seq: std::sync::atomic::AtomicU64,
 }
 
 impl SledStateStore {
@@ -35,6 +37,7 @@ impl SledStateStore {
             tree: db.tree("state")?,
             commit: db.commit.clone(),
             write_lock: Mutex::new(()),
+            attempt_seq: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -623,11 +626,16 @@ impl StateStore for SledStateStore {
     }
 
     async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
-        // A ULID per record: ordered by time, unique across executors.
-        let id = ulid::Ulid::new().to_string();
+        // Ordered by start, then by the order noted (one process per sled
+        // directory, so a counter of this process suffices).
+        let seq = self
+            .attempt_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut order = attempt.started_at.to_be_bytes().to_vec();
+        order.extend_from_slice(&seq.to_be_bytes());
         self.tree
             .insert(
-                key(&[b"at", attempt.run_id.as_bytes(), id.as_bytes()]),
+                key(&[b"at", attempt.run_id.as_bytes(), &order]),
                 attempt.to_bytes(),
             )
             .map_err(sled_error)?;
