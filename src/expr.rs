@@ -139,6 +139,32 @@ pub fn check_bounds(source: &str) -> Result<(), String> {
     Ok(())
 }
 
+thread_local! {
+    /// Set while running CEL under `catch_unwind`: its panics are expected
+    /// (and reported as errors), so the panic hook stays quiet.
+    static EXPECTED_PANIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs a panic hook that prints every panic as before, except the
+/// parser's and interpreter's, which become expression errors instead of
+/// alarming backtraces on stderr.
+pub fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !EXPECTED_PANIC.with(std::cell::Cell::get) {
+            default(info);
+        }
+    }));
+}
+
+/// `catch_unwind` with the panic hook quiet.
+fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    let was = EXPECTED_PANIC.with(|flag| flag.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    EXPECTED_PANIC.with(|flag| flag.set(was));
+    result
+}
+
 /// A panic's message, for errors.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(text) = panic.downcast_ref::<&str>() {
@@ -155,7 +181,7 @@ impl Expr {
     /// inputs (`")"`), so a panic is caught and reported as invalid.
     pub fn compile(source: &str) -> Result<Expr, String> {
         check_bounds(source)?;
-        let program = std::panic::catch_unwind(|| Program::compile(source))
+        let program = catch_quietly(|| Program::compile(source))
             .map_err(|panic| {
                 format!(
                     "invalid expression {source:?}: the parser failed ({})",
@@ -201,7 +227,7 @@ impl Expr {
     /// crash of the caller.
     fn execute(&self, context: &Context) -> Result<Value, String> {
         let program = &self.program;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| program.execute(context)))
+        catch_quietly(|| program.execute(context))
             .map_err(|panic| format!("the interpreter failed: {}", panic_message(panic.as_ref())))?
             .map_err(|err| err.to_string())
     }

@@ -16,6 +16,8 @@ fn main() -> ExitCode {
     if std::env::var_os("RUST_MIN_STACK").is_none() {
         std::env::set_var("RUST_MIN_STACK", baton::THREAD_STACK_BYTES.to_string());
     }
+    // Panics in the CEL parser are caught and reported as bad expressions.
+    baton::expr::install_panic_hook();
     let cli = Cli::parse();
     if let Some(command) = client_command(&cli.command) {
         return match client::run(command) {

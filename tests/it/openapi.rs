@@ -433,6 +433,10 @@ fn every_mounted_api_route_is_documented() {
         ("POST", "/logout"),
         ("POST", "/e"),
         ("POST", "/e/"),
+        // The JS SDK's checkpoints (PROTOCOL §5.1), like /fn/register: the
+        // SDK protocol, tested in checkpoint.rs.
+        ("POST", "/v1/checkpoint/{id}/async"),
+        ("POST", "/v1/checkpoint/{id}/steps"),
     ];
     let mut mounted = BTreeSet::new();
     // `.route("<path>", web::<method>()…)`, whatever the line breaks.

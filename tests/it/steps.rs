@@ -398,9 +398,24 @@ both_sdks!(
 
 /// Steps the server carries out itself (`step.fetch`, `step.ai.infer`),
 /// `step.sendEvent`, `timeouts.finish`, large state through the API, and
-/// the step size limit: Node only (the Python SDK has no fetch step).
+/// the step size limit: Node only (the Python SDK has no fetch step). Run
+/// both ways: with checkpointing each large step comes in a checkpoint of
+/// its own (the too-large one is refused there and fails the run on the
+/// executor's path); without, the call state passes 4 MiB and the SDK reads
+/// it through the API.
 #[tokio::test]
 async fn node_server_side_steps_timeouts_and_large_state() {
+    server_side_steps_timeouts_and_large_state().await;
+}
+
+#[tokio::test]
+async fn node_server_side_steps_timeouts_and_large_state_without_checkpointing() {
+    CHECKPOINTING
+        .scope(false, server_side_steps_timeouts_and_large_state())
+        .await;
+}
+
+async fn server_side_steps_timeouts_and_large_state() {
     let (_dir, baton, app) = start(Sdk::Node, &[]).await;
 
     let fetch = send_event(&baton, "test/fetch", json!({"key": "f"})).await;
@@ -452,13 +467,14 @@ async fn node_server_side_steps_timeouts_and_large_state() {
         json!([1_600_000, 1_600_000, 1_600_000])
     );
     let status = get_json(&format!("{}/v1/status", baton.url)).await;
-    assert!(
-        status["data"]["executor"]["calls_using_api"]
-            .as_u64()
-            .unwrap()
-            >= 1,
-        "{status}"
-    );
+    let using_api = status["data"]["executor"]["calls_using_api"]
+        .as_u64()
+        .unwrap();
+    if CHECKPOINTING.try_with(|on| *on).unwrap_or(true) {
+        assert_eq!(using_api, 0, "{status}");
+    } else {
+        assert!(using_api >= 1, "{status}");
+    }
 
     let run = finished_run(&baton, &too_big, TIMEOUT).await;
     assert_eq!(run["status"], "Failed");
