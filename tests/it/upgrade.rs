@@ -29,6 +29,57 @@ fn untar(archive: &Path, into: &Path) {
     assert!(status.success(), "cannot unpack {}", archive.display());
 }
 
+/// The runs the previous release left (finished, asleep, waiting) all end
+/// on this build; the wait is resumed by a reply carrying `v`.
+async fn finish_old_runs(baton: &Baton, ids: &Value, v: u64) {
+    // Finished before the upgrade: still readable, with its output.
+    let done = finished_run(baton, ids["completed"].as_str().unwrap(), TIMEOUT).await;
+    assert_eq!(done["status"], "Completed", "{done}");
+    assert_eq!(step_names(&done).len(), 3, "{done}");
+
+    // Asleep at the upgrade: wakes and finishes.
+    let slept = finished_run(baton, ids["sleeping"].as_str().unwrap(), TIMEOUT).await;
+    assert_eq!(slept["status"], "Completed", "{slept}");
+    assert_eq!(slept["output"], json!("slept"), "{slept}");
+
+    // Waiting at the upgrade: the old pause still matches a new event.
+    let waiting = ids["waiting"].as_str().unwrap();
+    run_where(baton, waiting, "the old wait to be open", TIMEOUT, |run| {
+        run["status"] == "Running"
+    })
+    .await;
+    send_event(
+        baton,
+        "test/wait.reply",
+        json!({"key": "prev-wait", "v": v}),
+    )
+    .await;
+    let resumed = finished_run(baton, waiting, TIMEOUT).await;
+    assert_eq!(resumed["status"], "Completed", "{resumed}");
+    assert_eq!(resumed["output"]["received"]["v"], v, "{resumed}");
+}
+
+/// What the fixtures hold: a finished run, then a run asleep and one
+/// waiting, each past its first step. Returns their event ids.
+async fn start_old_runs(baton: &Baton) -> Value {
+    let completed = send_event(baton, "test/three-steps", json!({"key": "prev-done"})).await;
+    finished_run(baton, &completed, TIMEOUT).await;
+    let waiting = send_event(
+        baton,
+        "test/wait",
+        json!({"key": "prev-wait", "timeout": "365d"}),
+    )
+    .await;
+    let sleeping = send_event(baton, "test/sleeper", json!({"key": "prev-sleep"})).await;
+    for (id, what) in [(&waiting, "the wait"), (&sleeping, "the sleep")] {
+        run_where(baton, id, what, TIMEOUT, |run| {
+            step_names(run).contains(&"before".to_string())
+        })
+        .await;
+    }
+    json!({"completed": completed, "sleeping": sleeping, "waiting": waiting})
+}
+
 #[tokio::test]
 async fn a_data_dir_of_the_previous_release_finishes_its_runs() {
     let ids: Value = serde_json::from_str(
@@ -43,31 +94,7 @@ async fn a_data_dir_of_the_previous_release_finishes_its_runs() {
     let app = NodeApp::start(&baton.url);
     app.sync().await;
 
-    // Finished before the upgrade: still readable, with its output.
-    let done = finished_run(&baton, ids["completed"].as_str().unwrap(), TIMEOUT).await;
-    assert_eq!(done["status"], "Completed", "{done}");
-    assert_eq!(step_names(&done).len(), 3, "{done}");
-
-    // Asleep at the upgrade: wakes and finishes.
-    let slept = finished_run(&baton, ids["sleeping"].as_str().unwrap(), TIMEOUT).await;
-    assert_eq!(slept["status"], "Completed", "{slept}");
-    assert_eq!(slept["output"], json!("slept"), "{slept}");
-
-    // Waiting at the upgrade: the old pause still matches a new event.
-    let waiting = ids["waiting"].as_str().unwrap();
-    run_where(&baton, waiting, "the old wait to be open", TIMEOUT, |run| {
-        run["status"] == "Running"
-    })
-    .await;
-    send_event(
-        &baton,
-        "test/wait.reply",
-        json!({"key": "prev-wait", "v": 1}),
-    )
-    .await;
-    let resumed = finished_run(&baton, waiting, TIMEOUT).await;
-    assert_eq!(resumed["status"], "Completed", "{resumed}");
-    assert_eq!(resumed["output"]["received"]["v"], 1, "{resumed}");
+    finish_old_runs(&baton, &ids, 1).await;
 
     // The old events are all listed.
     let events = get_json(&format!("{}/v1/events", baton.url)).await;
@@ -97,23 +124,7 @@ async fn make_previous_release_fixture() {
     let mut baton = Baton::start(&data_dir);
     let app = NodeApp::start(&baton.url);
     app.sync().await;
-    let completed = send_event(&baton, "test/three-steps", json!({"key": "prev-done"})).await;
-    finished_run(&baton, &completed, TIMEOUT).await;
-    let waiting = send_event(
-        &baton,
-        "test/wait",
-        json!({"key": "prev-wait", "timeout": "365d"}),
-    )
-    .await;
-    let sleeping = send_event(&baton, "test/sleeper", json!({"key": "prev-sleep"})).await;
-    run_where(&baton, &waiting, "the wait", TIMEOUT, |run| {
-        step_names(run).contains(&"before".to_string())
-    })
-    .await;
-    run_where(&baton, &sleeping, "the sleep", TIMEOUT, |run| {
-        step_names(run).contains(&"before".to_string())
-    })
-    .await;
+    let ids = start_old_runs(&baton).await;
     // Stop with the sleep and the wait in flight (a kill: nothing tidied).
     baton.kill_9();
     let out = fixture_dir();
@@ -127,7 +138,6 @@ async fn make_previous_release_fixture() {
         .status()
         .unwrap();
     assert!(status.success());
-    let ids = json!({"completed": completed, "sleeping": sleeping, "waiting": waiting});
     std::fs::write(out.join("sled-0.1.0.json"), format!("{ids:#}\n")).unwrap();
 }
 
@@ -216,23 +226,7 @@ async fn a_redis_dataset_of_the_previous_release_finishes_its_runs() {
     );
     let app = NodeApp::start(&baton.url);
     app.sync().await;
-    let done = finished_run(&baton, ids["completed"].as_str().unwrap(), TIMEOUT).await;
-    assert_eq!(done["status"], "Completed", "{done}");
-    let slept = finished_run(&baton, ids["sleeping"].as_str().unwrap(), TIMEOUT).await;
-    assert_eq!(slept["output"], json!("slept"), "{slept}");
-    let waiting = ids["waiting"].as_str().unwrap();
-    run_where(&baton, waiting, "the old wait to be open", TIMEOUT, |run| {
-        run["status"] == "Running"
-    })
-    .await;
-    send_event(
-        &baton,
-        "test/wait.reply",
-        json!({"key": "prev-wait", "v": 2}),
-    )
-    .await;
-    let resumed = finished_run(&baton, waiting, TIMEOUT).await;
-    assert_eq!(resumed["output"]["received"]["v"], 2, "{resumed}");
+    finish_old_runs(&baton, ids, 2).await;
     drop((baton, app));
     delete_under(&mut conn, prefix);
 }
@@ -254,21 +248,7 @@ async fn make_previous_release_redis_fixture() {
     );
     let app = NodeApp::start(&baton.url);
     app.sync().await;
-    let completed = send_event(&baton, "test/three-steps", json!({"key": "prev-done"})).await;
-    finished_run(&baton, &completed, TIMEOUT).await;
-    let waiting = send_event(
-        &baton,
-        "test/wait",
-        json!({"key": "prev-wait", "timeout": "365d"}),
-    )
-    .await;
-    let sleeping = send_event(&baton, "test/sleeper", json!({"key": "prev-sleep"})).await;
-    for (id, what) in [(&waiting, "the wait"), (&sleeping, "the sleep")] {
-        run_where(&baton, id, what, TIMEOUT, |run| {
-            step_names(run).contains(&"before".to_string())
-        })
-        .await;
-    }
+    let ids = start_old_runs(&baton).await;
     baton.kill_9();
     let keys: Vec<Value> = keys_under(&mut conn, &prefix)
         .into_iter()
@@ -279,7 +259,7 @@ async fn make_previous_release_redis_fixture() {
         .collect();
     let fixture = json!({
         "prefix": prefix,
-        "ids": {"completed": completed, "sleeping": sleeping, "waiting": waiting},
+        "ids": ids,
         "keys": keys,
     });
     std::fs::write(fixture_dir().join(REDIS_FIXTURE), format!("{fixture:#}\n")).unwrap();
