@@ -188,9 +188,7 @@ pub async fn finish_run(
         .runs_finished
         .with_label_values(&[run.fn_id.as_str(), status.as_str()])
         .inc();
-    for pause in backends.state.pauses_for_run(&run.id).await? {
-        backends.state.take_pause(&pause.id).await?;
-    }
+    drop_pauses(backends, &run.id).await?;
     let took_ms = now.millis() - run.created_at;
     match status {
         RunStatus::Completed => {
@@ -201,6 +199,14 @@ pub async fn finish_run(
     }
     publish_events(backends, &lifecycle_events(run, status, &output, now)).await?;
     Ok(true)
+}
+
+/// Deletes every pause of a run that has ended.
+async fn drop_pauses(backends: &Backends, run_id: &str) -> StoreResult<()> {
+    for pause in backends.state.pauses_for_run(run_id).await? {
+        backends.state.take_pause(&pause.id).await?;
+    }
+    Ok(())
 }
 
 /// For a run that has ended: publishes its lifecycle events unless they are
@@ -231,9 +237,7 @@ pub async fn ensure_lifecycle_published(backends: &Backends, run: &RunRecord) ->
         return Ok(());
     }
     info!(run_id = %run.id, "publishing the lifecycle events a crash held back");
-    for pause in backends.state.pauses_for_run(&run.id).await? {
-        backends.state.take_pause(&pause.id).await?;
-    }
+    drop_pauses(backends, &run.id).await?;
     publish_events(backends, &events).await
 }
 
