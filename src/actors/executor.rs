@@ -37,7 +37,7 @@ use crate::model::{
     RunRecord, RunStatus, StepKind, StepRecord,
 };
 use crate::sdk::{parse_reply, step_error, CallRequest, CheckpointOffer, SdkClient, SdkReply};
-use crate::store::{Backends, Lease, SaveStep, StoreResult};
+use crate::store::{Backends, Lease, SaveSignal, SaveStep, StoreResult};
 
 /// Inngest's retry backoff table (GO `pkg/backoff TableBackoff`).
 const BACKOFF_TABLE: [u64; 10] = [15, 30, 60, 120, 300, 600, 1_200, 2_400, 3_600, 7_200];
@@ -55,6 +55,8 @@ pub const MAX_OPS_PER_REPLY: usize = MAX_STEPS;
 /// Replies in a row that make no progress (`206 []`, a lone
 /// `DiscoveryRequest`) before the run fails; they are re-tried with backoff.
 pub const MAX_NO_PROGRESS: u32 = 10;
+/// Longest signal name, bytes.
+pub const MAX_SIGNAL_BYTES: usize = 1_024;
 /// How long a pause with no timeout waits.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(366 * 86_400);
 
@@ -111,6 +113,8 @@ pub struct Decision {
     /// Set the run's force-plan flag (the reply had several ops).
     pub force_plan: bool,
     pub pauses: Vec<PauseRecord>,
+    /// `step.waitForSignal` pauses, each with its `onConflict: "replace"`.
+    pub signals: Vec<(PauseRecord, bool)>,
     pub invokes: Vec<Invoke>,
     pub fetches: Vec<Fetch>,
     /// End the run.
@@ -389,6 +393,50 @@ pub fn decide(
                             None
                         }
                     }
+                    "WaitForSignal" => {
+                        let opts = op.opts.as_ref();
+                        let signal = match opts.and_then(|o| o.get("signal")) {
+                            Some(Value::String(name)) if !name.is_empty() => name.clone(),
+                            _ => return fail("waitForSignal: the signal name is required".into()),
+                        };
+                        if signal.len() > MAX_SIGNAL_BYTES {
+                            return fail(format!(
+                                "waitForSignal: the signal name is {} bytes; the most is \
+                                 {MAX_SIGNAL_BYTES}",
+                                signal.len()
+                            ));
+                        }
+                        let replace = match opts.and_then(|o| o.get("conflict")) {
+                            None | Some(Value::Null) => false,
+                            Some(Value::String(mode)) if mode == "fail" => false,
+                            Some(Value::String(mode)) if mode == "replace" => true,
+                            Some(other) => {
+                                return fail(format!(
+                                    "waitForSignal: onConflict must be \"replace\" or \"fail\", \
+                                     not {other}"
+                                ))
+                            }
+                        };
+                        let timeout = match pause_timeout(opts) {
+                            Ok(timeout) => timeout,
+                            Err(err) => return fail(format!("waitForSignal: {err}")),
+                        };
+                        if timeout == Some(Duration::ZERO) {
+                            Some(step(StepKind::WaitForSignal, Value::Null))
+                        } else {
+                            let mut wait = pause(PauseKind::Signal, "", timeout);
+                            wait.correlation_id = Some(signal);
+                            decision.schedule.push((
+                                QueueItem::pause_timeout(&run.id, &run.fn_id, &wait.id),
+                                Timestamp(wait.expires_at),
+                            ));
+                            decision.signals.push((wait, replace));
+                            if joins_group(op) {
+                                decision.plan.push(op.id.clone());
+                            }
+                            None
+                        }
+                    }
                     "InvokeFunction" => {
                         let opts = op.opts.clone().unwrap_or(Value::Null);
                         let function_id = opts
@@ -499,6 +547,7 @@ pub fn decide(
         decision.discover = Discover::No;
         decision.schedule.clear();
         decision.pauses.clear();
+        decision.signals.clear();
         decision.invokes.clear();
         decision.fetches.clear();
     }
@@ -750,7 +799,11 @@ impl Worker {
                 let kind = if *invoke {
                     StepKind::Invoke
                 } else {
-                    StepKind::WaitForEvent
+                    // The pause is kept until its result is saved.
+                    match self.backends.state.get_pause(pause_id).await? {
+                        Some(pause) if pause.kind == PauseKind::Signal => StepKind::WaitForSignal,
+                        _ => StepKind::WaitForEvent,
+                    }
                 };
                 let memo = serde_json::from_str(memo).unwrap_or(Value::Null);
                 let step = self.step_record(step_id, name, kind, memo);
@@ -768,6 +821,7 @@ impl Worker {
                             "message": "Timed out waiting for invoked function to complete",
                         }}),
                     ),
+                    PauseKind::Signal => (StepKind::WaitForSignal, Value::Null),
                     _ => (StepKind::WaitForEvent, Value::Null),
                 };
                 let step = self.step_record(&pause.step_id, &pause.step_name, kind, memo);
@@ -1111,6 +1165,27 @@ impl Worker {
         }
         for pause in decision.pauses {
             self.backends.state.save_pause(pause).await?;
+        }
+        for (pause, replace) in decision.signals {
+            let signal = pause.correlation_id.clone().unwrap_or_default();
+            if let SaveSignal::Conflict { run_id } = self
+                .backends
+                .state
+                .save_signal_pause(pause, replace)
+                .await?
+            {
+                // As Inngest does: the run fails, it does not wait.
+                info!(run_id = %run.id, signal = %signal, holder = %run_id,
+                      "signal wait conflicts with another run's");
+                let error = json!({"error": "signal conflict", "name": "Error",
+                    "message": format!("Signal conflict; signal wait already exists for \
+                                        another run (signal {signal:?}, run {run_id})")});
+                if lifecycle::finish_run(&self.backends, run, RunStatus::Failed, error, now).await?
+                {
+                    self.status.borrow_mut().runs_failed += 1;
+                }
+                return self.ack(lease, Vec::new()).await;
+            }
         }
         if !decision.plan.is_empty() || decision.force_plan {
             self.backends
@@ -1739,9 +1814,19 @@ mod tests {
             DELAY,
         );
         assert!(failed(&d));
+        // A signal wait without a name, or with an unknown onConflict.
         check(0, ops(vec![op("WaitForSignal", "w")], false), |d| {
             assert!(failed(d))
         });
+        let bad_conflict = json!({"signal": "s", "timeout": "1m", "conflict": "merge"});
+        check(
+            0,
+            ops(
+                vec![with_opts(op("WaitForSignal", "w"), bad_conflict)],
+                false,
+            ),
+            |d| assert!(failed(d)),
+        );
         check(0, ops(vec![op("RunComplete", "c")], false), |d| {
             assert_eq!(d.finish, Some((RunStatus::Completed, json!({"n": 1}))));
         });
@@ -1749,6 +1834,48 @@ mod tests {
             assert_eq!(d.fetches.len(), 1);
             assert!(!d.fetches[0].ai);
         });
+    }
+
+    #[test]
+    fn signal_waits_become_signal_pauses() {
+        let opts = json!({"signal": "approve", "timeout": "1m", "conflict": "replace"});
+        check(
+            0,
+            ops(vec![with_opts(op("WaitForSignal", "w"), opts)], false),
+            |d| {
+                assert!(!failed(d));
+                assert_eq!(d.signals.len(), 1);
+                let (pause, replace) = &d.signals[0];
+                assert!(*replace);
+                assert_eq!(pause.kind, PauseKind::Signal);
+                assert_eq!(pause.correlation_id.as_deref(), Some("approve"));
+                assert_eq!(pause.event_name, "", "no event ever matches a signal wait");
+                assert_eq!(pause.expires_at, NOW.plus(Duration::from_secs(60)).millis());
+                assert!(d.pauses.is_empty());
+                assert!(matches!(
+                    d.schedule[0].0.kind,
+                    ItemKind::PauseTimeout { .. }
+                ));
+            },
+        );
+        // The default is to fail on a conflict; a zero timeout is null now.
+        let opts = json!({"signal": "approve", "timeout": "0s"});
+        check(
+            0,
+            ops(vec![with_opts(op("WaitForSignal", "w"), opts)], false),
+            |d| {
+                assert!(d.signals.is_empty());
+                assert_eq!(d.save.len(), 1);
+                assert_eq!(d.save[0].kind, StepKind::WaitForSignal);
+                assert_eq!(d.save[0].memo, "null");
+            },
+        );
+        let opts = json!({"signal": "approve"});
+        check(
+            0,
+            ops(vec![with_opts(op("WaitForSignal", "w"), opts)], false),
+            |d| assert!(!d.signals[0].1),
+        );
     }
 
     #[test]

@@ -241,7 +241,9 @@ impl Matcher {
                     info!(run_id = %pause.run_id, event = %event.name, "run cancelled by event");
                     lifecycle::cancel_run(&self.backends, &pause.run_id, self.clock.now()).await?;
                 }
-                PauseKind::Invoke => {}
+                // Invokes resume by correlation id, signals by
+                // `POST /v1/signals`; neither is ever in an event's index.
+                PauseKind::Invoke | PauseKind::Signal => {}
             }
         }
         Ok(())

@@ -360,6 +360,7 @@ pub async fn get_run(
                     PauseKind::WaitForEvent => "wait_for_event",
                     PauseKind::Invoke => "invoke",
                     PauseKind::Cancel => "cancel",
+                    PauseKind::Signal => "wait_for_signal",
                 },
                 "step": pause.step_name,
                 "event": pause.event_name,

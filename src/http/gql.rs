@@ -143,6 +143,7 @@ pub enum StepOp {
     WaitForEvent,
     Invoke,
     AiGateway,
+    WaitForSignal,
 }
 
 /// Run and step metadata. Baton keeps none, so lists of these are empty.
@@ -203,6 +204,7 @@ fn step_span(run: &RunRecord, step: &StepRecord) -> RunTraceSpan {
         StepKind::WaitForEvent => (StepOp::WaitForEvent, RunTraceSpanStatus::Completed),
         StepKind::Invoke => (StepOp::Invoke, RunTraceSpanStatus::Completed),
         StepKind::Fetch => (StepOp::AiGateway, RunTraceSpanStatus::Completed),
+        StepKind::WaitForSignal => (StepOp::WaitForSignal, RunTraceSpanStatus::Completed),
     };
     RunTraceSpan {
         run_id: Ulid(run.id.clone()),
@@ -307,6 +309,7 @@ impl FunctionRunV2 {
             let op = match pause.kind {
                 PauseKind::WaitForEvent => StepOp::WaitForEvent,
                 PauseKind::Invoke => StepOp::Invoke,
+                PauseKind::Signal => StepOp::WaitForSignal,
                 PauseKind::Cancel => continue,
             };
             children.push(RunTraceSpan {

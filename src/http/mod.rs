@@ -13,6 +13,7 @@ pub mod gql;
 pub mod guard;
 pub mod openapi;
 pub mod session;
+pub mod signals;
 pub mod trace;
 
 use actix::Addr;
@@ -237,7 +238,8 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route(
                 "/v1/checkpoint/{id}/steps",
                 web::post().to(checkpoint::checkpoint_steps),
-            );
+            )
+            .route("/v1/signals", web::post().to(signals::send_signal));
     }
 }
 

@@ -174,6 +174,8 @@ pub enum StepKind {
     WaitForEvent,
     Invoke,
     Fetch,
+    /// `step.waitForSignal`: the signal's `{signal, data}`, or null.
+    WaitForSignal,
 }
 
 impl StepKind {
@@ -185,6 +187,7 @@ impl StepKind {
             StepKind::WaitForEvent => "wait_for_event",
             StepKind::Invoke => "invoke",
             StepKind::Fetch => "fetch",
+            StepKind::WaitForSignal => "wait_for_signal",
         }
     }
 }
@@ -420,6 +423,11 @@ pub enum PauseKind {
     Invoke,
     /// A `cancel` rule: a matching event cancels the run.
     Cancel,
+    /// `step.waitForSignal`: `POST /v1/signals` resumes it. Its signal name
+    /// is in `correlation_id` (indexed apart from invoke correlations, at
+    /// most one open wait per name), and `event_name` is empty, so no event
+    /// ever matches it.
+    Signal,
 }
 
 /// A run waiting for an event. Indexed by event name (and by correlation id
@@ -441,6 +449,7 @@ pub struct PauseRecord {
     /// does), the path and the value's JSON: the pause is then indexed by
     /// it, and an event only looks at pauses its own value selects.
     pub match_key: Option<(String, String)>,
+    /// Invokes: `<runId>.<stepId>`; signals: the signal name.
     pub correlation_id: Option<String>,
     /// The run's triggering event (JSON), bound as `event`.
     pub trigger_event: String,

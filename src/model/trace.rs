@@ -269,6 +269,15 @@ pub fn spans(
                 json!({"function_id": opts.get("function_id"), "timeout": opts.get("timeout"),
                        "correlation_id": format!("{}.{}", run.id, step.id)}),
             ),
+            StepKind::WaitForSignal => (
+                "wait",
+                if memo.is_null() || memo.get("data").is_some_and(Value::is_null) {
+                    "timed_out"
+                } else {
+                    "completed"
+                },
+                json!({"signal": opts.get("signal"), "timeout": opts.get("timeout")}),
+            ),
             StepKind::Fetch => ("fetch", "completed", Value::Null),
             StepKind::Failed => ("run", "failed", Value::Null),
             StepKind::Run => ("run", "completed", Value::Null),
@@ -298,6 +307,13 @@ pub fn spans(
             continue;
         }
         let invoke = pause.kind == PauseKind::Invoke;
+        let detail = match pause.kind {
+            PauseKind::Signal => json!({"signal": pause.correlation_id,
+                                        "expires_at": pause.expires_at}),
+            _ => json!({"event": pause.event_name, "if": pause.expression,
+                        "expires_at": pause.expires_at,
+                        "correlation_id": pause.correlation_id}),
+        };
         saved.insert(pause.step_id.as_str());
         out.push(Span {
             id: pause.step_id.clone(),
@@ -307,9 +323,7 @@ pub fn spans(
             end: None,
             status: "waiting",
             segments: Vec::new(),
-            detail: json!({"event": pause.event_name, "if": pause.expression,
-                           "expires_at": pause.expires_at,
-                           "correlation_id": pause.correlation_id}),
+            detail,
         });
     }
     if !ended {

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::model::{EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord};
-use crate::store::{BatchPush, CreateRun, SaveStep, StateStore, StoreError, StoreResult};
+use crate::store::{
+    BatchPush, CreateRun, SaveSignal, SaveStep, StateStore, StoreError, StoreResult,
+};
 
 /// Which calls fail: by method name (the next `n` calls of it), or the call
 /// with a given number counting every call made through the wrapper.
@@ -106,6 +108,9 @@ delegate! {
     async fn pauses_for_event(&self, event_name: &str) -> StoreResult<Vec<PauseRecord>>;
     async fn pause_match_paths(&self, event_name: &str) -> StoreResult<Vec<String>>;
     async fn pauses_for_match(&self, event_name: &str, path: &str, value_json: &str) -> StoreResult<Vec<PauseRecord>>;
+    async fn save_signal_pause(&self, pause: PauseRecord, replace: bool) -> StoreResult<SaveSignal>;
+    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>>;
+    async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()>;
     async fn pause_for_correlation(&self, correlation_id: &str) -> StoreResult<Option<PauseRecord>>;
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>>;
     async fn take_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>>;

@@ -120,6 +120,18 @@ pub enum SaveStep {
     RunEnded,
 }
 
+/// What [`StateStore::save_signal_pause`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SaveSignal {
+    /// Saved, and now the signal's waiter.
+    Saved,
+    /// A pause with this id exists already; nothing changed.
+    Exists,
+    /// Another run's open wait holds the signal and `replace` was not
+    /// asked for; nothing changed.
+    Conflict { run_id: String },
+}
+
 /// Runs and their step results. Writes are durable when they return
 /// (`create_run` excepted, see there).
 #[async_trait::async_trait]
@@ -182,13 +194,30 @@ pub trait StateStore: Send + Sync + 'static {
         value_json: &str,
     ) -> StoreResult<Vec<PauseRecord>>;
 
+    /// Stores a [`PauseKind::Signal`](crate::model::PauseKind) pause (its
+    /// signal name in `correlation_id`) and makes it the signal's waiter, in
+    /// one atomic step. An open wait of another pause for the same signal is
+    /// a conflict, unless `replace`: then this pause takes the signal over,
+    /// and the older one stays open, unreachable, until its timeout.
+    async fn save_signal_pause(&self, pause: PauseRecord, replace: bool)
+        -> StoreResult<SaveSignal>;
+
+    /// The open wait for `signal`, if any.
+    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>>;
+
+    /// Unlinks `signal` from its waiter if that is still `pause_id` (the
+    /// pause itself stays until its result is saved), so that a second
+    /// signal finds no waiter.
+    async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()>;
+
     /// The invoke pause with this correlation id (`<runId>.<stepId>`).
     async fn pause_for_correlation(&self, correlation_id: &str)
         -> StoreResult<Option<PauseRecord>>;
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>>;
 
-    /// Deletes a pause; returns it if it was there.
+    /// Deletes a pause; returns it if it was there. A signal pause gives up
+    /// its signal only if it still holds it.
     async fn take_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>>;
 
     /// Number of open pauses.

@@ -13,7 +13,9 @@ use crate::model::{
     AppRecord, EventRecord, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem, RunRecord,
     RunStatus, StepKind, StepRecord,
 };
-use crate::store::{Backends, CreateRun, DataStore, EventBus, Queue, SaveStep, StateStore};
+use crate::store::{
+    Backends, CreateRun, DataStore, EventBus, Queue, SaveSignal, SaveStep, StateStore,
+};
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", ulid::Ulid::new())
@@ -72,6 +74,9 @@ pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
     pauses_index_by_event_run_and_correlation(state)
         .await
         .context("pauses_index_by_event_run_and_correlation")?;
+    signal_waits_hold_their_signal(state)
+        .await
+        .context("signal_waits_hold_their_signal")?;
     flow_control_bookkeeping(state)
         .await
         .context("flow_control_bookkeeping")?;
@@ -309,6 +314,70 @@ fn sample_pause(run_id: &str, event_name: &str, correlation: Option<&str>) -> Pa
         created_at: 1,
         expires_at: 2,
     }
+}
+
+fn signal_pause(signal: &str) -> PauseRecord {
+    let mut pause = sample_pause(&unique("run"), "", Some(signal));
+    pause.kind = PauseKind::Signal;
+    pause.expression = None;
+    pause
+}
+
+/// One open wait per signal name: a second one conflicts unless it asks to
+/// replace; a taken or released wait gives the signal up, but only if it
+/// still holds it; invoke correlations with the same text are apart.
+async fn signal_waits_hold_their_signal(state: &dyn StateStore) -> anyhow::Result<()> {
+    let signal = unique("signal");
+    let first = signal_pause(&signal);
+    ensure!(state.pause_for_signal(&signal).await?.is_none());
+    ensure!(state.save_signal_pause(first.clone(), false).await? == SaveSignal::Saved);
+    ensure!(
+        state.save_signal_pause(first.clone(), false).await? == SaveSignal::Exists,
+        "a retry of the same wait is not a conflict"
+    );
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&first));
+    ensure!(
+        state.pause_for_correlation(&signal).await?.is_none(),
+        "signals are indexed apart from invoke correlations"
+    );
+
+    // A second run's wait conflicts and changes nothing.
+    let second = signal_pause(&signal);
+    let conflict = state.save_signal_pause(second.clone(), false).await?;
+    ensure!(
+        conflict
+            == SaveSignal::Conflict {
+                run_id: first.run_id.clone()
+            },
+        "{conflict:?}"
+    );
+    ensure!(state.get_pause(&second.id).await?.is_none());
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&first));
+
+    // With replace it takes the signal; the first stays open, unlinked, and
+    // taking it does not unlink the second.
+    ensure!(state.save_signal_pause(second.clone(), true).await? == SaveSignal::Saved);
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&second));
+    ensure!(state.get_pause(&first.id).await?.is_some());
+    ensure!(state.take_pause(&first.id).await?.is_some());
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&second));
+
+    // Releasing for another pause does nothing; for the holder, it unlinks
+    // the signal and keeps the pause (its result is not saved yet).
+    state.release_signal(&signal, &first.id).await?;
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&second));
+    state.release_signal(&signal, &second.id).await?;
+    ensure!(state.pause_for_signal(&signal).await?.is_none());
+    ensure!(state.get_pause(&second.id).await?.is_some());
+
+    // A free signal takes a new wait; taking the holder frees it.
+    let third = signal_pause(&signal);
+    ensure!(state.save_signal_pause(third.clone(), false).await? == SaveSignal::Saved);
+    ensure!(state.take_pause(&second.id).await?.is_some());
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&third));
+    ensure!(state.take_pause(&third.id).await?.is_some());
+    ensure!(state.pause_for_signal(&signal).await?.is_none());
+    Ok(())
 }
 
 async fn pauses_index_by_event_run_and_correlation(state: &dyn StateStore) -> anyhow::Result<()> {

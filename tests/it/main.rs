@@ -19,6 +19,7 @@ mod openapi;
 mod production;
 mod sdk_node;
 mod security;
+mod signals;
 mod split;
 mod steps;
 mod support;

@@ -1123,7 +1123,9 @@ function traceView(trace) {
 function traceNote(span) {
   const detail = span.detail ?? {};
   if (span.kind === "wait") {
-    const parts = [" for ", h("code", null, detail.event ?? "?")];
+    const parts = detail.signal != null
+      ? [" for signal ", h("code", null, detail.signal)]
+      : [" for ", h("code", null, detail.event ?? "?")];
     if (detail.if) parts.push(" if ", h("code", null, detail.if));
     if (detail.expires_at) parts.push(" until ", timeEl(detail.expires_at, false));
     else if (detail.timeout) parts.push(` (timeout ${detail.timeout})`);

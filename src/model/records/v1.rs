@@ -5,7 +5,8 @@
 //! `tests/fixtures/records/` hold the bytes this module must keep reading.
 //!
 //! Enums may only grow at the end (a new variant leaves old bytes valid):
-//! `ItemKind::Finalize` was appended that way.
+//! `ItemKind::Finalize`, `StepKind::WaitForSignal` and `PauseKind::Signal`
+//! were appended that way.
 
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +90,8 @@ pub enum StepKind {
     WaitForEvent,
     Invoke,
     Fetch,
+    /// Appended after 0.1 (enums only grow at the end).
+    WaitForSignal,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -162,6 +165,8 @@ pub enum PauseKind {
     WaitForEvent,
     Invoke,
     Cancel,
+    /// Appended after 0.1 (enums only grow at the end).
+    Signal,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -348,7 +353,7 @@ same_fields!(Run <=> live::RunRecord {
     correlation_id, state_bytes, concurrency, priority_ms, skip_reason, delayed_by,
 });
 same_variants!(StepKind <=> live::StepKind {
-    Run, Failed, Sleep, WaitForEvent, Invoke, Fetch,
+    Run, Failed, Sleep, WaitForEvent, Invoke, Fetch, WaitForSignal,
 });
 same_fields!(Step <=> live::StepRecord {
     id, name, kind, memo, saved_at, attempts,
@@ -360,7 +365,7 @@ same_fields!(QueueEntry <=> super::QueueEntry {
     item, due, seq, attempt, lease,
 });
 same_variants!(PauseKind <=> live::PauseKind {
-    WaitForEvent, Invoke, Cancel,
+    WaitForEvent, Invoke, Cancel, Signal,
 });
 same_fields!(Pause <=> live::PauseRecord {
     id, run_id, fn_id, step_id, step_name, kind, event_name, expression, match_key,

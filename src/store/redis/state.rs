@@ -9,7 +9,8 @@
 //!   `pevent:<event name>` ids of pauses without a match key,
 //!   `pmatch:<JSON [name, path, value]>` ids of pauses with that match key,
 //!   `ppaths:<event name>` the paths in use (never pruned), `prun:<run>` ids
-//!   by run, `pcorr:<correlation id>` → pause id;
+//!   by run, `pcorr:<correlation id>` → pause id, `psig:<signal>` → the
+//!   pause that waits for that signal;
 //! - flow control: `rl:<key>` and `th:<key>` GCRA arrival times (ms),
 //!   `debounce:<key>` debounce record, `batch:<key>` open batch,
 //!   `singleton:<key>` holder run id.
@@ -28,10 +29,11 @@ use crate::clock::Timestamp;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord,
+    BatchRecord, DebounceRecord, EventRecord, PauseKind, PauseRecord, RunRecord, RunStatus,
+    StepRecord,
 };
 use crate::store::{next_debounce, push_to_batch};
-use crate::store::{BatchPush, CreateRun, SaveStep, StateStore, StoreResult};
+use crate::store::{BatchPush, CreateRun, SaveSignal, SaveStep, StateStore, StoreResult};
 
 /// Run ids read per round trip while filtering `list_runs`.
 const LIST_CHUNK: usize = 500;
@@ -67,6 +69,46 @@ impl RedisStateStore {
             Some((path, value)) => self.match_key(&pause.event_name, path, value),
             None => self.conn.key("pevent:", &pause.event_name),
         }
+    }
+
+    /// Where a pause's correlation id is indexed: signals apart from invokes.
+    fn correlation_key(&self, pause: &PauseRecord, correlation: &str) -> String {
+        match pause.kind {
+            PauseKind::Signal => self.conn.key("psig:", correlation),
+            _ => self.conn.key("pcorr:", correlation),
+        }
+    }
+
+    /// Writes `pause` and its indexes, if no pause with its id exists.
+    fn pause_change(&self, pause: &PauseRecord) -> Change {
+        let key = self.pause_key(&pause.id);
+        let id = pause.id.as_bytes();
+        let mut change = Change::default();
+        change
+            .expect(&key, None)
+            .command("SET", &[key.as_bytes(), &pause.to_bytes()])
+            .command("SADD", &[self.conn.key("pauses", "").as_bytes(), id])
+            .command("SADD", &[self.pause_index_key(pause).as_bytes(), id])
+            .command(
+                "SADD",
+                &[self.conn.key("prun:", &pause.run_id).as_bytes(), id],
+            );
+        if let Some((path, _)) = &pause.match_key {
+            change.command(
+                "SADD",
+                &[
+                    self.conn.key("ppaths:", &pause.event_name).as_bytes(),
+                    path.as_bytes(),
+                ],
+            );
+        }
+        if let Some(correlation) = &pause.correlation_id {
+            change.command(
+                "SET",
+                &[self.correlation_key(pause, correlation).as_bytes(), id],
+            );
+        }
+        change
     }
 
     fn match_key(&self, event_name: &str, path: &str, value_json: &str) -> String {
@@ -362,34 +404,57 @@ impl StateStore for RedisStateStore {
     }
 
     async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool> {
-        let key = self.pause_key(&pause.id);
-        let id = pause.id.as_bytes();
-        let mut change = Change::default();
-        change
-            .expect(&key, None)
-            .command("SET", &[key.as_bytes(), &pause.to_bytes()])
-            .command("SADD", &[self.conn.key("pauses", "").as_bytes(), id])
-            .command("SADD", &[self.pause_index_key(&pause).as_bytes(), id])
-            .command(
-                "SADD",
-                &[self.conn.key("prun:", &pause.run_id).as_bytes(), id],
-            );
-        if let Some((path, _)) = &pause.match_key {
-            change.command(
-                "SADD",
-                &[
-                    self.conn.key("ppaths:", &pause.event_name).as_bytes(),
-                    path.as_bytes(),
-                ],
-            );
+        self.conn.apply(&self.pause_change(&pause)).await
+    }
+
+    async fn save_signal_pause(
+        &self,
+        pause: PauseRecord,
+        replace: bool,
+    ) -> StoreResult<SaveSignal> {
+        let signal = pause.correlation_id.clone().unwrap_or_default();
+        let signal_key = self.conn.key("psig:", &signal);
+        let mut attempts = Attempts::new("save_signal_pause");
+        loop {
+            attempts.next().await?;
+            if self
+                .conn
+                .get_bytes(&self.pause_key(&pause.id))
+                .await?
+                .is_some()
+            {
+                return Ok(SaveSignal::Exists);
+            }
+            let holder_id = self.conn.get_bytes(&signal_key).await?;
+            if let Some(holder_id) = holder_id
+                .as_deref()
+                .filter(|id| !replace && *id != pause.id.as_bytes())
+            {
+                if let Some(holder) = self.get_pause(&String::from_utf8_lossy(holder_id)).await? {
+                    return Ok(SaveSignal::Conflict {
+                        run_id: holder.run_id,
+                    });
+                }
+            }
+            // `pause_change` sets the signal's key; this check makes the
+            // whole step fail if another wait took the signal meanwhile.
+            let mut change = self.pause_change(&pause);
+            change.expect(&signal_key, holder_id.as_deref());
+            if self.conn.apply(&change).await? {
+                return Ok(SaveSignal::Saved);
+            }
         }
-        if let Some(correlation) = &pause.correlation_id {
-            change.command(
-                "SET",
-                &[self.conn.key("pcorr:", correlation).as_bytes(), id],
-            );
+    }
+
+    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
+        let pause_id: Option<String> = self
+            .conn
+            .query(::redis::cmd("GET").arg(self.conn.key("psig:", signal)))
+            .await?;
+        match pause_id {
+            Some(pause_id) => self.get_pause(&pause_id).await,
+            None => Ok(None),
         }
-        self.conn.apply(&change).await
     }
 
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
@@ -417,6 +482,17 @@ impl StateStore for RedisStateStore {
     ) -> StoreResult<Vec<PauseRecord>> {
         self.pauses_in(&self.match_key(event_name, path, value_json))
             .await
+    }
+
+    async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()> {
+        let index = self.conn.key("psig:", signal);
+        let mut change = Change::default();
+        change
+            .expect(&index, Some(pause_id.as_bytes()))
+            .command("DEL", &[index.as_bytes()]);
+        // False: another wait holds the signal now, or none does.
+        self.conn.apply(&change).await?;
+        Ok(())
     }
 
     async fn pause_for_correlation(
@@ -458,7 +534,17 @@ impl StateStore for RedisStateStore {
                     &[self.conn.key("prun:", &pause.run_id).as_bytes(), id],
                 );
             if let Some(correlation) = &pause.correlation_id {
-                change.command("DEL", &[self.conn.key("pcorr:", correlation).as_bytes()]);
+                let index = self.correlation_key(&pause, correlation);
+                if pause.kind == PauseKind::Signal {
+                    // Give the signal up only if this pause still holds it.
+                    let holder = self.conn.get_bytes(&index).await?;
+                    change.expect(&index, holder.as_deref());
+                    if holder.as_deref() == Some(id) {
+                        change.command("DEL", &[index.as_bytes()]);
+                    }
+                } else {
+                    change.command("DEL", &[index.as_bytes()]);
+                }
             }
             if self.conn.apply(&change).await? {
                 return Ok(Some(pause));

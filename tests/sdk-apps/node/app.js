@@ -663,7 +663,41 @@ const startTimeout = inngest.createFunction(
     }),
 );
 
+// Signals: a run waits for a named signal; another sends it with step.sendSignal.
+const signalWaiter = inngest.createFunction(
+  { id: "signal-waiter", triggers: [{ event: "test/signal.wait" }] },
+  async ({ event, step }) => {
+    const got = await step.waitForSignal("wait", {
+      signal: event.data.signal,
+      timeout: event.data.timeout ?? "30s",
+      onConflict: event.data.onConflict ?? "fail",
+    });
+    await step.run("after", () => {
+      bump("signal-waiter", "after", event);
+      return "after";
+    });
+    return { got };
+  },
+);
+
+const signalSender = inngest.createFunction(
+  { id: "signal-sender", triggers: [{ event: "test/signal.send" }] },
+  async ({ event, step }) => {
+    const sent = await step.sendSignal("send", {
+      signal: event.data.signal,
+      data: event.data.payload,
+    });
+    // And from the client, outside a step: a signal nobody waits for.
+    const nobody = await step.run("nobody", () =>
+      inngest.sendSignal({ signal: `${event.data.signal}-nobody`, data: 1 }),
+    );
+    return { sent, nobody };
+  },
+);
+
 const functions = [
+  signalWaiter,
+  signalSender,
   ckptMixed,
   startTimeout,
   fiveSteps,
