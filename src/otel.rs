@@ -156,6 +156,7 @@ pub fn start(
         exporter,
         client,
         metrics_url: format!("{}/v1/metrics", settings.endpoint),
+        endpoint: crate::secret::redact_url(&settings.endpoint),
         headers: settings.headers.clone(),
         resource,
         complaints: HashMap::new(),
@@ -184,6 +185,8 @@ struct Worker {
     exporter: opentelemetry_otlp::SpanExporter,
     client: reqwest::Client,
     metrics_url: String,
+    /// For log lines (credentials hidden).
+    endpoint: String,
     headers: Vec<(String, String)>,
     resource: ProtoResource,
     /// When the metrics began (the start of their cumulative sums).
@@ -276,7 +279,7 @@ impl Worker {
         for (name, value) in &self.headers {
             request = request.header(name, value);
         }
-        let response = request.send().await.map_err(|err| err.to_string())?;
+        let response = request.send().await.map_err(|err| error_chain(&err))?;
         let status = response.status();
         // The answer (a partial-success note at most) is read, capped, and
         // dropped, so the connection can be reused.
@@ -299,6 +302,7 @@ impl Worker {
         if now.saturating_sub(*last) >= WARN_EVERY_MS {
             warn!(
                 signal,
+                endpoint = %self.endpoint,
                 error = %error,
                 failures = *since,
                 "cannot export to the OpenTelemetry collector; runs go on, telemetry is dropped"
@@ -698,7 +702,13 @@ impl HttpClient for OtlpHttp {
             .headers(parts.headers)
             .body(body)
             .send()
-            .await?;
+            .await
+            .map_err(|err| {
+                // The exporter reports only "network error": say why here.
+                let text = error_chain(&err);
+                tracing::debug!(error = %text, "an OTLP request failed");
+                text
+            })?;
         let status = response.status();
         let headers = response.headers().clone();
         let body = read_capped(response).await?;
@@ -707,6 +717,19 @@ impl HttpClient for OtlpHttp {
         *answer.headers_mut() = headers;
         Ok(answer)
     }
+}
+
+/// An error and its causes (reqwest's own message omits "connection
+/// refused" and the like).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, HttpError> {
