@@ -259,12 +259,53 @@ fn attempts_of<'a>(spans: &'a [Span], step: &Span) -> Vec<&'a Span> {
 
 #[tokio::test]
 async fn runs_are_exported_as_traces_and_metrics_follow() {
+    exports_runs_and_metrics("").await;
+}
+
+/// The same on the Redis stores (skipped without a Redis on 127.0.0.1:6379,
+/// unless `BATON_REQUIRE_BACKENDS=1`).
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn runs_on_redis_are_exported_too() {
+    let url = "redis://127.0.0.1:6379";
+    let conn = redis::Client::open(url).and_then(|c| c.get_connection());
+    let Ok(conn) = conn else {
+        assert!(
+            std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+            "BATON_REQUIRE_BACKENDS=1 but there is no Redis at {url}"
+        );
+        eprintln!("*** SKIPPED runs_on_redis_are_exported_too: no Redis at {url} ***");
+        return;
+    };
+    /// Deletes the test's keys, also when it fails.
+    struct Keys(redis::Connection, String);
+    impl Drop for Keys {
+        fn drop(&mut self) {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", self.1))
+                .query(&mut self.0)
+                .unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut self.0);
+            }
+        }
+    }
+    let keys = Keys(conn, format!("baton-otel-{}:", ulid::Ulid::new()));
+    exports_runs_and_metrics(&format!(
+        "[backends]\nstate = \"redis\"\nqueue = \"redis\"\ndata = \"redis\"\n\
+         redis_url = \"{url}\"\nredis_prefix = \"{}\"\n",
+        keys.1
+    ))
+    .await;
+}
+
+async fn exports_runs_and_metrics(backends: &str) {
     let collector = Collector::start(0);
     let dir = tempfile::tempdir().unwrap();
     let baton = Baton::start_with(
         &dir.path().join("data"),
         BatonOptions {
-            config: Some(otel_config(&collector.url(), "1s")),
+            config: Some(format!("{backends}{}", otel_config(&collector.url(), "1s"))),
             ..Default::default()
         },
     );
