@@ -265,6 +265,7 @@ pub async fn start_run(
                 .runs_finished
                 .with_label_values(&[function.id.as_str(), "Skipped"])
                 .inc();
+            crate::otel::run_ended(&id);
         }
         return Ok(Some(id));
     }

@@ -188,6 +188,7 @@ pub async fn finish_run(
         .runs_finished
         .with_label_values(&[run.fn_id.as_str(), status.as_str()])
         .inc();
+    crate::otel::run_ended(&run.id);
     drop_pauses(backends, &run.id).await?;
     let took_ms = now.millis() - run.created_at;
     match status {
@@ -237,6 +238,9 @@ pub async fn ensure_lifecycle_published(backends: &Backends, run: &RunRecord) ->
         return Ok(());
     }
     info!(run_id = %run.id, "publishing the lifecycle events a crash held back");
+    // The crash may also have cost the run's trace: export it (again; with
+    // the same ids, so a collector that got it sees the same spans).
+    crate::otel::run_ended(&run.id);
     drop_pauses(backends, &run.id).await?;
     publish_events(backends, &events).await
 }

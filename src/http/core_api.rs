@@ -72,30 +72,8 @@ pub fn run_json(run: &RunRecord, steps: Option<&[StepRecord]>) -> Value {
 
 /// `GET /metrics`: Prometheus text; gauges are read from the stores now.
 pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let now = state.clock.now();
-    crate::metrics::METRICS.queue_depth.reset();
-    crate::metrics::METRICS.queue_oldest_age_seconds.reset();
-    for partition in state.backends.queue.partition_stats().await? {
-        let label = [partition.partition.as_str()];
-        crate::metrics::METRICS
-            .queue_depth
-            .with_label_values(&label)
-            .set(partition.ready as i64);
-        let age = partition
-            .oldest_due
-            .map(|due| now.millis().saturating_sub(due.millis()).max(0) as f64 / 1000.0)
-            .unwrap_or(0.0);
-        crate::metrics::METRICS
-            .queue_oldest_age_seconds
-            .with_label_values(&label)
-            .set(age);
-    }
-    crate::metrics::METRICS
-        .open_pauses
-        .set(state.backends.state.pause_count().await? as i64);
-    crate::metrics::METRICS
-        .store_bytes
-        .set((state.store_size)() as i64);
+    crate::metrics::refresh_gauges(&state.backends, state.clock.now(), (state.store_size)())
+        .await?;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(crate::metrics::render()))

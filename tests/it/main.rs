@@ -16,6 +16,7 @@ mod flow;
 mod gql;
 mod hardening;
 mod openapi;
+mod otel;
 mod production;
 mod sdk_node;
 mod security;
