@@ -14,6 +14,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod otel;
+pub mod realtime;
 pub mod sdk;
 pub mod secret;
 pub mod serve;

@@ -264,6 +264,27 @@ pub async fn serve(
         }
         None => None,
     };
+    // Realtime is served with the API; with the NATS bus its messages
+    // cross processes over NATS core subjects.
+    let realtime = if runs(Service::CoreApi) {
+        let transport = crate::store::open_realtime_transport(&settings.backends)
+            .await
+            .context("failed to open the realtime transport")?;
+        let keys = match mode {
+            Mode::Dev => crate::realtime::TokenKeys::dev(),
+            Mode::Production => crate::realtime::TokenKeys::from_signing_keys(
+                settings.signing_key.as_deref(),
+                settings.signing_key_fallback.as_deref(),
+            ),
+        };
+        Some(Arc::new(crate::realtime::Realtime::new(
+            settings.realtime.clone(),
+            keys,
+            transport,
+        )))
+    } else {
+        None
+    };
     let size_db = db.clone();
     let auth = http::Auth::new(
         mode == Mode::Production,
@@ -302,6 +323,7 @@ pub async fn serve(
             settings.body_timeout,
         ),
         lease_ttl: settings.lease_ttl,
+        realtime: realtime.clone(),
     });
     let max_connections = connection_limit(settings.max_connections, settings.workers);
     let server = HttpServer::new(move || {
@@ -335,6 +357,11 @@ pub async fn serve(
         result = &mut server_task => {
             failure = Some(format!("the HTTP server stopped: {result:?}"));
         }
+    }
+    // Realtime subscribers are told to reconnect elsewhere, so that their
+    // connections do not hold up the graceful stop.
+    if let Some(realtime) = &realtime {
+        realtime.hub.close_all();
     }
     // Stop taking requests, then let calls in flight finish, then flush.
     handle.stop(true).await;

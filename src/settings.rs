@@ -28,6 +28,89 @@ pub struct RawSettings {
     pub retention: RawRetention,
     pub discovery: RawDiscovery,
     pub otel: RawOtel,
+    pub realtime: RawRealtime,
+}
+
+/// Realtime (new in 0.1): publishes fanned out to WebSocket and SSE
+/// subscribers (`src/realtime`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRealtime {
+    /// Lifetime of the subscription tokens `/v1/realtime/token` hands out.
+    pub token_ttl: String,
+    /// Largest message one publish may carry, bytes.
+    pub max_message_bytes: usize,
+    /// Messages that may wait for one subscriber; one with more waiting is
+    /// dropped (it reads too slowly).
+    pub subscriber_buffer: usize,
+    /// Bytes that may wait for one subscriber, likewise.
+    pub subscriber_buffer_bytes: usize,
+    /// Interval of WebSocket pings and SSE comments on quiet connections.
+    pub keepalive: String,
+}
+
+impl Default for RawRealtime {
+    fn default() -> Self {
+        RawRealtime {
+            token_ttl: "1m".into(),
+            max_message_bytes: 512 * 1024,
+            subscriber_buffer: 1024,
+            subscriber_buffer_bytes: 8 << 20,
+            keepalive: "15s".into(),
+        }
+    }
+}
+
+/// Validated realtime settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RealtimeSettings {
+    pub token_ttl: Duration,
+    pub max_message_bytes: usize,
+    pub subscriber_buffer: usize,
+    pub subscriber_buffer_bytes: usize,
+    pub keepalive: Duration,
+}
+
+impl Default for RealtimeSettings {
+    fn default() -> Self {
+        realtime_settings(&RawRealtime::default()).expect("the defaults are valid")
+    }
+}
+
+/// Largest `realtime.max_message_bytes`: what fits a NATS message (1 MB by
+/// default) with its envelope.
+pub const MAX_REALTIME_MESSAGE_BYTES: usize = 1_000_000;
+
+fn realtime_settings(raw: &RawRealtime) -> anyhow::Result<RealtimeSettings> {
+    let token_ttl = parse_time_str(&raw.token_ttl)
+        .map_err(|err| anyhow::anyhow!("invalid realtime.token_ttl: {err}"))?;
+    if token_ttl < Duration::from_secs(1) {
+        bail!("realtime.token_ttl must be at least 1s");
+    }
+    let keepalive = parse_time_str(&raw.keepalive)
+        .map_err(|err| anyhow::anyhow!("invalid realtime.keepalive: {err}"))?;
+    if keepalive < Duration::from_secs(1) {
+        bail!("realtime.keepalive must be at least 1s");
+    }
+    if raw.max_message_bytes == 0 || raw.max_message_bytes > MAX_REALTIME_MESSAGE_BYTES {
+        bail!("realtime.max_message_bytes must be between 1 and {MAX_REALTIME_MESSAGE_BYTES}");
+    }
+    if raw.subscriber_buffer == 0 {
+        bail!("realtime.subscriber_buffer must be at least 1");
+    }
+    // A subscriber must be able to hold the largest message and a chunk
+    // of a teed stream.
+    let least = raw.max_message_bytes.max(64 * 1024) + 4096;
+    if raw.subscriber_buffer_bytes < least {
+        bail!("realtime.subscriber_buffer_bytes must be at least {least} (realtime.max_message_bytes, 64 KiB at least, plus 4 KiB)");
+    }
+    Ok(RealtimeSettings {
+        token_ttl,
+        max_message_bytes: raw.max_message_bytes,
+        subscriber_buffer: raw.subscriber_buffer,
+        subscriber_buffer_bytes: raw.subscriber_buffer_bytes,
+        keepalive,
+    })
 }
 
 /// OpenTelemetry export (new in 0.1): a trace per ended run and the
@@ -436,6 +519,7 @@ pub struct Settings {
     pub discovery: Option<DiscoverySettings>,
     /// `None`: no OpenTelemetry export.
     pub otel: Option<OtelSettings>,
+    pub realtime: RealtimeSettings,
 }
 
 /// When the dashboard's session cookie is marked `Secure`.
@@ -603,6 +687,7 @@ impl RawSettings {
                 None
             },
             otel: otel_settings(&self.otel, |name| std::env::var(name).ok())?,
+            realtime: realtime_settings(&self.realtime)?,
         })
     }
 }

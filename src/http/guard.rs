@@ -254,15 +254,23 @@ pub async fn protect(
     let has_body = request.headers().contains_key("content-length")
         || request.headers().contains_key("transfer-encoding");
     if has_body {
+        // A realtime stream (a durable endpoint's output, say) arrives as
+        // it is made: a longer deadline and no minimum rate.
+        let streaming = crate::http::realtime::is_stream_publish(request.headers(), request.path());
+        let (timeout, grace) = if streaming {
+            (STREAM_BODY_TIMEOUT, STREAM_BODY_TIMEOUT)
+        } else {
+            (guard.body_timeout, RATE_GRACE)
+        };
         let payload = std::mem::replace(request.parts_mut().1, Payload::None);
         let limited: Pin<Box<dyn Stream<Item = Result<web::Bytes, PayloadError>>>> =
             Box::pin(DeadlinePayload {
                 inner: payload,
-                deadline: Box::pin(tokio::time::sleep(guard.body_timeout)),
-                timeout: guard.body_timeout,
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+                timeout,
                 started: tokio::time::Instant::now(),
                 received: 0,
-                next_check: Box::pin(tokio::time::sleep(RATE_GRACE)),
+                next_check: Box::pin(tokio::time::sleep(grace)),
                 done: false,
             });
         request.set_payload(Payload::from(limited));
@@ -272,6 +280,9 @@ pub async fn protect(
         .map(|response| response.map_into_boxed_body())
 }
 
+/// Longest a streamed realtime publish may last (Inngest's limit on a
+/// durable endpoint's stream).
+const STREAM_BODY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// After this long, a body must keep arriving at [`MIN_BODY_RATE`].
 const RATE_GRACE: Duration = Duration::from_secs(5);
 /// Bytes per second a body must average after [`RATE_GRACE`]: far below

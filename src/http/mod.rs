@@ -12,6 +12,7 @@ pub mod event_api;
 pub mod gql;
 pub mod guard;
 pub mod openapi;
+pub mod realtime;
 pub mod session;
 pub mod signals;
 pub mod trace;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub guard: guard::Guard,
     /// The executor's queue lease; a valid checkpoint renews its call's.
     pub lease_ttl: std::time::Duration,
+    /// Realtime publishing and subscribing (with the API service).
+    pub realtime: Option<std::sync::Arc<crate::realtime::Realtime>>,
 }
 
 /// Production-mode checks of SDK requests (PROTOCOL §1.4, §1.5).
@@ -105,7 +108,10 @@ fn needs_auth(path: &str) -> bool {
         || path == "/e"
         || path == "/login"
         || path == "/logout"
-        || path.starts_with("/assets/"))
+        || path.starts_with("/assets/")
+        // Subscribers show a realtime token instead (checked there).
+        || path == "/v1/realtime/connect"
+        || path == "/v1/realtime/sse")
 }
 
 fn deny(
@@ -240,6 +246,17 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
                 web::post().to(checkpoint::checkpoint_steps),
             )
             .route("/v1/signals", web::post().to(signals::send_signal));
+    }
+    if state.realtime.is_some() {
+        config
+            .route("/v1/realtime/publish", web::post().to(realtime::publish))
+            .route(
+                "/v1/realtime/publish/tee",
+                web::post().to(realtime::publish_tee),
+            )
+            .route("/v1/realtime/token", web::post().to(realtime::create_token))
+            .route("/v1/realtime/connect", web::get().to(realtime::connect))
+            .route("/v1/realtime/sse", web::get().to(realtime::sse));
     }
 }
 

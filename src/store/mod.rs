@@ -680,6 +680,37 @@ impl RedisParts {
     }
 }
 
+/// The realtime transport of a deployment whose event bus is NATS (each
+/// process then fans realtime messages out over NATS core subjects);
+/// `None` with the in-process bus, where one process serves everything.
+pub async fn open_realtime_transport(
+    choice: &crate::settings::BackendChoice,
+) -> StoreResult<Option<Arc<dyn crate::realtime::Transport>>> {
+    match choice.bus {
+        crate::settings::BusKind::Memory => Ok(None),
+        crate::settings::BusKind::Nats => open_nats_realtime(choice).await.map(Some),
+    }
+}
+
+#[cfg(not(feature = "nats"))]
+async fn open_nats_realtime(
+    _: &crate::settings::BackendChoice,
+) -> StoreResult<Arc<dyn crate::realtime::Transport>> {
+    Err(StoreError::new(
+        StoreErrorKind::Unsupported,
+        "this baton was built without the `nats` feature",
+    ))
+}
+
+#[cfg(feature = "nats")]
+async fn open_nats_realtime(
+    choice: &crate::settings::BackendChoice,
+) -> StoreResult<Arc<dyn crate::realtime::Transport>> {
+    let transport =
+        nats::realtime::NatsRealtime::connect(&choice.nats_url, &choice.nats_subject).await?;
+    Ok(Arc::new(transport))
+}
+
 #[cfg(not(feature = "nats"))]
 async fn open_nats_bus(_: &crate::settings::BackendChoice) -> StoreResult<Arc<dyn EventBus>> {
     Err(StoreError::new(

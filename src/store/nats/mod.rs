@@ -18,6 +18,8 @@
 //!   pull loop ends or keeps failing. A stream that disappeared (a server
 //!   that lost its data) is created again by the next publish or subscriber.
 
+pub mod realtime;
+
 use std::future::IntoFuture;
 use std::time::Duration;
 
