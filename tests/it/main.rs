@@ -18,6 +18,7 @@ mod hardening;
 mod openapi;
 mod otel;
 mod production;
+mod realtime;
 mod sdk_node;
 mod security;
 mod signals;

@@ -26,6 +26,7 @@
 import http from "node:http";
 import { Inngest, NonRetriableError, openai } from "inngest";
 import { serve } from "inngest/node";
+import { channel, staticSchema } from "inngest/realtime";
 
 const PORT = process.env.PORT;
 if (!PORT || !/^\d+$/.test(PORT)) {
@@ -695,7 +696,43 @@ const signalSender = inngest.createFunction(
   },
 );
 
+// Realtime: a run publishes on channel event.data.channel, `count` times each and
+// interleaved: topic "progress" with step.realtime.publish, topic "log" with
+// inngest.realtime.publish (inside a step, so a replay does not publish again); then,
+// with event.data.stream (a list of strings), those strings as one text stream on "log".
+const rtChannel = channel({
+  name: (id) => id,
+  topics: { progress: { schema: staticSchema() }, log: { schema: staticSchema() } },
+});
+
+const realtimePublisher = inngest.createFunction(
+  { id: "realtime-publisher", retries: 0, triggers: [{ event: "test/realtime.publish" }] },
+  async ({ event, step }) => {
+    const ch = rtChannel(event.data.channel);
+    const count = event.data.count ?? 3;
+    for (let i = 0; i < count; i++) {
+      await step.realtime.publish(`progress-${i}`, ch.progress, { i, of: count });
+      await step.run(`log-${i}`, () => inngest.realtime.publish(ch.log, `log line ${i}`));
+    }
+    if (Array.isArray(event.data.stream)) {
+      await step.run("stream", async () => {
+        const encoder = new TextEncoder();
+        const parts = event.data.stream;
+        const body = new ReadableStream({
+          start(controller) {
+            for (const part of parts) controller.enqueue(encoder.encode(part));
+            controller.close();
+          },
+        });
+        await inngest.realtime.publish(ch.log, body);
+      });
+    }
+    return { published: count };
+  },
+);
+
 const functions = [
+  realtimePublisher,
   signalWaiter,
   signalSender,
   ckptMixed,
