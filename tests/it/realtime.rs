@@ -427,6 +427,23 @@ async fn realtime_reaches_websocket_and_sse_subscribers_in_order() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn python_publishes_reach_the_js_subscriber() {
+    let dir = tempfile::tempdir().unwrap();
+    let baton = Baton::start(&dir.path().join("data"));
+    let app = SdkApp::launch(Sdk::Python, &baton.url, free_port(), &[]);
+    app.sync().await;
+    let channel = unique("py");
+    // The token from the Python SDK's get_subscription_token is the same
+    // request as the JS one; the subscriber is the JS SDK's.
+    let ws = NodeSubscriber::start(&baton.url, &channel, &["progress", "log"], &[]);
+    ws.until_ready().await;
+    run_publisher(&baton, json!({"channel": channel, "count": 3})).await;
+    let expected = expected_sequence(3);
+    let got = ws.until_messages(expected.len()).await;
+    assert_eq!(sequence_of(&got), expected, "{got:?}");
+}
+
 /// A WebSocket opened by hand, to be a subscriber that does not read.
 struct RawWebSocket {
     reader: BufReader<TcpStream>,

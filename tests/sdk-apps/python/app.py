@@ -30,6 +30,7 @@ import typing
 import flask
 import inngest
 import inngest.flask
+from inngest.experimental import realtime
 from werkzeug.serving import make_server
 
 PORT_RAW = os.environ.get("PORT", "")
@@ -608,7 +609,32 @@ def flow_debounced(ctx: inngest.ContextSync) -> typing.Any:
     return ctx.step.run("seen", lambda: (ctx.event.data or {}).get("n"))
 
 
+# Realtime, as the Node app's `realtime-publisher`: `count` times each, interleaved, a
+# message on topic "progress" and one on "log" of channel event.data.channel, each
+# published inside a step (so a replay does not publish again).
+@client.create_function(
+    fn_id="realtime-publisher",
+    trigger=inngest.TriggerEvent(event="test/realtime.publish"),
+    retries=0,
+)
+def realtime_publisher(ctx: inngest.ContextSync) -> typing.Any:
+    data = ctx.event.data or {}
+    channel = data["channel"]
+    count = data.get("count", 3)
+    for i in range(count):
+        ctx.step.run(
+            f"progress-{i}",
+            lambda i=i: realtime.publish_sync(client, channel, "progress", {"i": i, "of": count}),
+        )
+        ctx.step.run(
+            f"log-{i}",
+            lambda i=i: realtime.publish_sync(client, channel, "log", f"log line {i}"),
+        )
+    return {"published": count}
+
+
 functions = [
+    realtime_publisher,
     limited,
     keyed_limit,
     throttled,
