@@ -437,6 +437,11 @@ fn every_mounted_api_route_is_documented() {
         // SDK protocol, tested in checkpoint.rs.
         ("POST", "/v1/checkpoint/{id}/async"),
         ("POST", "/v1/checkpoint/{id}/steps"),
+        // Realtime streams (raw bytes in, a WebSocket or SSE out), tested
+        // in realtime.rs.
+        ("POST", "/v1/realtime/publish/tee"),
+        ("GET", "/v1/realtime/connect"),
+        ("GET", "/v1/realtime/sse"),
     ];
     let mut mounted = BTreeSet::new();
     // `.route("<path>", web::<method>()…)`, whatever the line breaks.
@@ -870,6 +875,39 @@ async fn every_documented_operation_answers_as_documented() {
     assert_eq!(reply.status, 404);
     let reply = api
         .call("POST", "/v1/signals", &[], &[], Body::Raw("{}"))
+        .await;
+    assert_eq!(reply.status, 400);
+
+    // Realtime: a subscription token, and a publish (nobody listens here;
+    // subscribers are tested in realtime.rs).
+    let topics = json!([{"channel": "openapi", "name": "t", "kind": "run"}]);
+    let reply = api
+        .call("POST", "/v1/realtime/token", &[], &[], Body::Json(topics))
+        .await;
+    assert_eq!(reply.status, 201);
+    let reply = api
+        .call("POST", "/v1/realtime/token", &[], &[], Body::Raw("[]"))
+        .await;
+    assert_eq!(reply.status, 400);
+    let query = [("channel", "openapi"), ("topic", "t")];
+    let reply = api
+        .call(
+            "POST",
+            "/v1/realtime/publish",
+            &[],
+            &query,
+            Body::Json(json!({"n": 1})),
+        )
+        .await;
+    assert_eq!(reply.body["published"], 1);
+    let reply = api
+        .call(
+            "POST",
+            "/v1/realtime/publish",
+            &[],
+            &query[..1],
+            Body::Json(json!(1)),
+        )
         .await;
     assert_eq!(reply.status, 400);
 
