@@ -306,7 +306,7 @@ async fn run_publisher(baton: &Baton, data: Value) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn realtime_reaches_websocket_and_sse_subscribers_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let baton = Baton::start(&dir.path().join("data"));
+    let mut baton = Baton::start(&dir.path().join("data"));
     let app = SdkApp::launch(Sdk::Node, &baton.url, free_port(), &[]);
     app.sync().await;
 
@@ -424,6 +424,28 @@ async fn realtime_reaches_websocket_and_sse_subscribers_in_order() {
     assert!(
         body["error"].as_str().unwrap().contains("expired"),
         "{body}"
+    );
+
+    // A shutdown closes the subscribers (they are told to reconnect) and
+    // does not wait for them.
+    drop(app);
+    let status = baton.interrupt(TIMEOUT).expect("baton to stop");
+    assert!(status.success(), "{status:?}");
+    eventually(TIMEOUT, "the subscriber to see the close", || async {
+        ws.events()
+            .iter()
+            .any(|e| e["closed"] == true)
+            .then_some(())
+    })
+    .await;
+    let closing = eventually(TIMEOUT, "the SSE closing message", || async {
+        sse.messages().pop().filter(|m| m["kind"] == "closing")
+    })
+    .await;
+    assert_eq!(closing["kind"], "closing", "{closing}");
+    assert!(
+        closing["data"].as_str().unwrap().contains("shutting down"),
+        "{closing}"
     );
 }
 
