@@ -374,7 +374,7 @@ pub fn decide(
                                 .filter(|e| !e.trim().is_empty())
                                 .map(str::to_string);
                             if let Some(source) = &wait.expression {
-                                if let Err(err) = Expr::compile(source) {
+                                if let Err(err) = Expr::cached(source) {
                                     return fail(format!("waitForEvent: {err}"));
                                 }
                                 let trigger: Value =
