@@ -7,8 +7,9 @@
 //! pure [`decide`], and its results through the idempotent
 //! `StateStore::save_step`, which is durable when it returns (sled's group
 //! commit shares the flush across runs). Only plain step results are taken
-//! here; anything else (an op the executor would treat otherwise, a limit
-//! passed) is refused with 400, so that the SDK falls back to returning the
+//! here, and the defer ops that ride along them (`actors::defer`); anything
+//! else (an op the executor would treat otherwise, a limit passed) is
+//! refused with 400, so that the SDK falls back to returning the
 //! steps in its answer and the executor handles them on its usual path.
 //!
 //! A checkpoint is accepted only while the call that produced it still holds
@@ -99,13 +100,14 @@ pub async fn checkpoint_async(
             request.steps.len()
         )));
     }
-    if let Some(op) = request
-        .steps
-        .iter()
-        .find(|op| !matches!(op.op.as_str(), "StepRun" | "Step") || op.id.is_empty())
-    {
+    if let Some(op) = request.steps.iter().find(|op| {
+        !matches!(
+            op.op.as_str(),
+            "StepRun" | "Step" | "DeferAdd" | "DeferAbort"
+        ) || op.id.is_empty()
+    }) {
         return Err(CheckpointError::Invalid(format!(
-            "cannot checkpoint a {:?} op (id {:?}); only step results",
+            "cannot checkpoint a {:?} op (id {:?}); only step results and defers",
             op.op, op.id
         )));
     }
@@ -142,6 +144,10 @@ pub async fn checkpoint_async(
             "the call's queue lease has moved on".into(),
         ));
     }
+    // Defers first, as the executor does: they ride along the steps (the
+    // SDK sends them with the next message it has, and does not send them
+    // again once this one succeeds).
+    crate::actors::defer::apply(backends, &run.id, &decision.defers).await?;
     let mut outcome = Checkpointed::default();
     for step in decision.save {
         match backends.state.save_step(&run.id, step).await? {
