@@ -210,6 +210,14 @@ fn event_id(run: &RunRecord, defer: &DeferRecord, ended_at: Timestamp) -> ulid::
     )
 }
 
+/// The internal id of the event that started (or starts) the run of a
+/// defer: for a defer still scheduled of a run that has ended.
+pub fn scheduled_event_id(run: &RunRecord, defer: &DeferRecord) -> Option<String> {
+    let ended_at = run.ended_at?;
+    (defer.status == DeferStatus::AfterRun)
+        .then(|| event_id(run, defer, Timestamp(ended_at)).to_string())
+}
+
 /// The `inngest/deferred.schedule` events of a run that ended at
 /// `ended_at`: one per defer still scheduled. Deterministic (ids, times and
 /// payloads), so they can be rebuilt after a crash.
