@@ -27,6 +27,7 @@ use tracing::warn;
 use crate::actors::event_api::MAX_EVENT_BYTES;
 use crate::actors::lifecycle::derived_ulid;
 use crate::clock::Timestamp;
+use crate::model::trace::Span;
 use crate::model::{DeferRecord, DeferStatus, EventRecord, RunRecord};
 use crate::sdk::Op;
 use crate::store::{Backends, SaveDefer, StoreResult};
@@ -216,6 +217,39 @@ pub fn scheduled_event_id(run: &RunRecord, defer: &DeferRecord) -> Option<String
     let ended_at = run.ended_at?;
     (defer.status == DeferStatus::AfterRun)
         .then(|| event_id(run, defer, Timestamp(ended_at)).to_string())
+}
+
+/// A run's defers as rows of its trace (`GET /v1/runs/{id}/trace`): a
+/// scheduled defer waits while the run goes on and is done when the run
+/// has ended (its run started); an aborted one is cancelled, a refused one
+/// failed. `detail` names the function and, once sent, the event.
+pub fn trace_spans(run: &RunRecord, defers: &[DeferRecord]) -> Vec<Span> {
+    defers
+        .iter()
+        .map(|defer| {
+            let (end, status) = match defer.status {
+                DeferStatus::AfterRun => match run.ended_at {
+                    Some(ended) => (Some(ended.max(defer.created_at)), "completed"),
+                    None => (None, "waiting"),
+                },
+                DeferStatus::Aborted => (Some(defer.created_at), "cancelled"),
+                DeferStatus::Rejected => (Some(defer.created_at), "failed"),
+            };
+            Span {
+                id: defer.hashed_id.clone(),
+                name: defer.name.clone(),
+                kind: "defer",
+                start: defer.created_at,
+                end,
+                status,
+                segments: Vec::new(),
+                detail: json!({
+                    "function_id": defer.fn_slug,
+                    "event_id": scheduled_event_id(run, defer),
+                }),
+            }
+        })
+        .collect()
 }
 
 /// The `inngest/deferred.schedule` events of a run that ended at
@@ -483,6 +517,40 @@ mod tests {
         let events = schedule_events(&run, &[with_meta], Timestamp(1));
         let payload: Value = serde_json::from_str(&events[0].payload).unwrap();
         assert_eq!(payload["meta"], json!({"sessions": {"org": "acme"}}));
+    }
+
+    #[test]
+    fn defers_show_in_the_trace() {
+        let mut run = sample_run("app-parent", "k");
+        let defers = [
+            defer("a", DeferStatus::AfterRun, None),
+            defer("b", DeferStatus::Aborted, None),
+            defer("c", DeferStatus::Rejected, None),
+        ];
+        let statuses = |run: &RunRecord| -> Vec<(&'static str, Option<i64>)> {
+            trace_spans(run, &defers)
+                .iter()
+                .map(|s| (s.status, s.end))
+                .collect()
+        };
+        assert_eq!(
+            statuses(&run),
+            [
+                ("waiting", None),
+                ("cancelled", Some(1)),
+                ("failed", Some(1))
+            ]
+        );
+        assert!(trace_spans(&run, &defers)[0].detail["event_id"].is_null());
+        run.ended_at = Some(9);
+        assert_eq!(statuses(&run)[0], ("completed", Some(9)));
+        let spans = trace_spans(&run, &defers);
+        assert_eq!(spans[0].kind, "defer");
+        assert_eq!(spans[0].detail["function_id"], "app-later");
+        assert_eq!(
+            spans[0].detail["event_id"],
+            json!(schedule_events(&run, &defers, Timestamp(9))[0].internal_id)
+        );
     }
 
     #[test]

@@ -34,8 +34,15 @@ fn defers_of(run: &Value) -> Vec<(String, String, Option<String>)> {
 
 /// Checks what a finished `deferrer` run deferred and waits for the
 /// deferred runs: "first" and "in-step" each started exactly one run of
-/// `deferred` with its data and parent, "dropped" (aborted) none.
-async fn check_deferred_runs(baton: &Baton, app: &NodeApp, parent: &Value, key: &str) {
+/// `deferred` with its data and parent, "dropped" (aborted) none. Returns
+/// the deferred runs' ids by defer name.
+async fn check_deferred_runs(
+    baton: &Baton,
+    app: &NodeApp,
+    parent: &Value,
+    key: &str,
+) -> Vec<(String, String)> {
+    let mut started = Vec::new();
     let parent_id = parent["run_id"].as_str().unwrap();
     let defers = defers_of(parent);
     let names: Vec<(&str, &str)> = defers
@@ -69,6 +76,7 @@ async fn check_deferred_runs(baton: &Baton, app: &NodeApp, parent: &Value, key: 
         assert_eq!(data["key"], key, "{event}");
         assert_eq!(data["_inngest"]["parent_run_id"], parent_id, "{event}");
         assert_eq!(data["_inngest"]["fn_slug"], DEFERRED, "{event}");
+        started.push((name.clone(), run["run_id"].as_str().unwrap().to_string()));
     }
     // Exactly these two events name the parent: the aborted defer and the
     // re-run of the function made none.
@@ -103,6 +111,44 @@ async fn check_deferred_runs(baton: &Baton, app: &NodeApp, parent: &Value, key: 
         .collect();
     seen.sort();
     assert_eq!(seen, ["first", "in-step"], "{records}");
+    started
+}
+
+/// The parent's trace shows its defers, each scheduled one with the run it
+/// started.
+async fn check_trace(baton: &Baton, parent: &Value, started: &[(String, String)]) {
+    let trace = get_json(&format!(
+        "{}/v1/runs/{}/trace",
+        baton.url,
+        parent["run_id"].as_str().unwrap()
+    ))
+    .await;
+    let rows: Vec<(String, String, Value)> = trace["data"]["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "defer")
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["status"].as_str().unwrap().to_string(),
+                s["detail"]["child_run_id"].clone(),
+            )
+        })
+        .collect();
+    let child = |name: &str| {
+        let id = &started.iter().find(|(n, _)| n == name).unwrap().1;
+        json!(id)
+    };
+    assert_eq!(
+        rows,
+        [
+            ("first".into(), "completed".into(), child("first")),
+            ("dropped".into(), "cancelled".into(), Value::Null),
+            ("in-step".into(), "completed".into(), child("in-step")),
+        ],
+        "{trace}"
+    );
 }
 
 async fn defers_scenario(options: BatonOptions) {
@@ -131,7 +177,8 @@ async fn defers_scenario(options: BatonOptions) {
     ] {
         let parent = finished_run(&baton, &event, TIMEOUT).await;
         assert_eq!(parent["status"], status, "{key}: {parent}");
-        check_deferred_runs(&baton, &app, &parent, key).await;
+        let started = check_deferred_runs(&baton, &app, &parent, key).await;
+        check_trace(&baton, &parent, &started).await;
     }
     let counters = app.counters().await;
     for key in ["end", "sleep", "throw"] {
