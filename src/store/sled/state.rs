@@ -54,6 +54,13 @@ impl SledStateStore {
         }
     }
 
+    /// Whether the run exists and has not ended.
+    fn run_is_open(&self, run_id: &str) -> StoreResult<bool> {
+        Ok(self
+            .get_run(run_id)?
+            .is_some_and(|run| !run.status.is_terminal()))
+    }
+
     fn get_i64(&self, key: &[u8]) -> StoreResult<Option<i64>> {
         Ok(self.tree.get(key).map_err(sled_error)?.map(|bytes| {
             let mut raw = [0u8; 8];
@@ -513,10 +520,7 @@ impl StateStore for SledStateStore {
         let outcome = {
             // The write lock orders this against `finish_run`.
             let _guard = self.lock();
-            if !self
-                .get_run(run_id)?
-                .is_some_and(|r| !r.status.is_terminal())
-            {
+            if !self.run_is_open(run_id)? {
                 return Ok(SaveDefer::RunEnded);
             }
             let defers_key = key(&[b"df", run_id.as_bytes()]);
@@ -542,10 +546,7 @@ impl StateStore for SledStateStore {
     async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool> {
         {
             let _guard = self.lock();
-            if !self
-                .get_run(run_id)?
-                .is_some_and(|r| !r.status.is_terminal())
-            {
+            if !self.run_is_open(run_id)? {
                 return Ok(false);
             }
             let defers_key = key(&[b"df", run_id.as_bytes()]);
