@@ -277,6 +277,23 @@ mod tests {
         assert_eq!(steps[0].memo, r#"{"data":1}"#);
         assert_eq!(steps[0].attempts, 1);
 
+        // Defers ride along (or come alone, at the SDK's buffer interval).
+        let defer_op = |kind: &str, id: &str, opts: Value| -> Op {
+            serde_json::from_value(json!({"id": id, "op": kind, "opts": opts})).unwrap()
+        };
+        let add = defer_op(
+            "DeferAdd",
+            "d1",
+            json!({"fn_slug": "app-later", "input": {}}),
+        );
+        let stored = save(vec![step_op("a2", json!(3)), add]).await.unwrap();
+        assert_eq!(stored.saved, 1);
+        let abort = defer_op("DeferAbort", "d1:abort", json!({"target_hashed_id": "d1"}));
+        assert_eq!(save(vec![abort]).await.unwrap(), Checkpointed::default());
+        let defers = backends.state.load_defers(&run.id).await.unwrap();
+        assert_eq!(defers.len(), 1);
+        assert_eq!(defers[0].status, crate::model::DeferStatus::Aborted);
+
         // Not results, or past a limit: 400, for the executor's own path.
         let mut sleep = step_op("s", Value::Null);
         sleep.op = "Sleep".into();
@@ -307,7 +324,7 @@ mod tests {
             matches!(result, Err(CheckpointError::Stale(_))),
             "{result:?}"
         );
-        assert_eq!(backends.state.load_steps(&run.id).await.unwrap().len(), 1);
+        assert_eq!(backends.state.load_steps(&run.id).await.unwrap().len(), 2);
 
         // An ended run: stale.
         backends
