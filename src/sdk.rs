@@ -79,6 +79,9 @@ pub struct CallRequest<'a> {
     pub max_body_bytes: usize,
     /// Offers the SDK checkpointing (PROTOCOL §5.1).
     pub checkpoint: Option<CheckpointOffer>,
+    /// The run's defers, by hashed id (`actors::defer::sdk_entries`); sent
+    /// as `defers` when there are any.
+    pub defers: serde_json::Map<String, Value>,
 }
 
 /// What a call sends so that the JS SDK v4 checkpoints: `ctx.fn_id` and
@@ -125,6 +128,9 @@ impl CallRequest<'_> {
         if let Some(offer) = &self.checkpoint {
             body["ctx"]["fn_id"] = json!(offer.fn_id);
             body["ctx"]["qi_id"] = json!(offer.qi_id);
+        }
+        if !self.defers.is_empty() {
+            body["defers"] = Value::Object(self.defers.clone());
         }
         body
     }

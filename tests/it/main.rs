@@ -10,6 +10,7 @@ mod cli;
 mod client;
 mod conformance;
 mod crash;
+mod defer;
 mod discovery;
 mod events;
 mod flow;
