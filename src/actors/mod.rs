@@ -5,6 +5,7 @@ pub mod bulk;
 pub mod checkpoint;
 pub mod core_api;
 pub mod discovery;
+pub mod endpoint;
 pub mod event_api;
 pub mod executor;
 pub mod flow;
