@@ -11,6 +11,7 @@ mod client;
 mod conformance;
 mod crash;
 mod discovery;
+mod durable_endpoints;
 mod events;
 mod flow;
 mod gql;
