@@ -183,12 +183,13 @@ fn output_response(run: &RunRecord) -> HttpResponse {
         .body(body)
 }
 
+/// A handler's response: status, headers, body.
+type HandlerResponse = (StatusCode, Vec<(HeaderName, HeaderValue)>, String);
+
 /// The handler's response in a run's output, as the SDK reports it
 /// (`{status, headers, body}`): headers that do not parse, and those that
 /// describe the connection rather than the content, are dropped.
-fn handler_response(
-    output: &Value,
-) -> Option<(StatusCode, Vec<(HeaderName, HeaderValue)>, String)> {
+fn handler_response(output: &Value) -> Option<HandlerResponse> {
     let status = output.get("status")?.as_u64()?;
     let status = StatusCode::from_u16(u16::try_from(status).ok()?).ok()?;
     let body = match output.get("body") {
