@@ -1,5 +1,6 @@
-//! `/v1/checkpoint/{run}/…`: the SDK's checkpoint routes (PROTOCOL §5.1).
-//! Parses the body and maps what `actors::checkpoint` answers.
+//! `/v1/checkpoint/{run}/async`: the SDK's checkpoints of queue-driven runs
+//! (PROTOCOL §5.1). Parses the body and maps what `actors::checkpoint`
+//! answers. Durable endpoints' routes are in `http::endpoint`.
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;

@@ -349,6 +349,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_tee_route_is_mounted_at_its_path() {
+        let routes = include_str!("mod.rs");
+        assert!(routes.contains(&format!(".route(\"{TEE_PATH}\", web::post()")));
+    }
+
+    #[test]
     fn token_routes() {
         assert!(token_route("/v1/realtime/sse"));
         assert!(token_route("/v1/http/runs/01ABC/output"));

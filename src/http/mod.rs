@@ -249,7 +249,7 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             )
             .route("/v1/http/runs/{id}/output", web::get().to(endpoint::output))
             .route("/v1/realtime/sse", web::get().to(endpoint::sse))
-            .route(endpoint::TEE_PATH, web::post().to(endpoint::tee));
+            .route("/v1/realtime/publish/tee", web::post().to(endpoint::tee));
     }
 }
 
