@@ -498,9 +498,11 @@ async fn apply_ops(
 /// What the guard item of an endpoint run asks for once due (the run has
 /// not ended): while the handler keeps checkpointing, look again later;
 /// after [`SYNC_GUARD`] of silence, unless the run waits on a pause, a
-/// discovery call resumes it from its stored steps. Should the run be
-/// waiting on a sleep or a retry instead, that call only finds the same
-/// step again, whose queue item is deduplicated.
+/// discovery call resumes it from its stored steps, counting the attempt
+/// the handler's request was making. It is the retry item of that step
+/// (`model::retry_item`), so a retry already queued for it absorbs it; a
+/// run asleep instead gets one call that reports the same sleep, whose
+/// wake-up item is deduplicated.
 pub async fn guard_next(
     backends: &Backends,
     run: &RunRecord,
@@ -518,11 +520,7 @@ pub async fn guard_next(
         return Ok(Vec::new());
     }
     warn!(run_id = %run.id, "endpoint run silent for {SYNC_GUARD:?}; resuming it through the queue");
-    let seq = run.stack.len() as u32;
-    Ok(vec![(
-        QueueItem::discovery(&run.id, &run.fn_id, seq).for_run(run),
-        now,
-    )])
+    Ok(vec![(model::retry_item(run, 1), now)])
 }
 
 /// Stores the app and function of an endpoint unless they are stored as
@@ -823,5 +821,9 @@ mod tests {
         let next = guard_next(&backends, &run, clock.now()).await.unwrap();
         assert_eq!(next[0].0.kind, ItemKind::Discovery { seq: 0 });
         assert!(!model::is_guard(&next[0].0));
+        // The retry item of the step it was on: a retry queued already
+        // takes its place.
+        assert_eq!(next[0].0.id, model::retry_item(&run, 1).id);
+        assert_eq!(model::prior_attempts(&next[0].0), 1);
     }
 }
