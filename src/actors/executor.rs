@@ -24,6 +24,7 @@ use tokio::sync::{watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use crate::actors::checkpoint;
+use crate::actors::defer::{self, DeferOp};
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
@@ -32,6 +33,7 @@ use crate::clock::{SharedClock, Timestamp};
 use crate::duration::{duration_from_secs, parse_time_str, sleep_until};
 use crate::expr::{async_equality_key, panic_message, Expr};
 use crate::metrics::METRICS;
+use crate::model::endpoint;
 use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
@@ -124,6 +126,9 @@ pub struct Decision {
     /// The reply made no progress (no ops, or only `DiscoveryRequest`): call
     /// again later, up to [`MAX_NO_PROGRESS`] times in a row.
     pub no_progress: bool,
+    /// The reply's defer ops (`actors::defer`), stored before anything
+    /// else, whatever else the reply asks for.
+    pub defers: Vec<DeferOp>,
 }
 
 /// The delay before retrying after attempt `attempt` (0-based) failed.
@@ -187,7 +192,33 @@ pub fn decide(
     now: Timestamp,
     retry_delay: Duration,
 ) -> Decision {
+    let mut decision = decide_ops(run, lease, reply, now, retry_delay);
+    // Defer ops ride along the others ("lazy" ops): they are stored
+    // whatever the rest of the reply does, as Inngest handles them first.
+    if let SdkReply::Ops { ops, .. } = reply {
+        decision.defers = ops
+            .iter()
+            .filter(|op| defer::is_defer_op(&op.op))
+            .map(|op| defer::parse(op, now))
+            .collect();
+    }
+    decision
+}
+
+fn decide_ops(
+    run: &RunRecord,
+    lease: &Lease,
+    reply: &SdkReply,
+    now: Timestamp,
+    retry_delay: Duration,
+) -> Decision {
     let mut decision = Decision::default();
+    // Defer ops count for nothing here: neither as progress nor as steps
+    // of a parallel group.
+    let real_ops = match reply {
+        SdkReply::Ops { ops, .. } => ops.iter().filter(|op| !defer::is_defer_op(&op.op)).count(),
+        _ => 0,
+    };
     let attempts_left = lease.attempt + 1 < run.max_attempts;
     let retry_at = |retry_after: Option<Duration>| now.plus(retry_after.unwrap_or(retry_delay));
     // Results of planned steps fan in; everything else calls again at once.
@@ -202,10 +233,7 @@ pub fn decide(
     // the run is called again once the whole group is done (as Inngest's
     // pending steps), not when only its `step.run`s are.
     let joins_group = |op: &crate::sdk::Op| {
-        let ops = match reply {
-            SdkReply::Ops { ops, .. } => ops.len(),
-            _ => 0,
-        };
+        let ops = real_ops;
         let race = op
             .opts
             .as_ref()
@@ -248,12 +276,15 @@ pub fn decide(
                     ops.len()
                 ));
             }
-            if ops.iter().all(|op| op.op == "DiscoveryRequest") {
+            if ops
+                .iter()
+                .all(|op| op.op == "DiscoveryRequest" || defer::is_defer_op(&op.op))
+            {
                 // Nothing to save or schedule: call again later, bounded.
                 decision.no_progress = true;
                 return decision;
             }
-            if ops.len() > 1 {
+            if real_ops > 1 {
                 decision.force_plan = true;
             }
             for op in ops {
@@ -374,7 +405,7 @@ pub fn decide(
                                 .filter(|e| !e.trim().is_empty())
                                 .map(str::to_string);
                             if let Some(source) = &wait.expression {
-                                if let Err(err) = Expr::compile(source) {
+                                if let Err(err) = Expr::cached(source) {
                                     return fail(format!("waitForEvent: {err}"));
                                 }
                                 let trigger: Value =
@@ -497,6 +528,8 @@ pub fn decide(
                         decision.discover = Discover::Always;
                         None
                     }
+                    // Taken by `decide`.
+                    "DeferAdd" | "DeferAbort" => None,
                     other => {
                         return Decision {
                             finish: Some((
@@ -782,9 +815,29 @@ impl Worker {
             lifecycle::ensure_lifecycle_published(&self.backends, &run).await?;
             return self.ack(lease, Vec::new()).await;
         }
+        // A durable endpoint's step retried by the queue after its first
+        // attempts ran in the handler's own request counts those too.
+        let with_prior;
+        let lease = match endpoint::prior_attempts(&lease.item) {
+            0 => lease,
+            prior => {
+                with_prior = Lease {
+                    attempt: lease.attempt + prior,
+                    ..lease.clone()
+                };
+                &with_prior
+            }
+        };
+        let item = &lease.item;
         let stack_len = run.stack.len() as u32;
         let step_id = match &item.kind {
             ItemKind::Finalize => return self.ack(lease, Vec::new()).await,
+            ItemKind::Discovery { .. } if endpoint::is_guard(item) => {
+                let next =
+                    crate::actors::endpoint::guard_next(&self.backends, &run, self.clock.now())
+                        .await?;
+                return self.ack(lease, next).await;
+            }
             ItemKind::Wake { step_id, name } => {
                 let step = self.step_record(step_id, name, StepKind::Sleep, Value::Null);
                 return self.resume(lease, &run, step, None).await;
@@ -907,9 +960,11 @@ impl Worker {
             .iter()
             .map(|e| serde_json::from_str(e).unwrap_or(Value::Null))
             .collect();
+        let defers = defer::sdk_entries(&self.backends.state.load_defers(&run.id).await?);
         // Checkpointing: a discovery call that may run steps inline lets
         // the SDK run them all, storing each through `actors::checkpoint`.
         let checkpoint = (self.config.checkpointing
+            && !def.endpoint
             && matches!(item.kind, ItemKind::Discovery { .. })
             && !run.force_plan)
             .then(|| CheckpointOffer {
@@ -932,12 +987,17 @@ impl Worker {
                 || matches!(item.kind, ItemKind::Planned { .. }),
             max_body_bytes: MAX_CALL_BODY_BYTES,
             checkpoint,
+            defers,
         };
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
         let call_started = std::time::Instant::now();
         let call_started_at = self.clock.now();
-        let sent = self.client.call(&call, self.clock.now()).await;
+        let sent = if def.endpoint {
+            self.call_endpoint(lease, &run, &step_id).await
+        } else {
+            self.client.call(&call, self.clock.now()).await
+        };
         METRICS
             .sdk_call_seconds
             .with_label_values(&[run.fn_id.as_str()])
@@ -1023,6 +1083,29 @@ impl Worker {
         self.perform(lease, &run, decision).await
     }
 
+    /// Calls a durable endpoint's handler again with its original request.
+    async fn call_endpoint(
+        &self,
+        lease: &Lease,
+        run: &RunRecord,
+        step_id: &str,
+    ) -> Result<crate::sdk::RawReply, String> {
+        let request = endpoint::HttpRequest::of_run(run)?;
+        let url = request.url();
+        let call = crate::sdk::EndpointCall {
+            method: &request.method,
+            url: &url,
+            content_type: &request.content_type,
+            body: request.body.as_bytes(),
+            run_id: &run.id,
+            job_id: &lease.item.id,
+            step_id,
+            request_version: run.request_version,
+            force_plan: run.force_plan || matches!(lease.item.kind, ItemKind::Planned { .. }),
+        };
+        self.client.call_endpoint(&call, self.clock.now()).await
+    }
+
     /// A reply that made no progress: call again with backoff, and fail the
     /// run after [`MAX_NO_PROGRESS`] in a row. The count travels in the
     /// discovery item's id (`<run>/d/<seq>~<count>`), so it survives restarts.
@@ -1104,6 +1187,9 @@ impl Worker {
 
     async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {
         let now = self.clock.now();
+        // Before anything that may end the run: a defer saved after the
+        // run's end would never be scheduled.
+        defer::apply(&self.backends, &run.id, &decision.defers).await?;
         if let Some(due) = decision.retry {
             self.status.borrow_mut().retries += 1;
             METRICS
@@ -1934,6 +2020,59 @@ mod tests {
     }
 
     #[test]
+    fn defer_ops_ride_along_and_count_for_nothing_else() {
+        let add = |id: &str| {
+            with_opts(
+                op("DeferAdd", id),
+                json!({"fn_slug": "app-later", "input": {"n": 1}}),
+            )
+        };
+        let abort = with_opts(
+            op("DeferAbort", "x:abort"),
+            json!({"target_hashed_id": "x"}),
+        );
+        // At the end of a function: stored, and the run completes.
+        check(0, ops(vec![add("d"), op("RunComplete", "c")], false), |d| {
+            assert_eq!(d.finish, Some((RunStatus::Completed, json!({"n": 1}))));
+            assert_eq!(d.defers.len(), 1);
+            assert!(
+                matches!(&d.defers[0], DeferOp::Add { defer, rejected: None }
+                if defer.hashed_id == "d" && defer.input == r#"{"n":1}"#)
+            );
+        });
+        // Beside one step: not a parallel group.
+        check(
+            0,
+            ops(vec![op("StepRun", "a"), add("d"), abort.clone()], false),
+            |d| {
+                assert!(!d.force_plan, "defer ops are not steps");
+                assert_eq!(d.save.len(), 1);
+                assert_eq!(d.discover, Discover::Always);
+                assert_eq!(d.defers.len(), 2);
+                assert_eq!(d.defers[1], DeferOp::Abort { target: "x".into() });
+            },
+        );
+        // Alone they are no progress (the SDK never sends that), but stored.
+        check(0, ops(vec![add("d")], false), |d| {
+            assert!(d.no_progress && d.defers.len() == 1)
+        });
+        // A step error to retry, or a failing function: stored all the same.
+        check(
+            0,
+            ops(vec![add("d"), op("StepError", "complete")], false),
+            |d| assert!(d.retry.is_some() && d.defers.len() == 1),
+        );
+        check(
+            0,
+            ops(vec![add("d"), op("StepFailed", "complete")], true),
+            |d| {
+                assert_eq!(d.save.len(), 1);
+                assert_eq!(d.defers.len(), 1);
+            },
+        );
+    }
+
+    #[test]
     fn no_progress_counts_travel_in_item_ids() {
         assert_eq!(no_progress_count("run/d/3"), 0);
         assert_eq!(no_progress_count("run/d/3~4"), 4);
@@ -2139,6 +2278,61 @@ mod tests {
             h.worker.process(&again).await.unwrap();
             let events = h.real.data.list_events(100, None).await.unwrap();
             assert_eq!(events.len(), expected.len());
+        }
+
+        /// A crash between a run's end and the events that start its
+        /// deferred runs: the redelivered item publishes them, once, with
+        /// the same ids; an aborted defer starts nothing.
+        #[actix_rt::test]
+        async fn deferred_runs_survive_a_crash_after_the_runs_end() {
+            use crate::model::{DeferRecord, DeferStatus};
+            let h = harness();
+            let (run, _) = waiting_run(&h).await;
+            let defer = |id: &str| DeferRecord {
+                hashed_id: id.into(),
+                name: id.into(),
+                fn_slug: "app-later".into(),
+                status: DeferStatus::AfterRun,
+                input: r#"{"n":1}"#.into(),
+                meta: None,
+                created_at: NOW.millis(),
+            };
+            for id in ["kept", "aborted"] {
+                h.real.state.save_defer(&run.id, defer(id)).await.unwrap();
+            }
+            assert!(h.real.state.abort_defer(&run.id, "aborted").await.unwrap());
+            let lease = lease_item(&h, QueueItem::discovery(&run.id, &run.fn_id, 0)).await;
+            // The run ended (committed) but nothing was published.
+            assert!(h
+                .real
+                .state
+                .finish_run(&run.id, RunStatus::Completed, Some("1".into()), NOW)
+                .await
+                .unwrap());
+            h.worker.process(&lease).await.unwrap();
+            let defers = h.real.state.load_defers(&run.id).await.unwrap();
+            let expected = defer::schedule_events(&run, &defers, NOW);
+            assert_eq!(expected.len(), 1, "the aborted defer starts nothing");
+            let stored = h
+                .real
+                .data
+                .get_event(&expected[0].internal_id)
+                .await
+                .unwrap();
+            assert_eq!(
+                stored.as_ref().map(|e| e.name.as_str()),
+                Some(defer::DEFERRED_SCHEDULE)
+            );
+            let count = h.real.data.list_events(100, None).await.unwrap().len();
+            // Lifecycle plus one deferred run; a second redelivery adds nothing.
+            assert_eq!(count, 2);
+            let again = lease_item(
+                &h,
+                QueueItem::discovery(&run.id, &run.fn_id, 0).with_id("again"),
+            )
+            .await;
+            h.worker.process(&again).await.unwrap();
+            assert_eq!(h.real.data.list_events(100, None).await.unwrap().len(), 2);
         }
 
         /// A cancel from outside the queue leaves a `Finalize` item behind.

@@ -349,6 +349,26 @@ pub async fn get_run(
         })
         .collect();
     value["pauses"] = Value::Array(pauses);
+    // The runs it defers (`defer()`), and once it has ended, the events
+    // that start them.
+    let defers: Vec<Value> = state
+        .backends
+        .state
+        .load_defers(&run.id)
+        .await?
+        .iter()
+        .map(|defer| {
+            json!({
+                "id": defer.hashed_id,
+                "name": defer.name,
+                "function_id": defer.fn_slug,
+                "status": defer.status.as_str(),
+                "created_at": time(Some(defer.created_at)),
+                "event_id": crate::actors::defer::scheduled_event_id(&run, defer),
+            })
+        })
+        .collect();
+    value["defers"] = Value::Array(defers);
     Ok(wrap(&state, value))
 }
 

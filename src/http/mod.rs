@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod core_api;
 pub mod dashboard;
 pub mod discovery;
+pub mod endpoint;
 pub mod error;
 pub mod event_api;
 pub mod gql;
@@ -48,7 +49,10 @@ pub struct AppState {
     pub guard: guard::Guard,
     /// The executor's queue lease; a valid checkpoint renews its call's.
     pub lease_ttl: std::time::Duration,
-    /// Realtime publishing and subscribing (with the API service).
+    /// Durable endpoints: run tokens and what starting runs shares.
+    pub endpoints: std::sync::Arc<crate::actors::endpoint::Endpoints>,
+    /// Realtime publishing and subscribing (with the API service); also
+    /// durable endpoints' streams.
     pub realtime: Option<std::sync::Arc<crate::realtime::Realtime>>,
 }
 
@@ -109,9 +113,10 @@ fn needs_auth(path: &str) -> bool {
         || path == "/login"
         || path == "/logout"
         || path.starts_with("/assets/")
-        // Subscribers show a realtime token instead (checked there).
+        // Realtime subscribers show a realtime token instead (checked
+        // there), and a durable endpoint's client a token for its run.
         || path == "/v1/realtime/connect"
-        || path == "/v1/realtime/sse")
+        || endpoint::token_route(path))
 }
 
 fn deny(
@@ -241,11 +246,14 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
                 "/v1/checkpoint/{id}/async",
                 web::post().to(checkpoint::checkpoint_async),
             )
+            .route("/v1/checkpoint", web::post().to(endpoint::new_run))
+            .route("/v1/checkpoint/{id}/steps", web::post().to(endpoint::steps))
+            .route("/v1/signals", web::post().to(signals::send_signal))
             .route(
-                "/v1/checkpoint/{id}/steps",
-                web::post().to(checkpoint::checkpoint_steps),
+                "/v1/checkpoint/{id}/output",
+                web::get().to(endpoint::output),
             )
-            .route("/v1/signals", web::post().to(signals::send_signal));
+            .route("/v1/http/runs/{id}/output", web::get().to(endpoint::output));
     }
     if state.realtime.is_some() {
         config

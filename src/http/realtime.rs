@@ -7,12 +7,14 @@
 //!   `datastream-start` (the stream id), `chunk`s of text, `datastream-end`.
 //! - `POST /v1/realtime/publish/tee?channel=`: raw bytes, passed to the
 //!   subscribers of the channel's `$stream` topic as they arrive (a durable
-//!   endpoint's SSE stream).
+//!   endpoint's SSE stream, at most 16 MiB).
 //! - `POST /v1/realtime/token`: a subscription token for a list of topics
 //!   (`[{channel, name, kind}]`), `201 {"jwt": ...}`.
 //! - `GET /v1/realtime/connect?token=`: a WebSocket of the token's topics
 //!   (what the SDK's `subscribe` opens); each message a JSON text frame.
-//! - `GET /v1/realtime/sse?token=`: the same as server-sent events.
+//! - `GET /v1/realtime/sse?token=`: the same as server-sent events. A
+//!   durable endpoint's run stream token (`realtime_token` of
+//!   `POST /v1/checkpoint`) opens its run's `$stream` topic here.
 //!
 //! Publishing and tokens need the signing key in production (the `/v1`
 //! rule); subscribing needs a valid token instead.
@@ -27,11 +29,12 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::actors::endpoint::TokenPurpose;
 use crate::http::{guard, read_body, ApiError, AppState};
 use crate::realtime::{
-    check_name, chunk_json, data_of_body, message_json, token, Claims, CloseReason, Delivery,
-    MessageMeta, Next, Payload, Realtime, Subscription, TokenError, Topic, Utf8Chunker,
-    CHUNK_BYTES, MAX_PUBLISH_TOPICS, MAX_STREAM_BYTES, STREAM_TOPIC,
+    check_name, chunk_json, data_of_body, message_json, token, CloseReason, Delivery, MessageMeta,
+    Next, Payload, Realtime, Subscription, TokenError, Topic, Utf8Chunker, CHUNK_BYTES,
+    MAX_PUBLISH_TOPICS, MAX_STREAM_BYTES, STREAM_TOPIC,
 };
 
 /// Largest token request body.
@@ -41,6 +44,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest frame a WebSocket client may send (it has nothing to say but
 /// pings and its close).
 const MAX_CLIENT_FRAME_BYTES: usize = 64 * 1024;
+/// Most bytes one tee may relay (a durable endpoint's whole stream).
+const MAX_TEE_BYTES: usize = 16 << 20;
 /// Longest raw piece passed on at once; longer ones are cut.
 const MAX_RAW_PIECE_BYTES: usize = 64 * 1024;
 
@@ -254,8 +259,8 @@ pub async fn publish_tee(
             err => ApiError::BadRequest(format!("cannot read the stream: {err}")),
         })?;
         total += piece.len();
-        if total > MAX_STREAM_BYTES {
-            return Err(ApiError::TooLarge(MAX_STREAM_BYTES));
+        if total > MAX_TEE_BYTES {
+            return Err(ApiError::TooLarge(MAX_TEE_BYTES));
         }
         let mut rest = piece;
         while !rest.is_empty() {
@@ -321,8 +326,14 @@ pub async fn create_token(
     Ok(HttpResponse::Created().json(json!({ "jwt": jwt })))
 }
 
-/// The claims of the request's token (`?token=` or a bearer).
-fn claims_of(state: &AppState, rt: &Realtime, request: &HttpRequest) -> Result<Claims, ApiError> {
+/// The topics the request's token (`?token=` or a bearer) opens: a
+/// realtime token's, or, for a durable endpoint's run stream token, the
+/// run's `$stream` topic.
+fn topics_of(
+    state: &AppState,
+    rt: &Realtime,
+    request: &HttpRequest,
+) -> Result<Vec<Topic>, ApiError> {
     let pairs = query_pairs(request)?;
     let token = first(&pairs, "token")
         .map(str::to_string)
@@ -335,13 +346,23 @@ fn claims_of(state: &AppState, rt: &Realtime, request: &HttpRequest) -> Result<C
                 .map(str::to_string)
         })
         .unwrap_or_default();
-    let claims = rt
-        .keys
-        .verify(&token, state.clock.now())
-        .map_err(|err| match err {
-            TokenError::TooManyTopics(_) => ApiError::BadRequest(err.to_string()),
-            err => ApiError::Unauthorized(err.to_string()),
-        })?;
+    let now = state.clock.now();
+    let claims = match rt.keys.verify(&token, now) {
+        Ok(claims) => claims,
+        Err(err) => {
+            let run = state
+                .endpoints
+                .tokens
+                .verify(TokenPurpose::Stream, &token, now);
+            return match (run, err) {
+                (Some(run_id), _) => Ok(vec![Topic::new(&run_id, STREAM_TOPIC)]),
+                (None, err @ TokenError::TooManyTopics(_)) => {
+                    Err(ApiError::BadRequest(err.to_string()))
+                }
+                (None, err) => Err(ApiError::Unauthorized(err.to_string())),
+            };
+        }
+    };
     if claims.topics.is_empty() {
         return Err(ApiError::BadRequest(
             "the realtime token names no topics".into(),
@@ -351,7 +372,7 @@ fn claims_of(state: &AppState, rt: &Realtime, request: &HttpRequest) -> Result<C
         check_name("channel", &topic.channel).map_err(ApiError::BadRequest)?;
         check_name("topic name", &topic.name).map_err(ApiError::BadRequest)?;
     }
-    Ok(claims)
+    Ok(claims.topics)
 }
 
 /// `GET /v1/realtime/connect`: a WebSocket of the token's topics.
@@ -361,7 +382,7 @@ pub async fn connect(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let rt = realtime(&state)?;
-    let claims = claims_of(&state, rt, &request)?;
+    let topics = topics_of(&state, rt, &request)?;
     let (response, session, messages) = actix_ws::handle(&request, body).map_err(|err| {
         ApiError::BadRequest(format!(
             "expected a WebSocket upgrade (or use /v1/realtime/sse): {err}"
@@ -369,7 +390,7 @@ pub async fn connect(
     })?;
     // Subscribed before the upgrade is answered: what is published after
     // the client sees the connection open reaches it.
-    let subscription = rt.hub.subscribe(&claims.topics).await?;
+    let subscription = rt.hub.subscribe(&topics).await?;
     let keepalive = rt.settings.keepalive;
     actix_web::rt::spawn(run_websocket(
         subscription,
@@ -450,8 +471,8 @@ pub async fn sse(
     request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let rt = realtime(&state)?;
-    let claims = claims_of(&state, rt, &request)?;
-    let subscription = rt.hub.subscribe(&claims.topics).await?;
+    let topics = topics_of(&state, rt, &request)?;
+    let subscription = rt.hub.subscribe(&topics).await?;
     let keepalive = rt.settings.keepalive;
     let clock = state.clock.clone();
     let ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);

@@ -79,6 +79,9 @@ pub struct FunctionDef {
     /// `timeouts.finish`: cancel a run still running after this.
     pub finish_timeout: Option<Duration>,
     pub flow: FlowControl,
+    /// A durable endpoint (`model::endpoint`): an HTTP handler of the app,
+    /// called again with its original request, not the SDK's serve URL.
+    pub endpoint: bool,
 }
 
 impl FunctionDef {
@@ -137,7 +140,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
             }
             let expression = match raw.get("expression").and_then(Value::as_str) {
                 Some(source) if !source.trim().is_empty() => {
-                    Some(Expr::compile(source).map_err(|err| format!("function {id}: {err}"))?)
+                    Some(Expr::cached(source).map_err(|err| format!("function {id}: {err}"))?)
                 }
                 _ => None,
             };
@@ -173,7 +176,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
                 .filter(|e| !e.trim().is_empty())
                 .map(str::to_string);
             if let Some(source) = &expression {
-                Expr::compile(source).map_err(|err| format!("function {id}: {err}"))?;
+                Expr::cached(source).map_err(|err| format!("function {id}: {err}"))?;
             }
             let timeout = optional_duration(rule.get("timeout"))
                 .map_err(|err| format!("function {id}: invalid cancel timeout: {err}"))?;
@@ -202,6 +205,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
         start_timeout,
         finish_timeout,
         flow,
+        endpoint: config.pointer(crate::model::endpoint::CONFIG_MARKER) == Some(&Value::Bool(true)),
     })
 }
 

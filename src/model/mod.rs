@@ -3,6 +3,7 @@
 //! (`String`) so that every stored record stays bincode-friendly (§5 of the
 //! style guide: no `serde_json::Value` in stored records).
 
+pub mod endpoint;
 pub mod flow;
 pub mod function;
 pub mod records;
@@ -473,4 +474,51 @@ pub struct BatchRecord {
     pub batch_id: String,
     pub opened_at: i64,
     pub events: Vec<EventRecord>,
+}
+
+/// What becomes of a defer when its run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeferStatus {
+    /// Its run is started when the parent run ends.
+    AfterRun,
+    /// The parent aborted it (`DeferAbort`): no run is ever started.
+    Aborted,
+    /// Baton refused it (a limit, bad input): no run is ever started. Kept
+    /// so that the SDK re-reporting it changes nothing.
+    Rejected,
+}
+
+impl DeferStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeferStatus::AfterRun => "scheduled",
+            DeferStatus::Aborted => "aborted",
+            DeferStatus::Rejected => "rejected",
+        }
+    }
+}
+
+/// One `defer()` of a run (the JS SDK's `DeferAdd` op): a run of another
+/// function to start, with `input` as its event data, once this run ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeferRecord {
+    /// The SDK's hashed id of the defer, unique within the run.
+    pub hashed_id: String,
+    /// The id the user gave it.
+    pub name: String,
+    /// The function to run (`<app>-<defer fn id>`).
+    pub fn_slug: String,
+    pub status: DeferStatus,
+    /// The event data, a JSON object; empty unless `AfterRun`.
+    pub input: String,
+    /// The op's control metadata (session layers), a JSON object.
+    pub meta: Option<String>,
+    pub created_at: i64,
+}
+
+/// The defers of one run, in the order they were reported.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunDefers {
+    pub run_id: String,
+    pub defers: Vec<DeferRecord>,
 }

@@ -146,13 +146,14 @@ pub struct Span {
     pub id: String,
     pub name: String,
     /// `queued`, `run` (a step), `sleep`, `wait` (for an event), `invoke`,
-    /// `fetch`, or `function` (calls that failed outside any step).
+    /// `fetch`, `function` (calls that failed outside any step), or `defer`
+    /// (`actors::defer::trace_spans`).
     pub kind: &'static str,
     pub start: i64,
     /// `None` while it goes on.
     pub end: Option<i64>,
     /// `completed`, `failed`, `running`, `retrying`, `sleeping`, `waiting`,
-    /// `timed_out`.
+    /// `timed_out`, `cancelled` (an aborted defer).
     pub status: &'static str,
     /// One per attempt (steps that ran code).
     pub segments: Vec<Segment>,

@@ -28,8 +28,8 @@ use futures::Stream;
 use crate::clock::Timestamp;
 use crate::model::records::RecordError;
 use crate::model::{
-    AppRecord, BatchRecord, DebounceRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem,
-    RunRecord, RunStatus, StepRecord,
+    AppRecord, BatchRecord, DebounceRecord, DeferRecord, DeferStatus, EventRecord, FunctionRecord,
+    PauseRecord, QueueItem, RunDefers, RunRecord, RunStatus, StepRecord,
 };
 
 /// What [`StateStore::batch_push`] did.
@@ -130,6 +130,64 @@ pub enum SaveSignal {
     /// Another run's open wait holds the signal and `replace` was not
     /// asked for; nothing changed.
     Conflict { run_id: String },
+}
+
+/// What [`StateStore::save_defer`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDefer {
+    Saved,
+    /// The run has a defer with this hashed id already; nothing changed.
+    Exists,
+    /// Stored as `Rejected`, without its input: the run's defer inputs
+    /// would pass [`MAX_DEFER_INPUT_TOTAL`].
+    Rejected,
+    /// The run has [`MAX_DEFERS_PER_RUN`] defers; nothing stored.
+    Full,
+    /// The run has ended (or does not exist); nothing changed.
+    RunEnded,
+}
+
+/// Most defers one run may have (GO's `MaxDefersPerRun`).
+pub const MAX_DEFERS_PER_RUN: usize = 20;
+/// Most bytes of defer input one run may hold, all defers together (GO's
+/// `MaxDeferInputAggregateSize`).
+pub const MAX_DEFER_INPUT_TOTAL: usize = 4 << 20;
+
+/// Adds `defer` to a run's defers under the rules of
+/// [`StateStore::save_defer`]. Shared by every backend.
+pub fn add_defer(defers: &mut RunDefers, mut defer: DeferRecord) -> SaveDefer {
+    if defers.defers.iter().any(|d| d.hashed_id == defer.hashed_id) {
+        return SaveDefer::Exists;
+    }
+    if defers.defers.len() >= MAX_DEFERS_PER_RUN {
+        return SaveDefer::Full;
+    }
+    let held: usize = defers.defers.iter().map(|d| d.input.len()).sum();
+    let outcome = if held + defer.input.len() > MAX_DEFER_INPUT_TOTAL {
+        defer.status = DeferStatus::Rejected;
+        defer.input.clear();
+        SaveDefer::Rejected
+    } else if defer.status == DeferStatus::Rejected {
+        defer.input.clear();
+        SaveDefer::Rejected
+    } else {
+        SaveDefer::Saved
+    };
+    defers.defers.push(defer);
+    outcome
+}
+
+/// Marks the defer `hashed_id` aborted and drops its input; false if there
+/// is none. Shared by every backend.
+pub fn abort_defer_in(defers: &mut RunDefers, hashed_id: &str) -> bool {
+    match defers.defers.iter_mut().find(|d| d.hashed_id == hashed_id) {
+        Some(defer) => {
+            defer.status = DeferStatus::Aborted;
+            defer.input.clear();
+            true
+        }
+        None => false,
+    }
 }
 
 /// Runs and their step results. Writes are durable when they return
@@ -286,6 +344,20 @@ pub trait StateStore: Send + Sync + 'static {
         replace: bool,
     ) -> StoreResult<Option<String>>;
 
+    /// Records a defer of a run that has not ended (`DeferAdd`), once: the
+    /// SDK reports a defer until its run has it, and a second save of the
+    /// same hashed id changes nothing. The limits of [`add_defer`] apply.
+    /// Checked against the run's end atomically, so that whoever ends the
+    /// run and then loads its defers sees every defer that was saved.
+    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer>;
+
+    /// Marks a defer of a run that has not ended as aborted (`DeferAbort`).
+    /// False if the run has no such defer, or has ended.
+    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool>;
+
+    /// The run's defers, in the order they were saved.
+    async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>>;
+
     /// Ends a run. Returns false if it had already ended (nothing changes).
     async fn finish_run(
         &self,
@@ -305,8 +377,8 @@ pub trait StateStore: Send + Sync + 'static {
         status: Option<RunStatus>,
     ) -> StoreResult<Vec<RunRecord>>;
 
-    /// Retention: deletes up to `max` ended runs (with their steps) that
-    /// ended before `cutoff`, oldest first. Returns how many.
+    /// Retention: deletes up to `max` ended runs (with their steps and
+    /// defers) that ended before `cutoff`, oldest first. Returns how many.
     async fn delete_runs_before(&self, _cutoff: Timestamp, _max: usize) -> StoreResult<u64> {
         Ok(0)
     }
@@ -390,6 +462,14 @@ pub trait Queue: Send + Sync + 'static {
         due: Timestamp,
         count_attempt: bool,
     ) -> StoreResult<bool>;
+
+    /// Makes every change made so far durable. `enqueue` need not be
+    /// durable on return (a queue item is usually followed by a durable
+    /// state write that covers it); a caller whose enqueue is the last
+    /// write of an acknowledged change calls this before acknowledging.
+    async fn flush(&self) -> StoreResult<()> {
+        Ok(())
+    }
 
     /// The earliest time anything becomes visible (due or lease expiry).
     async fn next_due(&self) -> StoreResult<Option<Timestamp>>;

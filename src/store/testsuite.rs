@@ -10,11 +10,12 @@ use futures::StreamExt;
 
 use crate::clock::{Clock, ManualClock, Timestamp};
 use crate::model::{
-    AppRecord, EventRecord, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem, RunRecord,
-    RunStatus, StepKind, StepRecord,
+    AppRecord, DeferRecord, DeferStatus, EventRecord, FunctionRecord, ItemKind, PauseKind,
+    PauseRecord, QueueItem, RunRecord, RunStatus, StepKind, StepRecord,
 };
 use crate::store::{
-    Backends, CreateRun, DataStore, EventBus, Queue, SaveSignal, SaveStep, StateStore,
+    Backends, CreateRun, DataStore, EventBus, Queue, SaveDefer, SaveSignal, SaveStep, StateStore,
+    MAX_DEFERS_PER_RUN, MAX_DEFER_INPUT_TOTAL,
 };
 
 fn unique(prefix: &str) -> String {
@@ -80,9 +81,96 @@ pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
     flow_control_bookkeeping(state)
         .await
         .context("flow_control_bookkeeping")?;
+    defers_save_once_abort_and_end_with_the_run(state)
+        .await
+        .context("defers_save_once_abort_and_end_with_the_run")?;
     retention_deletes_ended_runs(state)
         .await
         .context("retention_deletes_ended_runs")?;
+    Ok(())
+}
+
+fn sample_defer(hashed_id: &str, input: &str) -> DeferRecord {
+    DeferRecord {
+        hashed_id: hashed_id.to_string(),
+        name: format!("defer {hashed_id}"),
+        fn_slug: "app-later".into(),
+        status: DeferStatus::AfterRun,
+        input: input.to_string(),
+        meta: None,
+        created_at: 3,
+    }
+}
+
+async fn defers_save_once_abort_and_end_with_the_run(state: &dyn StateStore) -> anyhow::Result<()> {
+    let run = sample_run(&unique("fn"), "k");
+    state.create_run(run.clone()).await?;
+    ensure!(state.load_defers(&run.id).await?.is_empty());
+    let saved = state
+        .save_defer(&run.id, sample_defer("a", r#"{"n":1}"#))
+        .await?;
+    ensure!(saved == SaveDefer::Saved, "{saved:?}");
+    // The SDK reporting it again (with anything) changes nothing.
+    let again = state
+        .save_defer(&run.id, sample_defer("a", r#"{"n":2}"#))
+        .await?;
+    ensure!(again == SaveDefer::Exists, "{again:?}");
+    state.save_defer(&run.id, sample_defer("b", "{}")).await?;
+    let defers = state.load_defers(&run.id).await?;
+    let ids: Vec<&str> = defers.iter().map(|d| d.hashed_id.as_str()).collect();
+    ensure!(ids == ["a", "b"], "defers in the order saved, got {ids:?}");
+    ensure!(
+        defers[0].input == r#"{"n":1}"#,
+        "a duplicate must not overwrite"
+    );
+
+    // Aborting drops the input; aborting what is not there finds nothing.
+    ensure!(state.abort_defer(&run.id, "a").await?);
+    ensure!(!state.abort_defer(&run.id, "nope").await?);
+    let defers = state.load_defers(&run.id).await?;
+    ensure!(defers[0].status == DeferStatus::Aborted && defers[0].input.is_empty());
+    ensure!(defers[1].status == DeferStatus::AfterRun);
+    // An aborted defer stays: re-reporting it does not bring it back.
+    let again = state.save_defer(&run.id, sample_defer("a", "{}")).await?;
+    ensure!(again == SaveDefer::Exists, "{again:?}");
+
+    // Inputs past the run's total are kept as rejected, without input.
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(MAX_DEFER_INPUT_TOTAL));
+    let rejected = state.save_defer(&run.id, sample_defer("big", &big)).await?;
+    ensure!(rejected == SaveDefer::Rejected, "{rejected:?}");
+    let defers = state.load_defers(&run.id).await?;
+    ensure!(defers[2].status == DeferStatus::Rejected && defers[2].input.is_empty());
+    // At most so many defers per run.
+    for n in defers.len()..MAX_DEFERS_PER_RUN {
+        let saved = state
+            .save_defer(&run.id, sample_defer(&format!("n{n}"), "{}"))
+            .await?;
+        ensure!(saved == SaveDefer::Saved, "{n}: {saved:?}");
+    }
+    let full = state
+        .save_defer(&run.id, sample_defer("over", "{}"))
+        .await?;
+    ensure!(full == SaveDefer::Full, "{full:?}");
+    ensure!(state.load_defers(&run.id).await?.len() == MAX_DEFERS_PER_RUN);
+
+    // Once the run has ended, its defers are fixed.
+    let other = sample_run(&unique("fn"), "k");
+    state.create_run(other.clone()).await?;
+    state.save_defer(&other.id, sample_defer("a", "{}")).await?;
+    state
+        .finish_run(&other.id, RunStatus::Completed, None, Timestamp(9))
+        .await?;
+    let late = state
+        .save_defer(&other.id, sample_defer("late", "{}"))
+        .await?;
+    ensure!(late == SaveDefer::RunEnded, "{late:?}");
+    ensure!(!state.abort_defer(&other.id, "a").await?);
+    let defers = state.load_defers(&other.id).await?;
+    ensure!(defers.len() == 1 && defers[0].status == DeferStatus::AfterRun);
+    let missing = state
+        .save_defer("no-such-run", sample_defer("a", "{}"))
+        .await?;
+    ensure!(missing == SaveDefer::RunEnded, "{missing:?}");
     Ok(())
 }
 
@@ -96,6 +184,7 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
     state.create_run(old.clone()).await?;
     state.create_run(running.clone()).await?;
     state.save_step(&old.id, sample_step("s", "null")).await?;
+    state.save_defer(&old.id, sample_defer("d", "{}")).await?;
     // Trace records come back in the order they were noted, and go with
     // their run.
     let attempt = |run: &RunRecord, n: u32| crate::model::trace::AttemptRecord {
@@ -137,6 +226,7 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
     ensure!(state.load_steps(&old.id).await?.is_empty());
     ensure!(state.load_attempts(&old.id).await?.is_empty());
     ensure!(state.load_attempts(&running.id).await?.len() == 1);
+    ensure!(state.load_defers(&old.id).await?.is_empty());
     ensure!(state.runs_for_event(&old.event_ids[0]).await?.is_empty());
     ensure!(
         state.load_run(&running.id).await?.is_some(),

@@ -437,8 +437,14 @@ fn every_mounted_api_route_is_documented() {
         // SDK protocol, tested in checkpoint.rs.
         ("POST", "/v1/checkpoint/{id}/async"),
         ("POST", "/v1/checkpoint/{id}/steps"),
+        // Durable endpoints: the JS SDK's protocol with its endpoint
+        // adapter and its client (redirects, streams), tested in
+        // durable_endpoints.rs and by the SDK's own suite.
+        ("POST", "/v1/checkpoint"),
+        ("GET", "/v1/checkpoint/{id}/output"),
+        ("GET", "/v1/http/runs/{id}/output"),
         // Realtime streams (raw bytes in, a WebSocket or SSE out), tested
-        // in realtime.rs.
+        // in realtime.rs and durable_endpoints.rs.
         ("POST", "/v1/realtime/publish/tee"),
         ("GET", "/v1/realtime/connect"),
         ("GET", "/v1/realtime/sse"),

@@ -1048,7 +1048,7 @@ function eventPayload(event) {
 
 // ---------------------------------------------------------------- trace
 
-const TRACE_KIND_LABEL = { queued: "queued", run: "step", sleep: "sleep", wait: "wait", invoke: "invoke", fetch: "fetch", function: "code" };
+const TRACE_KIND_LABEL = { queued: "queued", run: "step", sleep: "sleep", wait: "wait", invoke: "invoke", fetch: "fetch", function: "code", defer: "defer" };
 
 /** A run's spans on one time axis: one row per step, one segment per
  *  attempt (failed ones red, with their error), sleeps and waits hatched,
@@ -1132,7 +1132,7 @@ function traceNote(span) {
     if (span.status === "timed_out") parts.push(" — timed out");
     return h("span", { class: "trace-note", "data-testid": "trace-wait" }, parts);
   }
-  if (span.kind === "invoke") {
+  if (span.kind === "invoke" || span.kind === "defer") {
     const child = detail.child_run_id;
     return h("span", { class: "trace-note" },
       detail.function_id ? [" ", h("code", null, detail.function_id)] : null,

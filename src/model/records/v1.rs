@@ -223,6 +223,33 @@ pub struct OpTrace {
     pub error: Option<String>,
 }
 
+/// What becomes of a defer (added in format 1 with `RunDefers`).
+#[derive(Serialize, Deserialize)]
+pub enum DeferStatus {
+    AfterRun,
+    Aborted,
+    Rejected,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Defer {
+    pub hashed_id: String,
+    pub name: String,
+    pub fn_slug: String,
+    pub status: DeferStatus,
+    pub input: String,
+    pub meta: Option<String>,
+    pub created_at: i64,
+}
+
+/// The defers of one run (added in format 1 as a new record kind; no older
+/// store holds any).
+#[derive(Serialize, Deserialize)]
+pub struct RunDefers {
+    pub run_id: String,
+    pub defers: Vec<Defer>,
+}
+
 // Conversions to and from the live types. Fields map one to one in format 1.
 
 /// Both directions between a frozen struct and its live twin, field by field.
@@ -302,7 +329,8 @@ via_from!(
     PauseKind => live::PauseKind,
     ItemKind => live::ItemKind,
     QueueItem => live::QueueItem,
-    Event => live::EventRecord
+    Event => live::EventRecord,
+    DeferStatus => live::DeferStatus
 );
 
 impl Convert<Vec<live::EventRecord>> for Vec<Event> {
@@ -329,6 +357,27 @@ impl Convert<Vec<OpTrace>> for Vec<live::trace::OpTrace> {
     }
 }
 
+impl Convert<Vec<live::DeferRecord>> for Vec<Defer> {
+    fn convert(self) -> Vec<live::DeferRecord> {
+        self.into_iter().map(Into::into).collect()
+    }
+}
+
+impl Convert<Vec<Defer>> for Vec<live::DeferRecord> {
+    fn convert(self) -> Vec<Defer> {
+        self.iter().map(Into::into).collect()
+    }
+}
+
+same_variants!(DeferStatus <=> live::DeferStatus {
+    AfterRun, Aborted, Rejected,
+});
+same_fields!(Defer <=> live::DeferRecord {
+    hashed_id, name, fn_slug, status, input, meta, created_at,
+});
+same_fields!(RunDefers <=> live::RunDefers {
+    run_id, defers,
+});
 same_fields!(OpTrace <=> live::trace::OpTrace {
     op, id, name, opts, error,
 });

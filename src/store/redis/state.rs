@@ -13,7 +13,8 @@
 //!   pause that waits for that signal;
 //! - flow control: `rl:<key>` and `th:<key>` GCRA arrival times (ms),
 //!   `debounce:<key>` debounce record, `batch:<key>` open batch,
-//!   `singleton:<key>` holder run id.
+//!   `singleton:<key>` holder run id;
+//! - `defers:<run>`: the run's defers (one record).
 //!
 //! Run records change by optimistic read-modify-write (`Change`): the
 //! record is decoded and edited here, then written only if it still holds
@@ -29,11 +30,13 @@ use crate::clock::Timestamp;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, EventRecord, PauseKind, PauseRecord, RunRecord, RunStatus,
-    StepRecord,
+    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
+    RunRecord, RunStatus, StepRecord,
 };
-use crate::store::{next_debounce, push_to_batch};
-use crate::store::{BatchPush, CreateRun, SaveSignal, SaveStep, StateStore, StoreResult};
+use crate::store::{abort_defer_in, add_defer, next_debounce, push_to_batch};
+use crate::store::{
+    BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+};
 
 /// Run ids read per round trip while filtering `list_runs`.
 const LIST_CHUNK: usize = 500;
@@ -148,6 +151,61 @@ impl RedisStateStore {
                 .expect(&key, Some(&bytes))
                 .command("SET", &[key.as_bytes(), &run.to_bytes()]);
             if self.conn.apply(&write).await? {
+                return Ok(Some(outcome));
+            }
+        }
+    }
+
+    /// Read-modify-write of a run's defers while the run has not ended:
+    /// `change` edits them and says whether to write (and what to return);
+    /// the write happens only if neither the run record nor the defers
+    /// changed since they were read, so it is ordered against `finish_run`.
+    /// None when the run has ended or does not exist.
+    async fn update_defers<T: Send>(
+        &self,
+        run_id: &str,
+        what: &'static str,
+        mut change: impl FnMut(&mut RunDefers) -> (bool, T) + Send,
+    ) -> StoreResult<Option<T>> {
+        let run_key = self.run_key(run_id);
+        let defers_key = self.conn.key("defers:", run_id);
+        let mut attempts = Attempts::new(what);
+        loop {
+            attempts.next().await?;
+            let (run_bytes, defer_bytes): (Option<Vec<u8>>, Option<Vec<u8>>) = self
+                .conn
+                .query_pipe(
+                    ::redis::pipe()
+                        .atomic()
+                        .cmd("GET")
+                        .arg(&run_key)
+                        .cmd("GET")
+                        .arg(&defers_key),
+                )
+                .await?;
+            let Some(run_bytes) = run_bytes else {
+                return Ok(None);
+            };
+            if RunRecord::from_bytes(&run_bytes)?.status.is_terminal() {
+                return Ok(None);
+            }
+            let mut defers = match &defer_bytes {
+                Some(bytes) => RunDefers::from_bytes(bytes)?,
+                None => RunDefers {
+                    run_id: run_id.to_string(),
+                    defers: Vec::new(),
+                },
+            };
+            let (write, outcome) = change(&mut defers);
+            if !write {
+                return Ok(Some(outcome));
+            }
+            let mut update = Change::default();
+            update
+                .expect(&run_key, Some(&run_bytes))
+                .expect(&defers_key, defer_bytes.as_deref())
+                .command("SET", &[defers_key.as_bytes(), &defers.to_bytes()]);
+            if self.conn.apply(&update).await? {
                 return Ok(Some(outcome));
             }
         }
@@ -730,6 +788,35 @@ impl StateStore for RedisStateStore {
         }
     }
 
+    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer> {
+        let outcome = self
+            .update_defers(run_id, "save_defer", |defers| {
+                let outcome = add_defer(defers, defer.clone());
+                let write = !matches!(outcome, SaveDefer::Exists | SaveDefer::Full);
+                (write, outcome)
+            })
+            .await?;
+        Ok(outcome.unwrap_or(SaveDefer::RunEnded))
+    }
+
+    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool> {
+        let aborted = self
+            .update_defers(run_id, "abort_defer", |defers| {
+                let found = abort_defer_in(defers, hashed_id);
+                (found, found)
+            })
+            .await?;
+        Ok(aborted.unwrap_or(false))
+    }
+
+    async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
+        let defers: Option<RunDefers> = self
+            .conn
+            .get_record(&self.conn.key("defers:", run_id))
+            .await?;
+        Ok(defers.map(|d| d.defers).unwrap_or_default())
+    }
+
     async fn finish_run(
         &self,
         run_id: &str,
@@ -863,7 +950,11 @@ impl StateStore for RedisStateStore {
             let gone: i64 = self.conn.invoke(&invocation).await?;
             let _: i64 = self
                 .conn
-                .query(::redis::cmd("DEL").arg(self.conn.key("attempts:", &run.id)))
+                .query(
+                    ::redis::cmd("DEL")
+                        .arg(self.conn.key("attempts:", &run.id))
+                        .arg(self.conn.key("defers:", &run.id)),
+                )
                 .await?;
             deleted += gone as u64;
         }

@@ -17,7 +17,7 @@ use super::sled_error;
 use crate::model::records::{QueueEntry, Record};
 use crate::model::{
     AppRecord, BatchRecord, DebounceRecord, EventRecord, FunctionDef, FunctionRecord, PauseRecord,
-    RunRecord, StepRecord,
+    RunDefers, RunRecord, StepRecord,
 };
 use crate::store::{StoreError, StoreErrorKind, StoreResult};
 
@@ -196,6 +196,7 @@ const RECORDS: &[(&str, &[u8], &str, Decoder)] = &[
     ("state", b"pa/", "pauses", decode::<PauseRecord>),
     ("state", b"fl/db/", "debounces", decode::<DebounceRecord>),
     ("state", b"fl/bt/", "batches", decode::<BatchRecord>),
+    ("state", b"df/", "defers", decode::<RunDefers>),
     ("queue", b"i/", "queue items", decode::<QueueEntry>),
 ];
 

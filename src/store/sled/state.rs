@@ -8,7 +8,8 @@
 //! match key are indexed as `pm/<name>\0<path>\0<value>\0<pause>` instead
 //! of `pe/`, and `pp/<name>\0<path>` lists the paths in use; flow control:
 //! `fl/rl/<key>` and `fl/th/<key>` GCRA arrival times, `fl/db/<key>`
-//! debounce, `fl/bt/<key>` open batch, `fl/sg/<key>` singleton holder.
+//! debounce, `fl/bt/<key>` open batch, `fl/sg/<key>` singleton holder;
+//! `df/<run>` the run's defers.
 
 use std::sync::Mutex;
 
@@ -17,11 +18,11 @@ use crate::clock::Timestamp;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, EventRecord, PauseKind, PauseRecord, RunRecord, RunStatus,
-    StepRecord,
+    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
+    RunRecord, RunStatus, StepRecord,
 };
-use crate::store::{next_debounce, push_to_batch, BatchPush};
-use crate::store::{CreateRun, SaveSignal, SaveStep, StateStore, StoreResult};
+use crate::store::{abort_defer_in, add_defer, next_debounce, push_to_batch, BatchPush};
+use crate::store::{CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult};
 use std::time::Duration;
 
 pub struct SledStateStore {
@@ -52,6 +53,13 @@ impl SledStateStore {
             Some(bytes) => Ok(Some(RunRecord::from_bytes(&bytes)?)),
             None => Ok(None),
         }
+    }
+
+    /// Whether the run exists and has not ended.
+    fn run_is_open(&self, run_id: &str) -> StoreResult<bool> {
+        Ok(self
+            .get_run(run_id)?
+            .is_some_and(|run| !run.status.is_terminal()))
     }
 
     fn get_i64(&self, key: &[u8]) -> StoreResult<Option<i64>> {
@@ -593,6 +601,61 @@ impl StateStore for SledStateStore {
         Ok(holder)
     }
 
+    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer> {
+        let outcome = {
+            // The write lock orders this against `finish_run`.
+            let _guard = self.lock();
+            if !self.run_is_open(run_id)? {
+                return Ok(SaveDefer::RunEnded);
+            }
+            let defers_key = key(&[b"df", run_id.as_bytes()]);
+            let mut defers = self
+                .get_record::<RunDefers>(&defers_key)?
+                .unwrap_or_else(|| RunDefers {
+                    run_id: run_id.to_string(),
+                    defers: Vec::new(),
+                });
+            let outcome = add_defer(&mut defers, defer);
+            if matches!(outcome, SaveDefer::Exists | SaveDefer::Full) {
+                return Ok(outcome);
+            }
+            self.tree
+                .insert(defers_key, defers.to_bytes())
+                .map_err(sled_error)?;
+            outcome
+        };
+        self.commit.flush().await?;
+        Ok(outcome)
+    }
+
+    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool> {
+        {
+            let _guard = self.lock();
+            if !self.run_is_open(run_id)? {
+                return Ok(false);
+            }
+            let defers_key = key(&[b"df", run_id.as_bytes()]);
+            let Some(mut defers) = self.get_record::<RunDefers>(&defers_key)? else {
+                return Ok(false);
+            };
+            if !abort_defer_in(&mut defers, hashed_id) {
+                return Ok(false);
+            }
+            self.tree
+                .insert(defers_key, defers.to_bytes())
+                .map_err(sled_error)?;
+        }
+        self.commit.flush().await?;
+        Ok(true)
+    }
+
+    async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
+        Ok(self
+            .get_record::<RunDefers>(&key(&[b"df", run_id.as_bytes()]))?
+            .map(|d| d.defers)
+            .unwrap_or_default())
+    }
+
     async fn finish_run(
         &self,
         run_id: &str,
@@ -694,6 +757,7 @@ impl StateStore for SledStateStore {
             batch.remove(key(&[b"r", run.id.as_bytes()]));
             batch.remove(key(&[b"bf", run.fn_id.as_bytes(), run.id.as_bytes()]));
             batch.remove(idempotency_key(&run.fn_id, &run.idempotency_key));
+            batch.remove(key(&[b"df", run.id.as_bytes()]));
             for event_id in &run.event_ids {
                 batch.remove(key(&[b"e", event_id.as_bytes(), run.id.as_bytes()]));
             }

@@ -25,6 +25,7 @@
 
 import http from "node:http";
 import { Inngest, NonRetriableError, openai } from "inngest";
+import { createDefer } from "inngest/experimental";
 import { serve } from "inngest/node";
 import { channel, staticSchema } from "inngest/realtime";
 
@@ -339,6 +340,36 @@ const expression = inngest.createFunction(
       bump("expression", "big", event);
       return event.data?.n;
     });
+  },
+);
+
+// defer(): `deferred` runs (one per defer) start once a `deferrer` run has ended, whatever
+// its outcome. `deferrer` defers "first" at the top, "in-step" inside a step, and "dropped"
+// which it aborts after the add has shipped; data.mode "sleep" re-enters the function after a
+// sleep (the defers must not be made again), "throw" fails the run after the defers.
+// `deferred` records {which, key, parents, runId} under "deferred".
+const deferred = createDefer(inngest, { id: "deferred" }, async ({ event, parents, runId, step }) => {
+  await step.run("note", () => {
+    bump("deferred", "note", event);
+    record("deferred", { which: event.data?.which, key: keyOf(event), parents, runId });
+  });
+  return event.data?.which;
+});
+
+const deferrer = inngest.createFunction(
+  { id: "deferrer", retries: 0, triggers: [{ event: "test/defer" }] },
+  async ({ event, step, defer }) => {
+    const key = event.data?.key;
+    defer("first", { function: deferred, data: { key, which: "first" } });
+    const dropped = defer("dropped", { function: deferred, data: { key, which: "dropped" } });
+    await step.run("middle", () => {
+      bump("deferrer", "middle", event);
+      defer("in-step", { function: deferred, data: { key, which: "in-step" } });
+    });
+    dropped.abort();
+    if (event.data?.mode === "sleep") await step.sleep("nap", event.data?.sleep ?? "1s");
+    if (event.data?.mode === "throw") throw new NonRetriableError("failed after deferring");
+    return "deferred";
   },
 );
 
@@ -767,6 +798,8 @@ const functions = [
   ticker,
   expression,
   sender,
+  deferred,
+  deferrer,
   fetcher,
   ai,
   finishTimeout,
