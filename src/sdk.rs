@@ -147,6 +147,10 @@ pub struct Op {
     pub error: Option<Value>,
     #[serde(default)]
     pub opts: Option<Value>,
+    /// Metadata the step recorded while it ran (`model::metadata`),
+    /// validated when it is stored.
+    #[serde(default)]
+    pub metadata: Option<Value>,
 }
 
 impl Op {

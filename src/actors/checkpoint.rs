@@ -142,6 +142,13 @@ pub async fn checkpoint_async(
             "the call's queue lease has moved on".into(),
         ));
     }
+    crate::actors::metadata::store_op_metadata(
+        backends,
+        &run.id,
+        &decision.metadata,
+        &decision.metadata_errors,
+    )
+    .await?;
     let mut outcome = Checkpointed::default();
     for step in decision.save {
         match backends.state.save_step(&run.id, step).await? {

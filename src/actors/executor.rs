@@ -27,11 +27,14 @@ use crate::actors::checkpoint;
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
+use crate::actors::metadata::store_op_metadata;
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
 use crate::duration::{duration_from_secs, parse_time_str, sleep_until};
 use crate::expr::{async_equality_key, panic_message, Expr};
 use crate::metrics::METRICS;
+use crate::model::metadata::{records_from_op, MetadataRecord};
+use crate::model::sessions::resolve_meta;
 use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
@@ -86,6 +89,8 @@ pub struct Invoke {
     pub pause: PauseRecord,
     pub function_id: String,
     pub data: Value,
+    /// The invoke event's `meta` (its sessions: `model::sessions`).
+    pub meta: Option<Value>,
 }
 
 /// An HTTP call the server makes for the function (`step.fetch`,
@@ -120,6 +125,10 @@ pub struct Decision {
     /// The reply made no progress (no ops, or only `DiscoveryRequest`): call
     /// again later, up to [`MAX_NO_PROGRESS`] times in a row.
     pub no_progress: bool,
+    /// Metadata the ops recorded (`model::metadata`), stored first.
+    pub metadata: Vec<MetadataRecord>,
+    /// Why some of the ops' metadata was left out (logged).
+    pub metadata_errors: Vec<String>,
 }
 
 /// The delay before retrying after attempt `attempt` (0-based) failed.
@@ -252,6 +261,19 @@ pub fn decide(
             if ops.len() > 1 {
                 decision.force_plan = true;
             }
+            // What each op recorded, under ids derived from the op and this
+            // attempt, so a reply handled twice stores it once.
+            let op_metadata = |op: &crate::sdk::Op| match &op.metadata {
+                Some(metadata) => {
+                    records_from_op(&run.id, &op.id, lease.attempt, metadata, now.millis())
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            for op in ops {
+                let (records, errors) = op_metadata(op);
+                decision.metadata.extend(records);
+                decision.metadata_errors.extend(errors);
+            }
             for op in ops {
                 let step = |kind: StepKind, memo: Value| StepRecord {
                     id: op.id.clone(),
@@ -294,9 +316,14 @@ pub fn decide(
                     "StepError" => {
                         if !no_retry && attempts_left {
                             // Re-run the same call; the other ops of this
-                            // reply will be reported again.
+                            // reply (and what they recorded) will be
+                            // reported again. The failed attempt keeps its
+                            // own metadata.
+                            let (metadata, metadata_errors) = op_metadata(op);
                             return Decision {
                                 retry: Some(retry_at(*retry_after)),
+                                metadata,
+                                metadata_errors,
                                 ..Decision::default()
                             };
                         }
@@ -412,10 +439,17 @@ pub fn decide(
                             .cloned()
                             .filter(Value::is_object)
                             .unwrap_or_else(|| json!({}));
+                        // The caller's sessions, stamped by the SDK, go on
+                        // to the invoked run.
+                        let meta = match resolve_meta(opts.pointer("/payload/meta")) {
+                            Ok(meta) => meta,
+                            Err(err) => return fail(format!("invoke: {err}")),
+                        };
                         decision.invokes.push(Invoke {
                             pause: wait,
                             function_id,
                             data,
+                            meta,
                         });
                         if joins_group(op) {
                             decision.plan.push(op.id.clone());
@@ -1050,6 +1084,15 @@ impl Worker {
 
     async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {
         let now = self.clock.now();
+        // Metadata first: its records are stored once each, so a crash
+        // before the ack stores nothing twice when the reply comes again.
+        store_op_metadata(
+            &self.backends,
+            &run.id,
+            &decision.metadata,
+            &decision.metadata_errors,
+        )
+        .await?;
         if let Some(due) = decision.retry {
             self.status.borrow_mut().retries += 1;
             METRICS
@@ -1227,14 +1270,21 @@ fn invoke_event(run: &RunRecord, invoke: &Invoke, pause: &PauseRecord) -> EventR
             }),
         );
     }
-    lifecycle::internal_event(
+    let mut event = lifecycle::internal_event(
         FUNCTION_INVOKED,
         data,
         Some(correlation),
         lifecycle::derived_ulid(pause.created_at, &format!("{}/invoke", pause.id)),
         created,
         Some(invoke.function_id.clone()),
-    )
+    );
+    if let Some(meta) = &invoke.meta {
+        if let Ok(Value::Object(mut payload)) = serde_json::from_str::<Value>(&event.payload) {
+            payload.insert("meta".into(), meta.clone());
+            event.payload = Value::Object(payload).to_string();
+        }
+    }
+    event
 }
 
 /// The executor service.
@@ -1432,6 +1482,7 @@ mod tests {
             data: Some(json!({"n": 1})),
             error: Some(json!({"name": "Error", "message": "boom"})),
             opts: None,
+            metadata: None,
         }
     }
 
@@ -2055,11 +2106,14 @@ mod tests {
                 function_id: "app-callee".into(),
                 data: json!({"data": {"x": 1}}),
                 pause: pause.clone(),
+                meta: Some(json!({"sessions": {"org": "acme"}})),
             };
             let a = invoke_event(&run, &invoke, &pause);
             let b = invoke_event(&run, &invoke, &pause);
             assert_eq!(a, b, "a retry after a crash publishes the very same event");
             assert_eq!(a.received_at, 77);
+            let payload: Value = serde_json::from_str(&a.payload).unwrap();
+            assert_eq!(payload["meta"], json!({"sessions": {"org": "acme"}}));
         }
     }
 }

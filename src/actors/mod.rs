@@ -9,6 +9,7 @@ pub mod event_api;
 pub mod executor;
 pub mod flow;
 pub mod lifecycle;
+pub mod metadata;
 pub mod runner;
 
 use tokio::sync::mpsc;

@@ -396,6 +396,7 @@ mod tests {
             data: None,
             error,
             opts: Some(opts),
+            metadata: None,
         }
     }
 
