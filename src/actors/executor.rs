@@ -2115,5 +2115,40 @@ mod tests {
             let payload: Value = serde_json::from_str(&a.payload).unwrap();
             assert_eq!(payload["meta"], json!({"sessions": {"org": "acme"}}));
         }
+
+        /// What a step recorded is stored before its result; a crash in
+        /// between and the reply handled again store each once.
+        #[actix_rt::test]
+        async fn step_metadata_is_stored_once_across_a_crash() {
+            let h = harness();
+            let (run, _) = waiting_run(&h).await;
+            let lease = lease_item(&h, QueueItem::discovery(&run.id, &run.fn_id, 0)).await;
+            let mut step = op("StepRun", "scored");
+            step.metadata = Some(json!([
+                {"kind": "inngest.score", "scope": "step", "op": "merge", "values": {"s": {"value": 1}}},
+                {"kind": "inngest.score", "scope": "run", "op": "merge", "values": {"r": {"value": true}}},
+                {"kind": "inngest.secret", "scope": "step", "op": "merge", "values": {}},
+            ]));
+            let reply = SdkReply::Ops {
+                ops: vec![step],
+                no_retry: false,
+                retry_after: None,
+                request_version: 2,
+            };
+            let decision = decide(&run, &lease, &reply, NOW, Duration::ZERO);
+            assert_eq!(decision.metadata.len(), 2, "the reserved kind is left out");
+            assert_eq!(decision.metadata_errors.len(), 1);
+            h.faults.fail_next("save_step", 1);
+            let first = h.worker.perform(&lease, &run, decision.clone()).await;
+            assert!(first.is_err());
+            assert_eq!(h.real.state.load_metadata(&run.id).await.unwrap().len(), 2);
+            h.faults.heal();
+            h.worker.perform(&lease, &run, decision).await.unwrap();
+            let stored = h.real.state.load_metadata(&run.id).await.unwrap();
+            assert_eq!(stored.len(), 2, "{stored:?}");
+            assert_eq!(stored[0].step_id.as_deref(), Some("scored"));
+            assert_eq!(stored[1].step_id, None);
+            assert_eq!(h.real.state.load_steps(&run.id).await.unwrap().len(), 1);
+        }
     }
 }

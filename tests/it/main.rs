@@ -15,6 +15,7 @@ mod events;
 mod flow;
 mod gql;
 mod hardening;
+mod metadata;
 mod openapi;
 mod production;
 mod sdk_node;
