@@ -1015,6 +1015,25 @@ async fn every_documented_operation_answers_as_documented() {
     assert_eq!(reply.body["data"][0]["internal_id"], json!(events[1]));
     let reply = api.get("/v1/events/{id}", &[("id", &three)], &[]).await;
     assert_eq!(reply.body["data"]["data"], json!({"key": "oa"}));
+    // An event with sessions keeps them (resolved) as `meta`.
+    let reply = api
+        .call(
+            "POST",
+            "/e/{key}",
+            &[("key", "openapi-key")],
+            &[],
+            Body::Json(json!({"name": "test/unheard", "meta": {"sessions": {"org": "acme", "n": 7},
+                "propagated_sessions": {"team": "core"}}})),
+        )
+        .await;
+    let with_sessions = reply.body["ids"][0].as_str().unwrap().to_string();
+    let reply = api
+        .get("/v1/events/{id}", &[("id", &with_sessions)], &[])
+        .await;
+    assert_eq!(
+        reply.body["data"]["meta"],
+        json!({"sessions": {"org": "acme", "n": "7", "team": "core"}})
+    );
     let reply = api
         .get("/v1/events/{id}", &[("id", "01NOSUCHEVENT")], &[])
         .await;
