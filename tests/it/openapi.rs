@@ -1022,8 +1022,10 @@ async fn every_documented_operation_answers_as_documented() {
             "/e/{key}",
             &[("key", "openapi-key")],
             &[],
-            Body::Json(json!({"name": "test/unheard", "meta": {"sessions": {"org": "acme", "n": 7},
-                "propagated_sessions": {"team": "core"}}})),
+            Body::Json(
+                json!({"name": "test/unheard", "meta": {"sessions": {"org": "acme", "n": 7},
+                "propagated_sessions": {"team": "core"}}}),
+            ),
         )
         .await;
     let with_sessions = reply.body["ids"][0].as_str().unwrap().to_string();
