@@ -34,6 +34,12 @@ pub fn to_cel(value: &serde_json::Value) -> Value {
     }
 }
 
+/// Most expressions [`Expr::cached`] keeps.
+const MAX_COMPILED: usize = 10_000;
+
+static COMPILED: std::sync::LazyLock<std::sync::Mutex<HashMap<Arc<str>, Expr>>> =
+    std::sync::LazyLock::new(Default::default);
+
 /// A compiled CEL expression. Cheap to clone.
 #[derive(Clone)]
 pub struct Expr {
@@ -195,6 +201,31 @@ impl Expr {
         })
     }
 
+    /// [`Expr::compile`], once per source text in the process: a function's
+    /// keys, conditions and priorities are compiled when it is first used
+    /// (sync has validated them) and reused for every later event, and the
+    /// same wait expression of many runs is compiled once. Failures are not
+    /// kept (they are rejected at sync, so they are rare here).
+    pub fn cached(source: &str) -> Result<Expr, String> {
+        let lock = || {
+            COMPILED
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        if let Some(expr) = lock().get(source) {
+            return Ok(expr.clone());
+        }
+        let expr = Expr::compile(source)?;
+        let mut compiled = lock();
+        if compiled.len() >= MAX_COMPILED {
+            // Bounded: a flood of distinct sources (waits with per-run
+            // literals) starts over rather than grows.
+            compiled.clear();
+        }
+        compiled.insert(expr.source.clone(), expr.clone());
+        Ok(expr)
+    }
+
     pub fn source(&self) -> &str {
         &self.source
     }
@@ -284,6 +315,19 @@ pub fn json_path<'a>(value: &'a serde_json::Value, path: &str) -> Option<&'a ser
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn cached_expressions_are_compiled_once() {
+        let source = "event.data.cached_once_test == 1";
+        let first = Expr::cached(source).unwrap();
+        let second = Expr::cached(source).unwrap();
+        assert!(Arc::ptr_eq(&first.program, &second.program));
+        assert!(second.matches(&[("event", &json!({"data": {"cached_once_test": 1}}))]));
+        assert!(
+            Expr::cached("event.data ==").is_err(),
+            "errors are not cached as programs"
+        );
+    }
 
     #[test]
     fn malformed_expressions_are_errors_not_panics() {

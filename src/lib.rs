@@ -13,6 +13,7 @@ mod fuzz;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod otel;
 pub mod sdk;
 pub mod secret;
 pub mod serve;

@@ -9,6 +9,9 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::clock::Timestamp;
+use crate::store::{Backends, StoreResult};
+
 pub struct Metrics {
     pub registry: Registry,
     pub events_received: IntCounter,
@@ -22,6 +25,13 @@ pub struct Metrics {
     pub queue_oldest_age_seconds: prometheus::GaugeVec,
     pub open_pauses: IntGauge,
     pub store_bytes: IntGauge,
+    /// OpenTelemetry export (`otel.rs`): spans sent, spans lost to failed
+    /// exports, runs whose trace found the export queue full, failed
+    /// exports by signal.
+    pub otel_spans_exported: IntCounter,
+    pub otel_spans_dropped: IntCounter,
+    pub otel_runs_dropped: IntCounter,
+    pub otel_export_failures: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -80,6 +90,25 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Runs waiting for events or invoked functions",
     )?;
     let store_bytes = IntGauge::new("store_bytes", "Size of the embedded store on disk")?;
+    let otel_spans_exported = IntCounter::new(
+        "otel_spans_exported_total",
+        "Spans of run traces sent over OTLP",
+    )?;
+    let otel_spans_dropped = IntCounter::new(
+        "otel_spans_dropped_total",
+        "Spans of run traces lost because their export failed",
+    )?;
+    let otel_runs_dropped = IntCounter::new(
+        "otel_runs_dropped_total",
+        "Ended runs whose trace was not exported because the export queue was full",
+    )?;
+    let otel_export_failures = IntCounterVec::new(
+        Opts::new(
+            "otel_export_failures_total",
+            "OTLP exports that failed, by signal (traces, metrics)",
+        ),
+        &["signal"],
+    )?;
     registry.register(Box::new(events_received.clone()))?;
     registry.register(Box::new(events_rejected.clone()))?;
     registry.register(Box::new(runs_started.clone()))?;
@@ -91,6 +120,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
     registry.register(Box::new(queue_oldest_age_seconds.clone()))?;
     registry.register(Box::new(open_pauses.clone()))?;
     registry.register(Box::new(store_bytes.clone()))?;
+    registry.register(Box::new(otel_spans_exported.clone()))?;
+    registry.register(Box::new(otel_spans_dropped.clone()))?;
+    registry.register(Box::new(otel_runs_dropped.clone()))?;
+    registry.register(Box::new(otel_export_failures.clone()))?;
     Ok(Metrics {
         registry,
         events_received,
@@ -104,11 +137,48 @@ fn build() -> Result<Metrics, prometheus::Error> {
         queue_oldest_age_seconds,
         open_pauses,
         store_bytes,
+        otel_spans_exported,
+        otel_spans_dropped,
+        otel_runs_dropped,
+        otel_export_failures,
     })
 }
 
 pub static METRICS: LazyLock<Metrics> =
     LazyLock::new(|| build().expect("metric definitions are static and valid"));
+
+/// Sets the gauges that are read from the stores (queue depth and age per
+/// partition, open pauses, store size), before `/metrics` renders or the
+/// OpenTelemetry export sends them.
+pub async fn refresh_gauges(
+    backends: &Backends,
+    now: Timestamp,
+    store_bytes: u64,
+) -> StoreResult<()> {
+    let partitions = backends.queue.partition_stats().await?;
+    METRICS.queue_depth.reset();
+    METRICS.queue_oldest_age_seconds.reset();
+    for partition in partitions {
+        let label = [partition.partition.as_str()];
+        METRICS
+            .queue_depth
+            .with_label_values(&label)
+            .set(partition.ready as i64);
+        let age = partition
+            .oldest_due
+            .map(|due| now.millis().saturating_sub(due.millis()).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        METRICS
+            .queue_oldest_age_seconds
+            .with_label_values(&label)
+            .set(age);
+    }
+    METRICS
+        .open_pauses
+        .set(backends.state.pause_count().await? as i64);
+    METRICS.store_bytes.set(store_bytes as i64);
+    Ok(())
+}
 
 /// The registry in Prometheus text format.
 pub fn render() -> String {

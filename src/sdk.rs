@@ -58,17 +58,15 @@ pub fn call_url(function_url: &str, step_id: &str) -> String {
     format!("{base}?{}", pairs.join("&"))
 }
 
-/// The W3C `traceparent` of a call: the run's trace (its ULID's 16 bytes,
-/// as Inngest derives the trace id from the run id) and a span for this
-/// attempt of the queue item. The JS SDK attributes the OpenTelemetry spans
-/// of a step to it (`inngest.ai` step metadata) only when the call has one.
+/// The W3C `traceparent` of a call: the run's trace (`otel::trace_id`, its
+/// ULID's 16 bytes, as Inngest derives the trace id from the run id) and a
+/// span for this attempt of the queue item. The JS SDK attributes the
+/// OpenTelemetry spans of a step to it (`inngest.ai` step metadata) only
+/// when the call has one.
 pub fn traceparent(run_id: &str, job_id: &str, attempt: u32) -> String {
-    let trace_id = match run_id.parse::<ulid::Ulid>() {
-        Ok(ulid) => format!("{:032x}", u128::from(ulid)),
-        Err(_) => hex::encode(&Sha256::digest(run_id.as_bytes())[..16]),
-    };
+    let trace_id = crate::otel::trace_id(run_id);
     let span = Sha256::digest(format!("{job_id}/{attempt}").as_bytes());
-    format!("00-{trace_id}-{}-01", hex::encode(&span[..8]))
+    format!("00-{trace_id:032x}-{}-01", hex::encode(&span[..8]))
 }
 
 /// What to put in one call.
@@ -92,6 +90,9 @@ pub struct CallRequest<'a> {
     pub max_body_bytes: usize,
     /// Offers the SDK checkpointing (PROTOCOL §5.1).
     pub checkpoint: Option<CheckpointOffer>,
+    /// The run's defers, by hashed id (`actors::defer::sdk_entries`); sent
+    /// as `defers` when there are any.
+    pub defers: serde_json::Map<String, Value>,
 }
 
 /// What a call sends so that the JS SDK v4 checkpoints: `ctx.fn_id` and
@@ -138,6 +139,9 @@ impl CallRequest<'_> {
         if let Some(offer) = &self.checkpoint {
             body["ctx"]["fn_id"] = json!(offer.fn_id);
             body["ctx"]["qi_id"] = json!(offer.qi_id);
+        }
+        if !self.defers.is_empty() {
+            body["defers"] = Value::Object(self.defers.clone());
         }
         body
     }

@@ -252,6 +252,18 @@ pub async fn serve(
         core.start()
     });
 
+    let otel = match &settings.otel {
+        Some(otel) => {
+            let size_db = db.clone();
+            let store_size: Arc<dyn Fn() -> u64 + Send + Sync> =
+                Arc::new(move || size_db.as_ref().map(SledDb::size_on_disk).unwrap_or(0));
+            Some(
+                crate::otel::start(otel, backends.clone(), clock.clone(), store_size)
+                    .context("failed to start the OpenTelemetry export")?,
+            )
+        }
+        None => None,
+    };
     let size_db = db.clone();
     let auth = http::Auth::new(
         mode == Mode::Production,
@@ -332,6 +344,11 @@ pub async fn serve(
                 timeout: Duration::from_secs(10),
             })
             .await;
+    }
+    // Runs ended while draining are in the export queue: send them, and
+    // the last metrics, before the store closes.
+    if let Some(otel) = otel {
+        otel.stop(Duration::from_secs(5)).await;
     }
     for arbiter in &arbiters {
         arbiter.stop();

@@ -27,6 +27,145 @@ pub struct RawSettings {
     pub dashboard: RawDashboard,
     pub retention: RawRetention,
     pub discovery: RawDiscovery,
+    pub otel: RawOtel,
+}
+
+/// OpenTelemetry export (new in 0.1): a trace per ended run and the
+/// metrics, over OTLP/HTTP (protobuf), to a collector. Off by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawOtel {
+    pub enabled: bool,
+    /// Base URL of the OTLP/HTTP receiver; `/v1/traces` and `/v1/metrics`
+    /// are appended. "" takes `OTEL_EXPORTER_OTLP_ENDPOINT`, else
+    /// `http://localhost:4318`.
+    pub endpoint: String,
+    /// Headers sent with every export (an API key, say), over those of
+    /// `OTEL_EXPORTER_OTLP_HEADERS`.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// `service.name` of the exported resource; "" takes
+    /// `OTEL_SERVICE_NAME`, else `baton`.
+    pub service_name: String,
+    /// Time between two exports of the metrics.
+    pub metrics_interval: String,
+}
+
+impl Default for RawOtel {
+    fn default() -> Self {
+        RawOtel {
+            enabled: false,
+            endpoint: String::new(),
+            headers: Default::default(),
+            service_name: String::new(),
+            metrics_interval: "60s".into(),
+        }
+    }
+}
+
+/// Validated OpenTelemetry settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtelSettings {
+    /// Base URL without a trailing `/`.
+    pub endpoint: String,
+    pub headers: Vec<(String, String)>,
+    pub service_name: String,
+    pub metrics_interval: Duration,
+}
+
+/// The endpoint used when neither the config nor the environment names one.
+const OTLP_DEFAULT_ENDPOINT: &str = "http://localhost:4318";
+
+/// `[otel]` validated, with the standard `OTEL_*` variables (read through
+/// `env`) filling what the file leaves empty. `None` when export is off.
+pub fn otel_settings(
+    raw: &RawOtel,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Option<OtelSettings>> {
+    if !raw.enabled {
+        return Ok(None);
+    }
+    let from_env = |name: &str| {
+        env(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let endpoint = match raw.endpoint.trim() {
+        "" => from_env("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .unwrap_or_else(|| OTLP_DEFAULT_ENDPOINT.to_string()),
+        text => text.to_string(),
+    };
+    let url = reqwest::Url::parse(&endpoint).map_err(|err| {
+        anyhow::anyhow!(
+            "otel.endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) {:?} is not a URL: {err}",
+            crate::secret::redact_url(&endpoint)
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!("otel.endpoint must be an http:// or https:// URL");
+    }
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut add = |name: &str, value: &str, from: &str| -> anyhow::Result<()> {
+        let name = name.trim().to_ascii_lowercase();
+        let value = value.trim().to_string();
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+            || reqwest::header::HeaderValue::from_str(&value).is_err()
+        {
+            bail!("{from}: {name:?} is not a valid header name, or its value is not a valid header value");
+        }
+        headers.retain(|(existing, _)| *existing != name);
+        headers.push((name, value));
+        Ok(())
+    };
+    if let Some(list) = from_env("OTEL_EXPORTER_OTLP_HEADERS") {
+        for pair in list.split(',').filter(|p| !p.trim().is_empty()) {
+            let (name, value) = pair.split_once('=').with_context(|| {
+                "OTEL_EXPORTER_OTLP_HEADERS must be name=value pairs separated by commas"
+            })?;
+            add(name, &percent_decode(value), "OTEL_EXPORTER_OTLP_HEADERS")?;
+        }
+    }
+    for (name, value) in &raw.headers {
+        add(name, value, "otel.headers")?;
+    }
+    let service_name = match raw.service_name.trim() {
+        "" => from_env("OTEL_SERVICE_NAME").unwrap_or_else(|| "baton".into()),
+        name => name.to_string(),
+    };
+    let metrics_interval = parse_time_str(&raw.metrics_interval)
+        .map_err(|err| anyhow::anyhow!("invalid otel.metrics_interval: {err}"))?;
+    if metrics_interval < Duration::from_secs(1) {
+        bail!("otel.metrics_interval must be at least 1s");
+    }
+    Ok(Some(OtelSettings {
+        endpoint: endpoint.trim_end_matches('/').to_string(),
+        headers,
+        service_name,
+        metrics_interval,
+    }))
+}
+
+/// `%XX` escapes decoded, as the OTLP exporter spec asks of header values.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| text.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// App discovery under `baton dev` (new in 0.1): loopback ports and paths
@@ -295,6 +434,8 @@ pub struct Settings {
     pub retention_batch: usize,
     /// `None`: discovery is off (it never runs in production).
     pub discovery: Option<DiscoverySettings>,
+    /// `None`: no OpenTelemetry export.
+    pub otel: Option<OtelSettings>,
 }
 
 /// When the dashboard's session cookie is marked `Secure`.
@@ -461,6 +602,7 @@ impl RawSettings {
             } else {
                 None
             },
+            otel: otel_settings(&self.otel, |name| std::env::var(name).ok())?,
         })
     }
 }
@@ -737,6 +879,81 @@ mod tests {
         raw.keys.signing_key = "signkey-prod-xyz".into();
         let err = raw.validate().unwrap_err().to_string();
         assert!(err.contains("keys.signing_key"), "{err}");
+    }
+
+    #[test]
+    fn otel_settings_come_from_the_file_then_the_environment() {
+        let none = |_: &str| None;
+        assert_eq!(otel_settings(&RawOtel::default(), none).unwrap(), None);
+        let env = |name: &str| match name {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4318/".into()),
+            "OTEL_EXPORTER_OTLP_HEADERS" => Some("x-key=a%20b, x-both = env".into()),
+            "OTEL_SERVICE_NAME" => Some("from-env".into()),
+            _ => None,
+        };
+        let mut raw = RawOtel {
+            enabled: true,
+            ..RawOtel::default()
+        };
+        let settings = otel_settings(&raw, env).unwrap().unwrap();
+        assert_eq!(settings.endpoint, "http://collector:4318");
+        assert_eq!(settings.service_name, "from-env");
+        assert_eq!(
+            settings.headers,
+            [
+                ("x-key".into(), "a b".into()),
+                ("x-both".into(), "env".into())
+            ]
+        );
+        assert_eq!(settings.metrics_interval, Duration::from_secs(60));
+        assert_eq!(
+            otel_settings(&raw, none).unwrap().unwrap().endpoint,
+            "http://localhost:4318"
+        );
+        // The file wins over the environment.
+        raw.endpoint = "https://otel.example:4318".into();
+        raw.service_name = "baton-prod".into();
+        raw.headers.insert("X-Both".into(), "file".into());
+        let settings = otel_settings(&raw, env).unwrap().unwrap();
+        assert_eq!(settings.endpoint, "https://otel.example:4318");
+        assert_eq!(settings.service_name, "baton-prod");
+        assert_eq!(
+            settings.headers,
+            [
+                ("x-key".into(), "a b".into()),
+                ("x-both".into(), "file".into())
+            ]
+        );
+        for (field, raw) in [
+            (
+                "otel.endpoint",
+                RawOtel {
+                    endpoint: "collector:4318".into(),
+                    ..raw.clone()
+                },
+            ),
+            (
+                "otel.endpoint",
+                RawOtel {
+                    endpoint: "ftp://c".into(),
+                    ..raw.clone()
+                },
+            ),
+            (
+                "otel.metrics_interval",
+                RawOtel {
+                    metrics_interval: "10ms".into(),
+                    ..raw.clone()
+                },
+            ),
+        ] {
+            let err = format!("{:#}", otel_settings(&raw, none).unwrap_err());
+            assert!(err.contains(field), "{err}");
+        }
+        let mut bad = raw.clone();
+        bad.headers.insert("bad header".into(), "v".into());
+        let err = format!("{:#}", otel_settings(&bad, none).unwrap_err());
+        assert!(err.contains("otel.headers"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! pure [`decide`], and its results through the idempotent
 //! `StateStore::save_step`, which is durable when it returns (sled's group
 //! commit shares the flush across runs). Only plain step results are taken
-//! here; anything else (an op the executor would treat otherwise, a limit
-//! passed) is refused with 400, so that the SDK falls back to returning the
+//! here, and the defer ops that ride along them (`actors::defer`); anything
+//! else (an op the executor would treat otherwise, a limit passed) is
+//! refused with 400, so that the SDK falls back to returning the
 //! steps in its answer and the executor handles them on its usual path.
 //!
 //! A checkpoint is accepted only while the call that produced it still holds
@@ -99,13 +100,14 @@ pub async fn checkpoint_async(
             request.steps.len()
         )));
     }
-    if let Some(op) = request
-        .steps
-        .iter()
-        .find(|op| !matches!(op.op.as_str(), "StepRun" | "Step") || op.id.is_empty())
-    {
+    if let Some(op) = request.steps.iter().find(|op| {
+        !matches!(
+            op.op.as_str(),
+            "StepRun" | "Step" | "DeferAdd" | "DeferAbort"
+        ) || op.id.is_empty()
+    }) {
         return Err(CheckpointError::Invalid(format!(
-            "cannot checkpoint a {:?} op (id {:?}); only step results",
+            "cannot checkpoint a {:?} op (id {:?}); only step results and defers",
             op.op, op.id
         )));
     }
@@ -149,6 +151,10 @@ pub async fn checkpoint_async(
         &decision.metadata_errors,
     )
     .await?;
+    // Defers first, as the executor does: they ride along the steps (the
+    // SDK sends them with the next message it has, and does not send them
+    // again once this one succeeds).
+    crate::actors::defer::apply(backends, &run.id, &decision.defers).await?;
     let mut outcome = Checkpointed::default();
     for step in decision.save {
         match backends.state.save_step(&run.id, step).await? {
@@ -278,6 +284,23 @@ mod tests {
         assert_eq!(steps[0].memo, r#"{"data":1}"#);
         assert_eq!(steps[0].attempts, 1);
 
+        // Defers ride along (or come alone, at the SDK's buffer interval).
+        let defer_op = |kind: &str, id: &str, opts: Value| -> Op {
+            serde_json::from_value(json!({"id": id, "op": kind, "opts": opts})).unwrap()
+        };
+        let add = defer_op(
+            "DeferAdd",
+            "d1",
+            json!({"fn_slug": "app-later", "input": {}}),
+        );
+        let stored = save(vec![step_op("a2", json!(3)), add]).await.unwrap();
+        assert_eq!(stored.saved, 1);
+        let abort = defer_op("DeferAbort", "d1:abort", json!({"target_hashed_id": "d1"}));
+        assert_eq!(save(vec![abort]).await.unwrap(), Checkpointed::default());
+        let defers = backends.state.load_defers(&run.id).await.unwrap();
+        assert_eq!(defers.len(), 1);
+        assert_eq!(defers[0].status, crate::model::DeferStatus::Aborted);
+
         // Not results, or past a limit: 400, for the executor's own path.
         let mut sleep = step_op("s", Value::Null);
         sleep.op = "Sleep".into();
@@ -308,7 +331,7 @@ mod tests {
             matches!(result, Err(CheckpointError::Stale(_))),
             "{result:?}"
         );
-        assert_eq!(backends.state.load_steps(&run.id).await.unwrap().len(), 1);
+        assert_eq!(backends.state.load_steps(&run.id).await.unwrap().len(), 2);
 
         // An ended run: stale.
         backends

@@ -24,6 +24,7 @@ use tokio::sync::{watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use crate::actors::checkpoint;
+use crate::actors::defer::{self, DeferOp};
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
@@ -40,7 +41,7 @@ use crate::model::{
     RunRecord, RunStatus, StepKind, StepRecord,
 };
 use crate::sdk::{parse_reply, step_error, CallRequest, CheckpointOffer, SdkClient, SdkReply};
-use crate::store::{Backends, Lease, SaveStep, StoreResult};
+use crate::store::{Backends, Lease, SaveSignal, SaveStep, StoreResult};
 
 /// Inngest's retry backoff table (GO `pkg/backoff TableBackoff`).
 const BACKOFF_TABLE: [u64; 10] = [15, 30, 60, 120, 300, 600, 1_200, 2_400, 3_600, 7_200];
@@ -58,6 +59,8 @@ pub const MAX_OPS_PER_REPLY: usize = MAX_STEPS;
 /// Replies in a row that make no progress (`206 []`, a lone
 /// `DiscoveryRequest`) before the run fails; they are re-tried with backoff.
 pub const MAX_NO_PROGRESS: u32 = 10;
+/// Longest signal name, bytes.
+pub const MAX_SIGNAL_BYTES: usize = 1_024;
 /// How long a pause with no timeout waits.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(366 * 86_400);
 
@@ -116,6 +119,8 @@ pub struct Decision {
     /// Set the run's force-plan flag (the reply had several ops).
     pub force_plan: bool,
     pub pauses: Vec<PauseRecord>,
+    /// `step.waitForSignal` pauses, each with its `onConflict: "replace"`.
+    pub signals: Vec<(PauseRecord, bool)>,
     pub invokes: Vec<Invoke>,
     pub fetches: Vec<Fetch>,
     /// End the run.
@@ -129,6 +134,9 @@ pub struct Decision {
     pub metadata: Vec<MetadataRecord>,
     /// Why some of the ops' metadata was left out (logged).
     pub metadata_errors: Vec<String>,
+    /// The reply's defer ops (`actors::defer`), stored before anything
+    /// else, whatever else the reply asks for.
+    pub defers: Vec<DeferOp>,
 }
 
 /// The delay before retrying after attempt `attempt` (0-based) failed.
@@ -192,7 +200,33 @@ pub fn decide(
     now: Timestamp,
     retry_delay: Duration,
 ) -> Decision {
+    let mut decision = decide_ops(run, lease, reply, now, retry_delay);
+    // Defer ops ride along the others ("lazy" ops): they are stored
+    // whatever the rest of the reply does, as Inngest handles them first.
+    if let SdkReply::Ops { ops, .. } = reply {
+        decision.defers = ops
+            .iter()
+            .filter(|op| defer::is_defer_op(&op.op))
+            .map(|op| defer::parse(op, now))
+            .collect();
+    }
+    decision
+}
+
+fn decide_ops(
+    run: &RunRecord,
+    lease: &Lease,
+    reply: &SdkReply,
+    now: Timestamp,
+    retry_delay: Duration,
+) -> Decision {
     let mut decision = Decision::default();
+    // Defer ops count for nothing here: neither as progress nor as steps
+    // of a parallel group.
+    let real_ops = match reply {
+        SdkReply::Ops { ops, .. } => ops.iter().filter(|op| !defer::is_defer_op(&op.op)).count(),
+        _ => 0,
+    };
     let attempts_left = lease.attempt + 1 < run.max_attempts;
     let retry_at = |retry_after: Option<Duration>| now.plus(retry_after.unwrap_or(retry_delay));
     // Results of planned steps fan in; everything else calls again at once.
@@ -207,10 +241,7 @@ pub fn decide(
     // the run is called again once the whole group is done (as Inngest's
     // pending steps), not when only its `step.run`s are.
     let joins_group = |op: &crate::sdk::Op| {
-        let ops = match reply {
-            SdkReply::Ops { ops, .. } => ops.len(),
-            _ => 0,
-        };
+        let ops = real_ops;
         let race = op
             .opts
             .as_ref()
@@ -253,12 +284,15 @@ pub fn decide(
                     ops.len()
                 ));
             }
-            if ops.iter().all(|op| op.op == "DiscoveryRequest") {
+            if ops
+                .iter()
+                .all(|op| op.op == "DiscoveryRequest" || defer::is_defer_op(&op.op))
+            {
                 // Nothing to save or schedule: call again later, bounded.
                 decision.no_progress = true;
                 return decision;
             }
-            if ops.len() > 1 {
+            if real_ops > 1 {
                 decision.force_plan = true;
             }
             // What each op recorded, under ids derived from the op and this
@@ -397,7 +431,7 @@ pub fn decide(
                                 .filter(|e| !e.trim().is_empty())
                                 .map(str::to_string);
                             if let Some(source) = &wait.expression {
-                                if let Err(err) = Expr::compile(source) {
+                                if let Err(err) = Expr::cached(source) {
                                     return fail(format!("waitForEvent: {err}"));
                                 }
                                 let trigger: Value =
@@ -410,6 +444,50 @@ pub fn decide(
                                 expires,
                             ));
                             decision.pauses.push(wait);
+                            if joins_group(op) {
+                                decision.plan.push(op.id.clone());
+                            }
+                            None
+                        }
+                    }
+                    "WaitForSignal" => {
+                        let opts = op.opts.as_ref();
+                        let signal = match opts.and_then(|o| o.get("signal")) {
+                            Some(Value::String(name)) if !name.is_empty() => name.clone(),
+                            _ => return fail("waitForSignal: the signal name is required".into()),
+                        };
+                        if signal.len() > MAX_SIGNAL_BYTES {
+                            return fail(format!(
+                                "waitForSignal: the signal name is {} bytes; the most is \
+                                 {MAX_SIGNAL_BYTES}",
+                                signal.len()
+                            ));
+                        }
+                        let replace = match opts.and_then(|o| o.get("conflict")) {
+                            None | Some(Value::Null) => false,
+                            Some(Value::String(mode)) if mode == "fail" => false,
+                            Some(Value::String(mode)) if mode == "replace" => true,
+                            Some(other) => {
+                                return fail(format!(
+                                    "waitForSignal: onConflict must be \"replace\" or \"fail\", \
+                                     not {other}"
+                                ))
+                            }
+                        };
+                        let timeout = match pause_timeout(opts) {
+                            Ok(timeout) => timeout,
+                            Err(err) => return fail(format!("waitForSignal: {err}")),
+                        };
+                        if timeout == Some(Duration::ZERO) {
+                            Some(step(StepKind::WaitForSignal, Value::Null))
+                        } else {
+                            let mut wait = pause(PauseKind::Signal, "", timeout);
+                            wait.correlation_id = Some(signal);
+                            decision.schedule.push((
+                                QueueItem::pause_timeout(&run.id, &run.fn_id, &wait.id),
+                                Timestamp(wait.expires_at),
+                            ));
+                            decision.signals.push((wait, replace));
                             if joins_group(op) {
                                 decision.plan.push(op.id.clone());
                             }
@@ -483,6 +561,8 @@ pub fn decide(
                         decision.discover = Discover::Always;
                         None
                     }
+                    // Taken by `decide`.
+                    "DeferAdd" | "DeferAbort" => None,
                     other => {
                         return Decision {
                             finish: Some((
@@ -533,6 +613,7 @@ pub fn decide(
         decision.discover = Discover::No;
         decision.schedule.clear();
         decision.pauses.clear();
+        decision.signals.clear();
         decision.invokes.clear();
         decision.fetches.clear();
     }
@@ -784,7 +865,11 @@ impl Worker {
                 let kind = if *invoke {
                     StepKind::Invoke
                 } else {
-                    StepKind::WaitForEvent
+                    // The pause is kept until its result is saved.
+                    match self.backends.state.get_pause(pause_id).await? {
+                        Some(pause) if pause.kind == PauseKind::Signal => StepKind::WaitForSignal,
+                        _ => StepKind::WaitForEvent,
+                    }
                 };
                 let memo = serde_json::from_str(memo).unwrap_or(Value::Null);
                 let step = self.step_record(step_id, name, kind, memo);
@@ -802,6 +887,7 @@ impl Worker {
                             "message": "Timed out waiting for invoked function to complete",
                         }}),
                     ),
+                    PauseKind::Signal => (StepKind::WaitForSignal, Value::Null),
                     _ => (StepKind::WaitForEvent, Value::Null),
                 };
                 let step = self.step_record(&pause.step_id, &pause.step_name, kind, memo);
@@ -887,6 +973,7 @@ impl Worker {
             .iter()
             .map(|e| serde_json::from_str(e).unwrap_or(Value::Null))
             .collect();
+        let defers = defer::sdk_entries(&self.backends.state.load_defers(&run.id).await?);
         // Checkpointing: a discovery call that may run steps inline lets
         // the SDK run them all, storing each through `actors::checkpoint`.
         let checkpoint = (self.config.checkpointing
@@ -912,6 +999,7 @@ impl Worker {
                 || matches!(item.kind, ItemKind::Planned { .. }),
             max_body_bytes: MAX_CALL_BODY_BYTES,
             checkpoint,
+            defers,
         };
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
@@ -1084,6 +1172,9 @@ impl Worker {
 
     async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {
         let now = self.clock.now();
+        // Before anything that may end the run: a defer saved after the
+        // run's end would never be scheduled.
+        defer::apply(&self.backends, &run.id, &decision.defers).await?;
         // Metadata first: its records are stored once each, so a crash
         // before the ack stores nothing twice when the reply comes again.
         store_op_metadata(
@@ -1154,6 +1245,27 @@ impl Worker {
         }
         for pause in decision.pauses {
             self.backends.state.save_pause(pause).await?;
+        }
+        for (pause, replace) in decision.signals {
+            let signal = pause.correlation_id.clone().unwrap_or_default();
+            if let SaveSignal::Conflict { run_id } = self
+                .backends
+                .state
+                .save_signal_pause(pause, replace)
+                .await?
+            {
+                // As Inngest does: the run fails, it does not wait.
+                info!(run_id = %run.id, signal = %signal, holder = %run_id,
+                      "signal wait conflicts with another run's");
+                let error = json!({"error": "signal conflict", "name": "Error",
+                    "message": format!("Signal conflict; signal wait already exists for \
+                                        another run (signal {signal:?}, run {run_id})")});
+                if lifecycle::finish_run(&self.backends, run, RunStatus::Failed, error, now).await?
+                {
+                    self.status.borrow_mut().runs_failed += 1;
+                }
+                return self.ack(lease, Vec::new()).await;
+            }
         }
         if !decision.plan.is_empty() || decision.force_plan {
             self.backends
@@ -1790,9 +1902,19 @@ mod tests {
             DELAY,
         );
         assert!(failed(&d));
+        // A signal wait without a name, or with an unknown onConflict.
         check(0, ops(vec![op("WaitForSignal", "w")], false), |d| {
             assert!(failed(d))
         });
+        let bad_conflict = json!({"signal": "s", "timeout": "1m", "conflict": "merge"});
+        check(
+            0,
+            ops(
+                vec![with_opts(op("WaitForSignal", "w"), bad_conflict)],
+                false,
+            ),
+            |d| assert!(failed(d)),
+        );
         check(0, ops(vec![op("RunComplete", "c")], false), |d| {
             assert_eq!(d.finish, Some((RunStatus::Completed, json!({"n": 1}))));
         });
@@ -1800,6 +1922,48 @@ mod tests {
             assert_eq!(d.fetches.len(), 1);
             assert!(!d.fetches[0].ai);
         });
+    }
+
+    #[test]
+    fn signal_waits_become_signal_pauses() {
+        let opts = json!({"signal": "approve", "timeout": "1m", "conflict": "replace"});
+        check(
+            0,
+            ops(vec![with_opts(op("WaitForSignal", "w"), opts)], false),
+            |d| {
+                assert!(!failed(d));
+                assert_eq!(d.signals.len(), 1);
+                let (pause, replace) = &d.signals[0];
+                assert!(*replace);
+                assert_eq!(pause.kind, PauseKind::Signal);
+                assert_eq!(pause.correlation_id.as_deref(), Some("approve"));
+                assert_eq!(pause.event_name, "", "no event ever matches a signal wait");
+                assert_eq!(pause.expires_at, NOW.plus(Duration::from_secs(60)).millis());
+                assert!(d.pauses.is_empty());
+                assert!(matches!(
+                    d.schedule[0].0.kind,
+                    ItemKind::PauseTimeout { .. }
+                ));
+            },
+        );
+        // The default is to fail on a conflict; a zero timeout is null now.
+        let opts = json!({"signal": "approve", "timeout": "0s"});
+        check(
+            0,
+            ops(vec![with_opts(op("WaitForSignal", "w"), opts)], false),
+            |d| {
+                assert!(d.signals.is_empty());
+                assert_eq!(d.save.len(), 1);
+                assert_eq!(d.save[0].kind, StepKind::WaitForSignal);
+                assert_eq!(d.save[0].memo, "null");
+            },
+        );
+        let opts = json!({"signal": "approve"});
+        check(
+            0,
+            ops(vec![with_opts(op("WaitForSignal", "w"), opts)], false),
+            |d| assert!(!d.signals[0].1),
+        );
     }
 
     #[test]
@@ -1855,6 +2019,59 @@ mod tests {
             .map(|i| op("StepPlanned", &format!("p{i}")))
             .collect();
         check(0, ops(many, false), |d| assert!(failed(d)));
+    }
+
+    #[test]
+    fn defer_ops_ride_along_and_count_for_nothing_else() {
+        let add = |id: &str| {
+            with_opts(
+                op("DeferAdd", id),
+                json!({"fn_slug": "app-later", "input": {"n": 1}}),
+            )
+        };
+        let abort = with_opts(
+            op("DeferAbort", "x:abort"),
+            json!({"target_hashed_id": "x"}),
+        );
+        // At the end of a function: stored, and the run completes.
+        check(0, ops(vec![add("d"), op("RunComplete", "c")], false), |d| {
+            assert_eq!(d.finish, Some((RunStatus::Completed, json!({"n": 1}))));
+            assert_eq!(d.defers.len(), 1);
+            assert!(
+                matches!(&d.defers[0], DeferOp::Add { defer, rejected: None }
+                if defer.hashed_id == "d" && defer.input == r#"{"n":1}"#)
+            );
+        });
+        // Beside one step: not a parallel group.
+        check(
+            0,
+            ops(vec![op("StepRun", "a"), add("d"), abort.clone()], false),
+            |d| {
+                assert!(!d.force_plan, "defer ops are not steps");
+                assert_eq!(d.save.len(), 1);
+                assert_eq!(d.discover, Discover::Always);
+                assert_eq!(d.defers.len(), 2);
+                assert_eq!(d.defers[1], DeferOp::Abort { target: "x".into() });
+            },
+        );
+        // Alone they are no progress (the SDK never sends that), but stored.
+        check(0, ops(vec![add("d")], false), |d| {
+            assert!(d.no_progress && d.defers.len() == 1)
+        });
+        // A step error to retry, or a failing function: stored all the same.
+        check(
+            0,
+            ops(vec![add("d"), op("StepError", "complete")], false),
+            |d| assert!(d.retry.is_some() && d.defers.len() == 1),
+        );
+        check(
+            0,
+            ops(vec![add("d"), op("StepFailed", "complete")], true),
+            |d| {
+                assert_eq!(d.save.len(), 1);
+                assert_eq!(d.defers.len(), 1);
+            },
+        );
     }
 
     #[test]
@@ -2063,6 +2280,61 @@ mod tests {
             h.worker.process(&again).await.unwrap();
             let events = h.real.data.list_events(100, None).await.unwrap();
             assert_eq!(events.len(), expected.len());
+        }
+
+        /// A crash between a run's end and the events that start its
+        /// deferred runs: the redelivered item publishes them, once, with
+        /// the same ids; an aborted defer starts nothing.
+        #[actix_rt::test]
+        async fn deferred_runs_survive_a_crash_after_the_runs_end() {
+            use crate::model::{DeferRecord, DeferStatus};
+            let h = harness();
+            let (run, _) = waiting_run(&h).await;
+            let defer = |id: &str| DeferRecord {
+                hashed_id: id.into(),
+                name: id.into(),
+                fn_slug: "app-later".into(),
+                status: DeferStatus::AfterRun,
+                input: r#"{"n":1}"#.into(),
+                meta: None,
+                created_at: NOW.millis(),
+            };
+            for id in ["kept", "aborted"] {
+                h.real.state.save_defer(&run.id, defer(id)).await.unwrap();
+            }
+            assert!(h.real.state.abort_defer(&run.id, "aborted").await.unwrap());
+            let lease = lease_item(&h, QueueItem::discovery(&run.id, &run.fn_id, 0)).await;
+            // The run ended (committed) but nothing was published.
+            assert!(h
+                .real
+                .state
+                .finish_run(&run.id, RunStatus::Completed, Some("1".into()), NOW)
+                .await
+                .unwrap());
+            h.worker.process(&lease).await.unwrap();
+            let defers = h.real.state.load_defers(&run.id).await.unwrap();
+            let expected = defer::schedule_events(&run, &defers, NOW);
+            assert_eq!(expected.len(), 1, "the aborted defer starts nothing");
+            let stored = h
+                .real
+                .data
+                .get_event(&expected[0].internal_id)
+                .await
+                .unwrap();
+            assert_eq!(
+                stored.as_ref().map(|e| e.name.as_str()),
+                Some(defer::DEFERRED_SCHEDULE)
+            );
+            let count = h.real.data.list_events(100, None).await.unwrap().len();
+            // Lifecycle plus one deferred run; a second redelivery adds nothing.
+            assert_eq!(count, 2);
+            let again = lease_item(
+                &h,
+                QueueItem::discovery(&run.id, &run.fn_id, 0).with_id("again"),
+            )
+            .await;
+            h.worker.process(&again).await.unwrap();
+            assert_eq!(h.real.data.list_events(100, None).await.unwrap().len(), 2);
         }
 
         /// A cancel from outside the queue leaves a `Finalize` item behind.

@@ -32,7 +32,7 @@ pub fn key_value(source: Option<&str>, event: &Value) -> String {
     let Some(source) = source else {
         return String::new();
     };
-    match Expr::compile(source).and_then(|expr| expr.eval(&[("event", event)])) {
+    match Expr::cached(source).and_then(|expr| expr.eval(&[("event", event)])) {
         Ok(Value::String(text)) => text,
         Ok(other) => other.to_string(),
         Err(err) => {
@@ -81,7 +81,7 @@ pub fn priority_ms(function: &FunctionDef, event: &Value) -> i64 {
     let Some(source) = &function.flow.priority else {
         return 0;
     };
-    let seconds = Expr::compile(source)
+    let seconds = Expr::cached(source)
         .and_then(|expr| expr.eval(&[("event", event)]))
         .ok()
         .and_then(|value| value.as_f64())
@@ -101,7 +101,7 @@ pub async fn accept_event(
 ) -> StoreResult<()> {
     if let Some(batch) = &function.flow.batch {
         let batched = batch.condition.as_deref().is_none_or(|source| {
-            Expr::compile(source).is_ok_and(|expr| expr.matches(&[("event", payload)]))
+            Expr::cached(source).is_ok_and(|expr| expr.matches(&[("event", payload)]))
         });
         if batched {
             let key = flow_key(
@@ -265,6 +265,7 @@ pub async fn start_run(
                 .runs_finished
                 .with_label_values(&[function.id.as_str(), "Skipped"])
                 .inc();
+            crate::otel::run_ended(&id);
         }
         return Ok(Some(id));
     }

@@ -162,8 +162,27 @@ pub fn lifecycle_events(
     out
 }
 
+/// Everything a run's end publishes: its lifecycle events, then the
+/// events that start its deferred runs (`actors::defer`). Deterministic, so
+/// it can be rebuilt from the stored run after a crash.
+async fn end_events(
+    backends: &Backends,
+    run: &RunRecord,
+    status: RunStatus,
+    output: &Value,
+    ended_at: Timestamp,
+) -> StoreResult<Vec<EventRecord>> {
+    let mut events = lifecycle_events(run, status, output, ended_at);
+    let defers = backends.state.load_defers(&run.id).await?;
+    events.extend(crate::actors::defer::schedule_events(
+        run, &defers, ended_at,
+    ));
+    Ok(events)
+}
+
 /// Ends a run: stores the outcome, drops its pauses, emits its lifecycle
-/// events. Returns false (and does nothing else) if it had already ended.
+/// events and starts its deferred runs. Returns false (and does nothing
+/// else) if it had already ended.
 ///
 /// The effects come after the commit, so a crash in between must be covered
 /// by whoever called: the executor's queue item is acked only after this
@@ -188,6 +207,7 @@ pub async fn finish_run(
         .runs_finished
         .with_label_values(&[run.fn_id.as_str(), status.as_str()])
         .inc();
+    crate::otel::run_ended(&run.id);
     drop_pauses(backends, &run.id).await?;
     let took_ms = now.millis() - run.created_at;
     match status {
@@ -197,7 +217,9 @@ pub async fn finish_run(
         RunStatus::Cancelled => info!(run_id = %run.id, fn_id = %run.fn_id, "run cancelled"),
         _ => info!(run_id = %run.id, fn_id = %run.fn_id, error = %output, "run failed"),
     }
-    publish_events(backends, &lifecycle_events(run, status, &output, now)).await?;
+    // The run's defers are fixed now: `save_defer` refuses an ended run.
+    let events = end_events(backends, run, status, &output, now).await?;
+    publish_events(backends, &events).await?;
     Ok(true)
 }
 
@@ -209,9 +231,10 @@ async fn drop_pauses(backends: &Backends, run_id: &str) -> StoreResult<()> {
     Ok(())
 }
 
-/// For a run that has ended: publishes its lifecycle events unless they are
-/// stored already (a crash came between the run's end and their
-/// publication). They are rebuilt from the stored outcome with the same ids.
+/// For a run that has ended: publishes those of its lifecycle and deferred
+/// runs' events that are not stored (a crash came between the run's end
+/// and their publication). They are rebuilt from the stored outcome with
+/// the same ids.
 pub async fn ensure_lifecycle_published(backends: &Backends, run: &RunRecord) -> StoreResult<()> {
     let (Some(ended_at), true) = (
         run.ended_at,
@@ -227,18 +250,21 @@ pub async fn ensure_lifecycle_published(backends: &Backends, run: &RunRecord) ->
         .as_deref()
         .and_then(|text| serde_json::from_str(text).ok())
         .unwrap_or(Value::Null);
-    let events = lifecycle_events(run, run.status, &output, Timestamp(ended_at));
-    if backends
-        .data
-        .get_event(&events[0].internal_id)
-        .await?
-        .is_some()
-    {
+    let mut missing = Vec::new();
+    for event in end_events(backends, run, run.status, &output, Timestamp(ended_at)).await? {
+        if backends.data.get_event(&event.internal_id).await?.is_none() {
+            missing.push(event);
+        }
+    }
+    if missing.is_empty() {
         return Ok(());
     }
-    info!(run_id = %run.id, "publishing the lifecycle events a crash held back");
+    info!(run_id = %run.id, count = missing.len(), "publishing the events a crash held back");
+    // The crash may also have cost the run's trace: export it (again; with
+    // the same ids, so a collector that got it sees the same spans).
+    crate::otel::run_ended(&run.id);
     drop_pauses(backends, &run.id).await?;
-    publish_events(backends, &events).await
+    publish_events(backends, &missing).await
 }
 
 /// How long after a cancel its `Finalize` item checks that the lifecycle

@@ -4,6 +4,7 @@
 pub mod bulk;
 pub mod checkpoint;
 pub mod core_api;
+pub mod defer;
 pub mod discovery;
 pub mod event_api;
 pub mod executor;

@@ -52,8 +52,6 @@ struct Matcher {
     /// Parsed functions and the data-store generation they were read at.
     functions: RefCell<(u64, Rc<Vec<FunctionDef>>)>,
     status: RefCell<RunnerStatus>,
-    /// Compiled pause expressions by source text.
-    expressions: RefCell<HashMap<String, Expr>>,
 }
 
 impl Matcher {
@@ -139,16 +137,7 @@ impl Matcher {
     }
 
     fn expression(&self, source: &str) -> Option<Expr> {
-        if let Some(expr) = self.expressions.borrow().get(source) {
-            return Some(expr.clone());
-        }
-        let expr = Expr::compile(source).ok()?;
-        let mut cache = self.expressions.borrow_mut();
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(source.to_string(), expr.clone());
-        Some(expr)
+        Expr::cached(source).ok()
     }
 
     /// Resumes waits, invokes and cancellations that `event` matches. Only
@@ -241,7 +230,9 @@ impl Matcher {
                     info!(run_id = %pause.run_id, event = %event.name, "run cancelled by event");
                     lifecycle::cancel_run(&self.backends, &pause.run_id, self.clock.now()).await?;
                 }
-                PauseKind::Invoke => {}
+                // Invokes resume by correlation id, signals by
+                // `POST /v1/signals`; neither is ever in an event's index.
+                PauseKind::Invoke | PauseKind::Signal => {}
             }
         }
         Ok(())
@@ -513,7 +504,6 @@ impl Runner {
                 clock,
                 functions: RefCell::new((0, Rc::new(Vec::new()))),
                 status: RefCell::new(RunnerStatus::default()),
-                expressions: RefCell::new(HashMap::new()),
             }),
             ended,
         }

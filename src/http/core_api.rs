@@ -73,30 +73,8 @@ pub fn run_json(run: &RunRecord, steps: Option<&[StepRecord]>) -> Value {
 
 /// `GET /metrics`: Prometheus text; gauges are read from the stores now.
 pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let now = state.clock.now();
-    crate::metrics::METRICS.queue_depth.reset();
-    crate::metrics::METRICS.queue_oldest_age_seconds.reset();
-    for partition in state.backends.queue.partition_stats().await? {
-        let label = [partition.partition.as_str()];
-        crate::metrics::METRICS
-            .queue_depth
-            .with_label_values(&label)
-            .set(partition.ready as i64);
-        let age = partition
-            .oldest_due
-            .map(|due| now.millis().saturating_sub(due.millis()).max(0) as f64 / 1000.0)
-            .unwrap_or(0.0);
-        crate::metrics::METRICS
-            .queue_oldest_age_seconds
-            .with_label_values(&label)
-            .set(age);
-    }
-    crate::metrics::METRICS
-        .open_pauses
-        .set(state.backends.state.pause_count().await? as i64);
-    crate::metrics::METRICS
-        .store_bytes
-        .set((state.store_size)() as i64);
+    crate::metrics::refresh_gauges(&state.backends, state.clock.now(), (state.store_size)())
+        .await?;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(crate::metrics::render()))
@@ -377,6 +355,7 @@ pub async fn get_run(
                     PauseKind::WaitForEvent => "wait_for_event",
                     PauseKind::Invoke => "invoke",
                     PauseKind::Cancel => "cancel",
+                    PauseKind::Signal => "wait_for_signal",
                 },
                 "step": pause.step_name,
                 "event": pause.event_name,
@@ -387,6 +366,26 @@ pub async fn get_run(
         })
         .collect();
     value["pauses"] = Value::Array(pauses);
+    // The runs it defers (`defer()`), and once it has ended, the events
+    // that start them.
+    let defers: Vec<Value> = state
+        .backends
+        .state
+        .load_defers(&run.id)
+        .await?
+        .iter()
+        .map(|defer| {
+            json!({
+                "id": defer.hashed_id,
+                "name": defer.name,
+                "function_id": defer.fn_slug,
+                "status": defer.status.as_str(),
+                "created_at": time(Some(defer.created_at)),
+                "event_id": crate::actors::defer::scheduled_event_id(&run, defer),
+            })
+        })
+        .collect();
+    value["defers"] = Value::Array(defers);
     Ok(wrap(&state, value))
 }
 

@@ -144,6 +144,7 @@ pub enum StepOp {
     WaitForEvent,
     Invoke,
     AiGateway,
+    WaitForSignal,
 }
 
 /// Metadata of a run or a step: the updates of one kind, folded.
@@ -224,6 +225,7 @@ fn step_span(run: &RunRecord, step: &StepRecord, metadata: Vec<SpanMetadata>) ->
         StepKind::WaitForEvent => (StepOp::WaitForEvent, RunTraceSpanStatus::Completed),
         StepKind::Invoke => (StepOp::Invoke, RunTraceSpanStatus::Completed),
         StepKind::Fetch => (StepOp::AiGateway, RunTraceSpanStatus::Completed),
+        StepKind::WaitForSignal => (StepOp::WaitForSignal, RunTraceSpanStatus::Completed),
     };
     RunTraceSpan {
         run_id: Ulid(run.id.clone()),
@@ -338,6 +340,7 @@ impl FunctionRunV2 {
             let op = match pause.kind {
                 PauseKind::WaitForEvent => StepOp::WaitForEvent,
                 PauseKind::Invoke => StepOp::Invoke,
+                PauseKind::Signal => StepOp::WaitForSignal,
                 PauseKind::Cancel => continue,
             };
             children.push(RunTraceSpan {

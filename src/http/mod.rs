@@ -14,6 +14,7 @@ pub mod guard;
 pub mod metadata;
 pub mod openapi;
 pub mod session;
+pub mod signals;
 pub mod trace;
 
 use actix::Addr;
@@ -239,7 +240,8 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route(
                 "/v1/checkpoint/{id}/steps",
                 web::post().to(checkpoint::checkpoint_steps),
-            );
+            )
+            .route("/v1/signals", web::post().to(signals::send_signal));
     }
 }
 

@@ -1,5 +1,6 @@
 //! `GET /v1/runs/{id}/trace`: the run's steps, attempts and waits laid out
-//! on one time axis (`model::trace::spans`), for the dashboard's trace view.
+//! on one time axis (`model::trace::spans`), and its defers
+//! (`actors::defer::trace_spans`), for the dashboard's trace view.
 
 use actix_web::{web, HttpResponse};
 use serde_json::{json, Value};
@@ -62,11 +63,24 @@ pub async fn run_trace(
     let steps = state.backends.state.load_steps(&run.id).await?;
     let pauses = state.backends.state.pauses_for_run(&run.id).await?;
     let attempts = state.backends.state.load_attempts(&run.id).await?;
+    let defers = state.backends.state.load_defers(&run.id).await?;
+    let defer_spans = crate::actors::defer::trace_spans(&run, &defers);
     let mut out = Vec::new();
-    for span in spans(&run, &steps, &pauses, &attempts) {
+    for span in spans(&run, &steps, &pauses, &attempts)
+        .into_iter()
+        .chain(defer_spans)
+    {
         let mut value = span_json(&span);
         if span.kind == "invoke" {
             value["detail"]["child_run_id"] = child_run(&state, &span).await.into();
+        }
+        if span.kind == "defer" {
+            // The run its event started, once the parent has ended.
+            let child = match span.detail["event_id"].as_str() {
+                Some(event_id) => state.backends.state.runs_for_event(event_id).await?,
+                None => Vec::new(),
+            };
+            value["detail"]["child_run_id"] = child.first().map(|run| run.id.clone()).into();
         }
         out.push(value);
     }

@@ -92,7 +92,7 @@ fn text(value: Option<&Value>) -> Option<String> {
 fn expr(value: Option<&Value>, what: &str) -> Result<Option<String>, String> {
     match text(value) {
         Some(source) => {
-            Expr::compile(&source).map_err(|err| format!("{what}: {err}"))?;
+            Expr::cached(&source).map_err(|err| format!("{what}: {err}"))?;
             Ok(Some(source))
         }
         None => Ok(None),

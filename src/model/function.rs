@@ -137,7 +137,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
             }
             let expression = match raw.get("expression").and_then(Value::as_str) {
                 Some(source) if !source.trim().is_empty() => {
-                    Some(Expr::compile(source).map_err(|err| format!("function {id}: {err}"))?)
+                    Some(Expr::cached(source).map_err(|err| format!("function {id}: {err}"))?)
                 }
                 _ => None,
             };
@@ -173,7 +173,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
                 .filter(|e| !e.trim().is_empty())
                 .map(str::to_string);
             if let Some(source) = &expression {
-                Expr::compile(source).map_err(|err| format!("function {id}: {err}"))?;
+                Expr::cached(source).map_err(|err| format!("function {id}: {err}"))?;
             }
             let timeout = optional_duration(rule.get("timeout"))
                 .map_err(|err| format!("function {id}: invalid cancel timeout: {err}"))?;

@@ -176,6 +176,8 @@ pub enum StepKind {
     WaitForEvent,
     Invoke,
     Fetch,
+    /// `step.waitForSignal`: the signal's `{signal, data}`, or null.
+    WaitForSignal,
 }
 
 impl StepKind {
@@ -187,6 +189,7 @@ impl StepKind {
             StepKind::WaitForEvent => "wait_for_event",
             StepKind::Invoke => "invoke",
             StepKind::Fetch => "fetch",
+            StepKind::WaitForSignal => "wait_for_signal",
         }
     }
 }
@@ -422,6 +425,11 @@ pub enum PauseKind {
     Invoke,
     /// A `cancel` rule: a matching event cancels the run.
     Cancel,
+    /// `step.waitForSignal`: `POST /v1/signals` resumes it. Its signal name
+    /// is in `correlation_id` (indexed apart from invoke correlations, at
+    /// most one open wait per name), and `event_name` is empty, so no event
+    /// ever matches it.
+    Signal,
 }
 
 /// A run waiting for an event. Indexed by event name (and by correlation id
@@ -443,6 +451,7 @@ pub struct PauseRecord {
     /// does), the path and the value's JSON: the pause is then indexed by
     /// it, and an event only looks at pauses its own value selects.
     pub match_key: Option<(String, String)>,
+    /// Invokes: `<runId>.<stepId>`; signals: the signal name.
     pub correlation_id: Option<String>,
     /// The run's triggering event (JSON), bound as `event`.
     pub trigger_event: String,
@@ -466,4 +475,51 @@ pub struct BatchRecord {
     pub batch_id: String,
     pub opened_at: i64,
     pub events: Vec<EventRecord>,
+}
+
+/// What becomes of a defer when its run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeferStatus {
+    /// Its run is started when the parent run ends.
+    AfterRun,
+    /// The parent aborted it (`DeferAbort`): no run is ever started.
+    Aborted,
+    /// Baton refused it (a limit, bad input): no run is ever started. Kept
+    /// so that the SDK re-reporting it changes nothing.
+    Rejected,
+}
+
+impl DeferStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeferStatus::AfterRun => "scheduled",
+            DeferStatus::Aborted => "aborted",
+            DeferStatus::Rejected => "rejected",
+        }
+    }
+}
+
+/// One `defer()` of a run (the JS SDK's `DeferAdd` op): a run of another
+/// function to start, with `input` as its event data, once this run ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeferRecord {
+    /// The SDK's hashed id of the defer, unique within the run.
+    pub hashed_id: String,
+    /// The id the user gave it.
+    pub name: String,
+    /// The function to run (`<app>-<defer fn id>`).
+    pub fn_slug: String,
+    pub status: DeferStatus,
+    /// The event data, a JSON object; empty unless `AfterRun`.
+    pub input: String,
+    /// The op's control metadata (session layers), a JSON object.
+    pub meta: Option<String>,
+    pub created_at: i64,
+}
+
+/// The defers of one run, in the order they were reported.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunDefers {
+    pub run_id: String,
+    pub defers: Vec<DeferRecord>,
 }

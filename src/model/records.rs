@@ -8,7 +8,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{
     AppRecord, BatchRecord, DebounceRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem,
-    RunRecord, StepRecord,
+    RunDefers, RunRecord, StepRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +101,7 @@ versioned_record!(
     v1::Attempt,
     "attempt"
 );
+versioned_record!(StoredDefers, RunDefers, v1::RunDefers, "defers");
 versioned_record!(
     StoredMetadata,
     super::metadata::MetadataRecord,
@@ -335,6 +336,25 @@ mod tests {
             };
             out.push(("queue item", entry.to_bytes()));
         }
+        let defer = |status| crate::model::DeferRecord {
+            hashed_id: "h".into(),
+            name: "send-email".into(),
+            fn_slug: "app-later".into(),
+            status,
+            input: r#"{"to":"a@b.c"}"#.into(),
+            meta: Some(r#"{"sessions":{"org":"acme"}}"#.into()),
+            created_at: 11,
+        };
+        use crate::model::DeferStatus;
+        let defers = RunDefers {
+            run_id: "01HZZ".into(),
+            defers: vec![
+                defer(DeferStatus::AfterRun),
+                defer(DeferStatus::Aborted),
+                defer(DeferStatus::Rejected),
+            ],
+        };
+        out.push(("defers", defers.to_bytes()));
         // Record kinds added to format 1 later come last, so that their
         // lines are appended to the fixture.
         for (scope, op) in [
@@ -435,6 +455,7 @@ mod tests {
                 "debounce" => DebounceRecord::from_bytes(bytes).map(|r| r.to_bytes()),
                 "batch" => BatchRecord::from_bytes(bytes).map(|r| r.to_bytes()),
                 "queue item" => QueueEntry::from_bytes(bytes).map(|r| r.to_bytes()),
+                "defers" => RunDefers::from_bytes(bytes).map(|r| r.to_bytes()),
                 "metadata" => {
                     crate::model::metadata::MetadataRecord::from_bytes(bytes).map(|r| r.to_bytes())
                 }

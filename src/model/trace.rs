@@ -146,13 +146,14 @@ pub struct Span {
     pub id: String,
     pub name: String,
     /// `queued`, `run` (a step), `sleep`, `wait` (for an event), `invoke`,
-    /// `fetch`, or `function` (calls that failed outside any step).
+    /// `fetch`, `function` (calls that failed outside any step), or `defer`
+    /// (`actors::defer::trace_spans`).
     pub kind: &'static str,
     pub start: i64,
     /// `None` while it goes on.
     pub end: Option<i64>,
     /// `completed`, `failed`, `running`, `retrying`, `sleeping`, `waiting`,
-    /// `timed_out`.
+    /// `timed_out`, `cancelled` (an aborted defer).
     pub status: &'static str,
     /// One per attempt (steps that ran code).
     pub segments: Vec<Segment>,
@@ -269,6 +270,15 @@ pub fn spans(
                 json!({"function_id": opts.get("function_id"), "timeout": opts.get("timeout"),
                        "correlation_id": format!("{}.{}", run.id, step.id)}),
             ),
+            StepKind::WaitForSignal => (
+                "wait",
+                if memo.is_null() || memo.get("data").is_some_and(Value::is_null) {
+                    "timed_out"
+                } else {
+                    "completed"
+                },
+                json!({"signal": opts.get("signal"), "timeout": opts.get("timeout")}),
+            ),
             StepKind::Fetch => ("fetch", "completed", Value::Null),
             StepKind::Failed => ("run", "failed", Value::Null),
             StepKind::Run => ("run", "completed", Value::Null),
@@ -298,6 +308,13 @@ pub fn spans(
             continue;
         }
         let invoke = pause.kind == PauseKind::Invoke;
+        let detail = match pause.kind {
+            PauseKind::Signal => json!({"signal": pause.correlation_id,
+                                        "expires_at": pause.expires_at}),
+            _ => json!({"event": pause.event_name, "if": pause.expression,
+                        "expires_at": pause.expires_at,
+                        "correlation_id": pause.correlation_id}),
+        };
         saved.insert(pause.step_id.as_str());
         out.push(Span {
             id: pause.step_id.clone(),
@@ -307,9 +324,7 @@ pub fn spans(
             end: None,
             status: "waiting",
             segments: Vec::new(),
-            detail: json!({"event": pause.event_name, "if": pause.expression,
-                           "expires_at": pause.expires_at,
-                           "correlation_id": pause.correlation_id}),
+            detail,
         });
     }
     if !ended {

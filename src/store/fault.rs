@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::model::metadata::MetadataRecord;
-use crate::model::{EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord};
+use crate::model::{DeferRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord};
 use crate::store::{
-    AddMetadata, BatchPush, CreateRun, SaveStep, StateStore, StoreError, StoreResult,
+    AddMetadata, BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreError,
+    StoreResult,
 };
 
 /// Which calls fail: by method name (the next `n` calls of it), or the call
@@ -109,6 +110,9 @@ delegate! {
     async fn pauses_for_event(&self, event_name: &str) -> StoreResult<Vec<PauseRecord>>;
     async fn pause_match_paths(&self, event_name: &str) -> StoreResult<Vec<String>>;
     async fn pauses_for_match(&self, event_name: &str, path: &str, value_json: &str) -> StoreResult<Vec<PauseRecord>>;
+    async fn save_signal_pause(&self, pause: PauseRecord, replace: bool) -> StoreResult<SaveSignal>;
+    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>>;
+    async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()>;
     async fn pause_for_correlation(&self, correlation_id: &str) -> StoreResult<Option<PauseRecord>>;
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>>;
     async fn take_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>>;
@@ -120,6 +124,9 @@ delegate! {
     async fn batch_push(&self, key: &str, event: &EventRecord, max_size: u32, now: Timestamp) -> StoreResult<BatchPush>;
     async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>>;
     async fn singleton_claim(&self, key: &str, run_id: &str, replace: bool) -> StoreResult<Option<String>>;
+    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer>;
+    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool>;
+    async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>>;
     async fn finish_run(&self, run_id: &str, status: RunStatus, output: Option<String>, at: Timestamp) -> StoreResult<bool>;
     async fn list_runs(&self, limit: usize, before: Option<&str>, fn_id: Option<&str>, status: Option<RunStatus>) -> StoreResult<Vec<RunRecord>>;
     async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64>;

@@ -29,8 +29,8 @@ use crate::clock::Timestamp;
 use crate::model::metadata::MetadataRecord;
 use crate::model::records::RecordError;
 use crate::model::{
-    AppRecord, BatchRecord, DebounceRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem,
-    RunRecord, RunStatus, StepRecord,
+    AppRecord, BatchRecord, DebounceRecord, DeferRecord, DeferStatus, EventRecord, FunctionRecord,
+    PauseRecord, QueueItem, RunDefers, RunRecord, RunStatus, StepRecord,
 };
 
 /// What [`StateStore::batch_push`] did.
@@ -134,6 +134,76 @@ pub enum AddMetadata {
     NoRun,
 }
 
+/// What [`StateStore::save_signal_pause`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SaveSignal {
+    /// Saved, and now the signal's waiter.
+    Saved,
+    /// A pause with this id exists already; nothing changed.
+    Exists,
+    /// Another run's open wait holds the signal and `replace` was not
+    /// asked for; nothing changed.
+    Conflict { run_id: String },
+}
+
+/// What [`StateStore::save_defer`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDefer {
+    Saved,
+    /// The run has a defer with this hashed id already; nothing changed.
+    Exists,
+    /// Stored as `Rejected`, without its input: the run's defer inputs
+    /// would pass [`MAX_DEFER_INPUT_TOTAL`].
+    Rejected,
+    /// The run has [`MAX_DEFERS_PER_RUN`] defers; nothing stored.
+    Full,
+    /// The run has ended (or does not exist); nothing changed.
+    RunEnded,
+}
+
+/// Most defers one run may have (GO's `MaxDefersPerRun`).
+pub const MAX_DEFERS_PER_RUN: usize = 20;
+/// Most bytes of defer input one run may hold, all defers together (GO's
+/// `MaxDeferInputAggregateSize`).
+pub const MAX_DEFER_INPUT_TOTAL: usize = 4 << 20;
+
+/// Adds `defer` to a run's defers under the rules of
+/// [`StateStore::save_defer`]. Shared by every backend.
+pub fn add_defer(defers: &mut RunDefers, mut defer: DeferRecord) -> SaveDefer {
+    if defers.defers.iter().any(|d| d.hashed_id == defer.hashed_id) {
+        return SaveDefer::Exists;
+    }
+    if defers.defers.len() >= MAX_DEFERS_PER_RUN {
+        return SaveDefer::Full;
+    }
+    let held: usize = defers.defers.iter().map(|d| d.input.len()).sum();
+    let outcome = if held + defer.input.len() > MAX_DEFER_INPUT_TOTAL {
+        defer.status = DeferStatus::Rejected;
+        defer.input.clear();
+        SaveDefer::Rejected
+    } else if defer.status == DeferStatus::Rejected {
+        defer.input.clear();
+        SaveDefer::Rejected
+    } else {
+        SaveDefer::Saved
+    };
+    defers.defers.push(defer);
+    outcome
+}
+
+/// Marks the defer `hashed_id` aborted and drops its input; false if there
+/// is none. Shared by every backend.
+pub fn abort_defer_in(defers: &mut RunDefers, hashed_id: &str) -> bool {
+    match defers.defers.iter_mut().find(|d| d.hashed_id == hashed_id) {
+        Some(defer) => {
+            defer.status = DeferStatus::Aborted;
+            defer.input.clear();
+            true
+        }
+        None => false,
+    }
+}
+
 /// Runs and their step results. Writes are durable when they return
 /// (`create_run` excepted, see there).
 #[async_trait::async_trait]
@@ -196,13 +266,30 @@ pub trait StateStore: Send + Sync + 'static {
         value_json: &str,
     ) -> StoreResult<Vec<PauseRecord>>;
 
+    /// Stores a [`PauseKind::Signal`](crate::model::PauseKind) pause (its
+    /// signal name in `correlation_id`) and makes it the signal's waiter, in
+    /// one atomic step. An open wait of another pause for the same signal is
+    /// a conflict, unless `replace`: then this pause takes the signal over,
+    /// and the older one stays open, unreachable, until its timeout.
+    async fn save_signal_pause(&self, pause: PauseRecord, replace: bool)
+        -> StoreResult<SaveSignal>;
+
+    /// The open wait for `signal`, if any.
+    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>>;
+
+    /// Unlinks `signal` from its waiter if that is still `pause_id` (the
+    /// pause itself stays until its result is saved), so that a second
+    /// signal finds no waiter.
+    async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()>;
+
     /// The invoke pause with this correlation id (`<runId>.<stepId>`).
     async fn pause_for_correlation(&self, correlation_id: &str)
         -> StoreResult<Option<PauseRecord>>;
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>>;
 
-    /// Deletes a pause; returns it if it was there.
+    /// Deletes a pause; returns it if it was there. A signal pause gives up
+    /// its signal only if it still holds it.
     async fn take_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>>;
 
     /// Number of open pauses.
@@ -271,6 +358,20 @@ pub trait StateStore: Send + Sync + 'static {
         replace: bool,
     ) -> StoreResult<Option<String>>;
 
+    /// Records a defer of a run that has not ended (`DeferAdd`), once: the
+    /// SDK reports a defer until its run has it, and a second save of the
+    /// same hashed id changes nothing. The limits of [`add_defer`] apply.
+    /// Checked against the run's end atomically, so that whoever ends the
+    /// run and then loads its defers sees every defer that was saved.
+    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer>;
+
+    /// Marks a defer of a run that has not ended as aborted (`DeferAbort`).
+    /// False if the run has no such defer, or has ended.
+    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool>;
+
+    /// The run's defers, in the order they were saved.
+    async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>>;
+
     /// Ends a run. Returns false if it had already ended (nothing changes).
     async fn finish_run(
         &self,
@@ -290,8 +391,8 @@ pub trait StateStore: Send + Sync + 'static {
         status: Option<RunStatus>,
     ) -> StoreResult<Vec<RunRecord>>;
 
-    /// Retention: deletes up to `max` ended runs (with their steps) that
-    /// ended before `cutoff`, oldest first. Returns how many.
+    /// Retention: deletes up to `max` ended runs (with their steps and
+    /// defers) that ended before `cutoff`, oldest first. Returns how many.
     async fn delete_runs_before(&self, _cutoff: Timestamp, _max: usize) -> StoreResult<u64> {
         Ok(0)
     }

@@ -11,11 +11,12 @@ use futures::StreamExt;
 use crate::clock::{Clock, ManualClock, Timestamp};
 use crate::model::metadata::{MetadataOp, MetadataRecord, MetadataScope};
 use crate::model::{
-    AppRecord, EventRecord, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem, RunRecord,
-    RunStatus, StepKind, StepRecord,
+    AppRecord, DeferRecord, DeferStatus, EventRecord, FunctionRecord, ItemKind, PauseKind,
+    PauseRecord, QueueItem, RunRecord, RunStatus, StepKind, StepRecord,
 };
 use crate::store::{
-    AddMetadata, Backends, CreateRun, DataStore, EventBus, Queue, SaveStep, StateStore,
+    AddMetadata, Backends, CreateRun, DataStore, EventBus, Queue, SaveDefer, SaveSignal, SaveStep,
+    StateStore, MAX_DEFERS_PER_RUN, MAX_DEFER_INPUT_TOTAL,
 };
 
 fn unique(prefix: &str) -> String {
@@ -75,12 +76,18 @@ pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
     pauses_index_by_event_run_and_correlation(state)
         .await
         .context("pauses_index_by_event_run_and_correlation")?;
+    signal_waits_hold_their_signal(state)
+        .await
+        .context("signal_waits_hold_their_signal")?;
     flow_control_bookkeeping(state)
         .await
         .context("flow_control_bookkeeping")?;
     metadata_is_added_once_within_the_limit(state)
         .await
         .context("metadata_is_added_once_within_the_limit")?;
+    defers_save_once_abort_and_end_with_the_run(state)
+        .await
+        .context("defers_save_once_abort_and_end_with_the_run")?;
     retention_deletes_ended_runs(state)
         .await
         .context("retention_deletes_ended_runs")?;
@@ -140,6 +147,90 @@ async fn metadata_is_added_once_within_the_limit(state: &dyn StateStore) -> anyh
     Ok(())
 }
 
+fn sample_defer(hashed_id: &str, input: &str) -> DeferRecord {
+    DeferRecord {
+        hashed_id: hashed_id.to_string(),
+        name: format!("defer {hashed_id}"),
+        fn_slug: "app-later".into(),
+        status: DeferStatus::AfterRun,
+        input: input.to_string(),
+        meta: None,
+        created_at: 3,
+    }
+}
+
+async fn defers_save_once_abort_and_end_with_the_run(state: &dyn StateStore) -> anyhow::Result<()> {
+    let run = sample_run(&unique("fn"), "k");
+    state.create_run(run.clone()).await?;
+    ensure!(state.load_defers(&run.id).await?.is_empty());
+    let saved = state
+        .save_defer(&run.id, sample_defer("a", r#"{"n":1}"#))
+        .await?;
+    ensure!(saved == SaveDefer::Saved, "{saved:?}");
+    // The SDK reporting it again (with anything) changes nothing.
+    let again = state
+        .save_defer(&run.id, sample_defer("a", r#"{"n":2}"#))
+        .await?;
+    ensure!(again == SaveDefer::Exists, "{again:?}");
+    state.save_defer(&run.id, sample_defer("b", "{}")).await?;
+    let defers = state.load_defers(&run.id).await?;
+    let ids: Vec<&str> = defers.iter().map(|d| d.hashed_id.as_str()).collect();
+    ensure!(ids == ["a", "b"], "defers in the order saved, got {ids:?}");
+    ensure!(
+        defers[0].input == r#"{"n":1}"#,
+        "a duplicate must not overwrite"
+    );
+
+    // Aborting drops the input; aborting what is not there finds nothing.
+    ensure!(state.abort_defer(&run.id, "a").await?);
+    ensure!(!state.abort_defer(&run.id, "nope").await?);
+    let defers = state.load_defers(&run.id).await?;
+    ensure!(defers[0].status == DeferStatus::Aborted && defers[0].input.is_empty());
+    ensure!(defers[1].status == DeferStatus::AfterRun);
+    // An aborted defer stays: re-reporting it does not bring it back.
+    let again = state.save_defer(&run.id, sample_defer("a", "{}")).await?;
+    ensure!(again == SaveDefer::Exists, "{again:?}");
+
+    // Inputs past the run's total are kept as rejected, without input.
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(MAX_DEFER_INPUT_TOTAL));
+    let rejected = state.save_defer(&run.id, sample_defer("big", &big)).await?;
+    ensure!(rejected == SaveDefer::Rejected, "{rejected:?}");
+    let defers = state.load_defers(&run.id).await?;
+    ensure!(defers[2].status == DeferStatus::Rejected && defers[2].input.is_empty());
+    // At most so many defers per run.
+    for n in defers.len()..MAX_DEFERS_PER_RUN {
+        let saved = state
+            .save_defer(&run.id, sample_defer(&format!("n{n}"), "{}"))
+            .await?;
+        ensure!(saved == SaveDefer::Saved, "{n}: {saved:?}");
+    }
+    let full = state
+        .save_defer(&run.id, sample_defer("over", "{}"))
+        .await?;
+    ensure!(full == SaveDefer::Full, "{full:?}");
+    ensure!(state.load_defers(&run.id).await?.len() == MAX_DEFERS_PER_RUN);
+
+    // Once the run has ended, its defers are fixed.
+    let other = sample_run(&unique("fn"), "k");
+    state.create_run(other.clone()).await?;
+    state.save_defer(&other.id, sample_defer("a", "{}")).await?;
+    state
+        .finish_run(&other.id, RunStatus::Completed, None, Timestamp(9))
+        .await?;
+    let late = state
+        .save_defer(&other.id, sample_defer("late", "{}"))
+        .await?;
+    ensure!(late == SaveDefer::RunEnded, "{late:?}");
+    ensure!(!state.abort_defer(&other.id, "a").await?);
+    let defers = state.load_defers(&other.id).await?;
+    ensure!(defers.len() == 1 && defers[0].status == DeferStatus::AfterRun);
+    let missing = state
+        .save_defer("no-such-run", sample_defer("a", "{}"))
+        .await?;
+    ensure!(missing == SaveDefer::RunEnded, "{missing:?}");
+    Ok(())
+}
+
 async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<()> {
     // Everything the suite made so far was created long ago (ids are fresh
     // ULIDs, but created_at is a small number), so a cutoff of 1_000 covers
@@ -150,6 +241,7 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
     state.create_run(old.clone()).await?;
     state.create_run(running.clone()).await?;
     state.save_step(&old.id, sample_step("s", "null")).await?;
+    state.save_defer(&old.id, sample_defer("d", "{}")).await?;
     // Trace records come back in the order they were noted, and go with
     // their run.
     let attempt = |run: &RunRecord, n: u32| crate::model::trace::AttemptRecord {
@@ -199,6 +291,7 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
     ensure!(state.load_attempts(&running.id).await?.len() == 1);
     ensure!(state.load_metadata(&old.id).await?.is_empty());
     ensure!(state.load_metadata(&running.id).await?.len() == 1);
+    ensure!(state.load_defers(&old.id).await?.is_empty());
     ensure!(state.runs_for_event(&old.event_ids[0]).await?.is_empty());
     ensure!(
         state.load_run(&running.id).await?.is_some(),
@@ -376,6 +469,70 @@ fn sample_pause(run_id: &str, event_name: &str, correlation: Option<&str>) -> Pa
         created_at: 1,
         expires_at: 2,
     }
+}
+
+fn signal_pause(signal: &str) -> PauseRecord {
+    let mut pause = sample_pause(&unique("run"), "", Some(signal));
+    pause.kind = PauseKind::Signal;
+    pause.expression = None;
+    pause
+}
+
+/// One open wait per signal name: a second one conflicts unless it asks to
+/// replace; a taken or released wait gives the signal up, but only if it
+/// still holds it; invoke correlations with the same text are apart.
+async fn signal_waits_hold_their_signal(state: &dyn StateStore) -> anyhow::Result<()> {
+    let signal = unique("signal");
+    let first = signal_pause(&signal);
+    ensure!(state.pause_for_signal(&signal).await?.is_none());
+    ensure!(state.save_signal_pause(first.clone(), false).await? == SaveSignal::Saved);
+    ensure!(
+        state.save_signal_pause(first.clone(), false).await? == SaveSignal::Exists,
+        "a retry of the same wait is not a conflict"
+    );
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&first));
+    ensure!(
+        state.pause_for_correlation(&signal).await?.is_none(),
+        "signals are indexed apart from invoke correlations"
+    );
+
+    // A second run's wait conflicts and changes nothing.
+    let second = signal_pause(&signal);
+    let conflict = state.save_signal_pause(second.clone(), false).await?;
+    ensure!(
+        conflict
+            == SaveSignal::Conflict {
+                run_id: first.run_id.clone()
+            },
+        "{conflict:?}"
+    );
+    ensure!(state.get_pause(&second.id).await?.is_none());
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&first));
+
+    // With replace it takes the signal; the first stays open, unlinked, and
+    // taking it does not unlink the second.
+    ensure!(state.save_signal_pause(second.clone(), true).await? == SaveSignal::Saved);
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&second));
+    ensure!(state.get_pause(&first.id).await?.is_some());
+    ensure!(state.take_pause(&first.id).await?.is_some());
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&second));
+
+    // Releasing for another pause does nothing; for the holder, it unlinks
+    // the signal and keeps the pause (its result is not saved yet).
+    state.release_signal(&signal, &first.id).await?;
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&second));
+    state.release_signal(&signal, &second.id).await?;
+    ensure!(state.pause_for_signal(&signal).await?.is_none());
+    ensure!(state.get_pause(&second.id).await?.is_some());
+
+    // A free signal takes a new wait; taking the holder frees it.
+    let third = signal_pause(&signal);
+    ensure!(state.save_signal_pause(third.clone(), false).await? == SaveSignal::Saved);
+    ensure!(state.take_pause(&second.id).await?.is_some());
+    ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&third));
+    ensure!(state.take_pause(&third.id).await?.is_some());
+    ensure!(state.pause_for_signal(&signal).await?.is_none());
+    Ok(())
 }
 
 async fn pauses_index_by_event_run_and_correlation(state: &dyn StateStore) -> anyhow::Result<()> {

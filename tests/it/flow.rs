@@ -1,6 +1,7 @@
 //! Flow control end to end: concurrency, throttle, rate limit, idempotency,
 //! debounce, batching, priority, singleton and fairness, observed both from
-//! the SDK side (when step bodies ran) and through `/v1/runs`.
+//! the SDK side (when step bodies ran) and through `/v1/runs`; every rule
+//! with the Node app and with the Python app.
 
 use std::time::Duration;
 
@@ -111,11 +112,10 @@ fn overlaps(a: &Value, b: &Value) -> bool {
     a0 < b1 && b0 < a1
 }
 
-#[tokio::test]
-async fn node_concurrency_throttle_rate_limit_idempotency() {
+async fn concurrency_throttle_rate_limit_idempotency(sdk: Sdk) {
     let dir = tempfile::tempdir().unwrap();
     let baton = Baton::start(&dir.path().join("data"));
-    let app = NodeApp::start(&baton.url);
+    let app = SdkApp::launch(sdk, &baton.url, free_port(), &[]);
     app.sync().await;
 
     for i in 0..4 {
@@ -145,14 +145,14 @@ async fn node_concurrency_throttle_rate_limit_idempotency() {
     let second_order = send_event(&baton, "flow/idempotent", json!({"order": "o1"})).await;
 
     // concurrency 1: every run finishes, no two step bodies overlap.
-    let runs = until_all_ended(&baton, &Sdk::Node.fn_id("limited"), 4).await;
+    let runs = until_all_ended(&baton, &sdk.fn_id("limited"), 4).await;
     assert!(runs.iter().all(|r| r["status"] == "Completed"), "{runs:?}");
     let records = app.records().await;
     assert_eq!(records["limited"].as_array().unwrap().len(), 4);
     assert_no_overlap(records["limited"].as_array().unwrap());
 
     // concurrency 1 per key: serial per user, parallel across users.
-    until_all_ended(&baton, &Sdk::Node.fn_id("keyed-limit"), 4).await;
+    until_all_ended(&baton, &sdk.fn_id("keyed-limit"), 4).await;
     let records = app.records().await;
     let spans = records["keyed-limit"].as_array().unwrap();
     for user in ["a", "b"] {
@@ -232,11 +232,10 @@ async fn node_concurrency_throttle_rate_limit_idempotency() {
     assert_eq!(counters["idempotent:work:nokey"], 1);
 }
 
-#[tokio::test]
-async fn node_debounce_batch_priority_singleton() {
+async fn debounce_batch_priority_singleton(sdk: Sdk) {
     let dir = tempfile::tempdir().unwrap();
     let baton = Baton::start(&dir.path().join("data"));
-    let app = NodeApp::start(&baton.url);
+    let app = SdkApp::launch(sdk, &baton.url, free_port(), &[]);
     app.sync().await;
 
     // debounce: five events, one run, with the last event.
@@ -247,9 +246,15 @@ async fn node_debounce_batch_priority_singleton() {
     for n in 1..=7 {
         send_event(&baton, "flow/batch", json!({"n": n})).await;
     }
-    let runs = until_all_ended(&baton, &Sdk::Node.fn_id("debounced"), 1).await;
+    // (The Python app's `debounced` is on another event; this one is its
+    // `flow-debounced`.)
+    let debounced = match sdk {
+        Sdk::Node => "debounced",
+        Sdk::Python => "flow-debounced",
+    };
+    let runs = until_all_ended(&baton, &sdk.fn_id(debounced), 1).await;
     assert_eq!(runs[0]["output"], 5, "{runs:?}");
-    let runs = until_all_ended(&baton, &Sdk::Node.fn_id("batched"), 2).await;
+    let runs = until_all_ended(&baton, &sdk.fn_id("batched"), 2).await;
     assert!(runs.iter().all(|r| r["status"] == "Completed"), "{runs:?}");
     let records = app.records().await;
     let mut sizes: Vec<u64> = records["batched"]
@@ -286,7 +291,7 @@ async fn node_debounce_batch_priority_singleton() {
         send_event(&baton, "flow/priority", json!({"key": key, "p": 0})).await;
     }
     send_event(&baton, "flow/priority", json!({"key": "high", "p": 300})).await;
-    until_all_ended(&baton, &Sdk::Node.fn_id("prioritized"), 5).await;
+    until_all_ended(&baton, &sdk.fn_id("prioritized"), 5).await;
     let records = app.records().await;
     let order: Vec<&str> = records["prioritized"]
         .as_array()
@@ -317,6 +322,33 @@ async fn node_debounce_batch_priority_singleton() {
     let second = send_event(&baton, "flow/singleton-cancel", json!({"user": "u2"})).await;
     assert_eq!(ended_run_of(&baton, &first).await["status"], "Cancelled");
     assert_eq!(ended_run_of(&baton, &second).await["status"], "Completed");
+}
+
+/// The flow-control scenarios, once with each SDK: the README claims every
+/// rule for both.
+macro_rules! with_both_sdks {
+    ($($scenario:ident => $node:ident, $python:ident;)*) => {
+        $(
+            #[tokio::test]
+            async fn $node() {
+                $scenario(Sdk::Node).await;
+            }
+
+            #[tokio::test]
+            async fn $python() {
+                $scenario(Sdk::Python).await;
+            }
+        )*
+    };
+}
+
+with_both_sdks! {
+    concurrency_throttle_rate_limit_idempotency =>
+        node_concurrency_throttle_rate_limit_idempotency,
+        python_concurrency_throttle_rate_limit_idempotency;
+    debounce_batch_priority_singleton =>
+        node_debounce_batch_priority_singleton,
+        python_debounce_batch_priority_singleton;
 }
 
 #[tokio::test]

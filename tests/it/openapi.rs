@@ -696,6 +696,12 @@ async fn every_documented_operation_answers_as_documented() {
     let waiting = api
         .send("test/wait", json!({"key": "oa", "timeout": "10m"}))
         .await;
+    let signalled = api
+        .send(
+            "test/signal.wait",
+            json!({"key": "oa", "signal": "openapi-signal", "timeout": "10m"}),
+        )
+        .await;
     let three_run = finished_run(&baton, &three, TIMEOUT).await;
     assert_eq!(three_run["status"], "Completed");
     let three_run = three_run["run_id"].as_str().unwrap().to_string();
@@ -910,6 +916,30 @@ async fn every_documented_operation_answers_as_documented() {
         )
         .await;
     assert_eq!(reply.status, 404);
+
+    // Signals: one resumes the waiting run; a second finds no waiter.
+    let signalled_run = run_where(
+        &baton,
+        &signalled,
+        "the run to wait for a signal",
+        TIMEOUT,
+        |run| run["pauses"].as_array().is_some_and(|p| !p.is_empty()),
+    )
+    .await["run_id"]
+        .clone();
+    let signal = json!({"signal": "openapi-signal", "data": {"ok": true}});
+    let reply = api
+        .call("POST", "/v1/signals", &[], &[], Body::Json(signal.clone()))
+        .await;
+    assert_eq!(reply.body["data"]["run_id"], signalled_run);
+    let reply = api
+        .call("POST", "/v1/signals", &[], &[], Body::Json(signal))
+        .await;
+    assert_eq!(reply.status, 404);
+    let reply = api
+        .call("POST", "/v1/signals", &[], &[], Body::Raw("{}"))
+        .await;
+    assert_eq!(reply.status, 400);
 
     let reply = api
         .call(

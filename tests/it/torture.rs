@@ -11,7 +11,7 @@
 //!   flight at a kill may run again: that is the at-least-once window);
 //! - resident memory after each restart stays bounded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -100,18 +100,54 @@ async fn send_until(url: String, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<Sen
     }
 }
 
-/// The stored step names of each acknowledged event's run, by key.
-async fn stored_steps(baton_url: &str, sent: &[Sent]) -> HashMap<String, Vec<String>> {
-    let mut stored = HashMap::new();
-    for event in sent {
-        let runs = get_json(&format!("{baton_url}/v1/events/{}/runs", event.id)).await;
-        let Some(run_id) = runs["data"][0]["run_id"].as_str() else {
-            continue;
-        };
-        let run = get_json(&format!("{baton_url}/v1/runs/{run_id}")).await;
-        stored.insert(event.key.clone(), step_names(&run["data"]));
+/// What the checks need to know at each kill, kept small so that a run of
+/// 100 kills costs time in proportion to its events, not to events × kills.
+#[derive(Default)]
+struct Watch {
+    /// Step bodies (`<function>:<step>:<key>`, the app's counter names) that
+    /// were stored at some kill, with their execution count at the first kill
+    /// that found them stored. Counts only grow, so if it equals the final
+    /// count, no later kill saw it change either.
+    first_stored: HashMap<String, u64>,
+    /// Events whose run had ended at a kill: their steps are all stored and
+    /// recorded, so later kills skip them.
+    settled: HashSet<String>,
+}
+
+impl Watch {
+    /// Reads the stored steps of every run not settled yet, then the app's
+    /// counters (stored first: a body stored by now has run by now).
+    async fn snapshot(&mut self, baton_url: &str, app: &SdkApp, sent: &[Sent]) {
+        let mut stored = Vec::new();
+        let pending: Vec<&Sent> = sent
+            .iter()
+            .filter(|e| !self.settled.contains(&e.id))
+            .collect();
+        for event in pending {
+            let runs = get_json(&format!("{baton_url}/v1/events/{}/runs", event.id)).await;
+            let Some(run_id) = runs["data"][0]["run_id"].as_str() else {
+                continue;
+            };
+            let run = get_json(&format!("{baton_url}/v1/runs/{run_id}")).await;
+            let run = &run["data"];
+            if matches!(
+                run["status"].as_str(),
+                Some("Completed" | "Failed" | "Cancelled")
+            ) {
+                self.settled.insert(event.id.clone());
+            }
+            for step in step_names(run) {
+                stored.push(format!("{}:{step}:{}", event.function, event.key));
+            }
+        }
+        let counters = app.counters().await;
+        for counter in stored {
+            if let Some(count) = counters[&counter].as_u64() {
+                // (A sleep or a wait has no counter: not a step body.)
+                self.first_stored.entry(counter).or_insert(count);
+            }
+        }
     }
-    stored
 }
 
 #[tokio::test]
@@ -132,18 +168,14 @@ async fn kill_9_torture_loses_nothing_and_repeats_no_stored_step() {
     let acked = Arc::new(Mutex::new(Vec::new()));
     let sender = tokio::spawn(send_until(baton.url.clone(), stop.clone(), acked.clone()));
 
-    // (stored steps, counters) at each kill.
-    let mut snapshots: Vec<(HashMap<String, Vec<String>>, Value)> = Vec::new();
+    let mut watch = Watch::default();
     let mut max_rss_kib = 0;
     let started = Instant::now();
     for _ in 0..kills {
         let pause = rand::thread_rng().gen_range(300..1_500);
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        // Stored first, then counters: a body stored by now has run by now.
         let sent: Vec<Sent> = acked.lock().unwrap().clone();
-        let stored = stored_steps(&baton.url, &sent).await;
-        let counters = app.counters().await;
-        snapshots.push((stored, counters));
+        watch.snapshot(&baton.url, &app, &sent).await;
         baton.kill_9();
         baton = Baton::start_with(&data_dir, options.clone());
         // Give the restart a moment to re-read what was pending.
@@ -186,19 +218,10 @@ async fn kill_9_torture_loses_nothing_and_repeats_no_stored_step() {
     // No body stored before a kill ran again after it.
     let finals = app.counters().await;
     let mut repeated = Vec::new();
-    for (stored, counters) in &snapshots {
-        for event in &sent {
-            for step in stored.get(&event.key).into_iter().flatten() {
-                let counter = format!("{}:{step}:{}", event.function, event.key);
-                let (Some(then), Some(now)) =
-                    (counters[&counter].as_u64(), finals[&counter].as_u64())
-                else {
-                    continue; // not a step body (a sleep or a wait)
-                };
-                if now != then {
-                    repeated.push(format!("{counter}: {then} at the kill, {now} at the end"));
-                }
-            }
+    for (counter, then) in &watch.first_stored {
+        let now = finals[counter].as_u64().unwrap_or(0);
+        if now != *then {
+            repeated.push(format!("{counter}: {then} at a kill, {now} at the end"));
         }
     }
     let repeated_total: u64 = finals

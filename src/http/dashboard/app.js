@@ -1055,7 +1055,7 @@ function eventPayload(event) {
 
 // ---------------------------------------------------------------- trace
 
-const TRACE_KIND_LABEL = { queued: "queued", run: "step", sleep: "sleep", wait: "wait", invoke: "invoke", fetch: "fetch", function: "code" };
+const TRACE_KIND_LABEL = { queued: "queued", run: "step", sleep: "sleep", wait: "wait", invoke: "invoke", fetch: "fetch", function: "code", defer: "defer" };
 
 /** A run's spans on one time axis: one row per step, one segment per
  *  attempt (failed ones red, with their error), sleeps and waits hatched,
@@ -1130,14 +1130,16 @@ function traceView(trace) {
 function traceNote(span) {
   const detail = span.detail ?? {};
   if (span.kind === "wait") {
-    const parts = [" for ", h("code", null, detail.event ?? "?")];
+    const parts = detail.signal != null
+      ? [" for signal ", h("code", null, detail.signal)]
+      : [" for ", h("code", null, detail.event ?? "?")];
     if (detail.if) parts.push(" if ", h("code", null, detail.if));
     if (detail.expires_at) parts.push(" until ", timeEl(detail.expires_at, false));
     else if (detail.timeout) parts.push(` (timeout ${detail.timeout})`);
     if (span.status === "timed_out") parts.push(" — timed out");
     return h("span", { class: "trace-note", "data-testid": "trace-wait" }, parts);
   }
-  if (span.kind === "invoke") {
+  if (span.kind === "invoke" || span.kind === "defer") {
     const child = detail.child_run_id;
     return h("span", { class: "trace-note" },
       detail.function_id ? [" ", h("code", null, detail.function_id)] : null,

@@ -5,7 +5,8 @@
 //! `tests/fixtures/records/` hold the bytes this module must keep reading.
 //!
 //! Enums may only grow at the end (a new variant leaves old bytes valid):
-//! `ItemKind::Finalize` was appended that way.
+//! `ItemKind::Finalize`, `StepKind::WaitForSignal` and `PauseKind::Signal`
+//! were appended that way.
 
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +90,8 @@ pub enum StepKind {
     WaitForEvent,
     Invoke,
     Fetch,
+    /// Appended after 0.1 (enums only grow at the end).
+    WaitForSignal,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -162,6 +165,8 @@ pub enum PauseKind {
     WaitForEvent,
     Invoke,
     Cancel,
+    /// Appended after 0.1 (enums only grow at the end).
+    Signal,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -216,6 +221,33 @@ pub struct OpTrace {
     pub name: String,
     pub opts: String,
     pub error: Option<String>,
+}
+
+/// What becomes of a defer (added in format 1 with `RunDefers`).
+#[derive(Serialize, Deserialize)]
+pub enum DeferStatus {
+    AfterRun,
+    Aborted,
+    Rejected,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Defer {
+    pub hashed_id: String,
+    pub name: String,
+    pub fn_slug: String,
+    pub status: DeferStatus,
+    pub input: String,
+    pub meta: Option<String>,
+    pub created_at: i64,
+}
+
+/// The defers of one run (added in format 1 as a new record kind; no older
+/// store holds any).
+#[derive(Serialize, Deserialize)]
+pub struct RunDefers {
+    pub run_id: String,
+    pub defers: Vec<Defer>,
 }
 
 // Conversions to and from the live types. Fields map one to one in format 1.
@@ -297,7 +329,8 @@ via_from!(
     PauseKind => live::PauseKind,
     ItemKind => live::ItemKind,
     QueueItem => live::QueueItem,
-    Event => live::EventRecord
+    Event => live::EventRecord,
+    DeferStatus => live::DeferStatus
 );
 
 impl Convert<Vec<live::EventRecord>> for Vec<Event> {
@@ -324,6 +357,27 @@ impl Convert<Vec<OpTrace>> for Vec<live::trace::OpTrace> {
     }
 }
 
+impl Convert<Vec<live::DeferRecord>> for Vec<Defer> {
+    fn convert(self) -> Vec<live::DeferRecord> {
+        self.into_iter().map(Into::into).collect()
+    }
+}
+
+impl Convert<Vec<Defer>> for Vec<live::DeferRecord> {
+    fn convert(self) -> Vec<Defer> {
+        self.iter().map(Into::into).collect()
+    }
+}
+
+same_variants!(DeferStatus <=> live::DeferStatus {
+    AfterRun, Aborted, Rejected,
+});
+same_fields!(Defer <=> live::DeferRecord {
+    hashed_id, name, fn_slug, status, input, meta, created_at,
+});
+same_fields!(RunDefers <=> live::RunDefers {
+    run_id, defers,
+});
 same_fields!(OpTrace <=> live::trace::OpTrace {
     op, id, name, opts, error,
 });
@@ -348,7 +402,7 @@ same_fields!(Run <=> live::RunRecord {
     correlation_id, state_bytes, concurrency, priority_ms, skip_reason, delayed_by,
 });
 same_variants!(StepKind <=> live::StepKind {
-    Run, Failed, Sleep, WaitForEvent, Invoke, Fetch,
+    Run, Failed, Sleep, WaitForEvent, Invoke, Fetch, WaitForSignal,
 });
 same_fields!(Step <=> live::StepRecord {
     id, name, kind, memo, saved_at, attempts,
@@ -360,7 +414,7 @@ same_fields!(QueueEntry <=> super::QueueEntry {
     item, due, seq, attempt, lease,
 });
 same_variants!(PauseKind <=> live::PauseKind {
-    WaitForEvent, Invoke, Cancel,
+    WaitForEvent, Invoke, Cancel, Signal,
 });
 same_fields!(Pause <=> live::PauseRecord {
     id, run_id, fn_id, step_id, step_name, kind, event_name, expression, match_key,

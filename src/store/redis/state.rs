@@ -9,13 +9,15 @@
 //!   `pevent:<event name>` ids of pauses without a match key,
 //!   `pmatch:<JSON [name, path, value]>` ids of pauses with that match key,
 //!   `ppaths:<event name>` the paths in use (never pruned), `prun:<run>` ids
-//!   by run, `pcorr:<correlation id>` → pause id;
+//!   by run, `pcorr:<correlation id>` → pause id, `psig:<signal>` → the
+//!   pause that waits for that signal;
 //! - flow control: `rl:<key>` and `th:<key>` GCRA arrival times (ms),
 //!   `debounce:<key>` debounce record, `batch:<key>` open batch,
 //!   `singleton:<key>` holder run id;
 //! - metadata: `md:<run>` list of records in the order added, `mdi:<run>`
 //!   hash of their ids (→ 1), whose field `""` holds the run's metadata
 //!   bytes.
+//! - `defers:<run>`: the run's defers (one record).
 //!
 //! Run records change by optimistic read-modify-write (`Change`): the
 //! record is decoded and edited here, then written only if it still holds
@@ -32,10 +34,13 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord,
+    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
+    RunRecord, RunStatus, StepRecord,
 };
-use crate::store::{next_debounce, push_to_batch};
-use crate::store::{AddMetadata, BatchPush, CreateRun, SaveStep, StateStore, StoreResult};
+use crate::store::{abort_defer_in, add_defer, next_debounce, push_to_batch};
+use crate::store::{
+    AddMetadata, BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+};
 
 /// Run ids read per round trip while filtering `list_runs`.
 const LIST_CHUNK: usize = 500;
@@ -71,6 +76,46 @@ impl RedisStateStore {
             Some((path, value)) => self.match_key(&pause.event_name, path, value),
             None => self.conn.key("pevent:", &pause.event_name),
         }
+    }
+
+    /// Where a pause's correlation id is indexed: signals apart from invokes.
+    fn correlation_key(&self, pause: &PauseRecord, correlation: &str) -> String {
+        match pause.kind {
+            PauseKind::Signal => self.conn.key("psig:", correlation),
+            _ => self.conn.key("pcorr:", correlation),
+        }
+    }
+
+    /// Writes `pause` and its indexes, if no pause with its id exists.
+    fn pause_change(&self, pause: &PauseRecord) -> Change {
+        let key = self.pause_key(&pause.id);
+        let id = pause.id.as_bytes();
+        let mut change = Change::default();
+        change
+            .expect(&key, None)
+            .command("SET", &[key.as_bytes(), &pause.to_bytes()])
+            .command("SADD", &[self.conn.key("pauses", "").as_bytes(), id])
+            .command("SADD", &[self.pause_index_key(pause).as_bytes(), id])
+            .command(
+                "SADD",
+                &[self.conn.key("prun:", &pause.run_id).as_bytes(), id],
+            );
+        if let Some((path, _)) = &pause.match_key {
+            change.command(
+                "SADD",
+                &[
+                    self.conn.key("ppaths:", &pause.event_name).as_bytes(),
+                    path.as_bytes(),
+                ],
+            );
+        }
+        if let Some(correlation) = &pause.correlation_id {
+            change.command(
+                "SET",
+                &[self.correlation_key(pause, correlation).as_bytes(), id],
+            );
+        }
+        change
     }
 
     fn match_key(&self, event_name: &str, path: &str, value_json: &str) -> String {
@@ -110,6 +155,61 @@ impl RedisStateStore {
                 .expect(&key, Some(&bytes))
                 .command("SET", &[key.as_bytes(), &run.to_bytes()]);
             if self.conn.apply(&write).await? {
+                return Ok(Some(outcome));
+            }
+        }
+    }
+
+    /// Read-modify-write of a run's defers while the run has not ended:
+    /// `change` edits them and says whether to write (and what to return);
+    /// the write happens only if neither the run record nor the defers
+    /// changed since they were read, so it is ordered against `finish_run`.
+    /// None when the run has ended or does not exist.
+    async fn update_defers<T: Send>(
+        &self,
+        run_id: &str,
+        what: &'static str,
+        mut change: impl FnMut(&mut RunDefers) -> (bool, T) + Send,
+    ) -> StoreResult<Option<T>> {
+        let run_key = self.run_key(run_id);
+        let defers_key = self.conn.key("defers:", run_id);
+        let mut attempts = Attempts::new(what);
+        loop {
+            attempts.next().await?;
+            let (run_bytes, defer_bytes): (Option<Vec<u8>>, Option<Vec<u8>>) = self
+                .conn
+                .query_pipe(
+                    ::redis::pipe()
+                        .atomic()
+                        .cmd("GET")
+                        .arg(&run_key)
+                        .cmd("GET")
+                        .arg(&defers_key),
+                )
+                .await?;
+            let Some(run_bytes) = run_bytes else {
+                return Ok(None);
+            };
+            if RunRecord::from_bytes(&run_bytes)?.status.is_terminal() {
+                return Ok(None);
+            }
+            let mut defers = match &defer_bytes {
+                Some(bytes) => RunDefers::from_bytes(bytes)?,
+                None => RunDefers {
+                    run_id: run_id.to_string(),
+                    defers: Vec::new(),
+                },
+            };
+            let (write, outcome) = change(&mut defers);
+            if !write {
+                return Ok(Some(outcome));
+            }
+            let mut update = Change::default();
+            update
+                .expect(&run_key, Some(&run_bytes))
+                .expect(&defers_key, defer_bytes.as_deref())
+                .command("SET", &[defers_key.as_bytes(), &defers.to_bytes()]);
+            if self.conn.apply(&update).await? {
                 return Ok(Some(outcome));
             }
         }
@@ -401,34 +501,57 @@ impl StateStore for RedisStateStore {
     }
 
     async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool> {
-        let key = self.pause_key(&pause.id);
-        let id = pause.id.as_bytes();
-        let mut change = Change::default();
-        change
-            .expect(&key, None)
-            .command("SET", &[key.as_bytes(), &pause.to_bytes()])
-            .command("SADD", &[self.conn.key("pauses", "").as_bytes(), id])
-            .command("SADD", &[self.pause_index_key(&pause).as_bytes(), id])
-            .command(
-                "SADD",
-                &[self.conn.key("prun:", &pause.run_id).as_bytes(), id],
-            );
-        if let Some((path, _)) = &pause.match_key {
-            change.command(
-                "SADD",
-                &[
-                    self.conn.key("ppaths:", &pause.event_name).as_bytes(),
-                    path.as_bytes(),
-                ],
-            );
+        self.conn.apply(&self.pause_change(&pause)).await
+    }
+
+    async fn save_signal_pause(
+        &self,
+        pause: PauseRecord,
+        replace: bool,
+    ) -> StoreResult<SaveSignal> {
+        let signal = pause.correlation_id.clone().unwrap_or_default();
+        let signal_key = self.conn.key("psig:", &signal);
+        let mut attempts = Attempts::new("save_signal_pause");
+        loop {
+            attempts.next().await?;
+            if self
+                .conn
+                .get_bytes(&self.pause_key(&pause.id))
+                .await?
+                .is_some()
+            {
+                return Ok(SaveSignal::Exists);
+            }
+            let holder_id = self.conn.get_bytes(&signal_key).await?;
+            if let Some(holder_id) = holder_id
+                .as_deref()
+                .filter(|id| !replace && *id != pause.id.as_bytes())
+            {
+                if let Some(holder) = self.get_pause(&String::from_utf8_lossy(holder_id)).await? {
+                    return Ok(SaveSignal::Conflict {
+                        run_id: holder.run_id,
+                    });
+                }
+            }
+            // `pause_change` sets the signal's key; this check makes the
+            // whole step fail if another wait took the signal meanwhile.
+            let mut change = self.pause_change(&pause);
+            change.expect(&signal_key, holder_id.as_deref());
+            if self.conn.apply(&change).await? {
+                return Ok(SaveSignal::Saved);
+            }
         }
-        if let Some(correlation) = &pause.correlation_id {
-            change.command(
-                "SET",
-                &[self.conn.key("pcorr:", correlation).as_bytes(), id],
-            );
+    }
+
+    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
+        let pause_id: Option<String> = self
+            .conn
+            .query(::redis::cmd("GET").arg(self.conn.key("psig:", signal)))
+            .await?;
+        match pause_id {
+            Some(pause_id) => self.get_pause(&pause_id).await,
+            None => Ok(None),
         }
-        self.conn.apply(&change).await
     }
 
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
@@ -456,6 +579,17 @@ impl StateStore for RedisStateStore {
     ) -> StoreResult<Vec<PauseRecord>> {
         self.pauses_in(&self.match_key(event_name, path, value_json))
             .await
+    }
+
+    async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()> {
+        let index = self.conn.key("psig:", signal);
+        let mut change = Change::default();
+        change
+            .expect(&index, Some(pause_id.as_bytes()))
+            .command("DEL", &[index.as_bytes()]);
+        // False: another wait holds the signal now, or none does.
+        self.conn.apply(&change).await?;
+        Ok(())
     }
 
     async fn pause_for_correlation(
@@ -497,7 +631,17 @@ impl StateStore for RedisStateStore {
                     &[self.conn.key("prun:", &pause.run_id).as_bytes(), id],
                 );
             if let Some(correlation) = &pause.correlation_id {
-                change.command("DEL", &[self.conn.key("pcorr:", correlation).as_bytes()]);
+                let index = self.correlation_key(&pause, correlation);
+                if pause.kind == PauseKind::Signal {
+                    // Give the signal up only if this pause still holds it.
+                    let holder = self.conn.get_bytes(&index).await?;
+                    change.expect(&index, holder.as_deref());
+                    if holder.as_deref() == Some(id) {
+                        change.command("DEL", &[index.as_bytes()]);
+                    }
+                } else {
+                    change.command("DEL", &[index.as_bytes()]);
+                }
             }
             if self.conn.apply(&change).await? {
                 return Ok(Some(pause));
@@ -683,6 +827,35 @@ impl StateStore for RedisStateStore {
         }
     }
 
+    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer> {
+        let outcome = self
+            .update_defers(run_id, "save_defer", |defers| {
+                let outcome = add_defer(defers, defer.clone());
+                let write = !matches!(outcome, SaveDefer::Exists | SaveDefer::Full);
+                (write, outcome)
+            })
+            .await?;
+        Ok(outcome.unwrap_or(SaveDefer::RunEnded))
+    }
+
+    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool> {
+        let aborted = self
+            .update_defers(run_id, "abort_defer", |defers| {
+                let found = abort_defer_in(defers, hashed_id);
+                (found, found)
+            })
+            .await?;
+        Ok(aborted.unwrap_or(false))
+    }
+
+    async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
+        let defers: Option<RunDefers> = self
+            .conn
+            .get_record(&self.conn.key("defers:", run_id))
+            .await?;
+        Ok(defers.map(|d| d.defers).unwrap_or_default())
+    }
+
     async fn finish_run(
         &self,
         run_id: &str,
@@ -820,7 +993,8 @@ impl StateStore for RedisStateStore {
                     ::redis::cmd("DEL")
                         .arg(self.conn.key("attempts:", &run.id))
                         .arg(self.conn.key("md:", &run.id))
-                        .arg(self.conn.key("mdi:", &run.id)),
+                        .arg(self.conn.key("mdi:", &run.id))
+                        .arg(self.conn.key("defers:", &run.id)),
                 )
                 .await?;
             deleted += gone as u64;

@@ -18,7 +18,7 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::records::{QueueEntry, Record};
 use crate::model::{
     AppRecord, BatchRecord, DebounceRecord, EventRecord, FunctionDef, FunctionRecord, PauseRecord,
-    RunRecord, StepRecord,
+    RunDefers, RunRecord, StepRecord,
 };
 use crate::store::{StoreError, StoreErrorKind, StoreResult};
 
@@ -198,6 +198,7 @@ const RECORDS: &[(&str, &[u8], &str, Decoder)] = &[
     ("state", b"fl/db/", "debounces", decode::<DebounceRecord>),
     ("state", b"fl/bt/", "batches", decode::<BatchRecord>),
     ("state", b"md/", "metadata", decode::<MetadataRecord>),
+    ("state", b"df/", "defers", decode::<RunDefers>),
     ("queue", b"i/", "queue items", decode::<QueueEntry>),
 ];
 

@@ -3,13 +3,15 @@
 //! `s/<run>/<step>` step record, `e/<event>/<run>` runs by event,
 //! `bf/<fn>/<run>` runs by function;
 //! pauses: `pa/<pause>` record, `pe/<event name>\0<pause>` by event name,
-//! `pr/<run>/<pause>` by run, `pc/<correlation id>` pause id; pauses with a
+//! `pr/<run>/<pause>` by run, `pc/<correlation id>` pause id, `ps/<signal>`
+//! the pause that waits for a signal; pauses with a
 //! match key are indexed as `pm/<name>\0<path>\0<value>\0<pause>` instead
 //! of `pe/`, and `pp/<name>\0<path>` lists the paths in use; flow control:
 //! `fl/rl/<key>` and `fl/th/<key>` GCRA arrival times, `fl/db/<key>`
 //! debounce, `fl/bt/<key>` open batch, `fl/sg/<key>` singleton holder;
 //! metadata: `md/<run>/<seq>` records in the order added, `mi/<run>/<id>`
-//! their ids (→ seq), `mz/<run>` the run's metadata bytes and next seq.
+//! their ids (→ seq), `mz/<run>` the run's metadata bytes and next seq;
+//! `df/<run>` the run's defers.
 
 use std::sync::Mutex;
 
@@ -19,10 +21,13 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord,
+    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
+    RunRecord, RunStatus, StepRecord,
 };
-use crate::store::{next_debounce, push_to_batch, BatchPush};
-use crate::store::{AddMetadata, CreateRun, SaveStep, StateStore, StoreResult};
+use crate::store::{abort_defer_in, add_defer, next_debounce, push_to_batch, BatchPush};
+use crate::store::{
+    AddMetadata, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+};
 use std::time::Duration;
 
 pub struct SledStateStore {
@@ -53,6 +58,13 @@ impl SledStateStore {
             Some(bytes) => Ok(Some(RunRecord::from_bytes(&bytes)?)),
             None => Ok(None),
         }
+    }
+
+    /// Whether the run exists and has not ended.
+    fn run_is_open(&self, run_id: &str) -> StoreResult<bool> {
+        Ok(self
+            .get_run(run_id)?
+            .is_some_and(|run| !run.status.is_terminal()))
     }
 
     fn get_i64(&self, key: &[u8]) -> StoreResult<Option<i64>> {
@@ -113,6 +125,30 @@ impl SledStateStore {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// Writes `pause` and its indexes unless it exists (false then); the
+    /// caller holds the write lock and flushes.
+    fn save_pause_locked(&self, pause: &PauseRecord) -> StoreResult<bool> {
+        let record_key = key(&[b"pa", pause.id.as_bytes()]);
+        if self.tree.contains_key(&record_key).map_err(sled_error)? {
+            return Ok(false);
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(record_key, pause.to_bytes());
+        batch.insert(pause_index_key(pause), &[]);
+        if let Some((path, _)) = &pause.match_key {
+            batch.insert(joined(b"pp/", &[&pause.event_name, path]), &[]);
+        }
+        batch.insert(
+            key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]),
+            &[],
+        );
+        if let Some(correlation) = &pause.correlation_id {
+            batch.insert(correlation_key(pause, correlation), pause.id.as_bytes());
+        }
+        self.tree.apply_batch(batch).map_err(sled_error)?;
+        Ok(true)
+    }
 }
 
 fn pause_event_key(event_name: &str, pause_id: &str) -> Vec<u8> {
@@ -138,6 +174,14 @@ fn pause_index_key(pause: &PauseRecord) -> Vec<u8> {
     match &pause.match_key {
         Some((path, value)) => joined(b"pm/", &[&pause.event_name, path, value, &pause.id]),
         None => pause_event_key(&pause.event_name, &pause.id),
+    }
+}
+
+/// Where a pause's correlation id is indexed: signals apart from invokes.
+fn correlation_key(pause: &PauseRecord, correlation: &str) -> Vec<u8> {
+    match pause.kind {
+        PauseKind::Signal => key(&[b"ps", correlation.as_bytes()]),
+        _ => key(&[b"pc", correlation.as_bytes()]),
     }
 }
 
@@ -282,29 +326,57 @@ impl StateStore for SledStateStore {
     }
 
     async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool> {
-        {
+        let saved = {
             let _guard = self.lock();
-            let record_key = key(&[b"pa", pause.id.as_bytes()]);
-            if self.tree.contains_key(&record_key).map_err(sled_error)? {
-                return Ok(false);
-            }
-            let mut batch = sled::Batch::default();
-            batch.insert(record_key, pause.to_bytes());
-            batch.insert(pause_index_key(&pause), &[]);
-            if let Some((path, _)) = &pause.match_key {
-                batch.insert(joined(b"pp/", &[&pause.event_name, path]), &[]);
-            }
-            batch.insert(
-                key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]),
-                &[],
-            );
-            if let Some(correlation) = &pause.correlation_id {
-                batch.insert(key(&[b"pc", correlation.as_bytes()]), pause.id.as_bytes());
-            }
-            self.tree.apply_batch(batch).map_err(sled_error)?;
+            self.save_pause_locked(&pause)?
+        };
+        if saved {
+            self.commit.flush().await?;
         }
-        self.commit.flush().await?;
-        Ok(true)
+        Ok(saved)
+    }
+
+    async fn save_signal_pause(
+        &self,
+        pause: PauseRecord,
+        replace: bool,
+    ) -> StoreResult<SaveSignal> {
+        let signal = pause.correlation_id.clone().unwrap_or_default();
+        let result = {
+            let _guard = self.lock();
+            let holder = match self
+                .tree
+                .get(key(&[b"ps", signal.as_bytes()]))
+                .map_err(sled_error)?
+            {
+                Some(id) if *id != *pause.id.as_bytes() => {
+                    self.get_pause_now(&String::from_utf8_lossy(&id))?
+                }
+                _ => None,
+            };
+            match holder {
+                Some(holder) if !replace => SaveSignal::Conflict {
+                    run_id: holder.run_id,
+                },
+                _ if self.save_pause_locked(&pause)? => SaveSignal::Saved,
+                _ => SaveSignal::Exists,
+            }
+        };
+        if result == SaveSignal::Saved {
+            self.commit.flush().await?;
+        }
+        Ok(result)
+    }
+
+    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
+        match self
+            .tree
+            .get(key(&[b"ps", signal.as_bytes()]))
+            .map_err(sled_error)?
+        {
+            Some(pause_id) => self.get_pause_now(&String::from_utf8_lossy(&pause_id)),
+            None => Ok(None),
+        }
     }
 
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
@@ -338,6 +410,19 @@ impl StateStore for SledStateStore {
         self.pauses_under(&prefix)
     }
 
+    async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()> {
+        let index = key(&[b"ps", signal.as_bytes()]);
+        let released = self
+            .tree
+            .compare_and_swap(&index, Some(pause_id.as_bytes()), None as Option<&[u8]>)
+            .map_err(sled_error)?
+            .is_ok();
+        if released {
+            self.commit.flush().await?;
+        }
+        Ok(())
+    }
+
     async fn pause_for_correlation(
         &self,
         correlation_id: &str,
@@ -367,7 +452,18 @@ impl StateStore for SledStateStore {
         batch.remove(pause_index_key(&pause));
         batch.remove(key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]));
         if let Some(correlation) = &pause.correlation_id {
-            batch.remove(key(&[b"pc", correlation.as_bytes()]));
+            let index = correlation_key(&pause, correlation);
+            let holds = match pause.kind {
+                PauseKind::Signal => self
+                    .tree
+                    .get(&index)
+                    .map_err(sled_error)?
+                    .is_some_and(|id| *id == *pause.id.as_bytes()),
+                _ => true,
+            };
+            if holds {
+                batch.remove(index);
+            }
         }
         self.tree.apply_batch(batch).map_err(sled_error)?;
         Ok(Some(pause))
@@ -510,6 +606,61 @@ impl StateStore for SledStateStore {
         Ok(holder)
     }
 
+    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer> {
+        let outcome = {
+            // The write lock orders this against `finish_run`.
+            let _guard = self.lock();
+            if !self.run_is_open(run_id)? {
+                return Ok(SaveDefer::RunEnded);
+            }
+            let defers_key = key(&[b"df", run_id.as_bytes()]);
+            let mut defers = self
+                .get_record::<RunDefers>(&defers_key)?
+                .unwrap_or_else(|| RunDefers {
+                    run_id: run_id.to_string(),
+                    defers: Vec::new(),
+                });
+            let outcome = add_defer(&mut defers, defer);
+            if matches!(outcome, SaveDefer::Exists | SaveDefer::Full) {
+                return Ok(outcome);
+            }
+            self.tree
+                .insert(defers_key, defers.to_bytes())
+                .map_err(sled_error)?;
+            outcome
+        };
+        self.commit.flush().await?;
+        Ok(outcome)
+    }
+
+    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool> {
+        {
+            let _guard = self.lock();
+            if !self.run_is_open(run_id)? {
+                return Ok(false);
+            }
+            let defers_key = key(&[b"df", run_id.as_bytes()]);
+            let Some(mut defers) = self.get_record::<RunDefers>(&defers_key)? else {
+                return Ok(false);
+            };
+            if !abort_defer_in(&mut defers, hashed_id) {
+                return Ok(false);
+            }
+            self.tree
+                .insert(defers_key, defers.to_bytes())
+                .map_err(sled_error)?;
+        }
+        self.commit.flush().await?;
+        Ok(true)
+    }
+
+    async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
+        Ok(self
+            .get_record::<RunDefers>(&key(&[b"df", run_id.as_bytes()]))?
+            .map(|d| d.defers)
+            .unwrap_or_default())
+    }
+
     async fn finish_run(
         &self,
         run_id: &str,
@@ -611,6 +762,7 @@ impl StateStore for SledStateStore {
             batch.remove(key(&[b"r", run.id.as_bytes()]));
             batch.remove(key(&[b"bf", run.fn_id.as_bytes(), run.id.as_bytes()]));
             batch.remove(idempotency_key(&run.fn_id, &run.idempotency_key));
+            batch.remove(key(&[b"df", run.id.as_bytes()]));
             for event_id in &run.event_ids {
                 batch.remove(key(&[b"e", event_id.as_bytes(), run.id.as_bytes()]));
             }

@@ -25,7 +25,7 @@
 
 import http from "node:http";
 import { Inngest, NonRetriableError, openai } from "inngest";
-import { scoreMiddleware } from "inngest/experimental";
+import { createDefer, scoreMiddleware } from "inngest/experimental";
 import { serve } from "inngest/node";
 
 const PORT = process.env.PORT;
@@ -339,6 +339,36 @@ const expression = inngest.createFunction(
       bump("expression", "big", event);
       return event.data?.n;
     });
+  },
+);
+
+// defer(): `deferred` runs (one per defer) start once a `deferrer` run has ended, whatever
+// its outcome. `deferrer` defers "first" at the top, "in-step" inside a step, and "dropped"
+// which it aborts after the add has shipped; data.mode "sleep" re-enters the function after a
+// sleep (the defers must not be made again), "throw" fails the run after the defers.
+// `deferred` records {which, key, parents, runId} under "deferred".
+const deferred = createDefer(inngest, { id: "deferred" }, async ({ event, parents, runId, step }) => {
+  await step.run("note", () => {
+    bump("deferred", "note", event);
+    record("deferred", { which: event.data?.which, key: keyOf(event), parents, runId });
+  });
+  return event.data?.which;
+});
+
+const deferrer = inngest.createFunction(
+  { id: "deferrer", retries: 0, triggers: [{ event: "test/defer" }] },
+  async ({ event, step, defer }) => {
+    const key = event.data?.key;
+    defer("first", { function: deferred, data: { key, which: "first" } });
+    const dropped = defer("dropped", { function: deferred, data: { key, which: "dropped" } });
+    await step.run("middle", () => {
+      bump("deferrer", "middle", event);
+      defer("in-step", { function: deferred, data: { key, which: "in-step" } });
+    });
+    dropped.abort();
+    if (event.data?.mode === "sleep") await step.sleep("nap", event.data?.sleep ?? "1s");
+    if (event.data?.mode === "throw") throw new NonRetriableError("failed after deferring");
+    return "deferred";
   },
 );
 
@@ -727,11 +757,45 @@ const sessionParent = inngest.createFunction(
   },
 );
 
+// Signals: a run waits for a named signal; another sends it with step.sendSignal.
+const signalWaiter = inngest.createFunction(
+  { id: "signal-waiter", triggers: [{ event: "test/signal.wait" }] },
+  async ({ event, step }) => {
+    const got = await step.waitForSignal("wait", {
+      signal: event.data.signal,
+      timeout: event.data.timeout ?? "30s",
+      onConflict: event.data.onConflict ?? "fail",
+    });
+    await step.run("after", () => {
+      bump("signal-waiter", "after", event);
+      return "after";
+    });
+    return { got };
+  },
+);
+
+const signalSender = inngest.createFunction(
+  { id: "signal-sender", triggers: [{ event: "test/signal.send" }] },
+  async ({ event, step }) => {
+    const sent = await step.sendSignal("send", {
+      signal: event.data.signal,
+      data: event.data.payload,
+    });
+    // And from the client, outside a step: a signal nobody waits for.
+    const nobody = await step.run("nobody", () =>
+      inngest.sendSignal({ signal: `${event.data.signal}-nobody`, data: 1 }),
+    );
+    return { sent, nobody };
+  },
+);
+
 const functions = [
   scores,
   sessionChild,
   sessionInvokee,
   sessionParent,
+  signalWaiter,
+  signalSender,
   ckptMixed,
   startTimeout,
   fiveSteps,
@@ -764,6 +828,8 @@ const functions = [
   ticker,
   expression,
   sender,
+  deferred,
+  deferrer,
   fetcher,
   ai,
   finishTimeout,

@@ -463,7 +463,162 @@ def one_at_a_time(ctx: inngest.ContextSync) -> typing.Any:
     return ctx.step.run("work", work)
 
 
+# ---- flow control, as the Node app's `flow/*` functions (tests/it/flow.rs) ----------
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _timed_work(name: str, ctx: inngest.ContextSync, ms: int) -> int:
+    bump(name, "work", key_of(ctx.event))
+    start = _now_ms()
+    time.sleep(ms / 1000)
+    end = _now_ms()
+    data = ctx.event.data or {}
+    record(name, {"key": key_of(ctx.event), "user": data.get("user"), "start": start, "end": end})
+    return end - start
+
+
+@client.create_function(
+    fn_id="limited",
+    trigger=inngest.TriggerEvent(event="flow/limited"),
+    concurrency=[inngest.Concurrency(limit=1)],
+)
+def limited(ctx: inngest.ContextSync) -> typing.Any:
+    ms = int((ctx.event.data or {}).get("ms") or 300)
+    return ctx.step.run("work", lambda: _timed_work("limited", ctx, ms))
+
+
+@client.create_function(
+    fn_id="keyed-limit",
+    trigger=inngest.TriggerEvent(event="flow/keyed"),
+    concurrency=[inngest.Concurrency(limit=1, key="event.data.user")],
+)
+def keyed_limit(ctx: inngest.ContextSync) -> typing.Any:
+    return ctx.step.run("work", lambda: _timed_work("keyed-limit", ctx, 400))
+
+
+@client.create_function(
+    fn_id="throttled",
+    trigger=inngest.TriggerEvent(event="flow/throttled"),
+    throttle=inngest.Throttle(limit=1, period=datetime.timedelta(seconds=1)),
+)
+def throttled(ctx: inngest.ContextSync) -> typing.Any:
+    def start() -> str:
+        bump("throttled", "start", key_of(ctx.event))
+        record("throttled", {"key": key_of(ctx.event), "at": _now_ms()})
+        return "started"
+
+    return ctx.step.run("start", start)
+
+
+@client.create_function(
+    fn_id="rate-limited",
+    trigger=inngest.TriggerEvent(event="flow/rate-limited"),
+    rate_limit=inngest.RateLimit(
+        limit=1, period=datetime.timedelta(minutes=1), key="event.data.key"
+    ),
+)
+def rate_limited(ctx: inngest.ContextSync) -> typing.Any:
+    def work() -> str:
+        bump("rate-limited", "work", key_of(ctx.event))
+        return "ran"
+
+    return ctx.step.run("work", work)
+
+
+@client.create_function(
+    fn_id="idempotent",
+    trigger=inngest.TriggerEvent(event="flow/idempotent"),
+    idempotency="event.data.order",
+)
+def idempotent(ctx: inngest.ContextSync) -> typing.Any:
+    def work() -> str:
+        bump("idempotent", "work", key_of(ctx.event))
+        return "ran"
+
+    return ctx.step.run("work", work)
+
+
+@client.create_function(
+    fn_id="batched",
+    trigger=inngest.TriggerEvent(event="flow/batch"),
+    batch_events=inngest.Batch(max_size=5, timeout=datetime.timedelta(seconds=3)),
+)
+def batched(ctx: inngest.ContextSync) -> typing.Any:
+    def total() -> list[typing.Any]:
+        ns = [(e.data or {}).get("n") for e in ctx.events]
+        record("batched", {"size": len(ctx.events), "ns": ns})
+        return ns
+
+    return ctx.step.run("sum", total)
+
+
+@client.create_function(
+    fn_id="prioritized",
+    trigger=inngest.TriggerEvent(event="flow/priority"),
+    concurrency=[inngest.Concurrency(limit=1)],
+    priority=inngest.Priority(run="event.data.p"),
+)
+def prioritized(ctx: inngest.ContextSync) -> typing.Any:
+    def work() -> str:
+        record("prioritized", key_of(ctx.event))
+        time.sleep(int((ctx.event.data or {}).get("ms") or 50) / 1000)
+        return key_of(ctx.event)
+
+    return ctx.step.run("work", work)
+
+
+def _singleton(fn_id: str, ctx: inngest.ContextSync) -> str:
+    def first() -> str:
+        bump(fn_id, "first", key_of(ctx.event))
+        return "first"
+
+    ctx.step.run("first", first)
+    ctx.step.sleep("hold", datetime.timedelta(seconds=2))
+    return "done"
+
+
+@client.create_function(
+    fn_id="singleton-skip",
+    trigger=inngest.TriggerEvent(event="flow/singleton-skip"),
+    singleton=inngest.Singleton(mode="skip", key="event.data.user"),
+)
+def singleton_skip(ctx: inngest.ContextSync) -> typing.Any:
+    return _singleton("singleton-skip", ctx)
+
+
+@client.create_function(
+    fn_id="singleton-cancel",
+    trigger=inngest.TriggerEvent(event="flow/singleton-cancel"),
+    singleton=inngest.Singleton(mode="cancel", key="event.data.user"),
+)
+def singleton_cancel(ctx: inngest.ContextSync) -> typing.Any:
+    return _singleton("singleton-cancel", ctx)
+
+
+# The same debounce as the Node app's, on its event name.
+@client.create_function(
+    fn_id="flow-debounced",
+    trigger=inngest.TriggerEvent(event="flow/debounce"),
+    debounce=inngest.Debounce(key="event.data.key", period=datetime.timedelta(seconds=2)),
+)
+def flow_debounced(ctx: inngest.ContextSync) -> typing.Any:
+    return ctx.step.run("seen", lambda: (ctx.event.data or {}).get("n"))
+
+
 functions = [
+    limited,
+    keyed_limit,
+    throttled,
+    rate_limited,
+    idempotent,
+    batched,
+    prioritized,
+    singleton_skip,
+    singleton_cancel,
+    flow_debounced,
     debounced,
     one_at_a_time,
     three_steps,
