@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clock::Timestamp;
+use crate::model::metadata::MetadataRecord;
 use crate::model::{DeferRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord};
 use crate::store::{
-    BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreError, StoreResult,
+    AddMetadata, BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreError,
+    StoreResult,
 };
 
 /// Which calls fail: by method name (the next `n` calls of it), or the call
@@ -129,4 +131,6 @@ delegate! {
     async fn list_runs(&self, limit: usize, before: Option<&str>, fn_id: Option<&str>, status: Option<RunStatus>) -> StoreResult<Vec<RunRecord>>;
     async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64>;
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>>;
+    async fn add_metadata(&self, run_id: &str, records: &[MetadataRecord], max_bytes: u64) -> StoreResult<AddMetadata>;
+    async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>>;
 }
