@@ -21,7 +21,9 @@ use crate::model::{
     BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
     RunRecord, RunStatus, StepRecord,
 };
-use crate::store::{abort_defer_in, add_defer, next_debounce, push_to_batch, BatchPush};
+use crate::store::{
+    abort_defer_in, add_defer, gcra_reserve, gcra_take, next_debounce, push_to_batch, BatchPush,
+};
 use crate::store::{CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult};
 use std::time::Duration;
 
@@ -477,15 +479,11 @@ impl StateStore for SledStateStore {
     ) -> StoreResult<bool> {
         let _guard = self.lock();
         let tat_key = joined(b"fl/rl/", &[key]);
-        let stored = self.get_i64(&tat_key)?.unwrap_or(i64::MIN);
-        let emission = (period.as_millis() as i64 / i64::from(limit.max(1))).max(1);
-        let tolerance = period.as_millis() as i64 - emission;
-        let tat = stored.max(now.millis());
-        if tat - now.millis() > tolerance {
+        let Some(tat) = gcra_take(self.get_i64(&tat_key)?, limit, period, now) else {
             return Ok(false);
-        }
+        };
         self.tree
-            .insert(tat_key, &(tat + emission).to_be_bytes())
+            .insert(tat_key, &tat.to_be_bytes())
             .map_err(sled_error)?;
         Ok(true)
     }
@@ -500,15 +498,11 @@ impl StateStore for SledStateStore {
     ) -> StoreResult<Timestamp> {
         let _guard = self.lock();
         let tat_key = joined(b"fl/th/", &[key]);
-        let stored = self.get_i64(&tat_key)?.unwrap_or(i64::MIN);
-        let emission = (period.as_millis() as i64 / i64::from(limit.max(1))).max(1);
-        let tolerance = emission * i64::from(burst.max(1) - 1);
-        let tat = stored.max(now.millis());
-        let allowed = (tat - tolerance).max(now.millis());
+        let (tat, allowed) = gcra_reserve(self.get_i64(&tat_key)?, limit, period, burst, now);
         self.tree
-            .insert(tat_key, &(tat + emission).to_be_bytes())
+            .insert(tat_key, &tat.to_be_bytes())
             .map_err(sled_error)?;
-        Ok(Timestamp(allowed))
+        Ok(allowed)
     }
 
     async fn debounce_push(
