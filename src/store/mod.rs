@@ -714,14 +714,17 @@ pub async fn open_backends(
     let mut redis = RedisParts::connect(choice).await?;
     let state: Arc<dyn StateStore> = match choice.state {
         StoreKind::Sled => Arc::new(sled::SledStateStore::open(&sled_db())?),
+        StoreKind::Memory => Arc::new(memory::MemoryState::default()),
         StoreKind::Redis => redis.state()?,
     };
     let queue: Arc<dyn Queue> = match choice.queue {
         StoreKind::Sled => Arc::new(sled::SledQueue::open(&sled_db())?),
+        StoreKind::Memory => Arc::new(memory::MemoryQueue::default()),
         StoreKind::Redis => redis.queue()?,
     };
     let data: Arc<dyn DataStore> = match choice.data {
         StoreKind::Sled => Arc::new(sled::SledDataStore::open(&sled_db())?),
+        StoreKind::Memory => Arc::new(memory::MemoryData::default()),
         StoreKind::Redis => redis.data()?,
     };
     let bus: Arc<dyn EventBus> = match choice.bus {

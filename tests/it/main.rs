@@ -16,6 +16,7 @@ mod events;
 mod flow;
 mod gql;
 mod hardening;
+mod memory;
 mod openapi;
 mod otel;
 mod production;
