@@ -843,7 +843,16 @@ impl Worker {
             }
             ItemKind::PauseTimeout { pause_id } => {
                 let Some(pause) = self.backends.state.get_pause(pause_id).await? else {
-                    return self.ack(lease, Vec::new()).await; // resumed already
+                    // Resumed already; its result is stored. Pause ids are
+                    // `<run>/<step>`.
+                    let step_id = pause_id
+                        .strip_prefix(run.id.as_str())
+                        .and_then(|rest| rest.strip_prefix('/'))
+                        .unwrap_or_default();
+                    let call_due = run.planned.is_empty();
+                    return self
+                        .after_stored_result(lease, &run, step_id, call_due)
+                        .await;
                 };
                 let (kind, memo) = match pause.kind {
                     PauseKind::Invoke => (
@@ -882,8 +891,11 @@ impl Worker {
                 let next = QueueItem::discovery(&run.id, &run.fn_id, stack_len).for_run(&run);
                 return self.ack(lease, vec![(next, self.clock.now())]).await;
             }
-            ItemKind::Planned { step_id, .. } if run.stack.contains(step_id) => {
-                return self.ack(lease, Vec::new()).await;
+            ItemKind::Planned { step_id, race } if run.stack.contains(step_id) => {
+                let call_due = *race || run.request_version == 1 || run.planned.is_empty();
+                return self
+                    .after_stored_result(lease, &run, step_id, call_due)
+                    .await;
             }
             ItemKind::Discovery { .. } => "step".to_string(),
             ItemKind::Planned { step_id, .. } => step_id.clone(),
@@ -1055,6 +1067,31 @@ impl Worker {
             decision.discover = Discover::Always;
         }
         self.perform(lease, &run, decision).await
+    }
+
+    /// An item delivered again after the result it brings was stored (a
+    /// planned step's, or a pause's that is gone): the crash (or lost
+    /// lease) that kept it from being acked also lost the call that follows
+    /// the result, if that result is still the run's latest and the call
+    /// was due (`call_due`: the group is done, or the step races). A later
+    /// result scheduled its own call. At worst this is one extra call,
+    /// which replays stored results.
+    async fn after_stored_result(
+        &self,
+        lease: &Lease,
+        run: &RunRecord,
+        step_id: &str,
+        call_due: bool,
+    ) -> StoreResult<()> {
+        let latest = run.stack.last().is_some_and(|last| last == step_id);
+        if !latest || !call_due {
+            return self.ack(lease, Vec::new()).await;
+        }
+        if run.planned.is_empty() && run.force_plan && run.request_version >= 2 {
+            self.backends.state.set_force_plan(&run.id, false).await?;
+        }
+        let next = QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
+        self.ack(lease, vec![(next, self.clock.now())]).await
     }
 
     /// A reply that made no progress: call again with backoff, and fail the
@@ -2332,6 +2369,334 @@ mod tests {
             let b = invoke_event(&run, &invoke, &pause);
             assert_eq!(a, b, "a retry after a crash publishes the very same event");
             assert_eq!(a.received_at, 77);
+        }
+    }
+
+    /// Every crash point of a run, in process: a fake app answers like an
+    /// SDK for a function with a step, a sleep, a parallel group, a wait,
+    /// an invoke and a last step; the run goes through the real `Worker` on
+    /// the memory stores, once with no fault, counting the store calls,
+    /// and then once for every call N, with call N failing. A failed item
+    /// is "restarted": the faults heal and it comes back when its lease
+    /// expires. Every time, the run must complete, no step the store had
+    /// saved may run again, the lifecycle and invoke events must be there
+    /// exactly once, and nothing may be left waiting.
+    mod crash_points {
+        use std::sync::Mutex;
+
+        use actix_web::{web, App, HttpResponse, HttpServer};
+
+        use super::*;
+        use crate::clock::{Clock, ManualClock};
+        use crate::model::{AppRecord, FunctionRecord};
+        use crate::store::fault::{faulty_backends, Faults};
+        use crate::store::StateStore;
+
+        /// The function, as the fake app runs it.
+        enum Stage {
+            Run(&'static str),
+            Sleep(&'static str),
+            Parallel(&'static [&'static str]),
+            Wait(&'static str),
+            Invoke(&'static str),
+        }
+
+        const SCRIPT: &[Stage] = &[
+            Stage::Run("a"),
+            Stage::Sleep("nap"),
+            Stage::Parallel(&["p1", "p2"]),
+            Stage::Wait("wait"),
+            Stage::Invoke("inv"),
+            Stage::Run("b"),
+        ];
+        const STEPS: [&str; 7] = ["a", "nap", "p1", "p2", "wait", "inv", "b"];
+        const MAIN: &str = "crash-main";
+        const CALLEE: &str = "crash-callee";
+
+        /// The fake SDK app. It checks, each time it runs a step's code,
+        /// that the store has no result for that step yet.
+        #[derive(Default)]
+        struct FakeApp {
+            state: Mutex<Option<Arc<dyn StateStore>>>,
+            ran: Mutex<Vec<String>>,
+            violations: Mutex<Vec<String>>,
+        }
+
+        impl FakeApp {
+            async fn execute(&self, run_id: &str, step: &str) -> Value {
+                let state = self.state.lock().unwrap().clone().expect("a store is set");
+                let stored = state.load_steps(run_id).await.unwrap();
+                if stored.iter().any(|s| s.id == step) {
+                    self.violations
+                        .lock()
+                        .unwrap()
+                        .push(format!("step {step} ran again after its result was stored"));
+                }
+                self.ran.lock().unwrap().push(step.to_string());
+                json!({"id": step, "op": "StepRun", "name": step, "data": {"step": step}})
+            }
+
+            /// The answer to one call: ops (206) or the output (200).
+            async fn answer(&self, step_id: &str, body: &Value) -> Result<Vec<Value>, Value> {
+                let run_id = body["ctx"]["run_id"].as_str().unwrap_or_default();
+                if step_id != "step" {
+                    return Ok(vec![self.execute(run_id, step_id).await]);
+                }
+                let memos = body["steps"].as_object().cloned().unwrap_or_default();
+                let plan_only = body["ctx"]["disable_immediate_execution"] == true;
+                let op = |id: &str, op: &str, opts: Value| json!({"id": id, "op": op, "name": id, "opts": opts});
+                for stage in SCRIPT {
+                    let ops = match stage {
+                        Stage::Run(id) if !memos.contains_key(*id) => {
+                            if plan_only {
+                                vec![op(id, "StepPlanned", Value::Null)]
+                            } else {
+                                vec![self.execute(run_id, id).await]
+                            }
+                        }
+                        Stage::Parallel(ids) => ids
+                            .iter()
+                            .filter(|id| !memos.contains_key(**id))
+                            .map(|id| op(id, "StepPlanned", Value::Null))
+                            .collect(),
+                        Stage::Sleep(id) if !memos.contains_key(*id) => {
+                            vec![op(id, "Sleep", json!({"duration": "1s"}))]
+                        }
+                        Stage::Wait(id) if !memos.contains_key(*id) => vec![op(
+                            id,
+                            "WaitForEvent",
+                            json!({"event": "test/never", "timeout": "1s"}),
+                        )],
+                        Stage::Invoke(id) if !memos.contains_key(*id) => vec![op(
+                            id,
+                            "InvokeFunction",
+                            json!({"function_id": CALLEE, "payload": {"data": {"n": 1}},
+                                   "timeout": "1s"}),
+                        )],
+                        _ => Vec::new(),
+                    };
+                    if !ops.is_empty() {
+                        return Ok(ops);
+                    }
+                }
+                Err(json!({"done": true}))
+            }
+        }
+
+        async fn sdk_endpoint(
+            app: web::Data<FakeApp>,
+            query: web::Query<HashMap<String, String>>,
+            body: web::Bytes,
+        ) -> HttpResponse {
+            let body: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let step_id = query.get("stepId").map_or("step", String::as_str);
+            let (status, reply) = match app.answer(step_id, &body).await {
+                Ok(ops) => (actix_web::http::StatusCode::PARTIAL_CONTENT, json!(ops)),
+                Err(output) => (actix_web::http::StatusCode::OK, output),
+            };
+            HttpResponse::build(status)
+                .insert_header(("x-inngest-sdk", "js:v3.0.0"))
+                .insert_header(("x-inngest-req-version", "2"))
+                .json(reply)
+        }
+
+        struct Rig {
+            worker: Rc<Worker>,
+            real: Backends,
+            faults: Arc<Faults>,
+            clock: Arc<ManualClock>,
+            run: RunRecord,
+        }
+
+        /// Fresh memory stores with the app synced and one run queued.
+        async fn rig(app: &FakeApp, url: &str) -> Rig {
+            let real = crate::store::memory::backends();
+            let (backends, faults) = faulty_backends(&real);
+            let clock = ManualClock::at(NOW);
+            let worker = Rc::new(Worker {
+                backends,
+                clock: clock.clone(),
+                client: SdkClient::new(None, Duration::from_secs(10)),
+                config: ExecutorConfig {
+                    workers: 1,
+                    lease_ttl: Duration::from_secs(30),
+                    retry_interval: None,
+                    checkpointing: false,
+                },
+                status: RefCell::new(ExecutorStatus::default()),
+                functions: RefCell::new(HashMap::new()),
+                leased: RefCell::new(HashMap::new()),
+            });
+            let function = |id: &str| FunctionRecord {
+                id: id.into(),
+                app_id: "crash".into(),
+                version: 0,
+                url: url.into(),
+                config: json!({"id": id, "name": id, "triggers": [{"event": "test/crash"}],
+                               "steps": {"step": {"runtime": {"url": url}}}})
+                .to_string(),
+                updated_at: 0,
+                archived: false,
+            };
+            let app_record = AppRecord {
+                id: "crash".into(),
+                url: url.into(),
+                sdk: "js".into(),
+                framework: String::new(),
+                synced_at: 0,
+                checksum: String::new(),
+                function_ids: vec![MAIN.into(), CALLEE.into()],
+                last_error: None,
+            };
+            real.data
+                .sync_app(app_record, vec![function(MAIN), function(CALLEE)])
+                .await
+                .unwrap();
+            let mut run = sample_run(MAIN, &ulid::Ulid::new().to_string());
+            run.app_id = "crash".into();
+            real.state.create_run(run.clone()).await.unwrap();
+            real.queue
+                .enqueue(QueueItem::discovery(&run.id, MAIN, 0).for_run(&run), NOW)
+                .await
+                .unwrap();
+            *app.state.lock().unwrap() = Some(real.state.clone());
+            Rig {
+                worker,
+                real,
+                faults,
+                clock,
+                run,
+            }
+        }
+
+        /// Delivers due items until the queue is empty, moving the clock
+        /// to the next due time (or lease expiry) whenever nothing is due.
+        /// Returns how many items failed.
+        async fn drive(rig: &Rig) -> u32 {
+            let mut failed = 0;
+            for _ in 0..500 {
+                let now = rig.clock.now();
+                let leases = rig
+                    .real
+                    .queue
+                    .lease_due(now, 10, Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                if leases.is_empty() {
+                    match rig.real.queue.next_due().await.unwrap() {
+                        Some(due) => {
+                            let wait = (due.millis() - now.millis()).max(1) as u64;
+                            rig.clock.advance(Duration::from_millis(wait));
+                            continue;
+                        }
+                        None => return failed,
+                    }
+                }
+                for lease in leases {
+                    if rig.worker.process(&lease).await.is_err() {
+                        // The process "restarts": nothing fails any more,
+                        // and the item comes back after its lease.
+                        failed += 1;
+                        rig.faults.heal();
+                    }
+                }
+            }
+            panic!("the queue did not drain in 500 rounds");
+        }
+
+        async fn check_invariants(rig: &Rig, app: &FakeApp, label: &str) {
+            let run_id = &rig.run.id;
+            let violations = std::mem::take(&mut *app.violations.lock().unwrap());
+            assert!(violations.is_empty(), "{label}: {violations:?}");
+            let run = rig.real.state.load_run(run_id).await.unwrap().unwrap();
+            assert_eq!(
+                run.status,
+                RunStatus::Completed,
+                "{label}: the run was left {:?} with the queue empty (stack {:?})",
+                run.status,
+                run.stack
+            );
+            let output: Value = serde_json::from_str(run.output.as_deref().unwrap()).unwrap();
+            assert_eq!(output, json!({"done": true}), "{label}");
+            let steps: Vec<String> = rig
+                .real
+                .state
+                .load_steps(run_id)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|s| s.id)
+                .collect();
+            let mut sorted = steps.clone();
+            sorted.sort();
+            let mut expected = STEPS.map(String::from).to_vec();
+            expected.sort();
+            assert_eq!(sorted, expected, "{label}: stored steps {steps:?}");
+            assert_eq!(
+                (
+                    steps.first().map(String::as_str),
+                    steps.last().map(String::as_str)
+                ),
+                (Some("a"), Some("b")),
+                "{label}: stored steps {steps:?}"
+            );
+            let pauses = rig.real.state.pauses_for_run(run_id).await.unwrap();
+            assert!(pauses.is_empty(), "{label}: pauses left {pauses:?}");
+            let events = rig.real.data.list_events(1000, None).await.unwrap();
+            for name in [FUNCTION_FINISHED, FUNCTION_INVOKED] {
+                let count = events.iter().filter(|e| e.name == name).count();
+                assert_eq!(count, 1, "{label}: {count} {name} events");
+            }
+        }
+
+        #[actix_rt::test]
+        async fn no_store_call_failing_loses_or_repeats_anything() {
+            let app = web::Data::new(FakeApp::default());
+            let server = {
+                let app = app.clone();
+                HttpServer::new(move || {
+                    App::new()
+                        .app_data(app.clone())
+                        .default_service(web::to(sdk_endpoint))
+                })
+                .workers(1)
+                .bind(("127.0.0.1", 0))
+                .unwrap()
+            };
+            let url = format!("http://{}/api/inngest", server.addrs()[0]);
+            let server = server.run();
+            let handle = server.handle();
+            actix_rt::spawn(server);
+
+            // No fault: how many store calls a whole run takes.
+            let clean = rig(&app, &url).await;
+            assert_eq!(drive(&clean).await, 0);
+            check_invariants(&clean, &app, "no fault").await;
+            let calls = clean.faults.calls();
+            assert!(calls.len() > 50, "only {} store calls", calls.len());
+            app.ran.lock().unwrap().clear();
+
+            let mut fired = 0;
+            for n in 0..calls.len() as u64 {
+                let rig = rig(&app, &url).await;
+                rig.faults.fail_call_number(n);
+                let failed = drive(&rig).await;
+                fired += u32::from(failed > 0);
+                let failing = rig
+                    .faults
+                    .calls()
+                    .get(n as usize)
+                    .copied()
+                    .unwrap_or("none");
+                check_invariants(&rig, &app, &format!("call {n} ({failing}) failing")).await;
+            }
+            // Nearly every failure ends its item (a few are only logged).
+            assert!(
+                fired as usize > calls.len() * 3 / 4,
+                "{fired} of {}",
+                calls.len()
+            );
+            handle.stop(false).await;
         }
     }
 }
