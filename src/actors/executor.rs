@@ -2087,7 +2087,7 @@ mod tests {
 
     mod crash_windows {
         use super::*;
-        use crate::clock::{ManualClock, SharedClock};
+        use crate::clock::ManualClock;
         use crate::store::fault::{Faults, FaultyState};
         use crate::store::sled::SledDb;
 
@@ -2105,21 +2105,7 @@ mod tests {
             let faults = faulty.faults.clone();
             let mut backends = real.clone();
             backends.state = Arc::new(faulty);
-            let clock: SharedClock = ManualClock::at(NOW);
-            let worker = Rc::new(Worker {
-                backends,
-                clock,
-                client: SdkClient::new(None, Duration::from_secs(5)),
-                config: ExecutorConfig {
-                    workers: 1,
-                    lease_ttl: Duration::from_secs(30),
-                    retry_interval: None,
-                    checkpointing: false,
-                },
-                status: RefCell::new(ExecutorStatus::default()),
-                functions: RefCell::new(HashMap::new()),
-                leased: RefCell::new(HashMap::new()),
-            });
+            let worker = test_worker(backends, ManualClock::at(NOW));
             Harness {
                 worker,
                 faults,
@@ -2372,6 +2358,24 @@ mod tests {
         }
     }
 
+    /// A worker of one slot, 30 s leases, no checkpointing.
+    fn test_worker(backends: Backends, clock: SharedClock) -> Rc<Worker> {
+        Rc::new(Worker {
+            backends,
+            clock,
+            client: SdkClient::new(None, Duration::from_secs(10)),
+            config: ExecutorConfig {
+                workers: 1,
+                lease_ttl: Duration::from_secs(30),
+                retry_interval: None,
+                checkpointing: false,
+            },
+            status: RefCell::new(ExecutorStatus::default()),
+            functions: RefCell::new(HashMap::new()),
+            leased: RefCell::new(HashMap::new()),
+        })
+    }
+
     /// Every crash point of a run, in process: a fake app answers like an
     /// SDK for a function with a step, a sleep, a parallel group, a wait,
     /// an invoke and a last step; the run goes through the real `Worker` on
@@ -2513,20 +2517,7 @@ mod tests {
             let real = crate::store::memory::backends();
             let (backends, faults) = faulty_backends(&real);
             let clock = ManualClock::at(NOW);
-            let worker = Rc::new(Worker {
-                backends,
-                clock: clock.clone(),
-                client: SdkClient::new(None, Duration::from_secs(10)),
-                config: ExecutorConfig {
-                    workers: 1,
-                    lease_ttl: Duration::from_secs(30),
-                    retry_interval: None,
-                    checkpointing: false,
-                },
-                status: RefCell::new(ExecutorStatus::default()),
-                functions: RefCell::new(HashMap::new()),
-                leased: RefCell::new(HashMap::new()),
-            });
+            let worker = test_worker(backends, clock.clone());
             let function = |id: &str| FunctionRecord {
                 id: id.into(),
                 app_id: "crash".into(),

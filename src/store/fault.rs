@@ -73,45 +73,28 @@ impl Faults {
     }
 }
 
-pub struct FaultyState {
-    inner: Arc<dyn StateStore>,
+/// A store of kind `S` (`dyn StateStore`, `dyn Queue`, `dyn DataStore`)
+/// whose calls go through `faults` first.
+pub struct Faulty<S: ?Sized> {
+    inner: Arc<S>,
     pub faults: Arc<Faults>,
 }
 
-impl FaultyState {
-    pub fn new(inner: Arc<dyn StateStore>) -> FaultyState {
-        FaultyState::sharing(inner, Arc::new(Faults::default()))
-    }
-
+impl<S: ?Sized> Faulty<S> {
     /// A wrapper whose calls count and fail together with other wrappers'.
-    pub fn sharing(inner: Arc<dyn StateStore>, faults: Arc<Faults>) -> FaultyState {
-        FaultyState { inner, faults }
+    pub fn sharing(inner: Arc<S>, faults: Arc<Faults>) -> Faulty<S> {
+        Faulty { inner, faults }
+    }
+
+    pub fn new(inner: Arc<S>) -> Faulty<S> {
+        Faulty::sharing(inner, Arc::new(Faults::default()))
     }
 }
 
-/// A fault-injecting [`Queue`]; `wait_for_work` never fails.
-pub struct FaultyQueue {
-    inner: Arc<dyn Queue>,
-    pub faults: Arc<Faults>,
-}
-
-impl FaultyQueue {
-    pub fn sharing(inner: Arc<dyn Queue>, faults: Arc<Faults>) -> FaultyQueue {
-        FaultyQueue { inner, faults }
-    }
-}
-
-/// A fault-injecting [`DataStore`].
-pub struct FaultyData {
-    inner: Arc<dyn DataStore>,
-    pub faults: Arc<Faults>,
-}
-
-impl FaultyData {
-    pub fn sharing(inner: Arc<dyn DataStore>, faults: Arc<Faults>) -> FaultyData {
-        FaultyData { inner, faults }
-    }
-}
+pub type FaultyState = Faulty<dyn StateStore>;
+/// `wait_for_work` never fails.
+pub type FaultyQueue = Faulty<dyn Queue>;
+pub type FaultyData = Faulty<dyn DataStore>;
 
 /// `backends` with its state store, queue and data store wrapped, all
 /// counting and failing through one [`Faults`] (the bus is left as is).

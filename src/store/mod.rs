@@ -605,6 +605,37 @@ pub fn push_to_batch(
     (Some(batch), outcome)
 }
 
+/// [`StateStore::save_step`] on the run as stored, `saved_before` telling
+/// whether the step has a result already: `Ok` when `run` took the step and
+/// is to be written back with it, `Err` with the answer when nothing is to
+/// be written. Shared by the backends that run in Rust.
+pub fn add_step(
+    run: &mut RunRecord,
+    step: &StepRecord,
+    saved_before: bool,
+) -> Result<SaveStep, SaveStep> {
+    if run.status.is_terminal() {
+        return Err(SaveStep::RunEnded);
+    }
+    if saved_before {
+        return Err(SaveStep::Duplicate {
+            stack_len: run.stack.len() as u32,
+            planned_left: run.planned.len() as u32,
+        });
+    }
+    run.stack.push(step.id.clone());
+    run.planned.retain(|id| id != &step.id);
+    run.state_bytes += step.memo.len() as u64;
+    if run.status == RunStatus::Queued {
+        run.status = RunStatus::Running;
+        run.started_at = Some(step.saved_at);
+    }
+    Ok(SaveStep::Saved {
+        stack_len: run.stack.len() as u32,
+        planned_left: run.planned.len() as u32,
+    })
+}
+
 /// Rate limit (GCRA): the arrival time to store after one take, or `None`
 /// when `key` has no slot left (store nothing then). `stored` is the
 /// key's arrival time, if any. Shared by the backends that run in Rust.

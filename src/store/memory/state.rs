@@ -16,8 +16,8 @@ use crate::model::{
     RunRecord, RunStatus, StepRecord,
 };
 use crate::store::{
-    abort_defer_in, add_defer, gcra_reserve, gcra_take, next_debounce, push_to_batch, BatchPush,
-    CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+    abort_defer_in, add_defer, add_step, gcra_reserve, gcra_take, next_debounce, push_to_batch,
+    BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
 };
 
 #[derive(Default)]
@@ -159,28 +159,14 @@ impl StateStore for MemoryState {
         let Some(run) = state.runs.get_mut(run_id) else {
             return Ok(SaveStep::RunEnded);
         };
-        if run.status.is_terminal() {
-            return Ok(SaveStep::RunEnded);
-        }
         let steps = state.steps.entry(run_id.to_string()).or_default();
-        if steps.contains_key(&step.id) {
-            return Ok(SaveStep::Duplicate {
-                stack_len: run.stack.len() as u32,
-                planned_left: run.planned.len() as u32,
-            });
+        match add_step(run, &step, steps.contains_key(&step.id)) {
+            Ok(saved) => {
+                steps.insert(step.id.clone(), step);
+                Ok(saved)
+            }
+            Err(unchanged) => Ok(unchanged),
         }
-        run.stack.push(step.id.clone());
-        run.planned.retain(|id| id != &step.id);
-        run.state_bytes += step.memo.len() as u64;
-        if run.status == RunStatus::Queued {
-            run.status = RunStatus::Running;
-            run.started_at = Some(step.saved_at);
-        }
-        steps.insert(step.id.clone(), step);
-        Ok(SaveStep::Saved {
-            stack_len: run.stack.len() as u32,
-            planned_left: run.planned.len() as u32,
-        })
     }
 
     async fn plan_steps(

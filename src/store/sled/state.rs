@@ -22,7 +22,8 @@ use crate::model::{
     RunRecord, RunStatus, StepRecord,
 };
 use crate::store::{
-    abort_defer_in, add_defer, gcra_reserve, gcra_take, next_debounce, push_to_batch, BatchPush,
+    abort_defer_in, add_defer, add_step, gcra_reserve, gcra_take, next_debounce, push_to_batch,
+    BatchPush,
 };
 use crate::store::{CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult};
 use std::time::Duration;
@@ -272,31 +273,17 @@ impl StateStore for SledStateStore {
             let Some(mut run) = self.get_run(run_id)? else {
                 return Ok(SaveStep::RunEnded);
             };
-            if run.status.is_terminal() {
-                return Ok(SaveStep::RunEnded);
-            }
             let step_key = key(&[b"s", run_id.as_bytes(), step.id.as_bytes()]);
-            if self.tree.contains_key(&step_key).map_err(sled_error)? {
-                return Ok(SaveStep::Duplicate {
-                    stack_len: run.stack.len() as u32,
-                    planned_left: run.planned.len() as u32,
-                });
-            }
-            run.stack.push(step.id.clone());
-            run.planned.retain(|id| id != &step.id);
-            run.state_bytes += step.memo.len() as u64;
-            if run.status == RunStatus::Queued {
-                run.status = RunStatus::Running;
-                run.started_at = Some(step.saved_at);
-            }
+            let saved_before = self.tree.contains_key(&step_key).map_err(sled_error)?;
+            let saved = match add_step(&mut run, &step, saved_before) {
+                Ok(saved) => saved,
+                Err(unchanged) => return Ok(unchanged),
+            };
             let mut batch = sled::Batch::default();
             batch.insert(step_key, step.to_bytes());
             batch.insert(key(&[b"r", run_id.as_bytes()]), run.to_bytes());
             self.tree.apply_batch(batch).map_err(sled_error)?;
-            SaveStep::Saved {
-                stack_len: run.stack.len() as u32,
-                planned_left: run.planned.len() as u32,
-            }
+            saved
         };
         self.commit.flush().await?;
         Ok(outcome)
