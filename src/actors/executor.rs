@@ -2377,13 +2377,14 @@ mod tests {
     }
 
     /// Every crash point of a run, in process: a fake app answers like an
-    /// SDK for a function with a step, a sleep, a parallel group, a wait,
-    /// an invoke and a last step; the run goes through the real `Worker` on
-    /// the memory stores, once with no fault, counting the store calls,
-    /// and then once for every call N, with call N failing. A failed item
-    /// is "restarted": the faults heal and it comes back when its lease
-    /// expires. Every time, the run must complete, no step the store had
-    /// saved may run again, the lifecycle and invoke events must be there
+    /// SDK for each workflow of a table (a step, a sleep, a parallel group,
+    /// a wait, an invoke and a last step; a step that fails after a retry);
+    /// the run goes through the real `Worker` on the memory stores, once
+    /// with no fault, counting the store calls, and then once for every
+    /// call N, with call N failing. A failed item is "restarted": the
+    /// faults heal and it comes back when its lease expires. Every time,
+    /// the run must end as it does without faults, no step the store had
+    /// saved may run again, each lifecycle and invoke event must be there
     /// exactly once, and nothing may be left waiting.
     mod crash_points {
         use std::sync::Mutex;
@@ -2403,17 +2404,41 @@ mod tests {
             Parallel(&'static [&'static str]),
             Wait(&'static str),
             Invoke(&'static str),
+            /// A step whose code throws every time; the function does not
+            /// catch its error.
+            Throw(&'static str),
         }
 
-        const SCRIPT: &[Stage] = &[
-            Stage::Run("a"),
-            Stage::Sleep("nap"),
-            Stage::Parallel(&["p1", "p2"]),
-            Stage::Wait("wait"),
-            Stage::Invoke("inv"),
-            Stage::Run("b"),
+        struct Workflow {
+            script: &'static [Stage],
+            /// The steps stored at the end; the first and last in this order.
+            steps: &'static [&'static str],
+            status: RunStatus,
+            /// The events the run causes, each exactly once.
+            events: &'static [&'static str],
+        }
+
+        const WORKFLOWS: &[Workflow] = &[
+            Workflow {
+                script: &[
+                    Stage::Run("a"),
+                    Stage::Sleep("nap"),
+                    Stage::Parallel(&["p1", "p2"]),
+                    Stage::Wait("wait"),
+                    Stage::Invoke("inv"),
+                    Stage::Run("b"),
+                ],
+                steps: &["a", "nap", "p1", "p2", "wait", "inv", "b"],
+                status: RunStatus::Completed,
+                events: &[FUNCTION_INVOKED, FUNCTION_FINISHED],
+            },
+            Workflow {
+                script: &[Stage::Run("a"), Stage::Throw("b")],
+                steps: &["a", "b"],
+                status: RunStatus::Failed,
+                events: &["inngest/function.failed", FUNCTION_FINISHED],
+            },
         ];
-        const STEPS: [&str; 7] = ["a", "nap", "p1", "p2", "wait", "inv", "b"];
         const MAIN: &str = "crash-main";
         const CALLEE: &str = "crash-callee";
 
@@ -2421,6 +2446,7 @@ mod tests {
         /// that the store has no result for that step yet.
         #[derive(Default)]
         struct FakeApp {
+            script: Mutex<&'static [Stage]>,
             state: Mutex<Option<Arc<dyn StateStore>>>,
             ran: Mutex<Vec<String>>,
             violations: Mutex<Vec<String>>,
@@ -2441,15 +2467,16 @@ mod tests {
             }
 
             /// The answer to one call: ops (206) or the output (200).
-            async fn answer(&self, step_id: &str, body: &Value) -> Result<Vec<Value>, Value> {
+            async fn answer(&self, step_id: &str, body: &Value) -> Reply {
                 let run_id = body["ctx"]["run_id"].as_str().unwrap_or_default();
                 if step_id != "step" {
-                    return Ok(vec![self.execute(run_id, step_id).await]);
+                    return Reply::Ops(vec![self.execute(run_id, step_id).await]);
                 }
                 let memos = body["steps"].as_object().cloned().unwrap_or_default();
                 let plan_only = body["ctx"]["disable_immediate_execution"] == true;
                 let op = |id: &str, op: &str, opts: Value| json!({"id": id, "op": op, "name": id, "opts": opts});
-                for stage in SCRIPT {
+                let script: &[Stage] = *self.script.lock().unwrap();
+                for stage in script {
                     let ops = match stage {
                         Stage::Run(id) if !memos.contains_key(*id) => {
                             if plan_only {
@@ -2477,14 +2504,29 @@ mod tests {
                             json!({"function_id": CALLEE, "payload": {"data": {"n": 1}},
                                    "timeout": "1s"}),
                         )],
+                        Stage::Throw(id) if memos.contains_key(*id) => {
+                            return Reply::Error(json!({"name": "Error", "message": "boom"}));
+                        }
+                        Stage::Throw(id) => {
+                            self.execute(run_id, id).await;
+                            let error = json!({"name": "Error", "message": "boom"});
+                            vec![json!({"id": id, "op": "StepError", "name": id, "error": error})]
+                        }
                         _ => Vec::new(),
                     };
                     if !ops.is_empty() {
-                        return Ok(ops);
+                        return Reply::Ops(ops);
                     }
                 }
-                Err(json!({"done": true}))
+                Reply::Done(json!({"done": true}))
             }
+        }
+
+        enum Reply {
+            Ops(Vec<Value>),
+            Done(Value),
+            /// The function threw: no retry (its step used up its attempts).
+            Error(Value),
         }
 
         async fn sdk_endpoint(
@@ -2494,13 +2536,16 @@ mod tests {
         ) -> HttpResponse {
             let body: Value = serde_json::from_slice(&body).unwrap_or_default();
             let step_id = query.get("stepId").map_or("step", String::as_str);
+            use actix_web::http::StatusCode;
             let (status, reply) = match app.answer(step_id, &body).await {
-                Ok(ops) => (actix_web::http::StatusCode::PARTIAL_CONTENT, json!(ops)),
-                Err(output) => (actix_web::http::StatusCode::OK, output),
+                Reply::Ops(ops) => (StatusCode::PARTIAL_CONTENT, json!(ops)),
+                Reply::Done(output) => (StatusCode::OK, output),
+                Reply::Error(error) => (StatusCode::INTERNAL_SERVER_ERROR, error),
             };
             HttpResponse::build(status)
                 .insert_header(("x-inngest-sdk", "js:v3.0.0"))
                 .insert_header(("x-inngest-req-version", "2"))
+                .insert_header(("x-inngest-no-retry", "true"))
                 .json(reply)
         }
 
@@ -2513,7 +2558,7 @@ mod tests {
         }
 
         /// Fresh memory stores with the app synced and one run queued.
-        async fn rig(app: &FakeApp, url: &str) -> Rig {
+        async fn rig(app: &FakeApp, url: &str, workflow: &Workflow) -> Rig {
             let real = crate::store::memory::backends();
             let (backends, faults) = faulty_backends(&real);
             let clock = ManualClock::at(NOW);
@@ -2545,12 +2590,14 @@ mod tests {
                 .unwrap();
             let mut run = sample_run(MAIN, &ulid::Ulid::new().to_string());
             run.app_id = "crash".into();
+            run.max_attempts = 2;
             real.state.create_run(run.clone()).await.unwrap();
             real.queue
                 .enqueue(QueueItem::discovery(&run.id, MAIN, 0).for_run(&run), NOW)
                 .await
                 .unwrap();
             *app.state.lock().unwrap() = Some(real.state.clone());
+            *app.script.lock().unwrap() = workflow.script;
             Rig {
                 worker,
                 real,
@@ -2595,49 +2642,43 @@ mod tests {
             panic!("the queue did not drain in 500 rounds");
         }
 
-        async fn check_invariants(rig: &Rig, app: &FakeApp, label: &str) {
+        fn ends<'a>(list: &[&'a str]) -> (Option<&'a str>, Option<&'a str>) {
+            (list.first().copied(), list.last().copied())
+        }
+
+        async fn check_invariants(rig: &Rig, app: &FakeApp, workflow: &Workflow, label: &str) {
             let run_id = &rig.run.id;
             let violations = std::mem::take(&mut *app.violations.lock().unwrap());
             assert!(violations.is_empty(), "{label}: {violations:?}");
             let run = rig.real.state.load_run(run_id).await.unwrap().unwrap();
             assert_eq!(
-                run.status,
-                RunStatus::Completed,
+                run.status, workflow.status,
                 "{label}: the run was left {:?} with the queue empty (stack {:?})",
-                run.status,
-                run.stack
+                run.status, run.stack
             );
-            let output: Value = serde_json::from_str(run.output.as_deref().unwrap()).unwrap();
-            assert_eq!(output, json!({"done": true}), "{label}");
-            let steps: Vec<String> = rig
-                .real
-                .state
-                .load_steps(run_id)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|s| s.id)
-                .collect();
-            let mut sorted = steps.clone();
+            if workflow.status == RunStatus::Completed {
+                let output: Value = serde_json::from_str(run.output.as_deref().unwrap()).unwrap();
+                assert_eq!(output, json!({"done": true}), "{label}");
+            }
+            let stored = rig.real.state.load_steps(run_id).await.unwrap();
+            let steps: Vec<&str> = stored.iter().map(|s| s.id.as_str()).collect();
+            let (mut sorted, mut expected) = (steps.clone(), workflow.steps.to_vec());
             sorted.sort();
-            let mut expected = STEPS.map(String::from).to_vec();
             expected.sort();
             assert_eq!(sorted, expected, "{label}: stored steps {steps:?}");
             assert_eq!(
-                (
-                    steps.first().map(String::as_str),
-                    steps.last().map(String::as_str)
-                ),
-                (Some("a"), Some("b")),
+                ends(&steps),
+                ends(workflow.steps),
                 "{label}: stored steps {steps:?}"
             );
             let pauses = rig.real.state.pauses_for_run(run_id).await.unwrap();
             assert!(pauses.is_empty(), "{label}: pauses left {pauses:?}");
             let events = rig.real.data.list_events(1000, None).await.unwrap();
-            for name in [FUNCTION_FINISHED, FUNCTION_INVOKED] {
-                let count = events.iter().filter(|e| e.name == name).count();
-                assert_eq!(count, 1, "{label}: {count} {name} events");
-            }
+            let mut names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
+            let mut expected = workflow.events.to_vec();
+            names.sort();
+            expected.sort();
+            assert_eq!(names, expected, "{label}: events");
         }
 
         #[actix_rt::test]
@@ -2659,34 +2700,40 @@ mod tests {
             let handle = server.handle();
             actix_rt::spawn(server);
 
-            // No fault: how many store calls a whole run takes.
-            let clean = rig(&app, &url).await;
-            assert_eq!(drive(&clean).await, 0);
-            check_invariants(&clean, &app, "no fault").await;
-            let calls = clean.faults.calls();
-            assert!(calls.len() > 50, "only {} store calls", calls.len());
-            app.ran.lock().unwrap().clear();
+            for (index, workflow) in WORKFLOWS.iter().enumerate() {
+                // No fault: how many store calls a whole run takes.
+                let clean = rig(&app, &url, workflow).await;
+                drive(&clean).await;
+                check_invariants(&clean, &app, workflow, &format!("{index}: no fault")).await;
+                let calls = clean.faults.calls();
+                assert!(
+                    calls.len() > 20,
+                    "{index}: only {} store calls",
+                    calls.len()
+                );
 
-            let mut fired = 0;
-            for n in 0..calls.len() as u64 {
-                let rig = rig(&app, &url).await;
-                rig.faults.fail_call_number(n);
-                let failed = drive(&rig).await;
-                fired += u32::from(failed > 0);
-                let failing = rig
-                    .faults
-                    .calls()
-                    .get(n as usize)
-                    .copied()
-                    .unwrap_or("none");
-                check_invariants(&rig, &app, &format!("call {n} ({failing}) failing")).await;
+                let mut fired = 0;
+                for n in 0..calls.len() as u64 {
+                    let rig = rig(&app, &url, workflow).await;
+                    rig.faults.fail_call_number(n);
+                    let failed = drive(&rig).await;
+                    fired += u32::from(failed > 0);
+                    let failing = rig
+                        .faults
+                        .calls()
+                        .get(n as usize)
+                        .copied()
+                        .unwrap_or("none");
+                    let label = format!("{index}: call {n} ({failing}) failing");
+                    check_invariants(&rig, &app, workflow, &label).await;
+                }
+                // Nearly every failure ends its item (a few are only logged).
+                assert!(
+                    fired as usize > calls.len() * 3 / 4,
+                    "{index}: {fired} of {}",
+                    calls.len()
+                );
             }
-            // Nearly every failure ends its item (a few are only logged).
-            assert!(
-                fired as usize > calls.len() * 3 / 4,
-                "{fired} of {}",
-                calls.len()
-            );
             handle.stop(false).await;
         }
     }
