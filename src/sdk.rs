@@ -136,6 +136,35 @@ impl CallRequest<'_> {
     }
 }
 
+/// A call to a durable endpoint (`model::endpoint`): its original request
+/// again, marked as Baton's by `x-run-id` and a signature. The SDK fetches
+/// the run's events and steps from `/v0/runs/{id}/…` itself.
+pub struct EndpointCall<'a> {
+    pub method: &'a str,
+    /// The handler's URL with the original query string.
+    pub url: &'a str,
+    pub content_type: &'a str,
+    pub body: &'a [u8],
+    pub run_id: &'a str,
+    pub job_id: &'a str,
+    /// `step` for a discovery call, else the hashed step id to run.
+    pub step_id: &'a str,
+    pub request_version: i32,
+    /// `x-inngest-force-step-plan`: report parallel steps, run none.
+    pub force_plan: bool,
+}
+
+impl EndpointCall<'_> {
+    /// What the signature covers: the SDK checks it over the canonical JSON
+    /// of a JSON body, over the text of any other.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        match serde_json::from_slice::<Value>(self.body) {
+            Ok(value) if !self.body.is_empty() => canonical_json(&value),
+            _ => self.body.to_vec(),
+        }
+    }
+}
+
 /// One opcode of a 206 answer (PROTOCOL §4.5). Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct Op {
@@ -635,6 +664,71 @@ impl SdkClient {
         let body = read_capped(&url, response, MAX_REPLY_BYTES).await?;
         Ok(RawReply {
             used_api,
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Calls a durable endpoint again (see [`EndpointCall`]); `Err` carries
+    /// a transport error message.
+    pub async fn call_endpoint(
+        &self,
+        call: &EndpointCall<'_>,
+        now: Timestamp,
+    ) -> Result<RawReply, String> {
+        let method = reqwest::Method::from_bytes(call.method.as_bytes())
+            .map_err(|_| format!("invalid HTTP method {:?}", call.method))?;
+        let content_type = if call.content_type.is_empty() {
+            "application/json"
+        } else {
+            call.content_type
+        };
+        let mut request = self
+            .http
+            .request(method, call.url)
+            .header("content-type", content_type)
+            .header("x-run-id", call.run_id)
+            .header("x-inngest-job-id", call.job_id)
+            .header("x-request-id", ulid::Ulid::new().to_string())
+            .header(
+                "x-inngest-req-version",
+                if call.request_version > 0 {
+                    call.request_version
+                } else {
+                    2
+                }
+                .to_string(),
+            );
+        if call.step_id != "step" {
+            request = request.header("x-inngest-step-id", call.step_id);
+        }
+        if call.force_plan {
+            request = request.header("x-inngest-force-step-plan", "true");
+        }
+        // The SDK takes a request for Baton's only when it carries both
+        // `x-run-id` and a signature header, empty when there is no key.
+        request = match &self.signing_key {
+            Some(key) => request.header(
+                "X-Inngest-Signature",
+                signature(&call.signed_bytes(), key, now.millis() / 1_000),
+            ),
+            None => request.header("X-Inngest-Signature", ""),
+        };
+        if !call.body.is_empty() {
+            request = request.body(call.body.to_vec());
+        }
+        let response = send_retrying_stale(request)
+            .await
+            .map_err(|err| describe_transport_error(call.url, &err))?;
+        if let Some(refused) = refused_redirect(call.url, &response, true) {
+            return Err(refused);
+        }
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = read_capped(call.url, response, MAX_REPLY_BYTES).await?;
+        Ok(RawReply {
+            used_api: false,
             status,
             headers,
             body,

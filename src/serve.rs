@@ -311,6 +311,14 @@ pub async fn serve(
             settings.body_timeout,
         ),
         lease_ttl: settings.lease_ttl,
+        endpoints: std::sync::Arc::new(crate::actors::endpoint::Endpoints::new(
+            crate::actors::endpoint::RunTokens::new(
+                settings.signing_key.as_deref(),
+                settings.signing_key_fallback.as_deref(),
+            ),
+            settings.retry_interval,
+        )),
+        realtime: Default::default(),
     });
     let max_connections = connection_limit(settings.max_connections, settings.workers);
     let server = HttpServer::new(move || {

@@ -33,6 +33,7 @@ use crate::clock::{SharedClock, Timestamp};
 use crate::duration::{duration_from_secs, parse_time_str, sleep_until};
 use crate::expr::{async_equality_key, panic_message, Expr};
 use crate::metrics::METRICS;
+use crate::model::endpoint;
 use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
@@ -814,9 +815,29 @@ impl Worker {
             lifecycle::ensure_lifecycle_published(&self.backends, &run).await?;
             return self.ack(lease, Vec::new()).await;
         }
+        // A durable endpoint's step retried by the queue after its first
+        // attempts ran in the handler's own request counts those too.
+        let with_prior;
+        let lease = match endpoint::prior_attempts(&lease.item) {
+            0 => lease,
+            prior => {
+                with_prior = Lease {
+                    attempt: lease.attempt + prior,
+                    ..lease.clone()
+                };
+                &with_prior
+            }
+        };
+        let item = &lease.item;
         let stack_len = run.stack.len() as u32;
         let step_id = match &item.kind {
             ItemKind::Finalize => return self.ack(lease, Vec::new()).await,
+            ItemKind::Discovery { .. } if endpoint::is_guard(item) => {
+                let next =
+                    crate::actors::endpoint::guard_next(&self.backends, &run, self.clock.now())
+                        .await?;
+                return self.ack(lease, next).await;
+            }
             ItemKind::Wake { step_id, name } => {
                 let step = self.step_record(step_id, name, StepKind::Sleep, Value::Null);
                 return self.resume(lease, &run, step, None).await;
@@ -955,6 +976,7 @@ impl Worker {
         // Checkpointing: a discovery call that may run steps inline lets
         // the SDK run them all, storing each through `actors::checkpoint`.
         let checkpoint = (self.config.checkpointing
+            && !def.endpoint
             && matches!(item.kind, ItemKind::Discovery { .. })
             && !run.force_plan)
             .then(|| CheckpointOffer {
@@ -983,7 +1005,11 @@ impl Worker {
         self.status.borrow_mut().calls += 1;
         let call_started = std::time::Instant::now();
         let call_started_at = self.clock.now();
-        let sent = self.client.call(&call, self.clock.now()).await;
+        let sent = if def.endpoint {
+            self.call_endpoint(lease, &run, &step_id).await
+        } else {
+            self.client.call(&call, self.clock.now()).await
+        };
         METRICS
             .sdk_call_seconds
             .with_label_values(&[run.fn_id.as_str()])
@@ -1092,6 +1118,29 @@ impl Worker {
         }
         let next = QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
         self.ack(lease, vec![(next, self.clock.now())]).await
+    }
+
+    /// Calls a durable endpoint's handler again with its original request.
+    async fn call_endpoint(
+        &self,
+        lease: &Lease,
+        run: &RunRecord,
+        step_id: &str,
+    ) -> Result<crate::sdk::RawReply, String> {
+        let request = endpoint::HttpRequest::of_run(run)?;
+        let url = request.url();
+        let call = crate::sdk::EndpointCall {
+            method: &request.method,
+            url: &url,
+            content_type: &request.content_type,
+            body: request.body.as_bytes(),
+            run_id: &run.id,
+            job_id: &lease.item.id,
+            step_id,
+            request_version: run.request_version,
+            force_plan: run.force_plan || matches!(lease.item.kind, ItemKind::Planned { .. }),
+        };
+        self.client.call_endpoint(&call, self.clock.now()).await
     }
 
     /// A reply that made no progress: call again with backoff, and fail the

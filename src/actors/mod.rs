@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod core_api;
 pub mod defer;
 pub mod discovery;
+pub mod endpoint;
 pub mod event_api;
 pub mod executor;
 pub mod flow;

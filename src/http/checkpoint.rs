@@ -1,5 +1,6 @@
-//! `/v1/checkpoint/{run}/…`: the SDK's checkpoint routes (PROTOCOL §5.1).
-//! Parses the body and maps what `actors::checkpoint` answers.
+//! `/v1/checkpoint/{run}/async`: the SDK's checkpoints of queue-driven runs
+//! (PROTOCOL §5.1). Parses the body and maps what `actors::checkpoint`
+//! answers. Durable endpoints' routes are in `http::endpoint`.
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -45,28 +46,4 @@ pub async fn checkpoint_async(
     Ok(HttpResponse::Ok().json(json!({
         "data": {"saved": stored.saved, "duplicates": stored.duplicates},
     })))
-}
-
-/// `POST /v1/checkpoint/{run}/steps`: steps of a run that a durable HTTP
-/// endpoint started with `POST /v1/checkpoint`. Baton starts no such runs
-/// (every run is driven by its queue, and checkpoints through `/async`), so
-/// this only answers why it stores nothing.
-pub async fn checkpoint_steps(
-    state: web::Data<AppState>,
-    run_id: web::Path<String>,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, MAX_CHECKPOINT_BYTES).await?;
-    serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .filter(serde_json::Value::is_object)
-        .ok_or_else(|| {
-            ApiError::BadRequest("invalid checkpoint body: expected an object".into())
-        })?;
-    match state.backends.state.load_run(&run_id).await? {
-        None => Err(ApiError::NotFound(format!("run {run_id} not found"))),
-        Some(_) => Err(ApiError::Conflict(format!(
-            "run {run_id} is not a durable-endpoint run; its calls checkpoint through /v1/checkpoint/{run_id}/async"
-        ))),
-    }
 }

@@ -253,7 +253,9 @@ pub async fn protect(
     }
     let has_body = request.headers().contains_key("content-length")
         || request.headers().contains_key("transfer-encoding");
-    if has_body {
+    // A durable endpoint's stream arrives as its steps run: its handler
+    // bounds it in size and time instead.
+    if has_body && request.path() != crate::http::endpoint::TEE_PATH {
         let payload = std::mem::replace(request.parts_mut().1, Payload::None);
         let limited: Pin<Box<dyn Stream<Item = Result<web::Bytes, PayloadError>>>> =
             Box::pin(DeadlinePayload {

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod core_api;
 pub mod dashboard;
 pub mod discovery;
+pub mod endpoint;
 pub mod error;
 pub mod event_api;
 pub mod gql;
@@ -47,6 +48,10 @@ pub struct AppState {
     pub guard: guard::Guard,
     /// The executor's queue lease; a valid checkpoint renews its call's.
     pub lease_ttl: std::time::Duration,
+    /// Durable endpoints: run tokens and what starting runs shares.
+    pub endpoints: std::sync::Arc<crate::actors::endpoint::Endpoints>,
+    /// Readers of durable endpoints' streams in this process.
+    pub realtime: std::sync::Arc<endpoint::Broadcaster>,
 }
 
 /// Production-mode checks of SDK requests (PROTOCOL §1.4, §1.5).
@@ -105,7 +110,9 @@ fn needs_auth(path: &str) -> bool {
         || path == "/e"
         || path == "/login"
         || path == "/logout"
-        || path.starts_with("/assets/"))
+        || path.starts_with("/assets/")
+        // A durable endpoint's client holds a token for its run instead.
+        || endpoint::token_route(path))
 }
 
 fn deny(
@@ -235,11 +242,16 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
                 "/v1/checkpoint/{id}/async",
                 web::post().to(checkpoint::checkpoint_async),
             )
+            .route("/v1/checkpoint", web::post().to(endpoint::new_run))
+            .route("/v1/checkpoint/{id}/steps", web::post().to(endpoint::steps))
+            .route("/v1/signals", web::post().to(signals::send_signal))
             .route(
-                "/v1/checkpoint/{id}/steps",
-                web::post().to(checkpoint::checkpoint_steps),
+                "/v1/checkpoint/{id}/output",
+                web::get().to(endpoint::output),
             )
-            .route("/v1/signals", web::post().to(signals::send_signal));
+            .route("/v1/http/runs/{id}/output", web::get().to(endpoint::output))
+            .route("/v1/realtime/sse", web::get().to(endpoint::sse))
+            .route("/v1/realtime/publish/tee", web::post().to(endpoint::tee));
     }
 }
 

@@ -79,6 +79,9 @@ pub struct FunctionDef {
     /// `timeouts.finish`: cancel a run still running after this.
     pub finish_timeout: Option<Duration>,
     pub flow: FlowControl,
+    /// A durable endpoint (`model::endpoint`): an HTTP handler of the app,
+    /// called again with its original request, not the SDK's serve URL.
+    pub endpoint: bool,
 }
 
 impl FunctionDef {
@@ -202,6 +205,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
         start_timeout,
         finish_timeout,
         flow,
+        endpoint: config.pointer(crate::model::endpoint::CONFIG_MARKER) == Some(&Value::Bool(true)),
     })
 }
 

@@ -3,6 +3,7 @@
 //! (`String`) so that every stored record stays bincode-friendly (§5 of the
 //! style guide: no `serde_json::Value` in stored records).
 
+pub mod endpoint;
 pub mod flow;
 pub mod function;
 pub mod records;

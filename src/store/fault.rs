@@ -173,6 +173,7 @@ delegate! { Queue for FaultyQueue {
     async fn holds(&self, lease_id: u64, item_id: &str, renew_to: Timestamp) -> StoreResult<bool>;
     async fn ack(&self, lease_id: u64, item_id: &str, next: Vec<(QueueItem, Timestamp)>) -> StoreResult<bool>;
     async fn retry_at(&self, lease_id: u64, item_id: &str, due: Timestamp, count_attempt: bool) -> StoreResult<bool>;
+    async fn flush(&self) -> StoreResult<()>;
     async fn next_due(&self) -> StoreResult<Option<Timestamp>>;
     async fn len(&self) -> StoreResult<u64>;
     async fn partition_stats(&self) -> StoreResult<Vec<PartitionStats>>;

@@ -463,6 +463,14 @@ pub trait Queue: Send + Sync + 'static {
         count_attempt: bool,
     ) -> StoreResult<bool>;
 
+    /// Makes every change made so far durable. `enqueue` need not be
+    /// durable on return (a queue item is usually followed by a durable
+    /// state write that covers it); a caller whose enqueue is the last
+    /// write of an acknowledged change calls this before acknowledging.
+    async fn flush(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
     /// The earliest time anything becomes visible (due or lease expiry).
     async fn next_due(&self) -> StoreResult<Option<Timestamp>>;
 

@@ -224,7 +224,7 @@ async fn stale_checkpoints_get_409_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 400);
-    // `/steps` is for durable-endpoint runs, which Baton does not start.
+    // `/steps` is for durable-endpoint runs: a queue-driven run refuses it.
     let response = client()
         .post(format!("{}/v1/checkpoint/{run_id}/steps", baton.url))
         .json(&json!({"run_id": run_id, "fn_id": fn_id, "steps": []}))

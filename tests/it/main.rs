@@ -12,6 +12,7 @@ mod conformance;
 mod crash;
 mod defer;
 mod discovery;
+mod durable_endpoints;
 mod events;
 mod flow;
 mod gql;

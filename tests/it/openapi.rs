@@ -437,6 +437,14 @@ fn every_mounted_api_route_is_documented() {
         // SDK protocol, tested in checkpoint.rs.
         ("POST", "/v1/checkpoint/{id}/async"),
         ("POST", "/v1/checkpoint/{id}/steps"),
+        // Durable endpoints: the JS SDK's protocol with its endpoint
+        // adapter and its client (redirects, streams), tested in
+        // durable_endpoints.rs and by the SDK's own suite.
+        ("POST", "/v1/checkpoint"),
+        ("GET", "/v1/checkpoint/{id}/output"),
+        ("GET", "/v1/http/runs/{id}/output"),
+        ("GET", "/v1/realtime/sse"),
+        ("POST", "/v1/realtime/publish/tee"),
     ];
     let mut mounted = BTreeSet::new();
     // `.route("<path>", web::<method>()…)`, whatever the line breaks.

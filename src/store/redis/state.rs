@@ -156,7 +156,6 @@ impl RedisStateStore {
         }
     }
 
-    /// The pauses whose ids are in the set at `set_key`, by id.
     /// Read-modify-write of a run's defers while the run has not ended:
     /// `change` edits them and says whether to write (and what to return);
     /// the write happens only if neither the run record nor the defers
@@ -212,6 +211,7 @@ impl RedisStateStore {
         }
     }
 
+    /// The pauses whose ids are in the set at `set_key`, by id.
     async fn pauses_in(&self, set_key: &str) -> StoreResult<Vec<PauseRecord>> {
         let mut ids: Vec<String> = self
             .conn

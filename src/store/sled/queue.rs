@@ -35,6 +35,7 @@ pub struct SledQueue {
     /// Holds the partition served last, where the next pass starts.
     state: Mutex<String>,
     work: Notify,
+    commit: super::GroupCommit,
 }
 
 fn item_key(item_id: &str) -> Vec<u8> {
@@ -143,6 +144,7 @@ impl SledQueue {
             db: db.db.clone(),
             state: Mutex::new(String::new()),
             work: Notify::new(),
+            commit: db.commit.clone(),
         })
     }
 
@@ -453,6 +455,10 @@ impl Queue for SledQueue {
         }
         self.work.notify_one();
         Ok(true)
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        self.commit.flush().await
     }
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
