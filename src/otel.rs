@@ -779,6 +779,7 @@ mod tests {
                 data: None,
                 error,
                 opts: None,
+                metadata: None,
             }],
             no_retry: false,
             retry_after: None,

@@ -58,6 +58,17 @@ pub fn call_url(function_url: &str, step_id: &str) -> String {
     format!("{base}?{}", pairs.join("&"))
 }
 
+/// The W3C `traceparent` of a call: the run's trace (`otel::trace_id`, its
+/// ULID's 16 bytes, as Inngest derives the trace id from the run id) and a
+/// span for this attempt of the queue item. The JS SDK attributes the
+/// OpenTelemetry spans of a step to it (`inngest.ai` step metadata) only
+/// when the call has one.
+pub fn traceparent(run_id: &str, job_id: &str, attempt: u32) -> String {
+    let trace_id = crate::otel::trace_id(run_id);
+    let span = Sha256::digest(format!("{job_id}/{attempt}").as_bytes());
+    format!("00-{trace_id:032x}-{}-01", hex::encode(&span[..8]))
+}
+
 /// What to put in one call.
 pub struct CallRequest<'a> {
     pub url: &'a str,
@@ -182,6 +193,10 @@ pub struct Op {
     pub error: Option<Value>,
     #[serde(default)]
     pub opts: Option<Value>,
+    /// Metadata the step recorded while it ran (`model::metadata`),
+    /// validated when it is stored.
+    #[serde(default)]
+    pub metadata: Option<Value>,
 }
 
 impl Op {
@@ -642,6 +657,10 @@ impl SdkClient {
             .header("x-run-id", call.run_id)
             .header("x-inngest-step-id", call.step_id)
             .header("x-inngest-job-id", call.job_id)
+            .header(
+                "traceparent",
+                traceparent(call.run_id, call.job_id, call.attempt),
+            )
             .header("x-request-id", ulid::Ulid::new().to_string())
             .header(
                 "x-inngest-req-version",
@@ -1041,5 +1060,28 @@ mod tests {
             Some(Duration::from_secs(10))
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+    #[test]
+    fn traceparents_follow_the_run_and_the_attempt() {
+        let run = "01M8MH4BGG2JYNN62ANAWEQVN9";
+        let first = traceparent(run, "item", 0);
+        let parts: Vec<&str> = first.split('-').collect();
+        assert_eq!(parts.len(), 4, "{first}");
+        assert_eq!((parts[0], parts[3]), ("00", "01"));
+        assert_eq!(
+            parts[1],
+            format!("{:032x}", u128::from(run.parse::<ulid::Ulid>().unwrap()))
+        );
+        assert_eq!(parts[2].len(), 16);
+        assert_eq!(first, traceparent(run, "item", 0));
+        assert_ne!(first, traceparent(run, "item", 1));
+        assert_eq!(
+            traceparent("not a ulid", "i", 0)
+                .split('-')
+                .nth(1)
+                .unwrap()
+                .len(),
+            32
+        );
     }
 }

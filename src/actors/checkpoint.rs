@@ -144,6 +144,13 @@ pub async fn checkpoint_async(
             "the call's queue lease has moved on".into(),
         ));
     }
+    crate::actors::metadata::store_op_metadata(
+        backends,
+        &run.id,
+        &decision.metadata,
+        &decision.metadata_errors,
+    )
+    .await?;
     // Defers first, as the executor does: they ride along the steps (the
     // SDK sends them with the next message it has, and does not send them
     // again once this one succeeds).

@@ -27,6 +27,7 @@ use tracing::warn;
 use crate::actors::event_api::MAX_EVENT_BYTES;
 use crate::actors::lifecycle::derived_ulid;
 use crate::clock::Timestamp;
+use crate::model::sessions::resolve_meta;
 use crate::model::trace::Span;
 use crate::model::{DeferRecord, DeferStatus, EventRecord, RunRecord};
 use crate::sdk::Op;
@@ -44,9 +45,6 @@ pub const MAX_DEFER_META_BYTES: usize = 32 << 10;
 
 /// Longest hashed id, function slug and name taken from an op.
 const MAX_ID_BYTES: usize = 256;
-
-/// Most sessions one event carries (GO's `MaxEventSessions`).
-const MAX_EVENT_SESSIONS: usize = 5;
 
 /// Whether an opcode is a defer op (lazy: it never drives the run alone).
 pub fn is_defer_op(op: &str) -> bool {
@@ -291,8 +289,14 @@ pub fn schedule_events(
                 .as_deref()
                 .and_then(|m| serde_json::from_str(m).ok())
                 .unwrap_or(Value::Null);
-            if let Some(sessions) = resolve_sessions(&meta) {
-                payload["meta"] = json!({ "sessions": sessions });
+            // The two session layers, resolved as at `/e` (GO drops an
+            // event whose sessions fail validation; the SDK validates them
+            // first, so this keeps the run and drops only the sessions).
+            match resolve_meta(Some(&meta)) {
+                Ok(Some(meta)) => payload["meta"] = meta,
+                Ok(None) => {}
+                Err(error) => warn!(run_id = %run.id, defer = %defer.hashed_id, %error,
+                    "a defer's sessions are invalid; its run starts without them"),
             }
             EventRecord {
                 id: internal_id.clone(),
@@ -304,51 +308,6 @@ pub fn schedule_events(
             }
         })
         .collect()
-}
-
-/// The sessions of a deferred run's event, from the defer's meta (GO's
-/// `EventMeta.ResolveSessions`): the manual layer (`sessions`) wins per
-/// key, `null` for a key drops that inherited key and `null` for the whole
-/// layer drops them all; the inherited layer (`propagated_sessions`) fills
-/// the remaining places up to five, in key order. Ids are strings (numbers
-/// are written as strings). None when nothing is left.
-fn resolve_sessions(meta: &Value) -> Option<Map<String, Value>> {
-    let id = |value: &Value| match value {
-        Value::String(id) => Some(id.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    };
-    let manual_field = meta.get("sessions");
-    let mut out = Map::new();
-    let mut cut_keys = Vec::new();
-    if let Some(Value::Object(manual)) = manual_field {
-        for (key, value) in manual {
-            match id(value) {
-                Some(id) => {
-                    out.insert(key.clone(), Value::String(id));
-                }
-                None => cut_keys.push(key.as_str()),
-            }
-        }
-    }
-    if !matches!(manual_field, Some(Value::Null)) {
-        if let Some(Value::Object(inherited)) = meta.get("propagated_sessions") {
-            let mut inherited: Vec<(&String, &Value)> = inherited.iter().collect();
-            inherited.sort_by(|a, b| a.0.cmp(b.0));
-            for (key, value) in inherited {
-                if out.len() >= MAX_EVENT_SESSIONS {
-                    break;
-                }
-                if out.contains_key(key) || cut_keys.contains(&key.as_str()) {
-                    continue;
-                }
-                if let Some(id) = id(value) {
-                    out.insert(key.clone(), Value::String(id));
-                }
-            }
-        }
-    }
-    (!out.is_empty()).then_some(out)
 }
 
 #[cfg(test)]
@@ -476,7 +435,11 @@ mod tests {
 
     #[test]
     fn sessions_resolve_manual_over_inherited() {
-        let resolve = |meta: Value| resolve_sessions(&meta).map(Value::Object);
+        let resolve = |meta: Value| {
+            resolve_meta(Some(&meta))
+                .unwrap()
+                .map(|m| m["sessions"].clone())
+        };
         assert_eq!(
             resolve(
                 json!({"propagated_sessions": {"org": "acme", "team": "core"},

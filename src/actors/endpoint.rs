@@ -418,6 +418,14 @@ async fn apply_ops(
     let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..30_000));
     let delay = backoff(endpoints.retry_interval, 0, jitter);
     let decision = decide(run, &lease, &reply, now, delay);
+    // What the steps recorded (scores, AI usage), as the executor stores it.
+    crate::actors::metadata::store_op_metadata(
+        backends,
+        &run.id,
+        &decision.metadata,
+        &decision.metadata_errors,
+    )
+    .await?;
 
     if let Some(due) = decision.retry {
         // A step failed in the handler's request: its next attempts go

@@ -163,6 +163,10 @@ fn normalize_event(
         }
         Some(_) => return Err("the event version v must be a string".into()),
     }
+    // Sessions: the user's and the inherited layer, resolved into one.
+    if let Some(meta) = crate::model::sessions::resolve_meta(fields.get("meta"))? {
+        payload.insert("meta".into(), meta);
+    }
     let payload = Value::Object(payload).to_string();
     if payload.len() > MAX_EVENT_BYTES {
         return Err(format!(
@@ -332,6 +336,27 @@ mod tests {
             &format!(r#"{{"name":"{}"}}"#, "n".repeat(300)),
             "the most is 256",
         );
+    }
+
+    #[test]
+    fn sessions_are_resolved_and_kept() {
+        let events = ok(r#"[
+            {"name":"a","meta":{"sessions":{"org":"override"},"propagated_sessions":{"org":"acme","team":"core"},"other":1}},
+            {"name":"b","meta":{"sessions":{}}},
+            {"name":"c"}
+        ]"#);
+        let payload = |i: usize| serde_json::from_str::<Value>(&events[i].payload).unwrap();
+        assert_eq!(
+            payload(0)["meta"],
+            serde_json::json!({"sessions": {"org": "override", "team": "core"}})
+        );
+        assert!(payload(1).get("meta").is_none());
+        assert!(payload(2).get("meta").is_none());
+        bad(
+            r#"[{"name":"a","meta":{"sessions":{"org":true}}}]"#,
+            "event 0: event session \"org\"",
+        );
+        bad(r#"[{"name":"a","meta":[]}]"#, "meta must be an object");
     }
 
     #[test]

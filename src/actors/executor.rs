@@ -28,12 +28,15 @@ use crate::actors::defer::{self, DeferOp};
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
+use crate::actors::metadata::store_op_metadata;
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
 use crate::duration::{duration_from_secs, parse_time_str, sleep_until};
 use crate::expr::{async_equality_key, panic_message, Expr};
 use crate::metrics::METRICS;
 use crate::model::endpoint;
+use crate::model::metadata::{records_from_op, MetadataRecord};
+use crate::model::sessions::resolve_meta;
 use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
@@ -90,6 +93,8 @@ pub struct Invoke {
     pub pause: PauseRecord,
     pub function_id: String,
     pub data: Value,
+    /// The invoke event's `meta` (its sessions: `model::sessions`).
+    pub meta: Option<Value>,
 }
 
 /// An HTTP call the server makes for the function (`step.fetch`,
@@ -126,6 +131,10 @@ pub struct Decision {
     /// The reply made no progress (no ops, or only `DiscoveryRequest`): call
     /// again later, up to [`MAX_NO_PROGRESS`] times in a row.
     pub no_progress: bool,
+    /// Metadata the ops recorded (`model::metadata`), stored first.
+    pub metadata: Vec<MetadataRecord>,
+    /// Why some of the ops' metadata was left out (logged).
+    pub metadata_errors: Vec<String>,
     /// The reply's defer ops (`actors::defer`), stored before anything
     /// else, whatever else the reply asks for.
     pub defers: Vec<DeferOp>,
@@ -287,6 +296,19 @@ fn decide_ops(
             if real_ops > 1 {
                 decision.force_plan = true;
             }
+            // What each op recorded, under ids derived from the op and this
+            // attempt, so a reply handled twice stores it once.
+            let op_metadata = |op: &crate::sdk::Op| match &op.metadata {
+                Some(metadata) => {
+                    records_from_op(&run.id, &op.id, lease.attempt, metadata, now.millis())
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            for op in ops {
+                let (records, errors) = op_metadata(op);
+                decision.metadata.extend(records);
+                decision.metadata_errors.extend(errors);
+            }
             for op in ops {
                 let step = |kind: StepKind, memo: Value| StepRecord {
                     id: op.id.clone(),
@@ -329,9 +351,14 @@ fn decide_ops(
                     "StepError" => {
                         if !no_retry && attempts_left {
                             // Re-run the same call; the other ops of this
-                            // reply will be reported again.
+                            // reply (and what they recorded) will be
+                            // reported again. The failed attempt keeps its
+                            // own metadata.
+                            let (metadata, metadata_errors) = op_metadata(op);
                             return Decision {
                                 retry: Some(retry_at(*retry_after)),
+                                metadata,
+                                metadata_errors,
                                 ..Decision::default()
                             };
                         }
@@ -491,10 +518,17 @@ fn decide_ops(
                             .cloned()
                             .filter(Value::is_object)
                             .unwrap_or_else(|| json!({}));
+                        // The caller's sessions, stamped by the SDK, go on
+                        // to the invoked run.
+                        let meta = match resolve_meta(opts.pointer("/payload/meta")) {
+                            Ok(meta) => meta,
+                            Err(err) => return fail(format!("invoke: {err}")),
+                        };
                         decision.invokes.push(Invoke {
                             pause: wait,
                             function_id,
                             data,
+                            meta,
                         });
                         if joins_group(op) {
                             decision.plan.push(op.id.clone());
@@ -1227,6 +1261,15 @@ impl Worker {
         // Before anything that may end the run: a defer saved after the
         // run's end would never be scheduled.
         defer::apply(&self.backends, &run.id, &decision.defers).await?;
+        // Metadata first: its records are stored once each, so a crash
+        // before the ack stores nothing twice when the reply comes again.
+        store_op_metadata(
+            &self.backends,
+            &run.id,
+            &decision.metadata,
+            &decision.metadata_errors,
+        )
+        .await?;
         if let Some(due) = decision.retry {
             self.status.borrow_mut().retries += 1;
             METRICS
@@ -1425,14 +1468,21 @@ fn invoke_event(run: &RunRecord, invoke: &Invoke, pause: &PauseRecord) -> EventR
             }),
         );
     }
-    lifecycle::internal_event(
+    let mut event = lifecycle::internal_event(
         FUNCTION_INVOKED,
         data,
         Some(correlation),
         lifecycle::derived_ulid(pause.created_at, &format!("{}/invoke", pause.id)),
         created,
         Some(invoke.function_id.clone()),
-    )
+    );
+    if let Some(meta) = &invoke.meta {
+        if let Ok(Value::Object(mut payload)) = serde_json::from_str::<Value>(&event.payload) {
+            payload.insert("meta".into(), meta.clone());
+            event.payload = Value::Object(payload).to_string();
+        }
+    }
+    event
 }
 
 /// The executor service.
@@ -1630,6 +1680,7 @@ mod tests {
             data: Some(json!({"n": 1})),
             error: Some(json!({"name": "Error", "message": "boom"})),
             opts: None,
+            metadata: None,
         }
     }
 
@@ -2399,11 +2450,49 @@ mod tests {
                 function_id: "app-callee".into(),
                 data: json!({"data": {"x": 1}}),
                 pause: pause.clone(),
+                meta: Some(json!({"sessions": {"org": "acme"}})),
             };
             let a = invoke_event(&run, &invoke, &pause);
             let b = invoke_event(&run, &invoke, &pause);
             assert_eq!(a, b, "a retry after a crash publishes the very same event");
             assert_eq!(a.received_at, 77);
+            let payload: Value = serde_json::from_str(&a.payload).unwrap();
+            assert_eq!(payload["meta"], json!({"sessions": {"org": "acme"}}));
+        }
+
+        /// What a step recorded is stored before its result; a crash in
+        /// between and the reply handled again store each once.
+        #[actix_rt::test]
+        async fn step_metadata_is_stored_once_across_a_crash() {
+            let h = harness();
+            let (run, _) = waiting_run(&h).await;
+            let lease = lease_item(&h, QueueItem::discovery(&run.id, &run.fn_id, 0)).await;
+            let mut step = op("StepRun", "scored");
+            step.metadata = Some(json!([
+                {"kind": "inngest.score", "scope": "step", "op": "merge", "values": {"s": {"value": 1}}},
+                {"kind": "inngest.score", "scope": "run", "op": "merge", "values": {"r": {"value": true}}},
+                {"kind": "inngest.secret", "scope": "step", "op": "merge", "values": {}},
+            ]));
+            let reply = SdkReply::Ops {
+                ops: vec![step],
+                no_retry: false,
+                retry_after: None,
+                request_version: 2,
+            };
+            let decision = decide(&run, &lease, &reply, NOW, Duration::ZERO);
+            assert_eq!(decision.metadata.len(), 2, "the reserved kind is left out");
+            assert_eq!(decision.metadata_errors.len(), 1);
+            h.faults.fail_next("save_step", 1);
+            let first = h.worker.perform(&lease, &run, decision.clone()).await;
+            assert!(first.is_err());
+            assert_eq!(h.real.state.load_metadata(&run.id).await.unwrap().len(), 2);
+            h.faults.heal();
+            h.worker.perform(&lease, &run, decision).await.unwrap();
+            let stored = h.real.state.load_metadata(&run.id).await.unwrap();
+            assert_eq!(stored.len(), 2, "{stored:?}");
+            assert_eq!(stored[0].step_id.as_deref(), Some("scored"));
+            assert_eq!(stored[1].step_id, None);
+            assert_eq!(h.real.state.load_steps(&run.id).await.unwrap().len(), 1);
         }
     }
 

@@ -11,6 +11,7 @@ pub mod event_api;
 pub mod executor;
 pub mod flow;
 pub mod lifecycle;
+pub mod metadata;
 pub mod runner;
 
 use tokio::sync::mpsc;

@@ -10,6 +10,7 @@ use crate::actors::{executor, runner};
 use crate::clock::Timestamp;
 use crate::http::{read_body, ApiError, AppState};
 use crate::model::function::FunctionDef;
+use crate::model::metadata::fold;
 use crate::model::{PauseKind, RunRecord, RunStatus, StepRecord};
 
 fn core(state: &AppState) -> Result<&actix::Addr<crate::actors::core_api::CoreApi>, ApiError> {
@@ -324,6 +325,22 @@ pub async fn get_run(
     let run = require_run(&state, &run_id).await?;
     let steps = state.backends.state.load_steps(&run.id).await?;
     let mut value = run_json(&run, Some(&steps));
+    // Metadata: the run's, and each step's (spans of a step included).
+    let metadata = fold(&state.backends.state.load_metadata(&run.id).await?);
+    let of = |step_id: Option<&str>| -> Value {
+        metadata
+            .iter()
+            .filter(|entry| entry.step_id.as_deref() == step_id)
+            .map(|entry| entry.to_json())
+            .collect()
+    };
+    value["metadata"] = of(None);
+    if let Some(shown) = value["steps"].as_array_mut() {
+        for step in shown {
+            let id = step["id"].as_str().map(str::to_string);
+            step["metadata"] = of(id.as_deref());
+        }
+    }
     // What the run waits for: events (waitForEvent), invoked functions, and
     // the events of its cancel rules.
     let pauses: Vec<Value> = state

@@ -30,6 +30,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// Content over a limit other than the body's size (413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -47,7 +50,7 @@ impl ApiError {
             ApiError::Timeout(_) => "timeout",
             ApiError::TooManyRequests(..) => "too_many_requests",
             ApiError::Conflict(_) => "conflict",
-            ApiError::TooLarge(_) => "too_large",
+            ApiError::TooLarge(_) | ApiError::PayloadTooLarge(_) => "too_large",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -81,7 +84,7 @@ impl ResponseError for ApiError {
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge(_) | ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use crate::clock::Timestamp;
 use crate::http::{read_body, ApiError, AppState};
+use crate::model::metadata::{fold, MetadataEntry};
 use crate::model::{EventRecord, PauseKind, RunRecord, RunStatus, StepKind, StepRecord};
 
 /// A GraphQL request body is small: a query and a few variables.
@@ -146,7 +147,7 @@ pub enum StepOp {
     WaitForSignal,
 }
 
-/// Run and step metadata. Baton keeps none, so lists of these are empty.
+/// Metadata of a run or a step: the updates of one kind, folded.
 #[derive(SimpleObject)]
 pub struct SpanMetadata {
     scope: String,
@@ -188,6 +189,26 @@ pub struct RunTraceSpan {
     children_spans: Vec<RunTraceSpan>,
 }
 
+impl SpanMetadata {
+    fn from_entry(entry: &MetadataEntry) -> SpanMetadata {
+        SpanMetadata {
+            scope: entry.scope.as_str().to_string(),
+            kind: entry.kind.clone(),
+            values: Json(Value::Object(entry.values.clone())),
+            updated_at: time(entry.updated_at),
+        }
+    }
+}
+
+/// The metadata entries of the run (`None`) or of one step.
+fn metadata_of(entries: &[MetadataEntry], step_id: Option<&str>) -> Vec<SpanMetadata> {
+    entries
+        .iter()
+        .filter(|entry| entry.span_id.is_none() && entry.step_id.as_deref() == step_id)
+        .map(SpanMetadata::from_entry)
+        .collect()
+}
+
 fn run_output_id(run_id: &str) -> String {
     format!("run:{run_id}")
 }
@@ -196,7 +217,7 @@ fn step_output_id(run_id: &str, step_id: &str) -> String {
     format!("step:{run_id}:{step_id}")
 }
 
-fn step_span(run: &RunRecord, step: &StepRecord) -> RunTraceSpan {
+fn step_span(run: &RunRecord, step: &StepRecord, metadata: Vec<SpanMetadata>) -> RunTraceSpan {
     let (op, status) = match step.kind {
         StepKind::Run => (StepOp::Run, RunTraceSpanStatus::Completed),
         StepKind::Failed => (StepOp::Run, RunTraceSpanStatus::Failed),
@@ -223,7 +244,7 @@ fn step_span(run: &RunRecord, step: &StepRecord) -> RunTraceSpan {
         queued_at: time(step.saved_at),
         started_at: Some(time(step.saved_at)),
         ended_at: Some(time(step.saved_at)),
-        metadata: Vec::new(),
+        metadata,
         children_spans: Vec::new(),
     }
 }
@@ -303,8 +324,18 @@ impl FunctionRunV2 {
             .pauses_for_run(&run.id)
             .await
             .map_err(store_error)?;
-        let mut children: Vec<RunTraceSpan> =
-            steps.iter().map(|step| step_span(run, step)).collect();
+        let metadata = fold(
+            &state
+                .backends
+                .state
+                .load_metadata(&run.id)
+                .await
+                .map_err(store_error)?,
+        );
+        let mut children: Vec<RunTraceSpan> = steps
+            .iter()
+            .map(|step| step_span(run, step, metadata_of(&metadata, Some(&step.id))))
+            .collect();
         for pause in pauses {
             let op = match pause.kind {
                 PauseKind::WaitForEvent => StepOp::WaitForEvent,
@@ -325,7 +356,7 @@ impl FunctionRunV2 {
                 queued_at: time(pause.created_at),
                 started_at: Some(time(pause.created_at)),
                 ended_at: None,
-                metadata: Vec::new(),
+                metadata: metadata_of(&metadata, Some(&pause.step_id)),
                 children_spans: Vec::new(),
             });
         }
@@ -351,7 +382,7 @@ impl FunctionRunV2 {
             queued_at: time(run.created_at),
             started_at: run.started_at.map(time),
             ended_at: run.ended_at.map(time),
-            metadata: Vec::new(),
+            metadata: metadata_of(&metadata, None),
             children_spans: children,
         }))
     }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod event_api;
 pub mod gql;
 pub mod guard;
+pub mod metadata;
 pub mod openapi;
 pub mod session;
 pub mod signals;
@@ -224,6 +225,7 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             .route("/v1/runs/{id}", web::delete().to(core_api::cancel_run))
             .route("/v1/runs/{id}/replay", web::post().to(core_api::replay_run))
             .route("/v1/runs/{id}/trace", web::get().to(trace::run_trace))
+            .route("/v1/runs/{id}/metadata", web::post().to(metadata::add))
             .route("/v1/functions", web::get().to(core_api::list_functions))
             .route("/v1/openapi.json", web::get().to(openapi::document))
             .route("/v1/events", web::post().to(core_api::send_event))

@@ -6,7 +6,9 @@
 pub mod endpoint;
 pub mod flow;
 pub mod function;
+pub mod metadata;
 pub mod records;
+pub mod sessions;
 pub mod trace;
 
 use serde::{Deserialize, Serialize};

@@ -102,6 +102,12 @@ versioned_record!(
     "attempt"
 );
 versioned_record!(StoredDefers, RunDefers, v1::RunDefers, "defers");
+versioned_record!(
+    StoredMetadata,
+    super::metadata::MetadataRecord,
+    v1::Metadata,
+    "metadata"
+);
 
 /// A queue item with its scheduling state, as the queue stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +180,7 @@ mod tests {
 
     /// One record of every type, every field set, every queue item kind.
     fn golden_samples() -> Vec<(&'static str, Vec<u8>)> {
+        use crate::model::metadata::{MetadataOp, MetadataRecord, MetadataScope};
         use crate::model::{PauseKind, StepKind};
         let event = EventRecord {
             internal_id: "01JGOLDEN0000000000000000E".into(),
@@ -348,6 +355,28 @@ mod tests {
             ],
         };
         out.push(("defers", defers.to_bytes()));
+        // Record kinds added to format 1 later come last, so that their
+        // lines are appended to the fixture.
+        for (scope, op) in [
+            (MetadataScope::Run, MetadataOp::Merge),
+            (MetadataScope::Step, MetadataOp::Set),
+            (MetadataScope::StepAttempt, MetadataOp::Delete),
+            (MetadataScope::ExtendedTrace, MetadataOp::Add),
+        ] {
+            let record = MetadataRecord {
+                id: "op/step/1/0".into(),
+                run_id: "01HZZ".into(),
+                step_id: Some("step".into()),
+                attempt: Some(1),
+                span_id: Some("span".into()),
+                scope,
+                kind: "inngest.score".into(),
+                op,
+                values: r#"{"accuracy":{"value":0.9}}"#.into(),
+                at: 11,
+            };
+            out.push(("metadata", record.to_bytes()));
+        }
         out
     }
 
@@ -388,13 +417,21 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/records/format-1.hex");
         let samples = golden_samples();
-        if std::env::var_os("BATON_BLESS_FIXTURES").is_some() && !path.exists() {
+        if std::env::var_os("BATON_BLESS_FIXTURES").is_some() {
+            // Only ever appends: the lines there are the format's history.
+            let have = std::fs::read_to_string(&path).map_or(0, |text| text.lines().count());
             let text: String = samples
                 .iter()
+                .skip(have)
                 .map(|(what, bytes)| format!("{what}\t{}\n", hex::encode(bytes)))
                 .collect();
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, text).unwrap();
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap();
+            std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
         }
         let text = std::fs::read_to_string(&path).expect("the golden fixture is committed");
         let golden: Vec<(&str, Vec<u8>)> = text
@@ -419,6 +456,9 @@ mod tests {
                 "batch" => BatchRecord::from_bytes(bytes).map(|r| r.to_bytes()),
                 "queue item" => QueueEntry::from_bytes(bytes).map(|r| r.to_bytes()),
                 "defers" => RunDefers::from_bytes(bytes).map(|r| r.to_bytes()),
+                "metadata" => {
+                    crate::model::metadata::MetadataRecord::from_bytes(bytes).map(|r| r.to_bytes())
+                }
                 other => panic!("unknown record kind {other}"),
             }
             .unwrap_or_else(|err| panic!("a stored {what} no longer decodes: {err}"));

@@ -411,6 +411,7 @@ mod tests {
             data: None,
             error,
             opts: Some(opts),
+            metadata: None,
         }
     }
 

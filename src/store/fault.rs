@@ -11,14 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clock::Timestamp;
+use crate::model::metadata::MetadataRecord;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
     AppRecord, DeferRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem, RunRecord,
     RunStatus, StepRecord,
 };
 use crate::store::{
-    Backends, BatchPush, CreateRun, DataStore, Lease, PartitionStats, Queue, SaveDefer, SaveSignal,
-    SaveStep, StateStore, StoreError, StoreResult, SyncOutcome,
+    AddMetadata, Backends, BatchPush, CreateRun, DataStore, Lease, PartitionStats, Queue,
+    SaveDefer, SaveSignal, SaveStep, StateStore, StoreError, StoreResult, SyncOutcome,
 };
 
 /// Which calls fail: by method name (the next `n` calls of it), or the call
@@ -164,6 +165,8 @@ delegate! { StateStore for FaultyState {
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>>;
     async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()>;
     async fn load_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>>;
+    async fn add_metadata(&self, run_id: &str, records: &[MetadataRecord], max_bytes: u64) -> StoreResult<AddMetadata>;
+    async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>>;
 } }
 
 delegate! { Queue for FaultyQueue {

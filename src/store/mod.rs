@@ -26,6 +26,7 @@ use std::time::Duration;
 use futures::Stream;
 
 use crate::clock::Timestamp;
+use crate::model::metadata::MetadataRecord;
 use crate::model::records::RecordError;
 use crate::model::{
     AppRecord, BatchRecord, DebounceRecord, DeferRecord, DeferStatus, EventRecord, FunctionRecord,
@@ -118,6 +119,19 @@ pub enum SaveStep {
     Duplicate { stack_len: u32, planned_left: u32 },
     /// The run has ended (or does not exist); nothing changed.
     RunEnded,
+}
+
+/// What [`StateStore::add_metadata`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddMetadata {
+    /// Stored the records whose ids were new (`added` of them); the others
+    /// were there already.
+    Added { added: usize },
+    /// Nothing stored: the new records would take the run's metadata past
+    /// the limit. `used` is what it holds now, bytes.
+    TooLarge { used: u64 },
+    /// There is no such run; nothing stored.
+    NoRun,
 }
 
 /// What [`StateStore::save_signal_pause`] did.
@@ -404,6 +418,23 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Runs started by the event with this internal id, oldest first.
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>>;
+
+    /// Adds metadata records to a run (ended or not), each once: a record
+    /// whose id the run holds already is skipped, as is a second record
+    /// with the same id in `records`. All or nothing: when the new records
+    /// would take the run's metadata past `max_bytes` (the sum of
+    /// `MetadataRecord::size`), nothing is stored. Durable on return.
+    /// Deleted with the run.
+    async fn add_metadata(
+        &self,
+        run_id: &str,
+        records: &[MetadataRecord],
+        max_bytes: u64,
+    ) -> StoreResult<AddMetadata>;
+
+    /// The run's metadata records, in the order they were added; none for
+    /// an unknown run.
+    async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>>;
 }
 
 /// A leased queue item. The holder must `ack`, `retry_at` or `release` it

@@ -9,13 +9,14 @@ use anyhow::{ensure, Context};
 use futures::StreamExt;
 
 use crate::clock::{Clock, ManualClock, Timestamp};
+use crate::model::metadata::{MetadataOp, MetadataRecord, MetadataScope};
 use crate::model::{
     AppRecord, DeferRecord, DeferStatus, EventRecord, FunctionRecord, ItemKind, PauseKind,
     PauseRecord, QueueItem, RunRecord, RunStatus, StepKind, StepRecord,
 };
 use crate::store::{
-    Backends, CreateRun, DataStore, EventBus, Queue, SaveDefer, SaveSignal, SaveStep, StateStore,
-    MAX_DEFERS_PER_RUN, MAX_DEFER_INPUT_TOTAL,
+    AddMetadata, Backends, CreateRun, DataStore, EventBus, Queue, SaveDefer, SaveSignal, SaveStep,
+    StateStore, MAX_DEFERS_PER_RUN, MAX_DEFER_INPUT_TOTAL,
 };
 
 fn unique(prefix: &str) -> String {
@@ -81,12 +82,68 @@ pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
     flow_control_bookkeeping(state)
         .await
         .context("flow_control_bookkeeping")?;
+    metadata_is_added_once_within_the_limit(state)
+        .await
+        .context("metadata_is_added_once_within_the_limit")?;
     defers_save_once_abort_and_end_with_the_run(state)
         .await
         .context("defers_save_once_abort_and_end_with_the_run")?;
     retention_deletes_ended_runs(state)
         .await
         .context("retention_deletes_ended_runs")?;
+    Ok(())
+}
+
+fn sample_metadata(run_id: &str, id: &str, values: &str) -> MetadataRecord {
+    MetadataRecord {
+        id: id.to_string(),
+        run_id: run_id.to_string(),
+        step_id: Some("step".into()),
+        attempt: Some(0),
+        span_id: None,
+        scope: MetadataScope::Step,
+        kind: "userland.x".into(),
+        op: MetadataOp::Merge,
+        values: values.to_string(),
+        at: 3,
+    }
+}
+
+async fn metadata_is_added_once_within_the_limit(state: &dyn StateStore) -> anyhow::Result<()> {
+    let run = sample_run(&unique("fn"), "md");
+    state.create_run(run.clone()).await?;
+    let a = sample_metadata(&run.id, "a", r#"{"a":1}"#);
+    let b = sample_metadata(&run.id, "b", r#"{"b":2}"#);
+    let outcome = state
+        .add_metadata(&run.id, &[a.clone(), b.clone(), a.clone()], 100)
+        .await?;
+    ensure!(outcome == AddMetadata::Added { added: 2 }, "{outcome:?}");
+    // Known ids are skipped; new ones go after, in order.
+    let c = sample_metadata(&run.id, "c", r#"{"c":3}"#);
+    let outcome = state
+        .add_metadata(&run.id, &[b.clone(), c.clone()], 100)
+        .await?;
+    ensure!(outcome == AddMetadata::Added { added: 1 }, "{outcome:?}");
+    let loaded = state.load_metadata(&run.id).await?;
+    ensure!(loaded == [a.clone(), b.clone(), c.clone()], "{loaded:?}");
+    // Past the limit nothing is stored, not even what would fit.
+    let d = sample_metadata(&run.id, "d", r#"{"d":4}"#);
+    let big = sample_metadata(&run.id, "e", &format!(r#"{{"e":"{}"}}"#, "x".repeat(90)));
+    let outcome = state.add_metadata(&run.id, &[d.clone(), big], 100).await?;
+    ensure!(outcome == AddMetadata::TooLarge { used: 21 }, "{outcome:?}");
+    ensure!(state.load_metadata(&run.id).await?.len() == 3);
+    let outcome = state.add_metadata(&run.id, &[d], 100).await?;
+    ensure!(outcome == AddMetadata::Added { added: 1 }, "{outcome:?}");
+    // Ended runs take metadata; unknown ones do not.
+    state
+        .finish_run(&run.id, RunStatus::Completed, None, Timestamp(4))
+        .await?;
+    let f = sample_metadata(&run.id, "f", "{}");
+    ensure!(state.add_metadata(&run.id, &[f], 100).await? == AddMetadata::Added { added: 1 });
+    let ghost = sample_metadata("01NOSUCHRUN", "g", "{}");
+    ensure!(state.add_metadata("01NOSUCHRUN", &[ghost], 100).await? == AddMetadata::NoRun);
+    ensure!(state.add_metadata("01NOSUCHRUN", &[], 100).await? == AddMetadata::NoRun);
+    ensure!(state.load_metadata("01NOSUCHRUN").await?.is_empty());
     Ok(())
 }
 
@@ -200,6 +257,12 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
         state.record_attempt(attempt(&old, n)).await?;
     }
     state.record_attempt(attempt(&running, 0)).await?;
+    state
+        .add_metadata(&old.id, &[sample_metadata(&old.id, "m", "{}")], 100)
+        .await?;
+    state
+        .add_metadata(&running.id, &[sample_metadata(&running.id, "m", "{}")], 100)
+        .await?;
     let noted: Vec<u32> = state
         .load_attempts(&old.id)
         .await?
@@ -226,6 +289,8 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
     ensure!(state.load_steps(&old.id).await?.is_empty());
     ensure!(state.load_attempts(&old.id).await?.is_empty());
     ensure!(state.load_attempts(&running.id).await?.len() == 1);
+    ensure!(state.load_metadata(&old.id).await?.is_empty());
+    ensure!(state.load_metadata(&running.id).await?.len() == 1);
     ensure!(state.load_defers(&old.id).await?.is_empty());
     ensure!(state.runs_for_event(&old.event_ids[0]).await?.is_empty());
     ensure!(

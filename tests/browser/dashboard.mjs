@@ -1,7 +1,8 @@
 // Drives the Baton dashboard in Debian's headless chromium (playwright-core).
 // Started by tests/it/browser.rs with a running baton and runs to look at:
 //   BATON_URL, ARTIFACTS (screenshot dir), SCENARIO (dev | login), and for
-//   dev: COMPLETED_RUN, SLEEPING_RUN, FAILED_RUN; for login: PASSWORD.
+//   dev: COMPLETED_RUN, SLEEPING_RUN, FAILED_RUN; for login: PASSWORD; for
+//   metadata: METADATA_RUN (a run of baton-test-scores).
 // Exits non-zero with a message when something is not as expected.
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
@@ -140,6 +141,29 @@ async function uxScenario(page) {
   console.log(JSON.stringify({ ok: true }));
 }
 
+// SCENARIO=metadata: the run's scores in its Metadata card, the step's
+// scores and AI usage under the step in the timeline.
+async function metadataScenario(page) {
+  const run = env("METADATA_RUN");
+  await page.goto(`${base}/#/runs/${run}`);
+  const card = page.locator('[data-testid="run-metadata"]');
+  await card.locator('[data-testid="metadata-entry"][data-kind="inngest.score"]').waitFor({ timeout: TIMEOUT });
+  const runScores = await card.locator(".chip").allTextContents();
+  check(runScores.some((t) => t.includes("from_body") && t.includes("0.5")), `run scores: ${JSON.stringify(runScores)}`);
+  check(runScores.some((t) => t.includes("from_step_for_run") && t.includes("true")), `run scores: ${JSON.stringify(runScores)}`);
+  const step = page.locator('[data-testid="timeline-step"][data-step-name="scored"]');
+  await step.locator('[data-testid="metadata-entry"][data-kind="inngest.ai"]').waitFor({ timeout: TIMEOUT });
+  const stepScores = await step.locator('[data-testid="metadata-entry"][data-kind="inngest.score"] .chip').allTextContents();
+  check(stepScores.some((t) => t.includes("in_step")) && stepScores.some((t) => t.includes("durable")),
+    `step scores: ${JSON.stringify(stepScores)}`);
+  const usage = await step.locator('[data-testid="metadata-entry"][data-kind="inngest.ai"]').textContent();
+  check(/estimated_cost/.test(usage ?? ""), `the AI usage shows ${usage}`);
+  const other = await page.locator('[data-testid="timeline-step"][data-step-name="score-later"] [data-testid="metadata-entry"]').count();
+  check(other === 0, `the score-later step shows ${other} metadata entries`);
+  await page.screenshot({ path: join(artifacts, "run-metadata.png"), fullPage: true });
+  console.log(JSON.stringify({ ok: true }));
+}
+
 async function loginScenario(page) {
   const password = env("PASSWORD");
   await page.goto(`${base}/`);
@@ -183,6 +207,7 @@ try {
   page.on("pageerror", (err) => console.error(`page error: ${err.message}`));
   if (env("SCENARIO") === "login") await loginScenario(page);
   else if (env("SCENARIO") === "ux") await uxScenario(page);
+  else if (env("SCENARIO") === "metadata") await metadataScenario(page);
   else await devScenario(page);
 } catch (err) {
   console.error(`dashboard test failed: ${err.stack ?? err}`);

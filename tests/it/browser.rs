@@ -103,6 +103,35 @@ async fn dashboard_shows_runs_cancels_and_replays() {
 }
 
 #[tokio::test]
+async fn dashboard_shows_run_and_step_metadata() {
+    if browser_ready().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let baton = Baton::start(&dir.path().join("data"));
+    let app = NodeApp::start(&baton.url);
+    app.sync().await;
+    let event = send_event(&baton, "test/scores", json!({"key": "ui"})).await;
+    let run = finished_run(&baton, &event, TIMEOUT).await;
+    assert_eq!(run["status"], "Completed");
+    let run_id = run["run_id"].as_str().unwrap().to_string();
+    let usage = json!({"target": {"step_id": "scored"}, "metadata": [{"kind": "inngest.ai",
+        "values": {"request_model": "gpt-4o", "input_tokens": 10, "output_tokens": 5}}]});
+    let response = client()
+        .post(format!("{}/v1/runs/{run_id}/metadata", baton.url))
+        .json(&usage)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    run_script(&[
+        ("SCENARIO", "metadata".into()),
+        ("BATON_URL", baton.url.clone()),
+        ("METADATA_RUN", run_id),
+    ]);
+}
+
+#[tokio::test]
 async fn dashboard_needs_a_login_in_production() {
     if browser_ready().is_none() {
         return;

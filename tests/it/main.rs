@@ -18,6 +18,7 @@ mod flow;
 mod gql;
 mod hardening;
 mod memory;
+mod metadata;
 mod openapi;
 mod otel;
 mod production;

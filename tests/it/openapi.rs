@@ -812,9 +812,77 @@ async fn every_documented_operation_answers_as_documented() {
         (400, &json!("bad_request"))
     );
 
+    // Metadata: a score for the run and one for its step "b"; then the
+    // refusals (an unknown run, a reserved kind, values too large).
+    let metadata = |step: Option<&str>, kind: &str, values: Value| {
+        let mut target = json!({"run_id": three_run});
+        if let Some(step) = step {
+            target["step_id"] = json!(step);
+        }
+        json!({"target": target, "metadata": [{"kind": kind, "op": "merge", "values": values}]})
+    };
+    for (step, name) in [(None, "run_score"), (Some("b"), "step_score")] {
+        let reply = api
+            .call(
+                "POST",
+                "/v1/runs/{id}/metadata",
+                &[("id", &three_run)],
+                &[],
+                Body::Json(metadata(step, "inngest.score", json!({name: {"value": 1}}))),
+            )
+            .await;
+        assert_eq!(
+            (reply.status, &reply.body["data"]["added"]),
+            (200, &json!(1))
+        );
+    }
+    let reply = api
+        .call(
+            "POST",
+            "/v1/runs/{id}/metadata",
+            &[("id", "01NOSUCHRUN")],
+            &[],
+            Body::Json(json!({"metadata": [{"kind": "userland.x", "values": {}}]})),
+        )
+        .await;
+    assert_eq!(reply.status, 404);
+    let reply = api
+        .call(
+            "POST",
+            "/v1/runs/{id}/metadata",
+            &[("id", &three_run)],
+            &[],
+            Body::Json(metadata(None, "inngest.usage", json!({}))),
+        )
+        .await;
+    assert_eq!(reply.status, 400);
+    let reply = api
+        .call(
+            "POST",
+            "/v1/runs/{id}/metadata",
+            &[("id", &three_run)],
+            &[],
+            Body::Json(metadata(
+                None,
+                "userland.big",
+                json!({"x": "y".repeat(70_000)}),
+            )),
+        )
+        .await;
+    assert_eq!(reply.status, 413);
+
     let reply = api.get("/v1/runs/{id}", &[("id", &three_run)], &[]).await;
     let run = &reply.body["data"];
     assert_eq!(step_names(run), ["a", "b", "c"]);
+    assert_eq!(
+        run["metadata"][0]["values"],
+        json!({"run_score": {"value": 1}})
+    );
+    assert_eq!(
+        run["steps"][1]["metadata"][0]["values"],
+        json!({"step_score": {"value": 1}})
+    );
+    assert_eq!(run["steps"][0]["metadata"], json!([]));
     assert_eq!(run["output"], json!({"sum": 6, "key": "oa"}));
     assert_eq!(run["event_id"], json!(three));
     let reply = api.get("/v1/runs/{id}", &[("id", &failed_run)], &[]).await;
@@ -985,6 +1053,27 @@ async fn every_documented_operation_answers_as_documented() {
     assert_eq!(reply.body["data"][0]["internal_id"], json!(events[1]));
     let reply = api.get("/v1/events/{id}", &[("id", &three)], &[]).await;
     assert_eq!(reply.body["data"]["data"], json!({"key": "oa"}));
+    // An event with sessions keeps them (resolved) as `meta`.
+    let reply = api
+        .call(
+            "POST",
+            "/e/{key}",
+            &[("key", "openapi-key")],
+            &[],
+            Body::Json(
+                json!({"name": "test/unheard", "meta": {"sessions": {"org": "acme", "n": 7},
+                "propagated_sessions": {"team": "core"}}}),
+            ),
+        )
+        .await;
+    let with_sessions = reply.body["ids"][0].as_str().unwrap().to_string();
+    let reply = api
+        .get("/v1/events/{id}", &[("id", &with_sessions)], &[])
+        .await;
+    assert_eq!(
+        reply.body["data"]["meta"],
+        json!({"sessions": {"org": "acme", "n": "7", "team": "core"}})
+    );
     let reply = api
         .get("/v1/events/{id}", &[("id", "01NOSUCHEVENT")], &[])
         .await;

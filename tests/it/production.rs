@@ -250,3 +250,60 @@ async fn an_app_with_another_key_refuses_baton() {
         "{run}"
     );
 }
+
+/// Scores in production: the SDK writes them through the metadata API with
+/// the signing key; without it the API answers 401.
+#[tokio::test]
+async fn scores_use_the_signing_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let baton = Baton::start_with(&dir.path().join("data"), production(0));
+    let app = SdkApp::launch(
+        Sdk::Node,
+        &baton.url,
+        free_port(),
+        &[
+            ("INNGEST_SIGNING_KEY", SIGNING_KEY),
+            ("INNGEST_EVENT_KEY", EVENT_KEY),
+        ],
+    );
+    let (status, answer) = sync_through_baton(&baton, &app).await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, answer) = send_with_key(
+        &baton,
+        EVENT_KEY,
+        json!({"name": "test/scores", "data": {"key": "prod"}}),
+    )
+    .await;
+    let event_id = answer["ids"][0].as_str().unwrap().to_string();
+    let run = eventually(Duration::from_secs(60), "the run to end", || async {
+        let (_, runs) =
+            get_authed(&baton, &format!("/v1/events/{event_id}/runs"), SIGNING_KEY).await;
+        let run = runs["data"].as_array()?.first()?.clone();
+        (run["status"] != "Queued" && run["status"] != "Running").then_some(run)
+    })
+    .await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    let run_id = run["run_id"].as_str().unwrap();
+    let (_, detail) = get_authed(&baton, &format!("/v1/runs/{run_id}"), SIGNING_KEY).await;
+    assert_eq!(
+        detail["data"]["metadata"][0]["values"]["from_body"],
+        json!({"value": 0.5}),
+        "{detail}"
+    );
+    let body = json!({"metadata": [{"kind": "userland.x", "values": {"a": 1}}]}).to_string();
+    let response = client()
+        .post(format!("{}/v1/runs/{run_id}/metadata", baton.url))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    let response = client()
+        .post(format!("{}/v1/runs/{run_id}/metadata", baton.url))
+        .header("authorization", bearer(SIGNING_KEY))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+}

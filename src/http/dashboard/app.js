@@ -872,6 +872,9 @@ function runView(ctx) {
   const traceSlot = h("div", { class: "trace-slot" });
   let traceSignature = null;
   const output = h("div", { class: "output" });
+  const metadata = h("div", { class: "run-metadata" });
+  const metadataCard = h("section", { class: "card", "aria-labelledby": "metadata-title", "data-testid": "run-metadata", hidden: true },
+    h("h2", { id: "metadata-title" }, "Metadata"), metadata);
   const events = h("div", { class: "run-events" });
   const cancel = h("button", { type: "button", class: "btn danger", "data-testid": "cancel-run", hidden: true, onclick: () => cancelRun() }, "Cancel run");
   const replay = h("button", { type: "button", class: "btn", "data-testid": "replay-run", hidden: true, onclick: () => replayRun() }, "Replay");
@@ -879,6 +882,7 @@ function runView(ctx) {
     h("section", { class: "card timeline-card", "aria-labelledby": "timeline-title" }, h("h2", { id: "timeline-title" }, "Timeline"), timeline),
     h("div", { class: "run-side" },
       h("section", { class: "card", "aria-labelledby": "output-title" }, h("h2", { id: "output-title" }, "Output"), output),
+      metadataCard,
       h("section", { class: "card", "aria-labelledby": "events-title" }, h("h2", { id: "events-title" }, "Triggering events"), events)));
 
   const traceCard = h("section", { class: "card trace-card", "aria-labelledby": "trace-title", hidden: true },
@@ -919,6 +923,9 @@ function runView(ctx) {
     facts.replaceChildren(...runFacts(run));
     reconcile(timeline, timelineEntries(run));
     output.replaceChildren(runOutput(run));
+    const runMetadata = run.metadata ?? [];
+    metadataCard.hidden = runMetadata.length === 0;
+    metadata.replaceChildren(metadataView(runMetadata, `run:${run.run_id}:metadata`));
     const ids = JSON.stringify(run.event_ids ?? []);
     if (ids !== eventIds) {
       eventIds = ids;
@@ -1189,7 +1196,31 @@ function stepEntry(run, step, index, sincePrevious, first) {
       h("span", { class: "tl-title" }, step.name || step.id || `step ${index + 1}`),
       h("span", { class: "tl-time" }, timeEl(step.saved_at, false))),
     meta.length ? h("div", { class: "tl-meta" }, meta) : null,
-    memoView(step, `step:${run.run_id}:${step.id ?? index}`)));
+    memoView(step, `step:${run.run_id}:${step.id ?? index}`),
+    step.metadata?.length
+      ? collapsible(`step:${run.run_id}:${step.id ?? index}:metadata`, `Metadata · ${plural(step.metadata.length, "kind")}`,
+        metadataView(step.metadata, `step:${run.run_id}:${step.id ?? index}:metadata`), true)
+      : null));
+}
+
+/** Metadata of a run or a step: one block per kind, scores as chips. */
+function metadataView(entries, key) {
+  return h("div", { class: "metadata-list" }, entries.map((entry, i) => {
+    const values = isObject(entry.values) ? entry.values : {};
+    let body;
+    if (entry.kind === "inngest.score") {
+      body = h("div", { class: "chip-row" }, Object.entries(values).map(([name, score]) =>
+        chip(name, String(isObject(score) ? score.value : score))));
+    } else {
+      body = valueView(values, `${key}:${i}`, "Values");
+    }
+    return h("div", { class: "metadata-entry", "data-testid": "metadata-entry", "data-kind": entry.kind ?? "", "data-scope": entry.scope ?? "" },
+      h("div", { class: "metadata-head" },
+        h("code", null, entry.kind ?? "?"),
+        h("span", { class: "muted small" }, [entry.scope, entry.span_id ? `span ${entry.span_id}` : null].filter(Boolean).join(" · ")),
+        entry.updated_at ? h("span", { class: "muted small" }, timeEl(entry.updated_at)) : null),
+      body);
+  }));
 }
 
 function pendingEntries(run, lastAt) {

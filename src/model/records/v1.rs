@@ -486,3 +486,76 @@ impl From<&live::ItemKind> for ItemKind {
         }
     }
 }
+
+/// One write of run or step metadata (added in format 1 as a new record
+/// kind; no older store holds any).
+#[derive(Serialize, Deserialize)]
+pub struct Metadata {
+    pub id: String,
+    pub run_id: String,
+    pub step_id: Option<String>,
+    pub attempt: Option<u32>,
+    pub span_id: Option<String>,
+    pub scope: MetadataScope,
+    pub kind: String,
+    pub op: MetadataOp,
+    pub values: String,
+    pub at: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum MetadataScope {
+    Run,
+    Step,
+    StepAttempt,
+    ExtendedTrace,
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum MetadataOp {
+    Merge,
+    Set,
+    Delete,
+    Add,
+}
+
+same_variants!(MetadataScope <=> live::metadata::MetadataScope {
+    Run, Step, StepAttempt, ExtendedTrace,
+});
+same_variants!(MetadataOp <=> live::metadata::MetadataOp {
+    Merge, Set, Delete, Add,
+});
+
+impl From<Metadata> for live::metadata::MetadataRecord {
+    fn from(r: Metadata) -> live::metadata::MetadataRecord {
+        live::metadata::MetadataRecord {
+            id: r.id,
+            run_id: r.run_id,
+            step_id: r.step_id,
+            attempt: r.attempt,
+            span_id: r.span_id,
+            scope: r.scope.into(),
+            kind: r.kind,
+            op: r.op.into(),
+            values: r.values,
+            at: r.at,
+        }
+    }
+}
+
+impl From<&live::metadata::MetadataRecord> for Metadata {
+    fn from(r: &live::metadata::MetadataRecord) -> Metadata {
+        Metadata {
+            id: r.id.clone(),
+            run_id: r.run_id.clone(),
+            step_id: r.step_id.clone(),
+            attempt: r.attempt,
+            span_id: r.span_id.clone(),
+            scope: (&r.scope).into(),
+            kind: r.kind.clone(),
+            op: (&r.op).into(),
+            values: r.values.clone(),
+            at: r.at,
+        }
+    }
+}

@@ -10,6 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::clock::Timestamp;
+use crate::model::metadata::MetadataRecord;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
     BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
@@ -17,7 +18,7 @@ use crate::model::{
 };
 use crate::store::{
     abort_defer_in, add_defer, add_step, gcra_reserve, gcra_take, next_debounce, push_to_batch,
-    BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+    AddMetadata, BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
 };
 
 #[derive(Default)]
@@ -35,6 +36,8 @@ struct State {
     steps: HashMap<String, HashMap<String, StepRecord>>,
     defers: HashMap<String, RunDefers>,
     attempts: HashMap<String, Vec<AttemptRecord>>,
+    /// Run id → its metadata records, in the order added.
+    metadata: HashMap<String, Vec<MetadataRecord>>,
     /// By pause id.
     pauses: BTreeMap<String, PauseRecord>,
     /// Invoke correlation id → pause id.
@@ -91,6 +94,7 @@ impl State {
         self.steps.remove(&run.id);
         self.defers.remove(&run.id);
         self.attempts.remove(&run.id);
+        self.metadata.remove(&run.id);
     }
 }
 
@@ -514,6 +518,49 @@ impl StateStore for MemoryState {
         Ok(self
             .lock()
             .attempts
+            .get(run_id)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn add_metadata(
+        &self,
+        run_id: &str,
+        records: &[MetadataRecord],
+        max_bytes: u64,
+    ) -> StoreResult<AddMetadata> {
+        let mut state = self.lock();
+        if !state.runs.contains_key(run_id) {
+            return Ok(AddMetadata::NoRun);
+        }
+        let held = state.metadata.entry(run_id.to_string()).or_default();
+        let mut fresh: Vec<&MetadataRecord> = Vec::new();
+        for record in records {
+            let known = held
+                .iter()
+                .chain(fresh.iter().copied())
+                .any(|r| r.id == record.id);
+            if !known {
+                fresh.push(record);
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(AddMetadata::Added { added: 0 });
+        }
+        let used: u64 = held.iter().map(MetadataRecord::size).sum();
+        let adding: u64 = fresh.iter().map(|r| r.size()).sum();
+        if used + adding > max_bytes {
+            return Ok(AddMetadata::TooLarge { used });
+        }
+        let added = fresh.len();
+        held.extend(fresh.into_iter().cloned());
+        Ok(AddMetadata::Added { added })
+    }
+
+    async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>> {
+        Ok(self
+            .lock()
+            .metadata
             .get(run_id)
             .cloned()
             .unwrap_or_default())

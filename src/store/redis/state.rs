@@ -14,6 +14,9 @@
 //! - flow control: `rl:<key>` and `th:<key>` GCRA arrival times (ms),
 //!   `debounce:<key>` debounce record, `batch:<key>` open batch,
 //!   `singleton:<key>` holder run id;
+//! - metadata: `md:<run>` list of records in the order added, `mdi:<run>`
+//!   hash of their ids (→ 1), whose field `""` holds the run's metadata
+//!   bytes.
 //! - `defers:<run>`: the run's defers (one record).
 //!
 //! Run records change by optimistic read-modify-write (`Change`): the
@@ -27,6 +30,7 @@ use ::redis::Script;
 
 use super::{Attempts, Change, RedisConnection};
 use crate::clock::Timestamp;
+use crate::model::metadata::MetadataRecord;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
@@ -35,7 +39,7 @@ use crate::model::{
 };
 use crate::store::{abort_defer_in, add_defer, add_step, next_debounce, push_to_batch};
 use crate::store::{
-    BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+    AddMetadata, BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
 };
 
 /// Run ids read per round trip while filtering `list_runs`.
@@ -267,6 +271,41 @@ for i = 7, #ARGV do
   redis.call('ZREM', ARGV[i], run_id)
 end
 return 1
+"#,
+    )
+});
+
+/// Adds metadata records to a run, each id once, all or nothing within the
+/// run's byte limit. ARGV: run key, list key, ids hash, limit, then
+/// (id, size, record) triples. Returns {-1, 0} without a run, {-2, used}
+/// over the limit, else {0, records added}.
+static ADD_METADATA: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local run_key, list_key, ids_key, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if redis.call('EXISTS', run_key) == 0 then return {-1, 0} end
+local used = tonumber(redis.call('HGET', ids_key, '') or '0')
+local adding, count, fresh = 0, 0, {}
+for i = 5, #ARGV, 3 do
+  local id = ARGV[i]
+  if not fresh[id] and redis.call('HEXISTS', ids_key, id) == 0 then
+    fresh[id] = true
+    adding = adding + tonumber(ARGV[i + 1])
+    count = count + 1
+  end
+end
+if count == 0 then return {0, 0} end
+if used + adding > limit then return {-2, used} end
+for i = 5, #ARGV, 3 do
+  local id = ARGV[i]
+  if fresh[id] then
+    fresh[id] = nil
+    redis.call('HSET', ids_key, id, '1')
+    redis.call('RPUSH', list_key, ARGV[i + 2])
+  end
+end
+redis.call('HSET', ids_key, '', string.format('%d', used + adding))
+return {0, count}
 "#,
     )
 });
@@ -938,6 +977,8 @@ impl StateStore for RedisStateStore {
                 .query(
                     ::redis::cmd("DEL")
                         .arg(self.conn.key("attempts:", &run.id))
+                        .arg(self.conn.key("md:", &run.id))
+                        .arg(self.conn.key("mdi:", &run.id))
                         .arg(self.conn.key("defers:", &run.id)),
                 )
                 .await?;
@@ -968,6 +1009,61 @@ impl StateStore for RedisStateStore {
         values
             .iter()
             .map(|bytes| AttemptRecord::from_bytes(bytes).map_err(Into::into))
+            .collect()
+    }
+
+    async fn add_metadata(
+        &self,
+        run_id: &str,
+        records: &[MetadataRecord],
+        max_bytes: u64,
+    ) -> StoreResult<AddMetadata> {
+        if records.is_empty() {
+            let exists: bool = self
+                .conn
+                .query(::redis::cmd("EXISTS").arg(self.run_key(run_id)))
+                .await?;
+            return Ok(if exists {
+                AddMetadata::Added { added: 0 }
+            } else {
+                AddMetadata::NoRun
+            });
+        }
+        let mut invocation = ADD_METADATA.prepare_invoke();
+        invocation
+            .arg(self.run_key(run_id))
+            .arg(self.conn.key("md:", run_id))
+            .arg(self.conn.key("mdi:", run_id))
+            .arg(max_bytes);
+        for record in records {
+            invocation
+                .arg(&record.id)
+                .arg(record.size())
+                .arg(record.to_bytes());
+        }
+        let (status, count): (i64, u64) = self.conn.invoke(&invocation).await?;
+        Ok(match status {
+            -1 => AddMetadata::NoRun,
+            -2 => AddMetadata::TooLarge { used: count },
+            _ => AddMetadata::Added {
+                added: count as usize,
+            },
+        })
+    }
+
+    async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>> {
+        let values: Vec<Vec<u8>> = self
+            .conn
+            .query(
+                ::redis::cmd("LRANGE")
+                    .arg(self.conn.key("md:", run_id))
+                    .arg(0)
+                    .arg(-1),
+            )
+            .await?;
+        values
+            .iter()
+            .map(|bytes| MetadataRecord::from_bytes(bytes).map_err(Into::into))
             .collect()
     }
 

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::sled_error;
+use crate::model::metadata::MetadataRecord;
 use crate::model::records::{QueueEntry, Record};
 use crate::model::{
     AppRecord, BatchRecord, DebounceRecord, EventRecord, FunctionDef, FunctionRecord, PauseRecord,
@@ -196,6 +197,7 @@ const RECORDS: &[(&str, &[u8], &str, Decoder)] = &[
     ("state", b"pa/", "pauses", decode::<PauseRecord>),
     ("state", b"fl/db/", "debounces", decode::<DebounceRecord>),
     ("state", b"fl/bt/", "batches", decode::<BatchRecord>),
+    ("state", b"md/", "metadata", decode::<MetadataRecord>),
     ("state", b"df/", "defers", decode::<RunDefers>),
     ("queue", b"i/", "queue items", decode::<QueueEntry>),
 ];

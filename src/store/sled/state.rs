@@ -9,12 +9,15 @@
 //! of `pe/`, and `pp/<name>\0<path>` lists the paths in use; flow control:
 //! `fl/rl/<key>` and `fl/th/<key>` GCRA arrival times, `fl/db/<key>`
 //! debounce, `fl/bt/<key>` open batch, `fl/sg/<key>` singleton holder;
+//! metadata: `md/<run>/<seq>` records in the order added, `mi/<run>/<id>`
+//! their ids (→ seq), `mz/<run>` the run's metadata bytes and next seq;
 //! `df/<run>` the run's defers.
 
 use std::sync::Mutex;
 
 use super::{key, sled_error, GroupCommit, SledDb};
 use crate::clock::Timestamp;
+use crate::model::metadata::MetadataRecord;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
@@ -25,7 +28,9 @@ use crate::store::{
     abort_defer_in, add_defer, add_step, gcra_reserve, gcra_take, next_debounce, push_to_batch,
     BatchPush,
 };
-use crate::store::{CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult};
+use crate::store::{
+    AddMetadata, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+};
 use std::time::Duration;
 
 pub struct SledStateStore {
@@ -746,10 +751,16 @@ impl StateStore for SledStateStore {
                 let (step_key, _) = entry.map_err(sled_error)?;
                 batch.remove(step_key);
             }
-            for entry in self.tree.scan_prefix(key(&[b"at", run.id.as_bytes(), b""])) {
-                let (attempt_key, _) = entry.map_err(sled_error)?;
-                batch.remove(attempt_key);
+            for prefix in [&b"at"[..], b"md", b"mi"] {
+                for entry in self
+                    .tree
+                    .scan_prefix(key(&[prefix, run.id.as_bytes(), b""]))
+                {
+                    let (record_key, _) = entry.map_err(sled_error)?;
+                    batch.remove(record_key);
+                }
             }
+            batch.remove(key(&[b"mz", run.id.as_bytes()]));
             self.tree.apply_batch(batch).map_err(sled_error)?;
             deleted += 1;
         }
@@ -780,6 +791,73 @@ impl StateStore for SledStateStore {
             attempts.push(AttemptRecord::from_bytes(&bytes)?);
         }
         Ok(attempts)
+    }
+
+    async fn add_metadata(
+        &self,
+        run_id: &str,
+        records: &[MetadataRecord],
+        max_bytes: u64,
+    ) -> StoreResult<AddMetadata> {
+        let outcome = {
+            let _guard = self.lock();
+            let run = run_id.as_bytes();
+            if !self
+                .tree
+                .contains_key(key(&[b"r", run]))
+                .map_err(sled_error)?
+            {
+                return Ok(AddMetadata::NoRun);
+            }
+            let size_key = key(&[b"mz", run]);
+            let (used, mut seq) = match self.tree.get(&size_key).map_err(sled_error)? {
+                Some(bytes) if bytes.len() == 16 => {
+                    let mut used = [0u8; 8];
+                    let mut seq = [0u8; 8];
+                    used.copy_from_slice(&bytes[..8]);
+                    seq.copy_from_slice(&bytes[8..]);
+                    (u64::from_be_bytes(used), u64::from_be_bytes(seq))
+                }
+                _ => (0, 0),
+            };
+            let mut fresh: Vec<&MetadataRecord> = Vec::new();
+            for record in records {
+                let id_key = key(&[b"mi", run, record.id.as_bytes()]);
+                let known = self.tree.contains_key(&id_key).map_err(sled_error)?;
+                if !known && !fresh.iter().any(|f| f.id == record.id) {
+                    fresh.push(record);
+                }
+            }
+            if fresh.is_empty() {
+                return Ok(AddMetadata::Added { added: 0 });
+            }
+            let adding: u64 = fresh.iter().map(|r| r.size()).sum();
+            if used + adding > max_bytes {
+                return Ok(AddMetadata::TooLarge { used });
+            }
+            let mut batch = sled::Batch::default();
+            for record in &fresh {
+                batch.insert(key(&[b"md", run, &seq.to_be_bytes()]), record.to_bytes());
+                batch.insert(key(&[b"mi", run, record.id.as_bytes()]), &seq.to_be_bytes());
+                seq += 1;
+            }
+            let mut size = (used + adding).to_be_bytes().to_vec();
+            size.extend_from_slice(&seq.to_be_bytes());
+            batch.insert(size_key, size);
+            self.tree.apply_batch(batch).map_err(sled_error)?;
+            AddMetadata::Added { added: fresh.len() }
+        };
+        self.commit.flush().await?;
+        Ok(outcome)
+    }
+
+    async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>> {
+        let mut records = Vec::new();
+        for entry in self.tree.scan_prefix(key(&[b"md", run_id.as_bytes(), b""])) {
+            let (_, bytes) = entry.map_err(sled_error)?;
+            records.push(MetadataRecord::from_bytes(&bytes)?);
+        }
+        Ok(records)
     }
 
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>> {

@@ -25,7 +25,7 @@
 
 import http from "node:http";
 import { Inngest, NonRetriableError, openai } from "inngest";
-import { createDefer } from "inngest/experimental";
+import { createDefer, scoreMiddleware } from "inngest/experimental";
 import { serve } from "inngest/node";
 
 const PORT = process.env.PORT;
@@ -694,6 +694,69 @@ const startTimeout = inngest.createFunction(
     }),
 );
 
+// Metadata: scores written inside a step (they travel with its result), from the
+// function body and by a durable `step.score` aimed at the earlier step (both through
+// POST /v1/runs/{id}/metadata).
+const scores = inngest.createFunction(
+  {
+    id: "scores",
+    retries: 0,
+    triggers: [{ event: "test/scores" }],
+    middleware: [scoreMiddleware()],
+  },
+  async ({ event, step, runId }) => {
+    await step.run("scored", async () => {
+      bump("scores", "scored", event);
+      await inngest.score({ name: "in_step", value: 1 });
+      await inngest.score({ runId, name: "from_step_for_run", value: true });
+      return "scored";
+    });
+    await inngest.score({ name: "from_body", value: 0.5 });
+    await step.score("score-later", { name: "durable", value: 2, stepId: "scored" });
+    return "done";
+  },
+);
+
+// Sessions: each run records its `ctx.sessions` under "sessions"; the parent passes
+// its own on by `step.sendEvent` (one event inheriting, one overriding `org` and
+// cutting `team`) and by `step.invoke`.
+const recordSessions = (fn, event, sessions) =>
+  record("sessions", { fn, via: event.data?.via ?? null, key: keyOf(event), sessions: sessions ?? null });
+
+const sessionChild = inngest.createFunction(
+  { id: "session-child", triggers: [{ event: "test/session-child" }] },
+  async ({ event, sessions }) => {
+    recordSessions("session-child", event, sessions);
+    return sessions ?? null;
+  },
+);
+
+const sessionInvokee = inngest.createFunction(
+  { id: "session-invokee", triggers: [{ event: "test/session-invokee-never-sent" }] },
+  async ({ event, sessions }) => {
+    recordSessions("session-invokee", event, sessions);
+    return sessions ?? null;
+  },
+);
+
+const sessionParent = inngest.createFunction(
+  { id: "session-parent", triggers: [{ event: "test/session-parent" }] },
+  async ({ event, step, sessions }) => {
+    recordSessions("session-parent", event, sessions);
+    const key = keyOf(event);
+    await step.sendEvent("send", [
+      { name: "test/session-child", data: { key, via: "sendEvent" } },
+      {
+        name: "test/session-child",
+        data: { key, via: "override" },
+        meta: { sessions: { org: "override", team: null } },
+      },
+    ]);
+    await step.invoke("invoke", { function: sessionInvokee, data: { key, via: "invoke" } });
+    return "sent";
+  },
+);
+
 // Signals: a run waits for a named signal; another sends it with step.sendSignal.
 const signalWaiter = inngest.createFunction(
   { id: "signal-waiter", triggers: [{ event: "test/signal.wait" }] },
@@ -727,6 +790,10 @@ const signalSender = inngest.createFunction(
 );
 
 const functions = [
+  scores,
+  sessionChild,
+  sessionInvokee,
+  sessionParent,
   signalWaiter,
   signalSender,
   ckptMixed,
