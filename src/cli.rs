@@ -77,6 +77,7 @@ impl DoctorArgs {
             discovery_ports: None,
             discovery_interval: None,
             no_checkpointing: false,
+            memory: false,
         };
         Ok(args.settings()?.1.data_dir)
     }
@@ -206,6 +207,10 @@ pub struct DevArgs {
     /// overrides executor.checkpointing.
     #[arg(long)]
     pub no_checkpointing: bool,
+    /// Keep everything in memory (backends.state/queue/data = "memory"):
+    /// nothing is written to disk, and everything is lost when baton stops.
+    #[arg(long)]
+    pub memory: bool,
 }
 
 impl DevArgs {
@@ -252,6 +257,12 @@ impl DevArgs {
         }
         if self.no_checkpointing {
             raw.executor.checkpointing = false;
+        }
+        if self.memory {
+            raw.backends.state = "memory".into();
+            raw.backends.queue = "memory".into();
+            raw.backends.data = "memory".into();
+            raw.backends.bus = "memory".into();
         }
         Ok((source, raw.validate()?))
     }

@@ -69,7 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Client commands are run by `main` before this.
         _ => anyhow::bail!("not a server command"),
     };
-    check_locality(&settings, &services)?;
+    check_locality(&settings, &services, mode)?;
     let listener = TcpListener::bind((settings.host.as_str(), settings.port)).map_err(|err| {
         anyhow::anyhow!(
             "cannot listen on {}:{}: {err}",
@@ -78,7 +78,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         )
     })?;
     let addr = listener.local_addr()?;
-    let data = if settings.backends.uses_sled() {
+    let data = if settings.backends.uses_memory() {
+        "data in MEMORY ONLY (lost when baton stops)".to_string()
+    } else if settings.backends.uses_sled() {
         let dir = std::fs::canonicalize(&settings.data_dir).unwrap_or(settings.data_dir.clone());
         format!("data in {}", dir.display())
     } else {
@@ -92,6 +94,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         "baton {command} listening on http://{addr}, {data}, config from {source}, services {}",
         names.join(" ")
     );
+    if settings.backends.uses_memory() {
+        tracing::warn!(
+            "MEMORY STORES: nothing is written to disk; every app, event and run is lost when \
+             baton stops (drop --memory, or use \"sled\" in [backends], to keep them)"
+        );
+    }
     actix_rt::System::new().block_on(serve(settings, services, mode, listener, shutdown_signal()))
 }
 

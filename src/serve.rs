@@ -96,8 +96,17 @@ impl Mode {
 }
 
 /// Refuses backend choices that cannot work for the services of this
-/// process: sled and the in-process bus keep their data in one process.
-pub fn check_locality(settings: &Settings, services: &[Service]) -> anyhow::Result<()> {
+/// process: sled, the memory stores and the in-process bus keep their data
+/// in one process. The memory stores keep nothing, so production refuses
+/// them.
+pub fn check_locality(settings: &Settings, services: &[Service], mode: Mode) -> anyhow::Result<()> {
+    if settings.backends.uses_memory() && mode == Mode::Production {
+        anyhow::bail!(
+            "the memory stores keep nothing (everything is lost when baton stops), so only \
+             `baton dev` runs on them; set backends.state, backends.queue and backends.data \
+             to \"sled\" or \"redis\""
+        );
+    }
     let all = Service::all().iter().all(|s| services.contains(s));
     if settings.backends.uses_sled() && !all {
         anyhow::bail!(
@@ -181,7 +190,7 @@ pub async fn serve(
     listener: std::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    check_locality(&settings, &services)?;
+    check_locality(&settings, &services, mode)?;
     let clock: SharedClock = Arc::new(SystemClock);
     let (backends, db) =
         open_backends(&settings.backends, &settings.data_dir, settings.cache_bytes)

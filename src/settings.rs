@@ -346,11 +346,11 @@ impl Default for RawRetention {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawBackends {
-    /// `sled` or `redis`.
+    /// `sled`, `redis` or `memory` (`baton dev` only: nothing is kept).
     pub state: String,
-    /// `sled` or `redis`.
+    /// `sled`, `redis` or `memory` (`baton dev` only: nothing is kept).
     pub queue: String,
-    /// `sled` or `redis`.
+    /// `sled`, `redis` or `memory` (`baton dev` only: nothing is kept).
     pub data: String,
     /// `memory` (event API and runner in one process) or `nats`.
     pub bus: String,
@@ -535,6 +535,8 @@ pub enum SecureCookie {
 pub enum StoreKind {
     Sled,
     Redis,
+    /// The in-memory reference stores: nothing durable, `baton dev` only.
+    Memory,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -558,9 +560,14 @@ pub struct BackendChoice {
 }
 
 impl BackendChoice {
-    /// Whether anything lives in this process only (sled, the memory bus).
+    /// Whether any store is on sled (data kept by this process only).
     pub fn uses_sled(&self) -> bool {
         [self.state, self.queue, self.data].contains(&StoreKind::Sled)
+    }
+
+    /// Whether any store keeps its data in memory only (lost at exit).
+    pub fn uses_memory(&self) -> bool {
+        [self.state, self.queue, self.data].contains(&StoreKind::Memory)
     }
 }
 
@@ -568,7 +575,11 @@ fn store_kind(name: &str, value: &str) -> anyhow::Result<StoreKind> {
     match value {
         "sled" => Ok(StoreKind::Sled),
         "redis" => Ok(StoreKind::Redis),
-        other => bail!("backends.{name} must be \"sled\" or \"redis\", not {other:?}"),
+        "memory" => Ok(StoreKind::Memory),
+        other => bail!(
+            "backends.{name} must be \"sled\", \"redis\" or \"memory\" (baton dev only), \
+             not {other:?}"
+        ),
     }
 }
 

@@ -898,7 +898,16 @@ impl Worker {
             }
             ItemKind::PauseTimeout { pause_id } => {
                 let Some(pause) = self.backends.state.get_pause(pause_id).await? else {
-                    return self.ack(lease, Vec::new()).await; // resumed already
+                    // Resumed already; its result is stored. Pause ids are
+                    // `<run>/<step>`.
+                    let step_id = pause_id
+                        .strip_prefix(run.id.as_str())
+                        .and_then(|rest| rest.strip_prefix('/'))
+                        .unwrap_or_default();
+                    let call_due = run.planned.is_empty();
+                    return self
+                        .after_stored_result(lease, &run, step_id, call_due)
+                        .await;
                 };
                 let (kind, memo) = match pause.kind {
                     PauseKind::Invoke => (
@@ -937,8 +946,11 @@ impl Worker {
                 let next = QueueItem::discovery(&run.id, &run.fn_id, stack_len).for_run(&run);
                 return self.ack(lease, vec![(next, self.clock.now())]).await;
             }
-            ItemKind::Planned { step_id, .. } if run.stack.contains(step_id) => {
-                return self.ack(lease, Vec::new()).await;
+            ItemKind::Planned { step_id, race } if run.stack.contains(step_id) => {
+                let call_due = *race || run.request_version == 1 || run.planned.is_empty();
+                return self
+                    .after_stored_result(lease, &run, step_id, call_due)
+                    .await;
             }
             ItemKind::Discovery { .. } => "step".to_string(),
             ItemKind::Planned { step_id, .. } => step_id.clone(),
@@ -1115,6 +1127,31 @@ impl Worker {
             decision.discover = Discover::Always;
         }
         self.perform(lease, &run, decision).await
+    }
+
+    /// An item delivered again after the result it brings was stored (a
+    /// planned step's, or a pause's that is gone): the crash (or lost
+    /// lease) that kept it from being acked also lost the call that follows
+    /// the result, if that result is still the run's latest and the call
+    /// was due (`call_due`: the group is done, or the step races). A later
+    /// result scheduled its own call. At worst this is one extra call,
+    /// which replays stored results.
+    async fn after_stored_result(
+        &self,
+        lease: &Lease,
+        run: &RunRecord,
+        step_id: &str,
+        call_due: bool,
+    ) -> StoreResult<()> {
+        let latest = run.stack.last().is_some_and(|last| last == step_id);
+        if !latest || !call_due {
+            return self.ack(lease, Vec::new()).await;
+        }
+        if run.planned.is_empty() && run.force_plan && run.request_version >= 2 {
+            self.backends.state.set_force_plan(&run.id, false).await?;
+        }
+        let next = QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
+        self.ack(lease, vec![(next, self.clock.now())]).await
     }
 
     /// Calls a durable endpoint's handler again with its original request.
@@ -2150,7 +2187,7 @@ mod tests {
 
     mod crash_windows {
         use super::*;
-        use crate::clock::{ManualClock, SharedClock};
+        use crate::clock::ManualClock;
         use crate::store::fault::{Faults, FaultyState};
         use crate::store::sled::SledDb;
 
@@ -2168,21 +2205,7 @@ mod tests {
             let faults = faulty.faults.clone();
             let mut backends = real.clone();
             backends.state = Arc::new(faulty);
-            let clock: SharedClock = ManualClock::at(NOW);
-            let worker = Rc::new(Worker {
-                backends,
-                clock,
-                client: SdkClient::new(None, Duration::from_secs(5)),
-                config: ExecutorConfig {
-                    workers: 1,
-                    lease_ttl: Duration::from_secs(30),
-                    retry_interval: None,
-                    checkpointing: false,
-                },
-                status: RefCell::new(ExecutorStatus::default()),
-                functions: RefCell::new(HashMap::new()),
-                leased: RefCell::new(HashMap::new()),
-            });
+            let worker = test_worker(backends, ManualClock::at(NOW));
             Harness {
                 worker,
                 faults,
@@ -2470,6 +2493,386 @@ mod tests {
             assert_eq!(stored[0].step_id.as_deref(), Some("scored"));
             assert_eq!(stored[1].step_id, None);
             assert_eq!(h.real.state.load_steps(&run.id).await.unwrap().len(), 1);
+        }
+    }
+
+    /// A worker of one slot, 30 s leases, no checkpointing.
+    fn test_worker(backends: Backends, clock: SharedClock) -> Rc<Worker> {
+        Rc::new(Worker {
+            backends,
+            clock,
+            client: SdkClient::new(None, Duration::from_secs(10)),
+            config: ExecutorConfig {
+                workers: 1,
+                lease_ttl: Duration::from_secs(30),
+                retry_interval: None,
+                checkpointing: false,
+            },
+            status: RefCell::new(ExecutorStatus::default()),
+            functions: RefCell::new(HashMap::new()),
+            leased: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// Every crash point of a run, in process: a fake app answers like an
+    /// SDK for each workflow of a table (a step, a sleep, a parallel group,
+    /// a wait, an invoke and a last step; a step that fails after a retry);
+    /// the run goes through the real `Worker` on the memory stores, once
+    /// with no fault, counting the store calls, and then once for every
+    /// call N, with call N failing. A failed item is "restarted": the
+    /// faults heal and it comes back when its lease expires. Every time,
+    /// the run must end as it does without faults, no step the store had
+    /// saved may run again, each lifecycle and invoke event must be there
+    /// exactly once, and nothing may be left waiting.
+    mod crash_points {
+        use std::sync::Mutex;
+
+        use actix_web::{web, App, HttpResponse, HttpServer};
+
+        use super::*;
+        use crate::clock::{Clock, ManualClock};
+        use crate::model::{AppRecord, FunctionRecord};
+        use crate::store::fault::{faulty_backends, Faults};
+        use crate::store::StateStore;
+
+        /// The function, as the fake app runs it.
+        enum Stage {
+            Run(&'static str),
+            Sleep(&'static str),
+            Parallel(&'static [&'static str]),
+            Wait(&'static str),
+            Invoke(&'static str),
+            /// A step whose code throws every time; the function does not
+            /// catch its error.
+            Throw(&'static str),
+        }
+
+        struct Workflow {
+            script: &'static [Stage],
+            /// The steps stored at the end; the first and last in this order.
+            steps: &'static [&'static str],
+            status: RunStatus,
+            /// The events the run causes, each exactly once.
+            events: &'static [&'static str],
+        }
+
+        const WORKFLOWS: &[Workflow] = &[
+            Workflow {
+                script: &[
+                    Stage::Run("a"),
+                    Stage::Sleep("nap"),
+                    Stage::Parallel(&["p1", "p2"]),
+                    Stage::Wait("wait"),
+                    Stage::Invoke("inv"),
+                    Stage::Run("b"),
+                ],
+                steps: &["a", "nap", "p1", "p2", "wait", "inv", "b"],
+                status: RunStatus::Completed,
+                events: &[FUNCTION_INVOKED, FUNCTION_FINISHED],
+            },
+            Workflow {
+                script: &[Stage::Run("a"), Stage::Throw("b")],
+                steps: &["a", "b"],
+                status: RunStatus::Failed,
+                events: &["inngest/function.failed", FUNCTION_FINISHED],
+            },
+        ];
+        const MAIN: &str = "crash-main";
+        const CALLEE: &str = "crash-callee";
+
+        /// The fake SDK app. It checks, each time it runs a step's code,
+        /// that the store has no result for that step yet.
+        #[derive(Default)]
+        struct FakeApp {
+            script: Mutex<&'static [Stage]>,
+            state: Mutex<Option<Arc<dyn StateStore>>>,
+            ran: Mutex<Vec<String>>,
+            violations: Mutex<Vec<String>>,
+        }
+
+        impl FakeApp {
+            async fn execute(&self, run_id: &str, step: &str) -> Value {
+                let state = self.state.lock().unwrap().clone().expect("a store is set");
+                let stored = state.load_steps(run_id).await.unwrap();
+                if stored.iter().any(|s| s.id == step) {
+                    self.violations
+                        .lock()
+                        .unwrap()
+                        .push(format!("step {step} ran again after its result was stored"));
+                }
+                self.ran.lock().unwrap().push(step.to_string());
+                json!({"id": step, "op": "StepRun", "name": step, "data": {"step": step}})
+            }
+
+            /// The answer to one call: ops (206) or the output (200).
+            async fn answer(&self, step_id: &str, body: &Value) -> Reply {
+                let run_id = body["ctx"]["run_id"].as_str().unwrap_or_default();
+                if step_id != "step" {
+                    return Reply::Ops(vec![self.execute(run_id, step_id).await]);
+                }
+                let memos = body["steps"].as_object().cloned().unwrap_or_default();
+                let plan_only = body["ctx"]["disable_immediate_execution"] == true;
+                let op = |id: &str, op: &str, opts: Value| json!({"id": id, "op": op, "name": id, "opts": opts});
+                let script: &[Stage] = *self.script.lock().unwrap();
+                for stage in script {
+                    let ops = match stage {
+                        Stage::Run(id) if !memos.contains_key(*id) => {
+                            if plan_only {
+                                vec![op(id, "StepPlanned", Value::Null)]
+                            } else {
+                                vec![self.execute(run_id, id).await]
+                            }
+                        }
+                        Stage::Parallel(ids) => ids
+                            .iter()
+                            .filter(|id| !memos.contains_key(**id))
+                            .map(|id| op(id, "StepPlanned", Value::Null))
+                            .collect(),
+                        Stage::Sleep(id) if !memos.contains_key(*id) => {
+                            vec![op(id, "Sleep", json!({"duration": "1s"}))]
+                        }
+                        Stage::Wait(id) if !memos.contains_key(*id) => vec![op(
+                            id,
+                            "WaitForEvent",
+                            json!({"event": "test/never", "timeout": "1s"}),
+                        )],
+                        Stage::Invoke(id) if !memos.contains_key(*id) => vec![op(
+                            id,
+                            "InvokeFunction",
+                            json!({"function_id": CALLEE, "payload": {"data": {"n": 1}},
+                                   "timeout": "1s"}),
+                        )],
+                        Stage::Throw(id) if memos.contains_key(*id) => {
+                            return Reply::Error(json!({"name": "Error", "message": "boom"}));
+                        }
+                        Stage::Throw(id) => {
+                            self.execute(run_id, id).await;
+                            let error = json!({"name": "Error", "message": "boom"});
+                            vec![json!({"id": id, "op": "StepError", "name": id, "error": error})]
+                        }
+                        _ => Vec::new(),
+                    };
+                    if !ops.is_empty() {
+                        return Reply::Ops(ops);
+                    }
+                }
+                Reply::Done(json!({"done": true}))
+            }
+        }
+
+        enum Reply {
+            Ops(Vec<Value>),
+            Done(Value),
+            /// The function threw: no retry (its step used up its attempts).
+            Error(Value),
+        }
+
+        async fn sdk_endpoint(
+            app: web::Data<FakeApp>,
+            query: web::Query<HashMap<String, String>>,
+            body: web::Bytes,
+        ) -> HttpResponse {
+            let body: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let step_id = query.get("stepId").map_or("step", String::as_str);
+            use actix_web::http::StatusCode;
+            let (status, reply) = match app.answer(step_id, &body).await {
+                Reply::Ops(ops) => (StatusCode::PARTIAL_CONTENT, json!(ops)),
+                Reply::Done(output) => (StatusCode::OK, output),
+                Reply::Error(error) => (StatusCode::INTERNAL_SERVER_ERROR, error),
+            };
+            HttpResponse::build(status)
+                .insert_header(("x-inngest-sdk", "js:v3.0.0"))
+                .insert_header(("x-inngest-req-version", "2"))
+                .insert_header(("x-inngest-no-retry", "true"))
+                .json(reply)
+        }
+
+        struct Rig {
+            worker: Rc<Worker>,
+            real: Backends,
+            faults: Arc<Faults>,
+            clock: Arc<ManualClock>,
+            run: RunRecord,
+        }
+
+        /// Fresh memory stores with the app synced and one run queued.
+        async fn rig(app: &FakeApp, url: &str, workflow: &Workflow) -> Rig {
+            let real = crate::store::memory::backends();
+            let (backends, faults) = faulty_backends(&real);
+            let clock = ManualClock::at(NOW);
+            let worker = test_worker(backends, clock.clone());
+            let function = |id: &str| FunctionRecord {
+                id: id.into(),
+                app_id: "crash".into(),
+                version: 0,
+                url: url.into(),
+                config: json!({"id": id, "name": id, "triggers": [{"event": "test/crash"}],
+                               "steps": {"step": {"runtime": {"url": url}}}})
+                .to_string(),
+                updated_at: 0,
+                archived: false,
+            };
+            let app_record = AppRecord {
+                id: "crash".into(),
+                url: url.into(),
+                sdk: "js".into(),
+                framework: String::new(),
+                synced_at: 0,
+                checksum: String::new(),
+                function_ids: vec![MAIN.into(), CALLEE.into()],
+                last_error: None,
+            };
+            real.data
+                .sync_app(app_record, vec![function(MAIN), function(CALLEE)])
+                .await
+                .unwrap();
+            let mut run = sample_run(MAIN, &ulid::Ulid::new().to_string());
+            run.app_id = "crash".into();
+            run.max_attempts = 2;
+            real.state.create_run(run.clone()).await.unwrap();
+            real.queue
+                .enqueue(QueueItem::discovery(&run.id, MAIN, 0).for_run(&run), NOW)
+                .await
+                .unwrap();
+            *app.state.lock().unwrap() = Some(real.state.clone());
+            *app.script.lock().unwrap() = workflow.script;
+            Rig {
+                worker,
+                real,
+                faults,
+                clock,
+                run,
+            }
+        }
+
+        /// Delivers due items until the queue is empty, moving the clock
+        /// to the next due time (or lease expiry) whenever nothing is due.
+        /// Returns how many items failed.
+        async fn drive(rig: &Rig) -> u32 {
+            let mut failed = 0;
+            for _ in 0..500 {
+                let now = rig.clock.now();
+                let leases = rig
+                    .real
+                    .queue
+                    .lease_due(now, 10, Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                if leases.is_empty() {
+                    match rig.real.queue.next_due().await.unwrap() {
+                        Some(due) => {
+                            let wait = (due.millis() - now.millis()).max(1) as u64;
+                            rig.clock.advance(Duration::from_millis(wait));
+                            continue;
+                        }
+                        None => return failed,
+                    }
+                }
+                for lease in leases {
+                    if rig.worker.process(&lease).await.is_err() {
+                        // The process "restarts": nothing fails any more,
+                        // and the item comes back after its lease.
+                        failed += 1;
+                        rig.faults.heal();
+                    }
+                }
+            }
+            panic!("the queue did not drain in 500 rounds");
+        }
+
+        fn ends<'a>(list: &[&'a str]) -> (Option<&'a str>, Option<&'a str>) {
+            (list.first().copied(), list.last().copied())
+        }
+
+        async fn check_invariants(rig: &Rig, app: &FakeApp, workflow: &Workflow, label: &str) {
+            let run_id = &rig.run.id;
+            let violations = std::mem::take(&mut *app.violations.lock().unwrap());
+            assert!(violations.is_empty(), "{label}: {violations:?}");
+            let run = rig.real.state.load_run(run_id).await.unwrap().unwrap();
+            assert_eq!(
+                run.status, workflow.status,
+                "{label}: the run was left {:?} with the queue empty (stack {:?})",
+                run.status, run.stack
+            );
+            if workflow.status == RunStatus::Completed {
+                let output: Value = serde_json::from_str(run.output.as_deref().unwrap()).unwrap();
+                assert_eq!(output, json!({"done": true}), "{label}");
+            }
+            let stored = rig.real.state.load_steps(run_id).await.unwrap();
+            let steps: Vec<&str> = stored.iter().map(|s| s.id.as_str()).collect();
+            let (mut sorted, mut expected) = (steps.clone(), workflow.steps.to_vec());
+            sorted.sort();
+            expected.sort();
+            assert_eq!(sorted, expected, "{label}: stored steps {steps:?}");
+            assert_eq!(
+                ends(&steps),
+                ends(workflow.steps),
+                "{label}: stored steps {steps:?}"
+            );
+            let pauses = rig.real.state.pauses_for_run(run_id).await.unwrap();
+            assert!(pauses.is_empty(), "{label}: pauses left {pauses:?}");
+            let events = rig.real.data.list_events(1000, None).await.unwrap();
+            let mut names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
+            let mut expected = workflow.events.to_vec();
+            names.sort();
+            expected.sort();
+            assert_eq!(names, expected, "{label}: events");
+        }
+
+        #[actix_rt::test]
+        async fn no_store_call_failing_loses_or_repeats_anything() {
+            let app = web::Data::new(FakeApp::default());
+            let server = {
+                let app = app.clone();
+                HttpServer::new(move || {
+                    App::new()
+                        .app_data(app.clone())
+                        .default_service(web::to(sdk_endpoint))
+                })
+                .workers(1)
+                .bind(("127.0.0.1", 0))
+                .unwrap()
+            };
+            let url = format!("http://{}/api/inngest", server.addrs()[0]);
+            let server = server.run();
+            let handle = server.handle();
+            actix_rt::spawn(server);
+
+            for (index, workflow) in WORKFLOWS.iter().enumerate() {
+                // No fault: how many store calls a whole run takes.
+                let clean = rig(&app, &url, workflow).await;
+                drive(&clean).await;
+                check_invariants(&clean, &app, workflow, &format!("{index}: no fault")).await;
+                let calls = clean.faults.calls();
+                assert!(
+                    calls.len() > 20,
+                    "{index}: only {} store calls",
+                    calls.len()
+                );
+
+                let mut fired = 0;
+                for n in 0..calls.len() as u64 {
+                    let rig = rig(&app, &url, workflow).await;
+                    rig.faults.fail_call_number(n);
+                    let failed = drive(&rig).await;
+                    fired += u32::from(failed > 0);
+                    let failing = rig
+                        .faults
+                        .calls()
+                        .get(n as usize)
+                        .copied()
+                        .unwrap_or("none");
+                    let label = format!("{index}: call {n} ({failing}) failing");
+                    check_invariants(&rig, &app, workflow, &label).await;
+                }
+                // Nearly every failure ends its item (a few are only logged).
+                assert!(
+                    fired as usize > calls.len() * 3 / 4,
+                    "{index}: {fired} of {}",
+                    calls.len()
+                );
+            }
+            handle.stop(false).await;
         }
     }
 }

@@ -1,8 +1,10 @@
-//! A fault-injecting [`StateStore`] wrapper for tests: it passes every call
-//! to the store it wraps, except the ones its [`Faults`] say to fail, which
-//! return an `Unavailable` error without reaching the store, as a crash or
-//! a lost connection right before that call would. In-process tests use it
-//! to check that no crash point leaves a run without a way forward.
+//! Fault-injecting store wrappers for tests: [`FaultyState`], and
+//! [`FaultyQueue`] and [`FaultyData`], which can share one [`Faults`] with
+//! it ([`faulty_backends`]). Each passes every call to the store it wraps,
+//! except the ones its [`Faults`] say to fail, which return an
+//! `Unavailable` error without reaching the store, as a crash or a lost
+//! connection right before that call would. In-process tests use them to
+//! check that no crash point leaves a run without a way forward.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,10 +12,14 @@ use std::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::model::metadata::MetadataRecord;
-use crate::model::{DeferRecord, EventRecord, PauseRecord, RunRecord, RunStatus, StepRecord};
+use crate::model::trace::AttemptRecord;
+use crate::model::{
+    AppRecord, DeferRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem, RunRecord,
+    RunStatus, StepRecord,
+};
 use crate::store::{
-    AddMetadata, BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreError,
-    StoreResult,
+    AddMetadata, Backends, BatchPush, CreateRun, DataStore, Lease, PartitionStats, Queue,
+    SaveDefer, SaveSignal, SaveStep, StateStore, StoreError, StoreResult, SyncOutcome,
 };
 
 /// Which calls fail: by method name (the next `n` calls of it), or the call
@@ -68,36 +74,62 @@ impl Faults {
     }
 }
 
-pub struct FaultyState {
-    inner: Arc<dyn StateStore>,
+/// A store of kind `S` (`dyn StateStore`, `dyn Queue`, `dyn DataStore`)
+/// whose calls go through `faults` first.
+pub struct Faulty<S: ?Sized> {
+    inner: Arc<S>,
     pub faults: Arc<Faults>,
 }
 
-impl FaultyState {
-    pub fn new(inner: Arc<dyn StateStore>) -> FaultyState {
-        FaultyState {
-            inner,
-            faults: Arc::new(Faults::default()),
-        }
+impl<S: ?Sized> Faulty<S> {
+    /// A wrapper whose calls count and fail together with other wrappers'.
+    pub fn sharing(inner: Arc<S>, faults: Arc<Faults>) -> Faulty<S> {
+        Faulty { inner, faults }
+    }
+
+    pub fn new(inner: Arc<S>) -> Faulty<S> {
+        Faulty::sharing(inner, Arc::new(Faults::default()))
     }
 }
 
-/// Each method checks for a fault under its own name, then delegates.
+pub type FaultyState = Faulty<dyn StateStore>;
+/// `wait_for_work` never fails.
+pub type FaultyQueue = Faulty<dyn Queue>;
+pub type FaultyData = Faulty<dyn DataStore>;
+
+/// `backends` with its state store, queue and data store wrapped, all
+/// counting and failing through one [`Faults`] (the bus is left as is).
+pub fn faulty_backends(backends: &Backends) -> (Backends, Arc<Faults>) {
+    let faults = Arc::new(Faults::default());
+    let wrapped = Backends {
+        state: Arc::new(FaultyState::sharing(backends.state.clone(), faults.clone())),
+        queue: Arc::new(FaultyQueue::sharing(backends.queue.clone(), faults.clone())),
+        data: Arc::new(FaultyData::sharing(backends.data.clone(), faults.clone())),
+        bus: backends.bus.clone(),
+    };
+    (wrapped, faults)
+}
+
+/// Each method checks for a fault under its own name, then delegates; the
+/// items after the braces are written out by hand.
 macro_rules! delegate {
-    ($( async fn $name:ident(&self $(, $arg:ident : $ty:ty)* ) -> $ret:ty; )*) => {
+    ($trait:ident for $wrapper:ty {
+        $( async fn $name:ident(&self $(, $arg:ident : $ty:ty)* ) -> $ret:ty; )*
+    } $($extra:item)*) => {
         #[async_trait::async_trait]
-        impl StateStore for FaultyState {
+        impl $trait for $wrapper {
             $(
                 async fn $name(&self $(, $arg: $ty)*) -> $ret {
                     self.faults.check(stringify!($name))?;
                     self.inner.$name($($arg),*).await
                 }
             )*
+            $($extra)*
         }
     };
 }
 
-delegate! {
+delegate! { StateStore for FaultyState {
     async fn create_run(&self, run: RunRecord) -> StoreResult<CreateRun>;
     async fn load_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;
     async fn load_steps(&self, run_id: &str) -> StoreResult<Vec<StepRecord>>;
@@ -131,6 +163,40 @@ delegate! {
     async fn list_runs(&self, limit: usize, before: Option<&str>, fn_id: Option<&str>, status: Option<RunStatus>) -> StoreResult<Vec<RunRecord>>;
     async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64>;
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>>;
+    async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()>;
+    async fn load_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>>;
     async fn add_metadata(&self, run_id: &str, records: &[MetadataRecord], max_bytes: u64) -> StoreResult<AddMetadata>;
     async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>>;
+} }
+
+delegate! { Queue for FaultyQueue {
+    async fn enqueue(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool>;
+    async fn lease_due(&self, now: Timestamp, max: usize, ttl: Duration) -> StoreResult<Vec<Lease>>;
+    async fn extend(&self, lease_id: u64, item_id: &str, expires: Timestamp) -> StoreResult<bool>;
+    async fn holds(&self, lease_id: u64, item_id: &str, renew_to: Timestamp) -> StoreResult<bool>;
+    async fn ack(&self, lease_id: u64, item_id: &str, next: Vec<(QueueItem, Timestamp)>) -> StoreResult<bool>;
+    async fn retry_at(&self, lease_id: u64, item_id: &str, due: Timestamp, count_attempt: bool) -> StoreResult<bool>;
+    async fn flush(&self) -> StoreResult<()>;
+    async fn next_due(&self) -> StoreResult<Option<Timestamp>>;
+    async fn len(&self) -> StoreResult<u64>;
+    async fn partition_stats(&self) -> StoreResult<Vec<PartitionStats>>;
 }
+    async fn wait_for_work(&self, timeout: Duration) {
+        self.inner.wait_for_work(timeout).await
+    }
+}
+
+delegate! { DataStore for FaultyData {
+    async fn put_events(&self, events: &[EventRecord]) -> StoreResult<()>;
+    async fn get_event(&self, internal_id: &str) -> StoreResult<Option<EventRecord>>;
+    async fn list_events(&self, limit: usize, before: Option<&str>) -> StoreResult<Vec<EventRecord>>;
+    async fn pending_events(&self, max: usize) -> StoreResult<Vec<EventRecord>>;
+    async fn mark_processed(&self, internal_ids: &[String]) -> StoreResult<()>;
+    async fn delete_events_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64>;
+    async fn sync_app(&self, app: AppRecord, functions: Vec<FunctionRecord>) -> StoreResult<SyncOutcome>;
+    async fn get_app(&self, app_id: &str) -> StoreResult<Option<AppRecord>>;
+    async fn list_apps(&self) -> StoreResult<Vec<AppRecord>>;
+    async fn get_function(&self, fn_id: &str) -> StoreResult<Option<FunctionRecord>>;
+    async fn list_functions(&self) -> StoreResult<Vec<FunctionRecord>>;
+    async fn functions_generation(&self) -> StoreResult<u64>;
+} }

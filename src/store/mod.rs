@@ -644,6 +644,111 @@ pub fn push_to_batch(
     (Some(batch), outcome)
 }
 
+/// [`StateStore::save_step`] on the run as stored, `saved_before` telling
+/// whether the step has a result already: `Ok` when `run` took the step and
+/// is to be written back with it, `Err` with the answer when nothing is to
+/// be written. Shared by the backends that run in Rust.
+pub fn add_step(
+    run: &mut RunRecord,
+    step: &StepRecord,
+    saved_before: bool,
+) -> Result<SaveStep, SaveStep> {
+    if run.status.is_terminal() {
+        return Err(SaveStep::RunEnded);
+    }
+    if saved_before {
+        return Err(SaveStep::Duplicate {
+            stack_len: run.stack.len() as u32,
+            planned_left: run.planned.len() as u32,
+        });
+    }
+    run.stack.push(step.id.clone());
+    run.planned.retain(|id| id != &step.id);
+    run.state_bytes += step.memo.len() as u64;
+    if run.status == RunStatus::Queued {
+        run.status = RunStatus::Running;
+        run.started_at = Some(step.saved_at);
+    }
+    Ok(SaveStep::Saved {
+        stack_len: run.stack.len() as u32,
+        planned_left: run.planned.len() as u32,
+    })
+}
+
+/// Rate limit (GCRA): the arrival time to store after one take, or `None`
+/// when `key` has no slot left (store nothing then). `stored` is the
+/// key's arrival time, if any. Shared by the backends that run in Rust.
+pub fn gcra_take(stored: Option<i64>, limit: u32, period: Duration, now: Timestamp) -> Option<i64> {
+    let emission = (period.as_millis() as i64 / i64::from(limit.max(1))).max(1);
+    let tolerance = period.as_millis() as i64 - emission;
+    let tat = stored.unwrap_or(i64::MIN).max(now.millis());
+    (tat - now.millis() <= tolerance).then_some(tat + emission)
+}
+
+/// Throttle (GCRA with reservations): the arrival time to store and when
+/// the reserved start may happen. Shared by the backends that run in Rust.
+pub fn gcra_reserve(
+    stored: Option<i64>,
+    limit: u32,
+    period: Duration,
+    burst: u32,
+    now: Timestamp,
+) -> (i64, Timestamp) {
+    let emission = (period.as_millis() as i64 / i64::from(limit.max(1))).max(1);
+    let tolerance = emission * i64::from(burst.max(1) - 1);
+    let tat = stored.unwrap_or(i64::MIN).max(now.millis());
+    let allowed = (tat - tolerance).max(now.millis());
+    (tat + emission, Timestamp(allowed))
+}
+
+/// What [`DataStore::sync_app`] writes besides the app: the function records
+/// that changed (new versions of listed ones, archived ones the app no
+/// longer lists), and whether anything changed. `stored` reads a function
+/// as stored now. Shared by the backends that run in Rust.
+pub fn plan_sync(
+    previous: Option<&AppRecord>,
+    app: &AppRecord,
+    functions: &[FunctionRecord],
+    mut stored: impl FnMut(&str) -> StoreResult<Option<FunctionRecord>>,
+) -> StoreResult<(Vec<FunctionRecord>, bool)> {
+    let mut modified = previous.is_none_or(|p| p.url != app.url);
+    let mut writes = Vec::new();
+    for function in functions {
+        let mut record = function.clone();
+        match stored(&function.id)? {
+            Some(old)
+                if old.config == record.config
+                    && old.url == record.url
+                    && !old.archived
+                    && old.app_id == record.app_id =>
+            {
+                continue;
+            }
+            Some(old) => record.version = old.version + 1,
+            None => record.version = 1,
+        }
+        modified = true;
+        writes.push(record);
+    }
+    for old_id in previous
+        .map(|p| p.function_ids.as_slice())
+        .unwrap_or_default()
+    {
+        if functions.iter().any(|f| &f.id == old_id) {
+            continue;
+        }
+        if let Some(mut old) = stored(old_id)? {
+            if !old.archived {
+                old.archived = true;
+                old.version += 1;
+                writes.push(old);
+                modified = true;
+            }
+        }
+    }
+    Ok((writes, modified))
+}
+
 /// One queue partition's backlog.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PartitionStats {
@@ -679,14 +784,17 @@ pub async fn open_backends(
     let mut redis = RedisParts::connect(choice).await?;
     let state: Arc<dyn StateStore> = match choice.state {
         StoreKind::Sled => Arc::new(sled::SledStateStore::open(&sled_db())?),
+        StoreKind::Memory => Arc::new(memory::MemoryState::default()),
         StoreKind::Redis => redis.state()?,
     };
     let queue: Arc<dyn Queue> = match choice.queue {
         StoreKind::Sled => Arc::new(sled::SledQueue::open(&sled_db())?),
+        StoreKind::Memory => Arc::new(memory::MemoryQueue::default()),
         StoreKind::Redis => redis.queue()?,
     };
     let data: Arc<dyn DataStore> = match choice.data {
         StoreKind::Sled => Arc::new(sled::SledDataStore::open(&sled_db())?),
+        StoreKind::Memory => Arc::new(memory::MemoryData::default()),
         StoreKind::Redis => redis.data()?,
     };
     let bus: Arc<dyn EventBus> = match choice.bus {

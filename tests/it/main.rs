@@ -17,6 +17,7 @@ mod events;
 mod flow;
 mod gql;
 mod hardening;
+mod memory;
 mod metadata;
 mod openapi;
 mod otel;

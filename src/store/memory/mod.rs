@@ -2,14 +2,38 @@
 //! that runs the event API and the runner together: a mailbox per consumer
 //! group. It keeps nothing: events are already in the data store, and a
 //! runner that starts catches up from there.
+//!
+//! [`MemoryState`], [`MemoryQueue`] and [`MemoryData`] are the reference
+//! stores: plain maps behind a mutex, with the semantics of the sled stores
+//! and nothing durable (everything is gone when the process ends). They
+//! serve in-process tests (crash points, an injected clock) and
+//! `baton dev --memory`.
+
+mod data;
+mod queue;
+mod state;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use futures::channel::mpsc;
 
 use crate::model::EventRecord;
-use crate::store::{EventBus, EventStream, StoreResult};
+pub use data::MemoryData;
+pub use queue::MemoryQueue;
+pub use state::MemoryState;
+
+use crate::store::{Backends, EventBus, EventStream, StoreResult};
+
+/// Four empty in-memory backends.
+pub fn backends() -> Backends {
+    Backends {
+        state: Arc::new(MemoryState::default()),
+        queue: Arc::new(MemoryQueue::default()),
+        bus: Arc::new(MemoryBus::default()),
+        data: Arc::new(MemoryData::default()),
+    }
+}
 
 #[derive(Default)]
 pub struct MemoryBus {
@@ -61,7 +85,28 @@ impl EventBus for MemoryBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{ManualClock, Timestamp};
     use crate::store::testsuite;
+
+    #[actix_rt::test]
+    async fn memory_state_conformance() {
+        testsuite::state_suite(&MemoryState::default())
+            .await
+            .unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn memory_queue_conformance() {
+        let clock = ManualClock::at(Timestamp(1_000_000));
+        testsuite::queue_suite(&MemoryQueue::default(), &clock)
+            .await
+            .unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn memory_data_conformance() {
+        testsuite::data_suite(&MemoryData::default()).await.unwrap();
+    }
 
     #[actix_rt::test]
     async fn memory_bus_conformance() {

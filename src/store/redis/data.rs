@@ -17,7 +17,7 @@ use super::{Attempts, Change, RedisConnection};
 use crate::clock::Timestamp;
 use crate::model::records::Record;
 use crate::model::{AppRecord, EventRecord, FunctionRecord};
-use crate::store::{DataStore, StoreResult, SyncOutcome};
+use crate::store::{plan_sync, DataStore, StoreResult, SyncOutcome};
 
 /// Event ids read per round trip by retention.
 const SCAN_CHUNK: usize = 500;
@@ -325,50 +325,19 @@ impl DataStore for RedisDataStore {
             for (key, value) in keys.iter().zip(&values) {
                 change.expect(key, value.as_deref());
             }
+            let (writes, modified) = plan_sync(previous.as_ref(), &app, &functions, |id| {
+                let bytes = stored.get(id).and_then(|value| value.as_deref());
+                Ok(bytes.map(FunctionRecord::from_bytes).transpose()?)
+            })?;
+            // An archived function was listed before, so `fns` has it.
             let fns = self.conn.key("fns", "");
-            let mut modified = previous.as_ref().is_none_or(|p| p.url != app.url);
-            for function in &functions {
-                let existing = stored[function.id.as_str()]
-                    .as_deref()
-                    .map(FunctionRecord::from_bytes)
-                    .transpose()?;
-                let mut record = function.clone();
-                match existing {
-                    Some(old)
-                        if old.config == record.config
-                            && old.url == record.url
-                            && !old.archived
-                            && old.app_id == record.app_id =>
-                    {
-                        continue;
-                    }
-                    Some(old) => record.version = old.version + 1,
-                    None => record.version = 1,
-                }
-                modified = true;
+            for record in writes {
                 change
                     .command(
                         "SET",
                         &[self.fn_key(&record.id).as_bytes(), &record.to_bytes()],
                     )
                     .command("ZADD", &[fns.as_bytes(), b"0", record.id.as_bytes()]);
-            }
-            if let Some(previous) = &previous {
-                for old_id in &previous.function_ids {
-                    if listed.contains(old_id.as_str()) {
-                        continue;
-                    }
-                    let Some(bytes) = stored[old_id.as_str()] else {
-                        continue;
-                    };
-                    let mut old = FunctionRecord::from_bytes(bytes)?;
-                    if !old.archived {
-                        old.archived = true;
-                        old.version += 1;
-                        change.command("SET", &[self.fn_key(old_id).as_bytes(), &old.to_bytes()]);
-                        modified = true;
-                    }
-                }
             }
             change
                 .command("SET", &[app_key.as_bytes(), &app.to_bytes()])

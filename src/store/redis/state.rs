@@ -37,7 +37,7 @@ use crate::model::{
     BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
     RunRecord, RunStatus, StepRecord,
 };
-use crate::store::{abort_defer_in, add_defer, next_debounce, push_to_batch};
+use crate::store::{abort_defer_in, add_defer, add_step, next_debounce, push_to_batch};
 use crate::store::{
     AddMetadata, BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
 };
@@ -436,22 +436,10 @@ impl StateStore for RedisStateStore {
                 return Ok(SaveStep::RunEnded);
             };
             let mut run = RunRecord::from_bytes(&bytes)?;
-            if run.status.is_terminal() {
-                return Ok(SaveStep::RunEnded);
-            }
-            if saved {
-                return Ok(SaveStep::Duplicate {
-                    stack_len: run.stack.len() as u32,
-                    planned_left: run.planned.len() as u32,
-                });
-            }
-            run.stack.push(step.id.clone());
-            run.planned.retain(|id| id != &step.id);
-            run.state_bytes += step.memo.len() as u64;
-            if run.status == RunStatus::Queued {
-                run.status = RunStatus::Running;
-                run.started_at = Some(step.saved_at);
-            }
+            let outcome = match add_step(&mut run, &step, saved) {
+                Ok(outcome) => outcome,
+                Err(unchanged) => return Ok(unchanged),
+            };
             let mut change = Change::default();
             change
                 .expect(&run_key, Some(&bytes))
@@ -462,10 +450,7 @@ impl StateStore for RedisStateStore {
                 )
                 .command("SET", &[run_key.as_bytes(), &run.to_bytes()]);
             if self.conn.apply(&change).await? {
-                return Ok(SaveStep::Saved {
-                    stack_len: run.stack.len() as u32,
-                    planned_left: run.planned.len() as u32,
-                });
+                return Ok(outcome);
             }
         }
     }

@@ -3,14 +3,13 @@
 //! index retention scans (`ti` marks it built), `p/<internal id>` pending for the runner,
 //! `a/<app>` app, `f/<fn>` function, `g` the functions generation.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::{key, sled_error, GroupCommit, SledDb};
 use crate::clock::Timestamp;
 use crate::model::records::Record;
 use crate::model::{AppRecord, EventRecord, FunctionRecord};
-use crate::store::{DataStore, StoreResult, SyncOutcome};
+use crate::store::{plan_sync, DataStore, StoreResult, SyncOutcome};
 
 pub struct SledDataStore {
     tree: sled::Tree,
@@ -185,44 +184,12 @@ impl DataStore for SledDataStore {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let previous: Option<AppRecord> = self.get_record(key(&[b"a", app.id.as_bytes()]))?;
+            let (writes, modified) = plan_sync(previous.as_ref(), &app, &functions, |id| {
+                self.get_record(key(&[b"f", id.as_bytes()]))
+            })?;
             let mut batch = sled::Batch::default();
-            let mut modified = previous.as_ref().is_none_or(|p| p.url != app.url);
-            let listed: HashMap<&str, &FunctionRecord> =
-                functions.iter().map(|f| (f.id.as_str(), f)).collect();
-            for function in &functions {
-                let fn_key = key(&[b"f", function.id.as_bytes()]);
-                let existing: Option<FunctionRecord> = self.get_record(fn_key.clone())?;
-                let mut record = function.clone();
-                match existing {
-                    Some(old)
-                        if old.config == record.config
-                            && old.url == record.url
-                            && !old.archived
-                            && old.app_id == record.app_id =>
-                    {
-                        continue;
-                    }
-                    Some(old) => record.version = old.version + 1,
-                    None => record.version = 1,
-                }
-                modified = true;
-                batch.insert(fn_key, record.to_bytes());
-            }
-            if let Some(previous) = &previous {
-                for old_id in &previous.function_ids {
-                    if listed.contains_key(old_id.as_str()) {
-                        continue;
-                    }
-                    let fn_key = key(&[b"f", old_id.as_bytes()]);
-                    if let Some(mut old) = self.get_record::<FunctionRecord>(fn_key.clone())? {
-                        if !old.archived {
-                            old.archived = true;
-                            old.version += 1;
-                            batch.insert(fn_key, old.to_bytes());
-                            modified = true;
-                        }
-                    }
-                }
+            for record in writes {
+                batch.insert(key(&[b"f", record.id.as_bytes()]), record.to_bytes());
             }
             batch.insert(key(&[b"a", app.id.as_bytes()]), app.to_bytes());
             if modified {

@@ -24,7 +24,10 @@ use crate::model::{
     BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
     RunRecord, RunStatus, StepRecord,
 };
-use crate::store::{abort_defer_in, add_defer, next_debounce, push_to_batch, BatchPush};
+use crate::store::{
+    abort_defer_in, add_defer, add_step, gcra_reserve, gcra_take, next_debounce, push_to_batch,
+    BatchPush,
+};
 use crate::store::{
     AddMetadata, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
 };
@@ -275,31 +278,17 @@ impl StateStore for SledStateStore {
             let Some(mut run) = self.get_run(run_id)? else {
                 return Ok(SaveStep::RunEnded);
             };
-            if run.status.is_terminal() {
-                return Ok(SaveStep::RunEnded);
-            }
             let step_key = key(&[b"s", run_id.as_bytes(), step.id.as_bytes()]);
-            if self.tree.contains_key(&step_key).map_err(sled_error)? {
-                return Ok(SaveStep::Duplicate {
-                    stack_len: run.stack.len() as u32,
-                    planned_left: run.planned.len() as u32,
-                });
-            }
-            run.stack.push(step.id.clone());
-            run.planned.retain(|id| id != &step.id);
-            run.state_bytes += step.memo.len() as u64;
-            if run.status == RunStatus::Queued {
-                run.status = RunStatus::Running;
-                run.started_at = Some(step.saved_at);
-            }
+            let saved_before = self.tree.contains_key(&step_key).map_err(sled_error)?;
+            let saved = match add_step(&mut run, &step, saved_before) {
+                Ok(saved) => saved,
+                Err(unchanged) => return Ok(unchanged),
+            };
             let mut batch = sled::Batch::default();
             batch.insert(step_key, step.to_bytes());
             batch.insert(key(&[b"r", run_id.as_bytes()]), run.to_bytes());
             self.tree.apply_batch(batch).map_err(sled_error)?;
-            SaveStep::Saved {
-                stack_len: run.stack.len() as u32,
-                planned_left: run.planned.len() as u32,
-            }
+            saved
         };
         self.commit.flush().await?;
         Ok(outcome)
@@ -482,15 +471,11 @@ impl StateStore for SledStateStore {
     ) -> StoreResult<bool> {
         let _guard = self.lock();
         let tat_key = joined(b"fl/rl/", &[key]);
-        let stored = self.get_i64(&tat_key)?.unwrap_or(i64::MIN);
-        let emission = (period.as_millis() as i64 / i64::from(limit.max(1))).max(1);
-        let tolerance = period.as_millis() as i64 - emission;
-        let tat = stored.max(now.millis());
-        if tat - now.millis() > tolerance {
+        let Some(tat) = gcra_take(self.get_i64(&tat_key)?, limit, period, now) else {
             return Ok(false);
-        }
+        };
         self.tree
-            .insert(tat_key, &(tat + emission).to_be_bytes())
+            .insert(tat_key, &tat.to_be_bytes())
             .map_err(sled_error)?;
         Ok(true)
     }
@@ -505,15 +490,11 @@ impl StateStore for SledStateStore {
     ) -> StoreResult<Timestamp> {
         let _guard = self.lock();
         let tat_key = joined(b"fl/th/", &[key]);
-        let stored = self.get_i64(&tat_key)?.unwrap_or(i64::MIN);
-        let emission = (period.as_millis() as i64 / i64::from(limit.max(1))).max(1);
-        let tolerance = emission * i64::from(burst.max(1) - 1);
-        let tat = stored.max(now.millis());
-        let allowed = (tat - tolerance).max(now.millis());
+        let (tat, allowed) = gcra_reserve(self.get_i64(&tat_key)?, limit, period, burst, now);
         self.tree
-            .insert(tat_key, &(tat + emission).to_be_bytes())
+            .insert(tat_key, &tat.to_be_bytes())
             .map_err(sled_error)?;
-        Ok(Timestamp(allowed))
+        Ok(allowed)
     }
 
     async fn debounce_push(

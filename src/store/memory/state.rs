@@ -1,0 +1,578 @@
+//! [`StateStore`] in memory: the records themselves in maps behind one
+//! mutex, every call one critical section (so every change is atomic, and
+//! "durable" as soon as it returns, for as long as the process lives).
+//! Indexes are kept only where a scan would grow with the whole store on a
+//! hot path (idempotency keys, correlation ids, signals); the rest scan.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::clock::Timestamp;
+use crate::model::metadata::MetadataRecord;
+use crate::model::trace::AttemptRecord;
+use crate::model::{
+    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
+    RunRecord, RunStatus, StepRecord,
+};
+use crate::store::{
+    abort_defer_in, add_defer, add_step, gcra_reserve, gcra_take, next_debounce, push_to_batch,
+    AddMetadata, BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+};
+
+#[derive(Default)]
+pub struct MemoryState {
+    inner: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// By run id: ULIDs, so creation order.
+    runs: BTreeMap<String, RunRecord>,
+    /// (function, idempotency key) → run id.
+    idempotency: HashMap<(String, String), String>,
+    /// Run id → step id → result.
+    steps: HashMap<String, HashMap<String, StepRecord>>,
+    defers: HashMap<String, RunDefers>,
+    attempts: HashMap<String, Vec<AttemptRecord>>,
+    /// Run id → its metadata records, in the order added.
+    metadata: HashMap<String, Vec<MetadataRecord>>,
+    /// By pause id.
+    pauses: BTreeMap<String, PauseRecord>,
+    /// Invoke correlation id → pause id.
+    correlations: HashMap<String, String>,
+    /// Signal name → the pause that waits for it.
+    signals: HashMap<String, String>,
+    /// GCRA arrival times of rate limits and throttles.
+    rate_limits: HashMap<String, i64>,
+    throttles: HashMap<String, i64>,
+    debounces: HashMap<String, DebounceRecord>,
+    batches: HashMap<String, BatchRecord>,
+    singletons: HashMap<String, String>,
+}
+
+impl State {
+    fn open_run(&self, run_id: &str) -> bool {
+        self.runs
+            .get(run_id)
+            .is_some_and(|run| !run.status.is_terminal())
+    }
+
+    fn pauses_where(&self, keep: impl Fn(&PauseRecord) -> bool) -> Vec<PauseRecord> {
+        self.pauses.values().filter(|p| keep(p)).cloned().collect()
+    }
+
+    fn correlation_index(&mut self, kind: &PauseKind) -> &mut HashMap<String, String> {
+        match kind {
+            PauseKind::Signal => &mut self.signals,
+            _ => &mut self.correlations,
+        }
+    }
+
+    /// Stores `pause` and indexes it, unless one with its id exists.
+    fn save_pause(&mut self, pause: PauseRecord) -> bool {
+        if self.pauses.contains_key(&pause.id) {
+            return false;
+        }
+        if let Some(correlation) = &pause.correlation_id {
+            self.correlation_index(&pause.kind)
+                .insert(correlation.clone(), pause.id.clone());
+        }
+        self.pauses.insert(pause.id.clone(), pause);
+        true
+    }
+
+    fn pause_by(&self, index: &HashMap<String, String>, key: &str) -> Option<PauseRecord> {
+        index.get(key).and_then(|id| self.pauses.get(id)).cloned()
+    }
+
+    fn delete_run(&mut self, run: &RunRecord) {
+        self.runs.remove(&run.id);
+        self.idempotency
+            .remove(&(run.fn_id.clone(), run.idempotency_key.clone()));
+        self.steps.remove(&run.id);
+        self.defers.remove(&run.id);
+        self.attempts.remove(&run.id);
+        self.metadata.remove(&run.id);
+    }
+}
+
+impl MemoryState {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl StateStore for MemoryState {
+    async fn create_run(&self, run: RunRecord) -> StoreResult<CreateRun> {
+        let mut state = self.lock();
+        let idem = (run.fn_id.clone(), run.idempotency_key.clone());
+        if let Some(existing) = state
+            .idempotency
+            .get(&idem)
+            .and_then(|id| state.runs.get(id))
+        {
+            return Ok(CreateRun::Exists(existing.clone()));
+        }
+        state.idempotency.insert(idem, run.id.clone());
+        state.runs.insert(run.id.clone(), run.clone());
+        Ok(CreateRun::Created(run))
+    }
+
+    async fn load_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
+        Ok(self.lock().runs.get(run_id).cloned())
+    }
+
+    async fn load_steps(&self, run_id: &str) -> StoreResult<Vec<StepRecord>> {
+        let state = self.lock();
+        let (Some(run), Some(steps)) = (state.runs.get(run_id), state.steps.get(run_id)) else {
+            return Ok(Vec::new());
+        };
+        Ok(run
+            .stack
+            .iter()
+            .filter_map(|id| steps.get(id).cloned())
+            .collect())
+    }
+
+    async fn mark_running(
+        &self,
+        run_id: &str,
+        at: Timestamp,
+        request_version: i32,
+    ) -> StoreResult<()> {
+        if let Some(run) = self.lock().runs.get_mut(run_id) {
+            if run.status == RunStatus::Queued {
+                run.status = RunStatus::Running;
+                run.started_at = Some(at.millis());
+            }
+            if request_version > 0 {
+                run.request_version = request_version;
+            }
+        }
+        Ok(())
+    }
+
+    async fn save_step(&self, run_id: &str, step: StepRecord) -> StoreResult<SaveStep> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(run) = state.runs.get_mut(run_id) else {
+            return Ok(SaveStep::RunEnded);
+        };
+        let steps = state.steps.entry(run_id.to_string()).or_default();
+        match add_step(run, &step, steps.contains_key(&step.id)) {
+            Ok(saved) => {
+                steps.insert(step.id.clone(), step);
+                Ok(saved)
+            }
+            Err(unchanged) => Ok(unchanged),
+        }
+    }
+
+    async fn plan_steps(
+        &self,
+        run_id: &str,
+        step_ids: &[String],
+        force_plan: bool,
+    ) -> StoreResult<()> {
+        if let Some(run) = self.lock().runs.get_mut(run_id) {
+            for id in step_ids {
+                if !run.stack.contains(id) && !run.planned.contains(id) {
+                    run.planned.push(id.clone());
+                }
+            }
+            run.force_plan |= force_plan;
+        }
+        Ok(())
+    }
+
+    async fn set_force_plan(&self, run_id: &str, force_plan: bool) -> StoreResult<()> {
+        if let Some(run) = self.lock().runs.get_mut(run_id) {
+            run.force_plan = force_plan;
+        }
+        Ok(())
+    }
+
+    async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool> {
+        Ok(self.lock().save_pause(pause))
+    }
+
+    async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
+        Ok(self.lock().pauses.get(pause_id).cloned())
+    }
+
+    async fn pauses_for_event(&self, event_name: &str) -> StoreResult<Vec<PauseRecord>> {
+        Ok(self
+            .lock()
+            .pauses_where(|p| p.event_name == event_name && p.match_key.is_none()))
+    }
+
+    async fn pause_match_paths(&self, event_name: &str) -> StoreResult<Vec<String>> {
+        let state = self.lock();
+        let mut paths: Vec<String> = state
+            .pauses
+            .values()
+            .filter(|p| p.event_name == event_name)
+            .filter_map(|p| p.match_key.as_ref().map(|(path, _)| path.clone()))
+            .collect();
+        paths.sort();
+        paths.dedup();
+        Ok(paths)
+    }
+
+    async fn pauses_for_match(
+        &self,
+        event_name: &str,
+        path: &str,
+        value_json: &str,
+    ) -> StoreResult<Vec<PauseRecord>> {
+        Ok(self.lock().pauses_where(|p| {
+            p.event_name == event_name
+                && p.match_key
+                    .as_ref()
+                    .is_some_and(|(p, v)| p == path && v == value_json)
+        }))
+    }
+
+    async fn save_signal_pause(
+        &self,
+        pause: PauseRecord,
+        replace: bool,
+    ) -> StoreResult<SaveSignal> {
+        let mut state = self.lock();
+        let signal = pause.correlation_id.clone().unwrap_or_default();
+        let holder = state
+            .pause_by(&state.signals, &signal)
+            .filter(|holder| holder.id != pause.id);
+        Ok(match holder {
+            Some(holder) if !replace => SaveSignal::Conflict {
+                run_id: holder.run_id,
+            },
+            _ if state.save_pause(pause) => SaveSignal::Saved,
+            _ => SaveSignal::Exists,
+        })
+    }
+
+    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
+        let state = self.lock();
+        Ok(state.pause_by(&state.signals, signal))
+    }
+
+    async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()> {
+        let mut state = self.lock();
+        if state.signals.get(signal).is_some_and(|id| id == pause_id) {
+            state.signals.remove(signal);
+        }
+        Ok(())
+    }
+
+    async fn pause_for_correlation(
+        &self,
+        correlation_id: &str,
+    ) -> StoreResult<Option<PauseRecord>> {
+        let state = self.lock();
+        Ok(state.pause_by(&state.correlations, correlation_id))
+    }
+
+    async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {
+        Ok(self.lock().pauses_where(|p| p.run_id == run_id))
+    }
+
+    async fn take_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
+        let mut state = self.lock();
+        let Some(pause) = state.pauses.remove(pause_id) else {
+            return Ok(None);
+        };
+        if let Some(correlation) = &pause.correlation_id {
+            // A signal is given up only by the pause that still holds it.
+            let index = state.correlation_index(&pause.kind);
+            if index.get(correlation) == Some(&pause.id) {
+                index.remove(correlation);
+            }
+        }
+        Ok(Some(pause))
+    }
+
+    async fn pause_count(&self) -> StoreResult<u64> {
+        Ok(self.lock().pauses.len() as u64)
+    }
+
+    async fn rate_limit_take(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        let mut state = self.lock();
+        let stored = state.rate_limits.get(key).copied();
+        let Some(tat) = gcra_take(stored, limit, period, now) else {
+            return Ok(false);
+        };
+        state.rate_limits.insert(key.to_string(), tat);
+        Ok(true)
+    }
+
+    async fn throttle_reserve(
+        &self,
+        key: &str,
+        limit: u32,
+        period: Duration,
+        burst: u32,
+        now: Timestamp,
+    ) -> StoreResult<Timestamp> {
+        let mut state = self.lock();
+        let stored = state.throttles.get(key).copied();
+        let (tat, allowed) = gcra_reserve(stored, limit, period, burst, now);
+        state.throttles.insert(key.to_string(), tat);
+        Ok(allowed)
+    }
+
+    async fn debounce_push(
+        &self,
+        key: &str,
+        event: &EventRecord,
+        period: Duration,
+        timeout: Option<Duration>,
+        now: Timestamp,
+    ) -> StoreResult<(u64, Timestamp)> {
+        let mut state = self.lock();
+        let record = next_debounce(state.debounces.get(key), event, period, timeout, now);
+        let outcome = (record.generation, Timestamp(record.due));
+        state.debounces.insert(key.to_string(), record);
+        Ok(outcome)
+    }
+
+    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>> {
+        let mut state = self.lock();
+        if state
+            .debounces
+            .get(key)
+            .is_none_or(|record| record.generation != generation)
+        {
+            return Ok(None);
+        }
+        Ok(state.debounces.remove(key).map(|record| record.event))
+    }
+
+    async fn batch_push(
+        &self,
+        key: &str,
+        event: &EventRecord,
+        max_size: u32,
+        now: Timestamp,
+    ) -> StoreResult<BatchPush> {
+        let mut state = self.lock();
+        let previous = state.batches.remove(key);
+        let (stored, outcome) = push_to_batch(previous, event, max_size, now);
+        if let Some(batch) = stored {
+            state.batches.insert(key.to_string(), batch);
+        }
+        Ok(outcome)
+    }
+
+    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>> {
+        let mut state = self.lock();
+        if state
+            .batches
+            .get(key)
+            .is_none_or(|batch| batch.batch_id != batch_id)
+        {
+            return Ok(Vec::new());
+        }
+        Ok(state
+            .batches
+            .remove(key)
+            .map(|batch| batch.events)
+            .unwrap_or_default())
+    }
+
+    async fn singleton_claim(
+        &self,
+        key: &str,
+        run_id: &str,
+        replace: bool,
+    ) -> StoreResult<Option<String>> {
+        let mut state = self.lock();
+        let holder = state
+            .singletons
+            .get(key)
+            .filter(|id| state.open_run(id))
+            .cloned();
+        if holder.is_none() || replace {
+            state.singletons.insert(key.to_string(), run_id.to_string());
+        }
+        Ok(holder)
+    }
+
+    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer> {
+        let mut state = self.lock();
+        if !state.open_run(run_id) {
+            return Ok(SaveDefer::RunEnded);
+        }
+        let defers = state
+            .defers
+            .entry(run_id.to_string())
+            .or_insert_with(|| RunDefers {
+                run_id: run_id.to_string(),
+                defers: Vec::new(),
+            });
+        Ok(add_defer(defers, defer))
+    }
+
+    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool> {
+        let mut state = self.lock();
+        if !state.open_run(run_id) {
+            return Ok(false);
+        }
+        Ok(state
+            .defers
+            .get_mut(run_id)
+            .is_some_and(|defers| abort_defer_in(defers, hashed_id)))
+    }
+
+    async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
+        Ok(self
+            .lock()
+            .defers
+            .get(run_id)
+            .map(|d| d.defers.clone())
+            .unwrap_or_default())
+    }
+
+    async fn finish_run(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        output: Option<String>,
+        at: Timestamp,
+    ) -> StoreResult<bool> {
+        let mut state = self.lock();
+        let Some(run) = state.runs.get_mut(run_id) else {
+            return Ok(false);
+        };
+        if run.status.is_terminal() {
+            return Ok(false);
+        }
+        run.status = status;
+        run.output = output;
+        run.ended_at = Some(at.millis());
+        run.started_at.get_or_insert(at.millis());
+        Ok(true)
+    }
+
+    async fn list_runs(
+        &self,
+        limit: usize,
+        before: Option<&str>,
+        fn_id: Option<&str>,
+        status: Option<RunStatus>,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let state = self.lock();
+        let end = before.map_or(Bound::Unbounded, Bound::Excluded);
+        let older = state.runs.range::<str, _>((Bound::Unbounded, end));
+        Ok(older
+            .rev()
+            .map(|(_, run)| run)
+            .filter(|run| fn_id.is_none_or(|f| f == run.fn_id))
+            .filter(|run| status.is_none_or(|s| s == run.status))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64> {
+        let mut state = self.lock();
+        // Runs are keyed by ULID, so creation order: past the cutoff,
+        // nothing later can have ended before it.
+        let doomed: Vec<RunRecord> = state
+            .runs
+            .values()
+            .take_while(|run| run.created_at < cutoff.millis())
+            .filter(|run| {
+                run.status.is_terminal() && run.ended_at.unwrap_or(i64::MAX) < cutoff.millis()
+            })
+            .take(max)
+            .cloned()
+            .collect();
+        for run in &doomed {
+            state.delete_run(run);
+        }
+        Ok(doomed.len() as u64)
+    }
+
+    async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
+        let mut state = self.lock();
+        let attempts = state.attempts.entry(attempt.run_id.clone()).or_default();
+        // Ordered by start, then by the order noted.
+        let at = attempts.partition_point(|a| a.started_at <= attempt.started_at);
+        attempts.insert(at, attempt);
+        Ok(())
+    }
+
+    async fn load_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>> {
+        Ok(self
+            .lock()
+            .attempts
+            .get(run_id)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn add_metadata(
+        &self,
+        run_id: &str,
+        records: &[MetadataRecord],
+        max_bytes: u64,
+    ) -> StoreResult<AddMetadata> {
+        let mut state = self.lock();
+        if !state.runs.contains_key(run_id) {
+            return Ok(AddMetadata::NoRun);
+        }
+        let held = state.metadata.entry(run_id.to_string()).or_default();
+        let mut fresh: Vec<&MetadataRecord> = Vec::new();
+        for record in records {
+            let known = held
+                .iter()
+                .chain(fresh.iter().copied())
+                .any(|r| r.id == record.id);
+            if !known {
+                fresh.push(record);
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(AddMetadata::Added { added: 0 });
+        }
+        let used: u64 = held.iter().map(MetadataRecord::size).sum();
+        let adding: u64 = fresh.iter().map(|r| r.size()).sum();
+        if used + adding > max_bytes {
+            return Ok(AddMetadata::TooLarge { used });
+        }
+        let added = fresh.len();
+        held.extend(fresh.into_iter().cloned());
+        Ok(AddMetadata::Added { added })
+    }
+
+    async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>> {
+        Ok(self
+            .lock()
+            .metadata
+            .get(run_id)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>> {
+        Ok(self
+            .lock()
+            .runs
+            .values()
+            .filter(|run| run.event_ids.iter().any(|id| id == event_internal_id))
+            .cloned()
+            .collect())
+    }
+}
