@@ -70,6 +70,18 @@ impl RedisStateStore {
         self.conn.key("pause:", pause_id)
     }
 
+    /// Every record of the list at `key`, in order.
+    async fn load_list<R: Record>(&self, key: &str) -> StoreResult<Vec<R>> {
+        let values: Vec<Vec<u8>> = self
+            .conn
+            .query(::redis::cmd("LRANGE").arg(key).arg(0).arg(-1))
+            .await?;
+        values
+            .iter()
+            .map(|bytes| R::from_bytes(bytes).map_err(Into::into))
+            .collect()
+    }
+
     /// The set that finds `pause` by its event.
     fn pause_index_key(&self, pause: &PauseRecord) -> String {
         match &pause.match_key {
@@ -997,19 +1009,7 @@ impl StateStore for RedisStateStore {
     }
 
     async fn load_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>> {
-        let values: Vec<Vec<u8>> = self
-            .conn
-            .query(
-                ::redis::cmd("LRANGE")
-                    .arg(self.conn.key("attempts:", run_id))
-                    .arg(0)
-                    .arg(-1),
-            )
-            .await?;
-        values
-            .iter()
-            .map(|bytes| AttemptRecord::from_bytes(bytes).map_err(Into::into))
-            .collect()
+        self.load_list(&self.conn.key("attempts:", run_id)).await
     }
 
     async fn add_metadata(
@@ -1052,19 +1052,7 @@ impl StateStore for RedisStateStore {
     }
 
     async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>> {
-        let values: Vec<Vec<u8>> = self
-            .conn
-            .query(
-                ::redis::cmd("LRANGE")
-                    .arg(self.conn.key("md:", run_id))
-                    .arg(0)
-                    .arg(-1),
-            )
-            .await?;
-        values
-            .iter()
-            .map(|bytes| MetadataRecord::from_bytes(bytes).map_err(Into::into))
-            .collect()
+        self.load_list(&self.conn.key("md:", run_id)).await
     }
 
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>> {
