@@ -70,6 +70,15 @@ impl RedisStateStore {
         self.conn.key("pause:", pause_id)
     }
 
+    /// The pause whose id the string at `index` holds, if both exist.
+    async fn pause_at(&self, index: &str) -> StoreResult<Option<PauseRecord>> {
+        let pause_id: Option<String> = self.conn.query(::redis::cmd("GET").arg(index)).await?;
+        match pause_id {
+            Some(pause_id) => self.get_pause(&pause_id).await,
+            None => Ok(None),
+        }
+    }
+
     /// Every record of the list at `key`, in order.
     async fn load_list<R: Record>(&self, key: &str) -> StoreResult<Vec<R>> {
         let values: Vec<Vec<u8>> = self
@@ -541,14 +550,7 @@ impl StateStore for RedisStateStore {
     }
 
     async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
-        let pause_id: Option<String> = self
-            .conn
-            .query(::redis::cmd("GET").arg(self.conn.key("psig:", signal)))
-            .await?;
-        match pause_id {
-            Some(pause_id) => self.get_pause(&pause_id).await,
-            None => Ok(None),
-        }
+        self.pause_at(&self.conn.key("psig:", signal)).await
     }
 
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
@@ -593,14 +595,8 @@ impl StateStore for RedisStateStore {
         &self,
         correlation_id: &str,
     ) -> StoreResult<Option<PauseRecord>> {
-        let pause_id: Option<String> = self
-            .conn
-            .query(::redis::cmd("GET").arg(self.conn.key("pcorr:", correlation_id)))
-            .await?;
-        match pause_id {
-            Some(pause_id) => self.get_pause(&pause_id).await,
-            None => Ok(None),
-        }
+        self.pause_at(&self.conn.key("pcorr:", correlation_id))
+            .await
     }
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {

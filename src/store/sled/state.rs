@@ -129,6 +129,14 @@ impl SledStateStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The pause whose id the entry at `index` holds, if both exist.
+    fn pause_at(&self, index: &[u8]) -> StoreResult<Option<PauseRecord>> {
+        match self.tree.get(index).map_err(sled_error)? {
+            Some(pause_id) => self.get_pause_now(&String::from_utf8_lossy(&pause_id)),
+            None => Ok(None),
+        }
+    }
+
     /// Writes `pause` and its indexes unless it exists (false then); the
     /// caller holds the write lock and flushes.
     fn save_pause_locked(&self, pause: &PauseRecord) -> StoreResult<bool> {
@@ -358,14 +366,7 @@ impl StateStore for SledStateStore {
     }
 
     async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
-        match self
-            .tree
-            .get(key(&[b"ps", signal.as_bytes()]))
-            .map_err(sled_error)?
-        {
-            Some(pause_id) => self.get_pause_now(&String::from_utf8_lossy(&pause_id)),
-            None => Ok(None),
-        }
+        self.pause_at(&key(&[b"ps", signal.as_bytes()]))
     }
 
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
@@ -416,14 +417,7 @@ impl StateStore for SledStateStore {
         &self,
         correlation_id: &str,
     ) -> StoreResult<Option<PauseRecord>> {
-        match self
-            .tree
-            .get(key(&[b"pc", correlation_id.as_bytes()]))
-            .map_err(sled_error)?
-        {
-            Some(pause_id) => self.get_pause_now(&String::from_utf8_lossy(&pause_id)),
-            None => Ok(None),
-        }
+        self.pause_at(&key(&[b"pc", correlation_id.as_bytes()]))
     }
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {
