@@ -6,7 +6,6 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
@@ -15,9 +14,7 @@ use baton::store::nats::NatsBus;
 use baton::store::{testsuite, EventBus, EventStream, StoreErrorKind};
 use futures::StreamExt;
 
-fn nats_url() -> String {
-    std::env::var("BATON_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
+use crate::support::{nats_url, skip};
 
 /// Runs `body` with a bus on a fresh stream, then deletes the stream (also
 /// when the body failed). Skips (or fails, with `BATON_REQUIRE_BACKENDS=1`)
@@ -32,15 +29,12 @@ where
     let bus = match NatsBus::connect(&url, &name, &name).await {
         Ok(bus) => bus,
         Err(err) if err.kind == StoreErrorKind::Unavailable => {
-            if std::env::var("BATON_REQUIRE_BACKENDS").as_deref() == Ok("1") {
-                panic!("BATON_REQUIRE_BACKENDS=1 but no NATS with JetStream at {url}: {err}");
-            }
-            // Straight to the process's stderr: the test harness captures
-            // `eprintln!` of passing tests, and a skip must be seen.
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n*** SKIPPED {test}: no NATS at {url} ({err}). Start `nats-server -js` or set \
-                 BATON_NATS_URL; BATON_REQUIRE_BACKENDS=1 makes this a failure. ***\n"
+            skip(
+                test,
+                &format!(
+                    "no NATS with JetStream at {url} ({err}); start `nats-server -js` or set \
+                     BATON_NATS_URL"
+                ),
             );
             return;
         }

@@ -20,9 +20,7 @@ use baton::store::{
     testsuite, BatchPush, CreateRun, DataStore, Queue, SaveStep, StateStore, StoreErrorKind,
 };
 
-fn redis_url() -> String {
-    std::env::var("BATON_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+use crate::support::{redis_url, skip};
 
 /// A unique key prefix whose keys are deleted when this is dropped (also
 /// when the test fails).
@@ -38,13 +36,10 @@ impl Namespace {
         let prefix = format!("baton-test-{}:", ulid::Ulid::new());
         match RedisConnection::connect(&url, &prefix).await {
             Ok(conn) => Some((Namespace { url, prefix }, conn)),
-            Err(err) if std::env::var("BATON_REQUIRE_BACKENDS").as_deref() == Ok("1") => {
-                panic!("BATON_REQUIRE_BACKENDS=1 but there is no Redis at {url}: {err}")
-            }
             Err(err) => {
-                eprintln!(
-                    "*** SKIPPED: no Redis at {url} ({err}); set BATON_REDIS_URL, or \
-                     BATON_REQUIRE_BACKENDS=1 to fail instead ***"
+                skip(
+                    "a Redis conformance test",
+                    &format!("no Redis at {url} ({err}); set BATON_REDIS_URL"),
                 );
                 None
             }

@@ -24,11 +24,10 @@ fn browser_ready() -> Option<()> {
     let ready = *READY.get_or_init(|| {
         let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
         if !std::path::Path::new(&chromium).exists() {
-            assert!(
-                std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "chromium is required in CI (apt-get install chromium)"
+            skip(
+                "the browser tests",
+                &format!("no chromium at {chromium} (apt-get install chromium)"),
             );
-            eprintln!("*** SKIPPED browser tests: no chromium at {chromium} ***");
             return false;
         }
         if !browser_dir()

@@ -126,11 +126,10 @@ fn systemd_unit_verifies_clean() {
         .arg("--version")
         .output()
     else {
-        assert!(
-            std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-            "systemd-analyze is required in CI"
+        skip(
+            "systemd_unit_verifies_clean",
+            "systemd-analyze is not installed",
         );
-        eprintln!("SKIPPED: systemd-analyze is not installed");
         return;
     };
     assert!(output.status.success());

@@ -204,35 +204,14 @@ async fn node_defers_without_checkpointing() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn node_defers_on_redis() {
-    let url = std::env::var("BATON_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut conn = match redis::Client::open(url.as_str()).and_then(|c| c.get_connection()) {
-        Ok(conn) => conn,
-        Err(err) => {
-            assert!(
-                std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "BATON_REQUIRE_BACKENDS=1 but no Redis at {url}: {err}"
-            );
-            eprintln!("*** SKIPPED node_defers_on_redis: no Redis ({err}) ***");
-            return;
-        }
+    let Some(keys) = RedisKeys::open("node_defers_on_redis", "baton-defer") else {
+        return;
     };
-    let prefix = format!("baton-defer-{}:", ulid::Ulid::new());
-    let config = format!(
-        "[backends]\nstate = \"redis\"\nqueue = \"redis\"\ndata = \"redis\"\n\
-         redis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n"
-    );
     defers_scenario(BatonOptions {
-        config: Some(config),
+        config: Some(keys.config()),
         ..BatonOptions::default()
     })
     .await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query(&mut conn)
-        .unwrap();
-    for chunk in keys.chunks(500) {
-        let _: () = redis::cmd("DEL").arg(chunk).query(&mut conn).unwrap();
-    }
 }
 
 /// `kill -9` while parents that have deferred runs sleep: after the

@@ -291,28 +291,14 @@ async fn scores_and_step_metadata_reach_the_run_and_its_steps() {
 
 #[tokio::test]
 async fn metadata_on_redis() {
-    let Ok(mut conn) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) else {
-        assert!(
-            std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-            "BATON_REQUIRE_BACKENDS=1 but there is no Redis at {}",
-            redis_url()
-        );
-        eprintln!(
-            "*** SKIPPED metadata_on_redis: no Redis at {} ***",
-            redis_url()
-        );
+    let Some(keys) = RedisKeys::open("metadata_on_redis", "baton-md") else {
         return;
     };
-    let prefix = format!("baton-md-{}:", ulid::Ulid::new());
     let dir = tempfile::tempdir().unwrap();
     let baton = Baton::start_with(
         &dir.path().join("data"),
         BatonOptions {
-            config: Some(format!(
-                "[backends]\nstate = \"redis\"\nqueue = \"redis\"\ndata = \"redis\"\n\
-                 redis_url = \"{}\"\nredis_prefix = \"{prefix}\"\n",
-                redis_url()
-            )),
+            config: Some(keys.config()),
             ..BatonOptions::default()
         },
     );
@@ -322,18 +308,6 @@ async fn metadata_on_redis() {
     let run = ended_run(&baton, &event, &app.fn_id("scores")).await;
     check_scores(&baton, &run).await;
     check_api(&baton, run["run_id"].as_str().unwrap()).await;
-    drop((baton, app));
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query(&mut conn)
-        .unwrap();
-    for key in keys {
-        let _: () = redis::cmd("DEL").arg(key).query(&mut conn).unwrap();
-    }
-}
-
-fn redis_url() -> String {
-    std::env::var("BATON_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 #[tokio::test]

@@ -267,36 +267,10 @@ async fn runs_are_exported_as_traces_and_metrics_follow() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn runs_on_redis_are_exported_too() {
-    let url = "redis://127.0.0.1:6379";
-    let conn = redis::Client::open(url).and_then(|c| c.get_connection());
-    let Ok(conn) = conn else {
-        assert!(
-            std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-            "BATON_REQUIRE_BACKENDS=1 but there is no Redis at {url}"
-        );
-        eprintln!("*** SKIPPED runs_on_redis_are_exported_too: no Redis at {url} ***");
+    let Some(keys) = RedisKeys::open("runs_on_redis_are_exported_too", "baton-otel") else {
         return;
     };
-    /// Deletes the test's keys, also when it fails.
-    struct Keys(redis::Connection, String);
-    impl Drop for Keys {
-        fn drop(&mut self) {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}*", self.1))
-                .query(&mut self.0)
-                .unwrap_or_default();
-            for chunk in keys.chunks(500) {
-                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut self.0);
-            }
-        }
-    }
-    let keys = Keys(conn, format!("baton-otel-{}:", ulid::Ulid::new()));
-    exports_runs_and_metrics(&format!(
-        "[backends]\nstate = \"redis\"\nqueue = \"redis\"\ndata = \"redis\"\n\
-         redis_url = \"{url}\"\nredis_prefix = \"{}\"\n",
-        keys.1
-    ))
-    .await;
+    exports_runs_and_metrics(&keys.config()).await;
 }
 
 async fn exports_runs_and_metrics(backends: &str) {

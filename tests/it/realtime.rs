@@ -23,10 +23,6 @@ const SIGNING_KEY: &str =
     "signkey-test-0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
 const EVENT_KEY: &str = "realtime-event-key";
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", ulid::Ulid::new())
-}
-
 fn bearer() -> String {
     format!(
         "Bearer {}",
@@ -805,34 +801,13 @@ fn base64_url(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Whether Redis and NATS answer; fails instead when CI requires them.
-fn backends_available() -> bool {
-    let reachable = |addr: &str| {
-        std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)).is_ok()
-    };
-    let ok = reachable("127.0.0.1:6379") && reachable("127.0.0.1:4222");
-    if !ok {
-        assert!(
-            std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-            "BATON_REQUIRE_BACKENDS=1 but Redis (6379) or NATS (4222) is not reachable"
-        );
-        eprintln!("*** SKIPPED realtime split test: no Redis or NATS on 127.0.0.1 ***");
-    }
-    ok
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn realtime_crosses_processes_over_nats() {
-    if !backends_available() {
+    let Some(namespace) = SplitNamespace::open("realtime split test", "BATON_RT") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("BATON_RT_{}", ulid::Ulid::new());
-    let config = format!(
-        "[backends]\nstate = \"redis\"\nqueue = \"redis\"\ndata = \"redis\"\nbus = \"nats\"\n\
-         redis_prefix = \"{prefix}:\"\nnats_stream = \"{prefix}\"\nnats_subject = \"{prefix}\"\n{}",
-        production_config("")
-    );
+    let config = format!("{}{}", namespace.config(), production_config(""));
     let serve = |name: &str, services: &[&str]| {
         let mut command = vec!["serve".to_string()];
         command.extend(services.iter().map(|s| s.to_string()));

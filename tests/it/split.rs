@@ -14,27 +14,10 @@ const SIGNING_KEY: &str =
     "signkey-test-6b1f2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
 const EVENT_KEY: &str = "split-event-key";
 
-/// Whether Redis and NATS answer; fails instead when CI requires them.
-fn backends_available() -> bool {
-    let reachable = |addr: &str| {
-        std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)).is_ok()
-    };
-    let ok = reachable("127.0.0.1:6379") && reachable("127.0.0.1:4222");
-    if !ok {
-        assert!(
-            std::env::var("BATON_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-            "BATON_REQUIRE_BACKENDS=1 but Redis (6379) or NATS (4222) is not reachable"
-        );
-        eprintln!("*** SKIPPED split deployment test: no Redis or NATS on 127.0.0.1 ***");
-    }
-    ok
-}
-
-fn split_config(prefix: &str) -> String {
+fn split_config(namespace: &SplitNamespace) -> String {
     format!(
-        "[backends]\nstate = \"redis\"\nqueue = \"redis\"\ndata = \"redis\"\nbus = \"nats\"\n\
-         redis_prefix = \"{prefix}:\"\nnats_stream = \"{prefix}\"\nnats_subject = \"{prefix}\"\n\
-         [keys]\nsigning_key = \"{SIGNING_KEY}\"\nevent_keys = [\"{EVENT_KEY}\"]\n"
+        "{}[keys]\nsigning_key = \"{SIGNING_KEY}\"\nevent_keys = [\"{EVENT_KEY}\"]\n",
+        namespace.config()
     )
 }
 
@@ -130,12 +113,11 @@ async fn stored_steps(api: &str, events: &[(String, String)]) -> HashMap<String,
 
 #[tokio::test]
 async fn split_services_on_redis_and_nats_survive_a_killed_executor() {
-    if !backends_available() {
+    let Some(namespace) = SplitNamespace::open("split deployment test", "BATON_SPLIT") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("BATON_SPLIT_{}", ulid::Ulid::new());
-    let config = split_config(&prefix);
+    let config = split_config(&namespace);
     let events = serve(dir.path(), "events", &["event-api", "runner"], &config);
     let api = serve(dir.path(), "api", &["api"], &config);
     let _executor_a = serve(dir.path(), "exec-a", &["executor"], &config);
@@ -236,26 +218,4 @@ async fn split_services_on_redis_and_nats_survive_a_killed_executor() {
     }
     drop(events);
     drop(api);
-    cleanup(&prefix).await;
-}
-
-/// Deletes the test's Redis keys and NATS stream.
-async fn cleanup(prefix: &str) {
-    if let Ok(client) = redis::Client::open("redis://127.0.0.1:6379") {
-        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{prefix}:*"))
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
-            for chunk in keys.chunks(500) {
-                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-            }
-        }
-    }
-    if let Ok(bus) =
-        baton::store::nats::NatsBus::connect("nats://127.0.0.1:4222", prefix, prefix).await
-    {
-        let _ = bus.delete_stream().await;
-    }
 }

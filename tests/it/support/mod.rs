@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod backends;
+#[allow(unused_imports)]
+pub use backends::*;
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
