@@ -192,3 +192,9 @@ impl Drop for OwnServer {
         self.kill_9();
     }
 }
+
+impl super::NodeApp {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+}
