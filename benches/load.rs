@@ -76,7 +76,10 @@
 //!   runs/s, steps/s, each run's first call to end p50/p99 (from `/v1/runs`
 //!   on the api process, which also checks the count), step bodies that ran
 //!   twice, and the CPU of every process (baton's, Redis, NATS, the apps)
-//!   in seconds, % of a core and ms per step. Then, on the one-executor
+//!   in seconds, % of a core and ms per step, and the Redis commands per
+//!   step (`INFO commandstats`). `LOAD_SPLIT_CHECKPOINTING=0` turns the JS
+//!   SDK's checkpointing off (one call per step through the executors,
+//!   instead of the steps of a run posted to the api process). Then, on the one-executor
 //!   deployment, ingest through the event-api process with the production
 //!   event key, as in Part A.
 //! * The `baton` process's RSS (`VmRSS`, and the peak `VmHWM`) at the end of
@@ -2811,8 +2814,13 @@ mod split_backends {
     pub(super) async fn part_h(params: &Params, client: &reqwest::Client) -> Split {
         println!(
             "\n-- part H: split deployment on Redis and NATS, {} runs of test/ten-steps with 1, \
-             then 2 executor processes --",
-            params.split_runs
+             then 2 executor processes, checkpointing {} --",
+            params.split_runs,
+            if split_checkpointing() {
+                "on"
+            } else {
+                "off (LOAD_SPLIT_CHECKPOINTING=0)"
+            }
         );
         let Some(deployment) = SplitDeployment::start(1, params.split_apps).await else {
             return Split::Skipped("no redis-server or nats-server on PATH".into());
@@ -2886,11 +2894,13 @@ mod split_backends {
     fn split_serve(dir: &std::path::Path, name: &str, services: &[&str], config: &str) -> Baton {
         let mut command = vec!["serve".to_string()];
         command.extend(services.iter().map(|s| s.to_string()));
-        let extra_args = if services.contains(&"executor") {
-            vec!["--workers".into(), SPLIT_WORKERS.into()]
-        } else {
-            Vec::new()
-        };
+        let mut extra_args = Vec::new();
+        if services.contains(&"executor") {
+            extra_args.extend(["--workers".to_string(), SPLIT_WORKERS.to_string()]);
+            if !split_checkpointing() {
+                extra_args.push("--no-checkpointing".to_string());
+            }
+        }
         Baton::start_with(
             &dir.join(name),
             BatonOptions {
@@ -2899,6 +2909,71 @@ mod split_backends {
                 extra_args,
                 ..BatonOptions::default()
             },
+        )
+    }
+
+    /// `LOAD_SPLIT_CHECKPOINTING=0` turns the JS SDK's checkpointing off in
+    /// the executors: one call per step instead of one per run.
+    fn split_checkpointing() -> bool {
+        std::env::var("LOAD_SPLIT_CHECKPOINTING").as_deref() != Ok("0")
+    }
+
+    /// Calls per command so far (`INFO commandstats`) of a Redis server.
+    async fn redis_calls(url: &str) -> std::collections::HashMap<String, u64> {
+        let mut calls = std::collections::HashMap::new();
+        let Ok(client) = redis::Client::open(url) else {
+            return calls;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return calls;
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        for line in info.lines() {
+            // cmdstat_get:calls=12,usec=34,...
+            let Some((name, rest)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let count = rest
+                .split(',')
+                .find_map(|field| field.strip_prefix("calls="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            calls.insert(name.to_string(), count);
+        }
+        calls
+    }
+
+    /// Redis commands per step between two [`redis_calls`], the most
+    /// frequent first.
+    fn redis_per_step(
+        before: &std::collections::HashMap<String, u64>,
+        after: &std::collections::HashMap<String, u64>,
+        steps: u64,
+    ) -> String {
+        let steps = steps.max(1) as f64;
+        let mut diff: Vec<(String, u64)> = after
+            .iter()
+            .map(|(name, n)| (name.clone(), n - before.get(name).copied().unwrap_or(0)))
+            .filter(|(name, n)| *n > 0 && name != "info")
+            .collect();
+        diff.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        let total: u64 = diff.iter().map(|(_, n)| n).sum();
+        let top: Vec<String> = diff
+            .iter()
+            .take(8)
+            .map(|(name, n)| format!("{name} {:.2}", *n as f64 / steps))
+            .collect();
+        format!(
+            "Redis commands per step {:.2} ({})",
+            total as f64 / steps,
+            top.join(", ")
         )
     }
 
@@ -3146,6 +3221,7 @@ mod split_backends {
         let bodies = batch_bodies(&events, BATCH);
         let url = format!("{}/e/{SPLIT_EVENT_KEY}", deployment.events.url);
 
+        let redis_before = redis_calls(&deployment.redis.url()).await;
         let cpu = CpuMeter::start(deployment.pids());
         let started = Instant::now();
         let (ids, send_errors) = send_all(client, &url, bodies).await;
@@ -3180,7 +3256,16 @@ mod split_backends {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let cpu = cpu.per_step(ended.0 * STEPS_PER_RUN);
+        let steps = ended.0 * STEPS_PER_RUN;
+        let cpu = format!(
+            "{}; {}",
+            cpu.per_step(steps),
+            redis_per_step(
+                &redis_before,
+                &redis_calls(&deployment.redis.url()).await,
+                steps
+            )
+        );
         println!("  all runs ended after {}; {cpu}", secs(wall));
         let memory: Vec<(String, Memory)> = deployment
             .processes()
