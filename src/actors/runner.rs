@@ -638,6 +638,79 @@ impl Handler<Observe> for Runner {
 mod tests {
     use super::*;
 
+    /// A batch whose store call fails (Redis restarting, say) after its run
+    /// was created but before its first call was enqueued: the runner
+    /// handles the pending event again without a restart, and the run gets
+    /// its call. (The bus delivers the event once; before, it waited for the
+    /// runner's next start.)
+    #[actix_rt::test]
+    async fn a_failed_batch_is_handled_again_without_a_restart() {
+        use crate::model::{AppRecord, FunctionRecord};
+        use crate::store::fault::faulty_backends;
+
+        let real = crate::store::memory::backends();
+        let (backends, faults) = faulty_backends(&real);
+        let url = "http://127.0.0.1:9/api/inngest";
+        let function = FunctionRecord {
+            id: "sweep-fn".into(),
+            app_id: "sweep".into(),
+            version: 0,
+            url: url.into(),
+            config: json!({"id": "sweep-fn", "name": "sweep-fn",
+                           "triggers": [{"event": "test/sweep"}],
+                           "steps": {"step": {"runtime": {"url": url}}}})
+            .to_string(),
+            updated_at: 0,
+            archived: false,
+        };
+        let app = AppRecord {
+            id: "sweep".into(),
+            url: url.into(),
+            sdk: "js".into(),
+            framework: String::new(),
+            synced_at: 0,
+            checksum: String::new(),
+            function_ids: vec!["sweep-fn".into()],
+            last_error: None,
+        };
+        real.data.sync_app(app, vec![function]).await.unwrap();
+        let clock: SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
+        let matcher = Rc::new(Matcher {
+            backends: backends.clone(),
+            clock: clock.clone(),
+            functions: RefCell::new((0, Rc::new(Vec::new()))),
+            status: RefCell::new(RunnerStatus::default()),
+        });
+        let runner = actix_rt::spawn(run_loop(matcher));
+        // Subscribed and caught up (nothing) before the event comes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The run is created, then enqueueing its first call fails.
+        faults.fail_next("enqueue", 1);
+        let mut event = super::tests::event("test/sweep", 1);
+        event.internal_id = ulid::Ulid::new().to_string();
+        event.received_at = clock.now().millis();
+        publish_events(&backends, &[event]).await.unwrap();
+
+        // Marked processed only once its run and first call are stored.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !real.data.pending_events(10).await.unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the event stayed pending"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let later = Timestamp(clock.now().millis() + 60_000);
+        let due = real
+            .queue
+            .lease_due(later, 10, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(due.len(), 1, "the run's first call is queued");
+        assert!(faults.calls().contains(&"enqueue"));
+        runner.abort();
+    }
+
     fn event(name: &str, n: usize) -> EventRecord {
         EventRecord {
             internal_id: format!("{name}-{n}"),
