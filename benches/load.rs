@@ -60,22 +60,28 @@
 //!   random runs), of the event list (`/v1/events?limit=20`), of a
 //!   `/metrics` scrape, and of a filter that matches nothing (a full scan);
 //!   plus the RSS and the data dir size.
-//! * **Part H, split**: needs Redis on 127.0.0.1:6379 and NATS on
-//!   127.0.0.1:4222 (skipped, loudly, without them). A split deployment as in
+//! * **Part H, split**: needs `redis-server` and `nats-server` on `PATH`
+//!   (skipped, loudly, without them). Each deployment gets a Redis (append-only
+//!   file, `appendfsync always`) and a NATS JetStream server of its own on
+//!   free ports, so their CPU is theirs alone. A split deployment as in
 //!   `tests/it/split.rs` (`baton serve event-api runner`, `baton serve api`,
-//!   `baton serve executor --workers 200`, the Node app in production mode)
-//!   under a fresh prefix `BATON_BENCH_<ulid>`, first with one executor
-//!   process, then (a fresh deployment) with two: `LOAD_SPLIT_RUNS` events
-//!   `test/ten-steps` in batches of 100 to the event-api process, polled
-//!   until all runs ended (`baton_runs_finished_total` of every process's
-//!   `/metrics`: `/v1/status` is only served by the api process, and the
-//!   executor counters live in the executor processes). Reports runs/s,
-//!   steps/s, each run's first call to end p50/p99 (from `/v1/runs` on the
-//!   api process, which also checks the count), step bodies that ran twice,
-//!   and the CPU of every process (Redis and NATS included when found).
-//!   Then, on the one-executor deployment, ingest through the event-api
-//!   process with the production event key, as in Part A. The Redis keys and
-//!   NATS streams of both deployments are deleted at the end.
+//!   `baton serve executor --workers 200`), served by `LOAD_SPLIT_APPS` Node
+//!   app processes in production mode behind a round-robin TCP proxy in this
+//!   process (one app URL, so the app is not the limit), first with one
+//!   executor process, then (a fresh deployment) with two: `LOAD_SPLIT_RUNS`
+//!   events `test/ten-steps` in batches of 100 to the event-api process,
+//!   polled until all runs ended (`baton_runs_finished_total` of every
+//!   process's `/metrics`: `/v1/status` is only served by the api process,
+//!   and the executor counters live in the executor processes). Reports
+//!   runs/s, steps/s, each run's first call to end p50/p99 (from `/v1/runs`
+//!   on the api process, which also checks the count), step bodies that ran
+//!   twice, and the CPU of every process (baton's, Redis, NATS, the apps)
+//!   in seconds, % of a core and ms per step, and the Redis commands per
+//!   step (`INFO commandstats`). `LOAD_SPLIT_CHECKPOINTING=0` turns the JS
+//!   SDK's checkpointing off (one call per step through the executors,
+//!   instead of the steps of a run posted to the api process). Then, on the one-executor
+//!   deployment, ingest through the event-api process with the production
+//!   event key, as in Part A.
 //! * The `baton` process's RSS (`VmRSS`, and the peak `VmHWM`) at the end of
 //!   each part.
 //!
@@ -90,6 +96,7 @@
 //! LOAD_PARTS=sleeps,waits LOAD_SLEEPS=500 LOAD_WAITS=500 LOAD_RESUMES=100 cargo bench --bench load
 //! LOAD_PARTS=keyed,fairness LOAD_KEYED_RUNS=1000 LOAD_BACKLOG=5000 cargo bench --bench load
 //! LOAD_PARTS=history,split LOAD_HISTORY_RUNS=5000 LOAD_SPLIT_RUNS=200 cargo bench --bench load
+//! LOAD_PARTS=split LOAD_SPLIT_RUNS=2000 LOAD_SPLIT_APPS=2 cargo bench --bench load
 //! ```
 //!
 //! It needs Node.js 20+ and npm (the harness runs `npm ci` in the app's folder
@@ -158,6 +165,7 @@ struct Params {
     backlog: usize,
     history_runs: usize,
     split_runs: usize,
+    split_apps: usize,
     parts: Vec<String>,
 }
 
@@ -174,6 +182,7 @@ impl Params {
             backlog: env_number("LOAD_BACKLOG", 100_000),
             history_runs: env_number("LOAD_HISTORY_RUNS", 100_000),
             split_runs: env_number("LOAD_SPLIT_RUNS", 2_000),
+            split_apps: env_number("LOAD_SPLIT_APPS", 2),
             parts: env_parts(),
         };
         if params.runs_part("waits") && params.resumes > params.waits {
@@ -226,7 +235,7 @@ async fn run(params: &Params) -> String {
     println!(
         "load: LOAD_PARTS={} LOAD_INGEST_SECS={} LOAD_CONCURRENCY={} LOAD_RUNS={} \
          LOAD_SLEEPS={} LOAD_WAITS={} LOAD_RESUMES={} LOAD_KEYED_RUNS={} LOAD_BACKLOG={} \
-         LOAD_HISTORY_RUNS={} LOAD_SPLIT_RUNS={} ({} CPUs)",
+         LOAD_HISTORY_RUNS={} LOAD_SPLIT_RUNS={} LOAD_SPLIT_APPS={} ({} CPUs)",
         params.parts.join(","),
         params.ingest_secs,
         params.concurrency,
@@ -238,6 +247,7 @@ async fn run(params: &Params) -> String {
         params.backlog,
         params.history_runs,
         params.split_runs,
+        params.split_apps,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let client = bench_client(params.concurrency);
@@ -2791,9 +2801,7 @@ async fn part_h(_params: &Params, _client: &reqwest::Client) -> Split {
 mod split_backends {
     use super::*;
 
-    /// Where Part H expects its backends.
-    const REDIS_ADDR: &str = "127.0.0.1:6379";
-    const NATS_ADDR: &str = "127.0.0.1:4222";
+    use support::{OwnServer, ServerKind};
     /// The production keys of Part H's deployments.
     const SPLIT_SIGNING_KEY: &str =
         "signkey-bench-5a0c1d2e3f405162738495a6b7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f80";
@@ -2806,39 +2814,29 @@ mod split_backends {
     pub(super) async fn part_h(params: &Params, client: &reqwest::Client) -> Split {
         println!(
             "\n-- part H: split deployment on Redis and NATS, {} runs of test/ten-steps with 1, \
-             then 2 executor processes --",
-            params.split_runs
+             then 2 executor processes, checkpointing {} --",
+            params.split_runs,
+            if split_checkpointing() {
+                "on"
+            } else {
+                "off (LOAD_SPLIT_CHECKPOINTING=0)"
+            }
         );
-        let reachable = |addr: &str| {
-            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))
-                .is_ok()
+        let Some(deployment) = SplitDeployment::start(1, params.split_apps).await else {
+            return Split::Skipped("no redis-server or nats-server on PATH".into());
         };
-        let missing: Vec<String> = [("Redis", REDIS_ADDR), ("NATS", NATS_ADDR)]
-            .into_iter()
-            .filter(|(_, addr)| !reachable(addr))
-            .map(|(name, addr)| format!("{name} at {addr}"))
-            .collect();
-        if !missing.is_empty() {
-            let reason = format!("no {} reachable", missing.join(" and no "));
-            eprintln!("\n*** SKIPPED part H (split): {reason} ***\n");
-            return Split::Skipped(reason);
-        }
-
-        let mut prefixes = Vec::new();
         let one = {
-            let deployment = SplitDeployment::start(1).await;
-            prefixes.push(deployment.prefix.clone());
             let runs = split_runs(client, &deployment, params.split_runs, "one").await;
             println!("1 executor  : {}", runs.line());
             let url = format!("{}/e/{SPLIT_EVENT_KEY}", deployment.events.url);
             let duration = Duration::from_secs(params.ingest_secs);
             println!("ingest through the event-api process (production key, NATS bus):");
             let ingest_pids = || {
-                let mut pids = vec![("event-api+runner".to_string(), deployment.events.pid())];
-                for name in ["redis-server", "nats-server"] {
-                    pids.extend(process_named(name).map(|pid| (name.to_string(), pid)));
-                }
-                pids
+                vec![
+                    ("event-api+runner".to_string(), deployment.events.pid()),
+                    ("redis".to_string(), deployment.redis.pid()),
+                    ("nats".to_string(), deployment.nats.pid()),
+                ]
             };
             let cpu = CpuMeter::start(ingest_pids());
             let single = ingest(client, &url, 1, params.concurrency, duration).await;
@@ -2853,16 +2851,15 @@ mod split_backends {
             deployment.stop();
             (runs, (single, single_cpu), (batched, batched_cpu), memory)
         };
-        split_cleanup(&prefixes[0]).await;
         let two = {
-            let deployment = SplitDeployment::start(2).await;
-            prefixes.push(deployment.prefix.clone());
+            let Some(deployment) = SplitDeployment::start(2, params.split_apps).await else {
+                return Split::Skipped("no redis-server or nats-server on PATH".into());
+            };
             let runs = split_runs(client, &deployment, params.split_runs, "two").await;
             println!("2 executors : {}", runs.line());
             deployment.stop();
             runs
         };
-        split_cleanup(&prefixes[1]).await;
         let (one, single, batched, ingest_memory) = one;
         Split::Done(Box::new(SplitDone {
             one,
@@ -2870,7 +2867,7 @@ mod split_backends {
             single,
             batched,
             ingest_memory,
-            prefixes,
+            apps: params.split_apps,
         }))
     }
 
@@ -2882,12 +2879,14 @@ mod split_backends {
         )
     }
 
-    fn split_config(prefix: &str) -> String {
+    fn split_config(redis: &OwnServer, nats: &OwnServer) -> String {
         format!(
             "[backends]\nstate = \"redis\"\nqueue = \"redis\"\ndata = \"redis\"\nbus = \"nats\"\n\
-             redis_url = \"redis://{REDIS_ADDR}\"\nnats_url = \"nats://{NATS_ADDR}\"\n\
-             redis_prefix = \"{prefix}:\"\nnats_stream = \"{prefix}\"\nnats_subject = \"{prefix}\"\n\
-             [keys]\nsigning_key = \"{SPLIT_SIGNING_KEY}\"\nevent_keys = [\"{SPLIT_EVENT_KEY}\"]\n"
+             redis_url = \"{}\"\nnats_url = \"{}\"\n\
+             redis_prefix = \"bench:\"\nnats_stream = \"BENCH\"\nnats_subject = \"bench\"\n\
+             [keys]\nsigning_key = \"{SPLIT_SIGNING_KEY}\"\nevent_keys = [\"{SPLIT_EVENT_KEY}\"]\n",
+            redis.url(),
+            nats.url()
         )
     }
 
@@ -2895,11 +2894,13 @@ mod split_backends {
     fn split_serve(dir: &std::path::Path, name: &str, services: &[&str], config: &str) -> Baton {
         let mut command = vec!["serve".to_string()];
         command.extend(services.iter().map(|s| s.to_string()));
-        let extra_args = if services.contains(&"executor") {
-            vec!["--workers".into(), SPLIT_WORKERS.into()]
-        } else {
-            Vec::new()
-        };
+        let mut extra_args = Vec::new();
+        if services.contains(&"executor") {
+            extra_args.extend(["--workers".to_string(), SPLIT_WORKERS.to_string()]);
+            if !split_checkpointing() {
+                extra_args.push("--no-checkpointing".to_string());
+            }
+        }
         Baton::start_with(
             &dir.join(name),
             BatonOptions {
@@ -2911,23 +2912,100 @@ mod split_backends {
         )
     }
 
-    /// One split deployment under its own Redis prefix and NATS stream.
+    /// `LOAD_SPLIT_CHECKPOINTING=0` turns the JS SDK's checkpointing off in
+    /// the executors: one call per step instead of one per run.
+    fn split_checkpointing() -> bool {
+        std::env::var("LOAD_SPLIT_CHECKPOINTING").as_deref() != Ok("0")
+    }
+
+    /// Calls per command so far (`INFO commandstats`) of a Redis server.
+    async fn redis_calls(url: &str) -> std::collections::HashMap<String, u64> {
+        let mut calls = std::collections::HashMap::new();
+        let Ok(client) = redis::Client::open(url) else {
+            return calls;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return calls;
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        for line in info.lines() {
+            // cmdstat_get:calls=12,usec=34,...
+            let Some((name, rest)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let count = rest
+                .split(',')
+                .find_map(|field| field.strip_prefix("calls="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            calls.insert(name.to_string(), count);
+        }
+        calls
+    }
+
+    /// Redis commands per step between two [`redis_calls`], the most
+    /// frequent first.
+    fn redis_per_step(
+        before: &std::collections::HashMap<String, u64>,
+        after: &std::collections::HashMap<String, u64>,
+        steps: u64,
+    ) -> String {
+        let steps = steps.max(1) as f64;
+        let mut diff: Vec<(String, u64)> = after
+            .iter()
+            .map(|(name, n)| (name.clone(), n - before.get(name).copied().unwrap_or(0)))
+            .filter(|(name, n)| *n > 0 && name != "info")
+            .collect();
+        diff.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        let total: u64 = diff.iter().map(|(_, n)| n).sum();
+        let top: Vec<String> = diff
+            .iter()
+            .take(8)
+            .map(|(name, n)| format!("{name} {:.2}", *n as f64 / steps))
+            .collect();
+        format!(
+            "Redis commands per step {:.2} ({})",
+            total as f64 / steps,
+            top.join(", ")
+        )
+    }
+
+    /// One split deployment, on a Redis and a NATS server of its own.
     struct SplitDeployment {
-        // Dropped in this order: the app, then the servers, then their folder.
-        app: NodeApp,
+        // Dropped in this order: the proxy and the apps, then the servers,
+        // then Redis and NATS, then their folder.
+        _proxy: RoundRobin,
+        apps: Vec<NodeApp>,
         executors: Vec<Baton>,
         api: Baton,
         events: Baton,
-        prefix: String,
+        redis: OwnServer,
+        nats: OwnServer,
         _dir: tempfile::TempDir,
     }
 
     impl SplitDeployment {
-        async fn start(executors: usize) -> SplitDeployment {
+        /// None (said loudly) without `redis-server` or `nats-server`.
+        async fn start(executors: usize, apps: usize) -> Option<SplitDeployment> {
+            let redis = OwnServer::start("part H (split)", ServerKind::Redis)?;
+            let nats = OwnServer::start("part H (split)", ServerKind::Nats)?;
             let dir = tempfile::tempdir().expect("a temporary directory");
-            let prefix = format!("BATON_BENCH_{}", ulid::Ulid::new());
-            println!("deployment with {executors} executor process(es), prefix {prefix}");
-            let config = split_config(&prefix);
+            println!(
+                "deployment with {executors} executor process(es) and {apps} app process(es); \
+                 redis-server pid {} at {}, nats-server pid {} at {}",
+                redis.pid(),
+                redis.url(),
+                nats.pid(),
+                nats.url()
+            );
+            let config = split_config(&redis, &nats);
             let events = split_serve(dir.path(), "events", &["event-api", "runner"], &config);
             let api = split_serve(dir.path(), "api", &["api"], &config);
             let executors: Vec<Baton> = (0..executors)
@@ -2945,35 +3023,50 @@ mod split_backends {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            let app = NodeApp::launch(
-                support::Sdk::Node,
-                &api.url,
-                support::free_port(),
-                &[
-                    ("INNGEST_SIGNING_KEY", SPLIT_SIGNING_KEY),
-                    ("INNGEST_EVENT_KEY", SPLIT_EVENT_KEY),
-                    ("INNGEST_EVENT_API_BASE_URL", events.url.as_str()),
-                ],
-            );
+            let apps: Vec<NodeApp> = (0..apps)
+                .map(|_| {
+                    NodeApp::launch(
+                        support::Sdk::Node,
+                        &api.url,
+                        support::free_port(),
+                        &[
+                            ("INNGEST_SIGNING_KEY", SPLIT_SIGNING_KEY),
+                            ("INNGEST_EVENT_KEY", SPLIT_EVENT_KEY),
+                            ("INNGEST_EVENT_API_BASE_URL", events.url.as_str()),
+                        ],
+                    )
+                })
+                .collect();
+            let proxy = RoundRobin::start(apps.iter().map(|app| app.port).collect()).await;
+            // The app registers the URL it was reached at: the proxy's.
+            let url = format!("http://127.0.0.1:{}/api/inngest", proxy.port);
             let response = support::client()
                 .post(format!("{}/v1/apps/sync", api.url))
                 .header("authorization", split_bearer())
-                .body(json!({ "url": app.url }).to_string())
+                .body(json!({ "url": url }).to_string())
                 .send()
                 .await
                 .expect("POST /v1/apps/sync");
             let code = response.status().as_u16();
             let body = response.text().await.unwrap_or_default();
             assert_eq!(code, 200, "syncing the app failed: {body}");
-            println!("  node app (production mode) synced at {}", app.url);
-            SplitDeployment {
-                app,
+            println!(
+                "  node apps (production mode, pids {}) synced at {url}",
+                apps.iter()
+                    .map(|app| app.pid().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Some(SplitDeployment {
+                _proxy: proxy,
+                apps,
                 executors,
                 api,
                 events,
-                prefix,
+                redis,
+                nats,
                 _dir: dir,
-            }
+            })
         }
 
         /// Every baton process, with a label.
@@ -2988,10 +3081,78 @@ mod split_backends {
             all
         }
 
-        /// Kills the app and the servers (the Redis keys and the NATS stream
-        /// stay until [`split_cleanup`]).
+        /// Every process of the deployment, baton's first, with a label.
+        fn pids(&self) -> Vec<(String, u32)> {
+            let mut pids: Vec<(String, u32)> = self
+                .processes()
+                .iter()
+                .map(|(label, baton)| (label.clone(), baton.pid()))
+                .collect();
+            pids.push(("redis".to_string(), self.redis.pid()));
+            pids.push(("nats".to_string(), self.nats.pid()));
+            for (n, app) in self.apps.iter().enumerate() {
+                pids.push((format!("node app {}", n + 1), app.pid()));
+            }
+            pids
+        }
+
+        /// The step counters of every app, summed.
+        async fn counters(&self) -> std::collections::HashMap<String, u64> {
+            let mut sum = std::collections::HashMap::new();
+            for app in &self.apps {
+                if let Value::Object(counters) = app.counters().await {
+                    for (name, count) in counters {
+                        *sum.entry(name).or_insert(0) += count.as_u64().unwrap_or(0);
+                    }
+                }
+            }
+            sum
+        }
+
+        /// Kills the apps and the servers.
         fn stop(self) {
             drop(self);
+        }
+    }
+
+    /// A TCP proxy on a free loopback port that hands each connection to
+    /// the next of `ports` in turn (the SDK client keeps its connections, so
+    /// the calls spread over the apps by connection). Stops when dropped.
+    struct RoundRobin {
+        port: u16,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl RoundRobin {
+        async fn start(ports: Vec<u16>) -> RoundRobin {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("a proxy port");
+            let port = listener.local_addr().expect("the proxy's address").port();
+            let task = tokio::spawn(async move {
+                let mut next = 0usize;
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let backend = ports[next % ports.len()];
+                    next += 1;
+                    tokio::spawn(async move {
+                        if let Ok(mut outbound) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                        {
+                            let _ = inbound.set_nodelay(true);
+                            let _ = outbound.set_nodelay(true);
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                }
+            });
+            RoundRobin { port, task }
+        }
+    }
+
+    impl Drop for RoundRobin {
+        fn drop(&mut self) {
+            self.task.abort();
         }
     }
 
@@ -3060,16 +3221,8 @@ mod split_backends {
         let bodies = batch_bodies(&events, BATCH);
         let url = format!("{}/e/{SPLIT_EVENT_KEY}", deployment.events.url);
 
-        let mut pids: Vec<(String, u32)> = deployment
-            .processes()
-            .iter()
-            .map(|(label, baton)| (label.clone(), baton.pid()))
-            .collect();
-        pids.extend(node_child().map(|pid| ("node app".to_string(), pid)));
-        for name in ["redis-server", "nats-server"] {
-            pids.extend(process_named(name).map(|pid| (name.to_string(), pid)));
-        }
-        let cpu = CpuMeter::start(pids);
+        let redis_before = redis_calls(&deployment.redis.url()).await;
+        let cpu = CpuMeter::start(deployment.pids());
         let started = Instant::now();
         let (ids, send_errors) = send_all(client, &url, bodies).await;
         let sent_in = started.elapsed();
@@ -3103,7 +3256,16 @@ mod split_backends {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let cpu = cpu.line();
+        let steps = ended.0 * STEPS_PER_RUN;
+        let cpu = format!(
+            "{}; {}",
+            cpu.per_step(steps),
+            redis_per_step(
+                &redis_before,
+                &redis_calls(&deployment.redis.url()).await,
+                steps
+            )
+        );
         println!("  all runs ended after {}; {cpu}", secs(wall));
         let memory: Vec<(String, Memory)> = deployment
             .processes()
@@ -3162,7 +3324,7 @@ mod split_backends {
         durations.sort_unstable();
 
         // Each step body of each run ran once (none lost, none repeated).
-        let counters = deployment.app.counters().await;
+        let counters = deployment.counters().await;
         let mut repeated = 0;
         let mut missing = 0;
         for (i, id) in ids.iter().enumerate() {
@@ -3170,7 +3332,7 @@ mod split_backends {
                 continue;
             }
             for step in 1..=STEPS_PER_RUN {
-                match counters[format!("ten-steps:s{step}:{tag}-{i}")].as_u64() {
+                match counters.get(&format!("ten-steps:s{step}:{tag}-{i}")) {
                     Some(1) => {}
                     Some(0) | None => missing += 1,
                     Some(_) => repeated += 1,
@@ -3195,86 +3357,6 @@ mod split_backends {
             cpu,
             memory,
         }
-    }
-
-    /// Deletes a deployment's Redis keys (`<prefix>:*`) and NATS stream.
-    async fn split_cleanup(prefix: &str) {
-        let mut deleted = 0usize;
-        let mut failure = None;
-        match redis::Client::open(format!("redis://{REDIS_ADDR}")) {
-            Ok(redis_client) => match redis_client.get_multiplexed_async_connection().await {
-                Ok(mut conn) => {
-                    let mut cursor: u64 = 0;
-                    loop {
-                        let scanned: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(format!("{prefix}:*"))
-                            .arg("COUNT")
-                            .arg(1000)
-                            .query_async(&mut conn)
-                            .await;
-                        let (next, keys) = match scanned {
-                            Ok(scanned) => scanned,
-                            Err(error) => {
-                                failure = Some(format!("SCAN: {error}"));
-                                break;
-                            }
-                        };
-                        if !keys.is_empty() {
-                            let removed: Result<usize, _> =
-                                redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
-                            match removed {
-                                Ok(n) => deleted += n,
-                                Err(error) => failure = Some(format!("DEL: {error}")),
-                            }
-                        }
-                        cursor = next;
-                        if cursor == 0 {
-                            break;
-                        }
-                    }
-                }
-                Err(error) => failure = Some(format!("connecting: {error}")),
-            },
-            Err(error) => failure = Some(format!("{error}")),
-        }
-        let stream = match baton::store::nats::NatsBus::connect(
-            &format!("nats://{NATS_ADDR}"),
-            prefix,
-            prefix,
-        )
-        .await
-        {
-            Ok(bus) => match bus.delete_stream().await {
-                Ok(()) => "deleted".to_string(),
-                Err(error) => format!("NOT deleted: {error}"),
-            },
-            Err(error) => format!("NOT deleted (connecting: {error})"),
-        };
-        match failure {
-            None => {
-                println!("cleanup of {prefix}: {deleted} Redis keys deleted, NATS stream {stream}")
-            }
-            Some(error) => eprintln!(
-                "*** cleanup of {prefix}: Redis keys NOT all deleted ({error}; {deleted} deleted), \
-                 NATS stream {stream} ***"
-            ),
-        }
-    }
-
-    /// The first process (lowest pid) whose command is `name`, e.g. the Redis
-    /// server, to read its CPU time.
-    fn process_named(name: &str) -> Option<u32> {
-        let wanted = format!("({name})");
-        std::fs::read_dir("/proc")
-            .ok()?
-            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .is_ok_and(|text| text.contains(&wanted))
-            })
-            .min()
     }
 
     /// CPU time of several processes since [`CpuMeter::start`].
@@ -3308,6 +3390,35 @@ mod split_backends {
                 })
                 .collect();
             format!("CPU over {wall:.1} s: {}", each.join(", "))
+        }
+
+        /// The CPU of each process per step, for `steps` steps run since
+        /// the start, and of the server side together (all but the apps).
+        fn per_step(&self, steps: u64) -> String {
+            let wall = self.started.elapsed().as_secs_f64();
+            let steps = steps.max(1) as f64;
+            let mut server = 0.0;
+            let mut each = Vec::new();
+            for (label, pid, start) in &self.processes {
+                let (Some(end), Some(start)) = (cpu_time(*pid), start) else {
+                    each.push(format!("{label} n/a"));
+                    continue;
+                };
+                let used = end.saturating_sub(*start).as_secs_f64();
+                if !label.starts_with("node") {
+                    server += used;
+                }
+                each.push(format!(
+                    "{label} {used:.1} s ({:.0}%) {:.3} ms/step",
+                    100.0 * used / wall,
+                    1000.0 * used / steps
+                ));
+            }
+            format!(
+                "CPU over {wall:.1} s: {}; server side (baton + redis + nats) {:.3} ms/step",
+                each.join(", "),
+                1000.0 * server / steps
+            )
         }
     }
 }
@@ -3426,7 +3537,8 @@ struct SplitDone {
     single: (Ingest, String),
     batched: (Ingest, String),
     ingest_memory: Memory,
-    prefixes: Vec<String>,
+    /// App processes behind the proxy.
+    apps: usize,
 }
 
 impl Split {
@@ -3460,9 +3572,9 @@ impl Split {
             lines.push(format!("{:<18}: {cpu}", "  details"));
         }
         lines.push(format!(
-            "split RSS ingest  : event-api + runner {}; prefixes {} cleaned up",
+            "split RSS ingest  : event-api + runner {}; {} app processes",
             done.ingest_memory.line(),
-            done.prefixes.join(", ")
+            done.apps
         ));
         lines
     }

@@ -192,9 +192,9 @@ pub async fn publish_events(backends: &Backends, events: &[EventRecord]) -> Resu
     }
     backends.data.put_events(events).await?;
     // The events are durable; a failed publish is recovered by the runner's
-    // catch-up, so it does not fail the request.
+    // sweep of pending events, so it does not fail the request.
     if let Err(err) = backends.bus.publish(events).await {
-        tracing::warn!(error = %err, "cannot publish events; the runner picks them up at its next start");
+        tracing::warn!(error = %err, "cannot publish events; the runner picks them up from the data store within a minute");
     }
     Ok(())
 }

@@ -2,7 +2,10 @@
 //! run per (function, event `id`), enqueueing its first call. It consumes the
 //! bus, and at start catches up on events the data store still marks
 //! pending, so an acknowledged event whose runs were not created before a
-//! crash gets them after the restart.
+//! crash gets them after the restart. While it runs, it handles the pending
+//! events again after a failed batch (a store unreachable: with backoff,
+//! until it succeeds) and every 30 s those pending for over 30 s (events the
+//! bus lost), so neither waits for a restart.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -30,6 +33,52 @@ use crate::store::{Backends, StoreResult};
 
 /// How many events one pass handles together (their flushes are shared).
 const BATCH: usize = 256;
+/// How often the runner handles again the events still pending after
+/// [`SWEEP_AGE`]: events the bus never delivered (stored, but the publish
+/// failed while NATS was down, or a NATS server lost them).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+const SWEEP_AGE: Duration = Duration::from_secs(30);
+/// After a batch failed (a store unreachable), all pending events are
+/// handled again after this pause, doubled at each failure up to
+/// [`RETRY_MAX`], until it succeeds.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// When the run loop next handles pending events from the data store: the
+/// bus delivers each event once, so an event whose handling failed, or that
+/// the bus lost, is only found there. Handling an event twice is harmless
+/// (one run per function and event `id`).
+struct Sweep {
+    due: tokio::time::Instant,
+    /// The pause after the last failure, while handling keeps failing.
+    retry: Option<Duration>,
+}
+
+impl Sweep {
+    fn new() -> Sweep {
+        Sweep {
+            due: tokio::time::Instant::now() + SWEEP_EVERY,
+            retry: None,
+        }
+    }
+
+    fn is_due(&self) -> bool {
+        tokio::time::Instant::now() >= self.due
+    }
+
+    fn failed(&mut self) {
+        let pause = self
+            .retry
+            .map_or(RETRY_FIRST, |last| (last * 2).min(RETRY_MAX));
+        self.retry = Some(pause);
+        self.due = tokio::time::Instant::now() + pause;
+    }
+
+    fn done(&mut self) {
+        self.retry = None;
+        self.due = tokio::time::Instant::now() + SWEEP_EVERY;
+    }
+}
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RunnerStatus {
@@ -287,15 +336,25 @@ impl Matcher {
             .await
     }
 
-    async fn catch_up(&self) -> StoreResult<u64> {
+    /// Handles the events the data store marks pending, oldest first; with
+    /// `received_before`, only those received before that time.
+    async fn catch_up(&self, received_before: Option<Timestamp>) -> StoreResult<u64> {
         let mut total = 0;
         loop {
-            let pending = self.backends.data.pending_events(BATCH).await?;
+            let mut pending = self.backends.data.pending_events(BATCH).await?;
+            let page = pending.len();
+            if let Some(cutoff) = received_before {
+                pending.retain(|event| event.received_at < cutoff.millis());
+            }
             if pending.is_empty() {
                 return Ok(total);
             }
+            let complete = pending.len() == page;
             total += pending.len() as u64;
             self.handle_batch_isolated(pending).await?;
+            if !complete {
+                return Ok(total);
+            }
         }
     }
 }
@@ -462,17 +521,40 @@ async fn run_loop(matcher: Rc<Matcher>) -> String {
         Ok(stream) => stream,
         Err(err) => return format!("cannot subscribe to the event bus: {err}"),
     };
-    match matcher.catch_up().await {
+    match matcher.catch_up(None).await {
         Ok(0) => {}
         Ok(count) => info!(events = count, "runner caught up on pending events"),
         Err(err) => return format!("cannot catch up on pending events: {err}"),
     }
     let mut lanes = Lanes::default();
+    let mut sweep = Sweep::new();
     loop {
+        if sweep.is_due() {
+            let received_before = match sweep.retry {
+                Some(_) => None,
+                None => Some(Timestamp(
+                    matcher.clock.now().millis() - SWEEP_AGE.as_millis() as i64,
+                )),
+            };
+            match matcher.catch_up(received_before).await {
+                Ok(0) => {}
+                Ok(count) => info!(events = count, "runner handled events left pending"),
+                Err(err) => {
+                    warn!(error = %err, "cannot create runs; the events stay pending");
+                    matcher.status.borrow_mut().last_error = Some(err.to_string());
+                    sweep.failed();
+                    continue;
+                }
+            }
+            sweep.done();
+        }
         if lanes.len == 0 {
-            match stream.next().await {
-                Some(event) => lanes.push(event),
-                None => return "the event bus closed".to_string(),
+            tokio::select! {
+                event = stream.next() => match event {
+                    Some(event) => lanes.push(event),
+                    None => return "the event bus closed".to_string(),
+                },
+                () = tokio::time::sleep_until(sweep.due) => continue,
             }
         }
         // Read ahead everything already delivered, so that a later event
@@ -484,6 +566,7 @@ async fn run_loop(matcher: Rc<Matcher>) -> String {
         if let Err(err) = matcher.handle_batch_isolated(batch).await {
             warn!(error = %err, "cannot create runs; the events stay pending");
             matcher.status.borrow_mut().last_error = Some(err.to_string());
+            sweep.failed();
         }
         // The stores may answer without ever suspending (sled): let the
         // actor's other messages (`Observe`) and timers run between batches.
@@ -554,6 +637,79 @@ impl Handler<Observe> for Runner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch whose store call fails (Redis restarting, say) after its run
+    /// was created but before its first call was enqueued: the runner
+    /// handles the pending event again without a restart, and the run gets
+    /// its call. (The bus delivers the event once; before, it waited for the
+    /// runner's next start.)
+    #[actix_rt::test]
+    async fn a_failed_batch_is_handled_again_without_a_restart() {
+        use crate::model::{AppRecord, FunctionRecord};
+        use crate::store::fault::faulty_backends;
+
+        let real = crate::store::memory::backends();
+        let (backends, faults) = faulty_backends(&real);
+        let url = "http://127.0.0.1:9/api/inngest";
+        let function = FunctionRecord {
+            id: "sweep-fn".into(),
+            app_id: "sweep".into(),
+            version: 0,
+            url: url.into(),
+            config: json!({"id": "sweep-fn", "name": "sweep-fn",
+                           "triggers": [{"event": "test/sweep"}],
+                           "steps": {"step": {"runtime": {"url": url}}}})
+            .to_string(),
+            updated_at: 0,
+            archived: false,
+        };
+        let app = AppRecord {
+            id: "sweep".into(),
+            url: url.into(),
+            sdk: "js".into(),
+            framework: String::new(),
+            synced_at: 0,
+            checksum: String::new(),
+            function_ids: vec!["sweep-fn".into()],
+            last_error: None,
+        };
+        real.data.sync_app(app, vec![function]).await.unwrap();
+        let clock: SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
+        let matcher = Rc::new(Matcher {
+            backends: backends.clone(),
+            clock: clock.clone(),
+            functions: RefCell::new((0, Rc::new(Vec::new()))),
+            status: RefCell::new(RunnerStatus::default()),
+        });
+        let runner = actix_rt::spawn(run_loop(matcher));
+        // Subscribed and caught up (nothing) before the event comes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The run is created, then enqueueing its first call fails.
+        faults.fail_next("enqueue", 1);
+        let mut event = super::tests::event("test/sweep", 1);
+        event.internal_id = ulid::Ulid::new().to_string();
+        event.received_at = clock.now().millis();
+        publish_events(&backends, &[event]).await.unwrap();
+
+        // Marked processed only once its run and first call are stored.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !real.data.pending_events(10).await.unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the event stayed pending"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let later = Timestamp(clock.now().millis() + 60_000);
+        let due = real
+            .queue
+            .lease_due(later, 10, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(due.len(), 1, "the run's first call is queued");
+        assert!(faults.calls().contains(&"enqueue"));
+        runner.abort();
+    }
 
     fn event(name: &str, n: usize) -> EventRecord {
         EventRecord {

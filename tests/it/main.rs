@@ -27,6 +27,7 @@ mod sdk_node;
 mod security;
 mod signals;
 mod split;
+mod split_torture;
 mod steps;
 mod support;
 mod torture;

@@ -15,6 +15,9 @@ use serde_json::{json, Value};
 mod backends;
 #[allow(unused_imports)]
 pub use backends::*;
+mod procs;
+#[allow(unused_imports)]
+pub use procs::*;
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
