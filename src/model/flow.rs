@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::duration::{duration_from_secs, parse_time_str};
+use crate::duration::config_duration;
 use crate::expr::Expr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,20 +100,7 @@ fn expr(value: Option<&Value>, what: &str) -> Result<Option<String>, String> {
 }
 
 fn duration(value: Option<&Value>, what: &str) -> Result<Option<Duration>, String> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) => parse_time_str(s)
-            .map(Some)
-            .map_err(|e| format!("{what}: {e}")),
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .ok_or_else(|| format!("{n} is not a duration"))
-            .and_then(duration_from_secs)
-            .map(Some)
-            .map_err(|e| format!("{what}: {e}")),
-        Some(other) => Err(format!("{what}: {other} is not a duration")),
-    }
+    config_duration(value).map_err(|err| format!("{what}: {err}"))
 }
 
 fn required_duration(value: Option<&Value>, what: &str) -> Result<Duration, String> {
@@ -309,5 +296,12 @@ mod tests {
         assert_eq!(flow.singleton.unwrap().mode, SingletonMode::Cancel);
         assert!(FlowControl::parse(&json!({"throttle": {"limit": 0, "period": "1s"}})).is_err());
         assert!(FlowControl::parse(&json!({"debounce": {}})).is_err());
+        // Durations are time strings, or milliseconds (`duration_from_json`).
+        let flow =
+            FlowControl::parse(&json!({"debounce": {"period": 5000, "timeout": ""}})).unwrap();
+        let debounce = flow.debounce.unwrap();
+        assert_eq!(debounce.period, Duration::from_secs(5));
+        assert_eq!(debounce.timeout, None, "an empty duration is unset");
+        assert!(FlowControl::parse(&json!({"debounce": {"period": true}})).is_err());
     }
 }

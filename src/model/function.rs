@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::duration::{duration_from_secs, parse_time_str};
+use crate::duration::config_duration;
 use crate::expr::Expr;
 use crate::model::flow::FlowControl;
 use crate::model::FunctionRecord;
@@ -150,7 +150,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
             });
         } else if let Some(cron) = raw.get("cron").and_then(Value::as_str) {
             crate::cron::Schedule::parse(cron).map_err(|err| format!("function {id}: {err}"))?;
-            let jitter = optional_duration(raw.get("jitter"))
+            let jitter = config_duration(raw.get("jitter"))
                 .map_err(|err| format!("function {id}: invalid jitter: {err}"))?;
             triggers.push(Trigger::Cron {
                 cron: cron.to_string(),
@@ -178,7 +178,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
             if let Some(source) = &expression {
                 Expr::cached(source).map_err(|err| format!("function {id}: {err}"))?;
             }
-            let timeout = optional_duration(rule.get("timeout"))
+            let timeout = config_duration(rule.get("timeout"))
                 .map_err(|err| format!("function {id}: invalid cancel timeout: {err}"))?;
             cancel.push(CancelRule {
                 event: event.to_string(),
@@ -188,9 +188,9 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
         }
     }
     let timeouts = config.get("timeouts");
-    let start_timeout = optional_duration(timeouts.and_then(|t| t.get("start")))
+    let start_timeout = config_duration(timeouts.and_then(|t| t.get("start")))
         .map_err(|err| format!("function {id}: invalid timeouts.start: {err}"))?;
-    let finish_timeout = optional_duration(timeouts.and_then(|t| t.get("finish")))
+    let finish_timeout = config_duration(timeouts.and_then(|t| t.get("finish")))
         .map_err(|err| format!("function {id}: invalid timeouts.finish: {err}"))?;
     let flow = FlowControl::parse(config).map_err(|err| format!("function {id}: {err}"))?;
     Ok(FunctionDef {
@@ -207,20 +207,6 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
         flow,
         endpoint: config.pointer(crate::model::endpoint::CONFIG_MARKER) == Some(&Value::Bool(true)),
     })
-}
-
-fn optional_duration(value: Option<&Value>) -> Result<Option<Duration>, String> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) if text.is_empty() => Ok(None),
-        Some(Value::String(text)) => parse_time_str(text).map(Some),
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .ok_or_else(|| format!("{n} is not a duration"))
-            .and_then(duration_from_secs)
-            .map(Some),
-        Some(other) => Err(format!("{other} is not a duration")),
-    }
 }
 
 /// Removes the `deployId` and `probe` query parameters (PROTOCOL §3.2).
