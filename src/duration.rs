@@ -49,9 +49,15 @@ pub fn duration_from_json(value: &Value) -> Result<Option<Duration>, String> {
             let millis = number
                 .as_f64()
                 .ok_or_else(|| format!("{number} is not a number of milliseconds"))?;
-            duration_from_secs(millis / 1_000.0)
-                .map(Some)
-                .map_err(|_| format!("{number} ms is not a duration (0 to 100 years)"))
+            if millis < 0.0 {
+                return Err(format!("{number} ms is negative; a duration must not be"));
+            }
+            duration_from_secs(millis / 1_000.0).map(Some).map_err(|_| {
+                format!(
+                    "{number} ms is longer than the most accepted ({} days)",
+                    MAX_DURATION.as_secs() / 86_400
+                )
+            })
         }
         other => Err(format!(
             "{other} is not a duration (a time string such as \"1m30s\", or milliseconds)"
