@@ -378,11 +378,6 @@ impl Op {
         })
     }
 
-    /// The request of a `Gateway` or `AIGateway` op.
-    pub fn gateway(&self) -> Result<GatewayRequest, String> {
-        gateway_request(self.opts.as_ref().unwrap_or(&Value::Null))
-    }
-
     pub fn defer_add(&self) -> Result<DeferAdd, String> {
         let opts = self.options()?;
         Ok(DeferAdd {
@@ -399,7 +394,10 @@ impl Op {
     }
 }
 
-/// Parses the opts of a `Gateway` or `AIGateway` op.
+/// Parses the opts of a `Gateway` or `AIGateway` op. The executor keeps
+/// them as sent (`Fetch::opts`) and `SdkClient::fetch` reads them here when
+/// it makes the call, so that a bad request is the step's error, as on
+/// Inngest, not the run's.
 pub fn gateway_request(opts: &Value) -> Result<GatewayRequest, String> {
     let opts = Opts::of(Some(opts))?;
     let url = opts
