@@ -1,8 +1,12 @@
 //! Inngest "time strings" (`"1w2d3h4m5s"`, `"500ms"`) and the ISO dates the
 //! SDKs put in `Sleep` ops. An empty string means zero, as the JS SDK sends
-//! `""` for inputs its own parser did not understand.
+//! `""` for inputs its own parser did not understand. [`duration_from_json`]
+//! is the one reader of durations in SDK JSON (op options and function
+//! configs).
 
 use std::time::Duration;
+
+use serde_json::Value;
 
 use crate::clock::Timestamp;
 
@@ -28,6 +32,47 @@ pub fn duration_from_secs(seconds: f64) -> Result<Duration, String> {
         ));
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// A duration in SDK JSON (op options, function configs): `null` is none;
+/// a string is a time string ([`parse_time_str`]; `""` is zero); a number
+/// is **milliseconds**, as the JS SDK's `timeStr` reads a number. Neither
+/// SDK sends numbers (both send time strings, and Inngest's Go server takes
+/// only strings), so a number is Baton's extension, read in the unit a JS
+/// author means. Negative, non-finite or huge values, and any other JSON
+/// type, are errors.
+pub fn duration_from_json(value: &Value) -> Result<Option<Duration>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::String(text) => parse_time_str(text).map(Some),
+        Value::Number(number) => {
+            let millis = number
+                .as_f64()
+                .ok_or_else(|| format!("{number} is not a number of milliseconds"))?;
+            if millis < 0.0 {
+                return Err(format!("{number} ms is negative; a duration must not be"));
+            }
+            duration_from_secs(millis / 1_000.0).map(Some).map_err(|_| {
+                format!(
+                    "{number} ms is longer than the most accepted ({} days)",
+                    MAX_DURATION.as_secs() / 86_400
+                )
+            })
+        }
+        other => Err(format!(
+            "{other} is not a duration (a time string such as \"1m30s\", or milliseconds)"
+        )),
+    }
+}
+
+/// A duration field of a function config: as [`duration_from_json`], but
+/// absent or `""` is unset (the SDKs send `""` for an option left empty).
+pub fn config_duration(value: Option<&Value>) -> Result<Option<Duration>, String> {
+    match value {
+        None => Ok(None),
+        Some(Value::String(text)) if text.is_empty() => Ok(None),
+        Some(value) => duration_from_json(value),
+    }
 }
 
 /// Parses a sequence of `<number><unit>` pairs, units `ns us µs ms s m h d w`.
@@ -118,6 +163,7 @@ pub fn sleep_until(name: &str, now: Timestamp) -> Result<Timestamp, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[track_caller]
     fn check(text: &str, expected_ms: u128) {
@@ -152,6 +198,34 @@ mod tests {
             duration_from_secs(1.5).unwrap(),
             Duration::from_millis(1_500)
         );
+    }
+
+    #[test]
+    fn json_durations_are_time_strings_or_milliseconds() {
+        let read = |value: Value| duration_from_json(&value);
+        assert_eq!(read(Value::Null), Ok(None));
+        assert_eq!(read(json!("1m30s")), Ok(Some(Duration::from_secs(90))));
+        assert_eq!(read(json!("")), Ok(Some(Duration::ZERO)));
+        assert_eq!(read(json!(1500)), Ok(Some(Duration::from_millis(1_500))));
+        assert_eq!(read(json!(0.5)), Ok(Some(Duration::from_micros(500))));
+        for bad in [
+            json!(-1),
+            json!(1e300),
+            json!("5"),
+            json!(true),
+            json!({"seconds": 5}),
+            json!([5]),
+        ] {
+            assert!(read(bad.clone()).is_err(), "{bad}");
+        }
+        // In configs, absent and "" are unset; everything else as above.
+        assert_eq!(config_duration(None), Ok(None));
+        assert_eq!(config_duration(Some(&json!(""))), Ok(None));
+        assert_eq!(
+            config_duration(Some(&json!(2000))),
+            Ok(Some(Duration::from_secs(2)))
+        );
+        assert!(config_duration(Some(&json!(-5))).is_err());
     }
 
     #[test]

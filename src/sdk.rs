@@ -11,6 +11,10 @@ use sha2::{Digest, Sha256};
 use crate::clock::Timestamp;
 use crate::duration::parse_iso_date;
 
+pub mod ops;
+
+pub use ops::Opcode;
+
 /// Strips the `signkey-<env>-` prefix (PROTOCOL §1.4).
 pub fn strip_key_prefix(key: &str) -> &str {
     if let Some(rest) = key.strip_prefix("signkey-") {
@@ -177,12 +181,15 @@ impl EndpointCall<'_> {
 }
 
 /// One opcode of a 206 answer (PROTOCOL §4.5). Unknown fields are ignored.
+/// Its `opts` are kept as sent (traces show them) and read through the
+/// typed accessors of [`ops`] (`Op::sleep`, `Op::invoke`, ...).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct Op {
     #[serde(default)]
     pub id: String,
+    /// A missing `op` is [`Opcode::Unsupported`] with empty text.
     #[serde(default)]
-    pub op: String,
+    pub op: Opcode,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, rename = "displayName")]
@@ -807,50 +814,35 @@ impl SdkClient {
     pub async fn fetch(&self, ai: bool, opts: &Value) -> Value {
         let error_name = if ai { "AIGatewayError" } else { "GatewayError" };
         let fail = |message: String| json!({"error": {"name": error_name, "message": message}});
-        let Some(url) = opts.get("url").and_then(Value::as_str) else {
-            return fail("the step has no url".into());
+        let call = match ops::gateway_request(opts) {
+            Ok(call) => call,
+            Err(message) => return fail(message),
         };
+        let url = call.url.as_str();
         let method = if ai {
             reqwest::Method::POST
         } else {
-            opts.get("method")
-                .and_then(Value::as_str)
-                .unwrap_or("GET")
-                .parse()
-                .unwrap_or(reqwest::Method::GET)
+            call.method.parse().unwrap_or(reqwest::Method::GET)
         };
         let mut request = self
             .gateway
             .request(method, url)
             .timeout(Duration::from_secs(300));
         if ai {
-            let key = opts
-                .get("auth_key")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
+            let key = call.auth_key.as_str();
             request = request.header("content-type", "application/json");
-            request = match opts
-                .get("format")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-            {
+            request = match call.format.as_str() {
                 "anthropic" => request.header("x-api-key", key),
                 "gemini" => request.query(&[("key", key)]),
                 "bedrock" => request.header("authorization", key),
                 _ => request.header("authorization", format!("Bearer {key}")),
             };
         }
-        if let Some(headers) = opts.get("headers").and_then(Value::as_object) {
-            for (name, value) in headers {
-                if let Some(value) = value.as_str() {
-                    request = request.header(name.as_str(), value);
-                }
-            }
+        for (name, value) in &call.headers {
+            request = request.header(name.as_str(), value.as_str());
         }
-        match opts.get("body") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(text)) => request = request.body(text.clone()),
-            Some(other) => request = request.body(other.to_string()),
+        if let Some(body) = call.body {
+            request = request.body(body);
         }
         let response = match request.send().await {
             Ok(response) => response,
@@ -979,7 +971,7 @@ mod tests {
         ) else {
             panic!("expected ops")
         };
-        assert_eq!(ops[0].op, "StepRun");
+        assert_eq!(ops[0].op, Opcode::StepRun);
         assert_eq!(ops[0].data, Some(json!({"n": 1})));
 
         let SdkReply::Error {

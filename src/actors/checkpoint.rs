@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::actors::executor::{decide, Decision};
 use crate::clock::SharedClock;
 use crate::model::{QueueItem, RunRecord};
-use crate::sdk::{Op, SdkReply};
+use crate::sdk::{Op, Opcode, SdkReply};
 use crate::store::{Backends, Lease, SaveStep, StoreError};
 
 /// The queue lease a checkpointing call runs under, as sent in `ctx.qi_id`:
@@ -102,8 +102,8 @@ pub async fn checkpoint_async(
     }
     if let Some(op) = request.steps.iter().find(|op| {
         !matches!(
-            op.op.as_str(),
-            "StepRun" | "Step" | "DeferAdd" | "DeferAbort"
+            op.op,
+            Opcode::StepRun | Opcode::Step | Opcode::DeferAdd | Opcode::DeferAbort
         ) || op.id.is_empty()
     }) {
         return Err(CheckpointError::Invalid(format!(

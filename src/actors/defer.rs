@@ -30,7 +30,7 @@ use crate::clock::Timestamp;
 use crate::model::sessions::resolve_meta;
 use crate::model::trace::Span;
 use crate::model::{DeferRecord, DeferStatus, EventRecord, RunRecord};
-use crate::sdk::Op;
+use crate::sdk::{Op, Opcode};
 use crate::store::{Backends, SaveDefer, StoreResult};
 
 /// The event that starts a deferred run.
@@ -45,11 +45,6 @@ pub const MAX_DEFER_META_BYTES: usize = 32 << 10;
 
 /// Longest hashed id, function slug and name taken from an op.
 const MAX_ID_BYTES: usize = 256;
-
-/// Whether an opcode is a defer op (lazy: it never drives the run alone).
-pub fn is_defer_op(op: &str) -> bool {
-    matches!(op, "DeferAdd" | "DeferAbort")
-}
 
 /// A defer op of a reply or a checkpoint, parsed.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +69,7 @@ fn cut(text: &str) -> String {
     text[..end].to_string()
 }
 
-/// Parses a `DeferAdd` or `DeferAbort` op (see [`is_defer_op`]).
+/// Parses a `DeferAdd` or `DeferAbort` op (`Opcode::is_lazy`).
 pub fn parse(op: &Op, now: Timestamp) -> DeferOp {
     let invalid = |reason: &str| DeferOp::Invalid {
         id: cut(&op.id),
@@ -83,26 +78,23 @@ pub fn parse(op: &Op, now: Timestamp) -> DeferOp {
     if op.id.is_empty() || op.id.len() > MAX_ID_BYTES {
         return invalid("the op's id is empty or too long");
     }
-    let opts = op.opts.as_ref().and_then(Value::as_object);
-    let text = |field: &str| {
-        opts.and_then(|o| o.get(field))
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES)
-    };
-    if op.op == "DeferAbort" {
-        return match text("target_hashed_id") {
-            Some(target) => DeferOp::Abort {
-                target: target.to_string(),
+    if op.op == Opcode::DeferAbort {
+        return match op.defer_abort() {
+            Ok(abort) if abort.target.len() <= MAX_ID_BYTES => DeferOp::Abort {
+                target: abort.target,
             },
-            None => invalid("opts.target_hashed_id is missing"),
+            Ok(_) => invalid("opts.target_hashed_id is too long"),
+            Err(reason) => invalid(&reason),
         };
     }
-    let Some(fn_slug) = text("fn_slug") else {
-        return invalid("opts.fn_slug is missing");
+    let add = match op.defer_add() {
+        Ok(add) if add.fn_slug.len() <= MAX_ID_BYTES => add,
+        Ok(_) => return invalid("opts.fn_slug is too long"),
+        Err(reason) => return invalid(&reason),
     };
     let mut rejected = None;
-    let input = match opts.and_then(|o| o.get("input")) {
-        None | Some(Value::Null) => "{}".to_string(),
+    let input = match &add.input {
+        None => "{}".to_string(),
         Some(input @ Value::Object(_)) => input.to_string(),
         Some(_) => {
             rejected = Some("the input is not a JSON object".to_string());
@@ -115,8 +107,8 @@ pub fn parse(op: &Op, now: Timestamp) -> DeferOp {
             input.len()
         ));
     }
-    let meta = match opts.and_then(|o| o.get("meta")) {
-        None | Some(Value::Null) => None,
+    let meta = match &add.meta {
+        None => None,
         Some(meta @ Value::Object(_)) => {
             let text = meta.to_string();
             if text.len() > MAX_DEFER_META_BYTES {
@@ -138,7 +130,7 @@ pub fn parse(op: &Op, now: Timestamp) -> DeferOp {
         defer: DeferRecord {
             hashed_id: op.id.clone(),
             name: cut(&op.label()),
-            fn_slug: fn_slug.to_string(),
+            fn_slug: add.fn_slug,
             status: if rejected.is_some() {
                 DeferStatus::Rejected
             } else {

@@ -40,7 +40,7 @@ use crate::model::function::{DEFAULT_RETRIES, MAX_RETRIES};
 use crate::model::{
     AppRecord, EventRecord, FunctionDef, FunctionRecord, ItemKind, QueueItem, RunRecord, RunStatus,
 };
-use crate::sdk::{canonical_json, Op, SdkReply};
+use crate::sdk::{canonical_json, Op, Opcode, SdkReply};
 use crate::store::{Backends, CreateRun, Lease, StoreError, StoreResult};
 
 /// Most ops one checkpoint may carry.
@@ -402,7 +402,7 @@ async fn apply_ops(
     let now = clock.now();
     let going_async = ops
         .iter()
-        .any(|op| !matches!(op.op.as_str(), "StepRun" | "Step" | "RunComplete"));
+        .any(|op| !matches!(op.op, Opcode::StepRun | Opcode::Step | Opcode::RunComplete));
     let lease = Lease {
         lease_id: 0,
         item: QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32),

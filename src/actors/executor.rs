@@ -31,7 +31,7 @@ use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
 use crate::actors::metadata::store_op_metadata;
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
-use crate::duration::{duration_from_secs, parse_time_str, sleep_until};
+use crate::duration::{sleep_until, MAX_SLEEP};
 use crate::expr::{async_equality_key, panic_message, Expr};
 use crate::metrics::METRICS;
 use crate::model::endpoint;
@@ -41,7 +41,10 @@ use crate::model::{
     EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
     RunRecord, RunStatus, StepKind, StepRecord,
 };
-use crate::sdk::{parse_reply, step_error, CallRequest, CheckpointOffer, SdkClient, SdkReply};
+use crate::sdk::ops::{OnConflict, ParallelMode};
+use crate::sdk::{
+    parse_reply, step_error, CallRequest, CheckpointOffer, Op, Opcode, SdkClient, SdkReply,
+};
 use crate::store::{Backends, Lease, SaveSignal, SaveStep, StoreResult};
 
 /// Inngest's retry backoff table (GO `pkg/backoff TableBackoff`).
@@ -60,10 +63,9 @@ pub const MAX_OPS_PER_REPLY: usize = MAX_STEPS;
 /// Replies in a row that make no progress (`206 []`, a lone
 /// `DiscoveryRequest`) before the run fails; they are re-tried with backoff.
 pub const MAX_NO_PROGRESS: u32 = 10;
-/// Longest signal name, bytes.
-pub const MAX_SIGNAL_BYTES: usize = 1_024;
-/// How long a pause with no timeout waits.
-const DEFAULT_PAUSE: Duration = Duration::from_secs(366 * 86_400);
+pub use crate::sdk::ops::MAX_SIGNAL_BYTES;
+/// How long a pause with no timeout waits: the longest timeout accepted.
+const DEFAULT_PAUSE: Duration = MAX_SLEEP;
 
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
@@ -155,25 +157,6 @@ fn limit_error(message: String) -> Value {
     json!({"error": "limit exceeded", "name": "LimitExceededError", "message": message})
 }
 
-fn pause_timeout(opts: Option<&Value>) -> Result<Option<Duration>, String> {
-    let timeout = match opts.and_then(|o| o.get("timeout")) {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(text)) => parse_time_str(text)?,
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .ok_or_else(|| format!("invalid timeout {n}"))
-            .and_then(|ms| duration_from_secs(ms / 1_000.0))?,
-        Some(other) => return Err(format!("invalid timeout {other}")),
-    };
-    if timeout > DEFAULT_PAUSE {
-        return Err(format!(
-            "timeout is longer than the most accepted ({} days)",
-            DEFAULT_PAUSE.as_secs() / 86_400
-        ));
-    }
-    Ok(Some(timeout))
-}
-
 /// Ends the run as failed when its output is larger than a step's may be.
 fn bound_output(finish: (RunStatus, Value)) -> (RunStatus, Value) {
     let size = serde_json::to_vec(&finish.1).map_or(0, |bytes| bytes.len());
@@ -193,7 +176,8 @@ fn bound_output(finish: (RunStatus, Value)) -> (RunStatus, Value) {
     )
 }
 
-/// The pure decision for one SDK reply (no IO).
+/// The pure decision for one SDK reply (no IO): a short dispatcher over
+/// the reply's kind and, for ops, one function per [`Opcode`].
 pub fn decide(
     run: &RunRecord,
     lease: &Lease,
@@ -201,74 +185,28 @@ pub fn decide(
     now: Timestamp,
     retry_delay: Duration,
 ) -> Decision {
-    let mut decision = decide_ops(run, lease, reply, now, retry_delay);
-    // Defer ops ride along the others ("lazy" ops): they are stored
-    // whatever the rest of the reply does, as Inngest handles them first.
-    if let SdkReply::Ops { ops, .. } = reply {
-        decision.defers = ops
-            .iter()
-            .filter(|op| defer::is_defer_op(&op.op))
-            .map(|op| defer::parse(op, now))
-            .collect();
-    }
-    decision
-}
-
-fn decide_ops(
-    run: &RunRecord,
-    lease: &Lease,
-    reply: &SdkReply,
-    now: Timestamp,
-    retry_delay: Duration,
-) -> Decision {
-    let mut decision = Decision::default();
-    // Defer ops count for nothing here: neither as progress nor as steps
-    // of a parallel group.
-    let real_ops = match reply {
-        SdkReply::Ops { ops, .. } => ops.iter().filter(|op| !defer::is_defer_op(&op.op)).count(),
-        _ => 0,
-    };
-    let attempts_left = lease.attempt + 1 < run.max_attempts;
-    let retry_at = |retry_after: Option<Duration>| now.plus(retry_after.unwrap_or(retry_delay));
-    // Results of planned steps fan in; everything else calls again at once.
-    let after_save = match &lease.item.kind {
-        ItemKind::Planned { race: false, .. } if run.request_version != 1 => {
-            Discover::WhenGroupDone
-        }
-        _ => Discover::Always,
-    };
-    // In a parallel group (several ops, request version 2), sleeps, waits,
-    // invokes and fetches join the planned set beside the planned steps, so
-    // the run is called again once the whole group is done (as Inngest's
-    // pending steps), not when only its `step.run`s are.
-    let joins_group = |op: &crate::sdk::Op| {
-        let ops = real_ops;
-        let race = op
-            .opts
-            .as_ref()
-            .and_then(|o| o.get("parallelMode"))
-            .and_then(Value::as_str)
-            == Some("race");
-        ops > 1 && run.request_version != 1 && !race && !run.stack.contains(&op.id)
-    };
-    let fail = |message: String| Decision {
-        finish: Some((RunStatus::Failed, limit_error(message))),
-        ..Decision::default()
-    };
-    match reply {
-        SdkReply::Complete { output, .. } => {
-            decision.finish = Some((RunStatus::Completed, output.clone()));
-        }
+    let retry_at = |retry_after: &Option<Duration>| now.plus(retry_after.unwrap_or(retry_delay));
+    let mut decision = match reply {
+        SdkReply::Complete { output, .. } => Decision {
+            finish: Some((RunStatus::Completed, output.clone())),
+            ..Decision::default()
+        },
         SdkReply::Error {
             error,
             no_retry,
             retry_after,
             ..
         } => {
-            if !no_retry && attempts_left {
-                decision.retry = Some(retry_at(*retry_after));
+            if !no_retry && lease.attempt + 1 < run.max_attempts {
+                Decision {
+                    retry: Some(retry_at(retry_after)),
+                    ..Decision::default()
+                }
             } else {
-                decision.finish = Some((RunStatus::Failed, error.clone()));
+                Decision {
+                    finish: Some((RunStatus::Failed, error.clone())),
+                    ..Decision::default()
+                }
             }
         }
         SdkReply::Ops {
@@ -277,338 +215,19 @@ fn decide_ops(
             retry_after,
             ..
         } => {
-            let attempts = lease.attempt + 1;
-            let mut state_bytes = run.state_bytes;
-            if ops.len() > MAX_OPS_PER_REPLY {
-                return fail(format!(
-                    "the app answered with {} steps at once; the limit is {MAX_OPS_PER_REPLY}",
-                    ops.len()
-                ));
-            }
-            if ops
-                .iter()
-                .all(|op| op.op == "DiscoveryRequest" || defer::is_defer_op(&op.op))
-            {
-                // Nothing to save or schedule: call again later, bounded.
-                decision.no_progress = true;
-                return decision;
-            }
-            if real_ops > 1 {
-                decision.force_plan = true;
-            }
-            // What each op recorded, under ids derived from the op and this
-            // attempt, so a reply handled twice stores it once.
-            let op_metadata = |op: &crate::sdk::Op| match &op.metadata {
-                Some(metadata) => {
-                    records_from_op(&run.id, &op.id, lease.attempt, metadata, now.millis())
-                }
-                None => (Vec::new(), Vec::new()),
+            let reply = Reply {
+                run,
+                lease,
+                now,
+                no_retry: *no_retry,
+                retry_at: retry_at(retry_after),
+                // Defer ops count for nothing here: neither as progress
+                // nor as steps of a parallel group.
+                real_ops: ops.iter().filter(|op| !op.op.is_lazy()).count(),
             };
-            for op in ops {
-                let (records, errors) = op_metadata(op);
-                decision.metadata.extend(records);
-                decision.metadata_errors.extend(errors);
-            }
-            for op in ops {
-                let step = |kind: StepKind, memo: Value| StepRecord {
-                    id: op.id.clone(),
-                    name: op.label(),
-                    kind,
-                    memo: memo.to_string(),
-                    saved_at: now.millis(),
-                    attempts,
-                };
-                let pause =
-                    |kind: PauseKind, event_name: &str, timeout: Option<Duration>| PauseRecord {
-                        id: format!("{}/{}", run.id, op.id),
-                        run_id: run.id.clone(),
-                        fn_id: run.fn_id.clone(),
-                        step_id: op.id.clone(),
-                        step_name: op.label(),
-                        kind,
-                        event_name: event_name.to_string(),
-                        expression: None,
-                        match_key: None,
-                        correlation_id: None,
-                        trigger_event: run.events.first().cloned().unwrap_or_default(),
-                        created_at: now.millis(),
-                        expires_at: now.plus(timeout.unwrap_or(DEFAULT_PAUSE)).millis(),
-                    };
-                let saved = match op.op.as_str() {
-                    "StepRun" | "Step" => {
-                        let data = op.data.clone().unwrap_or(Value::Null);
-                        let memo = if op.op == "Step" {
-                            data
-                        } else {
-                            json!({ "data": data })
-                        };
-                        Some(step(StepKind::Run, memo))
-                    }
-                    "StepFailed" => {
-                        let error = step_error(op.error.as_ref());
-                        Some(step(StepKind::Failed, json!({ "error": error })))
-                    }
-                    "StepError" => {
-                        if !no_retry && attempts_left {
-                            // Re-run the same call; the other ops of this
-                            // reply (and what they recorded) will be
-                            // reported again. The failed attempt keeps its
-                            // own metadata.
-                            let (metadata, metadata_errors) = op_metadata(op);
-                            return Decision {
-                                retry: Some(retry_at(*retry_after)),
-                                metadata,
-                                metadata_errors,
-                                ..Decision::default()
-                            };
-                        }
-                        let error = step_error(op.error.as_ref());
-                        Some(step(StepKind::Failed, json!({ "error": error })))
-                    }
-                    "StepPlanned" => {
-                        if !run.stack.contains(&op.id) {
-                            let planned = run.stack.len() + run.planned.len() + decision.plan.len();
-                            if planned >= MAX_STEPS {
-                                return fail(format!(
-                                    "the run has more than {MAX_STEPS} steps (done and planned)"
-                                ));
-                            }
-                            let race = op
-                                .opts
-                                .as_ref()
-                                .and_then(|o| o.get("parallelMode"))
-                                .and_then(Value::as_str)
-                                == Some("race");
-                            decision
-                                .schedule
-                                .push((QueueItem::planned(&run.id, &run.fn_id, &op.id, race), now));
-                            decision.plan.push(op.id.clone());
-                        }
-                        None
-                    }
-                    "Sleep" => {
-                        let name = op.name.clone().unwrap_or_default();
-                        let text = op
-                            .opts
-                            .as_ref()
-                            .and_then(|o| o.get("duration"))
-                            .and_then(Value::as_str)
-                            .map(str::to_string)
-                            .unwrap_or(name);
-                        match sleep_until(&text, now) {
-                            Ok(until) => decision.schedule.push((
-                                QueueItem::wake(&run.id, &run.fn_id, &op.id, &op.label()),
-                                until,
-                            )),
-                            Err(err) => return fail(format!("invalid sleep duration: {err}")),
-                        }
-                        if joins_group(op) {
-                            decision.plan.push(op.id.clone());
-                        }
-                        None
-                    }
-                    "WaitForEvent" => {
-                        let event_name = op
-                            .opts
-                            .as_ref()
-                            .and_then(|o| o.get("event"))
-                            .and_then(Value::as_str)
-                            .or(op.name.as_deref())
-                            .unwrap_or_default()
-                            .to_string();
-                        let timeout = match pause_timeout(op.opts.as_ref()) {
-                            Ok(timeout) => timeout,
-                            Err(err) => return fail(format!("waitForEvent: {err}")),
-                        };
-                        if timeout == Some(Duration::ZERO) {
-                            Some(step(StepKind::WaitForEvent, Value::Null))
-                        } else {
-                            let mut wait = pause(PauseKind::WaitForEvent, &event_name, timeout);
-                            wait.expression = op
-                                .opts
-                                .as_ref()
-                                .and_then(|o| o.get("if"))
-                                .and_then(Value::as_str)
-                                .filter(|e| !e.trim().is_empty())
-                                .map(str::to_string);
-                            if let Some(source) = &wait.expression {
-                                if let Err(err) = Expr::cached(source) {
-                                    return fail(format!("waitForEvent: {err}"));
-                                }
-                                let trigger: Value =
-                                    serde_json::from_str(&wait.trigger_event).unwrap_or_default();
-                                wait.match_key = async_equality_key(source, &trigger);
-                            }
-                            let expires = Timestamp(wait.expires_at);
-                            decision.schedule.push((
-                                QueueItem::pause_timeout(&run.id, &run.fn_id, &wait.id),
-                                expires,
-                            ));
-                            decision.pauses.push(wait);
-                            if joins_group(op) {
-                                decision.plan.push(op.id.clone());
-                            }
-                            None
-                        }
-                    }
-                    "WaitForSignal" => {
-                        let opts = op.opts.as_ref();
-                        let signal = match opts.and_then(|o| o.get("signal")) {
-                            Some(Value::String(name)) if !name.is_empty() => name.clone(),
-                            _ => return fail("waitForSignal: the signal name is required".into()),
-                        };
-                        if signal.len() > MAX_SIGNAL_BYTES {
-                            return fail(format!(
-                                "waitForSignal: the signal name is {} bytes; the most is \
-                                 {MAX_SIGNAL_BYTES}",
-                                signal.len()
-                            ));
-                        }
-                        let replace = match opts.and_then(|o| o.get("conflict")) {
-                            None | Some(Value::Null) => false,
-                            Some(Value::String(mode)) if mode == "fail" => false,
-                            Some(Value::String(mode)) if mode == "replace" => true,
-                            Some(other) => {
-                                return fail(format!(
-                                    "waitForSignal: onConflict must be \"replace\" or \"fail\", \
-                                     not {other}"
-                                ))
-                            }
-                        };
-                        let timeout = match pause_timeout(opts) {
-                            Ok(timeout) => timeout,
-                            Err(err) => return fail(format!("waitForSignal: {err}")),
-                        };
-                        if timeout == Some(Duration::ZERO) {
-                            Some(step(StepKind::WaitForSignal, Value::Null))
-                        } else {
-                            let mut wait = pause(PauseKind::Signal, "", timeout);
-                            wait.correlation_id = Some(signal);
-                            decision.schedule.push((
-                                QueueItem::pause_timeout(&run.id, &run.fn_id, &wait.id),
-                                Timestamp(wait.expires_at),
-                            ));
-                            decision.signals.push((wait, replace));
-                            if joins_group(op) {
-                                decision.plan.push(op.id.clone());
-                            }
-                            None
-                        }
-                    }
-                    "InvokeFunction" => {
-                        let opts = op.opts.clone().unwrap_or(Value::Null);
-                        let function_id = opts
-                            .get("function_id")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_string();
-                        let timeout = match pause_timeout(Some(&opts)) {
-                            Ok(timeout) => timeout,
-                            Err(err) => return fail(format!("invoke: {err}")),
-                        };
-                        let mut wait = pause(PauseKind::Invoke, FUNCTION_FINISHED, timeout);
-                        wait.correlation_id = Some(format!("{}.{}", run.id, op.id));
-                        let expires = Timestamp(wait.expires_at);
-                        decision.schedule.push((
-                            QueueItem::pause_timeout(&run.id, &run.fn_id, &wait.id),
-                            expires,
-                        ));
-                        let data = opts
-                            .pointer("/payload/data")
-                            .cloned()
-                            .filter(Value::is_object)
-                            .unwrap_or_else(|| json!({}));
-                        // The caller's sessions, stamped by the SDK, go on
-                        // to the invoked run.
-                        let meta = match resolve_meta(opts.pointer("/payload/meta")) {
-                            Ok(meta) => meta,
-                            Err(err) => return fail(format!("invoke: {err}")),
-                        };
-                        decision.invokes.push(Invoke {
-                            pause: wait,
-                            function_id,
-                            data,
-                            meta,
-                        });
-                        if joins_group(op) {
-                            decision.plan.push(op.id.clone());
-                        }
-                        None
-                    }
-                    "Gateway" | "AIGateway" => {
-                        decision.fetches.push(Fetch {
-                            step_id: op.id.clone(),
-                            name: op.label(),
-                            ai: op.op == "AIGateway",
-                            opts: op.opts.clone().unwrap_or(Value::Null),
-                        });
-                        if joins_group(op) {
-                            decision.plan.push(op.id.clone());
-                        }
-                        None
-                    }
-                    "RunComplete" | "SyncRunComplete" => {
-                        let data = op.data.clone().unwrap_or(Value::Null);
-                        let output = match (op.op.as_str(), &data) {
-                            ("SyncRunComplete", Value::Object(map)) => {
-                                map.get("data").cloned().unwrap_or(Value::Null)
-                            }
-                            _ => data,
-                        };
-                        decision.finish = Some((RunStatus::Completed, output));
-                        None
-                    }
-                    "DiscoveryRequest" => {
-                        decision.discover = Discover::Always;
-                        None
-                    }
-                    // Taken by `decide`.
-                    "DeferAdd" | "DeferAbort" => None,
-                    other => {
-                        return Decision {
-                            finish: Some((
-                                RunStatus::Failed,
-                                json!({
-                                    "error": "unsupported opcode",
-                                    "name": "UnsupportedOpcode",
-                                    "message": format!(
-                                        "this version of Baton does not support the {other} step"
-                                    ),
-                                }),
-                            )),
-                            ..Decision::default()
-                        };
-                    }
-                };
-                if let Some(step) = saved {
-                    if step.memo.len() > MAX_STEP_BYTES {
-                        return fail(format!(
-                            "step {:?} output is {} bytes; the limit is {MAX_STEP_BYTES}",
-                            step.name,
-                            step.memo.len()
-                        ));
-                    }
-                    state_bytes += step.memo.len() as u64;
-                    if state_bytes > MAX_STATE_BYTES {
-                        return fail(format!(
-                            "the run's state is {state_bytes} bytes; the limit is {MAX_STATE_BYTES}"
-                        ));
-                    }
-                    if run.stack.len() + decision.save.len() >= MAX_STEPS {
-                        return fail(format!("the run has more than {MAX_STEPS} steps"));
-                    }
-                    decision.save.push(step);
-                    if decision.discover != Discover::Always {
-                        decision.discover = if joins_group(op) {
-                            Discover::WhenGroupDone
-                        } else {
-                            after_save
-                        };
-                    }
-                }
-            }
+            decide_ops(&reply, ops).unwrap_or_else(|stop| *stop)
         }
-    }
+    };
     if let Some(finish) = decision.finish.take() {
         decision.finish = Some(bound_output(finish));
         decision.discover = Discover::No;
@@ -618,7 +237,423 @@ fn decide_ops(
         decision.invokes.clear();
         decision.fetches.clear();
     }
+    // Defer ops ride along the others ("lazy" ops): they are stored
+    // whatever the rest of the reply does, as Inngest handles them first.
+    if let SdkReply::Ops { ops, .. } = reply {
+        decision.defers = ops
+            .iter()
+            .filter(|op| op.op.is_lazy())
+            .map(|op| defer::parse(op, now))
+            .collect();
+    }
     decision
+}
+
+/// What every op of one 206 reply is decided against.
+struct Reply<'a> {
+    run: &'a RunRecord,
+    lease: &'a Lease,
+    now: Timestamp,
+    no_retry: bool,
+    /// When to call again if a step error asks for a retry.
+    retry_at: Timestamp,
+    /// The ops that are not lazy (defers).
+    real_ops: usize,
+}
+
+/// Ends the decision of a reply at once: the run fails, or the call is
+/// retried. Boxed: a `Decision` is large.
+type Stop = Box<Decision>;
+
+impl Reply<'_> {
+    fn attempts_left(&self) -> bool {
+        self.lease.attempt + 1 < self.run.max_attempts
+    }
+
+    /// Fails the run: a limit was passed.
+    fn fail(&self, message: String) -> Stop {
+        Box::new(Decision {
+            finish: Some((RunStatus::Failed, limit_error(message))),
+            ..Decision::default()
+        })
+    }
+
+    /// Fails the run: the op is malformed (`what` names it as the user
+    /// wrote it).
+    fn invalid(&self, op: &Op, what: &str, message: String) -> Stop {
+        Box::new(Decision {
+            finish: Some((
+                RunStatus::Failed,
+                json!({
+                    "error": "invalid op",
+                    "name": "InvalidOpError",
+                    "message": format!("{what} {:?}: {message}", op.label()),
+                }),
+            )),
+            ..Decision::default()
+        })
+    }
+
+    /// Whether `op` joins the parallel group of this reply. In a group
+    /// (several ops, request version 2), sleeps, waits, invokes and fetches
+    /// join the planned set beside the planned steps, so the run is called
+    /// again once the whole group is done (as Inngest's pending steps),
+    /// not when only its `step.run`s are.
+    fn in_group(&self, op: &Op) -> Result<bool, Stop> {
+        if self.real_ops <= 1 || self.run.request_version == 1 || self.run.stack.contains(&op.id) {
+            return Ok(false);
+        }
+        Ok(self.parallel_mode(op)? != ParallelMode::Race)
+    }
+
+    fn parallel_mode(&self, op: &Op) -> Result<ParallelMode, Stop> {
+        op.parallel_mode()
+            .map_err(|err| self.invalid(op, "step", err))
+    }
+
+    /// What saving a result asks for: results of planned steps fan in,
+    /// everything else calls again at once.
+    fn after_save(&self, in_group: bool) -> Discover {
+        match &self.lease.item.kind {
+            _ if in_group => Discover::WhenGroupDone,
+            ItemKind::Planned { race: false, .. } if self.run.request_version != 1 => {
+                Discover::WhenGroupDone
+            }
+            _ => Discover::Always,
+        }
+    }
+
+    /// What each op recorded, under ids derived from the op and this
+    /// attempt, so a reply handled twice stores it once.
+    fn metadata(&self, op: &Op) -> (Vec<MetadataRecord>, Vec<String>) {
+        match &op.metadata {
+            Some(metadata) => records_from_op(
+                &self.run.id,
+                &op.id,
+                self.lease.attempt,
+                metadata,
+                self.now.millis(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    fn step(&self, op: &Op, kind: StepKind, memo: Value) -> StepRecord {
+        StepRecord {
+            id: op.id.clone(),
+            name: op.label(),
+            kind,
+            memo: memo.to_string(),
+            saved_at: self.now.millis(),
+            attempts: self.lease.attempt + 1,
+        }
+    }
+
+    fn pause(
+        &self,
+        op: &Op,
+        kind: PauseKind,
+        event_name: &str,
+        timeout: Option<Duration>,
+    ) -> PauseRecord {
+        let run = self.run;
+        PauseRecord {
+            id: format!("{}/{}", run.id, op.id),
+            run_id: run.id.clone(),
+            fn_id: run.fn_id.clone(),
+            step_id: op.id.clone(),
+            step_name: op.label(),
+            kind,
+            event_name: event_name.to_string(),
+            expression: None,
+            match_key: None,
+            correlation_id: None,
+            trigger_event: run.events.first().cloned().unwrap_or_default(),
+            created_at: self.now.millis(),
+            expires_at: self.now.plus(timeout.unwrap_or(DEFAULT_PAUSE)).millis(),
+        }
+    }
+
+    /// Schedules the timeout of a pause.
+    fn schedule_timeout(&self, decision: &mut Decision, pause: &PauseRecord) {
+        decision.schedule.push((
+            QueueItem::pause_timeout(&self.run.id, &self.run.fn_id, &pause.id),
+            Timestamp(pause.expires_at),
+        ));
+    }
+}
+
+/// The ops of a 206 reply, in order.
+fn decide_ops(reply: &Reply, ops: &[Op]) -> Result<Decision, Stop> {
+    let run = reply.run;
+    let mut decision = Decision::default();
+    if ops.len() > MAX_OPS_PER_REPLY {
+        return Err(reply.fail(format!(
+            "the app answered with {} steps at once; the limit is {MAX_OPS_PER_REPLY}",
+            ops.len()
+        )));
+    }
+    if ops
+        .iter()
+        .all(|op| op.op == Opcode::DiscoveryRequest || op.op.is_lazy())
+    {
+        // Nothing to save or schedule: call again later, bounded.
+        decision.no_progress = true;
+        return Ok(decision);
+    }
+    decision.force_plan = reply.real_ops > 1;
+    for op in ops {
+        let (records, errors) = reply.metadata(op);
+        decision.metadata.extend(records);
+        decision.metadata_errors.extend(errors);
+    }
+    let mut state_bytes = run.state_bytes;
+    for op in ops {
+        let saved = decide_op(reply, op, &mut decision)?;
+        let Some(step) = saved else { continue };
+        if step.memo.len() > MAX_STEP_BYTES {
+            return Err(reply.fail(format!(
+                "step {:?} output is {} bytes; the limit is {MAX_STEP_BYTES}",
+                step.name,
+                step.memo.len()
+            )));
+        }
+        state_bytes += step.memo.len() as u64;
+        if state_bytes > MAX_STATE_BYTES {
+            return Err(reply.fail(format!(
+                "the run's state is {state_bytes} bytes; the limit is {MAX_STATE_BYTES}"
+            )));
+        }
+        if run.stack.len() + decision.save.len() >= MAX_STEPS {
+            return Err(reply.fail(format!("the run has more than {MAX_STEPS} steps")));
+        }
+        decision.save.push(step);
+        if decision.discover != Discover::Always {
+            decision.discover = reply.after_save(reply.in_group(op)?);
+        }
+    }
+    Ok(decision)
+}
+
+/// One op: the step result it saves, if any; what else it asks for goes
+/// into `decision`.
+fn decide_op(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<Option<StepRecord>, Stop> {
+    match &op.op {
+        Opcode::Step | Opcode::StepRun => Ok(Some(step_result(reply, op))),
+        Opcode::StepFailed => Ok(Some(step_failed(reply, op))),
+        Opcode::StepError => step_error_op(reply, op),
+        Opcode::StepPlanned => step_planned(reply, op, decision).map(|()| None),
+        Opcode::Sleep => sleep(reply, op, decision).map(|()| None),
+        Opcode::WaitForEvent => wait_for_event(reply, op, decision),
+        Opcode::WaitForSignal => wait_for_signal(reply, op, decision),
+        Opcode::InvokeFunction => invoke(reply, op, decision).map(|()| None),
+        Opcode::Gateway | Opcode::AiGateway => fetch(reply, op, decision).map(|()| None),
+        Opcode::RunComplete | Opcode::SyncRunComplete => {
+            decision.finish = Some((RunStatus::Completed, run_output(op)));
+            Ok(None)
+        }
+        Opcode::DiscoveryRequest => {
+            decision.discover = Discover::Always;
+            Ok(None)
+        }
+        // Taken by `decide`.
+        Opcode::DeferAdd | Opcode::DeferAbort => Ok(None),
+        Opcode::StepNotFound | Opcode::Unsupported(_) => Err(unsupported(op)),
+    }
+}
+
+/// `StepRun` never wraps its data; the legacy `Step` is stored as sent.
+fn step_result(reply: &Reply, op: &Op) -> StepRecord {
+    let data = op.data.clone().unwrap_or(Value::Null);
+    let memo = if op.op == Opcode::Step {
+        data
+    } else {
+        json!({ "data": data })
+    };
+    reply.step(op, StepKind::Run, memo)
+}
+
+fn step_failed(reply: &Reply, op: &Op) -> StepRecord {
+    let error = step_error(op.error.as_ref());
+    reply.step(op, StepKind::Failed, json!({ "error": error }))
+}
+
+/// A step threw: the call is retried while attempts are left, else the
+/// step has failed.
+fn step_error_op(reply: &Reply, op: &Op) -> Result<Option<StepRecord>, Stop> {
+    if !reply.no_retry && reply.attempts_left() {
+        // Re-run the same call; the other ops of this reply (and what they
+        // recorded) will be reported again. The failed attempt keeps its
+        // own metadata.
+        let (metadata, metadata_errors) = reply.metadata(op);
+        return Err(Box::new(Decision {
+            retry: Some(reply.retry_at),
+            metadata,
+            metadata_errors,
+            ..Decision::default()
+        }));
+    }
+    Ok(Some(step_failed(reply, op)))
+}
+
+fn step_planned(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<(), Stop> {
+    let run = reply.run;
+    if run.stack.contains(&op.id) {
+        return Ok(());
+    }
+    let planned = run.stack.len() + run.planned.len() + decision.plan.len();
+    if planned >= MAX_STEPS {
+        return Err(reply.fail(format!(
+            "the run has more than {MAX_STEPS} steps (done and planned)"
+        )));
+    }
+    let race = reply.parallel_mode(op)? == ParallelMode::Race;
+    decision.schedule.push((
+        QueueItem::planned(&run.id, &run.fn_id, &op.id, race),
+        reply.now,
+    ));
+    decision.plan.push(op.id.clone());
+    Ok(())
+}
+
+fn sleep(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<(), Stop> {
+    let run = reply.run;
+    let sleep = op.sleep().map_err(|err| reply.invalid(op, "sleep", err))?;
+    let until = sleep_until(&sleep.until, reply.now)
+        .map_err(|err| reply.fail(format!("invalid sleep duration: {err}")))?;
+    decision.schedule.push((
+        QueueItem::wake(&run.id, &run.fn_id, &op.id, &op.label()),
+        until,
+    ));
+    if reply.in_group(op)? {
+        decision.plan.push(op.id.clone());
+    }
+    Ok(())
+}
+
+fn wait_for_event(
+    reply: &Reply,
+    op: &Op,
+    decision: &mut Decision,
+) -> Result<Option<StepRecord>, Stop> {
+    let opts = op
+        .wait_for_event()
+        .map_err(|err| reply.invalid(op, "waitForEvent", err))?;
+    if opts.timeout == Some(Duration::ZERO) {
+        return Ok(Some(reply.step(op, StepKind::WaitForEvent, Value::Null)));
+    }
+    let mut wait = reply.pause(op, PauseKind::WaitForEvent, &opts.event, opts.timeout);
+    if let Some(source) = &opts.expression {
+        if let Err(err) = Expr::cached(source) {
+            return Err(reply.invalid(op, "waitForEvent", err.to_string()));
+        }
+        let trigger: Value = serde_json::from_str(&wait.trigger_event).unwrap_or_default();
+        wait.match_key = async_equality_key(source, &trigger);
+    }
+    wait.expression = opts.expression;
+    reply.schedule_timeout(decision, &wait);
+    decision.pauses.push(wait);
+    if reply.in_group(op)? {
+        decision.plan.push(op.id.clone());
+    }
+    Ok(None)
+}
+
+fn wait_for_signal(
+    reply: &Reply,
+    op: &Op,
+    decision: &mut Decision,
+) -> Result<Option<StepRecord>, Stop> {
+    let opts = op
+        .wait_for_signal()
+        .map_err(|err| reply.invalid(op, "waitForSignal", err))?;
+    if opts.timeout == Some(Duration::ZERO) {
+        return Ok(Some(reply.step(op, StepKind::WaitForSignal, Value::Null)));
+    }
+    let mut wait = reply.pause(op, PauseKind::Signal, "", opts.timeout);
+    wait.correlation_id = Some(opts.signal);
+    reply.schedule_timeout(decision, &wait);
+    decision
+        .signals
+        .push((wait, opts.on_conflict == OnConflict::Replace));
+    if reply.in_group(op)? {
+        decision.plan.push(op.id.clone());
+    }
+    Ok(None)
+}
+
+fn invoke(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<(), Stop> {
+    let opts = op
+        .invoke()
+        .map_err(|err| reply.invalid(op, "invoke", err))?;
+    // The caller's sessions, stamped by the SDK, go on to the invoked run.
+    let meta = resolve_meta(opts.meta.as_ref()).map_err(|err| reply.invalid(op, "invoke", err))?;
+    let mut wait = reply.pause(op, PauseKind::Invoke, FUNCTION_FINISHED, opts.timeout);
+    wait.correlation_id = Some(format!("{}.{}", reply.run.id, op.id));
+    reply.schedule_timeout(decision, &wait);
+    decision.invokes.push(Invoke {
+        pause: wait,
+        function_id: opts.function_id,
+        data: opts.data,
+        meta,
+    });
+    if reply.in_group(op)? {
+        decision.plan.push(op.id.clone());
+    }
+    Ok(())
+}
+
+/// `step.fetch` and `step.ai.infer`: the executor makes the call. A
+/// malformed request becomes the step's error (`SdkClient::fetch`), as on
+/// Inngest, rather than failing the run.
+fn fetch(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<(), Stop> {
+    decision.fetches.push(Fetch {
+        step_id: op.id.clone(),
+        name: op.label(),
+        ai: op.op == Opcode::AiGateway,
+        opts: op.opts.clone().unwrap_or(Value::Null),
+    });
+    if reply.in_group(op)? {
+        decision.plan.push(op.id.clone());
+    }
+    Ok(())
+}
+
+/// The run's output: `data`, or for `SyncRunComplete` (a durable
+/// endpoint's end) the `data` inside it.
+fn run_output(op: &Op) -> Value {
+    let data = op.data.clone().unwrap_or(Value::Null);
+    match (&op.op, data) {
+        (Opcode::SyncRunComplete, Value::Object(mut map)) => {
+            map.remove("data").unwrap_or(Value::Null)
+        }
+        (_, data) => data,
+    }
+}
+
+/// Fails the run on an opcode this Baton does not handle.
+fn unsupported(op: &Op) -> Stop {
+    let message = match &op.op {
+        Opcode::StepNotFound => format!(
+            "the app did not find step {:?}: was it renamed or removed?",
+            op.label()
+        ),
+        Opcode::Unsupported(text) if text.is_empty() => {
+            format!("the op of step {:?} has no opcode", op.label())
+        }
+        other => format!("this version of Baton does not support the {other} step"),
+    };
+    Box::new(Decision {
+        finish: Some((
+            RunStatus::Failed,
+            json!({
+                "error": "unsupported opcode",
+                "name": "UnsupportedOpcode",
+                "message": message,
+            }),
+        )),
+        ..Decision::default()
+    })
 }
 
 /// What a server-side result (a fetch, a missing invoke target) asks for: a
@@ -2105,6 +2140,136 @@ mod tests {
             .map(|i| op("StepPlanned", &format!("p{i}")))
             .collect();
         check(0, ops(many, false), |d| assert!(failed(d)));
+    }
+
+    /// The failure's `name` and `message`, when the run fails.
+    fn failure(d: &Decision) -> Option<(String, String)> {
+        let (status, error) = d.finish.as_ref()?;
+        (*status == RunStatus::Failed).then(|| {
+            (
+                error["name"].as_str().unwrap_or_default().to_string(),
+                error["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+    }
+
+    #[test]
+    fn unknown_and_malformed_ops_fail_the_run_clearly() {
+        // An opcode Baton does not know, none at all, or StepNotFound.
+        for (kind, says) in [
+            ("Teleport", "does not support the Teleport step"),
+            ("", "has no opcode"),
+            ("StepNotFound", "did not find step"),
+        ] {
+            check(0, ops(vec![op(kind, "x")], false), |d| {
+                let (name, message) = failure(d).expect("the run fails");
+                assert_eq!(name, "UnsupportedOpcode");
+                assert!(message.contains(says), "{message}");
+            });
+        }
+        // Options of the wrong type are errors naming the op, never a
+        // silent default.
+        for (kind, opts, says) in [
+            (
+                "Sleep",
+                json!({"duration": 5}),
+                r#"sleep "x": opts.duration"#,
+            ),
+            ("Sleep", json!("2s"), "opts must be an object"),
+            (
+                "WaitForEvent",
+                json!({"event": 1}),
+                r#"waitForEvent "x": opts.event"#,
+            ),
+            (
+                "WaitForEvent",
+                json!({"timeout": true}),
+                "opts.timeout: true is not",
+            ),
+            ("WaitForEvent", json!({"timeout": "1h", "if": 3}), "opts.if"),
+            ("WaitForSignal", json!({"signal": ["s"]}), "opts.signal"),
+            (
+                "WaitForSignal",
+                json!({"signal": "s", "conflict": "merge"}),
+                "opts.conflict",
+            ),
+            ("InvokeFunction", json!({}), "opts.function_id is required"),
+            (
+                "InvokeFunction",
+                json!({"function_id": 7}),
+                r#"invoke "x": opts.function_id"#,
+            ),
+            (
+                "InvokeFunction",
+                json!({"function_id": "f", "payload": {"data": "text"}}),
+                "opts.payload.data",
+            ),
+            (
+                "InvokeFunction",
+                json!({"function_id": "f", "payload": {"meta": 1}}),
+                "meta must be an object",
+            ),
+            (
+                "StepPlanned",
+                json!({"parallelMode": 2}),
+                r#"step "x": opts.parallelMode"#,
+            ),
+        ] {
+            let bad = with_opts(op(kind, "x"), opts.clone());
+            check(0, ops(vec![bad], false), |d| {
+                let (name, message) = failure(d).unwrap_or_else(|| panic!("{kind} {opts}"));
+                assert_eq!(name, "InvalidOpError", "{kind} {opts}");
+                assert!(message.contains(says), "{kind} {opts}: {message}");
+                assert!(d.schedule.is_empty() && d.pauses.is_empty() && d.save.is_empty());
+            });
+        }
+        // A malformed parallelMode matters only where it is read: in a
+        // group, or on a planned step.
+        let odd = with_opts(op("StepRun", "a"), json!({"parallelMode": 2}));
+        check(0, ops(vec![odd.clone()], false), |d| {
+            assert!(failure(d).is_none() && d.save.len() == 1)
+        });
+        check(0, ops(vec![odd, op("StepPlanned", "p")], false), |d| {
+            assert_eq!(failure(d).unwrap().0, "InvalidOpError")
+        });
+        // A gateway request is checked when it is made: its error is the
+        // step's (`SdkClient::fetch`), not the run's.
+        let fetch = with_opts(op("Gateway", "g"), json!({"url": 1}));
+        check(0, ops(vec![fetch], false), |d| {
+            assert!(failure(d).is_none() && d.fetches.len() == 1)
+        });
+    }
+
+    #[test]
+    fn timeouts_read_time_strings_and_milliseconds() {
+        for (timeout, expected) in [
+            (json!("90s"), Duration::from_secs(90)),
+            (json!(1500), Duration::from_millis(1_500)),
+        ] {
+            let wait = with_opts(
+                op("WaitForEvent", "w"),
+                json!({"event": "e", "timeout": timeout}),
+            );
+            check(0, ops(vec![wait], false), |d| {
+                assert_eq!(d.pauses[0].expires_at, NOW.plus(expected).millis())
+            });
+        }
+        // Up to a year (366 days) and no further, as GO.
+        let long = |timeout: &str| {
+            with_opts(
+                op("WaitForSignal", "w"),
+                json!({"signal": "s", "timeout": timeout}),
+            )
+        };
+        check(0, ops(vec![long("366d")], false), |d| {
+            assert!(failure(d).is_none())
+        });
+        check(0, ops(vec![long("367d")], false), |d| {
+            assert!(failure(d)
+                .unwrap()
+                .1
+                .contains("longer than the most accepted"))
+        });
     }
 
     #[test]

@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 
-use crate::duration::{duration_from_secs, parse_time_str};
+use crate::duration::config_duration;
 use crate::expr::Expr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,16 +83,92 @@ pub struct FlowControl {
     pub singleton: Option<SingletonRule>,
 }
 
-fn text(value: Option<&Value>) -> Option<String> {
-    value
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
+/// One concurrency limit as sent: `{limit, key?, scope?}`.
+#[derive(Debug, Default, Deserialize)]
+struct RawConcurrency {
+    #[serde(default)]
+    limit: Option<u64>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
 }
 
-fn expr(value: Option<&Value>, what: &str) -> Result<Option<String>, String> {
-    match text(value) {
+#[derive(Debug, Default, Deserialize)]
+struct RawThrottle {
+    #[serde(default)]
+    limit: Option<u64>,
+    #[serde(default)]
+    period: Option<Value>,
+    #[serde(default)]
+    burst: Option<u64>,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawRateLimit {
+    #[serde(default)]
+    limit: Option<u64>,
+    #[serde(default)]
+    period: Option<Value>,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawDebounce {
+    #[serde(default)]
+    period: Option<Value>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    timeout: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawBatch {
+    #[serde(default, rename = "maxSize")]
+    max_size: Option<u64>,
+    #[serde(default)]
+    timeout: Option<Value>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default, rename = "if")]
+    condition: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawPriority {
+    #[serde(default)]
+    run: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawSingleton {
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+/// `value` as `T`, or an error naming `what`; `null` is `None`.
+fn typed<T: DeserializeOwned>(value: Option<&Value>, what: &str) -> Result<Option<T>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => T::deserialize(value)
+            .map(Some)
+            .map_err(|err| format!("invalid {what}: {err}")),
+    }
+}
+
+/// A CEL expression (a key, a condition): blank is none, and it must
+/// compile.
+fn expr(source: Option<String>, what: &str) -> Result<Option<String>, String> {
+    match source
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+    {
         Some(source) => {
             Expr::cached(&source).map_err(|err| format!("{what}: {err}"))?;
             Ok(Some(source))
@@ -100,20 +178,7 @@ fn expr(value: Option<&Value>, what: &str) -> Result<Option<String>, String> {
 }
 
 fn duration(value: Option<&Value>, what: &str) -> Result<Option<Duration>, String> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) => parse_time_str(s)
-            .map(Some)
-            .map_err(|e| format!("{what}: {e}")),
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .ok_or_else(|| format!("{n} is not a duration"))
-            .and_then(duration_from_secs)
-            .map(Some)
-            .map_err(|e| format!("{what}: {e}")),
-        Some(other) => Err(format!("{what}: {other} is not a duration")),
-    }
+    config_duration(value).map_err(|err| format!("{what}: {err}"))
 }
 
 fn required_duration(value: Option<&Value>, what: &str) -> Result<Duration, String> {
@@ -124,9 +189,8 @@ fn required_duration(value: Option<&Value>, what: &str) -> Result<Duration, Stri
 /// accepted: far above any real need, far below where counting overflows.
 pub const MAX_LIMIT: u64 = 100_000;
 
-fn limit(value: Option<&Value>, what: &str) -> Result<u32, String> {
+fn limit(value: Option<u64>, what: &str) -> Result<u32, String> {
     let n = value
-        .and_then(Value::as_u64)
         .filter(|n| *n >= 1)
         .ok_or_else(|| format!("{what} must be a positive integer"))?;
     bounded(n, what)
@@ -142,94 +206,89 @@ fn bounded(n: u64, what: &str) -> Result<u32, String> {
 impl FlowControl {
     pub fn parse(config: &Value) -> Result<FlowControl, String> {
         let mut flow = FlowControl::default();
+        // A number, a rule, a list of rules, or Python's `{"fn": [...]}`.
         let concurrency: Vec<&Value> = match config.get("concurrency") {
             None | Some(Value::Null) => Vec::new(),
-            Some(number @ Value::Number(_)) => vec![number],
             Some(Value::Array(rules)) => rules.iter().collect(),
-            Some(object @ Value::Object(map)) if map.contains_key("fn") => map
-                .get("fn")
-                .and_then(Value::as_array)
-                .map(|rules| rules.iter().collect())
-                .unwrap_or_else(|| vec![object]),
-            Some(object) => vec![object],
+            Some(Value::Object(map)) if map.contains_key("fn") => match map.get("fn") {
+                Some(Value::Array(rules)) => rules.iter().collect(),
+                _ => return Err("invalid concurrency: fn must be a list of limits".into()),
+            },
+            Some(rule) => vec![rule],
         };
         if concurrency.len() > 2 {
             return Err("concurrency takes at most two limits".into());
         }
         for rule in concurrency {
-            if let Some(n) = rule.as_u64() {
-                if n > 0 {
-                    flow.concurrency.push(ConcurrencyRule {
-                        limit: bounded(n, "concurrency")?,
-                        key: None,
-                        scope: Scope::Fn,
-                    });
-                }
-                continue;
-            }
+            let rule = match rule {
+                Value::Number(_) => RawConcurrency {
+                    limit: typed(Some(rule), "concurrency")?,
+                    ..RawConcurrency::default()
+                },
+                rule => typed(Some(rule), "concurrency")?.unwrap_or_default(),
+            };
             // A limit of 0 means "no limit" in the SDKs' configs.
-            if rule.get("limit").and_then(Value::as_u64) == Some(0) {
+            if rule.limit == Some(0) {
                 continue;
             }
-            let scope = match rule.get("scope").and_then(Value::as_str) {
+            let scope = match rule.scope.as_deref() {
                 None | Some("fn") => Scope::Fn,
                 Some("env") => Scope::Env,
                 Some("account") => Scope::Account,
                 Some(other) => return Err(format!("unknown concurrency scope {other:?}")),
             };
             flow.concurrency.push(ConcurrencyRule {
-                limit: limit(rule.get("limit"), "concurrency.limit")?,
-                key: expr(rule.get("key"), "concurrency.key")?,
+                limit: limit(rule.limit, "concurrency.limit")?,
+                key: expr(rule.key, "concurrency.key")?,
                 scope,
             });
         }
-        if let Some(rule) = config.get("throttle").filter(|v| !v.is_null()) {
+        if let Some(rule) = typed::<RawThrottle>(config.get("throttle"), "throttle")? {
             flow.throttle = Some(ThrottleRule {
-                limit: limit(rule.get("limit"), "throttle.limit")?,
-                period: required_duration(rule.get("period"), "throttle.period")?,
-                burst: bounded(
-                    rule.get("burst")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(1)
-                        .max(1),
-                    "throttle.burst",
-                )?,
-                key: expr(rule.get("key"), "throttle.key")?,
+                limit: limit(rule.limit, "throttle.limit")?,
+                period: required_duration(rule.period.as_ref(), "throttle.period")?,
+                burst: bounded(rule.burst.unwrap_or(1).max(1), "throttle.burst")?,
+                key: expr(rule.key, "throttle.key")?,
             });
         }
-        if let Some(rule) = config.get("rateLimit").filter(|v| !v.is_null()) {
+        if let Some(rule) = typed::<RawRateLimit>(config.get("rateLimit"), "rateLimit")? {
             flow.rate_limit = Some(RateLimitRule {
-                limit: limit(rule.get("limit"), "rateLimit.limit")?,
-                period: required_duration(rule.get("period"), "rateLimit.period")?,
-                key: expr(rule.get("key"), "rateLimit.key")?,
+                limit: limit(rule.limit, "rateLimit.limit")?,
+                period: required_duration(rule.period.as_ref(), "rateLimit.period")?,
+                key: expr(rule.key, "rateLimit.key")?,
             });
         }
-        flow.idempotency = expr(config.get("idempotency"), "idempotency")?;
-        if let Some(rule) = config.get("debounce").filter(|v| !v.is_null()) {
+        flow.idempotency = expr(
+            typed(config.get("idempotency"), "idempotency")?,
+            "idempotency",
+        )?;
+        if let Some(rule) = typed::<RawDebounce>(config.get("debounce"), "debounce")? {
             flow.debounce = Some(DebounceRule {
-                period: required_duration(rule.get("period"), "debounce.period")?,
-                key: expr(rule.get("key"), "debounce.key")?,
-                timeout: duration(rule.get("timeout"), "debounce.timeout")?,
+                period: required_duration(rule.period.as_ref(), "debounce.period")?,
+                key: expr(rule.key, "debounce.key")?,
+                timeout: duration(rule.timeout.as_ref(), "debounce.timeout")?,
             });
         }
-        if let Some(rule) = config.get("batchEvents").filter(|v| !v.is_null()) {
+        if let Some(rule) = typed::<RawBatch>(config.get("batchEvents"), "batchEvents")? {
             flow.batch = Some(BatchRule {
-                max_size: limit(rule.get("maxSize"), "batchEvents.maxSize")?,
-                timeout: required_duration(rule.get("timeout"), "batchEvents.timeout")?,
-                key: expr(rule.get("key"), "batchEvents.key")?,
-                condition: expr(rule.get("if"), "batchEvents.if")?,
+                max_size: limit(rule.max_size, "batchEvents.maxSize")?,
+                timeout: required_duration(rule.timeout.as_ref(), "batchEvents.timeout")?,
+                key: expr(rule.key, "batchEvents.key")?,
+                condition: expr(rule.condition, "batchEvents.if")?,
             });
         }
-        flow.priority = expr(config.pointer("/priority/run"), "priority.run")?;
-        if let Some(rule) = config.get("singleton").filter(|v| !v.is_null()) {
-            let mode = match rule.get("mode").and_then(Value::as_str) {
+        if let Some(priority) = typed::<RawPriority>(config.get("priority"), "priority")? {
+            flow.priority = expr(priority.run, "priority.run")?;
+        }
+        if let Some(rule) = typed::<RawSingleton>(config.get("singleton"), "singleton")? {
+            let mode = match rule.mode.as_deref() {
                 Some("skip") | None => SingletonMode::Skip,
                 Some("cancel") => SingletonMode::Cancel,
                 Some(other) => return Err(format!("unknown singleton mode {other:?}")),
             };
             flow.singleton = Some(SingletonRule {
                 mode,
-                key: expr(rule.get("key"), "singleton.key")?,
+                key: expr(rule.key, "singleton.key")?,
             });
         }
         Ok(flow)
@@ -309,5 +368,48 @@ mod tests {
         assert_eq!(flow.singleton.unwrap().mode, SingletonMode::Cancel);
         assert!(FlowControl::parse(&json!({"throttle": {"limit": 0, "period": "1s"}})).is_err());
         assert!(FlowControl::parse(&json!({"debounce": {}})).is_err());
+        // Durations are time strings, or milliseconds (`duration_from_json`).
+        let flow =
+            FlowControl::parse(&json!({"debounce": {"period": 5000, "timeout": ""}})).unwrap();
+        let debounce = flow.debounce.unwrap();
+        assert_eq!(debounce.period, Duration::from_secs(5));
+        assert_eq!(debounce.timeout, None, "an empty duration is unset");
+        assert!(FlowControl::parse(&json!({"debounce": {"period": true}})).is_err());
+        // Wrong types are refused, naming the rule, never read as unset.
+        for (bad, says) in [
+            (json!({"throttle": 5}), "invalid throttle"),
+            (
+                json!({"throttle": {"limit": 1, "period": "1s", "key": 3}}),
+                "invalid throttle",
+            ),
+            (
+                json!({"idempotency": ["event.data.id"]}),
+                "invalid idempotency",
+            ),
+            (json!({"priority": "event.data.p"}), "invalid priority"),
+            (json!({"concurrency": -1}), "invalid concurrency"),
+            (json!({"concurrency": {"fn": 2}}), "invalid concurrency"),
+            (
+                json!({"concurrency": [{"limit": "2"}]}),
+                "invalid concurrency",
+            ),
+            (
+                json!({"singleton": {"mode": "later"}}),
+                "unknown singleton mode",
+            ),
+            (
+                json!({"batchEvents": {"maxSize": 2, "timeout": "1s", "if": false}}),
+                "invalid batchEvents",
+            ),
+        ] {
+            let err = FlowControl::parse(&bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        // `null` is unset, as the Python SDK sends it.
+        let flow = FlowControl::parse(&json!({"throttle": null, "rateLimit":
+            {"limit": 1, "period": "1s", "key": null}, "priority": {"run": null}}))
+        .unwrap();
+        assert!(flow.throttle.is_none() && flow.priority.is_none());
+        assert_eq!(flow.rate_limit.unwrap().key, None);
     }
 }

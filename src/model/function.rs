@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 
-use crate::duration::{duration_from_secs, parse_time_str};
+use crate::duration::config_duration;
 use crate::expr::Expr;
 use crate::model::flow::FlowControl;
 use crate::model::FunctionRecord;
@@ -100,62 +102,129 @@ impl FunctionDef {
     }
 }
 
+/// The step of a function config: where to call it, and its retries.
+#[derive(Debug, Default, Deserialize)]
+struct RawSteps {
+    #[serde(default)]
+    step: Option<RawStep>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawStep {
+    #[serde(default)]
+    runtime: Option<RawRuntime>,
+    #[serde(default)]
+    retries: Option<RawRetries>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawRuntime {
+    #[serde(default)]
+    url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawRetries {
+    #[serde(default)]
+    attempts: Option<u64>,
+}
+
+/// One trigger: an event (with an optional CEL `expression`) or a cron
+/// schedule (with an optional `jitter`).
+#[derive(Debug, Default, Deserialize)]
+struct RawTrigger {
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    expression: Option<String>,
+    #[serde(default)]
+    cron: Option<String>,
+    #[serde(default)]
+    jitter: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawCancel {
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default, rename = "if")]
+    expression: Option<String>,
+    #[serde(default)]
+    timeout: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawTimeouts {
+    #[serde(default)]
+    start: Option<Value>,
+    #[serde(default)]
+    finish: Option<Value>,
+}
+
+/// `config[name]` as `T`: `None` when absent or `null`, an error naming
+/// the field when it has another shape. Other fields are not looked at
+/// (the SDKs send more than Baton reads).
+fn field<T: DeserializeOwned>(config: &Value, name: &str) -> Result<Option<T>, String> {
+    match config.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => T::deserialize(value)
+            .map(Some)
+            .map_err(|err| format!("invalid {name}: {err}")),
+    }
+}
+
+fn blank_to_none(text: Option<String>) -> Option<String> {
+    text.filter(|text| !text.trim().is_empty())
+}
+
 /// Validates one entry of a sync request's `functions[]`.
 pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
-    let id = config
-        .get("id")
-        .and_then(Value::as_str)
+    if !config.is_object() {
+        return Err("a function config must be a JSON object".into());
+    }
+    let id = field::<String>(config, "id")?
         .filter(|id| !id.is_empty())
-        .ok_or("a function has no id")?
-        .to_string();
-    let name = config
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or(&id)
-        .to_string();
-    let url = config
-        .pointer("/steps/step/runtime/url")
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("function {id} has no steps.step.runtime.url"))?
-        .to_string();
-    let retries = config
-        .pointer("/steps/step/retries/attempts")
-        .or_else(|| config.get("retries"))
-        .and_then(Value::as_u64)
-        .map(|n| (n as u32).min(MAX_RETRIES))
-        .unwrap_or(DEFAULT_RETRIES);
+        .ok_or("a function has no id")?;
+    let within = |err: String| format!("function {id}: {err}");
+    let name = field::<String>(config, "name")
+        .map_err(within)?
+        .unwrap_or_else(|| id.clone());
+    let step = field::<RawSteps>(config, "steps")
+        .map_err(within)?
+        .and_then(|steps| steps.step)
+        .unwrap_or_default();
+    let url = step
+        .runtime
+        .and_then(|runtime| runtime.url)
+        .ok_or_else(|| format!("function {id} has no steps.step.runtime.url"))?;
+    let retries = match step.retries.and_then(|retries| retries.attempts) {
+        Some(attempts) => Some(attempts),
+        None => field::<u64>(config, "retries").map_err(within)?,
+    }
+    .map_or(DEFAULT_RETRIES, |n| n.min(u64::from(MAX_RETRIES)) as u32);
 
-    let raw_triggers = config
-        .get("triggers")
-        .and_then(Value::as_array)
+    let raw_triggers = field::<Vec<RawTrigger>>(config, "triggers")
+        .map_err(within)?
         .ok_or_else(|| format!("function {id} has no triggers array"))?;
     if raw_triggers.len() > 10 {
         return Err(format!("function {id} has more than 10 triggers"));
     }
     let mut triggers = Vec::with_capacity(raw_triggers.len());
     for raw in raw_triggers {
-        if let Some(event) = raw.get("event").and_then(Value::as_str) {
+        if let Some(event) = raw.event {
             if event.is_empty() {
                 return Err(format!("function {id} has a trigger with an empty event"));
             }
-            let expression = match raw.get("expression").and_then(Value::as_str) {
-                Some(source) if !source.trim().is_empty() => {
-                    Some(Expr::cached(source).map_err(|err| format!("function {id}: {err}"))?)
-                }
-                _ => None,
+            let expression = match blank_to_none(raw.expression) {
+                Some(source) => Some(Expr::cached(&source).map_err(|err| within(err.to_string()))?),
+                None => None,
             };
-            triggers.push(Trigger::Event {
-                event: event.to_string(),
-                expression,
-            });
-        } else if let Some(cron) = raw.get("cron").and_then(Value::as_str) {
-            crate::cron::Schedule::parse(cron).map_err(|err| format!("function {id}: {err}"))?;
-            let jitter = optional_duration(raw.get("jitter"))
+            triggers.push(Trigger::Event { event, expression });
+        } else if let Some(cron) = raw.cron {
+            crate::cron::Schedule::parse(&cron).map_err(|err| within(err.to_string()))?;
+            let jitter = config_duration(raw.jitter.as_ref())
                 .map_err(|err| format!("function {id}: invalid jitter: {err}"))?;
-            triggers.push(Trigger::Cron {
-                cron: cron.to_string(),
-                jitter,
-            });
+            triggers.push(Trigger::Cron { cron, jitter });
         } else {
             return Err(format!(
                 "function {id} has a trigger with neither event nor cron"
@@ -163,34 +232,32 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
         }
     }
     let mut cancel = Vec::new();
-    if let Some(rules) = config.get("cancel").and_then(Value::as_array) {
-        for rule in rules {
-            let event = rule
-                .get("event")
-                .and_then(Value::as_str)
-                .filter(|e| !e.is_empty())
-                .ok_or_else(|| format!("function {id} has a cancel rule without an event"))?;
-            let expression = rule
-                .get("if")
-                .and_then(Value::as_str)
-                .filter(|e| !e.trim().is_empty())
-                .map(str::to_string);
-            if let Some(source) = &expression {
-                Expr::cached(source).map_err(|err| format!("function {id}: {err}"))?;
-            }
-            let timeout = optional_duration(rule.get("timeout"))
-                .map_err(|err| format!("function {id}: invalid cancel timeout: {err}"))?;
-            cancel.push(CancelRule {
-                event: event.to_string(),
-                expression,
-                timeout,
-            });
+    for rule in field::<Vec<RawCancel>>(config, "cancel")
+        .map_err(within)?
+        .unwrap_or_default()
+    {
+        let event = rule
+            .event
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| format!("function {id} has a cancel rule without an event"))?;
+        let expression = blank_to_none(rule.expression);
+        if let Some(source) = &expression {
+            Expr::cached(source).map_err(|err| within(err.to_string()))?;
         }
+        let timeout = config_duration(rule.timeout.as_ref())
+            .map_err(|err| format!("function {id}: invalid cancel timeout: {err}"))?;
+        cancel.push(CancelRule {
+            event,
+            expression,
+            timeout,
+        });
     }
-    let timeouts = config.get("timeouts");
-    let start_timeout = optional_duration(timeouts.and_then(|t| t.get("start")))
+    let timeouts = field::<RawTimeouts>(config, "timeouts")
+        .map_err(within)?
+        .unwrap_or_default();
+    let start_timeout = config_duration(timeouts.start.as_ref())
         .map_err(|err| format!("function {id}: invalid timeouts.start: {err}"))?;
-    let finish_timeout = optional_duration(timeouts.and_then(|t| t.get("finish")))
+    let finish_timeout = config_duration(timeouts.finish.as_ref())
         .map_err(|err| format!("function {id}: invalid timeouts.finish: {err}"))?;
     let flow = FlowControl::parse(config).map_err(|err| format!("function {id}: {err}"))?;
     Ok(FunctionDef {
@@ -207,20 +274,6 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
         flow,
         endpoint: config.pointer(crate::model::endpoint::CONFIG_MARKER) == Some(&Value::Bool(true)),
     })
-}
-
-fn optional_duration(value: Option<&Value>) -> Result<Option<Duration>, String> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) if text.is_empty() => Ok(None),
-        Some(Value::String(text)) => parse_time_str(text).map(Some),
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .ok_or_else(|| format!("{n} is not a duration"))
-            .and_then(duration_from_secs)
-            .map(Some),
-        Some(other) => Err(format!("{other} is not a duration")),
-    }
 }
 
 /// Removes the `deployId` and `probe` query parameters (PROTOCOL §3.2).
@@ -313,5 +366,44 @@ mod tests {
         assert!(parse_config(&json!({"id": "f", "triggers": [{}],
             "steps": {"step": {"runtime": {"url": "http://x"}}}}))
         .is_err());
+        // Wrong types are refused, naming the field, never read as unset.
+        let base = json!({"id": "f", "triggers": [{"event": "e"}],
+            "steps": {"step": {"runtime": {"url": "http://x"}}}});
+        for (field, value, says) in [
+            ("name", json!(5), "invalid name"),
+            ("triggers", json!({"event": "e"}), "invalid triggers"),
+            ("triggers", json!([{"event": 5}]), "invalid triggers"),
+            ("retries", json!(-1), "invalid retries"),
+            ("cancel", json!({"event": "x"}), "invalid cancel"),
+            (
+                "cancel",
+                json!([{"event": "x", "timeout": true}]),
+                "cancel timeout",
+            ),
+            ("timeouts", json!({"finish": "soon"}), "timeouts.finish"),
+            (
+                "steps",
+                json!({"step": {"runtime": {"url": 1}}}),
+                "invalid steps",
+            ),
+        ] {
+            let mut config = base.clone();
+            config[field] = value.clone();
+            let err = parse_config(&config).unwrap_err();
+            assert!(
+                err.starts_with("function f: ") || err.starts_with("function f "),
+                "{err}"
+            );
+            assert!(err.contains(says), "{field} {value}: {err}");
+        }
+        assert!(parse_config(&json!([base])).is_err());
+        // `null` is unset (the Python SDK sends it); retries are capped.
+        let mut config = base.clone();
+        config["cancel"] = Value::Null;
+        config["timeouts"] = json!({"start": null, "finish": "1m"});
+        config["retries"] = json!(1_000_000_000_000u64);
+        let def = parse_config(&config).unwrap();
+        assert_eq!(def.finish_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(def.retries, MAX_RETRIES);
     }
 }

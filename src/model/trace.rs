@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{PauseKind, PauseRecord, RunRecord, RunStatus, StepKind, StepRecord};
-use crate::sdk::SdkReply;
+use crate::sdk::{Opcode, SdkReply};
 
 /// Longest error text and opts JSON kept per attempt.
 const MAX_TEXT: usize = 2_048;
@@ -77,9 +77,9 @@ pub fn error_text(error: &Value) -> String {
 /// in `name` instead.
 fn op_opts(op: &crate::sdk::Op) -> Option<Value> {
     let mut opts = op.opts.clone();
-    let field = match op.op.as_str() {
-        "Sleep" => "duration",
-        "WaitForEvent" => "event",
+    let field = match op.op {
+        Opcode::Sleep => "duration",
+        Opcode::WaitForEvent => "event",
         _ => return opts,
     };
     if opts.as_ref().is_none_or(|o| o.get(field).is_none()) {
@@ -111,7 +111,7 @@ impl AttemptRecord {
                 None,
                 ops.iter()
                     .map(|op| OpTrace {
-                        op: op.op.clone(),
+                        op: op.op.to_string(),
                         id: op.id.clone(),
                         name: op.label(),
                         opts: cut(op_opts(op).map(|o| o.to_string()).unwrap_or_default()),
