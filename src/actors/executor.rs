@@ -976,8 +976,11 @@ impl Worker {
         };
         if run.status == RunStatus::Queued {
             let now = self.clock.now();
+            // Lazy: a crash that loses it leaves the run queued, and the
+            // item's redelivery marks it again.
             let start = RunWrites {
                 start: Some(now),
+                lazy: true,
                 ..RunWrites::default()
             };
             match self
@@ -2614,6 +2617,80 @@ mod tests {
             assert_eq!(a.received_at, 77);
             let payload: Value = serde_json::from_str(&a.payload).unwrap();
             assert_eq!(payload["meta"], json!({"sessions": {"org": "acme"}}));
+        }
+
+        /// Two replies of a parallel group decided from the same version:
+        /// the second commit conflicts, decides again on the run as the
+        /// first left it, and the group's one discovery call is scheduled
+        /// by whichever finished it.
+        #[actix_rt::test]
+        async fn parallel_replies_decided_from_one_version_both_land() {
+            let h = harness();
+            let mut run = sample_run("fn", &ulid::Ulid::new().to_string());
+            run.status = RunStatus::Running;
+            run.request_version = 2;
+            run.force_plan = true;
+            run.planned = vec!["a".into(), "b".into()];
+            h.real.state.create_run(run.clone()).await.unwrap();
+            let (loaded, version) = h
+                .real
+                .state
+                .load_run_versioned(&run.id)
+                .await
+                .unwrap()
+                .unwrap();
+            let a = lease_item(&h, QueueItem::planned(&run.id, &run.fn_id, "a", false)).await;
+            let b = lease_item(&h, QueueItem::planned(&run.id, &run.fn_id, "b", false)).await;
+            let reply = |id: &str| SdkReply::Ops {
+                ops: vec![with_opts(op("StepRun", id), json!({}))],
+                no_retry: false,
+                retry_after: None,
+                request_version: 2,
+            };
+            let (reply_a, reply_b) = (reply("a"), reply("b"));
+            let answered = |reply| Answered {
+                reply,
+                request_version: 2,
+                stack_before: 0,
+                delay: Duration::ZERO,
+                attempt: None,
+            };
+            h.worker
+                .perform(&a, &answered(&reply_a), loaded.clone(), version)
+                .await
+                .unwrap();
+            assert_eq!(h.real.queue.len().await.unwrap(), 1, "b is still out");
+            // Decided from the version before a's commit.
+            h.worker
+                .perform(&b, &answered(&reply_b), loaded, version)
+                .await
+                .unwrap();
+            let (stored, now_at) = h
+                .real
+                .state
+                .load_run_versioned(&run.id)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(stored.stack, ["a", "b"]);
+            assert!(stored.planned.is_empty() && !stored.force_plan);
+            assert_eq!(now_at, version + 2);
+            let leases = h
+                .real
+                .queue
+                .lease_due(
+                    NOW.plus(Duration::from_secs(1)),
+                    10,
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+            let ids: Vec<&str> = leases.iter().map(|l| l.item.id.as_str()).collect();
+            assert_eq!(
+                ids,
+                [format!("{}/d/2", run.id)],
+                "one discovery for the group"
+            );
         }
 
         /// What a step recorded is stored with its result, in one commit:

@@ -65,6 +65,11 @@ pub struct RunWrites {
     pub finish: Option<(RunStatus, Option<String>, Timestamp)>,
     /// Notes the call for the run's trace.
     pub attempt: Option<AttemptRecord>,
+    /// Need not be durable on return: whoever made it makes it again if a
+    /// crash loses it (a run marked running before its first call: the
+    /// item's redelivery marks it again). sled skips its flush then; the
+    /// next durable write covers it.
+    pub lazy: bool,
 }
 
 /// What one [`DeferWrite`] did.

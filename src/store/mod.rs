@@ -246,7 +246,8 @@ pub trait StateStore: Send + Sync + 'static {
     async fn load_steps(&self, run_id: &str) -> StoreResult<Vec<StepRecord>>;
 
     /// Marks a queued run as running (no-op otherwise). Also records the
-    /// SDK's request version once known. A [`commit`](StateStore::commit).
+    /// SDK's request version once known. A lazy [`commit`](StateStore::commit):
+    /// need not be durable on return.
     async fn mark_running(
         &self,
         run_id: &str,
@@ -256,6 +257,7 @@ pub trait StateStore: Send + Sync + 'static {
         let writes = RunWrites {
             start: Some(at),
             request_version: Some(request_version),
+            lazy: true,
             ..RunWrites::default()
         };
         self.commit(run_id, None, &writes).await.map(|_| ())

@@ -385,7 +385,7 @@ impl StateStore for SledStateStore {
                 batch.insert(self.attempt_key(attempt), attempt.to_bytes());
             }
             self.tree.apply_batch(batch).map_err(sled_error)?;
-            (outcome, plan.needs_flush())
+            (outcome, plan.needs_flush() && !writes.lazy)
         };
         // One flush for the whole commit, shared with concurrent ones.
         if durable {
