@@ -4,8 +4,9 @@
 //!
 //! [`checkpoint_async`] stores such steps exactly as the executor stores the
 //! same steps arriving in a 206 answer: the ops go through the executor's
-//! pure [`decide`], and its results through the idempotent
-//! `StateStore::save_step`, which is durable when it returns (sled's group
+//! pure [`decide`], and its results, with the defers and metadata that ride
+//! along, go in one `StateStore::commit` at the run's version as read
+//! (steps are saved once by id), durable when it returns (sled's group
 //! commit shares the flush across runs). Only plain step results are taken
 //! here, and the defer ops that ride along them (`actors::defer`); anything
 //! else (an op the executor would treat otherwise, a limit passed) is
@@ -20,12 +21,14 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use tracing::warn;
 
+use crate::actors::defer;
 use crate::actors::executor::{decide, Decision};
 use crate::clock::SharedClock;
 use crate::model::{QueueItem, RunRecord};
 use crate::sdk::{Op, Opcode, SdkReply};
-use crate::store::{Backends, Lease, SaveStep, StoreError};
+use crate::store::{Backends, Commit, Lease, RunWrites, StoreError, StoreErrorKind};
 
 /// The queue lease a checkpointing call runs under, as sent in `ctx.qi_id`:
 /// `<lease id>:<item id>`.
@@ -113,7 +116,7 @@ pub async fn checkpoint_async(
     }
     let (lease_id, item_id) = parse_qi_id(&request.qi_id)
         .ok_or_else(|| CheckpointError::Invalid(format!("invalid qi_id {:?}", request.qi_id)))?;
-    let Some(run) = backends.state.load_run(path_run_id).await? else {
+    let Some((mut run, mut version)) = backends.state.load_run_versioned(path_run_id).await? else {
         return Err(CheckpointError::NotFound(path_run_id.to_string()));
     };
     if run.status.is_terminal() {
@@ -134,7 +137,7 @@ pub async fn checkpoint_async(
             "{item_id:?} is not a discovery call of this run"
         )));
     }
-    let decision = plain_saves(&run, lease_id, item_id, request.steps, clock)?;
+    let mut decision = plain_saves(&run, lease_id, item_id, &request.steps, clock)?;
     // The call must still hold its lease: a call whose lease expired (and
     // whose item another worker may have taken), or whose item was acked,
     // no longer speaks for the run.
@@ -144,29 +147,52 @@ pub async fn checkpoint_async(
             "the call's queue lease has moved on".into(),
         ));
     }
-    crate::actors::metadata::store_op_metadata(
-        backends,
-        &run.id,
-        &decision.metadata,
-        &decision.metadata_errors,
-    )
-    .await?;
-    // Defers first, as the executor does: they ride along the steps (the
-    // SDK sends them with the next message it has, and does not send them
-    // again once this one succeeds).
-    crate::actors::defer::apply(backends, &run.id, &decision.defers).await?;
-    let mut outcome = Checkpointed::default();
-    for step in decision.save {
-        match backends.state.save_step(&run.id, step).await? {
-            SaveStep::Saved { .. } => outcome.saved += 1,
-            SaveStep::Duplicate { .. } => outcome.duplicates += 1,
-            SaveStep::RunEnded => {
-                return Err(CheckpointError::Stale("the run has ended".into()));
+    for error in &decision.metadata_errors {
+        warn!(run_id = %run.id, error = %error, "step metadata left out");
+    }
+    for _ in 0..MAX_COMMIT_ATTEMPTS {
+        // One commit: the defers that ride along (the SDK sends them with
+        // the next message it has, and not again once this one succeeds),
+        // the metadata the steps recorded, and the steps.
+        let writes = RunWrites {
+            defers: defer::writes(&run.id, &decision.defers),
+            metadata: decision.metadata,
+            metadata_limit: crate::model::metadata::MAX_RUN_BYTES,
+            steps: decision.save,
+            ..RunWrites::default()
+        };
+        match backends
+            .state
+            .commit(&run.id, Some(version), &writes)
+            .await?
+        {
+            Commit::Done(done) => {
+                defer::log_refusals(&run.id, &decision.defers, &done.defers);
+                return Ok(Checkpointed {
+                    saved: done.saved,
+                    duplicates: done.duplicates,
+                });
             }
+            Commit::RunEnded => return Err(CheckpointError::Stale("the run has ended".into())),
+            // Changed since it was read (a resumed wait of the run, say):
+            // decide again on the run as it is now.
+            Commit::Conflict { .. } => match backends.state.load_run_versioned(&run.id).await? {
+                Some((current, current_version)) if !current.status.is_terminal() => {
+                    (run, version) = (current, current_version);
+                    decision = plain_saves(&run, lease_id, item_id, &request.steps, clock)?;
+                }
+                _ => return Err(CheckpointError::Stale("the run has ended".into())),
+            },
         }
     }
-    Ok(outcome)
+    Err(CheckpointError::Store(StoreError::new(
+        StoreErrorKind::Conflict,
+        format!("run {}: the checkpoint's commit kept conflicting", run.id),
+    )))
 }
+
+/// Commits one checkpoint may try, each lost to another writer of the run.
+const MAX_COMMIT_ATTEMPTS: usize = 16;
 
 /// The executor's decision for these ops, as if they came in a 206 of this
 /// call; refused unless it only saves step results (a limit passed makes it
@@ -175,7 +201,7 @@ fn plain_saves(
     run: &RunRecord,
     lease_id: u64,
     item_id: &str,
-    ops: Vec<Op>,
+    ops: &[Op],
     clock: &SharedClock,
 ) -> Result<Decision, CheckpointError> {
     let seq = item_id
@@ -191,7 +217,7 @@ fn plain_saves(
         expires: clock.now(),
     };
     let reply = SdkReply::Ops {
-        ops,
+        ops: ops.to_vec(),
         no_retry: false,
         retry_after: None,
         request_version: run.request_version,

@@ -31,7 +31,7 @@ use crate::model::sessions::resolve_meta;
 use crate::model::trace::Span;
 use crate::model::{DeferRecord, DeferStatus, EventRecord, RunRecord};
 use crate::sdk::{Op, Opcode};
-use crate::store::{Backends, SaveDefer, StoreResult};
+use crate::store::{Backends, DeferOutcome, DeferWrite, SaveDefer, StoreResult};
 
 /// The event that starts a deferred run.
 pub const DEFERRED_SCHEDULE: &str = "inngest/deferred.schedule";
@@ -176,6 +176,45 @@ pub async fn apply(backends: &Backends, run_id: &str, ops: &[DeferOp]) -> StoreR
         }
     }
     Ok(())
+}
+
+/// What a reply's or checkpoint's defer ops write in its commit
+/// (`StateStore::commit`), in order; unusable ops are logged and left out.
+pub fn writes(run_id: &str, ops: &[DeferOp]) -> Vec<DeferWrite> {
+    ops.iter()
+        .filter_map(|op| match op {
+            DeferOp::Add { defer, .. } => Some(DeferWrite::Add(defer.clone())),
+            DeferOp::Abort { target } => Some(DeferWrite::Abort(target.clone())),
+            DeferOp::Invalid { id, reason } => {
+                warn!(run_id, op_id = %id, %reason, "unusable defer op ignored");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Logs the defers a commit refused: `outcomes` are its answers to the
+/// [`writes`] of `ops`. None of them fails the run.
+pub fn log_refusals(run_id: &str, ops: &[DeferOp], outcomes: &[DeferOutcome]) {
+    let adds = ops
+        .iter()
+        .filter(|op| !matches!(op, DeferOp::Invalid { .. }));
+    for (op, outcome) in adds.zip(outcomes) {
+        let (DeferOp::Add { defer, rejected }, DeferOutcome::Added(saved)) = (op, outcome) else {
+            continue;
+        };
+        let reason = match (saved, rejected) {
+            (SaveDefer::Saved | SaveDefer::Rejected, Some(reason)) => reason.clone(),
+            (SaveDefer::Rejected, None) => "the run's defer inputs are too large".into(),
+            (SaveDefer::Full, _) => format!(
+                "the run has {} defers, the most",
+                crate::store::MAX_DEFERS_PER_RUN
+            ),
+            _ => continue,
+        };
+        warn!(run_id, defer = %defer.name, fn_slug = %defer.fn_slug, %reason,
+              "defer refused; the run goes on without it");
+    }
 }
 
 /// The `defers` of a call's body: the run's defers by hashed id, so that

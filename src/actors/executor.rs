@@ -28,7 +28,6 @@ use crate::actors::defer::{self, DeferOp};
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
 use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
-use crate::actors::metadata::store_op_metadata;
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
 use crate::duration::{sleep_until, MAX_SLEEP};
@@ -45,7 +44,10 @@ use crate::sdk::ops::{OnConflict, ParallelMode};
 use crate::sdk::{
     parse_reply, step_error, CallRequest, CheckpointOffer, Op, Opcode, SdkClient, SdkReply,
 };
-use crate::store::{Backends, Lease, SaveSignal, SaveStep, StoreResult};
+use crate::store::{
+    AddMetadata, Backends, Commit, Committed, Lease, RunWrites, SaveSignal, StoreError,
+    StoreErrorKind, StoreResult,
+};
 
 /// Inngest's retry backoff table (GO `pkg/backoff TableBackoff`).
 const BACKOFF_TABLE: [u64; 10] = [15, 30, 60, 120, 300, 600, 1_200, 2_400, 3_600, 7_200];
@@ -801,28 +803,19 @@ impl Worker {
         pause_id: Option<&str>,
     ) -> StoreResult<()> {
         let in_group = run.planned.contains(&step.id);
-        let next = match self.backends.state.save_step(&run.id, step).await? {
-            SaveStep::Saved {
-                stack_len,
-                planned_left,
-            }
-            | SaveStep::Duplicate {
-                stack_len,
-                planned_left,
-            } => {
-                if in_group && planned_left > 0 {
-                    Vec::new()
-                } else {
-                    if in_group && run.force_plan {
-                        self.backends.state.set_force_plan(&run.id, false).await?;
-                    }
-                    vec![(
-                        QueueItem::discovery(&run.id, &run.fn_id, stack_len),
-                        self.clock.now(),
-                    )]
-                }
-            }
-            SaveStep::RunEnded => Vec::new(),
+        // One commit: the result, and the end of its group's force-plan.
+        let writes = RunWrites {
+            steps: vec![step],
+            release_force_plan: in_group,
+            ..RunWrites::default()
+        };
+        let next = match self.backends.state.commit(&run.id, None, &writes).await? {
+            Commit::Done(done) if in_group && done.planned_left > 0 => Vec::new(),
+            Commit::Done(done) => vec![(
+                QueueItem::discovery(&run.id, &run.fn_id, done.stack_len),
+                self.clock.now(),
+            )],
+            Commit::Conflict { .. } | Commit::RunEnded => Vec::new(),
         };
         if let Some(pause_id) = pause_id {
             self.backends.state.take_pause(pause_id).await?;
@@ -875,7 +868,9 @@ impl Worker {
         ) {
             return self.process_timer(lease).await;
         }
-        let Some(run) = self.backends.state.load_run(&item.run_id).await? else {
+        let Some((mut run, mut version)) =
+            self.backends.state.load_run_versioned(&item.run_id).await?
+        else {
             warn!(run_id = %item.run_id, "queue item for an unknown run dropped");
             return self.ack(lease, Vec::new()).await;
         };
@@ -1016,10 +1011,34 @@ impl Worker {
         };
         if run.status == RunStatus::Queued {
             let now = self.clock.now();
-            self.backends
+            // Lazy: a crash that loses it leaves the run queued, and the
+            // item's redelivery marks it again.
+            let start = RunWrites {
+                start: Some(now),
+                lazy: true,
+                ..RunWrites::default()
+            };
+            match self
+                .backends
                 .state
-                .mark_running(&run.id, now, run.request_version)
-                .await?;
+                .commit(&run.id, Some(version), &start)
+                .await?
+            {
+                Commit::Done(done) => {
+                    version = done.version;
+                    run.status = RunStatus::Running;
+                    run.started_at = Some(now.millis());
+                }
+                // Changed meanwhile: go on with the run as it is now.
+                Commit::Conflict { .. } | Commit::RunEnded => {
+                    match self.backends.state.load_run_versioned(&run.id).await? {
+                        Some((current, current_version)) => {
+                            (run, version) = (current, current_version);
+                        }
+                        None => return self.ack(lease, Vec::new()).await,
+                    }
+                }
+            }
             if let Some(finish) = def.finish_timeout {
                 self.backends
                     .queue
@@ -1117,26 +1136,18 @@ impl Worker {
             } => *request_version,
             SdkReply::Error { .. } => -1,
         };
-        let mut run = run;
         let stack_before = run.stack.len();
         if offered {
             match self.after_checkpoints(lease, &reply).await? {
-                Some(current) => run = current,
+                Some(current) => (run, version) = current,
                 None => return Ok(()),
             }
-        }
-        if request_version > 0 && request_version != run.request_version {
-            self.backends
-                .state
-                .mark_running(&run.id, self.clock.now(), request_version)
-                .await?;
-            run.request_version = request_version;
         }
         if let SdkReply::Error { status, error, .. } = &reply {
             self.status.borrow_mut().call_errors += 1;
             debug!(run_id = %run.id, status, error = %error, "call failed");
         }
-        // The run's trace (observability only: a failure to note it is logged).
+        // The run's trace (observability only), noted with the reply's commit.
         let item_step = match &item.kind {
             ItemKind::Planned { step_id, .. } => step_id.as_str(),
             _ => "",
@@ -1149,19 +1160,15 @@ impl Worker {
             self.clock.now().millis(),
             &reply,
         );
-        if let Err(err) = self.backends.state.record_attempt(attempt).await {
-            warn!(run_id = %run.id, error = %err, "cannot note the call in the run's trace");
-        }
         let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..30_000));
-        let delay = backoff(self.config.retry_interval, lease.attempt, jitter);
-        let mut decision = decide(&run, lease, &reply, self.clock.now(), delay);
-        if decision.no_progress && run.stack.len() > stack_before {
-            // The call checkpointed steps, then stopped at its time limit
-            // (`DiscoveryRequest`): progress, so simply call again.
-            decision.no_progress = false;
-            decision.discover = Discover::Always;
-        }
-        self.perform(lease, &run, decision).await
+        let call = Answered {
+            reply: &reply,
+            request_version,
+            stack_before,
+            delay: backoff(self.config.retry_interval, lease.attempt, jitter),
+            attempt: Some(attempt),
+        };
+        self.perform(lease, &call, run, version).await
     }
 
     /// An item delivered again after the result it brings was stored (a
@@ -1268,9 +1275,14 @@ impl Worker {
         &self,
         lease: &Lease,
         reply: &SdkReply,
-    ) -> StoreResult<Option<RunRecord>> {
-        let run = match self.backends.state.load_run(&lease.item.run_id).await? {
-            Some(run) if !run.status.is_terminal() => run,
+    ) -> StoreResult<Option<(RunRecord, u64)>> {
+        let (run, version) = match self
+            .backends
+            .state
+            .load_run_versioned(&lease.item.run_id)
+            .await?
+        {
+            Some((run, version)) if !run.status.is_terminal() => (run, version),
             _ => {
                 self.ack(lease, Vec::new()).await?;
                 return Ok(None);
@@ -1288,190 +1300,337 @@ impl Worker {
                 return Ok(None);
             }
         }
-        Ok(Some(run))
+        Ok(Some((run, version)))
     }
 
-    async fn perform(&self, lease: &Lease, run: &RunRecord, decision: Decision) -> StoreResult<()> {
-        let now = self.clock.now();
-        // Before anything that may end the run: a defer saved after the
-        // run's end would never be scheduled.
-        defer::apply(&self.backends, &run.id, &decision.defers).await?;
-        // Metadata first: its records are stored once each, so a crash
-        // before the ack stores nothing twice when the reply comes again.
-        store_op_metadata(
-            &self.backends,
-            &run.id,
-            &decision.metadata,
-            &decision.metadata_errors,
-        )
-        .await?;
-        if let Some(due) = decision.retry {
-            self.status.borrow_mut().retries += 1;
-            METRICS
-                .retries
-                .with_label_values(&[run.fn_id.as_str()])
-                .inc();
-            debug!(run_id = %run.id, attempt = lease.attempt + 1, "retrying");
-            self.backends
-                .queue
-                .retry_at(lease.lease_id, &lease.item.id, due, true)
-                .await?;
-            return Ok(());
+    /// The decision for a reply on the run as it is: `decide`, plus what
+    /// the call did on the side (checkpointed steps are progress).
+    fn decide_answer(&self, run: &mut RunRecord, lease: &Lease, call: &Answered<'_>) -> Decision {
+        if call.request_version > 0 {
+            run.request_version = call.request_version;
         }
-        if decision.no_progress {
-            return self.no_progress(lease, run).await;
+        let mut decision = decide(run, lease, call.reply, self.clock.now(), call.delay);
+        if decision.no_progress && run.stack.len() > call.stack_before {
+            // The call checkpointed steps, then stopped at its time limit
+            // (`DiscoveryRequest`): progress, so simply call again.
+            decision.no_progress = false;
+            decision.discover = Discover::Always;
         }
-        let mut saves = decision.save;
-        let mut discover = decision.discover;
-        // Server-side HTTP calls become step results.
-        for fetch in &decision.fetches {
-            let memo = self.client.fetch(fetch.ai, &fetch.opts).await;
-            saves.push(self.step_record(&fetch.step_id, &fetch.name, StepKind::Fetch, memo));
-            discover = after_result(discover, decision.plan.contains(&fetch.step_id));
-        }
-        // Invokes: a missing target is the step's error; otherwise wait for
-        // the callee and start it.
-        let mut invoked = Vec::new();
-        for invoke in decision.invokes {
-            let target = self.backends.data.get_function(&invoke.function_id).await?;
-            if target.as_ref().is_none_or(|f| f.archived) {
-                let memo = json!({"error": {"name": "Error",
-                    "message": format!("could not find function with ID: {}", invoke.function_id)}});
-                saves.push(self.step_record(
-                    &invoke.pause.step_id,
-                    &invoke.pause.step_name,
-                    StepKind::Invoke,
-                    memo,
-                ));
-                discover = after_result(discover, decision.plan.contains(&invoke.pause.step_id));
-                continue;
-            }
-            // The invoke event is derived from the stored pause, so a retry
-            // after a crash between saving the pause and publishing the
-            // event publishes the same event, once.
-            if self.backends.state.save_pause(invoke.pause.clone()).await? {
-                invoked.push(invoke_event(run, &invoke, &invoke.pause));
-            } else if let Some(stored) = self.backends.state.get_pause(&invoke.pause.id).await? {
-                let event = invoke_event(run, &invoke, &stored);
-                if self
-                    .backends
-                    .data
-                    .get_event(&event.internal_id)
-                    .await?
-                    .is_none()
-                {
-                    invoked.push(event);
+        decision
+    }
+
+    /// Commits `writes` if the run is still at `version`. On a conflict
+    /// (a parallel step's reply or a checkpoint came first) loads the run
+    /// as it is now for the caller to decide again.
+    async fn try_commit(
+        &self,
+        run: &mut RunRecord,
+        version: &mut u64,
+        writes: &RunWrites,
+    ) -> StoreResult<Committing> {
+        match self
+            .backends
+            .state
+            .commit(&run.id, Some(*version), writes)
+            .await?
+        {
+            Commit::Done(done) => Ok(Committing::Done(done)),
+            Commit::RunEnded => Ok(Committing::RunEnded),
+            Commit::Conflict { .. } => {
+                match self.backends.state.load_run_versioned(&run.id).await? {
+                    Some((current, current_version)) if !current.status.is_terminal() => {
+                        (*run, *version) = (current, current_version);
+                        Ok(Committing::Again)
+                    }
+                    _ => Ok(Committing::RunEnded),
                 }
             }
         }
-        for pause in decision.pauses {
-            self.backends.state.save_pause(pause).await?;
+    }
+
+    /// Performs what an answer asks for: everything it changes in the run
+    /// goes in one commit (`StateStore::commit`), decided from the run at
+    /// `version`; then come the effects that follow a commit (lifecycle and
+    /// invoke events, under the effect rule), then the item's ack with the
+    /// items that carry the run on. A commit that finds the run changed
+    /// since (a parallel step's reply, a checkpoint) decides again from the
+    /// run as it is now; server-side fetches are made once.
+    async fn perform(
+        &self,
+        lease: &Lease,
+        call: &Answered<'_>,
+        mut run: RunRecord,
+        mut version: u64,
+    ) -> StoreResult<()> {
+        let mut fetched: HashMap<String, Value> = HashMap::new();
+        let mut signals_saved = false;
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let decision = self.decide_answer(&mut run, lease, call);
+            let now = self.clock.now();
+            for error in &decision.metadata_errors {
+                warn!(run_id = %run.id, error = %error, "step metadata left out");
+            }
+            // What every answer commits, whatever else it asks for: its
+            // defers (before anything that may end the run: a defer saved
+            // after the run's end would never be scheduled), the metadata
+            // its ops recorded, its request version and its trace.
+            let mut writes = RunWrites {
+                request_version: (call.request_version > 0).then_some(call.request_version),
+                defers: defer::writes(&run.id, &decision.defers),
+                metadata: decision.metadata.clone(),
+                metadata_limit: crate::model::metadata::MAX_RUN_BYTES,
+                attempt: call.attempt.clone(),
+                ..RunWrites::default()
+            };
+            if let Some(due) = decision.retry {
+                let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+                    Committing::Again => continue,
+                    Committing::RunEnded => return self.ack(lease, Vec::new()).await,
+                    Committing::Done(done) => done,
+                };
+                self.committed(&run, &decision, &writes, &done);
+                self.status.borrow_mut().retries += 1;
+                METRICS
+                    .retries
+                    .with_label_values(&[run.fn_id.as_str()])
+                    .inc();
+                debug!(run_id = %run.id, attempt = lease.attempt + 1, "retrying");
+                self.backends
+                    .queue
+                    .retry_at(lease.lease_id, &lease.item.id, due, true)
+                    .await?;
+                return Ok(());
+            }
+            if decision.no_progress {
+                let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+                    Committing::Again => continue,
+                    Committing::RunEnded => return self.ack(lease, Vec::new()).await,
+                    Committing::Done(done) => done,
+                };
+                self.committed(&run, &decision, &writes, &done);
+                return self.no_progress(lease, &run).await;
+            }
+            let mut saves = decision.save.clone();
+            let mut discover = decision.discover;
+            // Server-side HTTP calls become step results.
+            for fetch in &decision.fetches {
+                let memo = match fetched.get(&fetch.step_id) {
+                    Some(memo) => memo.clone(),
+                    None => {
+                        let memo = self.client.fetch(fetch.ai, &fetch.opts).await;
+                        fetched.insert(fetch.step_id.clone(), memo.clone());
+                        memo
+                    }
+                };
+                saves.push(self.step_record(&fetch.step_id, &fetch.name, StepKind::Fetch, memo));
+                discover = after_result(discover, decision.plan.contains(&fetch.step_id));
+            }
+            // Invokes: a missing target is the step's error; otherwise a
+            // pause waits for the callee, which its event starts.
+            let mut invokes = Vec::new();
+            for invoke in &decision.invokes {
+                let target = self.backends.data.get_function(&invoke.function_id).await?;
+                if target.as_ref().is_none_or(|f| f.archived) {
+                    let memo = json!({"error": {"name": "Error",
+                        "message": format!("could not find function with ID: {}", invoke.function_id)}});
+                    saves.push(self.step_record(
+                        &invoke.pause.step_id,
+                        &invoke.pause.step_name,
+                        StepKind::Invoke,
+                        memo,
+                    ));
+                    discover =
+                        after_result(discover, decision.plan.contains(&invoke.pause.step_id));
+                    continue;
+                }
+                invokes.push(invoke);
+            }
+            // Signal waits hold their signal through an index of their own,
+            // outside the commit; a conflict fails the run, as in Inngest.
+            if !signals_saved {
+                if let Some(conflict) = self.save_signals(&run, &decision).await? {
+                    writes.finish = Some((RunStatus::Failed, Some(conflict.to_string()), now));
+                    let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+                        Committing::Again => continue,
+                        Committing::RunEnded => return self.ack(lease, Vec::new()).await,
+                        Committing::Done(done) => done,
+                    };
+                    self.committed(&run, &decision, &writes, &done);
+                    if done.finished {
+                        self.status.borrow_mut().runs_failed += 1;
+                        lifecycle::after_finish(
+                            &self.backends,
+                            &run,
+                            RunStatus::Failed,
+                            &conflict,
+                            now,
+                        )
+                        .await?;
+                    }
+                    return self.ack(lease, Vec::new()).await;
+                }
+                signals_saved = true;
+            }
+            writes.pauses = decision.pauses.clone();
+            writes
+                .pauses
+                .extend(invokes.iter().map(|i| i.pause.clone()));
+            writes.plan = decision.plan.clone();
+            writes.force_plan = decision.force_plan.then_some(true);
+            writes.steps = saves;
+            writes.release_force_plan =
+                run.force_plan && run.request_version >= 2 && discover != Discover::No;
+            writes.finish = decision
+                .finish
+                .as_ref()
+                .map(|(status, output)| (*status, Some(output.to_string()), now));
+            let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+                Committing::Again => continue,
+                Committing::RunEnded => return self.ack(lease, Vec::new()).await,
+                Committing::Done(done) => done,
+            };
+            self.committed(&run, &decision, &writes, &done);
+            if done.saved + done.duplicates > 0 {
+                let took = self.clock.now().millis()
+                    - (lease.expires.millis() - self.config.lease_ttl.as_millis() as i64);
+                METRICS
+                    .step_seconds
+                    .with_label_values(&[run.fn_id.as_str()])
+                    .observe(took.max(0) as f64 / 1000.0);
+            }
+            if let Some((status, output)) = &decision.finish {
+                if done.finished {
+                    {
+                        let mut counters = self.status.borrow_mut();
+                        match status {
+                            RunStatus::Completed => counters.runs_completed += 1,
+                            _ => counters.runs_failed += 1,
+                        }
+                    }
+                    lifecycle::after_finish(&self.backends, &run, *status, output, now).await?;
+                }
+                return self.ack(lease, Vec::new()).await;
+            }
+            // The invoke event is derived from the stored pause, so a retry
+            // after a crash between the commit and publishing the event
+            // publishes the same event, once.
+            let first_invoke = decision.pauses.len();
+            let mut invoked = Vec::new();
+            for (n, invoke) in invokes.iter().enumerate() {
+                if done.pauses_saved.get(first_invoke + n) == Some(&true) {
+                    invoked.push(invoke_event(&run, invoke, &invoke.pause));
+                } else if let Some(stored) = self.backends.state.get_pause(&invoke.pause.id).await?
+                {
+                    let event = invoke_event(&run, invoke, &stored);
+                    if self
+                        .backends
+                        .data
+                        .get_event(&event.internal_id)
+                        .await?
+                        .is_none()
+                    {
+                        invoked.push(event);
+                    }
+                }
+            }
+            publish_events(&self.backends, &invoked).await?;
+            // Items that call the app carry the run's concurrency limits.
+            let mut next: Vec<(QueueItem, Timestamp)> = decision
+                .schedule
+                .into_iter()
+                .map(|(item, due)| match item.kind {
+                    ItemKind::Discovery { .. } | ItemKind::Planned { .. } => {
+                        (item.for_run(&run), due)
+                    }
+                    _ => (item, due),
+                })
+                .collect();
+            let group_done = done.planned_left == 0;
+            if discover == Discover::Always || (discover == Discover::WhenGroupDone && group_done) {
+                next.push((
+                    QueueItem::discovery(&run.id, &run.fn_id, done.stack_len).for_run(&run),
+                    now,
+                ));
+            }
+            return self.ack(lease, next).await;
         }
-        for (pause, replace) in decision.signals {
+        // Every attempt lost to another writer of the same run: the item
+        // comes back when its lease expires, and is decided afresh then.
+        Err(StoreError::new(
+            StoreErrorKind::Conflict,
+            format!("run {}: the answer's commit kept conflicting", run.id),
+        ))
+    }
+
+    /// Logs what a commit refused of the answer (defers, metadata).
+    fn committed(
+        &self,
+        run: &RunRecord,
+        decision: &Decision,
+        writes: &RunWrites,
+        done: &Committed,
+    ) {
+        defer::log_refusals(&run.id, &decision.defers, &done.defers);
+        for (record, outcome) in writes.metadata.iter().zip(&done.metadata) {
+            if let AddMetadata::TooLarge { used } = outcome {
+                warn!(run_id = %run.id, kind = %record.kind, used,
+                      limit = crate::model::metadata::MAX_RUN_BYTES,
+                      "step metadata left out: the run's metadata is at its limit");
+            }
+        }
+    }
+
+    /// Saves the answer's signal waits (each once, by pause id). The error
+    /// that fails the run when one conflicts with another run's wait.
+    async fn save_signals(
+        &self,
+        run: &RunRecord,
+        decision: &Decision,
+    ) -> StoreResult<Option<Value>> {
+        for (pause, replace) in &decision.signals {
             let signal = pause.correlation_id.clone().unwrap_or_default();
             if let SaveSignal::Conflict { run_id } = self
                 .backends
                 .state
-                .save_signal_pause(pause, replace)
+                .save_signal_pause(pause.clone(), *replace)
                 .await?
             {
-                // As Inngest does: the run fails, it does not wait.
                 info!(run_id = %run.id, signal = %signal, holder = %run_id,
                       "signal wait conflicts with another run's");
-                let error = json!({"error": "signal conflict", "name": "Error",
+                return Ok(Some(json!({"error": "signal conflict", "name": "Error",
                     "message": format!("Signal conflict; signal wait already exists for \
-                                        another run (signal {signal:?}, run {run_id})")});
-                if lifecycle::finish_run(&self.backends, run, RunStatus::Failed, error, now).await?
-                {
-                    self.status.borrow_mut().runs_failed += 1;
-                }
-                return self.ack(lease, Vec::new()).await;
+                                        another run (signal {signal:?}, run {run_id})")})));
             }
         }
-        if !decision.plan.is_empty() || decision.force_plan {
-            self.backends
-                .state
-                .plan_steps(&run.id, &decision.plan, decision.force_plan)
-                .await?;
-        }
-        if !decision.plan.is_empty() {
-            // `decide` checked the step cap against the run as loaded;
-            // replies handled at the same time each saw an older plan, so
-            // check the stored one too before scheduling more.
-            let stored = self.backends.state.load_run(&run.id).await?;
-            if let Some(stored) = stored.filter(|r| r.stack.len() + r.planned.len() > MAX_STEPS) {
-                let error = limit_error(format!(
-                    "the run has more than {MAX_STEPS} steps (done and planned)"
-                ));
-                if lifecycle::finish_run(&self.backends, &stored, RunStatus::Failed, error, now)
-                    .await?
-                {
-                    self.status.borrow_mut().runs_failed += 1;
-                }
-                return self.ack(lease, Vec::new()).await;
-            }
-        }
-        let mut stack_len = run.stack.len() as u32;
-        let mut planned_left = run.planned.len() as u32;
-        let saved_any = !saves.is_empty();
-        for step in saves {
-            debug!(run_id = %run.id, step = %step.name, "step saved");
-            match self.backends.state.save_step(&run.id, step).await? {
-                SaveStep::Saved {
-                    stack_len: len,
-                    planned_left: left,
-                }
-                | SaveStep::Duplicate {
-                    stack_len: len,
-                    planned_left: left,
-                } => {
-                    stack_len = len;
-                    planned_left = left;
-                }
-                SaveStep::RunEnded => return self.ack(lease, Vec::new()).await,
-            }
-        }
-        if saved_any {
-            let took = self.clock.now().millis()
-                - (lease.expires.millis() - self.config.lease_ttl.as_millis() as i64);
-            METRICS
-                .step_seconds
-                .with_label_values(&[run.fn_id.as_str()])
-                .observe(took.max(0) as f64 / 1000.0);
-        }
-        if let Some((status, output)) = decision.finish {
-            if lifecycle::finish_run(&self.backends, run, status, output, now).await? {
-                let mut counters = self.status.borrow_mut();
-                match status {
-                    RunStatus::Completed => counters.runs_completed += 1,
-                    _ => counters.runs_failed += 1,
-                }
-            }
-            return self.ack(lease, Vec::new()).await;
-        }
-        publish_events(&self.backends, &invoked).await?;
-        // Items that call the app carry the run's concurrency limits.
-        let mut next: Vec<(QueueItem, Timestamp)> = decision
-            .schedule
-            .into_iter()
-            .map(|(item, due)| match item.kind {
-                ItemKind::Discovery { .. } | ItemKind::Planned { .. } => (item.for_run(run), due),
-                _ => (item, due),
-            })
-            .collect();
-        let group_done = planned_left == 0;
-        if group_done && run.force_plan && run.request_version >= 2 && discover != Discover::No {
-            self.backends.state.set_force_plan(&run.id, false).await?;
-        }
-        if discover == Discover::Always || (discover == Discover::WhenGroupDone && group_done) {
-            next.push((
-                QueueItem::discovery(&run.id, &run.fn_id, stack_len).for_run(run),
-                now,
-            ));
-        }
-        self.ack(lease, next).await
+        Ok(None)
     }
 }
+
+/// An app's answer to a call, with what the call noted about it.
+struct Answered<'a> {
+    reply: &'a SdkReply,
+    /// From the answer's `x-inngest-req-version`; -1 when unknown.
+    request_version: i32,
+    /// The run's stack length when the call was made.
+    stack_before: usize,
+    /// The retry delay, if the answer asks for a retry.
+    delay: Duration,
+    /// The call, for the run's trace.
+    attempt: Option<crate::model::trace::AttemptRecord>,
+}
+
+/// What [`Worker::try_commit`] did.
+enum Committing {
+    Done(Committed),
+    /// The run changed since it was loaded; it is loaded again: decide again.
+    Again,
+    /// The run has ended (or is gone): nothing was written.
+    RunEnded,
+}
+
+/// Commits one answer may try before giving up (each lost to another
+/// writer of the same run, such as the reply of a parallel step).
+const MAX_COMMIT_ATTEMPTS: usize = 16;
 
 /// How many no-progress replies in a row led to this item (see
 /// [`Worker::no_progress`]).
@@ -2422,7 +2581,7 @@ mod tests {
             let (run, pause) = waiting_run(&h).await;
             let lease =
                 lease_item(&h, QueueItem::pause_timeout(&run.id, &run.fn_id, &pause.id)).await;
-            h.faults.fail_next("save_step", 1);
+            h.faults.fail_next("commit", 1);
             assert!(h.worker.process(&lease).await.is_err());
             assert!(
                 h.real.state.get_pause(&pause.id).await.unwrap().is_some(),
@@ -2452,7 +2611,7 @@ mod tests {
                 QueueItem::resume(&pause, r#"{"name":"test/reply"}"#.into()),
             )
             .await;
-            h.faults.fail_next("save_step", 1);
+            h.faults.fail_next("commit", 1);
             assert!(h.worker.process(&lease).await.is_err());
             assert!(h.real.state.get_pause(&pause.id).await.unwrap().is_some());
             h.faults.heal();
@@ -2625,8 +2784,83 @@ mod tests {
             assert_eq!(payload["meta"], json!({"sessions": {"org": "acme"}}));
         }
 
-        /// What a step recorded is stored before its result; a crash in
-        /// between and the reply handled again store each once.
+        /// Two replies of a parallel group decided from the same version:
+        /// the second commit conflicts, decides again on the run as the
+        /// first left it, and the group's one discovery call is scheduled
+        /// by whichever finished it.
+        #[actix_rt::test]
+        async fn parallel_replies_decided_from_one_version_both_land() {
+            let h = harness();
+            let mut run = sample_run("fn", &ulid::Ulid::new().to_string());
+            run.status = RunStatus::Running;
+            run.request_version = 2;
+            run.force_plan = true;
+            run.planned = vec!["a".into(), "b".into()];
+            h.real.state.create_run(run.clone()).await.unwrap();
+            let (loaded, version) = h
+                .real
+                .state
+                .load_run_versioned(&run.id)
+                .await
+                .unwrap()
+                .unwrap();
+            let a = lease_item(&h, QueueItem::planned(&run.id, &run.fn_id, "a", false)).await;
+            let b = lease_item(&h, QueueItem::planned(&run.id, &run.fn_id, "b", false)).await;
+            let reply = |id: &str| SdkReply::Ops {
+                ops: vec![with_opts(op("StepRun", id), json!({}))],
+                no_retry: false,
+                retry_after: None,
+                request_version: 2,
+            };
+            let (reply_a, reply_b) = (reply("a"), reply("b"));
+            let answered = |reply| Answered {
+                reply,
+                request_version: 2,
+                stack_before: 0,
+                delay: Duration::ZERO,
+                attempt: None,
+            };
+            h.worker
+                .perform(&a, &answered(&reply_a), loaded.clone(), version)
+                .await
+                .unwrap();
+            assert_eq!(h.real.queue.len().await.unwrap(), 1, "b is still out");
+            // Decided from the version before a's commit.
+            h.worker
+                .perform(&b, &answered(&reply_b), loaded, version)
+                .await
+                .unwrap();
+            let (stored, now_at) = h
+                .real
+                .state
+                .load_run_versioned(&run.id)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(stored.stack, ["a", "b"]);
+            assert!(stored.planned.is_empty() && !stored.force_plan);
+            assert_eq!(now_at, version + 2);
+            let leases = h
+                .real
+                .queue
+                .lease_due(
+                    NOW.plus(Duration::from_secs(1)),
+                    10,
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+            let ids: Vec<&str> = leases.iter().map(|l| l.item.id.as_str()).collect();
+            assert_eq!(
+                ids,
+                [format!("{}/d/2", run.id)],
+                "one discovery for the group"
+            );
+        }
+
+        /// What a step recorded is stored with its result, in one commit:
+        /// a commit that fails stores neither, and the reply handled again
+        /// stores each once.
         #[actix_rt::test]
         async fn step_metadata_is_stored_once_across_a_crash() {
             let h = harness();
@@ -2647,12 +2881,48 @@ mod tests {
             let decision = decide(&run, &lease, &reply, NOW, Duration::ZERO);
             assert_eq!(decision.metadata.len(), 2, "the reserved kind is left out");
             assert_eq!(decision.metadata_errors.len(), 1);
-            h.faults.fail_next("save_step", 1);
-            let first = h.worker.perform(&lease, &run, decision.clone()).await;
+            let call = Answered {
+                reply: &reply,
+                request_version: 2,
+                stack_before: 0,
+                delay: Duration::ZERO,
+                attempt: None,
+            };
+            let (_, version) = h
+                .real
+                .state
+                .load_run_versioned(&run.id)
+                .await
+                .unwrap()
+                .unwrap();
+            h.faults.fail_next("commit", 1);
+            let first = h.worker.perform(&lease, &call, run.clone(), version).await;
             assert!(first.is_err());
-            assert_eq!(h.real.state.load_metadata(&run.id).await.unwrap().len(), 2);
+            assert!(h
+                .real
+                .state
+                .load_metadata(&run.id)
+                .await
+                .unwrap()
+                .is_empty());
+            assert!(h.real.state.load_steps(&run.id).await.unwrap().is_empty());
             h.faults.heal();
-            h.worker.perform(&lease, &run, decision).await.unwrap();
+            h.worker
+                .perform(&lease, &call, run.clone(), version)
+                .await
+                .unwrap();
+            // And once more, as after a crash before the ack.
+            let (current, version) = h
+                .real
+                .state
+                .load_run_versioned(&run.id)
+                .await
+                .unwrap()
+                .unwrap();
+            h.worker
+                .perform(&lease, &call, current, version)
+                .await
+                .unwrap();
             let stored = h.real.state.load_metadata(&run.id).await.unwrap();
             assert_eq!(stored.len(), 2, "{stored:?}");
             assert_eq!(stored[0].step_id.as_deref(), Some("scored"));

@@ -203,6 +203,21 @@ pub async fn finish_run(
     {
         return Ok(false);
     }
+    after_finish(backends, run, status, &output, now).await?;
+    Ok(true)
+}
+
+/// The effects of a run's end, once its end is committed (by
+/// [`finish_run`], or within a reply's commit): counts it, drops its
+/// pauses, emits its lifecycle events and starts its deferred runs. `run`
+/// is the run as loaded before its end.
+pub async fn after_finish(
+    backends: &Backends,
+    run: &RunRecord,
+    status: RunStatus,
+    output: &Value,
+    now: Timestamp,
+) -> StoreResult<()> {
     crate::metrics::METRICS
         .runs_finished
         .with_label_values(&[run.fn_id.as_str(), status.as_str()])
@@ -218,9 +233,8 @@ pub async fn finish_run(
         _ => info!(run_id = %run.id, fn_id = %run.fn_id, error = %output, "run failed"),
     }
     // The run's defers are fixed now: `save_defer` refuses an ended run.
-    let events = end_events(backends, run, status, &output, now).await?;
-    publish_events(backends, &events).await?;
-    Ok(true)
+    let events = end_events(backends, run, status, output, now).await?;
+    publish_events(backends, &events).await
 }
 
 /// Deletes every pause of a run that has ended.

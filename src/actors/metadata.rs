@@ -1,8 +1,10 @@
 //! Writing run and step metadata (`model::metadata`): the API's
 //! `POST /v1/runs/{id}/metadata` ([`add_run_metadata`]) and what a step's
-//! op recorded ([`store_op_metadata`], from the executor and checkpoints).
-//! Both end in one `StateStore::add_metadata`, which stores each record
-//! once and keeps the run under [`MAX_RUN_BYTES`].
+//! op recorded in a durable endpoint's steps ([`store_op_metadata`]). Both
+//! end in one `StateStore::add_metadata`, which stores each record once and
+//! keeps the run under [`MAX_RUN_BYTES`]. The executor and checkpoints put
+//! an op's metadata in the reply's `StateStore::commit` instead, under the
+//! same rules.
 
 use serde::Deserialize;
 use tracing::warn;

@@ -18,8 +18,8 @@ use crate::model::{
     RunStatus, StepRecord,
 };
 use crate::store::{
-    AddMetadata, Backends, BatchPush, CreateRun, DataStore, Lease, PartitionStats, Queue,
-    SaveDefer, SaveSignal, SaveStep, StateStore, StoreError, StoreResult, SyncOutcome,
+    AddMetadata, Backends, BatchPush, Commit, CreateRun, DataStore, Lease, PartitionStats, Queue,
+    RunWrites, SaveDefer, SaveSignal, SaveStep, StateStore, StoreError, StoreResult, SyncOutcome,
 };
 
 /// Which calls fail: by method name (the next `n` calls of it), or the call
@@ -132,6 +132,8 @@ macro_rules! delegate {
 delegate! { StateStore for FaultyState {
     async fn create_run(&self, run: RunRecord) -> StoreResult<CreateRun>;
     async fn load_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;
+    async fn load_run_versioned(&self, run_id: &str) -> StoreResult<Option<(RunRecord, u64)>>;
+    async fn commit(&self, run_id: &str, expected_version: Option<u64>, writes: &RunWrites) -> StoreResult<Commit>;
     async fn load_steps(&self, run_id: &str) -> StoreResult<Vec<StepRecord>>;
     async fn mark_running(&self, run_id: &str, at: Timestamp, request_version: i32) -> StoreResult<()>;
     async fn save_step(&self, run_id: &str, step: StepRecord) -> StoreResult<SaveStep>;

@@ -9,6 +9,7 @@
 //!
 //! Every implementation passes the conformance suites in [`testsuite`].
 
+pub mod commit;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fault;
 pub mod memory;
@@ -24,6 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+
+pub use commit::{
+    plan_commit, Commit, CommitPlan, CommitRead, Committed, DeferOutcome, DeferWrite, RunWrites,
+};
 
 use crate::clock::Timestamp;
 use crate::model::metadata::MetadataRecord;
@@ -217,33 +222,87 @@ pub trait StateStore: Send + Sync + 'static {
 
     async fn load_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;
 
+    /// The run with its version (see [`commit`](self::commit)), read
+    /// together: the version is the one of exactly this record.
+    async fn load_run_versioned(&self, run_id: &str) -> StoreResult<Option<(RunRecord, u64)>>;
+
+    /// Applies what one SDK reply or checkpoint changes in a run
+    /// ([`RunWrites`]), all or nothing, durable on return (sled shares the
+    /// flush across concurrent commits). With `expected_version`, nothing
+    /// is written unless the run is still at that version
+    /// ([`Commit::Conflict`]). A run that has ended or does not exist takes
+    /// nothing ([`Commit::RunEnded`]). Applying the same writes again
+    /// changes nothing (steps, pauses, defers and metadata are stored once
+    /// by id) but the attempt record, which is noted again. What is written
+    /// is decided by [`plan_commit`], shared by every backend.
+    async fn commit(
+        &self,
+        run_id: &str,
+        expected_version: Option<u64>,
+        writes: &RunWrites,
+    ) -> StoreResult<Commit>;
+
     /// The run's saved steps, in stack (completion) order.
     async fn load_steps(&self, run_id: &str) -> StoreResult<Vec<StepRecord>>;
 
     /// Marks a queued run as running (no-op otherwise). Also records the
-    /// SDK's request version once known.
+    /// SDK's request version once known. A lazy [`commit`](StateStore::commit):
+    /// need not be durable on return.
     async fn mark_running(
         &self,
         run_id: &str,
         at: Timestamp,
         request_version: i32,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        let writes = RunWrites {
+            start: Some(at),
+            request_version: Some(request_version),
+            lazy: true,
+            ..RunWrites::default()
+        };
+        self.commit(run_id, None, &writes).await.map(|_| ())
+    }
 
     /// Saves a step result and appends its id to the run's stack, once: a
     /// second save of the same step id changes nothing. The step leaves the
-    /// run's planned set, and its memo counts towards `state_bytes`.
-    async fn save_step(&self, run_id: &str, step: StepRecord) -> StoreResult<SaveStep>;
+    /// run's planned set, and its memo counts towards `state_bytes`. A
+    /// [`commit`](StateStore::commit).
+    async fn save_step(&self, run_id: &str, step: StepRecord) -> StoreResult<SaveStep> {
+        let writes = RunWrites {
+            steps: vec![step],
+            ..RunWrites::default()
+        };
+        Ok(match self.commit(run_id, None, &writes).await? {
+            Commit::Done(done) => done.save_step(),
+            Commit::Conflict { .. } | Commit::RunEnded => SaveStep::RunEnded,
+        })
+    }
 
     /// Adds planned step ids (those without a result yet) to the run's
-    /// planned set, and sets its force-plan flag.
+    /// planned set, and sets its force-plan flag when `force_plan`. A
+    /// [`commit`](StateStore::commit).
     async fn plan_steps(
         &self,
         run_id: &str,
         step_ids: &[String],
         force_plan: bool,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        let writes = RunWrites {
+            plan: step_ids.to_vec(),
+            force_plan: force_plan.then_some(true),
+            ..RunWrites::default()
+        };
+        self.commit(run_id, None, &writes).await.map(|_| ())
+    }
 
-    async fn set_force_plan(&self, run_id: &str, force_plan: bool) -> StoreResult<()>;
+    /// A [`commit`](StateStore::commit) of the force-plan flag.
+    async fn set_force_plan(&self, run_id: &str, force_plan: bool) -> StoreResult<()> {
+        let writes = RunWrites {
+            force_plan: Some(force_plan),
+            ..RunWrites::default()
+        };
+        self.commit(run_id, None, &writes).await.map(|_| ())
+    }
 
     /// Stores a pause unless one with its id exists (returns false then).
     async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool>;
@@ -363,23 +422,56 @@ pub trait StateStore: Send + Sync + 'static {
     /// same hashed id changes nothing. The limits of [`add_defer`] apply.
     /// Checked against the run's end atomically, so that whoever ends the
     /// run and then loads its defers sees every defer that was saved.
-    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer>;
+    /// A [`commit`](StateStore::commit).
+    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer> {
+        let writes = RunWrites {
+            defers: vec![DeferWrite::Add(defer)],
+            ..RunWrites::default()
+        };
+        Ok(match self.commit(run_id, None, &writes).await? {
+            Commit::Done(done) => match done.defers.first() {
+                Some(DeferOutcome::Added(saved)) => *saved,
+                _ => SaveDefer::Exists,
+            },
+            Commit::Conflict { .. } | Commit::RunEnded => SaveDefer::RunEnded,
+        })
+    }
 
     /// Marks a defer of a run that has not ended as aborted (`DeferAbort`).
-    /// False if the run has no such defer, or has ended.
-    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool>;
+    /// False if the run has no such defer, or has ended. A
+    /// [`commit`](StateStore::commit).
+    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool> {
+        let writes = RunWrites {
+            defers: vec![DeferWrite::Abort(hashed_id.to_string())],
+            ..RunWrites::default()
+        };
+        Ok(match self.commit(run_id, None, &writes).await? {
+            Commit::Done(done) => done.defers.first() == Some(&DeferOutcome::Aborted(true)),
+            Commit::Conflict { .. } | Commit::RunEnded => false,
+        })
+    }
 
     /// The run's defers, in the order they were saved.
     async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>>;
 
     /// Ends a run. Returns false if it had already ended (nothing changes).
+    /// A [`commit`](StateStore::commit).
     async fn finish_run(
         &self,
         run_id: &str,
         status: RunStatus,
         output: Option<String>,
         at: Timestamp,
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<bool> {
+        let writes = RunWrites {
+            finish: Some((status, output, at)),
+            ..RunWrites::default()
+        };
+        Ok(matches!(
+            self.commit(run_id, None, &writes).await?,
+            Commit::Done(Committed { finished: true, .. })
+        ))
+    }
 
     /// Up to `limit` runs, newest first, created before run `before` when
     /// given, optionally only of one function and/or in one status.

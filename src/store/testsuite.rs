@@ -15,8 +15,9 @@ use crate::model::{
     PauseRecord, QueueItem, RunRecord, RunStatus, StepKind, StepRecord,
 };
 use crate::store::{
-    AddMetadata, Backends, CreateRun, DataStore, EventBus, Queue, SaveDefer, SaveSignal, SaveStep,
-    StateStore, MAX_DEFERS_PER_RUN, MAX_DEFER_INPUT_TOTAL,
+    AddMetadata, Backends, Commit, Committed, CreateRun, DataStore, DeferOutcome, DeferWrite,
+    EventBus, Queue, RunWrites, SaveDefer, SaveSignal, SaveStep, StateStore, MAX_DEFERS_PER_RUN,
+    MAX_DEFER_INPUT_TOTAL,
 };
 
 fn unique(prefix: &str) -> String {
@@ -91,6 +92,149 @@ pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
     retention_deletes_ended_runs(state)
         .await
         .context("retention_deletes_ended_runs")?;
+    commits_are_atomic_versioned_and_replayable(state)
+        .await
+        .context("commits_are_atomic_versioned_and_replayable")?;
+    Ok(())
+}
+
+/// `StateStore::commit`: everything of one reply at once; a stale version
+/// writes nothing; the same writes again change nothing.
+async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> anyhow::Result<()> {
+    let run = sample_run(&unique("fn"), "commit");
+    state.create_run(run.clone()).await?;
+    let (loaded, v0) = state
+        .load_run_versioned(&run.id)
+        .await?
+        .context("versioned run")?;
+    ensure!(
+        loaded == run && v0 == 0,
+        "a new run is at version 0, got {v0}"
+    );
+    let pause = sample_pause(&run.id, &unique("evt"), None);
+    let attempt = crate::model::trace::AttemptRecord {
+        run_id: run.id.clone(),
+        item_step: String::new(),
+        attempt: 0,
+        started_at: 5,
+        ended_at: 6,
+        error: None,
+        ops: Vec::new(),
+    };
+    let big = sample_metadata(&run.id, "big", &format!(r#"{{"e":"{}"}}"#, "x".repeat(90)));
+    let first = RunWrites {
+        start: Some(Timestamp(4)),
+        request_version: Some(2),
+        defers: vec![DeferWrite::Add(sample_defer("d1", "{}"))],
+        metadata: vec![sample_metadata(&run.id, "m1", r#"{"a":1}"#), big],
+        metadata_limit: 100,
+        pauses: vec![pause.clone()],
+        plan: vec!["b".into(), "c".into()],
+        force_plan: Some(true),
+        steps: vec![sample_step("a", "1")],
+        attempt: Some(attempt),
+        ..RunWrites::default()
+    };
+    let Commit::Done(done) = state.commit(&run.id, Some(v0), &first).await? else {
+        anyhow::bail!("the first commit must apply");
+    };
+    ensure!(
+        done == Committed {
+            version: 1,
+            stack_len: 1,
+            planned_left: 2,
+            saved: 1,
+            duplicates: 0,
+            pauses_saved: vec![true],
+            defers: vec![DeferOutcome::Added(SaveDefer::Saved)],
+            metadata: vec![
+                AddMetadata::Added { added: 1 },
+                AddMetadata::TooLarge { used: 7 }
+            ],
+            finished: false,
+        },
+        "{done:?}"
+    );
+    let (loaded, v1) = state.load_run_versioned(&run.id).await?.context("run")?;
+    ensure!(v1 == 1, "one commit, one version: {v1}");
+    ensure!(loaded.status == RunStatus::Running && loaded.started_at == Some(4));
+    ensure!(loaded.request_version == 2 && loaded.force_plan);
+    ensure!(loaded.stack == ["a"] && loaded.planned == ["b", "c"]);
+    ensure!(state.load_steps(&run.id).await?.len() == 1);
+    ensure!(state.get_pause(&pause.id).await?.is_some());
+    ensure!(state.load_defers(&run.id).await?.len() == 1);
+    ensure!(state.load_metadata(&run.id).await?.len() == 1);
+    ensure!(state.load_attempts(&run.id).await?.len() <= 1);
+
+    // Decided from version 0, which is gone: nothing of it is written.
+    let stale = RunWrites {
+        defers: vec![DeferWrite::Add(sample_defer("d2", "{}"))],
+        metadata: vec![sample_metadata(&run.id, "m2", "{}")],
+        metadata_limit: 100,
+        pauses: vec![sample_pause(&run.id, &unique("evt"), None)],
+        steps: vec![sample_step("b", "2")],
+        finish: Some((RunStatus::Completed, None, Timestamp(7))),
+        ..RunWrites::default()
+    };
+    let conflict = state.commit(&run.id, Some(v0), &stale).await?;
+    ensure!(conflict == Commit::Conflict { version: 1 }, "{conflict:?}");
+    let (loaded, version) = state.load_run_versioned(&run.id).await?.context("run")?;
+    ensure!(version == 1 && loaded.stack == ["a"] && !loaded.status.is_terminal());
+    ensure!(state.pauses_for_run(&run.id).await?.len() == 1);
+    ensure!(state.load_defers(&run.id).await?.len() == 1);
+    ensure!(state.load_metadata(&run.id).await?.len() == 1);
+
+    // The same writes again (a reply handled twice): nothing changes, and
+    // the version stays.
+    let replay = RunWrites {
+        attempt: None,
+        ..first.clone()
+    };
+    let Commit::Done(again) = state.commit(&run.id, Some(v1), &replay).await? else {
+        anyhow::bail!("a replay at the current version applies");
+    };
+    ensure!(again.version == 1 && again.saved == 0 && again.duplicates == 1);
+    ensure!(again.pauses_saved == [false]);
+    ensure!(again.defers == [DeferOutcome::Added(SaveDefer::Exists)]);
+    ensure!(again.metadata[0] == AddMetadata::Added { added: 0 });
+    ensure!(state.load_run(&run.id).await? == Some(loaded.clone()));
+    ensure!(state.load_metadata(&run.id).await?.len() == 1);
+
+    // The group's last results release the force-plan flag.
+    let group = RunWrites {
+        steps: vec![sample_step("b", "2"), sample_step("c", "3")],
+        release_force_plan: true,
+        ..RunWrites::default()
+    };
+    let Commit::Done(done) = state.commit(&run.id, Some(1), &group).await? else {
+        anyhow::bail!("the group's commit must apply");
+    };
+    ensure!(done.version == 2 && done.planned_left == 0 && done.stack_len == 3);
+    let loaded = state.load_run(&run.id).await?.context("run")?;
+    ensure!(!loaded.force_plan && loaded.planned.is_empty());
+
+    // A last result and the run's end, together.
+    let last = RunWrites {
+        steps: vec![sample_step("d", "4")],
+        finish: Some((RunStatus::Completed, Some("4".into()), Timestamp(8))),
+        ..RunWrites::default()
+    };
+    let Commit::Done(done) = state.commit(&run.id, Some(2), &last).await? else {
+        anyhow::bail!("the last commit must apply");
+    };
+    ensure!(done.finished && done.version == 3 && done.stack_len == 4);
+    let loaded = state.load_run(&run.id).await?.context("run")?;
+    ensure!(loaded.status == RunStatus::Completed && loaded.ended_at == Some(8));
+    ensure!(loaded.output.as_deref() == Some("4"));
+    // An ended run takes nothing, with or without a version.
+    let late = RunWrites {
+        steps: vec![sample_step("e", "5")],
+        ..RunWrites::default()
+    };
+    ensure!(state.commit(&run.id, Some(3), &late).await? == Commit::RunEnded);
+    ensure!(state.commit(&run.id, None, &late).await? == Commit::RunEnded);
+    ensure!(state.load_steps(&run.id).await?.len() == 4);
+    ensure!(state.commit("01NOSUCHRUN", None, &late).await? == Commit::RunEnded);
     Ok(())
 }
 

@@ -17,8 +17,8 @@ use crate::model::{
     RunRecord, RunStatus, StepRecord,
 };
 use crate::store::{
-    abort_defer_in, add_defer, add_step, gcra_reserve, gcra_take, next_debounce, push_to_batch,
-    AddMetadata, BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+    gcra_reserve, gcra_take, next_debounce, plan_commit, push_to_batch, AddMetadata, BatchPush,
+    Commit, CommitRead, CreateRun, RunWrites, SaveSignal, StateStore, StoreResult,
 };
 
 #[derive(Default)]
@@ -30,6 +30,8 @@ pub struct MemoryState {
 struct State {
     /// By run id: ULIDs, so creation order.
     runs: BTreeMap<String, RunRecord>,
+    /// Run id → its version, when it has been committed to.
+    versions: HashMap<String, u64>,
     /// (function, idempotency key) → run id.
     idempotency: HashMap<(String, String), String>,
     /// Run id → step id → result.
@@ -87,8 +89,21 @@ impl State {
         index.get(key).and_then(|id| self.pauses.get(id)).cloned()
     }
 
+    /// A run's version (see `store::commit`): 0 until its first commit.
+    fn version(&self, run_id: &str) -> u64 {
+        self.versions.get(run_id).copied().unwrap_or(0)
+    }
+
+    fn record_attempt(&mut self, attempt: AttemptRecord) {
+        let attempts = self.attempts.entry(attempt.run_id.clone()).or_default();
+        // Ordered by start, then by the order noted.
+        let at = attempts.partition_point(|a| a.started_at <= attempt.started_at);
+        attempts.insert(at, attempt);
+    }
+
     fn delete_run(&mut self, run: &RunRecord) {
         self.runs.remove(&run.id);
+        self.versions.remove(&run.id);
         self.idempotency
             .remove(&(run.fn_id.clone(), run.idempotency_key.clone()));
         self.steps.remove(&run.id);
@@ -139,62 +154,73 @@ impl StateStore for MemoryState {
             .collect())
     }
 
-    async fn mark_running(
-        &self,
-        run_id: &str,
-        at: Timestamp,
-        request_version: i32,
-    ) -> StoreResult<()> {
-        if let Some(run) = self.lock().runs.get_mut(run_id) {
-            if run.status == RunStatus::Queued {
-                run.status = RunStatus::Running;
-                run.started_at = Some(at.millis());
-            }
-            if request_version > 0 {
-                run.request_version = request_version;
-            }
-        }
-        Ok(())
+    async fn load_run_versioned(&self, run_id: &str) -> StoreResult<Option<(RunRecord, u64)>> {
+        let state = self.lock();
+        Ok(state
+            .runs
+            .get(run_id)
+            .map(|run| (run.clone(), state.version(run_id))))
     }
 
-    async fn save_step(&self, run_id: &str, step: StepRecord) -> StoreResult<SaveStep> {
+    async fn commit(
+        &self,
+        run_id: &str,
+        expected_version: Option<u64>,
+        writes: &RunWrites,
+    ) -> StoreResult<Commit> {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let Some(run) = state.runs.get_mut(run_id) else {
-            return Ok(SaveStep::RunEnded);
+        let steps = state.steps.get(run_id);
+        let held = state.metadata.get(run_id);
+        let read = CommitRead {
+            run: state.runs.get(run_id).cloned(),
+            version: state.version(run_id),
+            steps_saved: writes
+                .steps
+                .iter()
+                .map(|step| steps.is_some_and(|s| s.contains_key(&step.id)))
+                .collect(),
+            pauses_exist: writes
+                .pauses
+                .iter()
+                .map(|pause| state.pauses.contains_key(&pause.id))
+                .collect(),
+            defers: state.defers.get(run_id).cloned(),
+            metadata_used: held.map_or(0, |h| h.iter().map(MetadataRecord::size).sum()),
+            metadata_known: writes
+                .metadata
+                .iter()
+                .map(|record| held.is_some_and(|h| h.iter().any(|r| r.id == record.id)))
+                .collect(),
         };
+        let (plan, outcome) = match plan_commit(read, expected_version, writes) {
+            Ok(planned) => planned,
+            Err(answer) => return Ok(answer),
+        };
+        if let Some(run) = plan.run {
+            state.runs.insert(run_id.to_string(), run);
+        }
+        if let Some(version) = plan.version {
+            state.versions.insert(run_id.to_string(), version);
+        }
         let steps = state.steps.entry(run_id.to_string()).or_default();
-        match add_step(run, &step, steps.contains_key(&step.id)) {
-            Ok(saved) => {
-                steps.insert(step.id.clone(), step);
-                Ok(saved)
-            }
-            Err(unchanged) => Ok(unchanged),
+        for step in plan.steps {
+            steps.insert(step.id.clone(), step.clone());
         }
-    }
-
-    async fn plan_steps(
-        &self,
-        run_id: &str,
-        step_ids: &[String],
-        force_plan: bool,
-    ) -> StoreResult<()> {
-        if let Some(run) = self.lock().runs.get_mut(run_id) {
-            for id in step_ids {
-                if !run.stack.contains(id) && !run.planned.contains(id) {
-                    run.planned.push(id.clone());
-                }
-            }
-            run.force_plan |= force_plan;
+        for pause in plan.pauses {
+            state.save_pause(pause.clone());
         }
-        Ok(())
-    }
-
-    async fn set_force_plan(&self, run_id: &str, force_plan: bool) -> StoreResult<()> {
-        if let Some(run) = self.lock().runs.get_mut(run_id) {
-            run.force_plan = force_plan;
+        if let Some(defers) = plan.defers {
+            state.defers.insert(run_id.to_string(), defers);
         }
-        Ok(())
+        if !plan.metadata.is_empty() {
+            let held = state.metadata.entry(run_id.to_string()).or_default();
+            held.extend(plan.metadata.into_iter().cloned());
+        }
+        if let Some(attempt) = plan.attempt {
+            state.record_attempt(attempt.clone());
+        }
+        Ok(Commit::Done(outcome))
     }
 
     async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool> {
@@ -409,32 +435,6 @@ impl StateStore for MemoryState {
         Ok(holder)
     }
 
-    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer> {
-        let mut state = self.lock();
-        if !state.open_run(run_id) {
-            return Ok(SaveDefer::RunEnded);
-        }
-        let defers = state
-            .defers
-            .entry(run_id.to_string())
-            .or_insert_with(|| RunDefers {
-                run_id: run_id.to_string(),
-                defers: Vec::new(),
-            });
-        Ok(add_defer(defers, defer))
-    }
-
-    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool> {
-        let mut state = self.lock();
-        if !state.open_run(run_id) {
-            return Ok(false);
-        }
-        Ok(state
-            .defers
-            .get_mut(run_id)
-            .is_some_and(|defers| abort_defer_in(defers, hashed_id)))
-    }
-
     async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
         Ok(self
             .lock()
@@ -442,27 +442,6 @@ impl StateStore for MemoryState {
             .get(run_id)
             .map(|d| d.defers.clone())
             .unwrap_or_default())
-    }
-
-    async fn finish_run(
-        &self,
-        run_id: &str,
-        status: RunStatus,
-        output: Option<String>,
-        at: Timestamp,
-    ) -> StoreResult<bool> {
-        let mut state = self.lock();
-        let Some(run) = state.runs.get_mut(run_id) else {
-            return Ok(false);
-        };
-        if run.status.is_terminal() {
-            return Ok(false);
-        }
-        run.status = status;
-        run.output = output;
-        run.ended_at = Some(at.millis());
-        run.started_at.get_or_insert(at.millis());
-        Ok(true)
     }
 
     async fn list_runs(
@@ -506,11 +485,7 @@ impl StateStore for MemoryState {
     }
 
     async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
-        let mut state = self.lock();
-        let attempts = state.attempts.entry(attempt.run_id.clone()).or_default();
-        // Ordered by start, then by the order noted.
-        let at = attempts.partition_point(|a| a.started_at <= attempt.started_at);
-        attempts.insert(at, attempt);
+        self.lock().record_attempt(attempt);
         Ok(())
     }
 

@@ -317,7 +317,9 @@ impl Attempts {
 #[derive(Default)]
 struct Change {
     /// (mode, key, operand): `eq` (the string at key equals operand),
-    /// `absent` (no key), `no-field` (the hash at key has no field operand).
+    /// `absent` (no key), `no-field` (the hash at key has no field operand),
+    /// `used` (the hash at key holds operand in its field `""`, or lacks
+    /// it and operand is `0`).
     checks: Vec<(&'static str, String, Vec<u8>)>,
     /// Commands, each its name and arguments.
     commands: Vec<Vec<Vec<u8>>>,
@@ -337,6 +339,14 @@ impl Change {
     fn expect_no_field(&mut self, key: &str, field: &str) -> &mut Change {
         self.checks
             .push(("no-field", key.to_string(), field.as_bytes().to_vec()));
+        self
+    }
+
+    /// Expects the run metadata bytes that the hash at `key` holds in its
+    /// field `""` (absent: 0) to be `used`.
+    fn expect_used(&mut self, key: &str, used: u64) -> &mut Change {
+        self.checks
+            .push(("used", key.to_string(), used.to_string().into_bytes()));
         self
     }
 
@@ -367,6 +377,8 @@ for _ = 1, checks do
     if redis.call('EXISTS', key) == 1 then return 0 end
   elseif mode == 'no-field' then
     if redis.call('HEXISTS', key, operand) == 1 then return 0 end
+  elseif mode == 'used' then
+    if (redis.call('HGET', key, '') or '0') ~= operand then return 0 end
   else
     return redis.error_reply('unknown check ' .. mode)
   end

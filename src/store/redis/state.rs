@@ -17,11 +17,15 @@
 //! - metadata: `md:<run>` list of records in the order added, `mdi:<run>`
 //!   hash of their ids (→ 1), whose field `""` holds the run's metadata
 //!   bytes.
-//! - `defers:<run>`: the run's defers (one record).
+//! - `defers:<run>`: the run's defers (one record);
+//! - `rv:<run>`: the run's version (`store::commit`), absent until its
+//!   first commit.
 //!
-//! Run records change by optimistic read-modify-write (`Change`): the
-//! record is decoded and edited here, then written only if it still holds
-//! the bytes that were read.
+//! Runs change by commits (`StateStore::commit`): one pipeline reads what
+//! the commit needs, `store::plan_commit` decides in Rust, and one `APPLY`
+//! script call writes it all if the run's version (and whatever else other
+//! calls write: pauses, metadata) is still as read; otherwise it reads
+//! again.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -37,9 +41,9 @@ use crate::model::{
     BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
     RunRecord, RunStatus, StepRecord,
 };
-use crate::store::{abort_defer_in, add_defer, add_step, next_debounce, push_to_batch};
 use crate::store::{
-    AddMetadata, BatchPush, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+    next_debounce, plan_commit, push_to_batch, AddMetadata, BatchPush, Commit, CommitRead,
+    CreateRun, RunWrites, SaveSignal, StateStore, StoreError, StoreErrorKind, StoreResult,
 };
 
 /// Run ids read per round trip while filtering `list_runs`.
@@ -109,9 +113,16 @@ impl RedisStateStore {
 
     /// Writes `pause` and its indexes, if no pause with its id exists.
     fn pause_change(&self, pause: &PauseRecord) -> Change {
+        let mut change = Change::default();
+        self.add_pause(&mut change, pause);
+        change
+    }
+
+    /// Adds to `change` the writes of `pause` and its indexes, expecting no
+    /// pause with its id.
+    fn add_pause(&self, change: &mut Change, pause: &PauseRecord) {
         let key = self.pause_key(&pause.id);
         let id = pause.id.as_bytes();
-        let mut change = Change::default();
         change
             .expect(&key, None)
             .command("SET", &[key.as_bytes(), &pause.to_bytes()])
@@ -136,7 +147,75 @@ impl RedisStateStore {
                 &[self.correlation_key(pause, correlation).as_bytes(), id],
             );
         }
-        change
+    }
+
+    /// Reads what a commit of `writes` needs, in one atomic pipeline.
+    async fn commit_read(&self, run_id: &str, writes: &RunWrites) -> StoreResult<CommitRead> {
+        let steps_key = self.conn.key("steps:", run_id);
+        let ids_key = self.conn.key("mdi:", run_id);
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
+            .cmd("GET")
+            .arg(self.run_key(run_id))
+            .cmd("GET")
+            .arg(self.version_key(run_id));
+        for step in &writes.steps {
+            pipe.cmd("HEXISTS").arg(&steps_key).arg(&step.id);
+        }
+        for pause in &writes.pauses {
+            pipe.cmd("EXISTS").arg(self.pause_key(&pause.id));
+        }
+        if !writes.defers.is_empty() {
+            pipe.cmd("GET").arg(self.conn.key("defers:", run_id));
+        }
+        if !writes.metadata.is_empty() {
+            pipe.cmd("HGET").arg(&ids_key).arg("");
+            for record in &writes.metadata {
+                pipe.cmd("HEXISTS").arg(&ids_key).arg(&record.id);
+            }
+        }
+        let values: Vec<::redis::Value> = self.conn.query_pipe(&pipe).await?;
+        let mut values = values.into_iter();
+        let mut next = || -> StoreResult<::redis::Value> {
+            values.next().ok_or_else(|| {
+                StoreError::new(StoreErrorKind::Corrupt, "Redis: a short pipeline answer")
+            })
+        };
+        fn parse<T: ::redis::FromRedisValue>(value: ::redis::Value) -> StoreResult<T> {
+            ::redis::from_owned_redis_value(value)
+                .map_err(|err| StoreError::new(StoreErrorKind::Corrupt, format!("Redis: {err}")))
+        }
+        let run: Option<Vec<u8>> = parse(next()?)?;
+        let version: Option<u64> = parse(next()?)?;
+        let mut read = CommitRead {
+            run: run.map(|bytes| RunRecord::from_bytes(&bytes)).transpose()?,
+            version: version.unwrap_or(0),
+            ..CommitRead::default()
+        };
+        for _ in &writes.steps {
+            read.steps_saved.push(parse(next()?)?);
+        }
+        for _ in &writes.pauses {
+            read.pauses_exist.push(parse(next()?)?);
+        }
+        if !writes.defers.is_empty() {
+            let bytes: Option<Vec<u8>> = parse(next()?)?;
+            read.defers = bytes.map(|b| RunDefers::from_bytes(&b)).transpose()?;
+        }
+        if !writes.metadata.is_empty() {
+            let used: Option<u64> = parse(next()?)?;
+            read.metadata_used = used.unwrap_or(0);
+            for _ in &writes.metadata {
+                read.metadata_known.push(parse(next()?)?);
+            }
+        }
+        Ok(read)
+    }
+
+    /// The key of a run's version (see `store::commit`), absent until its
+    /// first commit.
+    fn version_key(&self, run_id: &str) -> String {
+        self.conn.key("rv:", run_id)
     }
 
     fn match_key(&self, event_name: &str, path: &str, value_json: &str) -> String {
@@ -150,93 +229,6 @@ impl RedisStateStore {
         self.conn.get_bytes(&self.run_key(run_id)).await
     }
 
-    /// Read-modify-write of a run record. `change` edits the run and says
-    /// whether it changed anything (and what to return); it may run more
-    /// than once. None when there is no such run.
-    async fn update_run<T: Send>(
-        &self,
-        run_id: &str,
-        what: &'static str,
-        mut change: impl FnMut(&mut RunRecord) -> (bool, T) + Send,
-    ) -> StoreResult<Option<T>> {
-        let key = self.run_key(run_id);
-        let mut attempts = Attempts::new(what);
-        loop {
-            attempts.next().await?;
-            let Some(bytes) = self.conn.get_bytes(&key).await? else {
-                return Ok(None);
-            };
-            let mut run = RunRecord::from_bytes(&bytes)?;
-            let (changed, outcome) = change(&mut run);
-            if !changed {
-                return Ok(Some(outcome));
-            }
-            let mut write = Change::default();
-            write
-                .expect(&key, Some(&bytes))
-                .command("SET", &[key.as_bytes(), &run.to_bytes()]);
-            if self.conn.apply(&write).await? {
-                return Ok(Some(outcome));
-            }
-        }
-    }
-
-    /// Read-modify-write of a run's defers while the run has not ended:
-    /// `change` edits them and says whether to write (and what to return);
-    /// the write happens only if neither the run record nor the defers
-    /// changed since they were read, so it is ordered against `finish_run`.
-    /// None when the run has ended or does not exist.
-    async fn update_defers<T: Send>(
-        &self,
-        run_id: &str,
-        what: &'static str,
-        mut change: impl FnMut(&mut RunDefers) -> (bool, T) + Send,
-    ) -> StoreResult<Option<T>> {
-        let run_key = self.run_key(run_id);
-        let defers_key = self.conn.key("defers:", run_id);
-        let mut attempts = Attempts::new(what);
-        loop {
-            attempts.next().await?;
-            let (run_bytes, defer_bytes): (Option<Vec<u8>>, Option<Vec<u8>>) = self
-                .conn
-                .query_pipe(
-                    ::redis::pipe()
-                        .atomic()
-                        .cmd("GET")
-                        .arg(&run_key)
-                        .cmd("GET")
-                        .arg(&defers_key),
-                )
-                .await?;
-            let Some(run_bytes) = run_bytes else {
-                return Ok(None);
-            };
-            if RunRecord::from_bytes(&run_bytes)?.status.is_terminal() {
-                return Ok(None);
-            }
-            let mut defers = match &defer_bytes {
-                Some(bytes) => RunDefers::from_bytes(bytes)?,
-                None => RunDefers {
-                    run_id: run_id.to_string(),
-                    defers: Vec::new(),
-                },
-            };
-            let (write, outcome) = change(&mut defers);
-            if !write {
-                return Ok(Some(outcome));
-            }
-            let mut update = Change::default();
-            update
-                .expect(&run_key, Some(&run_bytes))
-                .expect(&defers_key, defer_bytes.as_deref())
-                .command("SET", &[defers_key.as_bytes(), &defers.to_bytes()]);
-            if self.conn.apply(&update).await? {
-                return Ok(Some(outcome));
-            }
-        }
-    }
-
-    /// The pauses whose ids are in the set at `set_key`, by id.
     async fn pauses_in(&self, set_key: &str) -> StoreResult<Vec<PauseRecord>> {
         let mut ids: Vec<String> = self
             .conn
@@ -410,100 +402,104 @@ impl StateStore for RedisStateStore {
             .collect()
     }
 
-    async fn mark_running(
-        &self,
-        run_id: &str,
-        at: Timestamp,
-        request_version: i32,
-    ) -> StoreResult<()> {
-        self.update_run(run_id, "mark_running", |run| {
-            let mut changed = false;
-            if run.status == RunStatus::Queued {
-                run.status = RunStatus::Running;
-                run.started_at = Some(at.millis());
-                changed = true;
-            }
-            if request_version != run.request_version && request_version > 0 {
-                run.request_version = request_version;
-                changed = true;
-            }
-            (changed, ())
-        })
-        .await?;
-        Ok(())
-    }
-
-    async fn save_step(&self, run_id: &str, step: StepRecord) -> StoreResult<SaveStep> {
-        let run_key = self.run_key(run_id);
-        let steps_key = self.conn.key("steps:", run_id);
-        let step_bytes = step.to_bytes();
-        let mut attempts = Attempts::new("save_step");
-        loop {
-            attempts.next().await?;
-            // One snapshot of the run and of whether the step is saved.
-            let (bytes, saved): (Option<Vec<u8>>, bool) = self
-                .conn
-                .query_pipe(
-                    ::redis::pipe()
-                        .atomic()
-                        .cmd("GET")
-                        .arg(&run_key)
-                        .cmd("HEXISTS")
-                        .arg(&steps_key)
-                        .arg(&step.id),
-                )
-                .await?;
-            let Some(bytes) = bytes else {
-                return Ok(SaveStep::RunEnded);
-            };
-            let mut run = RunRecord::from_bytes(&bytes)?;
-            let outcome = match add_step(&mut run, &step, saved) {
-                Ok(outcome) => outcome,
-                Err(unchanged) => return Ok(unchanged),
-            };
-            let mut change = Change::default();
-            change
-                .expect(&run_key, Some(&bytes))
-                .expect_no_field(&steps_key, &step.id)
-                .command(
-                    "HSET",
-                    &[steps_key.as_bytes(), step.id.as_bytes(), &step_bytes],
-                )
-                .command("SET", &[run_key.as_bytes(), &run.to_bytes()]);
-            if self.conn.apply(&change).await? {
-                return Ok(outcome);
-            }
+    async fn load_run_versioned(&self, run_id: &str) -> StoreResult<Option<(RunRecord, u64)>> {
+        let (bytes, version): (Option<Vec<u8>>, Option<u64>) = self
+            .conn
+            .query_pipe(
+                ::redis::pipe()
+                    .atomic()
+                    .cmd("GET")
+                    .arg(self.run_key(run_id))
+                    .cmd("GET")
+                    .arg(self.version_key(run_id)),
+            )
+            .await?;
+        match bytes {
+            Some(bytes) => Ok(Some((RunRecord::from_bytes(&bytes)?, version.unwrap_or(0)))),
+            None => Ok(None),
         }
     }
 
-    async fn plan_steps(
+    async fn commit(
         &self,
         run_id: &str,
-        step_ids: &[String],
-        force_plan: bool,
-    ) -> StoreResult<()> {
-        self.update_run(run_id, "plan_steps", |run| {
-            let before = (run.planned.len(), run.force_plan);
-            for id in step_ids {
-                if !run.stack.contains(id) && !run.planned.contains(id) {
-                    run.planned.push(id.clone());
-                }
+        expected_version: Option<u64>,
+        writes: &RunWrites,
+    ) -> StoreResult<Commit> {
+        let run_key = self.run_key(run_id);
+        let version_key = self.version_key(run_id);
+        let steps_key = self.conn.key("steps:", run_id);
+        let ids_key = self.conn.key("mdi:", run_id);
+        let mut attempts = Attempts::new("commit");
+        loop {
+            attempts.next().await?;
+            let read = self.commit_read(run_id, writes).await?;
+            let version_read = read.version.to_string();
+            let used_read = read.metadata_used;
+            let (plan, outcome) = match plan_commit(read, expected_version, writes) {
+                Ok(planned) => planned,
+                Err(answer) => return Ok(answer),
+            };
+            if plan.is_empty() {
+                return Ok(Commit::Done(outcome));
             }
-            run.force_plan |= force_plan;
-            ((run.planned.len(), run.force_plan) != before, ())
-        })
-        .await?;
-        Ok(())
-    }
-
-    async fn set_force_plan(&self, run_id: &str, force_plan: bool) -> StoreResult<()> {
-        self.update_run(run_id, "set_force_plan", |run| {
-            let changed = run.force_plan != force_plan;
-            run.force_plan = force_plan;
-            (changed, ())
-        })
-        .await?;
-        Ok(())
+            // Every change to the run's state raises its version, so the
+            // version as read stands for all of it; pauses and metadata,
+            // which other calls write too, are checked on their own.
+            let mut change = Change::default();
+            if version_read == "0" {
+                change.expect(&version_key, None);
+            } else {
+                change.expect(&version_key, Some(version_read.as_bytes()));
+            }
+            if let Some(record) = &plan.run {
+                change.command("SET", &[run_key.as_bytes(), &record.to_bytes()]);
+            }
+            if let Some(version) = plan.version {
+                change.command(
+                    "SET",
+                    &[version_key.as_bytes(), version.to_string().as_bytes()],
+                );
+            }
+            for step in &plan.steps {
+                change.command(
+                    "HSET",
+                    &[steps_key.as_bytes(), step.id.as_bytes(), &step.to_bytes()],
+                );
+            }
+            for pause in &plan.pauses {
+                self.add_pause(&mut change, pause);
+            }
+            if let Some(defers) = &plan.defers {
+                let defers_key = self.conn.key("defers:", run_id);
+                change.command("SET", &[defers_key.as_bytes(), &defers.to_bytes()]);
+            }
+            if !plan.metadata.is_empty() {
+                let list_key = self.conn.key("md:", run_id);
+                change.expect_used(&ids_key, used_read);
+                for record in &plan.metadata {
+                    change
+                        .expect_no_field(&ids_key, &record.id)
+                        .command("HSET", &[ids_key.as_bytes(), record.id.as_bytes(), b"1"])
+                        .command("RPUSH", &[list_key.as_bytes(), &record.to_bytes()]);
+                }
+                change.command(
+                    "HSET",
+                    &[
+                        ids_key.as_bytes(),
+                        b"",
+                        plan.metadata_used.to_string().as_bytes(),
+                    ],
+                );
+            }
+            if let Some(attempt) = plan.attempt {
+                let attempts_key = self.conn.key("attempts:", run_id);
+                change.command("RPUSH", &[attempts_key.as_bytes(), &attempt.to_bytes()]);
+            }
+            if self.conn.apply(&change).await? {
+                return Ok(Commit::Done(outcome));
+            }
+        }
     }
 
     async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool> {
@@ -820,55 +816,12 @@ impl StateStore for RedisStateStore {
         }
     }
 
-    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer> {
-        let outcome = self
-            .update_defers(run_id, "save_defer", |defers| {
-                let outcome = add_defer(defers, defer.clone());
-                let write = !matches!(outcome, SaveDefer::Exists | SaveDefer::Full);
-                (write, outcome)
-            })
-            .await?;
-        Ok(outcome.unwrap_or(SaveDefer::RunEnded))
-    }
-
-    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool> {
-        let aborted = self
-            .update_defers(run_id, "abort_defer", |defers| {
-                let found = abort_defer_in(defers, hashed_id);
-                (found, found)
-            })
-            .await?;
-        Ok(aborted.unwrap_or(false))
-    }
-
     async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
         let defers: Option<RunDefers> = self
             .conn
             .get_record(&self.conn.key("defers:", run_id))
             .await?;
         Ok(defers.map(|d| d.defers).unwrap_or_default())
-    }
-
-    async fn finish_run(
-        &self,
-        run_id: &str,
-        status: RunStatus,
-        output: Option<String>,
-        at: Timestamp,
-    ) -> StoreResult<bool> {
-        let finished = self
-            .update_run(run_id, "finish_run", |run| {
-                if run.status.is_terminal() {
-                    return (false, false);
-                }
-                run.status = status;
-                run.output = output.clone();
-                run.ended_at = Some(at.millis());
-                run.started_at.get_or_insert(at.millis());
-                (true, true)
-            })
-            .await?;
-        Ok(finished.unwrap_or(false))
     }
 
     async fn list_runs(
@@ -987,7 +940,8 @@ impl StateStore for RedisStateStore {
                         .arg(self.conn.key("attempts:", &run.id))
                         .arg(self.conn.key("md:", &run.id))
                         .arg(self.conn.key("mdi:", &run.id))
-                        .arg(self.conn.key("defers:", &run.id)),
+                        .arg(self.conn.key("defers:", &run.id))
+                        .arg(self.version_key(&run.id)),
                 )
                 .await?;
             deleted += gone as u64;

@@ -11,7 +11,8 @@
 //! debounce, `fl/bt/<key>` open batch, `fl/sg/<key>` singleton holder;
 //! metadata: `md/<run>/<seq>` records in the order added, `mi/<run>/<id>`
 //! their ids (→ seq), `mz/<run>` the run's metadata bytes and next seq;
-//! `df/<run>` the run's defers.
+//! `df/<run>` the run's defers; `rv/<run>` the run's version (see
+//! `store::commit`; absent until its first commit).
 
 use std::sync::Mutex;
 
@@ -25,11 +26,8 @@ use crate::model::{
     RunRecord, RunStatus, StepRecord,
 };
 use crate::store::{
-    abort_defer_in, add_defer, add_step, gcra_reserve, gcra_take, next_debounce, push_to_batch,
-    BatchPush,
-};
-use crate::store::{
-    AddMetadata, CreateRun, SaveDefer, SaveSignal, SaveStep, StateStore, StoreResult,
+    gcra_reserve, gcra_take, next_debounce, plan_commit, push_to_batch, AddMetadata, BatchPush,
+    Commit, CommitRead, CreateRun, RunWrites, SaveSignal, StateStore, StoreResult,
 };
 use std::time::Duration;
 
@@ -61,13 +59,6 @@ impl SledStateStore {
             Some(bytes) => Ok(Some(RunRecord::from_bytes(&bytes)?)),
             None => Ok(None),
         }
-    }
-
-    /// Whether the run exists and has not ended.
-    fn run_is_open(&self, run_id: &str) -> StoreResult<bool> {
-        Ok(self
-            .get_run(run_id)?
-            .is_some_and(|run| !run.status.is_terminal()))
     }
 
     fn get_i64(&self, key: &[u8]) -> StoreResult<Option<i64>> {
@@ -109,20 +100,6 @@ impl SledStateStore {
         }
     }
 
-    /// Read-modify-write of a run record (no flush: callers that need
-    /// durability follow with a durable write).
-    fn update_run(&self, run_id: &str, change: impl FnOnce(&mut RunRecord)) -> StoreResult<()> {
-        let _guard = self.lock();
-        let Some(mut run) = self.get_run(run_id)? else {
-            return Ok(());
-        };
-        change(&mut run);
-        self.tree
-            .insert(key(&[b"r", run_id.as_bytes()]), run.to_bytes())
-            .map_err(sled_error)?;
-        Ok(())
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.write_lock
             .lock()
@@ -140,25 +117,121 @@ impl SledStateStore {
     /// Writes `pause` and its indexes unless it exists (false then); the
     /// caller holds the write lock and flushes.
     fn save_pause_locked(&self, pause: &PauseRecord) -> StoreResult<bool> {
-        let record_key = key(&[b"pa", pause.id.as_bytes()]);
-        if self.tree.contains_key(&record_key).map_err(sled_error)? {
+        if self
+            .tree
+            .contains_key(key(&[b"pa", pause.id.as_bytes()]))
+            .map_err(sled_error)?
+        {
             return Ok(false);
         }
         let mut batch = sled::Batch::default();
-        batch.insert(record_key, pause.to_bytes());
-        batch.insert(pause_index_key(pause), &[]);
-        if let Some((path, _)) = &pause.match_key {
-            batch.insert(joined(b"pp/", &[&pause.event_name, path]), &[]);
-        }
-        batch.insert(
-            key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]),
-            &[],
-        );
-        if let Some(correlation) = &pause.correlation_id {
-            batch.insert(correlation_key(pause, correlation), pause.id.as_bytes());
-        }
+        insert_pause(&mut batch, pause);
         self.tree.apply_batch(batch).map_err(sled_error)?;
         Ok(true)
+    }
+
+    /// The run's metadata bytes and the seq of its next record.
+    fn metadata_size(&self, run_id: &str) -> StoreResult<(u64, u64)> {
+        let bytes = self
+            .tree
+            .get(key(&[b"mz", run_id.as_bytes()]))
+            .map_err(sled_error)?;
+        Ok(match bytes {
+            Some(bytes) if bytes.len() == 16 => {
+                let mut used = [0u8; 8];
+                let mut seq = [0u8; 8];
+                used.copy_from_slice(&bytes[..8]);
+                seq.copy_from_slice(&bytes[8..]);
+                (u64::from_be_bytes(used), u64::from_be_bytes(seq))
+            }
+            _ => (0, 0),
+        })
+    }
+
+    /// Adds metadata records (new ones) to `batch`, from `seq` on, with the
+    /// run's bytes after them.
+    fn insert_metadata<'a>(
+        batch: &mut sled::Batch,
+        run_id: &str,
+        records: impl IntoIterator<Item = &'a MetadataRecord>,
+        used: u64,
+        mut seq: u64,
+    ) {
+        let run = run_id.as_bytes();
+        for record in records {
+            batch.insert(key(&[b"md", run, &seq.to_be_bytes()]), record.to_bytes());
+            batch.insert(key(&[b"mi", run, record.id.as_bytes()]), &seq.to_be_bytes());
+            seq += 1;
+        }
+        let mut size = used.to_be_bytes().to_vec();
+        size.extend_from_slice(&seq.to_be_bytes());
+        batch.insert(key(&[b"mz", run]), size);
+    }
+
+    /// A run's version (see `store::commit`): 0 until its first commit.
+    fn version(&self, run_id: &str) -> StoreResult<u64> {
+        Ok(self
+            .get_i64(&key(&[b"rv", run_id.as_bytes()]))?
+            .map_or(0, |v| v as u64))
+    }
+
+    /// The key of an attempt record: ordered by start, then by the order
+    /// noted (one process per sled directory, so a counter of this process
+    /// suffices).
+    fn attempt_key(&self, attempt: &AttemptRecord) -> Vec<u8> {
+        let seq = self
+            .attempt_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut order = attempt.started_at.to_be_bytes().to_vec();
+        order.extend_from_slice(&seq.to_be_bytes());
+        key(&[b"at", attempt.run_id.as_bytes(), &order])
+    }
+
+    /// Reads what a commit of `writes` needs; the caller holds the write
+    /// lock.
+    fn commit_read(&self, run_id: &str, writes: &RunWrites) -> StoreResult<CommitRead> {
+        let run = run_id.as_bytes();
+        let contains = |k: Vec<u8>| self.tree.contains_key(k).map_err(sled_error);
+        let mut read = CommitRead {
+            run: self.get_run(run_id)?,
+            version: self.version(run_id)?,
+            ..CommitRead::default()
+        };
+        for step in &writes.steps {
+            read.steps_saved
+                .push(contains(key(&[b"s", run, step.id.as_bytes()]))?);
+        }
+        for pause in &writes.pauses {
+            read.pauses_exist
+                .push(contains(key(&[b"pa", pause.id.as_bytes()]))?);
+        }
+        if !writes.defers.is_empty() {
+            read.defers = self.get_record(&key(&[b"df", run]))?;
+        }
+        if !writes.metadata.is_empty() {
+            read.metadata_used = self.metadata_size(run_id)?.0;
+            for record in &writes.metadata {
+                read.metadata_known
+                    .push(contains(key(&[b"mi", run, record.id.as_bytes()]))?);
+            }
+        }
+        Ok(read)
+    }
+}
+
+/// Adds `pause` and its indexes to `batch`.
+fn insert_pause(batch: &mut sled::Batch, pause: &PauseRecord) {
+    batch.insert(key(&[b"pa", pause.id.as_bytes()]), pause.to_bytes());
+    batch.insert(pause_index_key(pause), &[]);
+    if let Some((path, _)) = &pause.match_key {
+        batch.insert(joined(b"pp/", &[&pause.event_name, path]), &[]);
+    }
+    batch.insert(
+        key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]),
+        &[],
+    );
+    if let Some(correlation) = &pause.correlation_id {
+        batch.insert(correlation_key(pause, correlation), pause.id.as_bytes());
     }
 }
 
@@ -252,74 +325,73 @@ impl StateStore for SledStateStore {
         Ok(steps)
     }
 
-    async fn mark_running(
-        &self,
-        run_id: &str,
-        at: Timestamp,
-        request_version: i32,
-    ) -> StoreResult<()> {
+    async fn load_run_versioned(&self, run_id: &str) -> StoreResult<Option<(RunRecord, u64)>> {
+        // Under the lock, so that both reads see the same commit.
         let _guard = self.lock();
-        let Some(mut run) = self.get_run(run_id)? else {
-            return Ok(());
-        };
-        let mut changed = false;
-        if run.status == RunStatus::Queued {
-            run.status = RunStatus::Running;
-            run.started_at = Some(at.millis());
-            changed = true;
+        match self.get_run(run_id)? {
+            Some(run) => Ok(Some((run, self.version(run_id)?))),
+            None => Ok(None),
         }
-        if request_version != run.request_version && request_version > 0 {
-            run.request_version = request_version;
-            changed = true;
-        }
-        if changed {
-            self.tree
-                .insert(key(&[b"r", run_id.as_bytes()]), run.to_bytes())
-                .map_err(sled_error)?;
-        }
-        Ok(())
     }
 
-    async fn save_step(&self, run_id: &str, step: StepRecord) -> StoreResult<SaveStep> {
-        let outcome = {
-            let _guard = self.lock();
-            let Some(mut run) = self.get_run(run_id)? else {
-                return Ok(SaveStep::RunEnded);
-            };
-            let step_key = key(&[b"s", run_id.as_bytes(), step.id.as_bytes()]);
-            let saved_before = self.tree.contains_key(&step_key).map_err(sled_error)?;
-            let saved = match add_step(&mut run, &step, saved_before) {
-                Ok(saved) => saved,
-                Err(unchanged) => return Ok(unchanged),
-            };
-            let mut batch = sled::Batch::default();
-            batch.insert(step_key, step.to_bytes());
-            batch.insert(key(&[b"r", run_id.as_bytes()]), run.to_bytes());
-            self.tree.apply_batch(batch).map_err(sled_error)?;
-            saved
-        };
-        self.commit.flush().await?;
-        Ok(outcome)
-    }
-
-    async fn plan_steps(
+    async fn commit(
         &self,
         run_id: &str,
-        step_ids: &[String],
-        force_plan: bool,
-    ) -> StoreResult<()> {
-        self.update_run(run_id, |run| {
-            for id in step_ids {
-                if !run.stack.contains(id) && !run.planned.contains(id) {
-                    run.planned.push(id.clone());
-                }
+        expected_version: Option<u64>,
+        writes: &RunWrites,
+    ) -> StoreResult<Commit> {
+        let (outcome, durable) = {
+            let _guard = self.lock();
+            let read = self.commit_read(run_id, writes)?;
+            let metadata_seq = if writes.metadata.is_empty() {
+                0
+            } else {
+                self.metadata_size(run_id)?.1
+            };
+            let (plan, outcome) = match plan_commit(read, expected_version, writes) {
+                Ok(planned) => planned,
+                Err(answer) => return Ok(answer),
+            };
+            if plan.is_empty() {
+                return Ok(Commit::Done(outcome));
             }
-            run.force_plan |= force_plan;
-        })
-    }
-
-    async fn set_force_plan(&self, run_id: &str, force_plan: bool) -> StoreResult<()> {
-        self.update_run(run_id, |run| run.force_plan = force_plan)
+            let run = run_id.as_bytes();
+            let mut batch = sled::Batch::default();
+            if let Some(record) = &plan.run {
+                batch.insert(key(&[b"r", run]), record.to_bytes());
+            }
+            if let Some(version) = plan.version {
+                batch.insert(key(&[b"rv", run]), &version.to_be_bytes());
+            }
+            for step in &plan.steps {
+                batch.insert(key(&[b"s", run, step.id.as_bytes()]), step.to_bytes());
+            }
+            for pause in &plan.pauses {
+                insert_pause(&mut batch, pause);
+            }
+            if let Some(defers) = &plan.defers {
+                batch.insert(key(&[b"df", run]), defers.to_bytes());
+            }
+            if !plan.metadata.is_empty() {
+                Self::insert_metadata(
+                    &mut batch,
+                    run_id,
+                    plan.metadata.iter().copied(),
+                    plan.metadata_used,
+                    metadata_seq,
+                );
+            }
+            if let Some(attempt) = plan.attempt {
+                batch.insert(self.attempt_key(attempt), attempt.to_bytes());
+            }
+            self.tree.apply_batch(batch).map_err(sled_error)?;
+            (outcome, plan.needs_flush() && !writes.lazy)
+        };
+        // One flush for the whole commit, shared with concurrent ones.
+        if durable {
+            self.commit.flush().await?;
+        }
+        Ok(Commit::Done(outcome))
     }
 
     async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool> {
@@ -581,86 +653,11 @@ impl StateStore for SledStateStore {
         Ok(holder)
     }
 
-    async fn save_defer(&self, run_id: &str, defer: DeferRecord) -> StoreResult<SaveDefer> {
-        let outcome = {
-            // The write lock orders this against `finish_run`.
-            let _guard = self.lock();
-            if !self.run_is_open(run_id)? {
-                return Ok(SaveDefer::RunEnded);
-            }
-            let defers_key = key(&[b"df", run_id.as_bytes()]);
-            let mut defers = self
-                .get_record::<RunDefers>(&defers_key)?
-                .unwrap_or_else(|| RunDefers {
-                    run_id: run_id.to_string(),
-                    defers: Vec::new(),
-                });
-            let outcome = add_defer(&mut defers, defer);
-            if matches!(outcome, SaveDefer::Exists | SaveDefer::Full) {
-                return Ok(outcome);
-            }
-            self.tree
-                .insert(defers_key, defers.to_bytes())
-                .map_err(sled_error)?;
-            outcome
-        };
-        self.commit.flush().await?;
-        Ok(outcome)
-    }
-
-    async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool> {
-        {
-            let _guard = self.lock();
-            if !self.run_is_open(run_id)? {
-                return Ok(false);
-            }
-            let defers_key = key(&[b"df", run_id.as_bytes()]);
-            let Some(mut defers) = self.get_record::<RunDefers>(&defers_key)? else {
-                return Ok(false);
-            };
-            if !abort_defer_in(&mut defers, hashed_id) {
-                return Ok(false);
-            }
-            self.tree
-                .insert(defers_key, defers.to_bytes())
-                .map_err(sled_error)?;
-        }
-        self.commit.flush().await?;
-        Ok(true)
-    }
-
     async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
         Ok(self
             .get_record::<RunDefers>(&key(&[b"df", run_id.as_bytes()]))?
             .map(|d| d.defers)
             .unwrap_or_default())
-    }
-
-    async fn finish_run(
-        &self,
-        run_id: &str,
-        status: RunStatus,
-        output: Option<String>,
-        at: Timestamp,
-    ) -> StoreResult<bool> {
-        {
-            let _guard = self.lock();
-            let Some(mut run) = self.get_run(run_id)? else {
-                return Ok(false);
-            };
-            if run.status.is_terminal() {
-                return Ok(false);
-            }
-            run.status = status;
-            run.output = output;
-            run.ended_at = Some(at.millis());
-            run.started_at.get_or_insert(at.millis());
-            self.tree
-                .insert(key(&[b"r", run_id.as_bytes()]), run.to_bytes())
-                .map_err(sled_error)?;
-        }
-        self.commit.flush().await?;
-        Ok(true)
     }
 
     async fn list_runs(
@@ -738,6 +735,7 @@ impl StateStore for SledStateStore {
             batch.remove(key(&[b"bf", run.fn_id.as_bytes(), run.id.as_bytes()]));
             batch.remove(idempotency_key(&run.fn_id, &run.idempotency_key));
             batch.remove(key(&[b"df", run.id.as_bytes()]));
+            batch.remove(key(&[b"rv", run.id.as_bytes()]));
             for event_id in &run.event_ids {
                 batch.remove(key(&[b"e", event_id.as_bytes(), run.id.as_bytes()]));
             }
@@ -762,18 +760,8 @@ impl StateStore for SledStateStore {
     }
 
     async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
-        // Ordered by start, then by the order noted (one process per sled
-        // directory, so a counter of this process suffices).
-        let seq = self
-            .attempt_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut order = attempt.started_at.to_be_bytes().to_vec();
-        order.extend_from_slice(&seq.to_be_bytes());
         self.tree
-            .insert(
-                key(&[b"at", attempt.run_id.as_bytes(), &order]),
-                attempt.to_bytes(),
-            )
+            .insert(self.attempt_key(&attempt), attempt.to_bytes())
             .map_err(sled_error)?;
         Ok(())
     }
@@ -803,17 +791,7 @@ impl StateStore for SledStateStore {
             {
                 return Ok(AddMetadata::NoRun);
             }
-            let size_key = key(&[b"mz", run]);
-            let (used, mut seq) = match self.tree.get(&size_key).map_err(sled_error)? {
-                Some(bytes) if bytes.len() == 16 => {
-                    let mut used = [0u8; 8];
-                    let mut seq = [0u8; 8];
-                    used.copy_from_slice(&bytes[..8]);
-                    seq.copy_from_slice(&bytes[8..]);
-                    (u64::from_be_bytes(used), u64::from_be_bytes(seq))
-                }
-                _ => (0, 0),
-            };
+            let (used, seq) = self.metadata_size(run_id)?;
             let mut fresh: Vec<&MetadataRecord> = Vec::new();
             for record in records {
                 let id_key = key(&[b"mi", run, record.id.as_bytes()]);
@@ -830,16 +808,10 @@ impl StateStore for SledStateStore {
                 return Ok(AddMetadata::TooLarge { used });
             }
             let mut batch = sled::Batch::default();
-            for record in &fresh {
-                batch.insert(key(&[b"md", run, &seq.to_be_bytes()]), record.to_bytes());
-                batch.insert(key(&[b"mi", run, record.id.as_bytes()]), &seq.to_be_bytes());
-                seq += 1;
-            }
-            let mut size = (used + adding).to_be_bytes().to_vec();
-            size.extend_from_slice(&seq.to_be_bytes());
-            batch.insert(size_key, size);
+            let added = fresh.len();
+            Self::insert_metadata(&mut batch, run_id, fresh, used + adding, seq);
             self.tree.apply_batch(batch).map_err(sled_error)?;
-            AddMetadata::Added { added: fresh.len() }
+            AddMetadata::Added { added }
         };
         self.commit.flush().await?;
         Ok(outcome)
