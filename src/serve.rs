@@ -365,7 +365,10 @@ pub async fn serve(
             let host = listener.local_addr().map(|a| a.ip())?;
             match std::net::TcpListener::bind((host, port + 1)) {
                 Ok(second) => {
-                    info!(port = port + 1, "connect gateway also listening on the next port");
+                    info!(
+                        port = port + 1,
+                        "connect gateway also listening on the next port"
+                    );
                     Some(second)
                 }
                 Err(err) => {

@@ -36,9 +36,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::actors::endpoint::{RunTokens, TokenPurpose};
 use crate::clock::Timestamp;
-use proto::{
-    ConnectMessage, GatewayExecutorRequestData, Kind, SdkResponse, SdkResponseStatus,
-};
+use proto::{ConnectMessage, GatewayExecutorRequestData, Kind, SdkResponse, SdkResponseStatus};
 
 /// The URL prefix the SDK gives a connected app's functions.
 pub const CONNECT_URL: &str = "wss://connect";
@@ -311,7 +309,11 @@ impl Gateway {
         }
         // Fewest calls in flight first; among equals, take turns.
         candidates.sort_by(|a, b| a.0.cmp(b.0));
-        let least = candidates.iter().map(|(_, w)| w.in_flight).min().unwrap_or(0);
+        let least = candidates
+            .iter()
+            .map(|(_, w)| w.in_flight)
+            .min()
+            .unwrap_or(0);
         candidates.retain(|(_, w)| w.in_flight == least);
         let (conn_id, worker) = candidates[rotation % candidates.len()];
         let conn_id = conn_id.clone();
@@ -454,7 +456,10 @@ pub fn http_reply(response: &SdkResponse) -> (u16, Vec<(&'static str, String)>) 
     };
     let mut headers = vec![("x-inngest-sdk", response.sdk_version.clone())];
     if response.request_version > 0 {
-        headers.push(("x-inngest-req-version", response.request_version.to_string()));
+        headers.push((
+            "x-inngest-req-version",
+            response.request_version.to_string(),
+        ));
     }
     if response.no_retry {
         headers.push(("x-inngest-no-retry", "true".into()));
@@ -628,7 +633,10 @@ mod tests {
             }
             n
         };
-        assert_eq!((count(&mut a), count(&mut b), count(&mut paused)), (2, 2, 0));
+        assert_eq!(
+            (count(&mut a), count(&mut b), count(&mut paused)),
+            (2, 2, 0)
+        );
         for task in tasks {
             task.abort();
         }

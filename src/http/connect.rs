@@ -45,7 +45,11 @@ pub async fn start(
         .map_err(|err| ApiError::BadRequest(format!("invalid StartRequest: {err}")))?;
     let connection_id = ulid::Ulid::new().to_string();
     let info = request.connection_info();
-    let scheme = if info.scheme() == "https" { "wss" } else { "ws" };
+    let scheme = if info.scheme() == "https" {
+        "wss"
+    } else {
+        "ws"
+    };
     Ok(protobuf(StartResponse {
         session_token: gateway.issue_token(&connection_id, state.clock.now()),
         connection_id,
