@@ -143,6 +143,7 @@ pub struct ConnectCall<'a> {
 }
 
 /// What a connection said about itself in `WORKER_CONNECT`.
+#[derive(Debug)]
 pub struct WorkerInfo {
     pub instance_id: String,
     /// Function slug → app name.

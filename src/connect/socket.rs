@@ -27,6 +27,9 @@ use crate::clock::SharedClock;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most apps one worker may serve.
 const MAX_APPS: usize = 100;
+/// Most bytes of the apps' function configs in one `WORKER_CONNECT` (a
+/// sync body's default limit).
+const MAX_SYNC_BYTES: usize = 16 << 20;
 /// Most bytes of one frame (a reply can carry a large output).
 pub const MAX_FRAME_BYTES: usize = crate::sdk::MAX_REPLY_BYTES + (1 << 20);
 
@@ -43,6 +46,7 @@ fn close(code: CloseCode, why: &str) -> Option<CloseReason> {
 
 /// What a `WORKER_CONNECT` asks for, checked: the apps as sync bodies and
 /// the functions they serve.
+#[derive(Debug)]
 pub struct Hello {
     pub connection_id: String,
     pub info: WorkerInfo,
@@ -68,6 +72,17 @@ pub fn parse_hello(
     }
     if request.apps.is_empty() || request.apps.len() > MAX_APPS {
         return Err(format!("a worker serves 1 to {MAX_APPS} apps"));
+    }
+    if request
+        .apps
+        .iter()
+        .map(|a| a.functions.len())
+        .sum::<usize>()
+        > MAX_SYNC_BYTES
+    {
+        return Err(format!(
+            "the apps' function configs exceed {MAX_SYNC_BYTES} bytes"
+        ));
     }
     let sdk = format!(
         "{}:{}",
@@ -335,5 +350,129 @@ pub fn handle(gateway: &Gateway, conn_id: &str, message: &ConnectMessage) -> Opt
         }
         // Status reports, a second WORKER_CONNECT, kinds from newer SDKs.
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::proto::{AppConfiguration, AuthData, WorkerRequestExtendLeaseAckData};
+    use super::super::{ConnectSettings, Gateway};
+    use super::*;
+    use crate::actors::endpoint::RunTokens;
+    use crate::clock::Timestamp;
+
+    fn gateway() -> Gateway {
+        Gateway::new(
+            ConnectSettings::default(),
+            RunTokens::new(Some("signkey-test-00ff"), None),
+        )
+    }
+
+    fn hello(token: &str, url: &str) -> Vec<u8> {
+        let functions = json!([{"id": "app-fn", "triggers": [{"event": "e"}], "steps": {"step": {"runtime": {"url": url}}}}]);
+        WorkerConnectRequestData {
+            connection_id: "conn".into(),
+            instance_id: "host".into(),
+            auth_data: Some(AuthData {
+                session_token: token.into(),
+                sync_token: String::new(),
+            }),
+            apps: vec![AppConfiguration {
+                app_name: "app".into(),
+                app_version: Some("7".into()),
+                functions: functions.to_string().into_bytes(),
+            }],
+            worker_manual_readiness_ack: true,
+            sdk_language: "typescript".into(),
+            sdk_version: "v4.24.0".into(),
+            max_worker_concurrency: Some(3),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn worker_connect_is_checked_and_becomes_a_sync() {
+        let g = gateway();
+        let now = Timestamp(1_000_000);
+        let token = g.issue_token("conn", now);
+        let url = "wss://connect/?fnId=app-fn&stepId=step";
+        let parsed = parse_hello(&g, &hello(&token, url), now).unwrap();
+        assert_eq!(parsed.connection_id, "conn");
+        assert_eq!(parsed.info.functions["app-fn"], "app");
+        assert_eq!(parsed.info.max_concurrency, Some(3));
+        assert!(parsed.manual_ready);
+        let sync = &parsed.syncs[0];
+        assert_eq!(sync["appName"], "app");
+        assert_eq!(sync["url"], CONNECT_URL);
+        assert_eq!(sync["framework"], "connect");
+        assert_eq!(sync["sdk"], "js:v4.24.0");
+        assert_eq!(sync["appVersion"], "7");
+        let (app, functions) = crate::actors::core_api::parse_register(sync, now.millis()).unwrap();
+        assert_eq!(app.id, "app");
+        assert_eq!(functions[0].url, url);
+
+        // A token for another connection, a forged one, none.
+        let other = g.issue_token("other", now);
+        for bad in [other.as_str(), "conn.99999999999.00", ""] {
+            let err = parse_hello(&g, &hello(bad, url), now).unwrap_err();
+            assert!(err.contains("unauthorized"), "{err}");
+        }
+        // Functions not served over connect, garbage.
+        let err = parse_hello(&g, &hello(&token, "http://x/api"), now).unwrap_err();
+        assert!(err.contains("not served over connect"), "{err}");
+        assert!(parse_hello(&g, b"\xff\xff\xff", now).is_err());
+    }
+
+    #[test]
+    fn messages_get_their_answers() {
+        let g = gateway();
+        let answer = |kind: Kind, payload: Vec<u8>| {
+            handle(
+                &g,
+                "conn",
+                &ConnectMessage {
+                    kind: kind as i32,
+                    payload,
+                },
+            )
+            .map(|bytes| ConnectMessage::decode(&bytes[..]).unwrap())
+        };
+        let beat = answer(Kind::WorkerHeartbeat, Vec::new()).unwrap();
+        assert_eq!(beat.kind, Kind::GatewayHeartbeat as i32);
+        // A lease of a request no one waits for is not renewed.
+        let extend = WorkerRequestExtendLeaseData {
+            request_id: "r1".into(),
+            lease_id: "l1".into(),
+        };
+        let ack = answer(Kind::WorkerRequestExtendLease, extend.encode_to_vec()).unwrap();
+        assert_eq!(ack.kind, Kind::WorkerRequestExtendLeaseAck as i32);
+        let ack = WorkerRequestExtendLeaseAckData::decode(&ack.payload[..]).unwrap();
+        assert_eq!((ack.request_id.as_str(), ack.new_lease_id), ("r1", None));
+        // Every reply is acknowledged, even one no call waits for.
+        let reply = SdkResponse {
+            request_id: "r2".into(),
+            ..Default::default()
+        };
+        let ack = answer(Kind::WorkerReply, reply.encode_to_vec()).unwrap();
+        assert_eq!(ack.kind, Kind::WorkerReplyAck as i32);
+        assert_eq!(
+            WorkerReplyAckData::decode(&ack.payload[..])
+                .unwrap()
+                .request_id,
+            "r2"
+        );
+        // Status reports, unknown kinds and bad payloads: nothing.
+        assert!(answer(Kind::WorkerStatus, Vec::new()).is_none());
+        assert!(handle(
+            &g,
+            "conn",
+            &ConnectMessage {
+                kind: 99,
+                payload: vec![1]
+            }
+        )
+        .is_none());
+        assert!(answer(Kind::WorkerReply, vec![0xff, 0xff]).is_none());
     }
 }
