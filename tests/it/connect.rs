@@ -205,6 +205,9 @@ async fn two_workers_of_one_app_share_the_calls() {
     one.connected().await;
     two.connected().await;
 
+    let status = get_json(&format!("{}/v1/status", baton.url)).await;
+    assert_eq!(status["data"]["connect"], json!({"workers": 2, "ready": 2}));
+
     let events: Vec<Value> = (0..8)
         .map(|i| json!({"name": "connect/work", "data": {"sleepMs": 300, "i": i}}))
         .collect();
@@ -231,6 +234,32 @@ async fn two_workers_of_one_app_share_the_calls() {
             .count(),
         8
     );
+}
+
+#[actix_rt::test]
+async fn served_and_connected_apps_run_side_by_side() {
+    let (dir, log) = scratch();
+    let baton = Baton::start(&dir.path().join("data"));
+    let served = NodeApp::start(&baton.url);
+    served.sync().await;
+    let worker = Worker::start(&baton.url, "w1", &log, &[]);
+    worker.connected().await;
+    let mut urls: Vec<String> = apps(&baton, None)
+        .await
+        .iter()
+        .map(|a| a["url"].as_str().unwrap().to_string())
+        .collect();
+    urls.sort();
+    assert_eq!(urls, vec![served.url.clone(), "wss://connect".to_string()]);
+
+    let over_http = send_event(&baton, "test/three-steps", json!({"key": "k"})).await;
+    let over_socket = send_event(&baton, "connect/steps", json!({})).await;
+    let run = finished_run(&baton, &over_http, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    assert_eq!(run["output"]["sum"], 6);
+    let run = finished_run(&baton, &over_socket, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    assert_eq!(run["output"], "hello world");
 }
 
 #[actix_rt::test]
