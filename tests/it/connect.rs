@@ -191,9 +191,64 @@ async fn a_connected_worker_syncs_its_app_and_runs_a_function_with_steps() {
     assert_eq!(run["status"], "Completed", "{run}");
     assert_eq!(run["output"], "hello world");
     assert_eq!(step_names(&run), vec!["step-a", "step-b"]);
+
     let run_id = run["run_id"].as_str().unwrap();
     assert_eq!(count(&log, run_id, "step-a", "done", Some("w1")), 1);
     assert_eq!(count(&log, run_id, "step-b", "done", Some("w1")), 1);
+}
+
+#[actix_rt::test]
+async fn start_and_flush_speak_protobuf_and_refuse_garbage() {
+    use baton::connect::proto::{FlushResponse, SdkResponse, StartResponse};
+    use prost::Message;
+
+    let (dir, _log) = scratch();
+    let baton = Baton::start(&dir.path().join("data"));
+    let post = |path: &str, body: Vec<u8>| {
+        client()
+            .post(format!("{}{path}", baton.url))
+            .header("content-type", "application/protobuf")
+            .body(body)
+            .send()
+    };
+    // An empty StartRequest: where to connect, with a session token.
+    let response = post("/v0/connect/start", Vec::new()).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let start = StartResponse::decode(response.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        start.gateway_endpoint,
+        format!("ws://127.0.0.1:{}/v0/connect", baton.port)
+    );
+    assert!(start.session_token.starts_with(&start.connection_id));
+    // A flushed reply no call waits for is acknowledged and dropped.
+    let reply = SdkResponse {
+        request_id: "01REQUEST".into(),
+        body: b"\"late\"".to_vec(),
+        ..Default::default()
+    };
+    let response = post("/v0/connect/flush", reply.encode_to_vec())
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let flushed = FlushResponse::decode(response.bytes().await.unwrap()).unwrap();
+    assert_eq!(flushed.request_id, "01REQUEST");
+    // Garbage: 400 with a JSON error, for both.
+    for path in ["/v0/connect/start", "/v0/connect/flush"] {
+        let response = post(path, vec![0xff; 16]).await.unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("invalid"),
+            "{body}"
+        );
+    }
+    // A plain GET of the socket route is no WebSocket.
+    let response = client()
+        .get(format!("{}/v0/connect", baton.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
 }
 
 #[actix_rt::test]
