@@ -451,6 +451,10 @@ impl Gateway {
 /// (the executor parses it with `sdk::parse_reply`).
 pub fn http_reply(response: &SdkResponse) -> (u16, Vec<(&'static str, String)>) {
     let status = match SdkResponseStatus::try_from(response.status) {
+        // The SDK maps only 200, 206 and 500 and calls everything else
+        // DONE: a function that failed for good (HTTP 400 with no-retry)
+        // arrives as DONE with `no_retry`, which Inngest fails as well.
+        Ok(SdkResponseStatus::Done) if response.no_retry => 400,
         Ok(SdkResponseStatus::Done) => 200,
         Ok(SdkResponseStatus::NotCompleted) => 206,
         Ok(SdkResponseStatus::Error) | Err(_) => 500,
@@ -534,6 +538,36 @@ mod tests {
         );
         assert_eq!(function_slug("wss://connect/?stepId=step"), None);
         assert_eq!(function_slug("wss://connect"), None);
+    }
+
+    #[test]
+    fn replies_stand_for_http_answers() {
+        let reply = |status: SdkResponseStatus, no_retry: bool| SdkResponse {
+            status: status as i32,
+            no_retry,
+            sdk_version: "inngest-js:v4.24.0".into(),
+            request_version: 2,
+            retry_after: Some("5".into()),
+            ..Default::default()
+        };
+        let (status, headers) = http_reply(&reply(SdkResponseStatus::Done, false));
+        assert_eq!(status, 200);
+        assert!(headers.contains(&("x-inngest-sdk", "inngest-js:v4.24.0".into())));
+        assert!(headers.contains(&("x-inngest-req-version", "2".into())));
+        assert!(headers.contains(&("retry-after", "5".into())));
+        assert_eq!(
+            http_reply(&reply(SdkResponseStatus::NotCompleted, false)).0,
+            206
+        );
+        assert_eq!(http_reply(&reply(SdkResponseStatus::Error, false)).0, 500);
+        let (status, headers) = http_reply(&reply(SdkResponseStatus::Done, true));
+        assert_eq!(status, 400);
+        assert!(headers.contains(&("x-inngest-no-retry", "true".into())));
+        let unknown = SdkResponse {
+            status: 42,
+            ..Default::default()
+        };
+        assert_eq!(http_reply(&unknown).0, 500);
     }
 
     #[test]

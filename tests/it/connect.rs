@@ -184,7 +184,7 @@ async fn a_connected_worker_syncs_its_app_and_runs_a_function_with_steps() {
         .expect("the worker's app is synced");
     assert_eq!(app["framework"], "connect");
     assert_eq!(app["url"], "wss://connect");
-    assert_eq!(app["functions"].as_array().unwrap().len(), 2);
+    assert_eq!(app["functions"].as_array().unwrap().len(), 3);
 
     let event = send_event(&baton, "connect/steps", json!({})).await;
     let run = finished_run(&baton, &event, Duration::from_secs(60)).await;
@@ -195,6 +195,15 @@ async fn a_connected_worker_syncs_its_app_and_runs_a_function_with_steps() {
     let run_id = run["run_id"].as_str().unwrap();
     assert_eq!(count(&log, run_id, "step-a", "done", Some("w1")), 1);
     assert_eq!(count(&log, run_id, "step-b", "done", Some("w1")), 1);
+
+    // An error answer (ERROR, no-retry) fails the run at once.
+    let event = send_event(&baton, "connect/fails", json!({})).await;
+    let run = finished_run(&baton, &event, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "Failed", "{run}");
+    assert_eq!(run["output"]["name"], "NonRetriableError", "{run}");
+    assert_eq!(run["output"]["message"], "no way", "{run}");
+    let run_id = run["run_id"].as_str().unwrap();
+    assert_eq!(count(&log, run_id, "boom", "start", None), 1);
 }
 
 #[actix_rt::test]

@@ -13,6 +13,7 @@
 //   connect-steps  on "connect/steps": step-a -> "hello"; step-b sleeps event.data.sleepMs
 //                  (default 0; only on worker event.data.slowWorker when that is set;
 //                  phase "start" then "done") -> "hello world"; returns step-b.
+//   connect-fails  on "connect/fails": step "boom" throws NonRetriableError("no way").
 //   connect-work   on "connect/work": one step that sleeps event.data.sleepMs (default 200)
 //                  and returns the worker id.
 //
@@ -20,7 +21,7 @@
 // connection gracefully (the SDK's default shutdown handling).
 
 import fs from "node:fs";
-import { Inngest } from "inngest";
+import { Inngest, NonRetriableError } from "inngest";
 import { connect } from "inngest/connect";
 
 const APP_ID = process.env.APP_ID || "baton-connect";
@@ -69,8 +70,18 @@ const work = inngest.createFunction(
   },
 );
 
+const fails = inngest.createFunction(
+  { id: "connect-fails", retries: 3, triggers: [{ event: "connect/fails" }] },
+  async ({ step, runId }) => {
+    await step.run("boom", () => {
+      log("connect-fails", "boom", runId, "start");
+      throw new NonRetriableError("no way");
+    });
+  },
+);
+
 const connection = await connect({
-  apps: [{ client: inngest, functions: [steps, work] }],
+  apps: [{ client: inngest, functions: [steps, work, fails] }],
   instanceId: WORKER_ID,
   // Same-thread execution: the worker-thread strategy needs Node 22.
   isolateExecution: false,
