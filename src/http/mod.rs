@@ -264,7 +264,8 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
             )
             .route("/v1/http/runs/{id}/output", web::get().to(endpoint::output));
     }
-    if state.connect.is_some() {
+    // With the API; they answer 503 where no executor shares the process.
+    if state.core_api.is_some() {
         config
             .route("/v0/connect/start", web::post().to(connect::start))
             .route("/v0/connect/flush", web::post().to(connect::flush))
