@@ -62,8 +62,8 @@ fn connect_settings(raw: &RawConnect) -> anyhow::Result<crate::connect::ConnectS
     let at_least_1s = |name: &str, text: &str| -> anyhow::Result<Duration> {
         let value =
             parse_time_str(text).map_err(|err| anyhow::anyhow!("invalid connect.{name}: {err}"))?;
-        if value < Duration::from_secs(1) {
-            bail!("connect.{name} must be at least 1s");
+        if value < Duration::from_secs(1) || value.subsec_nanos() != 0 {
+            bail!("connect.{name} must be whole seconds, at least 1s (workers are told `<n>s`)");
         }
         Ok(value)
     };
@@ -1021,6 +1021,26 @@ mod tests {
         raw.keys.signing_key = "signkey-prod-xyz".into();
         let err = raw.validate().unwrap_err().to_string();
         assert!(err.contains("keys.signing_key"), "{err}");
+        for (interval, ok) in [("1500ms", false), ("0s", false), ("2s", true), ("1m", true)] {
+            let mut raw = RawSettings::default();
+            raw.connect.extend_lease_interval = interval.into();
+            match raw.validate() {
+                Ok(settings) => {
+                    assert!(ok, "{interval}");
+                    assert_eq!(
+                        settings.connect.lease(),
+                        settings.connect.extend_lease_interval * 4
+                    );
+                }
+                Err(err) => {
+                    assert!(!ok, "{interval}: {err}");
+                    assert!(
+                        err.to_string().contains("connect.extend_lease_interval"),
+                        "{err}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

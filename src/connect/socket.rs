@@ -215,9 +215,10 @@ async fn serve(
     gateway.register(&conn_id, hello.info, tx);
     info!(connection = %conn_id, %instance, "connect worker connected");
     let settings = &gateway.settings;
+    // Whole seconds: the Python SDK reads nothing but `<n>s`.
     let ready = GatewayConnectionReadyData {
-        heartbeat_interval: format!("{}ms", settings.heartbeat_interval.as_millis()),
-        extend_lease_interval: format!("{}ms", settings.extend_lease_interval.as_millis()),
+        heartbeat_interval: format!("{}s", settings.heartbeat_interval.as_secs().max(1)),
+        extend_lease_interval: format!("{}s", settings.extend_lease_interval.as_secs().max(1)),
         status_interval: String::new(),
     };
     let reason = if session
