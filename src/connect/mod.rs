@@ -18,8 +18,9 @@
 //! runs out (the worker died: `kill -9`, a lost network) fails like a
 //! dropped HTTP connection and the executor retries its queue item; the
 //! executor holds its own queue lease while the call is in flight, as for
-//! HTTP. A request that is never acknowledged fails after `ACK_TIMEOUT`, or
-//! at once when its connection closes.
+//! HTTP. A request never acknowledged on a live connection fails after
+//! `ACK_TIMEOUT`; one whose connection closed first gets a whole lease (its
+//! ack may have been lost on the way).
 //!
 //! Everything here lives in one process: the worker's socket and the call
 //! must meet in the same `Gateway`, so the gateway is served only where the
@@ -214,19 +215,18 @@ impl Gateway {
         }
     }
 
-    /// The connection closed. Requests it had not acknowledged fail now;
-    /// acknowledged ones keep their lease (the worker may reconnect and
-    /// answer over another connection).
+    /// The connection closed. Its requests keep their lease: the worker may
+    /// reconnect, extend it and answer over another connection. One not
+    /// acknowledged yet gets a whole lease too, since its ack may have been
+    /// lost with the connection; failing it at once could run it twice.
     pub fn unregister(&self, conn_id: &str) {
+        let lease = self.settings.lease();
         let mut inner = self.lock();
         inner.workers.remove(conn_id);
         for pending in inner.pending.values_mut() {
             if pending.conn_id == conn_id && !pending.acked {
-                if let Some(reply) = pending.reply.take() {
-                    let _ = reply.send(Err(
-                        "the connect worker disconnected before taking the request".into(),
-                    ));
-                }
+                pending.acked = true;
+                pending.lease_expires = Instant::now() + lease;
             }
         }
     }
@@ -632,17 +632,28 @@ mod tests {
         let err = task.await.unwrap().unwrap_err();
         assert!(err.contains("lease"), "{err}");
         assert!(g.lock().pending.is_empty());
-        // Unacknowledged when the socket closes: fails at once.
+        // Unacknowledged when the socket closes (the ack may be lost with
+        // it): the worker may still extend the lease from a new connection.
         let mut rx = worker(&g, "c2");
         let task = {
             let g = g.clone();
             tokio::spawn(async move { g.call(call()).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let _ = request(&mut rx);
+        let sent = request(&mut rx);
         g.unregister("c2");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lease = g
+            .extend_lease(&sent.request_id, &sent.lease_id)
+            .expect("kept");
+        assert!(!task.is_finished());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        g.extend_lease(&sent.request_id, &lease).expect("kept");
+        // Then nothing more: it fails.
         let err = task.await.unwrap().unwrap_err();
-        assert!(err.contains("disconnected"), "{err}");
+        assert!(err.contains("lease"), "{err}");
+        // Never acknowledged on a live connection: fails after ACK_TIMEOUT
+        // (not waited for here).
         // No worker at all: fails after worker_wait.
         let err = g.call(call()).await.unwrap_err();
         assert!(err.contains("no connect worker"), "{err}");
