@@ -5,6 +5,7 @@ pub mod actors;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod connect;
 pub mod cron;
 pub mod duration;
 pub mod expr;

@@ -601,6 +601,9 @@ pub struct SdkClient {
     /// for, which follow redirects as `fetch` does.
     gateway: reqwest::Client,
     signing_key: Option<String>,
+    /// Connected workers (`crate::connect`): calls to functions whose URL
+    /// is `wss://connect…` go over their sockets instead of HTTP.
+    connect: Option<crate::connect::SharedGateway>,
 }
 
 /// The raw answer to a call.
@@ -635,7 +638,52 @@ impl SdkClient {
             http,
             gateway,
             signing_key,
+            connect: None,
         }
+    }
+
+    /// Routes calls to connect functions through `gateway`.
+    pub fn with_connect(mut self, gateway: crate::connect::SharedGateway) -> SdkClient {
+        self.connect = Some(gateway);
+        self
+    }
+
+    /// A call to a function served by connected workers: the same body,
+    /// over a worker's socket; the reply as the HTTP answer it stands for.
+    async fn call_connect(&self, call: &CallRequest<'_>) -> Result<RawReply, String> {
+        let Some(gateway) = &self.connect else {
+            return Err(
+                "the function is served over connect, and this process has no connect gateway \
+                 (it needs the executor and the API in one process)"
+                    .into(),
+            );
+        };
+        let slug = crate::connect::function_slug(call.url)
+            .ok_or_else(|| format!("the connect URL {} names no fnId", call.url))?;
+        let (body, used_api) = call.encode();
+        let reply = gateway
+            .call(crate::connect::ConnectCall {
+                function_slug: &slug,
+                step_id: call.step_id,
+                run_id: call.run_id,
+                job_id: call.job_id,
+                traceparent: &traceparent(call.run_id, call.job_id, call.attempt),
+                payload: body,
+            })
+            .await?;
+        let (status, pairs) = crate::connect::http_reply(&reply);
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in pairs {
+            if let Ok(value) = reqwest::header::HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+        Ok(RawReply {
+            used_api,
+            status,
+            headers,
+            body: reply.body,
+        })
     }
 
     fn sign(
@@ -655,6 +703,9 @@ impl SdkClient {
 
     /// POSTs one call; `Err` carries a transport error message.
     pub async fn call(&self, call: &CallRequest<'_>, now: Timestamp) -> Result<RawReply, String> {
+        if crate::connect::is_connect_url(call.url) {
+            return self.call_connect(call).await;
+        }
         let (body, used_api) = call.encode();
         let url = call_url(call.url, call.step_id);
         let request = self

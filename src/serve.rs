@@ -196,9 +196,25 @@ pub async fn serve(
         open_backends(&settings.backends, &settings.data_dir, settings.cache_bytes)
             .await
             .context("failed to open the backends")?;
-    let client = SdkClient::new(settings.signing_key.clone(), settings.call_timeout);
     let (ended, mut ended_rx) = EndedNotifier::new();
     let runs = |service| services.contains(&service);
+    // The Connect gateway: a worker's socket and the calls routed to it
+    // meet in one process, so it is served where the executor and the API
+    // (which syncs the workers' apps) both run.
+    let gateway = (runs(Service::Executor) && runs(Service::CoreApi)).then(|| {
+        Arc::new(crate::connect::Gateway::new(
+            settings.connect.clone(),
+            crate::actors::endpoint::RunTokens::new(
+                settings.signing_key.as_deref(),
+                settings.signing_key_fallback.as_deref(),
+            ),
+        ))
+    });
+    let client = SdkClient::new(settings.signing_key.clone(), settings.call_timeout);
+    let client = match &gateway {
+        Some(gateway) => client.with_connect(gateway.clone()),
+        None => client,
+    };
 
     let event_api = runs(Service::EventApi).then(|| EventApi::new(backends.clone()).start());
     // The runner and the executor each get a thread (arbiter) of their own,
@@ -340,7 +356,29 @@ pub async fn serve(
             settings.retry_interval,
         )),
         realtime: realtime.clone(),
+        connect: gateway.clone(),
     });
+    // `baton dev` also serves on the next port, where Inngest's dev server
+    // has its Connect gateway (8289), when that port is free.
+    let dev_gateway_listener = match (&gateway, mode, settings.port) {
+        (Some(_), Mode::Dev, port) if port != 0 && port < u16::MAX => {
+            let host = listener.local_addr().map(|a| a.ip())?;
+            match std::net::TcpListener::bind((host, port + 1)) {
+                Ok(second) => {
+                    info!(
+                        port = port + 1,
+                        "connect gateway also listening on the next port"
+                    );
+                    Some(second)
+                }
+                Err(err) => {
+                    info!(port = port + 1, error = %err, "not listening on the next port too");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let max_connections = connection_limit(settings.max_connections, settings.workers);
     let server = HttpServer::new(move || {
         let state = state.clone();
@@ -358,7 +396,13 @@ pub async fn serve(
     .client_request_timeout(settings.header_timeout)
     .max_connections(max_connections.div_ceil(HTTP_WORKERS))
     .listen(listener)
-    .context("failed to serve on the listener")?
+    .context("failed to serve on the listener")?;
+    let server = match dev_gateway_listener {
+        Some(second) => server
+            .listen(second)
+            .context("failed to serve on the next port")?,
+        None => server,
+    }
     .run();
     let handle = server.handle();
     let mut server_task = actix_rt::spawn(server);
@@ -378,6 +422,11 @@ pub async fn serve(
     // connections do not hold up the graceful stop.
     if let Some(realtime) = &realtime {
         realtime.hub.close_all();
+    }
+    // Connect workers likewise: they reconnect (to the next process) and
+    // flush what they answer meanwhile; calls in flight are retried.
+    if let Some(gateway) = &gateway {
+        gateway.close_all();
     }
     // Stop taking requests, then let calls in flight finish, then flush.
     handle.stop(true).await;

@@ -29,6 +29,50 @@ pub struct RawSettings {
     pub discovery: RawDiscovery,
     pub otel: RawOtel,
     pub realtime: RawRealtime,
+    pub connect: RawConnect,
+}
+
+/// The Connect gateway (`src/connect`): workers that dial in over a
+/// WebSocket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConnect {
+    /// How often workers send heartbeats; a worker silent for three
+    /// intervals is disconnected.
+    pub heartbeat_interval: String,
+    /// How often workers extend the lease of a call they work on; a call
+    /// whose worker stops for four intervals (it died) is retried.
+    pub extend_lease_interval: String,
+    /// How long a call waits for a worker of its app to be connected (one
+    /// reconnecting, say) before it fails and is retried.
+    pub worker_wait: String,
+}
+
+impl Default for RawConnect {
+    fn default() -> Self {
+        RawConnect {
+            heartbeat_interval: "10s".into(),
+            extend_lease_interval: "5s".into(),
+            worker_wait: "10s".into(),
+        }
+    }
+}
+
+fn connect_settings(raw: &RawConnect) -> anyhow::Result<crate::connect::ConnectSettings> {
+    let at_least_1s = |name: &str, text: &str| -> anyhow::Result<Duration> {
+        let value =
+            parse_time_str(text).map_err(|err| anyhow::anyhow!("invalid connect.{name}: {err}"))?;
+        if value < Duration::from_secs(1) || value.subsec_nanos() != 0 {
+            bail!("connect.{name} must be whole seconds, at least 1s (workers are told `<n>s`)");
+        }
+        Ok(value)
+    };
+    Ok(crate::connect::ConnectSettings {
+        heartbeat_interval: at_least_1s("heartbeat_interval", &raw.heartbeat_interval)?,
+        extend_lease_interval: at_least_1s("extend_lease_interval", &raw.extend_lease_interval)?,
+        worker_wait: parse_time_str(&raw.worker_wait)
+            .map_err(|err| anyhow::anyhow!("invalid connect.worker_wait: {err}"))?,
+    })
 }
 
 /// Realtime (new in 0.1): publishes fanned out to WebSocket and SSE
@@ -520,6 +564,7 @@ pub struct Settings {
     /// `None`: no OpenTelemetry export.
     pub otel: Option<OtelSettings>,
     pub realtime: RealtimeSettings,
+    pub connect: crate::connect::ConnectSettings,
 }
 
 /// When the dashboard's session cookie is marked `Secure`.
@@ -699,6 +744,7 @@ impl RawSettings {
             },
             otel: otel_settings(&self.otel, |name| std::env::var(name).ok())?,
             realtime: realtime_settings(&self.realtime)?,
+            connect: connect_settings(&self.connect)?,
         })
     }
 }
@@ -975,6 +1021,26 @@ mod tests {
         raw.keys.signing_key = "signkey-prod-xyz".into();
         let err = raw.validate().unwrap_err().to_string();
         assert!(err.contains("keys.signing_key"), "{err}");
+        for (interval, ok) in [("1500ms", false), ("0s", false), ("2s", true), ("1m", true)] {
+            let mut raw = RawSettings::default();
+            raw.connect.extend_lease_interval = interval.into();
+            match raw.validate() {
+                Ok(settings) => {
+                    assert!(ok, "{interval}");
+                    assert_eq!(
+                        settings.connect.lease(),
+                        settings.connect.extend_lease_interval * 4
+                    );
+                }
+                Err(err) => {
+                    assert!(!ok, "{interval}: {err}");
+                    assert!(
+                        err.to_string().contains("connect.extend_lease_interval"),
+                        "{err}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -123,6 +123,9 @@ pub enum EndpointError {
 pub enum TokenPurpose {
     Output,
     Stream,
+    /// A Connect worker's session (`connect::Gateway`): the "run" is the
+    /// connection id `/v0/connect/start` handed out.
+    ConnectSession,
 }
 
 impl TokenPurpose {
@@ -130,6 +133,7 @@ impl TokenPurpose {
         match self {
             TokenPurpose::Output => "output",
             TokenPurpose::Stream => "stream",
+            TokenPurpose::ConnectSession => "connect-session",
         }
     }
 }

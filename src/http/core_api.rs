@@ -611,6 +611,10 @@ pub async fn status(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
             "open_pauses": state.backends.state.pause_count().await?,
             "executor": executor,
             "runner": runner,
+            "connect": state.connect.as_ref().map(|gateway| {
+                let (workers, ready) = gateway.counts();
+                json!({"workers": workers, "ready": ready})
+            }),
             "store_bytes": (state.store_size)(),
             "record_decode_errors": crate::model::records::decode_errors(),
         }),

@@ -4,6 +4,7 @@
 
 pub mod bulk;
 pub mod checkpoint;
+pub mod connect;
 pub mod core_api;
 pub mod dashboard;
 pub mod discovery;
@@ -55,6 +56,9 @@ pub struct AppState {
     /// Realtime publishing and subscribing (with the API service); also
     /// durable endpoints' streams.
     pub realtime: Option<std::sync::Arc<crate::realtime::Realtime>>,
+    /// The Connect gateway, where the executor and the API share this
+    /// process.
+    pub connect: Option<crate::connect::SharedGateway>,
 }
 
 /// Production-mode checks of SDK requests (PROTOCOL §1.4, §1.5).
@@ -117,6 +121,9 @@ fn needs_auth(path: &str) -> bool {
         // Realtime subscribers show a realtime token instead (checked
         // there), and a durable endpoint's client a token for its run.
         || path == "/v1/realtime/connect"
+        // A Connect worker's socket shows the session token that
+        // `/v0/connect/start` (which needs the key) gave it.
+        || path == "/v0/connect"
         || endpoint::token_route(path))
 }
 
@@ -256,6 +263,13 @@ pub fn configure(config: &mut web::ServiceConfig, state: web::Data<AppState>) {
                 web::get().to(endpoint::output),
             )
             .route("/v1/http/runs/{id}/output", web::get().to(endpoint::output));
+    }
+    // With the API; they answer 503 where no executor shares the process.
+    if state.core_api.is_some() {
+        config
+            .route("/v0/connect/start", web::post().to(connect::start))
+            .route("/v0/connect/flush", web::post().to(connect::flush))
+            .route("/v0/connect", web::get().to(connect::socket));
     }
     if state.realtime.is_some() {
         config

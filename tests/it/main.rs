@@ -9,6 +9,7 @@ mod checkpoint;
 mod cli;
 mod client;
 mod conformance;
+mod connect;
 mod crash;
 mod defer;
 mod discovery;

@@ -448,6 +448,11 @@ fn every_mounted_api_route_is_documented() {
         ("POST", "/v1/realtime/publish/tee"),
         ("GET", "/v1/realtime/connect"),
         ("GET", "/v1/realtime/sse"),
+        // The Connect gateway: the SDK's protobuf protocol and WebSocket,
+        // tested in connect.rs and by the SDK's own suite.
+        ("POST", "/v0/connect/start"),
+        ("POST", "/v0/connect/flush"),
+        ("GET", "/v0/connect"),
     ];
     let mut mounted = BTreeSet::new();
     // `.route("<path>", web::<method>()…)`, whatever the line breaks.
