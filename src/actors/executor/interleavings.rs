@@ -30,7 +30,7 @@ use crate::actors::event_api::publish_events;
 use crate::actors::lifecycle::{FUNCTION_CANCELLED, FUNCTION_FAILED};
 use crate::clock::Clock;
 
-const DEFAULT_CASES: u64 = 40;
+const DEFAULT_CASES: u64 = 300;
 /// The lease of a delivered item, as the executor takes it.
 const TTL: Duration = Duration::from_secs(30);
 
@@ -114,7 +114,7 @@ fn random_actions(rng: &mut StdRng, script: &[Stage]) -> Vec<Action> {
     let cancels = rng.gen_bool(0.3);
     let faults = rng.gen_bool(0.6);
     let advances = [50, 300, 700, 1_000, 1_200, 2_500, 31_000];
-    (0..rng.gen_range(10..60))
+    let mut actions: Vec<Action> = (0..rng.gen_range(10..60))
         .map(|_| loop {
             let action = match rng.gen_range(0..100) {
                 0..=34 => Action::Deliver,
@@ -130,7 +130,35 @@ fn random_actions(rng: &mut StdRng, script: &[Stage]) -> Vec<Action> {
             };
             break action;
         })
-        .collect()
+        .collect();
+    // Half the cancels meet a fault in one of their own store calls.
+    let mut i = 0;
+    while i < actions.len() {
+        if matches!(actions[i], Action::Cancel) && faults && rng.gen_bool(0.5) {
+            actions.insert(i, Action::Fault(rng.gen_range(0..6)));
+            i += 1;
+        }
+        i += 1;
+    }
+    actions
+}
+
+/// What the cases exercised, in all: the test asserts that each kind of
+/// interleaving it means to cover happened.
+#[derive(Debug, Default)]
+struct Coverage {
+    cases: u64,
+    /// Injected store faults that failed an operation, by operation.
+    faults: HashMap<&'static str, u64>,
+    cancels_committed: u64,
+    /// Leases processed after being held (maybe expired and re-leased).
+    late_finishes: u64,
+    waits_by_event: u64,
+    waits_timed_out: u64,
+    invokes_returned: u64,
+    invokes_timed_out: u64,
+    /// Final status of the main runs.
+    ended: HashMap<String, u64>,
 }
 
 /// One seed's case, with its log.
@@ -144,6 +172,7 @@ struct Case<'a> {
     /// When the cancel was seen committed: how many steps had run, and the
     /// stored step ids.
     cancelled: Option<(usize, Vec<String>)>,
+    coverage: &'a mut Coverage,
 }
 
 impl Case<'_> {
@@ -162,6 +191,11 @@ impl Case<'_> {
         match result {
             Ok(value) => self.note(format!("  {what}: ok {value:?}")),
             Err(err) => {
+                let op = ["process", "runner", "publish", "cancel"]
+                    .into_iter()
+                    .find(|op| what.starts_with(op))
+                    .unwrap_or("other");
+                *self.coverage.faults.entry(op).or_default() += 1;
                 self.rig.faults.heal();
                 self.note(format!("  {what}: failed ({err})"));
             }
@@ -225,6 +259,7 @@ impl Case<'_> {
             Action::LateFinish => {
                 if !self.held.is_empty() {
                     let lease = self.held.remove(rng.gen_range(0..self.held.len()));
+                    self.coverage.late_finishes += 1;
                     self.process(&lease).await;
                 }
             }
@@ -270,6 +305,7 @@ impl Case<'_> {
             let stored = stored.into_iter().map(|s| s.id).collect();
             self.note(format!("  the cancel is committed after {ran} step calls"));
             self.cancelled = Some((ran, stored));
+            self.coverage.cancels_committed += 1;
         }
     }
 
@@ -301,6 +337,27 @@ impl Case<'_> {
             self.see_cancel().await;
         }
         Err("nothing quiesced in 2000 rounds".into())
+    }
+
+    /// Counts how the waits and invokes of the main run ended.
+    async fn count(&mut self) {
+        let run_id = &self.rig.run.id;
+        let run = self.rig.real.state.load_run(run_id).await.unwrap().unwrap();
+        *self
+            .coverage
+            .ended
+            .entry(format!("{:?}", run.status))
+            .or_default() += 1;
+        for step in self.rig.real.state.load_steps(run_id).await.unwrap() {
+            let c = &mut *self.coverage;
+            match (step.kind, step.memo.contains("InngestInvokeTimeoutError")) {
+                (StepKind::WaitForEvent, _) if step.memo == "null" => c.waits_timed_out += 1,
+                (StepKind::WaitForEvent, _) => c.waits_by_event += 1,
+                (StepKind::Invoke, true) => c.invokes_timed_out += 1,
+                (StepKind::Invoke, false) => c.invokes_returned += 1,
+                _ => {}
+            }
+        }
     }
 
     async fn check(&self) -> Result<(), String> {
@@ -443,7 +500,12 @@ impl Case<'_> {
     }
 }
 
-async fn run_case(app: &FakeApp, url: &str, seed: u64) -> Result<(), String> {
+async fn run_case(
+    app: &FakeApp,
+    url: &str,
+    seed: u64,
+    coverage: &mut Coverage,
+) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let script = random_script(&mut rng);
     let callee: &'static [Stage] = if rng.gen_bool(0.5) {
@@ -463,7 +525,9 @@ async fn run_case(app: &FakeApp, url: &str, seed: u64) -> Result<(), String> {
         log: vec![format!("script {script:?}, callee {callee:?}")],
         held: Vec::new(),
         cancelled: None,
+        coverage,
     };
+    case.coverage.cases += 1;
     for (i, action) in actions.into_iter().enumerate() {
         case.note(format!(
             "#{i} {action:?} at {}",
@@ -472,7 +536,10 @@ async fn run_case(app: &FakeApp, url: &str, seed: u64) -> Result<(), String> {
         case.act(&mut rng, action).await;
     }
     let result = match case.quiesce().await {
-        Ok(()) => case.check().await,
+        Ok(()) => {
+            case.count().await;
+            case.check().await
+        }
         Err(err) => Err(err),
     };
     let replaying = std::env::var("BATON_PROP_SEED").is_ok();
@@ -493,9 +560,11 @@ async fn random_interleavings_keep_the_invariants() {
         Some(seed) => vec![seed],
         None => (0..env("BATON_PROP_CASES").unwrap_or(DEFAULT_CASES)).collect(),
     };
+    let replaying = seeds.len() == 1;
     let (app, url, handle) = start_app();
+    let mut coverage = Coverage::default();
     for seed in seeds {
-        if let Err(report) = run_case(&app, &url, seed).await {
+        if let Err(report) = run_case(&app, &url, seed, &mut coverage).await {
             panic!(
                 "seed {seed} broke an invariant (replay: BATON_PROP_SEED={seed} cargo test \
                  --lib random_interleavings): {report}"
@@ -503,4 +572,35 @@ async fn random_interleavings_keep_the_invariants() {
         }
     }
     handle.stop(false).await;
+    eprintln!("{coverage:#?}");
+    if !replaying {
+        // The default seeds reach every kind of interleaving the test is
+        // for; a change that makes them stop doing so fails here.
+        let c = &coverage;
+        let status = |s: &str| c.ended.get(s).copied().unwrap_or(0);
+        for (what, times) in [
+            (
+                "faults failing an item",
+                c.faults.get("process").copied().unwrap_or(0),
+            ),
+            (
+                "faults failing the runner",
+                c.faults.get("runner").copied().unwrap_or(0),
+            ),
+            ("committed cancels", c.cancels_committed),
+            (
+                "faults failing a cancel",
+                c.faults.get("cancel").copied().unwrap_or(0),
+            ),
+            ("late finishes", c.late_finishes),
+            ("waits resumed by their event", c.waits_by_event),
+            ("waits timed out", c.waits_timed_out),
+            ("invokes returned", c.invokes_returned),
+            ("invokes timed out", c.invokes_timed_out),
+            ("runs completed", status("Completed")),
+            ("runs failed", status("Failed")),
+        ] {
+            assert!(times > 0, "no {what} in {} cases: {c:#?}", c.cases);
+        }
+    }
 }
