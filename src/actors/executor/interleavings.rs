@@ -87,6 +87,10 @@ enum Action {
     Deliver,
     /// The same, then process the same lease again (a redelivery).
     DeliverTwice,
+    /// Lease up to two due items (and maybe take a held lease) and
+    /// process them at the same time, as two workers would: their calls
+    /// interleave at every await.
+    Together,
     /// Lease one due item and hold it: a worker that stalls.
     Hold,
     /// Process a held lease now, maybe long after it expired.
@@ -116,9 +120,10 @@ fn random_actions(rng: &mut StdRng, script: &[Stage]) -> Vec<Action> {
     let advances = [50, 300, 700, 1_000, 1_200, 2_500, 31_000];
     let mut actions: Vec<Action> = (0..rng.gen_range(10..60))
         .map(|_| loop {
-            let action = match rng.gen_range(0..100) {
+            let action = match rng.gen_range(0..106) {
                 0..=34 => Action::Deliver,
                 35..=39 => Action::DeliverTwice,
+                100..=105 => Action::Together,
                 40..=43 => Action::Hold,
                 44..=47 => Action::LateFinish,
                 48..=67 => Action::Advance(advances[rng.gen_range(0..advances.len())]),
@@ -153,6 +158,8 @@ struct Coverage {
     cancels_committed: u64,
     /// Leases processed after being held (maybe expired and re-leased).
     late_finishes: u64,
+    /// Times two items were processed at once.
+    together: u64,
     waits_by_event: u64,
     waits_timed_out: u64,
     invokes_returned: u64,
@@ -245,6 +252,26 @@ impl Case<'_> {
                 if let Some(lease) = self.lease_one().await {
                     self.process(&lease).await;
                     self.process(&lease).await;
+                }
+            }
+            Action::Together => {
+                let now = self.rig.clock.now();
+                let mut leases = self.rig.real.queue.lease_due(now, 2, TTL).await.unwrap();
+                if !self.held.is_empty() && rng.gen_bool(0.5) {
+                    leases.push(self.held.remove(rng.gen_range(0..self.held.len())));
+                    self.coverage.late_finishes += 1;
+                }
+                let worker = self.rig.worker.clone();
+                let results =
+                    futures::future::join_all(leases.iter().map(|lease| worker.process(lease)))
+                        .await;
+                self.coverage.together += u64::from(leases.len() > 1);
+                for (lease, result) in leases.iter().zip(results) {
+                    let what = format!(
+                        "process (together) {:?} {} (lease {}, attempt {})",
+                        lease.item.kind, lease.item.id, lease.lease_id, lease.attempt
+                    );
+                    self.outcome(&what, result);
                 }
             }
             Action::Hold => {
@@ -593,6 +620,7 @@ async fn random_interleavings_keep_the_invariants() {
                 c.faults.get("cancel").copied().unwrap_or(0),
             ),
             ("late finishes", c.late_finishes),
+            ("items processed together", c.together),
             ("waits resumed by their event", c.waits_by_event),
             ("waits timed out", c.waits_timed_out),
             ("invokes returned", c.invokes_returned),
