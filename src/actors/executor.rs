@@ -3030,7 +3030,9 @@ mod tests {
             state: Mutex<Option<Arc<dyn StateStore>>>,
             /// The step code run: (run id, step id), in order.
             pub(crate) ran: Mutex<Vec<(String, String)>>,
-            pub(crate) violations: Mutex<Vec<String>>,
+            /// Steps whose code ran when the store had their result:
+            /// (run id, step id).
+            pub(crate) violations: Mutex<Vec<(String, String)>>,
         }
 
         impl FakeApp {
@@ -3041,7 +3043,7 @@ mod tests {
                     self.violations
                         .lock()
                         .unwrap()
-                        .push(format!("step {step} ran again after its result was stored"));
+                        .push((run_id.to_string(), step.to_string()));
                 }
                 self.ran
                     .lock()
@@ -3264,7 +3266,10 @@ mod tests {
         async fn check_invariants(rig: &Rig, app: &FakeApp, workflow: &Workflow, label: &str) {
             let run_id = &rig.run.id;
             let violations = std::mem::take(&mut *app.violations.lock().unwrap());
-            assert!(violations.is_empty(), "{label}: {violations:?}");
+            assert!(
+                violations.is_empty(),
+                "{label}: steps ran again after their result was stored: {violations:?}"
+            );
             let run = rig.real.state.load_run(run_id).await.unwrap().unwrap();
             assert_eq!(
                 run.status, workflow.status,

@@ -160,6 +160,9 @@ struct Coverage {
     late_finishes: u64,
     /// Times two items were processed at once.
     together: u64,
+    /// Steps run by two workers holding the same item at once, stored
+    /// while both were in flight (allowed: at-least-once).
+    concurrent_reruns: u64,
     waits_by_event: u64,
     waits_timed_out: u64,
     invokes_returned: u64,
@@ -261,11 +264,40 @@ impl Case<'_> {
                     leases.push(self.held.remove(rng.gen_range(0..self.held.len())));
                     self.coverage.late_finishes += 1;
                 }
+                // A step whose result was stored before both started must
+                // not run again; one stored while both were in flight may:
+                // that is the at-least-once window of two workers holding
+                // the same item (one of them with an expired lease).
+                let mut stored_before = Vec::new();
+                for lease in &leases {
+                    for step in self
+                        .rig
+                        .real
+                        .state
+                        .load_steps(&lease.item.run_id)
+                        .await
+                        .unwrap()
+                    {
+                        stored_before.push((lease.item.run_id.clone(), step.id));
+                    }
+                }
+                let seen = self.app.violations.lock().unwrap().len();
                 let worker = self.rig.worker.clone();
                 let results =
                     futures::future::join_all(leases.iter().map(|lease| worker.process(lease)))
                         .await;
                 self.coverage.together += u64::from(leases.len() > 1);
+                let reruns: Vec<(String, String)> = {
+                    let mut violations = self.app.violations.lock().unwrap();
+                    let new = violations.split_off(seen);
+                    let (real, reruns) = new.into_iter().partition(|v| stored_before.contains(v));
+                    violations.extend::<Vec<_>>(real);
+                    reruns
+                };
+                for (_, step) in reruns {
+                    self.coverage.concurrent_reruns += 1;
+                    self.note(format!("  step {step} ran twice: two workers at once"));
+                }
                 for (lease, result) in leases.iter().zip(results) {
                     let what = format!(
                         "process (together) {:?} {} (lease {}, attempt {})",
@@ -390,7 +422,9 @@ impl Case<'_> {
     async fn check(&self) -> Result<(), String> {
         let violations = std::mem::take(&mut *self.app.violations.lock().unwrap());
         if !violations.is_empty() {
-            return Err(format!("{violations:?}"));
+            return Err(format!(
+                "steps ran again after their result was stored: {violations:?}"
+            ));
         }
         let state = &self.rig.real.state;
         let main_id = &self.rig.run.id;
