@@ -440,6 +440,23 @@ fn decide_ops(reply: &Reply, ops: &[Op]) -> Result<Decision, Stop> {
 /// One op: the step result it saves, if any; what else it asks for goes
 /// into `decision`.
 fn decide_op(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<Option<StepRecord>, Stop> {
+    // A reply decided again after a commit conflict was built from memos
+    // older than the run: a sleep, wait or invoke whose result the run has
+    // stored since (its timeout or resume, processed at the same time) is
+    // over; asking for it again would make its pause, and an invoke's
+    // event and callee run, a second time.
+    if matches!(
+        op.op,
+        Opcode::Sleep
+            | Opcode::WaitForEvent
+            | Opcode::WaitForSignal
+            | Opcode::InvokeFunction
+            | Opcode::Gateway
+            | Opcode::AiGateway
+    ) && reply.run.stack.contains(&op.id)
+    {
+        return Ok(None);
+    }
     match &op.op {
         Opcode::Step | Opcode::StepRun => Ok(Some(step_result(reply, op))),
         Opcode::StepFailed => Ok(Some(step_failed(reply, op))),
@@ -2104,6 +2121,33 @@ mod tests {
             DELAY,
         );
         assert_eq!(d.plan, ["p"]);
+    }
+
+    /// A reply decided again after a conflict, from memos older than the
+    /// run (found by the interleavings property test, seed 539: an
+    /// invoke's timeout and a redundant discovery processed at once made
+    /// the invoke's pause, event and callee run twice).
+    #[test]
+    fn ops_for_steps_stored_since_are_over() {
+        let mut run = run();
+        run.stack = vec!["w".into(), "i".into(), "s".into()];
+        let lease = lease_for(QueueItem::discovery(&run.id, &run.fn_id, 0), 0);
+        let invoke = with_opts(
+            op("InvokeFunction", "i"),
+            json!({"function_id": "f", "payload": {"data": {}}, "timeout": "1s"}),
+        );
+        let wait = with_opts(
+            op("WaitForEvent", "w"),
+            json!({"event": "e", "timeout": "1s"}),
+        );
+        let sleep = with_opts(op("Sleep", "s"), json!({"duration": "1s"}));
+        let reply = ops(vec![wait, invoke, sleep], false);
+        let d = decide(&run, &lease, &reply, NOW, DELAY);
+        assert!(
+            d.pauses.is_empty() && d.invokes.is_empty() && d.schedule.is_empty(),
+            "{d:?}"
+        );
+        assert!(d.save.is_empty() && d.finish.is_none(), "{d:?}");
     }
 
     #[test]
