@@ -3028,6 +3028,9 @@ mod tests {
             /// A step whose code throws every time; the function does not
             /// catch its error.
             Throw(&'static str),
+            /// `defer(id, …)`: a `DeferAdd` riding along the next ops (or
+            /// the `RunComplete`) until the call's `defers` list it.
+            Defer(&'static str),
         }
 
         struct Workflow {
@@ -3110,8 +3113,17 @@ mod tests {
                 } else {
                     *self.script.lock().unwrap()
                 };
+                let mut lazy = Vec::new();
                 for stage in script {
-                    let ops = match stage {
+                    let mut ops = match stage {
+                        Stage::Defer(id) if body["defers"].get(*id).is_none() => {
+                            lazy.push(op(
+                                id,
+                                "DeferAdd",
+                                json!({"fn_slug": "crash-later", "input": {"defer": id}}),
+                            ));
+                            Vec::new()
+                        }
                         Stage::Run(id) if !memos.contains_key(*id) => {
                             if plan_only {
                                 vec![op(id, "StepPlanned", Value::Null)]
@@ -3149,10 +3161,15 @@ mod tests {
                         _ => Vec::new(),
                     };
                     if !ops.is_empty() {
+                        ops.extend(lazy);
                         return Reply::Ops(ops);
                     }
                 }
-                Reply::Done(json!({"done": true}))
+                if lazy.is_empty() {
+                    return Reply::Done(json!({"done": true}));
+                }
+                lazy.push(json!({"id": "complete", "op": "RunComplete", "data": {"done": true}}));
+                Reply::Ops(lazy)
             }
         }
 

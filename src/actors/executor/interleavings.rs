@@ -47,7 +47,7 @@ fn random_script(rng: &mut StdRng) -> &'static [Stage] {
     let stages = (0..rng.gen_range(1..=5))
         .map(|i| {
             let id = leak_str(format!("s{i}"));
-            match rng.gen_range(0..11) {
+            match rng.gen_range(0..13) {
                 0..=2 => Stage::Run(id),
                 3 | 4 => Stage::Sleep(id),
                 5 => {
@@ -58,6 +58,7 @@ fn random_script(rng: &mut StdRng) -> &'static [Stage] {
                 }
                 6 | 7 => Stage::Wait(id),
                 8 | 9 => Stage::Invoke(id),
+                10 | 11 => Stage::Defer(id),
                 _ => Stage::Throw(id),
             }
         })
@@ -76,6 +77,7 @@ fn all_steps(script: &[Stage]) -> Vec<&'static str> {
             | Stage::Invoke(id)
             | Stage::Throw(id) => ids.push(*id),
             Stage::Parallel(list) => ids.extend(list.iter().copied()),
+            Stage::Defer(_) => {}
         }
     }
     ids
@@ -163,6 +165,8 @@ struct Coverage {
     /// Steps run by two workers holding the same item at once, stored
     /// while both were in flight (allowed: at-least-once).
     concurrent_reruns: u64,
+    /// Defers whose schedule event went out.
+    defers_scheduled: u64,
     waits_by_event: u64,
     waits_timed_out: u64,
     invokes_returned: u64,
@@ -407,6 +411,8 @@ impl Case<'_> {
             .ended
             .entry(format!("{:?}", run.status))
             .or_default() += 1;
+        self.coverage.defers_scheduled +=
+            self.rig.real.state.load_defers(run_id).await.unwrap().len() as u64;
         for step in self.rig.real.state.load_steps(run_id).await.unwrap() {
             let c = &mut *self.coverage;
             match (step.kind, step.memo.contains("InngestInvokeTimeoutError")) {
@@ -550,6 +556,30 @@ impl Case<'_> {
                 ));
             }
         }
+        // Defers (the server-side events a run asks for): one
+        // `deferred.schedule` event per stored defer, none for others; all
+        // stored if the run got to its end.
+        let defers = state.load_defers(main_id).await.unwrap();
+        for stage in self.script {
+            let Stage::Defer(id) = stage else { continue };
+            let stored = defers.iter().any(|d| d.hashed_id == *id);
+            let times = payloads
+                .iter()
+                .filter(|(name, p)| {
+                    *name == crate::actors::defer::DEFERRED_SCHEDULE
+                        && p["data"]["_inngest"]["parent_run_id"] == json!(main_id)
+                        && p["data"]["defer"] == json!(id)
+                })
+                .count();
+            if times != usize::from(stored) {
+                return Err(format!(
+                    "defer {id}: {times} schedule events (stored: {stored})"
+                ));
+            }
+            if main.status == RunStatus::Completed && !stored {
+                return Err(format!("defer {id} was lost"));
+            }
+        }
         let callees = runs.iter().filter(|r| r.fn_id == CALLEE).count();
         if callees != invoked.len() {
             return Err(format!(
@@ -658,6 +688,7 @@ async fn random_interleavings_keep_the_invariants() {
             ("waits resumed by their event", c.waits_by_event),
             ("waits timed out", c.waits_timed_out),
             ("invokes returned", c.invokes_returned),
+            ("defers scheduled", c.defers_scheduled),
             ("invokes timed out", c.invokes_timed_out),
             ("runs completed", status("Completed")),
             ("runs failed", status("Failed")),
