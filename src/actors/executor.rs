@@ -440,6 +440,23 @@ fn decide_ops(reply: &Reply, ops: &[Op]) -> Result<Decision, Stop> {
 /// One op: the step result it saves, if any; what else it asks for goes
 /// into `decision`.
 fn decide_op(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<Option<StepRecord>, Stop> {
+    // A reply decided again after a commit conflict was built from memos
+    // older than the run: a sleep, wait or invoke whose result the run has
+    // stored since (its timeout or resume, processed at the same time) is
+    // over; asking for it again would make its pause, and an invoke's
+    // event and callee run, a second time.
+    if matches!(
+        op.op,
+        Opcode::Sleep
+            | Opcode::WaitForEvent
+            | Opcode::WaitForSignal
+            | Opcode::InvokeFunction
+            | Opcode::Gateway
+            | Opcode::AiGateway
+    ) && reply.run.stack.contains(&op.id)
+    {
+        return Ok(None);
+    }
     match &op.op {
         Opcode::Step | Opcode::StepRun => Ok(Some(step_result(reply, op))),
         Opcode::StepFailed => Ok(Some(step_failed(reply, op))),
@@ -1851,6 +1868,9 @@ impl Handler<Drain> for Executor {
 }
 
 #[cfg(test)]
+mod interleavings;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::sdk::Op;
@@ -2101,6 +2121,33 @@ mod tests {
             DELAY,
         );
         assert_eq!(d.plan, ["p"]);
+    }
+
+    /// A reply decided again after a conflict, from memos older than the
+    /// run (found by the interleavings property test, seed 539: an
+    /// invoke's timeout and a redundant discovery processed at once made
+    /// the invoke's pause, event and callee run twice).
+    #[test]
+    fn ops_for_steps_stored_since_are_over() {
+        let mut run = run();
+        run.stack = vec!["w".into(), "i".into(), "s".into()];
+        let lease = lease_for(QueueItem::discovery(&run.id, &run.fn_id, 0), 0);
+        let invoke = with_opts(
+            op("InvokeFunction", "i"),
+            json!({"function_id": "f", "payload": {"data": {}}, "timeout": "1s"}),
+        );
+        let wait = with_opts(
+            op("WaitForEvent", "w"),
+            json!({"event": "e", "timeout": "1s"}),
+        );
+        let sleep = with_opts(op("Sleep", "s"), json!({"duration": "1s"}));
+        let reply = ops(vec![wait, invoke, sleep], false);
+        let d = decide(&run, &lease, &reply, NOW, DELAY);
+        assert!(
+            d.pauses.is_empty() && d.invokes.is_empty() && d.schedule.is_empty(),
+            "{d:?}"
+        );
+        assert!(d.save.is_empty() && d.finish.is_none(), "{d:?}");
     }
 
     #[test]
@@ -2959,7 +3006,7 @@ mod tests {
     /// the run must end as it does without faults, no step the store had
     /// saved may run again, each lifecycle and invoke event must be there
     /// exactly once, and nothing may be left waiting.
-    mod crash_points {
+    pub(crate) mod crash_points {
         use std::sync::Mutex;
 
         use actix_web::{web, App, HttpResponse, HttpServer};
@@ -2971,7 +3018,8 @@ mod tests {
         use crate::store::StateStore;
 
         /// The function, as the fake app runs it.
-        enum Stage {
+        #[derive(Debug)]
+        pub(crate) enum Stage {
             Run(&'static str),
             Sleep(&'static str),
             Parallel(&'static [&'static str]),
@@ -2980,6 +3028,9 @@ mod tests {
             /// A step whose code throws every time; the function does not
             /// catch its error.
             Throw(&'static str),
+            /// `defer(id, …)`: a `DeferAdd` riding along the next ops (or
+            /// the `RunComplete`) until the call's `defers` list it.
+            Defer(&'static str),
         }
 
         struct Workflow {
@@ -3012,17 +3063,23 @@ mod tests {
                 events: &["inngest/function.failed", FUNCTION_FINISHED],
             },
         ];
-        const MAIN: &str = "crash-main";
-        const CALLEE: &str = "crash-callee";
+        pub(crate) const MAIN: &str = "crash-main";
+        pub(crate) const CALLEE: &str = "crash-callee";
 
         /// The fake SDK app. It checks, each time it runs a step's code,
         /// that the store has no result for that step yet.
         #[derive(Default)]
-        struct FakeApp {
-            script: Mutex<&'static [Stage]>,
+        pub(crate) struct FakeApp {
+            /// The script of `MAIN`.
+            pub(crate) script: Mutex<&'static [Stage]>,
+            /// The script of `CALLEE` (empty: it returns at once).
+            pub(crate) callee: Mutex<&'static [Stage]>,
             state: Mutex<Option<Arc<dyn StateStore>>>,
-            ran: Mutex<Vec<String>>,
-            violations: Mutex<Vec<String>>,
+            /// The step code run: (run id, step id), in order.
+            pub(crate) ran: Mutex<Vec<(String, String)>>,
+            /// Steps whose code ran when the store had their result:
+            /// (run id, step id).
+            pub(crate) violations: Mutex<Vec<(String, String)>>,
         }
 
         impl FakeApp {
@@ -3033,14 +3090,17 @@ mod tests {
                     self.violations
                         .lock()
                         .unwrap()
-                        .push(format!("step {step} ran again after its result was stored"));
+                        .push((run_id.to_string(), step.to_string()));
                 }
-                self.ran.lock().unwrap().push(step.to_string());
+                self.ran
+                    .lock()
+                    .unwrap()
+                    .push((run_id.to_string(), step.to_string()));
                 json!({"id": step, "op": "StepRun", "name": step, "data": {"step": step}})
             }
 
             /// The answer to one call: ops (206) or the output (200).
-            async fn answer(&self, step_id: &str, body: &Value) -> Reply {
+            async fn answer(&self, fn_id: &str, step_id: &str, body: &Value) -> Reply {
                 let run_id = body["ctx"]["run_id"].as_str().unwrap_or_default();
                 if step_id != "step" {
                     return Reply::Ops(vec![self.execute(run_id, step_id).await]);
@@ -3048,9 +3108,22 @@ mod tests {
                 let memos = body["steps"].as_object().cloned().unwrap_or_default();
                 let plan_only = body["ctx"]["disable_immediate_execution"] == true;
                 let op = |id: &str, op: &str, opts: Value| json!({"id": id, "op": op, "name": id, "opts": opts});
-                let script: &[Stage] = *self.script.lock().unwrap();
+                let script: &[Stage] = if fn_id == CALLEE {
+                    *self.callee.lock().unwrap()
+                } else {
+                    *self.script.lock().unwrap()
+                };
+                let mut lazy = Vec::new();
                 for stage in script {
-                    let ops = match stage {
+                    let mut ops = match stage {
+                        Stage::Defer(id) if body["defers"].get(*id).is_none() => {
+                            lazy.push(op(
+                                id,
+                                "DeferAdd",
+                                json!({"fn_slug": "crash-later", "input": {"defer": id}}),
+                            ));
+                            Vec::new()
+                        }
                         Stage::Run(id) if !memos.contains_key(*id) => {
                             if plan_only {
                                 vec![op(id, "StepPlanned", Value::Null)]
@@ -3069,7 +3142,7 @@ mod tests {
                         Stage::Wait(id) if !memos.contains_key(*id) => vec![op(
                             id,
                             "WaitForEvent",
-                            json!({"event": "test/never", "timeout": "1s"}),
+                            json!({"event": format!("test/{id}"), "timeout": "1s"}),
                         )],
                         Stage::Invoke(id) if !memos.contains_key(*id) => vec![op(
                             id,
@@ -3088,10 +3161,15 @@ mod tests {
                         _ => Vec::new(),
                     };
                     if !ops.is_empty() {
+                        ops.extend(lazy);
                         return Reply::Ops(ops);
                     }
                 }
-                Reply::Done(json!({"done": true}))
+                if lazy.is_empty() {
+                    return Reply::Done(json!({"done": true}));
+                }
+                lazy.push(json!({"id": "complete", "op": "RunComplete", "data": {"done": true}}));
+                Reply::Ops(lazy)
             }
         }
 
@@ -3109,8 +3187,9 @@ mod tests {
         ) -> HttpResponse {
             let body: Value = serde_json::from_slice(&body).unwrap_or_default();
             let step_id = query.get("stepId").map_or("step", String::as_str);
+            let fn_id = query.get("fnId").map_or(MAIN, String::as_str);
             use actix_web::http::StatusCode;
-            let (status, reply) = match app.answer(step_id, &body).await {
+            let (status, reply) = match app.answer(fn_id, step_id, &body).await {
                 Reply::Ops(ops) => (StatusCode::PARTIAL_CONTENT, json!(ops)),
                 Reply::Done(output) => (StatusCode::OK, output),
                 Reply::Error(error) => (StatusCode::INTERNAL_SERVER_ERROR, error),
@@ -3122,30 +3201,56 @@ mod tests {
                 .json(reply)
         }
 
-        struct Rig {
-            worker: Rc<Worker>,
-            real: Backends,
-            faults: Arc<Faults>,
-            clock: Arc<ManualClock>,
-            run: RunRecord,
+        pub(crate) struct Rig {
+            pub(crate) worker: Rc<Worker>,
+            pub(crate) real: Backends,
+            pub(crate) faults: Arc<Faults>,
+            pub(crate) clock: Arc<ManualClock>,
+            pub(crate) run: RunRecord,
         }
 
-        /// Fresh memory stores with the app synced and one run queued.
-        async fn rig(app: &FakeApp, url: &str, workflow: &Workflow) -> Rig {
+        /// The fake app, served on a free loopback port: the app, its URL
+        /// and the server's handle.
+        pub(crate) fn start_app() -> (web::Data<FakeApp>, String, actix_web::dev::ServerHandle) {
+            let app = web::Data::new(FakeApp::default());
+            let server = {
+                let app = app.clone();
+                HttpServer::new(move || {
+                    App::new()
+                        .app_data(app.clone())
+                        .default_service(web::to(sdk_endpoint))
+                })
+                .workers(1)
+                .bind(("127.0.0.1", 0))
+                .unwrap()
+            };
+            let url = format!("http://{}/api/inngest", server.addrs()[0]);
+            let server = server.run();
+            let handle = server.handle();
+            actix_rt::spawn(server);
+            (app, url, handle)
+        }
+
+        /// Fresh memory stores with the app synced and one run of `MAIN`,
+        /// running `script`, queued.
+        pub(crate) async fn rig(app: &FakeApp, url: &str, script: &'static [Stage]) -> Rig {
             let real = crate::store::memory::backends();
             let (backends, faults) = faulty_backends(&real);
             let clock = ManualClock::at(NOW);
             let worker = test_worker(backends, clock.clone());
-            let function = |id: &str| FunctionRecord {
-                id: id.into(),
-                app_id: "crash".into(),
-                version: 0,
-                url: url.into(),
-                config: json!({"id": id, "name": id, "triggers": [{"event": "test/crash"}],
+            let function = |id: &str| {
+                let url = format!("{url}?fnId={id}");
+                FunctionRecord {
+                    id: id.into(),
+                    app_id: "crash".into(),
+                    version: 0,
+                    url: url.clone(),
+                    config: json!({"id": id, "name": id, "triggers": [{"event": "test/crash"}],
                                "steps": {"step": {"runtime": {"url": url}}}})
-                .to_string(),
-                updated_at: 0,
-                archived: false,
+                    .to_string(),
+                    updated_at: 0,
+                    archived: false,
+                }
             };
             let app_record = AppRecord {
                 id: "crash".into(),
@@ -3170,7 +3275,7 @@ mod tests {
                 .await
                 .unwrap();
             *app.state.lock().unwrap() = Some(real.state.clone());
-            *app.script.lock().unwrap() = workflow.script;
+            *app.script.lock().unwrap() = script;
             Rig {
                 worker,
                 real,
@@ -3222,7 +3327,10 @@ mod tests {
         async fn check_invariants(rig: &Rig, app: &FakeApp, workflow: &Workflow, label: &str) {
             let run_id = &rig.run.id;
             let violations = std::mem::take(&mut *app.violations.lock().unwrap());
-            assert!(violations.is_empty(), "{label}: {violations:?}");
+            assert!(
+                violations.is_empty(),
+                "{label}: steps ran again after their result was stored: {violations:?}"
+            );
             let run = rig.real.state.load_run(run_id).await.unwrap().unwrap();
             assert_eq!(
                 run.status, workflow.status,
@@ -3256,26 +3364,10 @@ mod tests {
 
         #[actix_rt::test]
         async fn no_store_call_failing_loses_or_repeats_anything() {
-            let app = web::Data::new(FakeApp::default());
-            let server = {
-                let app = app.clone();
-                HttpServer::new(move || {
-                    App::new()
-                        .app_data(app.clone())
-                        .default_service(web::to(sdk_endpoint))
-                })
-                .workers(1)
-                .bind(("127.0.0.1", 0))
-                .unwrap()
-            };
-            let url = format!("http://{}/api/inngest", server.addrs()[0]);
-            let server = server.run();
-            let handle = server.handle();
-            actix_rt::spawn(server);
-
+            let (app, url, handle) = start_app();
             for (index, workflow) in WORKFLOWS.iter().enumerate() {
                 // No fault: how many store calls a whole run takes.
-                let clean = rig(&app, &url, workflow).await;
+                let clean = rig(&app, &url, workflow.script).await;
                 drive(&clean).await;
                 check_invariants(&clean, &app, workflow, &format!("{index}: no fault")).await;
                 let calls = clean.faults.calls();
@@ -3287,7 +3379,7 @@ mod tests {
 
                 let mut fired = 0;
                 for n in 0..calls.len() as u64 {
-                    let rig = rig(&app, &url, workflow).await;
+                    let rig = rig(&app, &url, workflow.script).await;
                     rig.faults.fail_call_number(n);
                     let failed = drive(&rig).await;
                     fired += u32::from(failed > 0);

@@ -634,6 +634,23 @@ impl Handler<Observe> for Runner {
     }
 }
 
+/// Handles the pending events once, as the runner's sweep does: creates
+/// their runs and resumes the pauses they match. For in-process tests that
+/// drive the executor by hand.
+#[cfg(test)]
+pub(crate) async fn handle_pending_events(
+    backends: &Backends,
+    clock: SharedClock,
+) -> StoreResult<u64> {
+    let matcher = Matcher {
+        backends: backends.clone(),
+        clock,
+        functions: RefCell::new((0, Rc::new(Vec::new()))),
+        status: RefCell::new(RunnerStatus::default()),
+    };
+    matcher.catch_up(None).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
