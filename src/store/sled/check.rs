@@ -27,8 +27,10 @@ pub const MARK_FILE: &str = "durable-seq";
 const TREE: &str = "durability";
 const KEY: &[u8] = b"seq";
 /// The mark file is rewritten at most this often; a mark that lags behind
-/// the database is still a correct (if weaker) check.
-const MARK_EVERY: Duration = Duration::from_millis(50);
+/// the database is still a correct (if weaker) check. A mark left out is
+/// written by the store thread once it has been idle this long, and at
+/// shutdown.
+pub const MARK_EVERY: Duration = Duration::from_millis(50);
 
 /// Stores larger than this are not read through at start (it would slow the
 /// start down); `baton doctor` still reads them whole.
@@ -59,14 +61,16 @@ impl DurabilityMark {
     }
 
     /// Records `seq` outside sled once the flush that wrote it is done.
-    /// `force` writes it whatever the time since the last write.
-    pub fn after_flush(&self, seq: u64, force: bool) {
+    /// `force` writes it whatever the time since the last write; without
+    /// it, at most one write per [`MARK_EVERY`], and false when this one
+    /// was left out (the caller writes it later, see [`MARK_EVERY`]).
+    pub fn after_flush(&self, seq: u64, force: bool) -> bool {
         let Some(file) = &self.file else {
-            return;
+            return true;
         };
         let mut last = self.last_written.lock().expect("mark lock");
         if !force && last.is_some_and(|at| at.elapsed() < MARK_EVERY) {
-            return;
+            return false;
         }
         // Write then rename: the file always holds a whole number. No fsync:
         // after a crash it may hold an older number, which is still
@@ -78,6 +82,7 @@ impl DurabilityMark {
             tracing::warn!(error = %err, file = %file.display(), "cannot write the durability mark");
         }
         *last = Some(Instant::now());
+        true
     }
 }
 
@@ -287,7 +292,7 @@ mod tests {
         verify(&db, dir.path()).unwrap();
         let seq = mark.before_flush(&db).unwrap();
         db.flush().unwrap();
-        mark.after_flush(seq, true);
+        assert!(mark.after_flush(seq, true));
         verify(&db, dir.path()).unwrap();
         // The database forgets its last flush (as a damaged file would).
         db.open_tree(TREE).unwrap().remove(KEY).unwrap();

@@ -1,63 +1,172 @@
-//! Group commit: callers that need their writes on disk ask for a flush; a
-//! dedicated thread flushes once for every caller waiting at that moment, so
-//! a hundred concurrent requests cost one fsync, not a hundred.
+//! The store thread and its group commit. Writes that must be on disk when
+//! they return (a run's commit, and every `flush`) are jobs sent to one
+//! dedicated thread, `sled-store`: it takes every job waiting at that
+//! moment, runs them one after the other (their sled reads and writes), then
+//! flushes once for all of them and only then answers each caller. So the
+//! blocking sled work of a commit stays off the async (actor and HTTP)
+//! threads, a hundred concurrent commits cost one flush, and a commit is
+//! acknowledged only once it is on disk.
 
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
-use super::check::DurabilityMark;
+use super::check::{DurabilityMark, MARK_EVERY};
 use crate::store::{StoreError, StoreResult};
 
-/// A flush request: the database to flush (so that the thread holds no
-/// database while idle, and a closed database really closes) and who to tell.
-type Waiter = (sled::Db, oneshot::Sender<Result<(), String>>);
+/// What a job leaves to do after the batch's flush: answer its caller with
+/// the flush's outcome (when it needed the flush) or with its own.
+type Answer = Box<dyn FnOnce(&Result<(), String>) + Send>;
+
+/// A job for the store thread: its work, returning whether what it wrote
+/// must be flushed before its answer, and the answer. The job carries a
+/// handle on the database so that the thread holds none while idle (and a
+/// closed database really closes).
+struct Job {
+    db: sled::Db,
+    work: Work,
+    /// Record this flush in the mark file at once (the flush at shutdown).
+    force_mark: bool,
+}
+
+type Work = Box<dyn FnOnce() -> (bool, Answer) + Send>;
 
 #[derive(Clone)]
 pub struct GroupCommit {
     db: sled::Db,
-    requests: Sender<Waiter>,
+    jobs: Sender<Job>,
 }
 
 impl GroupCommit {
-    /// Starts the flush thread; each flush also advances `mark`.
+    /// Starts the store thread; each flush also advances `mark`.
     pub fn start(db: sled::Db, mark: Arc<DurabilityMark>) -> GroupCommit {
-        let (requests, receiver) = crossbeam_channel::unbounded();
+        let (jobs, receiver) = crossbeam_channel::unbounded();
         std::thread::Builder::new()
-            .name("sled-flush".into())
-            .spawn(move || flush_loop(receiver, mark))
-            .expect("spawning the flush thread at start-up");
-        GroupCommit { db, requests }
+            .name("sled-store".into())
+            .spawn(move || store_loop(receiver, mark))
+            .expect("spawning the store thread at start-up");
+        GroupCommit { db, jobs }
     }
 
     /// Returns once every write made before the call is on disk.
     pub async fn flush(&self) -> StoreResult<()> {
-        let (done, wait) = oneshot::channel();
-        self.requests
-            .send((self.db.clone(), done))
-            .map_err(|_| StoreError::unavailable("the flush thread has stopped"))?;
+        self.job(false, || Ok(((), true))).await
+    }
+
+    /// [`flush`](Self::flush), and the durability mark written at once: the
+    /// last flush before the process ends.
+    pub async fn flush_and_mark(&self) -> StoreResult<()> {
+        self.job(true, || Ok(((), true))).await
+    }
+
+    /// Runs `work` on the store thread. `work` returns its value and whether
+    /// it wrote something that must be durable: then the value comes back
+    /// only after the flush that covers it (an error if that flush failed).
+    /// An error from `work` comes back at once.
+    pub async fn run<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> StoreResult<(T, bool)> + Send + 'static,
+    {
+        self.job(false, work).await
+    }
+
+    async fn job<T, F>(&self, force_mark: bool, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> StoreResult<(T, bool)> + Send + 'static,
+    {
+        let (done, wait) = oneshot::channel::<StoreResult<T>>();
+        let job = Job {
+            db: self.db.clone(),
+            work: Box::new(move || match work() {
+                Ok((value, durable)) => {
+                    let answer: Answer = Box::new(move |flushed: &Result<(), String>| {
+                        let result = match flushed {
+                            Ok(()) => Ok(value),
+                            Err(err) if durable => {
+                                Err(StoreError::unavailable(format!("flush failed: {err}")))
+                            }
+                            Err(_) => Ok(value),
+                        };
+                        let _ = done.send(result);
+                    });
+                    (durable, answer)
+                }
+                Err(err) => {
+                    let _ = done.send(Err(err));
+                    (false, Box::new(|_: &Result<(), String>| {}))
+                }
+            }),
+            force_mark,
+        };
+        self.jobs
+            .send(job)
+            .map_err(|_| StoreError::unavailable("the store thread has stopped"))?;
         wait.await
-            .map_err(|_| StoreError::unavailable("the flush thread has stopped"))?
-            .map_err(|err| StoreError::unavailable(format!("flush failed: {err}")))
+            .map_err(|_| StoreError::unavailable("the store thread has stopped"))?
     }
 }
 
-fn flush_loop(requests: Receiver<Waiter>, mark: Arc<DurabilityMark>) {
-    // Ends when every GroupCommit handle is dropped.
-    while let Ok((db, first)) = requests.recv() {
-        let mut waiters = vec![first];
-        waiters.extend(requests.try_iter().map(|(_, waiter)| waiter));
-        let seq = mark.before_flush(&db);
-        let result = db.flush().map(|_| ()).map_err(|err| err.to_string());
-        if let (Ok(()), Some(seq)) = (&result, seq) {
-            // When the queue is empty this may be the last flush for a
-            // while (or the one at shutdown): always record it then.
-            mark.after_flush(seq, requests.is_empty());
+fn store_loop(jobs: Receiver<Job>, mark: Arc<DurabilityMark>) {
+    // A flush whose mark was left out (see `MARK_EVERY`): written once no
+    // job came for that long, or when the thread ends.
+    let mut unmarked: Option<u64> = None;
+    loop {
+        let first = match unmarked {
+            None => match jobs.recv() {
+                Ok(job) => job,
+                // Every GroupCommit handle is dropped.
+                Err(_) => break,
+            },
+            Some(seq) => match jobs.recv_timeout(MARK_EVERY) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) => {
+                    mark.after_flush(seq, true);
+                    unmarked = None;
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+        };
+        let db = first.db;
+        let mut force_mark = first.force_mark;
+        let mut answers = Vec::new();
+        let mut durable = false;
+        let mut run = |work: Work| {
+            // A panicking job must not take the store down with it: its
+            // caller gets "the store thread has stopped" (its answer is
+            // dropped unsent), the others go on.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+                Ok((needs_flush, answer)) => {
+                    durable |= needs_flush;
+                    answers.push(answer);
+                }
+                Err(_) => tracing::error!("a store job panicked"),
+            }
+        };
+        run(first.work);
+        for job in jobs.try_iter() {
+            force_mark |= job.force_mark;
+            run(job.work);
         }
+        let result = if durable {
+            let seq = mark.before_flush(&db);
+            let result = db.flush().map(|_| ()).map_err(|err| err.to_string());
+            if let (Ok(()), Some(seq)) = (&result, seq) {
+                unmarked = (!mark.after_flush(seq, force_mark)).then_some(seq);
+            }
+            result
+        } else {
+            Ok(())
+        };
         drop(db);
-        for waiter in waiters {
-            let _ = waiter.send(result.clone());
+        for answer in answers {
+            answer(&result);
         }
+    }
+    if let Some(seq) = unmarked {
+        mark.after_flush(seq, true);
     }
 }

@@ -3,9 +3,10 @@
 //! big-endian numbers so scans come out ordered).
 //!
 //! sled recovers a prefix of the writes made before a crash, so writes that
-//! must be seen together go in one `apply_batch` on one tree. Durability
-//! points (`flush`) go through [`GroupCommit`], so concurrent writers share
-//! one fsync. One process per directory: sled locks it.
+//! must be seen together go in one `apply_batch` on one tree. A run's
+//! commit runs on the store thread, and durability points (`flush`) go
+//! through it too ([`GroupCommit`]), so concurrent writers share one fsync.
+//! One process per directory: sled locks it.
 
 pub mod check;
 mod commit;
@@ -131,9 +132,10 @@ impl SledDb {
         self.db.size_on_disk().unwrap_or(0)
     }
 
-    /// Flushes everything; used at shutdown.
+    /// Flushes everything and records it in the durability mark at once;
+    /// used at shutdown.
     pub async fn flush(&self) -> StoreResult<()> {
-        self.commit.flush().await
+        self.commit.flush_and_mark().await
     }
 }
 

@@ -14,7 +14,7 @@
 //! `df/<run>` the run's defers; `rv/<run>` the run's version (see
 //! `store::commit`; absent until its first commit).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::{key, sled_error, GroupCommit, SledDb};
 use crate::clock::Timestamp;
@@ -32,24 +32,42 @@ use crate::store::{
 use std::time::Duration;
 
 pub struct SledStateStore {
-    tree: sled::Tree,
+    inner: Arc<StateTree>,
     commit: GroupCommit,
+}
+
+/// The `state` tree and what serializes writes to it; shared with the store
+/// thread, which runs the commits.
+pub struct StateTree {
+    tree: sled::Tree,
     /// Serializes read-modify-write of run records.
     write_lock: Mutex<()>,
     /// Orders attempt records noted in the same millisecond.
     attempt_seq: std::sync::atomic::AtomicU64,
 }
 
+impl std::ops::Deref for SledStateStore {
+    type Target = StateTree;
+
+    fn deref(&self) -> &StateTree {
+        &self.inner
+    }
+}
+
 impl SledStateStore {
     pub fn open(db: &SledDb) -> StoreResult<SledStateStore> {
         Ok(SledStateStore {
-            tree: db.tree("state")?,
+            inner: Arc::new(StateTree {
+                tree: db.tree("state")?,
+                write_lock: Mutex::new(()),
+                attempt_seq: std::sync::atomic::AtomicU64::new(0),
+            }),
             commit: db.commit.clone(),
-            write_lock: Mutex::new(()),
-            attempt_seq: std::sync::atomic::AtomicU64::new(0),
         })
     }
+}
 
+impl StateTree {
     fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
         match self
             .tree
@@ -217,6 +235,61 @@ impl SledStateStore {
         }
         Ok(read)
     }
+
+    /// Plans and applies one commit (see `StateStore::commit`); returns its
+    /// answer and whether it must be flushed before that answer is given.
+    fn commit_now(
+        &self,
+        run_id: &str,
+        expected_version: Option<u64>,
+        writes: &RunWrites,
+    ) -> StoreResult<(Commit, bool)> {
+        let _guard = self.lock();
+        let read = self.commit_read(run_id, writes)?;
+        let metadata_seq = if writes.metadata.is_empty() {
+            0
+        } else {
+            self.metadata_size(run_id)?.1
+        };
+        let (plan, outcome) = match plan_commit(read, expected_version, writes) {
+            Ok(planned) => planned,
+            Err(answer) => return Ok((answer, false)),
+        };
+        if plan.is_empty() {
+            return Ok((Commit::Done(outcome), false));
+        }
+        let run = run_id.as_bytes();
+        let mut batch = sled::Batch::default();
+        if let Some(record) = &plan.run {
+            batch.insert(key(&[b"r", run]), record.to_bytes());
+        }
+        if let Some(version) = plan.version {
+            batch.insert(key(&[b"rv", run]), &version.to_be_bytes());
+        }
+        for step in &plan.steps {
+            batch.insert(key(&[b"s", run, step.id.as_bytes()]), step.to_bytes());
+        }
+        for pause in &plan.pauses {
+            insert_pause(&mut batch, pause);
+        }
+        if let Some(defers) = &plan.defers {
+            batch.insert(key(&[b"df", run]), defers.to_bytes());
+        }
+        if !plan.metadata.is_empty() {
+            Self::insert_metadata(
+                &mut batch,
+                run_id,
+                plan.metadata.iter().copied(),
+                plan.metadata_used,
+                metadata_seq,
+            );
+        }
+        if let Some(attempt) = plan.attempt {
+            batch.insert(self.attempt_key(attempt), attempt.to_bytes());
+        }
+        self.tree.apply_batch(batch).map_err(sled_error)?;
+        Ok((Commit::Done(outcome), plan.needs_flush() && !writes.lazy))
+    }
 }
 
 /// Adds `pause` and its indexes to `batch`.
@@ -340,58 +413,14 @@ impl StateStore for SledStateStore {
         expected_version: Option<u64>,
         writes: &RunWrites,
     ) -> StoreResult<Commit> {
-        let (outcome, durable) = {
-            let _guard = self.lock();
-            let read = self.commit_read(run_id, writes)?;
-            let metadata_seq = if writes.metadata.is_empty() {
-                0
-            } else {
-                self.metadata_size(run_id)?.1
-            };
-            let (plan, outcome) = match plan_commit(read, expected_version, writes) {
-                Ok(planned) => planned,
-                Err(answer) => return Ok(answer),
-            };
-            if plan.is_empty() {
-                return Ok(Commit::Done(outcome));
-            }
-            let run = run_id.as_bytes();
-            let mut batch = sled::Batch::default();
-            if let Some(record) = &plan.run {
-                batch.insert(key(&[b"r", run]), record.to_bytes());
-            }
-            if let Some(version) = plan.version {
-                batch.insert(key(&[b"rv", run]), &version.to_be_bytes());
-            }
-            for step in &plan.steps {
-                batch.insert(key(&[b"s", run, step.id.as_bytes()]), step.to_bytes());
-            }
-            for pause in &plan.pauses {
-                insert_pause(&mut batch, pause);
-            }
-            if let Some(defers) = &plan.defers {
-                batch.insert(key(&[b"df", run]), defers.to_bytes());
-            }
-            if !plan.metadata.is_empty() {
-                Self::insert_metadata(
-                    &mut batch,
-                    run_id,
-                    plan.metadata.iter().copied(),
-                    plan.metadata_used,
-                    metadata_seq,
-                );
-            }
-            if let Some(attempt) = plan.attempt {
-                batch.insert(self.attempt_key(attempt), attempt.to_bytes());
-            }
-            self.tree.apply_batch(batch).map_err(sled_error)?;
-            (outcome, plan.needs_flush() && !writes.lazy)
-        };
-        // One flush for the whole commit, shared with concurrent ones.
-        if durable {
-            self.commit.flush().await?;
-        }
-        Ok(Commit::Done(outcome))
+        // On the store thread, which flushes once for every commit in its
+        // batch before answering.
+        let tree = self.inner.clone();
+        let run_id = run_id.to_string();
+        let writes = writes.clone();
+        self.commit
+            .run(move || tree.commit_now(&run_id, expected_version, &writes))
+            .await
     }
 
     async fn save_pause(&self, pause: PauseRecord) -> StoreResult<bool> {
@@ -809,7 +838,7 @@ impl StateStore for SledStateStore {
             }
             let mut batch = sled::Batch::default();
             let added = fresh.len();
-            Self::insert_metadata(&mut batch, run_id, fresh, used + adding, seq);
+            StateTree::insert_metadata(&mut batch, run_id, fresh, used + adding, seq);
             self.tree.apply_batch(batch).map_err(sled_error)?;
             AddMetadata::Added { added }
         };
