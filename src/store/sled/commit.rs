@@ -170,3 +170,64 @@ fn store_loop(jobs: Receiver<Job>, mark: Arc<DurabilityMark>) {
         mark.after_flush(seq, true);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::check::{self, MARK_FILE};
+    use super::*;
+
+    fn open(dir: &std::path::Path) -> (sled::Db, GroupCommit) {
+        let db = sled::Config::new().path(dir.join("db")).open().unwrap();
+        let mark = Arc::new(DurabilityMark::new(Some(dir)));
+        let commit = GroupCommit::start(db.clone(), mark);
+        (db, commit)
+    }
+
+    #[tokio::test]
+    async fn jobs_run_on_the_store_thread_and_a_panic_fails_only_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, commit) = open(dir.path());
+        let writer = db.clone();
+        let thread = commit
+            .run(move || {
+                writer
+                    .insert(b"k", b"v")
+                    .map_err(super::super::sled_error)?;
+                Ok((std::thread::current().name().map(str::to_string), true))
+            })
+            .await
+            .unwrap();
+        assert_eq!(thread.as_deref(), Some("sled-store"));
+        assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+
+        let panicked = commit.run(|| -> StoreResult<((), bool)> { panic!("a bug") });
+        let err = panicked.await.unwrap_err();
+        assert!(err.to_string().contains("stopped"), "{err}");
+        // The thread lives on, and a failing job's error comes back as is.
+        commit.flush().await.unwrap();
+        let err = commit
+            .run(|| -> StoreResult<((), bool)> { Err(StoreError::unavailable("refused")) })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("refused"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_flush_at_shutdown_is_marked_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, commit) = open(dir.path());
+        // Many flushes in a row: the mark file may lag behind them ...
+        for _ in 0..20 {
+            commit.flush().await.unwrap();
+        }
+        // ... but not behind the one at shutdown, and the store checks out.
+        commit.flush_and_mark().await.unwrap();
+        let marked: u64 = std::fs::read_to_string(dir.path().join(MARK_FILE))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(marked, 21);
+        check::verify(&db, dir.path()).unwrap();
+    }
+}
