@@ -31,7 +31,7 @@ use crate::model::sessions::resolve_meta;
 use crate::model::trace::Span;
 use crate::model::{DeferRecord, DeferStatus, EventRecord, RunRecord};
 use crate::sdk::{Op, Opcode};
-use crate::store::{Backends, DeferOutcome, DeferWrite, SaveDefer, StoreResult};
+use crate::store::{DeferOutcome, DeferWrite, SaveDefer};
 
 /// The event that starts a deferred run.
 pub const DEFERRED_SCHEDULE: &str = "inngest/deferred.schedule";
@@ -146,36 +146,6 @@ pub fn parse(op: &Op, now: Timestamp) -> DeferOp {
         },
         rejected,
     }
-}
-
-/// Stores a run's defer ops, in order. None of them fails the run: what is
-/// refused is logged. Durable when it returns.
-pub async fn apply(backends: &Backends, run_id: &str, ops: &[DeferOp]) -> StoreResult<()> {
-    for op in ops {
-        match op {
-            DeferOp::Add { defer, rejected } => {
-                let outcome = backends.state.save_defer(run_id, defer.clone()).await?;
-                let reason = match (outcome, rejected) {
-                    (SaveDefer::Saved | SaveDefer::Rejected, Some(reason)) => reason.clone(),
-                    (SaveDefer::Rejected, None) => "the run's defer inputs are too large".into(),
-                    (SaveDefer::Full, _) => format!(
-                        "the run has {} defers, the most",
-                        crate::store::MAX_DEFERS_PER_RUN
-                    ),
-                    _ => continue,
-                };
-                warn!(run_id, defer = %defer.name, fn_slug = %defer.fn_slug, %reason,
-                      "defer refused; the run goes on without it");
-            }
-            DeferOp::Abort { target } => {
-                backends.state.abort_defer(run_id, target).await?;
-            }
-            DeferOp::Invalid { id, reason } => {
-                warn!(run_id, op_id = %id, %reason, "unusable defer op ignored");
-            }
-        }
-    }
-    Ok(())
 }
 
 /// What a reply's or checkpoint's defer ops write in its commit
