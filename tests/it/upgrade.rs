@@ -146,52 +146,19 @@ async fn make_previous_release_fixture() {
 
 const REDIS_FIXTURE: &str = "redis-0.1.0.json";
 
-/// A sync Redis connection, or None (skipped; a failure with
-/// `BATON_REQUIRE_BACKENDS=1`).
-fn redis_or_skip(test: &str) -> Option<redis::Connection> {
-    match redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
-        Ok(conn) => Some(conn),
-        Err(err) => {
-            skip(test, &format!("no Redis at {} ({err})", redis_url()));
-            None
-        }
-    }
-}
-
-fn keys_under(conn: &mut redis::Connection, prefix: &str) -> Vec<String> {
-    let mut keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query(conn)
-        .unwrap();
-    keys.sort();
-    keys
-}
-
-fn delete_under(conn: &mut redis::Connection, prefix: &str) {
-    for key in keys_under(conn, prefix) {
-        let _: () = redis::cmd("DEL").arg(key).query(conn).unwrap();
-    }
-}
-
-fn redis_config(prefix: &str) -> String {
-    format!(
-        "[backends]\nstate = \"redis\"\nqueue = \"redis\"\ndata = \"redis\"\n\
-         redis_url = \"{}\"\nredis_prefix = \"{prefix}\"\n",
-        redis_url()
-    )
-}
-
 #[tokio::test]
 async fn a_redis_dataset_of_the_previous_release_finishes_its_runs() {
-    let Some(mut conn) = redis_or_skip("a_redis_dataset_of_the_previous_release_finishes_its_runs")
-    else {
-        return;
-    };
     let fixture: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture_dir().join(REDIS_FIXTURE)).unwrap())
             .unwrap();
     let prefix = fixture["prefix"].as_str().unwrap();
-    delete_under(&mut conn, prefix);
+    let Some(mut keys) = RedisKeys::with_prefix(
+        "a_redis_dataset_of_the_previous_release_finishes_its_runs",
+        prefix,
+    ) else {
+        return;
+    };
+    keys.clear();
     for pair in fixture["keys"].as_array().unwrap() {
         let key = pair[0].as_str().unwrap();
         let dump = hex::decode(pair[1].as_str().unwrap()).unwrap();
@@ -199,7 +166,7 @@ async fn a_redis_dataset_of_the_previous_release_finishes_its_runs() {
             .arg(key)
             .arg(0)
             .arg(dump)
-            .query(&mut conn)
+            .query(keys.conn())
             .unwrap();
     }
     let ids = &fixture["ids"];
@@ -207,15 +174,13 @@ async fn a_redis_dataset_of_the_previous_release_finishes_its_runs() {
     let baton = Baton::start_with(
         &dir.path().join("data"),
         BatonOptions {
-            config: Some(redis_config(prefix)),
+            config: Some(keys.config()),
             ..BatonOptions::default()
         },
     );
     let app = NodeApp::start(&baton.url);
     app.sync().await;
     finish_old_runs(&baton, ids, 2).await;
-    drop((baton, app));
-    delete_under(&mut conn, prefix);
 }
 
 /// Makes the Redis fixture; run like `make_previous_release_fixture`.
@@ -223,13 +188,13 @@ async fn a_redis_dataset_of_the_previous_release_finishes_its_runs() {
 #[ignore]
 async fn make_previous_release_redis_fixture() {
     assert!(std::env::var("BATON_TEST_BINARY").is_ok());
-    let mut conn = redis_or_skip("make fixture").expect("Redis is needed");
-    let prefix = format!("baton-upgrade-fixture-{}:", ulid::Ulid::new());
+    let mut keys =
+        RedisKeys::open("make fixture", "baton-upgrade-fixture").expect("Redis is needed");
     let dir = tempfile::tempdir().unwrap();
     let mut baton = Baton::start_with(
         &dir.path().join("data"),
         BatonOptions {
-            config: Some(redis_config(&prefix)),
+            config: Some(keys.config()),
             ..BatonOptions::default()
         },
     );
@@ -237,18 +202,18 @@ async fn make_previous_release_redis_fixture() {
     app.sync().await;
     let ids = start_old_runs(&baton).await;
     baton.kill_9();
-    let keys: Vec<Value> = keys_under(&mut conn, &prefix)
+    let dumps: Vec<Value> = keys
+        .keys()
         .into_iter()
         .map(|key| {
-            let dump: Vec<u8> = redis::cmd("DUMP").arg(&key).query(&mut conn).unwrap();
+            let dump: Vec<u8> = redis::cmd("DUMP").arg(&key).query(keys.conn()).unwrap();
             json!([key, hex::encode(dump)])
         })
         .collect();
     let fixture = json!({
-        "prefix": prefix,
+        "prefix": keys.prefix,
         "ids": ids,
-        "keys": keys,
+        "keys": dumps,
     });
     std::fs::write(fixture_dir().join(REDIS_FIXTURE), format!("{fixture:#}\n")).unwrap();
-    delete_under(&mut conn, &prefix);
 }

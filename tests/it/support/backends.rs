@@ -58,6 +58,27 @@ impl RedisKeys {
         }
     }
 
+    /// The keys under a given `prefix` (a fixture's), or None (skipped)
+    /// without Redis.
+    pub fn with_prefix(test: &str, prefix: &str) -> Option<RedisKeys> {
+        let mut keys = RedisKeys::open(test, "unused")?;
+        keys.prefix = prefix.to_string();
+        Some(keys)
+    }
+
+    /// The connection, for commands of the test's own.
+    pub fn conn(&mut self) -> &mut redis::Connection {
+        &mut self.conn
+    }
+
+    /// Deletes the keys under the prefix now (as drop does).
+    pub fn clear(&mut self) {
+        let keys = self.keys();
+        for chunk in keys.chunks(500) {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut self.conn);
+        }
+    }
+
     /// `[backends]` with state, queue and data on this Redis prefix.
     pub fn config(&self) -> String {
         format!(
@@ -80,10 +101,7 @@ impl RedisKeys {
 
 impl Drop for RedisKeys {
     fn drop(&mut self) {
-        let keys = self.keys();
-        for chunk in keys.chunks(500) {
-            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut self.conn);
-        }
+        self.clear();
     }
 }
 
