@@ -117,7 +117,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use support::{Baton, BatonOptions, NodeApp};
+use support::{cpu_time, Baton, BatonOptions, NodeApp};
 
 /// Events per request in the batched phases.
 const BATCH: usize = 100;
@@ -1049,15 +1049,6 @@ impl CpuUse {
             used(self.node, self.node_start),
         )
     }
-}
-
-/// User + system CPU time of a process (`/proc` counts in USER_HZ = 100).
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command in parentheses: state (field 3) .. utime (14), stime (15).
-    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
 }
 
 /// The `node` process this benchmark started (the harness spawns it
