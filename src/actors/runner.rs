@@ -915,6 +915,99 @@ mod tests {
         assert_eq!(Rc::strong_count(&first), 1, "the old version is dropped");
     }
 
+    /// A measurement, not a check (it asserts only that the paths agree):
+    /// the runner's cost per event for a function with a trigger `if` and
+    /// a concurrency key, with the key compiled in the definition (now) and
+    /// looked up by text in `Expr::cached` for each event (as before), then
+    /// the whole `handle_batch` on memory stores, and the parse of 100
+    /// functions at a generation change, all new or all reused.
+    /// `cargo test --release --lib per_event_expression_cost -- --ignored --nocapture`
+    #[actix_rt::test]
+    #[ignore = "a measurement that prints timings"]
+    async fn per_event_expression_cost() {
+        use crate::clock::Clock;
+        use std::time::Instant;
+
+        const N: usize = 100_000;
+        let config = |id: &str| {
+            json!({"id": id, "triggers": [{"event": "test/keyed", "expression": "event.data.ok == true"}],
+                   "concurrency": {"limit": 2, "key": "event.data.user"},
+                   "steps": {"step": {"runtime": {"url": "http://127.0.0.1:9/api"}}}})
+        };
+        let def = crate::model::function::parse_config(&config("keyed")).unwrap();
+        let payloads: Vec<Value> = (0..N)
+            .map(|n| json!({"name": "test/keyed", "data": {"ok": true, "user": format!("u{}", n % 100)}}))
+            .collect();
+        let per_event = |started: Instant| started.elapsed().as_nanos() as f64 / N as f64;
+        let mut best = [f64::MAX; 2];
+        for _ in 0..5 {
+            let started = Instant::now();
+            let mut compiled = Vec::with_capacity(N);
+            for payload in &payloads {
+                assert!(def
+                    .triggers
+                    .iter()
+                    .any(|t| t.matches("test/keyed", payload)));
+                compiled.push(flow::concurrency_keys(&def, payload));
+            }
+            best[0] = best[0].min(per_event(started));
+            let source = def.flow.concurrency[0].key.as_ref().unwrap().source();
+            let started = Instant::now();
+            let mut by_text = Vec::with_capacity(N);
+            for payload in &payloads {
+                assert!(def
+                    .triggers
+                    .iter()
+                    .any(|t| t.matches("test/keyed", payload)));
+                let value = match Expr::cached(source).and_then(|e| e.eval(&[("event", payload)])) {
+                    Ok(Value::String(text)) => text,
+                    other => panic!("{other:?}"),
+                };
+                by_text.push(vec![(format!("keyed\u{1f}{value}"), 2)]);
+            }
+            best[1] = best[1].min(per_event(started));
+            assert_eq!(compiled, by_text);
+        }
+        println!(
+            "trigger if + concurrency key, {N} events, best of 5: compiled in the definition {:.0} ns/event, looked up by text {:.0} ns/event",
+            best[0], best[1]
+        );
+
+        let backends = crate::store::memory::backends();
+        let clock: SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
+        sync_function(&backends, config("keyed")).await;
+        let matcher = Matcher::new(backends.clone(), clock.clone());
+        let events = events("test/keyed", 0, 20_000, clock.now());
+        let started = Instant::now();
+        for batch in events.chunks(BATCH) {
+            matcher.handle_batch(batch.to_vec()).await.unwrap();
+        }
+        println!(
+            "handle_batch on memory stores, 20000 events: {:.1} µs/event",
+            started.elapsed().as_nanos() as f64 / 20_000.0 / 1_000.0
+        );
+
+        let records: Vec<FunctionRecord> = (0..100)
+            .map(|n| FunctionRecord {
+                id: format!("f{n}"),
+                app_id: "app".into(),
+                version: 1,
+                url: "http://127.0.0.1:9/api".into(),
+                config: config(&format!("f{n}")).to_string(),
+                updated_at: 0,
+                archived: false,
+            })
+            .collect();
+        let started = Instant::now();
+        let parsed = Functions::parse(&records, &Functions::default());
+        let all_new = started.elapsed();
+        let started = Instant::now();
+        let reused = Functions::parse(&records, &parsed);
+        let all_reused = started.elapsed();
+        assert_eq!(reused.list.len(), 100);
+        println!("a generation change with 100 functions: {all_new:?} all parsed, {all_reused:?} all reused");
+    }
+
     fn event(name: &str, n: usize) -> EventRecord {
         EventRecord {
             internal_id: format!("{name}-{n}"),
