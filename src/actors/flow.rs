@@ -3,7 +3,9 @@
 //! singletons may skip a run (recorded as `Skipped` with the rule's name);
 //! throttle and priority set when its first call is due; concurrency keys
 //! go on its queue items, where the queue enforces them. All bookkeeping is
-//! in the stores, so it holds across restarts and processes.
+//! in the stores, so it holds across restarts and processes. Keys,
+//! conditions and priorities are evaluated with the programs the
+//! `FunctionDef` compiled when it was parsed.
 
 use std::time::Duration;
 

@@ -925,7 +925,6 @@ mod tests {
     #[actix_rt::test]
     #[ignore = "a measurement that prints timings"]
     async fn per_event_expression_cost() {
-        use crate::clock::Clock;
         use std::time::Instant;
 
         const N: usize = 100_000;
