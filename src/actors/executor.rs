@@ -398,6 +398,20 @@ impl Worker {
             checkpoint,
             defers,
         };
+        // An item whose lease expired while it was loading (a stall, a
+        // slow store) may be another worker's by now: only the holder calls
+        // the app, so a step body that is not stored yet runs twice only if
+        // the lease is lost during the call itself.
+        let expires = self.clock.now().plus(self.config.lease_ttl);
+        if !self
+            .backends
+            .queue
+            .holds(lease.lease_id, &item.id, expires)
+            .await?
+        {
+            debug!(run_id = %run.id, item = %item.id, "lease lost before the call; not calling");
+            return Ok(());
+        }
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
         let call_started = std::time::Instant::now();
@@ -1860,6 +1874,34 @@ mod tests {
             names.sort();
             expected.sort();
             assert_eq!(names, expected, "{label}: events");
+        }
+
+        #[actix_rt::test]
+        async fn an_item_whose_lease_moved_on_does_not_call_the_app() {
+            let (app, url, handle) = start_app();
+            let rig = rig(&app, &url, &[Stage::Run("a"), Stage::Run("b")]).await;
+            let ttl = Duration::from_secs(30);
+            let lease_now = || async {
+                let now = rig.clock.now();
+                rig.real.queue.lease_due(now, 1, ttl).await.unwrap()
+            };
+            let stale = lease_now().await.pop().expect("the discovery is due");
+            // The first worker stalls past its lease; another takes the item.
+            rig.clock.advance(ttl + Duration::from_secs(1));
+            let current = lease_now()
+                .await
+                .pop()
+                .expect("the expired item comes back");
+            assert_ne!(stale.lease_id, current.lease_id);
+            rig.worker.process(&stale).await.unwrap();
+            assert!(
+                app.ran.lock().unwrap().is_empty(),
+                "a stale lease called the app"
+            );
+            rig.worker.process(&current).await.unwrap();
+            let ran = app.ran.lock().unwrap().clone();
+            assert_eq!(ran, vec![(rig.run.id.clone(), "a".to_string())]);
+            handle.stop(false).await;
         }
 
         #[actix_rt::test]
