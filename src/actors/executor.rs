@@ -32,7 +32,7 @@ use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
 use crate::core::answer::{self, Results, Stalled};
 use crate::core::item::{self, Delivered, ItemAction};
-use crate::core::{backoff, decide, Decision, Discover, MAX_CALL_BODY_BYTES};
+use crate::core::{backoff, Decision, MAX_CALL_BODY_BYTES};
 use crate::expr::panic_message;
 use crate::metrics::METRICS;
 use crate::model::endpoint;
@@ -122,8 +122,7 @@ impl Worker {
         }
         if let Some(run) = self.backends.state.load_run(&item.run_id).await? {
             if !run.status.is_terminal() {
-                let error = json!({"error": "internal error", "name": "InternalError",
-                    "message": format!("Baton failed while processing this run: {message}")});
+                let error = answer::internal_error(message);
                 let now = self.clock.now();
                 if lifecycle::finish_run(&self.backends, &run, RunStatus::Failed, error, now)
                     .await?
@@ -372,14 +371,13 @@ impl Worker {
         let defers = defer::sdk_entries(&self.backends.state.load_defers(&run.id).await?);
         // Checkpointing: a discovery call that may run steps inline lets
         // the SDK run them all, storing each through `actors::checkpoint`.
-        let checkpoint = (self.config.checkpointing
-            && !def.endpoint
-            && matches!(item.kind, ItemKind::Discovery { .. })
-            && !run.force_plan)
-            .then(|| CheckpointOffer {
-                fn_id: run.fn_id.clone(),
-                qi_id: checkpoint::qi_id(lease.lease_id, &item.id),
-            });
+        let checkpoint =
+            item::offers_checkpoint(&run, item, self.config.checkpointing, def.endpoint).then(
+                || CheckpointOffer {
+                    fn_id: run.fn_id.clone(),
+                    qi_id: checkpoint::qi_id(lease.lease_id, &item.id),
+                },
+            );
         let offered = checkpoint.is_some();
         let call = CallRequest {
             url: &function.url,
@@ -392,8 +390,7 @@ impl Worker {
             attempt: lease.attempt,
             max_attempts: run.max_attempts,
             request_version: run.request_version,
-            disable_immediate_execution: run.force_plan
-                || matches!(item.kind, ItemKind::Planned { .. }),
+            disable_immediate_execution: item::plan_only(&run, item),
             max_body_bytes: MAX_CALL_BODY_BYTES,
             checkpoint,
             defers,
@@ -450,15 +447,7 @@ impl Worker {
                 retry_after: None,
             },
         };
-        let request_version = match &reply {
-            SdkReply::Complete {
-                request_version, ..
-            }
-            | SdkReply::Ops {
-                request_version, ..
-            } => *request_version,
-            SdkReply::Error { .. } => -1,
-        };
+        let request_version = reply.request_version();
         let stack_before = run.stack.len();
         if offered {
             match self.after_checkpoints(lease, &reply).await? {
@@ -512,7 +501,7 @@ impl Worker {
             job_id: &lease.item.id,
             step_id,
             request_version: run.request_version,
-            force_plan: run.force_plan || matches!(lease.item.kind, ItemKind::Planned { .. }),
+            force_plan: item::plan_only(run, &lease.item),
         };
         self.client.call_endpoint(&call, self.clock.now()).await
     }
@@ -587,20 +576,19 @@ impl Worker {
         Ok(Some((run, version)))
     }
 
-    /// The decision for a reply on the run as it is: `decide`, plus what
-    /// the call did on the side (checkpointed steps are progress).
+    /// The decision for a reply on the run as it is now
+    /// (`core::answer::decide_answer`).
     fn decide_answer(&self, run: &mut RunRecord, lease: &Lease, call: &Answered<'_>) -> Decision {
-        if call.request_version > 0 {
-            run.request_version = call.request_version;
-        }
-        let mut decision = decide(run, lease, call.reply, self.clock.now(), call.delay);
-        if decision.no_progress && run.stack.len() > call.stack_before {
-            // The call checkpointed steps, then stopped at its time limit
-            // (`DiscoveryRequest`): progress, so simply call again.
-            decision.no_progress = false;
-            decision.discover = Discover::Always;
-        }
-        decision
+        let now = self.clock.now();
+        answer::decide_answer(
+            run,
+            lease,
+            call.reply,
+            call.request_version,
+            call.stack_before,
+            now,
+            call.delay,
+        )
     }
 
     /// Commits `writes` if the run is still at `version`. On a conflict
@@ -1062,7 +1050,7 @@ mod tests {
     use crate::actors::lifecycle::{FUNCTION_FINISHED, FUNCTION_INVOKED};
     use crate::core::answer::invoke_event;
     use crate::core::decide::tests::*;
-    use crate::core::Invoke;
+    use crate::core::{decide, Invoke};
     use crate::model::{PauseKind, PauseRecord};
     use crate::store::testsuite::sample_run;
 

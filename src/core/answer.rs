@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::decide::{after_result, Decision, Discover, Invoke, MAX_NO_PROGRESS};
+use super::decide::{after_result, decide, Decision, Discover, Invoke, MAX_NO_PROGRESS};
 use super::item::server_step;
 use crate::actors::defer;
 use crate::actors::lifecycle::{self, FUNCTION_INVOKED};
@@ -22,7 +22,8 @@ use crate::model::trace::AttemptRecord;
 use crate::model::{
     EventRecord, ItemKind, PauseRecord, QueueItem, RunRecord, StepKind, StepRecord,
 };
-use crate::store::{Commit, Committed, RunWrites};
+use crate::sdk::SdkReply;
+use crate::store::{Commit, Committed, Lease, RunWrites};
 
 /// Items to enqueue with the ack, each with when it is due.
 pub type Next = Vec<(QueueItem, Timestamp)>;
@@ -63,6 +64,32 @@ pub fn after_resume(run: &RunRecord, in_group: bool, commit: &Commit, now: Times
         )],
         Commit::Conflict { .. } | Commit::RunEnded => Vec::new(),
     }
+}
+
+/// The decision for a reply on the run as it is now (which the call may
+/// have changed: checkpointed steps): [`decide`], with the reply's request
+/// version noted on `run`. A call that checkpointed steps and then
+/// stopped at its time limit (a lone `DiscoveryRequest`) made progress:
+/// it simply calls again. `stack_before` is the run's stack length when
+/// the call was made.
+pub fn decide_answer(
+    run: &mut RunRecord,
+    lease: &Lease,
+    reply: &SdkReply,
+    request_version: i32,
+    stack_before: usize,
+    now: Timestamp,
+    retry_delay: Duration,
+) -> Decision {
+    if request_version > 0 {
+        run.request_version = request_version;
+    }
+    let mut decision = decide(run, lease, reply, now, retry_delay);
+    if decision.no_progress && run.stack.len() > stack_before {
+        decision.no_progress = false;
+        decision.discover = Discover::Always;
+    }
+    decision
 }
 
 /// What every answer commits, whatever else it asks for: its defers
@@ -290,6 +317,12 @@ pub fn signal_conflict(signal: &str, holder: &str) -> Value {
     json!({"error": "signal conflict", "name": "Error",
         "message": format!("Signal conflict; signal wait already exists for \
                             another run (signal {signal:?}, run {holder})")})
+}
+
+/// The error a run fails with when processing one of its items panicked.
+pub fn internal_error(message: &str) -> Value {
+    json!({"error": "internal error", "name": "InternalError",
+        "message": format!("Baton failed while processing this run: {message}")})
 }
 
 /// The error a run fails with when its function is gone or unusable.

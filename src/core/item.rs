@@ -141,6 +141,25 @@ pub fn on_item(delivered: Delivered<'_>) -> ItemAction {
     }
 }
 
+/// Whether a call for `item` offers the SDK checkpointing (running steps
+/// inline and storing each through `actors::checkpoint`): discovery calls
+/// that may run steps, when it is on.
+pub fn offers_checkpoint(
+    run: &RunRecord,
+    item: &QueueItem,
+    checkpointing: bool,
+    endpoint: bool,
+) -> bool {
+    checkpointing && !endpoint && matches!(item.kind, ItemKind::Discovery { .. }) && !run.force_plan
+}
+
+/// Whether a call for `item` may only plan steps, not run them
+/// (`disable_immediate_execution`): in a parallel group, and for a planned
+/// step, which runs that one step.
+pub fn plan_only(run: &RunRecord, item: &QueueItem) -> bool {
+    run.force_plan || matches!(item.kind, ItemKind::Planned { .. })
+}
+
 /// An item delivered again after the result it brings was stored (a
 /// planned step's, or a pause's that is gone): the crash (or lost lease)
 /// that kept it from being acked also lost the call that follows the
