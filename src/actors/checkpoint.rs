@@ -3,7 +3,7 @@
 //! call and posts each finished step to `/v1/checkpoint/{run}/async`.
 //!
 //! [`checkpoint_async`] stores such steps exactly as the executor stores the
-//! same steps arriving in a 206 answer: the ops go through the executor's
+//! same steps arriving in a 206 answer: the ops go through the core's
 //! pure [`decide`], and its results, with the defers and metadata that ride
 //! along, go in one `StateStore::commit` at the run's version as read
 //! (steps are saved once by id), durable when it returns (sled's group

@@ -1,12 +1,14 @@
 //! The executor: leases due queue items, calls the app's endpoint for each,
 //! stores what the SDK answered and schedules what comes next (PROTOCOL §4.8).
 //!
-//! [`decide`] is the pure core: from a run, a lease and the SDK's reply it
-//! computes a [`Decision`]; [`Worker::perform`] carries it out in an order
-//! that is safe at every crash point: step results are saved (durably)
-//! before the queue item is acked, and every queue item is re-checked
-//! against the stored run when it is delivered, so a redelivered or stale
-//! item never repeats a stored step.
+//! What to do is the run core's (`crate::core`): [`item::on_item`] for a
+//! delivered item, [`crate::core::decide`] for the SDK's reply, and
+//! [`answer`] for the commit and what follows it. `Worker` only does the
+//! IO, in an order that is safe at every crash point: one commit per reply,
+//! then its events, then the item's ack with the next items, each
+//! idempotent; and every queue item is re-checked against the stored run
+//! when it is delivered, so a redelivered or stale item never repeats a
+//! stored step.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -49,7 +51,8 @@ use crate::store::{
 pub struct ExecutorConfig {
     pub workers: usize,
     pub lease_ttl: Duration,
-    /// Fixed retry delay; `None` uses [`BACKOFF_TABLE`] plus jitter.
+    /// Fixed retry delay; `None` uses Inngest's backoff table plus jitter
+    /// ([`backoff`]).
     pub retry_interval: Option<Duration>,
     /// Offer the SDK checkpointing in discovery calls (`actors::checkpoint`).
     pub checkpointing: bool,
