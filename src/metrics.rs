@@ -25,6 +25,10 @@ pub struct Metrics {
     pub queue_oldest_age_seconds: prometheus::GaugeVec,
     pub open_pauses: IntGauge,
     pub store_bytes: IntGauge,
+    /// The embedded store's group commit: flushes, and the jobs (commits
+    /// and flush requests) they covered.
+    pub store_flushes: IntCounter,
+    pub store_flush_jobs: IntCounter,
     /// OpenTelemetry export (`otel.rs`): spans sent, spans lost to failed
     /// exports, runs whose trace found the export queue full, failed
     /// exports by signal.
@@ -90,6 +94,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Runs waiting for events or invoked functions",
     )?;
     let store_bytes = IntGauge::new("store_bytes", "Size of the embedded store on disk")?;
+    let store_flushes = IntCounter::new(
+        "store_flushes_total",
+        "Flushes of the embedded store (one per group commit)",
+    )?;
+    let store_flush_jobs = IntCounter::new(
+        "store_flush_jobs_total",
+        "Commits and flush requests the embedded store's group commits covered",
+    )?;
     let otel_spans_exported = IntCounter::new(
         "otel_spans_exported_total",
         "Spans of run traces sent over OTLP",
@@ -120,6 +132,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
     registry.register(Box::new(queue_oldest_age_seconds.clone()))?;
     registry.register(Box::new(open_pauses.clone()))?;
     registry.register(Box::new(store_bytes.clone()))?;
+    registry.register(Box::new(store_flushes.clone()))?;
+    registry.register(Box::new(store_flush_jobs.clone()))?;
     registry.register(Box::new(otel_spans_exported.clone()))?;
     registry.register(Box::new(otel_spans_dropped.clone()))?;
     registry.register(Box::new(otel_runs_dropped.clone()))?;
@@ -137,6 +151,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         queue_oldest_age_seconds,
         open_pauses,
         store_bytes,
+        store_flushes,
+        store_flush_jobs,
         otel_spans_exported,
         otel_spans_dropped,
         otel_runs_dropped,

@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
 use super::check::{DurabilityMark, MARK_EVERY};
+use crate::metrics::METRICS;
 use crate::store::{StoreError, StoreResult};
 
 /// What a job leaves to do after the batch's flush: answer its caller with
@@ -109,6 +110,19 @@ impl GroupCommit {
     }
 }
 
+/// Runs one job. A panicking job must not take the store down with it:
+/// its caller gets "the store thread has stopped" (its answer is dropped
+/// unsent), the others go on.
+fn run_job(work: Work, durable: &mut bool, answers: &mut Vec<Answer>) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok((needs_flush, answer)) => {
+            *durable |= needs_flush;
+            answers.push(answer);
+        }
+        Err(_) => tracing::error!("a store job panicked"),
+    }
+}
+
 fn store_loop(jobs: Receiver<Job>, mark: Arc<DurabilityMark>) {
     // A flush whose mark was left out (see `MARK_EVERY`): written once no
     // job came for that long, or when the thread ends.
@@ -134,26 +148,16 @@ fn store_loop(jobs: Receiver<Job>, mark: Arc<DurabilityMark>) {
         let mut force_mark = first.force_mark;
         let mut answers = Vec::new();
         let mut durable = false;
-        let mut run = |work: Work| {
-            // A panicking job must not take the store down with it: its
-            // caller gets "the store thread has stopped" (its answer is
-            // dropped unsent), the others go on.
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
-                Ok((needs_flush, answer)) => {
-                    durable |= needs_flush;
-                    answers.push(answer);
-                }
-                Err(_) => tracing::error!("a store job panicked"),
-            }
-        };
-        run(first.work);
+        run_job(first.work, &mut durable, &mut answers);
         for job in jobs.try_iter() {
             force_mark |= job.force_mark;
-            run(job.work);
+            run_job(job.work, &mut durable, &mut answers);
         }
         let result = if durable {
             let seq = mark.before_flush(&db);
             let result = db.flush().map(|_| ()).map_err(|err| err.to_string());
+            METRICS.store_flushes.inc();
+            METRICS.store_flush_jobs.inc_by(answers.len() as u64);
             if let (Ok(()), Some(seq)) = (&result, seq) {
                 unmarked = (!mark.after_flush(seq, force_mark)).then_some(seq);
             }
