@@ -164,6 +164,9 @@ pub struct CommitPlan<'a> {
     pub metadata: Vec<&'a MetadataRecord>,
     pub metadata_used: u64,
     pub attempt: Option<&'a AttemptRecord>,
+    /// The run's status as read and as written, when `run` changes it: the
+    /// backend moves the run between its status indexes in the same write.
+    pub status_moved: Option<(RunStatus, RunStatus)>,
 }
 
 impl CommitPlan<'_> {
@@ -204,6 +207,7 @@ pub fn plan_commit<'a>(
     if run.status.is_terminal() {
         return Err(Commit::RunEnded);
     }
+    let status_read = run.status;
     let mut plan = CommitPlan::default();
     let mut outcome = Committed::default();
     let mut run_changed = false;
@@ -324,6 +328,7 @@ pub fn plan_commit<'a>(
         plan.version = Some(outcome.version);
     }
     if run_changed {
+        plan.status_moved = (run.status != status_read).then_some((status_read, run.status));
         plan.run = Some(run);
     }
     Ok((plan, outcome))

@@ -95,6 +95,197 @@ pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
     commits_are_atomic_versioned_and_replayable(state)
         .await
         .context("commits_are_atomic_versioned_and_replayable")?;
+    runs_list_by_status_through_every_change(state)
+        .await
+        .context("runs_list_by_status_through_every_change")?;
+    Ok(())
+}
+
+const STATUSES: [RunStatus; 6] = [
+    RunStatus::Queued,
+    RunStatus::Running,
+    RunStatus::Completed,
+    RunStatus::Failed,
+    RunStatus::Cancelled,
+    RunStatus::Skipped,
+];
+
+/// Checks that listing by status, with and without `fn_id`, gives exactly
+/// `expected` (newest first) for each status: of the function's runs, and
+/// of `mine` among every function's. Every run listed under a status is in
+/// it, whoever's it is.
+async fn expect_by_status(
+    state: &dyn StateStore,
+    fn_id: &str,
+    mine: &[&RunRecord],
+    expected: &[(RunStatus, &[&RunRecord])],
+) -> anyhow::Result<()> {
+    let ids = |runs: &[&RunRecord]| -> Vec<String> { runs.iter().map(|r| r.id.clone()).collect() };
+    for status in STATUSES {
+        let want = expected
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(Vec::new(), |(_, runs)| ids(runs));
+        let of_fn = state
+            .list_runs(1_000, None, Some(fn_id), Some(status))
+            .await?;
+        let got: Vec<String> = of_fn.iter().map(|r| r.id.clone()).collect();
+        ensure!(
+            got == want,
+            "{status:?} of the function: {got:?}, want {want:?}"
+        );
+        let all = state.list_runs(1_000, None, None, Some(status)).await?;
+        if let Some(stray) = all.iter().find(|run| run.status != status) {
+            anyhow::bail!("{status:?} lists run {} in {:?}", stray.id, stray.status);
+        }
+        let want_mine: Vec<String> = ids(mine)
+            .into_iter()
+            .rev()
+            .filter(|id| all.iter().any(|run| &run.id == id))
+            .collect();
+        let got: Vec<String> = all
+            .iter()
+            .filter(|run| mine.iter().any(|m| m.id == run.id))
+            .map(|r| r.id.clone())
+            .collect();
+        ensure!(got == want_mine, "{status:?} overall lists {got:?} of ours");
+        let of_fn_in_all = got.iter().filter(|id| want.contains(id)).count();
+        ensure!(
+            of_fn_in_all == want.len(),
+            "{status:?} overall misses some of {want:?}"
+        );
+    }
+    Ok(())
+}
+
+/// `list_runs` with a status reads an index that every status change keeps
+/// exact: creation (queued, or skipped by flow control), the start, a first
+/// step, the end (completed, failed, cancelled) and retention's deletes;
+/// `before` pages through it newest first.
+async fn runs_list_by_status_through_every_change(state: &dyn StateStore) -> anyhow::Result<()> {
+    let fn_id = unique("fn");
+    // Ids a millisecond apart, so their order is their creation order.
+    let base = ulid::Ulid::new().timestamp_ms();
+    let run_at = |n: u64, fn_id: &str| {
+        let mut run = sample_run(fn_id, &format!("status-{n}"));
+        run.id = ulid::Ulid::from_parts(base + n, rand::random()).to_string();
+        run
+    };
+    let [a, b, c, d] = [0, 1, 2, 3].map(|n| run_at(n, &fn_id));
+    let mut skipped = run_at(4, &fn_id);
+    skipped.status = RunStatus::Skipped;
+    skipped.ended_at = Some(5);
+    let other = run_at(5, &unique("fn"));
+    for run in [&a, &b, &c, &d, &skipped, &other] {
+        state.create_run(run.clone()).await?;
+    }
+    // Creating it again changes nothing.
+    state.create_run(run_at(0, &fn_id)).await?;
+    let mine = [&a, &b, &c, &d, &skipped, &other];
+    expect_by_status(
+        state,
+        &fn_id,
+        &mine,
+        &[
+            (RunStatus::Queued, &[&d, &c, &b, &a]),
+            (RunStatus::Skipped, &[&skipped]),
+        ],
+    )
+    .await
+    .context("created")?;
+    let queued = state
+        .list_runs(1_000, None, None, Some(RunStatus::Queued))
+        .await?;
+    ensure!(
+        queued.iter().any(|run| run.id == other.id),
+        "another function's run"
+    );
+
+    // Pages, newest first.
+    let of_fn = fn_id.as_str();
+    let page = |before: Option<String>| async move {
+        let runs = state
+            .list_runs(2, before.as_deref(), Some(of_fn), Some(RunStatus::Queued))
+            .await?;
+        anyhow::Ok(runs.into_iter().map(|r| r.id).collect::<Vec<_>>())
+    };
+    ensure!(
+        page(None).await? == [d.id.clone(), c.id.clone()],
+        "first page"
+    );
+    ensure!(
+        page(Some(c.id.clone())).await? == [b.id.clone(), a.id.clone()],
+        "second page"
+    );
+    ensure!(page(Some(a.id.clone())).await?.is_empty(), "past the last");
+    let page = state
+        .list_runs(10, Some(&b.id), None, Some(RunStatus::Queued))
+        .await?;
+    ensure!(
+        page.first().is_some_and(|run| run.id == a.id),
+        "overall page"
+    );
+
+    // Started; a first step starts a queued run too; a second commit to a
+    // running run leaves it where it is.
+    state.mark_running(&a.id, Timestamp(6), 2).await?;
+    state.save_step(&b.id, sample_step("s1", "1")).await?;
+    state.save_step(&b.id, sample_step("s2", "2")).await?;
+    state.mark_running(&b.id, Timestamp(7), 2).await?;
+    expect_by_status(
+        state,
+        &fn_id,
+        &mine,
+        &[
+            (RunStatus::Queued, &[&d, &c]),
+            (RunStatus::Running, &[&b, &a]),
+            (RunStatus::Skipped, &[&skipped]),
+        ],
+    )
+    .await
+    .context("started")?;
+
+    // Ended: from running, and straight from queued; a second end changes
+    // nothing.
+    state
+        .finish_run(&a.id, RunStatus::Completed, None, Timestamp(8))
+        .await?;
+    state
+        .finish_run(&b.id, RunStatus::Cancelled, None, Timestamp(8))
+        .await?;
+    state
+        .finish_run(&c.id, RunStatus::Failed, None, Timestamp(8))
+        .await?;
+    ensure!(
+        !state
+            .finish_run(&c.id, RunStatus::Completed, None, Timestamp(9))
+            .await?
+    );
+    expect_by_status(
+        state,
+        &fn_id,
+        &mine,
+        &[
+            (RunStatus::Queued, &[&d]),
+            (RunStatus::Completed, &[&a]),
+            (RunStatus::Failed, &[&c]),
+            (RunStatus::Cancelled, &[&b]),
+            (RunStatus::Skipped, &[&skipped]),
+        ],
+    )
+    .await
+    .context("ended")?;
+
+    // Retention takes ended runs out of their lists.
+    for _ in 0..100 {
+        if state.delete_runs_before(Timestamp(1_000), 1_000).await? == 0 {
+            break;
+        }
+    }
+    ensure!(state.load_run(&a.id).await?.is_none(), "not deleted");
+    expect_by_status(state, &fn_id, &mine, &[(RunStatus::Queued, &[&d])])
+        .await
+        .context("deleted")?;
     Ok(())
 }
 

@@ -119,6 +119,63 @@ async fn redis_state_store_conformance() {
     testsuite::state_suite(&stores.state).await.unwrap();
 }
 
+/// A dataset written before the status index existed (no `status:` sets,
+/// no mark) gets it built by the first process that connects.
+#[tokio::test]
+async fn a_dataset_without_the_status_index_gets_it_at_connect() {
+    let Some((namespace, conn)) = Namespace::open().await else {
+        return;
+    };
+    let state = RedisStores::new(&conn).state;
+    let done = testsuite::sample_run("fn-a", "done");
+    let queued = testsuite::sample_run("fn-b", "queued");
+    for run in [&done, &queued] {
+        state.create_run(run.clone()).await.unwrap();
+    }
+    state
+        .finish_run(&done.id, RunStatus::Completed, None, Timestamp(5))
+        .await
+        .unwrap();
+    let mut sync = sync_connection(&namespace.url).unwrap();
+    let index_keys: Vec<String> = scan_keys(&mut sync, &namespace.prefix)
+        .unwrap()
+        .into_iter()
+        .filter(|key| {
+            let family = &key[namespace.prefix.len()..];
+            family.starts_with("status:") || family.starts_with("fnstatus:")
+        })
+        .collect();
+    assert_eq!(index_keys.len(), 4, "{index_keys:?}");
+    redis::cmd("DEL").arg(&index_keys).exec(&mut sync).unwrap();
+    let listed = |fn_id: Option<&'static str>, status| {
+        let state = &state;
+        async move {
+            let runs = state
+                .list_runs(10, None, fn_id, Some(status))
+                .await
+                .unwrap();
+            runs.into_iter().map(|run| run.id).collect::<Vec<_>>()
+        }
+    };
+    assert!(listed(None, RunStatus::Completed).await.is_empty());
+
+    RedisStores::connect(&namespace.url, &namespace.prefix)
+        .await
+        .unwrap();
+    assert_eq!(listed(None, RunStatus::Completed).await, [done.id.clone()]);
+    assert_eq!(
+        listed(Some("fn-a"), RunStatus::Completed).await,
+        [done.id.clone()]
+    );
+    assert_eq!(listed(None, RunStatus::Queued).await, [queued.id.clone()]);
+    assert!(listed(Some("fn-a"), RunStatus::Queued).await.is_empty());
+    let mark: Option<String> = redis::cmd("GET")
+        .arg(format!("{}index:status", namespace.prefix))
+        .query(&mut sync)
+        .unwrap();
+    assert_eq!(mark.as_deref(), Some("1"));
+}
+
 #[tokio::test]
 async fn redis_queue_conformance() {
     let Some((_namespace, conn)) = Namespace::open().await else {

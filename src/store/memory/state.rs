@@ -2,9 +2,11 @@
 //! mutex, every call one critical section (so every change is atomic, and
 //! "durable" as soon as it returns, for as long as the process lives).
 //! Indexes are kept only where a scan would grow with the whole store on a
-//! hot path (idempotency keys, correlation ids, signals); the rest scan.
+//! hot path (idempotency keys, correlation ids, signals) or where the other
+//! backends keep one that the conformance suite checks (runs by status);
+//! the rest scan.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -34,6 +36,10 @@ struct State {
     versions: HashMap<String, u64>,
     /// (function, idempotency key) → run id.
     idempotency: HashMap<(String, String), String>,
+    /// Runs by status (its name, then the run id), and by function and
+    /// status (function, status name, run id); changed with every status.
+    by_status: BTreeSet<(&'static str, String)>,
+    by_fn_status: BTreeSet<(String, &'static str, String)>,
     /// Run id → step id → result.
     steps: HashMap<String, HashMap<String, StepRecord>>,
     defers: HashMap<String, RunDefers>,
@@ -101,7 +107,21 @@ impl State {
         attempts.insert(at, attempt);
     }
 
+    /// Lists `run` among the runs in `status` (`listed`), or takes it out.
+    fn index_status(&mut self, run: &RunRecord, status: RunStatus, listed: bool) {
+        let by_status = (status.as_str(), run.id.clone());
+        let by_fn = (run.fn_id.clone(), status.as_str(), run.id.clone());
+        if listed {
+            self.by_status.insert(by_status);
+            self.by_fn_status.insert(by_fn);
+        } else {
+            self.by_status.remove(&by_status);
+            self.by_fn_status.remove(&by_fn);
+        }
+    }
+
     fn delete_run(&mut self, run: &RunRecord) {
+        self.index_status(run, run.status, false);
         self.runs.remove(&run.id);
         self.versions.remove(&run.id);
         self.idempotency
@@ -134,6 +154,7 @@ impl StateStore for MemoryState {
             return Ok(CreateRun::Exists(existing.clone()));
         }
         state.idempotency.insert(idem, run.id.clone());
+        state.index_status(&run, run.status, true);
         state.runs.insert(run.id.clone(), run.clone());
         Ok(CreateRun::Created(run))
     }
@@ -198,6 +219,10 @@ impl StateStore for MemoryState {
             Err(answer) => return Ok(answer),
         };
         if let Some(run) = plan.run {
+            if let Some((from, to)) = plan.status_moved {
+                state.index_status(&run, from, false);
+                state.index_status(&run, to, true);
+            }
             state.runs.insert(run_id.to_string(), run);
         }
         if let Some(version) = plan.version {
@@ -453,13 +478,31 @@ impl StateStore for MemoryState {
     ) -> StoreResult<Vec<RunRecord>> {
         let state = self.lock();
         let end = before.map_or(Bound::Unbounded, Bound::Excluded);
-        let older = state.runs.range::<str, _>((Bound::Unbounded, end));
-        Ok(older
-            .rev()
-            .map(|(_, run)| run)
-            .filter(|run| fn_id.is_none_or(|f| f == run.fn_id))
-            .filter(|run| status.is_none_or(|s| s == run.status))
-            .take(limit)
+        // Run ids are ULIDs (ASCII): every one sorts before `char::MAX`.
+        let before = before.map_or(char::MAX.to_string(), str::to_string);
+        let ids: Vec<&String> = match (fn_id, status) {
+            (Some(fn_id), Some(status)) => {
+                let (f, s) = (fn_id.to_string(), status.as_str());
+                let range = (f.clone(), s, String::new())..(f, s, before);
+                let listed = state.by_fn_status.range(range).rev();
+                listed.map(|(_, _, id)| id).take(limit).collect()
+            }
+            (None, Some(status)) => {
+                let s = status.as_str();
+                let range = (s, String::new())..(s, before);
+                let listed = state.by_status.range(range).rev();
+                listed.map(|(_, id)| id).take(limit).collect()
+            }
+            (_, None) => {
+                let older = state.runs.range::<str, _>((Bound::Unbounded, end));
+                let older = older.rev().map(|(_, run)| run);
+                let of_fn = older.filter(|run| fn_id.is_none_or(|f| f == run.fn_id));
+                of_fn.map(|run| &run.id).take(limit).collect()
+            }
+        };
+        Ok(ids
+            .iter()
+            .filter_map(|id| state.runs.get(*id))
             .cloned()
             .collect())
     }

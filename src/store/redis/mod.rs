@@ -237,7 +237,9 @@ impl RedisStores {
     pub async fn connect(url: &str, prefix: &str) -> StoreResult<RedisStores> {
         let conn = RedisConnection::connect(url, prefix).await?;
         conn.check_format().await?;
-        Ok(RedisStores::new(&conn))
+        let stores = RedisStores::new(&conn);
+        stores.state.build_status_index().await?;
+        Ok(stores)
     }
 
     /// The three stores on an open connection (on a Tokio runtime).

@@ -19,7 +19,12 @@
 //!   bytes.
 //! - `defers:<run>`: the run's defers (one record);
 //! - `rv:<run>`: the run's version (`store::commit`), absent until its
-//!   first commit.
+//!   first commit;
+//! - runs by status: `status:<status>` and `fnstatus:<status>:<fn>`, sorted
+//!   sets like `runs` (status names as `RunStatus::as_str`), changed in the
+//!   same script as every status change; `index:status` is set once they
+//!   cover every run (a dataset written before them gets them built when a
+//!   process connects, see `RedisStateStore::build_status_index`).
 //!
 //! Runs change by commits (`StateStore::commit`): one pipeline reads what
 //! the commit needs, `store::plan_commit` decides in Rust, and one `APPLY`
@@ -46,8 +51,11 @@ use crate::store::{
     CreateRun, RunWrites, SaveSignal, StateStore, StoreError, StoreErrorKind, StoreResult,
 };
 
-/// Run ids read per round trip while filtering `list_runs`.
+/// Run ids read per round trip while listing or scanning runs.
 const LIST_CHUNK: usize = 500;
+/// Runs indexed per script call while building the status index (each
+/// record travels with the call, as the value it must still have).
+const INDEX_CHUNK: usize = 100;
 
 pub struct RedisStateStore {
     conn: RedisConnection,
@@ -239,6 +247,85 @@ impl RedisStateStore {
         self.conn.get_records(&keys).await
     }
 
+    /// The sorted set of the runs in `status`.
+    fn status_set(&self, status: RunStatus) -> String {
+        self.conn.key("status:", status.as_str())
+    }
+
+    /// The sorted set of the runs of `fn_id` in `status`.
+    fn fn_status_set(&self, fn_id: &str, status: RunStatus) -> String {
+        self.conn
+            .key("fnstatus:", &format!("{}:{fn_id}", status.as_str()))
+    }
+
+    /// The sorted sets that list a run of `fn_id` in `status`.
+    fn status_sets(&self, fn_id: &str, status: RunStatus) -> [String; 2] {
+        [self.status_set(status), self.fn_status_set(fn_id, status)]
+    }
+
+    /// Builds the status index of a dataset written before it existed:
+    /// every run listed in the sets of its status, a chunk at a time by
+    /// `APPLY`, each only if its record is still as read (another process
+    /// may change it meanwhile; one of this build moves it in the index
+    /// itself), then the mark that says it is done. Idempotent, so
+    /// processes starting together may each build it. Runs written
+    /// meanwhile by a process of a build without the index are not
+    /// covered: upgrade every process.
+    pub async fn build_status_index(&self) -> StoreResult<()> {
+        let mark = self.conn.key("index:status", "");
+        if self.conn.get_bytes(&mark).await?.is_some() {
+            return Ok(());
+        }
+        let all = self.conn.key("runs", "");
+        let mut min = "-".to_string();
+        loop {
+            let ids: Vec<String> = self
+                .conn
+                .query(
+                    ::redis::cmd("ZRANGEBYLEX")
+                        .arg(&all)
+                        .arg(&min)
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(INDEX_CHUNK),
+                )
+                .await?;
+            let Some(last) = ids.last() else {
+                break;
+            };
+            min = format!("({last}");
+            let keys: Vec<String> = ids.iter().map(|id| self.run_key(id)).collect();
+            let mut attempts = Attempts::new("build_status_index");
+            loop {
+                attempts.next().await?;
+                let values: Vec<Option<Vec<u8>>> =
+                    self.conn.query(::redis::cmd("MGET").arg(&keys)).await?;
+                let mut change = Change::default();
+                for (key, bytes) in keys.iter().zip(&values) {
+                    // A run deleted since it was listed needs no entry.
+                    let Some(bytes) = bytes else { continue };
+                    let run = RunRecord::from_bytes(bytes)?;
+                    change.expect(key, Some(bytes));
+                    for set in self.status_sets(&run.fn_id, run.status) {
+                        change.command("ZADD", &[set.as_bytes(), b"0", run.id.as_bytes()]);
+                    }
+                }
+                if self.conn.apply(&change).await? {
+                    break;
+                }
+            }
+            if ids.len() < INDEX_CHUNK {
+                break;
+            }
+        }
+        let _: () = self
+            .conn
+            .query(::redis::cmd("SET").arg(&mark).arg(1))
+            .await?;
+        Ok(())
+    }
+
     async fn runs(&self, ids: &[String]) -> StoreResult<Vec<RunRecord>> {
         let keys: Vec<String> = ids.iter().map(|id| self.run_key(id)).collect();
         self.conn.get_records(&keys).await
@@ -365,7 +452,8 @@ impl StateStore for RedisStateStore {
             .arg(&run.id)
             .arg(run.to_bytes())
             .arg(self.conn.key("runs", ""))
-            .arg(self.conn.key("fnruns:", &run.fn_id));
+            .arg(self.conn.key("fnruns:", &run.fn_id))
+            .arg(&self.status_sets(&run.fn_id, run.status));
         for event_id in &run.event_ids {
             invocation.arg(self.conn.key("evruns:", event_id));
         }
@@ -454,6 +542,15 @@ impl StateStore for RedisStateStore {
             }
             if let Some(record) = &plan.run {
                 change.command("SET", &[run_key.as_bytes(), &record.to_bytes()]);
+                if let Some((from, to)) = plan.status_moved {
+                    let id = run_id.as_bytes();
+                    for set in self.status_sets(&record.fn_id, from) {
+                        change.command("ZREM", &[set.as_bytes(), id]);
+                    }
+                    for set in self.status_sets(&record.fn_id, to) {
+                        change.command("ZADD", &[set.as_bytes(), b"0", id]);
+                    }
+                }
             }
             if let Some(version) = plan.version {
                 change.command(
@@ -831,22 +928,17 @@ impl StateStore for RedisStateStore {
         fn_id: Option<&str>,
         status: Option<RunStatus>,
     ) -> StoreResult<Vec<RunRecord>> {
+        // The set that lists exactly the runs asked for.
+        let index = match (fn_id, status) {
+            (Some(fn_id), Some(status)) => self.fn_status_set(fn_id, status),
+            (None, Some(status)) => self.status_set(status),
+            (Some(fn_id), None) => self.conn.key("fnruns:", fn_id),
+            (None, None) => self.conn.key("runs", ""),
+        };
         let mut runs = Vec::new();
-        if limit == 0 {
-            return Ok(runs);
-        }
-        let index = match fn_id {
-            Some(fn_id) => self.conn.key("fnruns:", fn_id),
-            None => self.conn.key("runs", ""),
-        };
         let mut max = before.map_or("+".to_string(), |id| format!("({id}"));
-        // Without a status filter every run read is listed.
-        let chunk = if status.is_some() {
-            LIST_CHUNK
-        } else {
-            limit.min(LIST_CHUNK)
-        };
-        loop {
+        while runs.len() < limit {
+            let chunk = (limit - runs.len()).min(LIST_CHUNK);
             let ids: Vec<String> = self
                 .conn
                 .query(
@@ -860,22 +952,16 @@ impl StateStore for RedisStateStore {
                 )
                 .await?;
             let Some(last) = ids.last() else {
-                return Ok(runs);
+                break;
             };
             max = format!("({last}");
-            for run in self.runs(&ids).await? {
-                if status.is_some_and(|s| s != run.status) {
-                    continue;
-                }
-                runs.push(run);
-                if runs.len() >= limit {
-                    return Ok(runs);
-                }
-            }
+            // Runs deleted since they were listed are left out.
+            runs.extend(self.runs(&ids).await?);
             if ids.len() < chunk {
-                return Ok(runs);
+                break;
             }
         }
+        Ok(runs)
     }
 
     async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64> {
@@ -928,7 +1014,8 @@ impl StateStore for RedisStateStore {
                 .arg(&run.idempotency_key)
                 .arg(&run.id)
                 .arg(&index)
-                .arg(self.conn.key("fnruns:", &run.fn_id));
+                .arg(self.conn.key("fnruns:", &run.fn_id))
+                .arg(&self.status_sets(&run.fn_id, run.status));
             for event_id in &run.event_ids {
                 invocation.arg(self.conn.key("evruns:", event_id));
             }

@@ -12,7 +12,11 @@
 //! metadata: `md/<run>/<seq>` records in the order added, `mi/<run>/<id>`
 //! their ids (→ seq), `mz/<run>` the run's metadata bytes and next seq;
 //! `df/<run>` the run's defers; `rv/<run>` the run's version (see
-//! `store::commit`; absent until its first commit).
+//! `store::commit`; absent until its first commit); runs by status:
+//! `rs/<status>/<run>` and `rf/<status>/<fn>\0<run>` (status names as
+//! `RunStatus::as_str`), written in the same batch as every status change,
+//! and `ix/status`, set once they cover every run (a store written before
+//! them gets them built at open).
 
 use std::sync::{Arc, Mutex};
 
@@ -55,19 +59,97 @@ impl std::ops::Deref for SledStateStore {
 }
 
 impl SledStateStore {
+    /// Opens the state tree; a store written before the status index
+    /// existed gets it built first (see [`StateTree::build_status_index`]).
     pub fn open(db: &SledDb) -> StoreResult<SledStateStore> {
+        let tree = StateTree {
+            tree: db.tree("state")?,
+            write_lock: Mutex::new(()),
+            attempt_seq: std::sync::atomic::AtomicU64::new(0),
+        };
+        tree.build_status_index()?;
         Ok(SledStateStore {
-            inner: Arc::new(StateTree {
-                tree: db.tree("state")?,
-                write_lock: Mutex::new(()),
-                attempt_seq: std::sync::atomic::AtomicU64::new(0),
-            }),
+            inner: Arc::new(tree),
             commit: db.commit.clone(),
         })
     }
 }
 
+/// Set once the status index covers every run.
+const STATUS_INDEX_BUILT: &[u8] = b"ix/status";
+/// Runs indexed per batch while building the status index.
+const STATUS_INDEX_CHUNK: usize = 1_000;
+
+/// The entry that lists `run_id` among the runs in `status`.
+fn status_key(status: RunStatus, run_id: &str) -> Vec<u8> {
+    key(&[b"rs", status.as_str().as_bytes(), run_id.as_bytes()])
+}
+
+/// The entry that lists `run_id` among the runs of `fn_id` in `status`
+/// (everything before the run id is its listing's prefix).
+fn fn_status_key(status: RunStatus, fn_id: &str, run_id: &str) -> Vec<u8> {
+    let mut bytes = key(&[b"rf", status.as_str().as_bytes(), fn_id.as_bytes()]);
+    bytes.push(0);
+    bytes.extend_from_slice(run_id.as_bytes());
+    bytes
+}
+
+/// The first key past every key that starts with `prefix` (whose last byte
+/// is a separator, never 0xff).
+fn past_prefix(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+/// Adds the status entries of `run` (in `status`) to `batch`.
+fn index_status(batch: &mut sled::Batch, run: &RunRecord, status: RunStatus) {
+    batch.insert(status_key(status, &run.id), &[]);
+    batch.insert(fn_status_key(status, &run.fn_id, &run.id), &[]);
+}
+
+/// Removes the status entries of `run` (in `status`) in `batch`.
+fn unindex_status(batch: &mut sled::Batch, run: &RunRecord, status: RunStatus) {
+    batch.remove(status_key(status, &run.id));
+    batch.remove(fn_status_key(status, &run.fn_id, &run.id));
+}
+
 impl StateTree {
+    /// Builds the status index of a store written before it existed: every
+    /// run's entries, a batch at a time, then the mark that says it is
+    /// done (a crash before the mark builds it again; entries are written
+    /// idempotently). Runs at open, before anything else writes.
+    fn build_status_index(&self) -> StoreResult<()> {
+        if self
+            .tree
+            .contains_key(STATUS_INDEX_BUILT)
+            .map_err(sled_error)?
+        {
+            return Ok(());
+        }
+        let _guard = self.lock();
+        let mut batch = sled::Batch::default();
+        let mut pending = 0;
+        for entry in self.tree.scan_prefix(b"r/") {
+            let (_, bytes) = entry.map_err(sled_error)?;
+            let run = RunRecord::from_bytes(&bytes)?;
+            index_status(&mut batch, &run, run.status);
+            pending += 1;
+            if pending == STATUS_INDEX_CHUNK {
+                self.tree
+                    .apply_batch(std::mem::take(&mut batch))
+                    .map_err(sled_error)?;
+                pending = 0;
+            }
+        }
+        batch.insert(STATUS_INDEX_BUILT, &[1]);
+        self.tree.apply_batch(batch).map_err(sled_error)?;
+        self.tree.flush().map_err(sled_error)?;
+        Ok(())
+    }
+
     fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
         match self
             .tree
@@ -77,6 +159,50 @@ impl StateTree {
             Some(bytes) => Ok(Some(RunRecord::from_bytes(&bytes)?)),
             None => Ok(None),
         }
+    }
+
+    /// Up to `limit` runs named by the index entries `<prefix><run id>`,
+    /// newest first, created before the run `before` when given.
+    fn runs_indexed(
+        &self,
+        prefix: &[u8],
+        before: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let end = match before {
+            Some(id) => [prefix, id.as_bytes()].concat(),
+            None => past_prefix(prefix),
+        };
+        let mut runs = Vec::new();
+        for entry in self.tree.range(prefix.to_vec()..end).rev() {
+            if runs.len() >= limit {
+                break;
+            }
+            let (entry_key, _) = entry.map_err(sled_error)?;
+            let run_id = String::from_utf8_lossy(&entry_key[prefix.len()..]);
+            // A run deleted since its entry was read is left out.
+            if let Some(run) = self.get_run(&run_id)? {
+                runs.push(run);
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Up to `limit` runs of every function and status, newest first.
+    fn runs_newest_first(&self, limit: usize, before: Option<&str>) -> StoreResult<Vec<RunRecord>> {
+        let end = match before {
+            Some(id) => key(&[b"r", id.as_bytes()]),
+            None => past_prefix(b"r/"),
+        };
+        self.tree
+            .range(b"r/".to_vec()..end)
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (_, bytes) = entry.map_err(sled_error)?;
+                Ok(RunRecord::from_bytes(&bytes)?)
+            })
+            .collect()
     }
 
     fn get_i64(&self, key: &[u8]) -> StoreResult<Option<i64>> {
@@ -262,6 +388,10 @@ impl StateTree {
         let mut batch = sled::Batch::default();
         if let Some(record) = &plan.run {
             batch.insert(key(&[b"r", run]), record.to_bytes());
+            if let Some((from, to)) = plan.status_moved {
+                unindex_status(&mut batch, record, from);
+                index_status(&mut batch, record, to);
+            }
         }
         if let Some(version) = plan.version {
             batch.insert(key(&[b"rv", run]), &version.to_be_bytes());
@@ -365,6 +495,7 @@ impl StateStore for SledStateStore {
             batch.insert(idem, run.id.as_bytes());
             batch.insert(key(&[b"r", run.id.as_bytes()]), run.to_bytes());
             batch.insert(key(&[b"bf", run.fn_id.as_bytes(), run.id.as_bytes()]), &[]);
+            index_status(&mut batch, &run, run.status);
             for event_id in &run.event_ids {
                 batch.insert(key(&[b"e", event_id.as_bytes(), run.id.as_bytes()]), &[]);
             }
@@ -696,50 +827,14 @@ impl StateStore for SledStateStore {
         fn_id: Option<&str>,
         status: Option<RunStatus>,
     ) -> StoreResult<Vec<RunRecord>> {
-        let mut runs = Vec::new();
-        if let Some(fn_id) = fn_id {
-            // The function's own index: only its runs are read.
-            let start = key(&[b"bf", fn_id.as_bytes(), b""]);
-            let end = match before {
-                Some(id) => key(&[b"bf", fn_id.as_bytes(), id.as_bytes()]),
-                None => {
-                    let mut end = key(&[b"bf", fn_id.as_bytes()]);
-                    end.push(b'0'); // just past every "bf/<fn>/..." key
-                    end
-                }
-            };
-            for entry in self.tree.range(start.clone()..end).rev() {
-                let (entry_key, _) = entry.map_err(sled_error)?;
-                let run_id = String::from_utf8_lossy(&entry_key[start.len()..]).to_string();
-                let Some(run) = self.get_run(&run_id)? else {
-                    continue;
-                };
-                if status.is_some_and(|s| s != run.status) {
-                    continue;
-                }
-                runs.push(run);
-                if runs.len() >= limit {
-                    break;
-                }
-            }
-            return Ok(runs);
-        }
-        let end = match before {
-            Some(id) => key(&[b"r", id.as_bytes()]),
-            None => b"r0".to_vec(), // just past every "r/..." key
+        // An index when filtering, so only the listed runs are read.
+        let index = match (fn_id, status) {
+            (Some(fn_id), Some(status)) => fn_status_key(status, fn_id, ""),
+            (None, Some(status)) => status_key(status, ""),
+            (Some(fn_id), None) => key(&[b"bf", fn_id.as_bytes(), b""]),
+            (None, None) => return self.runs_newest_first(limit, before),
         };
-        for entry in self.tree.range(b"r/".to_vec()..end).rev() {
-            let (_, bytes) = entry.map_err(sled_error)?;
-            let run = RunRecord::from_bytes(&bytes)?;
-            if status.is_some_and(|s| s != run.status) {
-                continue;
-            }
-            runs.push(run);
-            if runs.len() >= limit {
-                break;
-            }
-        }
-        Ok(runs)
+        self.runs_indexed(&index, before, limit)
     }
 
     async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64> {
@@ -762,6 +857,7 @@ impl StateStore for SledStateStore {
             let mut batch = sled::Batch::default();
             batch.remove(key(&[b"r", run.id.as_bytes()]));
             batch.remove(key(&[b"bf", run.fn_id.as_bytes(), run.id.as_bytes()]));
+            unindex_status(&mut batch, &run, run.status);
             batch.remove(idempotency_key(&run.fn_id, &run.idempotency_key));
             batch.remove(key(&[b"df", run.id.as_bytes()]));
             batch.remove(key(&[b"rv", run.id.as_bytes()]));
