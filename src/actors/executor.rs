@@ -826,7 +826,7 @@ impl Worker {
             release_force_plan: in_group,
             ..RunWrites::default()
         };
-        let next = match self.backends.state.commit(&run.id, None, &writes).await? {
+        let next = match self.backends.state.commit(&run.id, &writes).await? {
             Commit::Done(done) if in_group && done.planned_left > 0 => Vec::new(),
             Commit::Done(done) => vec![(
                 QueueItem::discovery(&run.id, &run.fn_id, done.stack_len),
@@ -1031,16 +1031,12 @@ impl Worker {
             // Lazy: a crash that loses it leaves the run queued, and the
             // item's redelivery marks it again.
             let start = RunWrites {
+                expected_version: Some(version),
                 start: Some(now),
                 lazy: true,
                 ..RunWrites::default()
             };
-            match self
-                .backends
-                .state
-                .commit(&run.id, Some(version), &start)
-                .await?
-            {
+            match self.backends.state.commit(&run.id, &start).await? {
                 Commit::Done(done) => {
                     version = done.version;
                     run.status = RunStatus::Running;
@@ -1343,14 +1339,10 @@ impl Worker {
         &self,
         run: &mut RunRecord,
         version: &mut u64,
-        writes: &RunWrites,
+        writes: &mut RunWrites,
     ) -> StoreResult<Committing> {
-        match self
-            .backends
-            .state
-            .commit(&run.id, Some(*version), writes)
-            .await?
-        {
+        writes.expected_version = Some(*version);
+        match self.backends.state.commit(&run.id, writes).await? {
             Commit::Done(done) => Ok(Committing::Done(done)),
             Commit::RunEnded => Ok(Committing::RunEnded),
             Commit::Conflict { .. } => {
@@ -1400,7 +1392,7 @@ impl Worker {
                 ..RunWrites::default()
             };
             if let Some(due) = decision.retry {
-                let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+                let done = match self.try_commit(&mut run, &mut version, &mut writes).await? {
                     Committing::Again => continue,
                     Committing::RunEnded => return self.ack(lease, Vec::new()).await,
                     Committing::Done(done) => done,
@@ -1419,7 +1411,7 @@ impl Worker {
                 return Ok(());
             }
             if decision.no_progress {
-                let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+                let done = match self.try_commit(&mut run, &mut version, &mut writes).await? {
                     Committing::Again => continue,
                     Committing::RunEnded => return self.ack(lease, Vec::new()).await,
                     Committing::Done(done) => done,
@@ -1467,7 +1459,7 @@ impl Worker {
             if !signals_saved {
                 if let Some(conflict) = self.save_signals(&run, &decision).await? {
                     writes.finish = Some((RunStatus::Failed, Some(conflict.to_string()), now));
-                    let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+                    let done = match self.try_commit(&mut run, &mut version, &mut writes).await? {
                         Committing::Again => continue,
                         Committing::RunEnded => return self.ack(lease, Vec::new()).await,
                         Committing::Done(done) => done,
@@ -1501,7 +1493,7 @@ impl Worker {
                 .finish
                 .as_ref()
                 .map(|(status, output)| (*status, Some(output.to_string()), now));
-            let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+            let done = match self.try_commit(&mut run, &mut version, &mut writes).await? {
                 Committing::Again => continue,
                 Committing::RunEnded => return self.ack(lease, Vec::new()).await,
                 Committing::Done(done) => done,

@@ -238,7 +238,11 @@ impl Matcher {
             pauses.extend(
                 self.backends
                     .state
-                    .pauses_for_match(&event.name, &path, &value.to_string())
+                    .pauses_for_match(crate::store::PauseMatch {
+                        event_name: &event.name,
+                        path: &path,
+                        value_json: &value.to_string(),
+                    })
                     .await?,
             );
         }

@@ -16,8 +16,8 @@ use crate::model::{
 };
 use crate::store::{
     AddMetadata, Backends, Commit, Committed, CreateRun, DataStore, DeferOutcome, DeferWrite,
-    EventBus, Queue, RunWrites, SaveDefer, SaveSignal, SaveStep, StateStore, MAX_DEFERS_PER_RUN,
-    MAX_DEFER_INPUT_TOTAL,
+    EventBus, Gcra, PauseMatch, Queue, RunQuery, RunWrites, SaveDefer, SaveSignal, SaveStep,
+    StateStore, MAX_DEFERS_PER_RUN, MAX_DEFER_INPUT_TOTAL,
 };
 
 fn unique(prefix: &str) -> String {
@@ -127,14 +127,26 @@ async fn expect_by_status(
             .find(|(s, _)| *s == status)
             .map_or(Vec::new(), |(_, runs)| ids(runs));
         let of_fn = state
-            .list_runs(1_000, None, Some(fn_id), Some(status))
+            .list_runs(&RunQuery {
+                limit: 1_000,
+                before: None,
+                fn_id: Some(fn_id),
+                status: Some(status),
+            })
             .await?;
         let got: Vec<String> = of_fn.iter().map(|r| r.id.clone()).collect();
         ensure!(
             got == want,
             "{status:?} of the function: {got:?}, want {want:?}"
         );
-        let all = state.list_runs(1_000, None, None, Some(status)).await?;
+        let all = state
+            .list_runs(&RunQuery {
+                limit: 1_000,
+                before: None,
+                fn_id: None,
+                status: Some(status),
+            })
+            .await?;
         if let Some(stray) = all.iter().find(|run| run.status != status) {
             anyhow::bail!("{status:?} lists run {} in {:?}", stray.id, stray.status);
         }
@@ -164,8 +176,9 @@ async fn expect_by_status(
 /// `before` pages through it newest first.
 async fn runs_list_by_status_through_every_change(state: &dyn StateStore) -> anyhow::Result<()> {
     let fn_id = unique("fn");
-    // Ids a millisecond apart, so their order is their creation order.
-    let base = ulid::Ulid::new().timestamp_ms();
+    // Ids a millisecond apart, so their order is their creation order,
+    // and past every run made before.
+    let base = ulid::Ulid::new().timestamp_ms() + 1;
     let run_at = |n: u64, fn_id: &str| {
         let mut run = sample_run(fn_id, &format!("status-{n}"));
         run.id = ulid::Ulid::from_parts(base + n, rand::random()).to_string();
@@ -194,7 +207,12 @@ async fn runs_list_by_status_through_every_change(state: &dyn StateStore) -> any
     .await
     .context("created")?;
     let queued = state
-        .list_runs(1_000, None, None, Some(RunStatus::Queued))
+        .list_runs(&RunQuery {
+            limit: 1_000,
+            before: None,
+            fn_id: None,
+            status: Some(RunStatus::Queued),
+        })
         .await?;
     ensure!(
         queued.iter().any(|run| run.id == other.id),
@@ -205,7 +223,12 @@ async fn runs_list_by_status_through_every_change(state: &dyn StateStore) -> any
     let of_fn = fn_id.as_str();
     let page = |before: Option<String>| async move {
         let runs = state
-            .list_runs(2, before.as_deref(), Some(of_fn), Some(RunStatus::Queued))
+            .list_runs(&RunQuery {
+                limit: 2,
+                before: before.as_deref(),
+                fn_id: Some(of_fn),
+                status: Some(RunStatus::Queued),
+            })
             .await?;
         anyhow::Ok(runs.into_iter().map(|r| r.id).collect::<Vec<_>>())
     };
@@ -219,7 +242,12 @@ async fn runs_list_by_status_through_every_change(state: &dyn StateStore) -> any
     );
     ensure!(page(Some(a.id.clone())).await?.is_empty(), "past the last");
     let page = state
-        .list_runs(10, Some(&b.id), None, Some(RunStatus::Queued))
+        .list_runs(&RunQuery {
+            limit: 10,
+            before: Some(&b.id),
+            fn_id: None,
+            status: Some(RunStatus::Queued),
+        })
         .await?;
     ensure!(
         page.first().is_some_and(|run| run.id == a.id),
@@ -289,6 +317,20 @@ async fn runs_list_by_status_through_every_change(state: &dyn StateStore) -> any
     Ok(())
 }
 
+/// A commit of `writes` expecting the run at `version`.
+async fn commit_at(
+    state: &dyn StateStore,
+    run_id: &str,
+    version: Option<u64>,
+    writes: &RunWrites,
+) -> crate::store::StoreResult<Commit> {
+    let writes = RunWrites {
+        expected_version: version,
+        ..writes.clone()
+    };
+    state.commit(run_id, &writes).await
+}
+
 /// `StateStore::commit`: everything of one reply at once; a stale version
 /// writes nothing; the same writes again change nothing.
 async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> anyhow::Result<()> {
@@ -326,7 +368,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         attempt: Some(attempt),
         ..RunWrites::default()
     };
-    let Commit::Done(done) = state.commit(&run.id, Some(v0), &first).await? else {
+    let Commit::Done(done) = commit_at(state, &run.id, Some(v0), &first).await? else {
         anyhow::bail!("the first commit must apply");
     };
     ensure!(
@@ -367,7 +409,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         finish: Some((RunStatus::Completed, None, Timestamp(7))),
         ..RunWrites::default()
     };
-    let conflict = state.commit(&run.id, Some(v0), &stale).await?;
+    let conflict = commit_at(state, &run.id, Some(v0), &stale).await?;
     ensure!(conflict == Commit::Conflict { version: 1 }, "{conflict:?}");
     let (loaded, version) = state.load_run_versioned(&run.id).await?.context("run")?;
     ensure!(version == 1 && loaded.stack == ["a"] && !loaded.status.is_terminal());
@@ -381,7 +423,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         attempt: None,
         ..first.clone()
     };
-    let Commit::Done(again) = state.commit(&run.id, Some(v1), &replay).await? else {
+    let Commit::Done(again) = commit_at(state, &run.id, Some(v1), &replay).await? else {
         anyhow::bail!("a replay at the current version applies");
     };
     ensure!(again.version == 1 && again.saved == 0 && again.duplicates == 1);
@@ -397,7 +439,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         release_force_plan: true,
         ..RunWrites::default()
     };
-    let Commit::Done(done) = state.commit(&run.id, Some(1), &group).await? else {
+    let Commit::Done(done) = commit_at(state, &run.id, Some(1), &group).await? else {
         anyhow::bail!("the group's commit must apply");
     };
     ensure!(done.version == 2 && done.planned_left == 0 && done.stack_len == 3);
@@ -410,7 +452,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         finish: Some((RunStatus::Completed, Some("4".into()), Timestamp(8))),
         ..RunWrites::default()
     };
-    let Commit::Done(done) = state.commit(&run.id, Some(2), &last).await? else {
+    let Commit::Done(done) = commit_at(state, &run.id, Some(2), &last).await? else {
         anyhow::bail!("the last commit must apply");
     };
     ensure!(done.finished && done.version == 3 && done.stack_len == 4);
@@ -422,10 +464,10 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         steps: vec![sample_step("e", "5")],
         ..RunWrites::default()
     };
-    ensure!(state.commit(&run.id, Some(3), &late).await? == Commit::RunEnded);
-    ensure!(state.commit(&run.id, None, &late).await? == Commit::RunEnded);
+    ensure!(commit_at(state, &run.id, Some(3), &late).await? == Commit::RunEnded);
+    ensure!(commit_at(state, &run.id, None, &late).await? == Commit::RunEnded);
     ensure!(state.load_steps(&run.id).await?.len() == 4);
-    ensure!(state.commit("01NOSUCHRUN", None, &late).await? == Commit::RunEnded);
+    ensure!(commit_at(state, "01NOSUCHRUN", None, &late).await? == Commit::RunEnded);
     Ok(())
 }
 
@@ -643,29 +685,35 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
 async fn flow_control_bookkeeping(state: &dyn StateStore) -> anyhow::Result<()> {
     let t0 = Timestamp(1_000_000);
     let second = Duration::from_secs(1);
+    let gcra = |limit, burst| Gcra {
+        limit,
+        period: second,
+        burst,
+    };
+    let (two_a_second, one_a_second, burst_of_two) = (gcra(2, 1), gcra(1, 1), gcra(1, 2));
     // Rate limit: 2 per second, then refused until the period frees a slot.
     let key = unique("rl");
-    ensure!(state.rate_limit_take(&key, 2, second, t0).await?);
-    ensure!(state.rate_limit_take(&key, 2, second, t0).await?);
+    ensure!(state.rate_limit_take(&key, &two_a_second, t0).await?);
+    ensure!(state.rate_limit_take(&key, &two_a_second, t0).await?);
     ensure!(
-        !state.rate_limit_take(&key, 2, second, t0).await?,
+        !state.rate_limit_take(&key, &two_a_second, t0).await?,
         "third within the period"
     );
     ensure!(
         state
-            .rate_limit_take(&key, 2, second, t0.plus(Duration::from_millis(500)))
+            .rate_limit_take(&key, &two_a_second, t0.plus(Duration::from_millis(500)))
             .await?
     );
 
     // Throttle: 1 per second, never refused, later starts reserved.
     let key = unique("th");
-    ensure!(state.throttle_reserve(&key, 1, second, 1, t0).await? == t0);
-    ensure!(state.throttle_reserve(&key, 1, second, 1, t0).await? == t0.plus(second));
-    ensure!(state.throttle_reserve(&key, 1, second, 1, t0).await? == t0.plus(second * 2));
+    ensure!(state.throttle_reserve(&key, &one_a_second, t0).await? == t0);
+    ensure!(state.throttle_reserve(&key, &one_a_second, t0).await? == t0.plus(second));
+    ensure!(state.throttle_reserve(&key, &one_a_second, t0).await? == t0.plus(second * 2));
     let burst = unique("th");
-    ensure!(state.throttle_reserve(&burst, 1, second, 2, t0).await? == t0);
+    ensure!(state.throttle_reserve(&burst, &burst_of_two, t0).await? == t0);
     ensure!(
-        state.throttle_reserve(&burst, 1, second, 2, t0).await? == t0,
+        state.throttle_reserve(&burst, &burst_of_two, t0).await? == t0,
         "burst of 2"
     );
 
@@ -918,16 +966,28 @@ async fn pauses_index_by_event_run_and_correlation(state: &dyn StateStore) -> an
     );
     ensure!(state.pause_match_paths(&event_name).await? == ["data.k"]);
     let found = state
-        .pauses_for_match(&event_name, "data.k", "\"v1\"")
+        .pauses_for_match(PauseMatch {
+            event_name: &event_name,
+            path: "data.k",
+            value_json: "\"v1\"",
+        })
         .await?;
     ensure!(found == [keyed.clone()], "{found:?}");
     ensure!(state
-        .pauses_for_match(&event_name, "data.k", "\"v3\"")
+        .pauses_for_match(PauseMatch {
+            event_name: &event_name,
+            path: "data.k",
+            value_json: "\"v3\"",
+        })
         .await?
         .is_empty());
     state.take_pause(&keyed.id).await?;
     ensure!(state
-        .pauses_for_match(&event_name, "data.k", "\"v1\"")
+        .pauses_for_match(PauseMatch {
+            event_name: &event_name,
+            path: "data.k",
+            value_json: "\"v1\"",
+        })
         .await?
         .is_empty());
     state.take_pause(&other_value.id).await?;
@@ -963,7 +1023,14 @@ async fn create_is_idempotent(state: &dyn StateStore) -> anyhow::Result<()> {
     );
     ensure!(state.runs_for_event("no-such-event").await?.is_empty());
     // Listing: newest first, filters, cursor.
-    let listed = state.list_runs(10, None, Some(&fn_id), None).await?;
+    let listed = state
+        .list_runs(&RunQuery {
+            limit: 10,
+            before: None,
+            fn_id: Some(&fn_id),
+            status: None,
+        })
+        .await?;
     ensure!(
         listed.len() == 1 && listed[0].id == first.id,
         "list by function"
@@ -972,18 +1039,35 @@ async fn create_is_idempotent(state: &dyn StateStore) -> anyhow::Result<()> {
     later.id = ulid::Ulid::from_parts(ulid::Ulid::from_string(&first.id)?.timestamp_ms() + 1, 0)
         .to_string();
     state.create_run(later.clone()).await?;
-    let listed = state.list_runs(10, None, Some(&fn_id), None).await?;
+    let listed = state
+        .list_runs(&RunQuery {
+            limit: 10,
+            before: None,
+            fn_id: Some(&fn_id),
+            status: None,
+        })
+        .await?;
     let ids: Vec<&str> = listed.iter().map(|r| r.id.as_str()).collect();
     ensure!(
         ids == [later.id.as_str(), first.id.as_str()],
         "newest first: {ids:?}"
     );
     let page = state
-        .list_runs(10, Some(&later.id), Some(&fn_id), None)
+        .list_runs(&RunQuery {
+            limit: 10,
+            before: Some(&later.id),
+            fn_id: Some(&fn_id),
+            status: None,
+        })
         .await?;
     ensure!(page.len() == 1 && page[0].id == first.id, "cursor");
     ensure!(state
-        .list_runs(10, None, Some(&fn_id), Some(RunStatus::Completed))
+        .list_runs(&RunQuery {
+            limit: 10,
+            before: None,
+            fn_id: Some(&fn_id),
+            status: Some(RunStatus::Completed)
+        })
         .await?
         .is_empty());
     Ok(())
@@ -1617,6 +1701,58 @@ pub async fn bus_suite(bus: &dyn EventBus) -> anyhow::Result<()> {
 
 /// Writes a little of everything; [`check_after_reopen`] checks it is there
 /// after the backends were closed and opened again.
+/// Runs for a status-index rebuild check: one completed (of `fn-a`), one
+/// queued (of `fn-b`). The caller then removes the store's status index,
+/// opens the store again and calls [`check_status_index_rebuilt`].
+pub async fn write_for_status_rebuild(state: &dyn StateStore) -> anyhow::Result<[RunRecord; 2]> {
+    let done = sample_run("fn-a", "done");
+    let queued = sample_run("fn-b", "queued");
+    for run in [&done, &queued] {
+        state.create_run(run.clone()).await?;
+    }
+    state
+        .finish_run(&done.id, RunStatus::Completed, None, Timestamp(5))
+        .await?;
+    Ok([done, queued])
+}
+
+/// The ids `list_runs` lists in `status` (of `fn_id` when given).
+pub async fn listed_in(
+    state: &dyn StateStore,
+    fn_id: Option<&str>,
+    status: RunStatus,
+) -> anyhow::Result<Vec<String>> {
+    let query = RunQuery {
+        limit: 100,
+        before: None,
+        fn_id,
+        status: Some(status),
+    };
+    Ok(state
+        .list_runs(&query)
+        .await?
+        .into_iter()
+        .map(|run| run.id)
+        .collect())
+}
+
+/// The runs of [`write_for_status_rebuild`] are listed by status again.
+pub async fn check_status_index_rebuilt(
+    state: &dyn StateStore,
+    [done, queued]: &[RunRecord; 2],
+) -> anyhow::Result<()> {
+    let completed = listed_in(state, None, RunStatus::Completed).await?;
+    ensure!(completed == [done.id.clone()], "completed: {completed:?}");
+    let of_fn = listed_in(state, Some("fn-a"), RunStatus::Completed).await?;
+    ensure!(of_fn == [done.id.clone()], "completed of fn-a: {of_fn:?}");
+    let waiting = listed_in(state, None, RunStatus::Queued).await?;
+    ensure!(waiting == [queued.id.clone()], "queued: {waiting:?}");
+    ensure!(listed_in(state, Some("fn-a"), RunStatus::Queued)
+        .await?
+        .is_empty());
+    Ok(())
+}
+
 pub async fn write_for_reopen(backends: &Backends) -> anyhow::Result<()> {
     let mut run = sample_run("reopen-fn", "reopen-key");
     run.id = "01REOPENRUN0000000000000000".into();

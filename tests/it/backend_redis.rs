@@ -17,7 +17,7 @@ use baton::model::{
 use baton::store::memory::MemoryBus;
 use baton::store::redis::{RedisConnection, RedisQueue, RedisStateStore, RedisStores};
 use baton::store::{
-    testsuite, BatchPush, CreateRun, DataStore, Queue, SaveStep, StateStore, StoreErrorKind,
+    testsuite, BatchPush, CreateRun, DataStore, Gcra, Queue, SaveStep, StateStore, StoreErrorKind,
 };
 
 use crate::support::{redis_url, skip};
@@ -66,6 +66,15 @@ impl Drop for Namespace {
         if let Err(err) = cleanup() {
             eprintln!("could not delete the keys under {}: {err}", self.prefix);
         }
+    }
+}
+
+/// `limit` per `secs` seconds.
+fn gcra(limit: u32, secs: u64, burst: u32) -> Gcra {
+    Gcra {
+        limit,
+        period: Duration::from_secs(secs),
+        burst,
     }
 }
 
@@ -127,15 +136,7 @@ async fn a_dataset_without_the_status_index_gets_it_at_connect() {
         return;
     };
     let state = RedisStores::new(&conn).state;
-    let done = testsuite::sample_run("fn-a", "done");
-    let queued = testsuite::sample_run("fn-b", "queued");
-    for run in [&done, &queued] {
-        state.create_run(run.clone()).await.unwrap();
-    }
-    state
-        .finish_run(&done.id, RunStatus::Completed, None, Timestamp(5))
-        .await
-        .unwrap();
+    let runs = testsuite::write_for_status_rebuild(&state).await.unwrap();
     let mut sync = sync_connection(&namespace.url).unwrap();
     let index_keys: Vec<String> = scan_keys(&mut sync, &namespace.prefix)
         .unwrap()
@@ -147,28 +148,15 @@ async fn a_dataset_without_the_status_index_gets_it_at_connect() {
         .collect();
     assert_eq!(index_keys.len(), 4, "{index_keys:?}");
     redis::cmd("DEL").arg(&index_keys).exec(&mut sync).unwrap();
-    let listed = |fn_id: Option<&'static str>, status| {
-        let state = &state;
-        async move {
-            let runs = state
-                .list_runs(10, None, fn_id, Some(status))
-                .await
-                .unwrap();
-            runs.into_iter().map(|run| run.id).collect::<Vec<_>>()
-        }
-    };
-    assert!(listed(None, RunStatus::Completed).await.is_empty());
+    let completed = testsuite::listed_in(&state, None, RunStatus::Completed);
+    assert!(completed.await.unwrap().is_empty());
 
     RedisStores::connect(&namespace.url, &namespace.prefix)
         .await
         .unwrap();
-    assert_eq!(listed(None, RunStatus::Completed).await, [done.id.clone()]);
-    assert_eq!(
-        listed(Some("fn-a"), RunStatus::Completed).await,
-        [done.id.clone()]
-    );
-    assert_eq!(listed(None, RunStatus::Queued).await, [queued.id.clone()]);
-    assert!(listed(Some("fn-a"), RunStatus::Queued).await.is_empty());
+    testsuite::check_status_index_rebuilt(&state, &runs)
+        .await
+        .unwrap();
     let mark: Option<String> = redis::cmd("GET")
         .arg(format!("{}index:status", namespace.prefix))
         .query(&mut sync)
@@ -524,7 +512,7 @@ async fn state_writes_are_atomic_across_processes() {
     // A rate limit of 5 per hour lets 5 of 20 through.
     let taken = concurrently(&stores, 20, |state, _| async move {
         state
-            .rate_limit_take("rl", 5, Duration::from_secs(3600), Timestamp(1_000))
+            .rate_limit_take("rl", &gcra(5, 3600, 1), Timestamp(1_000))
             .await
             .unwrap()
     })
@@ -534,7 +522,7 @@ async fn state_writes_are_atomic_across_processes() {
     // Throttle reservations never collide.
     let mut starts = concurrently(&stores, 20, |state, _| async move {
         state
-            .throttle_reserve("th", 1, Duration::from_secs(1), 1, Timestamp(0))
+            .throttle_reserve("th", &gcra(1, 1, 1), Timestamp(0))
             .await
             .unwrap()
     })

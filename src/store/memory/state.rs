@@ -9,18 +9,16 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::model::metadata::MetadataRecord;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
-    RunRecord, RunStatus, StepRecord,
+    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, StepRecord,
 };
 use crate::store::{
-    gcra_reserve, gcra_take, next_debounce, plan_commit, push_to_batch, AddMetadata, BatchPush,
-    Commit, CommitRead, CreateRun, RunWrites, SaveSignal, StateStore, StoreResult,
+    plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowRecord, FlowSlot,
+    FlowWrite, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
 };
 
 #[derive(Default)]
@@ -52,21 +50,11 @@ struct State {
     correlations: HashMap<String, String>,
     /// Signal name → the pause that waits for it.
     signals: HashMap<String, String>,
-    /// GCRA arrival times of rate limits and throttles.
-    rate_limits: HashMap<String, i64>,
-    throttles: HashMap<String, i64>,
-    debounces: HashMap<String, DebounceRecord>,
-    batches: HashMap<String, BatchRecord>,
-    singletons: HashMap<String, String>,
+    /// Flow-control records by slot (the kind's name, then the key).
+    flow: HashMap<(&'static str, String), FlowRecord>,
 }
 
 impl State {
-    fn open_run(&self, run_id: &str) -> bool {
-        self.runs
-            .get(run_id)
-            .is_some_and(|run| !run.status.is_terminal())
-    }
-
     fn pauses_where(&self, keep: impl Fn(&PauseRecord) -> bool) -> Vec<PauseRecord> {
         self.pauses.values().filter(|p| keep(p)).cloned().collect()
     }
@@ -183,12 +171,7 @@ impl StateStore for MemoryState {
             .map(|run| (run.clone(), state.version(run_id))))
     }
 
-    async fn commit(
-        &self,
-        run_id: &str,
-        expected_version: Option<u64>,
-        writes: &RunWrites,
-    ) -> StoreResult<Commit> {
+    async fn commit(&self, run_id: &str, writes: &RunWrites) -> StoreResult<Commit> {
         let mut guard = self.lock();
         let state = &mut *guard;
         let steps = state.steps.get(run_id);
@@ -214,7 +197,7 @@ impl StateStore for MemoryState {
                 .map(|record| held.is_some_and(|h| h.iter().any(|r| r.id == record.id)))
                 .collect(),
         };
-        let (plan, outcome) = match plan_commit(read, expected_version, writes) {
+        let (plan, outcome) = match plan_commit(read, writes) {
             Ok(planned) => planned,
             Err(answer) => return Ok(answer),
         };
@@ -275,17 +258,12 @@ impl StateStore for MemoryState {
         Ok(paths)
     }
 
-    async fn pauses_for_match(
-        &self,
-        event_name: &str,
-        path: &str,
-        value_json: &str,
-    ) -> StoreResult<Vec<PauseRecord>> {
+    async fn pauses_for_match(&self, key: PauseMatch<'_>) -> StoreResult<Vec<PauseRecord>> {
         Ok(self.lock().pauses_where(|p| {
-            p.event_name == event_name
+            p.event_name == key.event_name
                 && p.match_key
                     .as_ref()
-                    .is_some_and(|(p, v)| p == path && v == value_json)
+                    .is_some_and(|(p, v)| p == key.path && v == key.value_json)
         }))
     }
 
@@ -352,112 +330,19 @@ impl StateStore for MemoryState {
         Ok(self.lock().pauses.len() as u64)
     }
 
-    async fn rate_limit_take(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        now: Timestamp,
-    ) -> StoreResult<bool> {
+    async fn update_flow(&self, slot: FlowSlot<'_>, change: FlowChange<'_>) -> StoreResult<()> {
         let mut state = self.lock();
-        let stored = state.rate_limits.get(key).copied();
-        let Some(tat) = gcra_take(stored, limit, period, now) else {
-            return Ok(false);
-        };
-        state.rate_limits.insert(key.to_string(), tat);
-        Ok(true)
-    }
-
-    async fn throttle_reserve(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        burst: u32,
-        now: Timestamp,
-    ) -> StoreResult<Timestamp> {
-        let mut state = self.lock();
-        let stored = state.throttles.get(key).copied();
-        let (tat, allowed) = gcra_reserve(stored, limit, period, burst, now);
-        state.throttles.insert(key.to_string(), tat);
-        Ok(allowed)
-    }
-
-    async fn debounce_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        period: Duration,
-        timeout: Option<Duration>,
-        now: Timestamp,
-    ) -> StoreResult<(u64, Timestamp)> {
-        let mut state = self.lock();
-        let record = next_debounce(state.debounces.get(key), event, period, timeout, now);
-        let outcome = (record.generation, Timestamp(record.due));
-        state.debounces.insert(key.to_string(), record);
-        Ok(outcome)
-    }
-
-    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>> {
-        let mut state = self.lock();
-        if state
-            .debounces
-            .get(key)
-            .is_none_or(|record| record.generation != generation)
-        {
-            return Ok(None);
+        let slot_key = (slot.name(), slot.key().to_string());
+        match change(state.flow.get(&slot_key).cloned()) {
+            FlowWrite::Keep => {}
+            FlowWrite::Put(record) => {
+                state.flow.insert(slot_key, record);
+            }
+            FlowWrite::Clear => {
+                state.flow.remove(&slot_key);
+            }
         }
-        Ok(state.debounces.remove(key).map(|record| record.event))
-    }
-
-    async fn batch_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        max_size: u32,
-        now: Timestamp,
-    ) -> StoreResult<BatchPush> {
-        let mut state = self.lock();
-        let previous = state.batches.remove(key);
-        let (stored, outcome) = push_to_batch(previous, event, max_size, now);
-        if let Some(batch) = stored {
-            state.batches.insert(key.to_string(), batch);
-        }
-        Ok(outcome)
-    }
-
-    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>> {
-        let mut state = self.lock();
-        if state
-            .batches
-            .get(key)
-            .is_none_or(|batch| batch.batch_id != batch_id)
-        {
-            return Ok(Vec::new());
-        }
-        Ok(state
-            .batches
-            .remove(key)
-            .map(|batch| batch.events)
-            .unwrap_or_default())
-    }
-
-    async fn singleton_claim(
-        &self,
-        key: &str,
-        run_id: &str,
-        replace: bool,
-    ) -> StoreResult<Option<String>> {
-        let mut state = self.lock();
-        let holder = state
-            .singletons
-            .get(key)
-            .filter(|id| state.open_run(id))
-            .cloned();
-        if holder.is_none() || replace {
-            state.singletons.insert(key.to_string(), run_id.to_string());
-        }
-        Ok(holder)
+        Ok(())
     }
 
     async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
@@ -469,18 +354,13 @@ impl StateStore for MemoryState {
             .unwrap_or_default())
     }
 
-    async fn list_runs(
-        &self,
-        limit: usize,
-        before: Option<&str>,
-        fn_id: Option<&str>,
-        status: Option<RunStatus>,
-    ) -> StoreResult<Vec<RunRecord>> {
+    async fn list_runs(&self, query: &RunQuery<'_>) -> StoreResult<Vec<RunRecord>> {
         let state = self.lock();
+        let (limit, before) = (query.limit, query.before);
         let end = before.map_or(Bound::Unbounded, Bound::Excluded);
         // Run ids are ULIDs (ASCII): every one sorts before `char::MAX`.
         let before = before.map_or(char::MAX.to_string(), str::to_string);
-        let ids: Vec<&String> = match (fn_id, status) {
+        let ids: Vec<&String> = match (query.fn_id, query.status) {
             (Some(fn_id), Some(status)) => {
                 let (f, s) = (fn_id.to_string(), status.as_str());
                 let range = (f.clone(), s, String::new())..(f, s, before);
@@ -496,7 +376,7 @@ impl StateStore for MemoryState {
             (_, None) => {
                 let older = state.runs.range::<str, _>((Bound::Unbounded, end));
                 let older = older.rev().map(|(_, run)| run);
-                let of_fn = older.filter(|run| fn_id.is_none_or(|f| f == run.fn_id));
+                let of_fn = older.filter(|run| query.fn_id.is_none_or(|f| f == run.fn_id));
                 of_fn.map(|run| &run.id).take(limit).collect()
             }
         };

@@ -33,7 +33,6 @@
 //! again.
 
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use ::redis::Script;
 
@@ -43,12 +42,12 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
-    RunRecord, RunStatus, StepRecord,
+    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, StepRecord,
 };
 use crate::store::{
-    next_debounce, plan_commit, push_to_batch, AddMetadata, BatchPush, Commit, CommitRead,
-    CreateRun, RunWrites, SaveSignal, StateStore, StoreError, StoreErrorKind, StoreResult,
+    plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite,
+    PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreError, StoreErrorKind,
+    StoreResult,
 };
 
 /// Run ids read per round trip while listing or scanning runs.
@@ -233,10 +232,6 @@ impl RedisStateStore {
         self.conn.key("pmatch:", &parts)
     }
 
-    async fn load_run_bytes(&self, run_id: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.conn.get_bytes(&self.run_key(run_id)).await
-    }
-
     async fn pauses_in(&self, set_key: &str) -> StoreResult<Vec<PauseRecord>> {
         let mut ids: Vec<String> = self
             .conn
@@ -410,37 +405,6 @@ return {0, count}
     )
 });
 
-/// Rate limit (GCRA). ARGV: key, limit, period ms, now ms. 1 if taken.
-static RATE_LIMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local key, limit, period, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local emission = math.max(math.floor(period / math.max(limit, 1)), 1)
-local tolerance = period - emission
-local tat = math.max(tonumber(redis.call('GET', key) or now), now)
-if tat - now > tolerance then return 0 end
-redis.call('SET', key, string.format('%d', tat + emission))
-return 1
-"#,
-    )
-});
-
-/// Throttle (GCRA with reservations). ARGV: key, limit, period ms, burst,
-/// now ms. Returns the reserved start (ms).
-static THROTTLE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local key, limit, period = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local burst, now = tonumber(ARGV[4]), tonumber(ARGV[5])
-local emission = math.max(math.floor(period / math.max(limit, 1)), 1)
-local tolerance = emission * (math.max(burst, 1) - 1)
-local tat = math.max(tonumber(redis.call('GET', key) or now), now)
-redis.call('SET', key, string.format('%d', tat + emission))
-return string.format('%d', math.max(tat - tolerance, now))
-"#,
-    )
-});
-
 #[async_trait::async_trait]
 impl StateStore for RedisStateStore {
     async fn create_run(&self, run: RunRecord) -> StoreResult<CreateRun> {
@@ -508,12 +472,7 @@ impl StateStore for RedisStateStore {
         }
     }
 
-    async fn commit(
-        &self,
-        run_id: &str,
-        expected_version: Option<u64>,
-        writes: &RunWrites,
-    ) -> StoreResult<Commit> {
+    async fn commit(&self, run_id: &str, writes: &RunWrites) -> StoreResult<Commit> {
         let run_key = self.run_key(run_id);
         let version_key = self.version_key(run_id);
         let steps_key = self.conn.key("steps:", run_id);
@@ -524,7 +483,7 @@ impl StateStore for RedisStateStore {
             let read = self.commit_read(run_id, writes).await?;
             let version_read = read.version.to_string();
             let used_read = read.metadata_used;
-            let (plan, outcome) = match plan_commit(read, expected_version, writes) {
+            let (plan, outcome) = match plan_commit(read, writes) {
                 Ok(planned) => planned,
                 Err(answer) => return Ok(answer),
             };
@@ -663,14 +622,9 @@ impl StateStore for RedisStateStore {
         Ok(paths)
     }
 
-    async fn pauses_for_match(
-        &self,
-        event_name: &str,
-        path: &str,
-        value_json: &str,
-    ) -> StoreResult<Vec<PauseRecord>> {
-        self.pauses_in(&self.match_key(event_name, path, value_json))
-            .await
+    async fn pauses_for_match(&self, key: PauseMatch<'_>) -> StoreResult<Vec<PauseRecord>> {
+        let set = self.match_key(key.event_name, key.path, key.value_json);
+        self.pauses_in(&set).await
     }
 
     async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()> {
@@ -741,174 +695,39 @@ impl StateStore for RedisStateStore {
             .await
     }
 
-    async fn rate_limit_take(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        now: Timestamp,
-    ) -> StoreResult<bool> {
-        let mut invocation = RATE_LIMIT.prepare_invoke();
-        invocation
-            .arg(self.conn.key("rl:", key))
-            .arg(limit)
-            .arg(period.as_millis() as i64)
-            .arg(now.millis());
-        let taken: i64 = self.conn.invoke(&invocation).await?;
-        Ok(taken == 1)
-    }
-
-    async fn throttle_reserve(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        burst: u32,
-        now: Timestamp,
-    ) -> StoreResult<Timestamp> {
-        let mut invocation = THROTTLE.prepare_invoke();
-        invocation
-            .arg(self.conn.key("th:", key))
-            .arg(limit)
-            .arg(period.as_millis() as i64)
-            .arg(burst)
-            .arg(now.millis());
-        let allowed: i64 = self.conn.invoke(&invocation).await?;
-        Ok(Timestamp(allowed))
-    }
-
-    async fn debounce_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        period: Duration,
-        timeout: Option<Duration>,
-        now: Timestamp,
-    ) -> StoreResult<(u64, Timestamp)> {
-        let record_key = self.conn.key("debounce:", key);
-        let mut attempts = Attempts::new("debounce_push");
+    async fn update_flow(&self, slot: FlowSlot<'_>, change: FlowChange<'_>) -> StoreResult<()> {
+        let family = match slot {
+            FlowSlot::RateLimit(_) => "rl:",
+            FlowSlot::Throttle(_) => "th:",
+            FlowSlot::Debounce(_) => "debounce:",
+            FlowSlot::Batch(_) => "batch:",
+            FlowSlot::Singleton(_) => "singleton:",
+        };
+        // Arrival times are decimal text, as the scripts of earlier
+        // releases wrote them.
+        let record_key = self.conn.key(family, slot.key());
+        let mut attempts = Attempts::new("update_flow");
         loop {
             attempts.next().await?;
             let bytes = self.conn.get_bytes(&record_key).await?;
-            let previous = bytes
-                .as_deref()
-                .map(DebounceRecord::from_bytes)
-                .transpose()?;
-            let record = next_debounce(previous.as_ref(), event, period, timeout, now);
-            let mut change = Change::default();
-            change
-                .expect(&record_key, bytes.as_deref())
-                .command("SET", &[record_key.as_bytes(), &record.to_bytes()]);
-            if self.conn.apply(&change).await? {
-                return Ok((record.generation, Timestamp(record.due)));
-            }
-        }
-    }
-
-    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>> {
-        let record_key = self.conn.key("debounce:", key);
-        let mut attempts = Attempts::new("debounce_take");
-        loop {
-            attempts.next().await?;
-            let Some(bytes) = self.conn.get_bytes(&record_key).await? else {
-                return Ok(None);
-            };
-            let record = DebounceRecord::from_bytes(&bytes)?;
-            if record.generation != generation {
-                return Ok(None);
-            }
-            let mut change = Change::default();
-            change
-                .expect(&record_key, Some(&bytes))
-                .command("DEL", &[record_key.as_bytes()]);
-            if self.conn.apply(&change).await? {
-                return Ok(Some(record.event));
-            }
-        }
-    }
-
-    async fn batch_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        max_size: u32,
-        now: Timestamp,
-    ) -> StoreResult<BatchPush> {
-        let record_key = self.conn.key("batch:", key);
-        let mut attempts = Attempts::new("batch_push");
-        loop {
-            attempts.next().await?;
-            let bytes = self.conn.get_bytes(&record_key).await?;
-            let previous = bytes.as_deref().map(BatchRecord::from_bytes).transpose()?;
-            let (stored, outcome) = push_to_batch(previous, event, max_size, now);
-            let mut change = Change::default();
-            change.expect(&record_key, bytes.as_deref());
-            match &stored {
-                Some(batch) => change.command("SET", &[record_key.as_bytes(), &batch.to_bytes()]),
-                None => change.command("DEL", &[record_key.as_bytes()]),
-            };
-            if !self.conn.apply(&change).await? {
-                continue;
-            }
-            return Ok(outcome);
-        }
-    }
-
-    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>> {
-        let record_key = self.conn.key("batch:", key);
-        let mut attempts = Attempts::new("batch_take");
-        loop {
-            attempts.next().await?;
-            let Some(bytes) = self.conn.get_bytes(&record_key).await? else {
-                return Ok(Vec::new());
-            };
-            let batch = BatchRecord::from_bytes(&bytes)?;
-            if batch.batch_id != batch_id {
-                return Ok(Vec::new());
-            }
-            let mut change = Change::default();
-            change
-                .expect(&record_key, Some(&bytes))
-                .command("DEL", &[record_key.as_bytes()]);
-            if self.conn.apply(&change).await? {
-                return Ok(batch.events);
-            }
-        }
-    }
-
-    async fn singleton_claim(
-        &self,
-        key: &str,
-        run_id: &str,
-        replace: bool,
-    ) -> StoreResult<Option<String>> {
-        let holder_key = self.conn.key("singleton:", key);
-        let mut attempts = Attempts::new("singleton_claim");
-        loop {
-            attempts.next().await?;
-            let held = self.conn.get_bytes(&holder_key).await?;
-            let mut change = Change::default();
-            change.expect(&holder_key, held.as_deref());
-            // The holder counts while its run has not ended; the claim
-            // applies only if neither the holder nor its run changed.
-            let holder = match &held {
-                Some(id) => {
-                    let id = String::from_utf8_lossy(id).to_string();
-                    let run_bytes = self.load_run_bytes(&id).await?;
-                    change.expect(&self.run_key(&id), run_bytes.as_deref());
-                    let running = match &run_bytes {
-                        Some(bytes) => !RunRecord::from_bytes(bytes)?.status.is_terminal(),
-                        None => false,
-                    };
-                    running.then_some(id)
+            let stored = match &bytes {
+                Some(bytes) => {
+                    Some(slot.decode(bytes, |b| std::str::from_utf8(b).ok()?.parse().ok())?)
                 }
                 None => None,
             };
-            if holder.is_none() || replace {
-                change.command("SET", &[holder_key.as_bytes(), run_id.as_bytes()]);
-            }
-            if self.conn.apply(&change).await? {
-                return Ok(holder);
+            let mut write = Change::default();
+            write.expect(&record_key, bytes.as_deref());
+            match change(stored) {
+                FlowWrite::Keep => return Ok(()),
+                FlowWrite::Put(record) => {
+                    let value = record.to_bytes(|tat| tat.to_string().into_bytes());
+                    write.command("SET", &[record_key.as_bytes(), &value])
+                }
+                FlowWrite::Clear => write.command("DEL", &[record_key.as_bytes()]),
+            };
+            if self.conn.apply(&write).await? {
+                return Ok(());
             }
         }
     }
@@ -921,24 +740,18 @@ impl StateStore for RedisStateStore {
         Ok(defers.map(|d| d.defers).unwrap_or_default())
     }
 
-    async fn list_runs(
-        &self,
-        limit: usize,
-        before: Option<&str>,
-        fn_id: Option<&str>,
-        status: Option<RunStatus>,
-    ) -> StoreResult<Vec<RunRecord>> {
+    async fn list_runs(&self, query: &RunQuery<'_>) -> StoreResult<Vec<RunRecord>> {
         // The set that lists exactly the runs asked for.
-        let index = match (fn_id, status) {
+        let index = match (query.fn_id, query.status) {
             (Some(fn_id), Some(status)) => self.fn_status_set(fn_id, status),
             (None, Some(status)) => self.status_set(status),
             (Some(fn_id), None) => self.conn.key("fnruns:", fn_id),
             (None, None) => self.conn.key("runs", ""),
         };
         let mut runs = Vec::new();
-        let mut max = before.map_or("+".to_string(), |id| format!("({id}"));
-        while runs.len() < limit {
-            let chunk = (limit - runs.len()).min(LIST_CHUNK);
+        let mut max = query.before.map_or("+".to_string(), |id| format!("({id}"));
+        while runs.len() < query.limit {
+            let chunk = (query.limit - runs.len()).min(LIST_CHUNK);
             let ids: Vec<String> = self
                 .conn
                 .query(

@@ -257,18 +257,9 @@ mod tests {
     #[actix_rt::test]
     async fn a_store_without_the_status_index_gets_it_at_open() {
         use crate::model::RunStatus;
-        use crate::store::StateStore;
         let db = SledDb::temporary().unwrap();
         let state = SledStateStore::open(&db).unwrap();
-        let done = testsuite::sample_run("fn-a", "done");
-        let queued = testsuite::sample_run("fn-b", "queued");
-        for run in [&done, &queued] {
-            state.create_run(run.clone()).await.unwrap();
-        }
-        state
-            .finish_run(&done.id, RunStatus::Completed, None, Timestamp(5))
-            .await
-            .unwrap();
+        let runs = testsuite::write_for_status_rebuild(&state).await.unwrap();
         // As a store written before the index existed: no entries (while
         // the mark stays, nothing builds them), then no mark.
         let tree = db.tree("state").unwrap();
@@ -277,32 +268,14 @@ mod tests {
                 tree.remove(entry.unwrap().0).unwrap();
             }
         }
-        let listed = |state: SledStateStore, fn_id: Option<&'static str>, status| async move {
-            let runs = state
-                .list_runs(10, None, fn_id, Some(status))
-                .await
-                .unwrap();
-            runs.into_iter().map(|run| run.id).collect::<Vec<_>>()
-        };
         let state = SledStateStore::open(&db).unwrap();
-        assert!(listed(state, None, RunStatus::Completed).await.is_empty());
+        let completed = testsuite::listed_in(&state, None, RunStatus::Completed);
+        assert!(completed.await.unwrap().is_empty());
         tree.remove(b"ix/status").unwrap();
-        let reopened = || SledStateStore::open(&db).unwrap();
-        assert_eq!(
-            listed(reopened(), None, RunStatus::Completed).await,
-            [done.id.clone()]
-        );
-        assert_eq!(
-            listed(reopened(), Some("fn-a"), RunStatus::Completed).await,
-            [done.id.clone()]
-        );
-        assert_eq!(
-            listed(reopened(), None, RunStatus::Queued).await,
-            [queued.id.clone()]
-        );
-        assert!(listed(reopened(), Some("fn-a"), RunStatus::Queued)
+        let state = SledStateStore::open(&db).unwrap();
+        testsuite::check_status_index_rebuilt(&state, &runs)
             .await
-            .is_empty());
+            .unwrap();
         assert!(tree.contains_key(b"ix/status").unwrap(), "the mark is set");
     }
 

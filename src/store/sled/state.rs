@@ -26,14 +26,12 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
-    RunRecord, RunStatus, StepRecord,
+    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, StepRecord,
 };
 use crate::store::{
-    gcra_reserve, gcra_take, next_debounce, plan_commit, push_to_batch, AddMetadata, BatchPush,
-    Commit, CommitRead, CreateRun, RunWrites, SaveSignal, StateStore, StoreResult,
+    plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite,
+    PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
 };
-use std::time::Duration;
 
 pub struct SledStateStore {
     inner: Arc<StateTree>,
@@ -364,12 +362,7 @@ impl StateTree {
 
     /// Plans and applies one commit (see `StateStore::commit`); returns its
     /// answer and whether it must be flushed before that answer is given.
-    fn commit_now(
-        &self,
-        run_id: &str,
-        expected_version: Option<u64>,
-        writes: &RunWrites,
-    ) -> StoreResult<(Commit, bool)> {
+    fn commit_now(&self, run_id: &str, writes: &RunWrites) -> StoreResult<(Commit, bool)> {
         let _guard = self.lock();
         let read = self.commit_read(run_id, writes)?;
         let metadata_seq = if writes.metadata.is_empty() {
@@ -377,7 +370,7 @@ impl StateTree {
         } else {
             self.metadata_size(run_id)?.1
         };
-        let (plan, outcome) = match plan_commit(read, expected_version, writes) {
+        let (plan, outcome) = match plan_commit(read, writes) {
             Ok(planned) => planned,
             Err(answer) => return Ok((answer, false)),
         };
@@ -538,19 +531,14 @@ impl StateStore for SledStateStore {
         }
     }
 
-    async fn commit(
-        &self,
-        run_id: &str,
-        expected_version: Option<u64>,
-        writes: &RunWrites,
-    ) -> StoreResult<Commit> {
+    async fn commit(&self, run_id: &str, writes: &RunWrites) -> StoreResult<Commit> {
         // On the store thread, which flushes once for every commit in its
         // batch before answering.
         let tree = self.inner.clone();
         let run_id = run_id.to_string();
         let writes = writes.clone();
         self.commit
-            .run(move || tree.commit_now(&run_id, expected_version, &writes))
+            .run(move || tree.commit_now(&run_id, &writes))
             .await
     }
 
@@ -622,13 +610,8 @@ impl StateStore for SledStateStore {
             .collect()
     }
 
-    async fn pauses_for_match(
-        &self,
-        event_name: &str,
-        path: &str,
-        value_json: &str,
-    ) -> StoreResult<Vec<PauseRecord>> {
-        let prefix = joined(b"pm/", &[event_name, path, value_json, ""]);
+    async fn pauses_for_match(&self, key: PauseMatch<'_>) -> StoreResult<Vec<PauseRecord>> {
+        let prefix = joined(b"pm/", &[key.event_name, key.path, key.value_json, ""]);
         self.pauses_under(&prefix)
     }
 
@@ -688,129 +671,32 @@ impl StateStore for SledStateStore {
         Ok(self.tree.scan_prefix(b"pa/").count() as u64)
     }
 
-    async fn rate_limit_take(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        now: Timestamp,
-    ) -> StoreResult<bool> {
+    async fn update_flow(&self, slot: FlowSlot<'_>, change: FlowChange<'_>) -> StoreResult<()> {
         let _guard = self.lock();
-        let tat_key = joined(b"fl/rl/", &[key]);
-        let Some(tat) = gcra_take(self.get_i64(&tat_key)?, limit, period, now) else {
-            return Ok(false);
+        let family: &[u8] = match slot {
+            FlowSlot::RateLimit(_) => b"fl/rl/",
+            FlowSlot::Throttle(_) => b"fl/th/",
+            FlowSlot::Debounce(_) => b"fl/db/",
+            FlowSlot::Batch(_) => b"fl/bt/",
+            FlowSlot::Singleton(_) => b"fl/sg/",
         };
-        self.tree
-            .insert(tat_key, &tat.to_be_bytes())
-            .map_err(sled_error)?;
-        Ok(true)
-    }
-
-    async fn throttle_reserve(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        burst: u32,
-        now: Timestamp,
-    ) -> StoreResult<Timestamp> {
-        let _guard = self.lock();
-        let tat_key = joined(b"fl/th/", &[key]);
-        let (tat, allowed) = gcra_reserve(self.get_i64(&tat_key)?, limit, period, burst, now);
-        self.tree
-            .insert(tat_key, &tat.to_be_bytes())
-            .map_err(sled_error)?;
-        Ok(allowed)
-    }
-
-    async fn debounce_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        period: Duration,
-        timeout: Option<Duration>,
-        now: Timestamp,
-    ) -> StoreResult<(u64, Timestamp)> {
-        let _guard = self.lock();
-        let record_key = joined(b"fl/db/", &[key]);
-        let previous: Option<DebounceRecord> = self.get_record(&record_key)?;
-        let record = next_debounce(previous.as_ref(), event, period, timeout, now);
-        let (generation, due) = (record.generation, record.due);
-        self.tree
-            .insert(record_key, record.to_bytes())
-            .map_err(sled_error)?;
-        Ok((generation, Timestamp(due)))
-    }
-
-    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>> {
-        let _guard = self.lock();
-        let record_key = joined(b"fl/db/", &[key]);
-        let Some(record) = self.get_record::<DebounceRecord>(&record_key)? else {
-            return Ok(None);
-        };
-        if record.generation != generation {
-            return Ok(None);
-        }
-        self.tree.remove(record_key).map_err(sled_error)?;
-        Ok(Some(record.event))
-    }
-
-    async fn batch_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        max_size: u32,
-        now: Timestamp,
-    ) -> StoreResult<BatchPush> {
-        let _guard = self.lock();
-        let record_key = joined(b"fl/bt/", &[key]);
-        let previous = self.get_record::<BatchRecord>(&record_key)?;
-        let (stored, outcome) = push_to_batch(previous, event, max_size, now);
-        match stored {
-            Some(batch) => self.tree.insert(record_key, batch.to_bytes()),
-            None => self.tree.remove(record_key),
-        }
-        .map_err(sled_error)?;
-        Ok(outcome)
-    }
-
-    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>> {
-        let _guard = self.lock();
-        let record_key = joined(b"fl/bt/", &[key]);
-        match self.get_record::<BatchRecord>(&record_key)? {
-            Some(batch) if batch.batch_id == batch_id => {
-                self.tree.remove(record_key).map_err(sled_error)?;
-                Ok(batch.events)
-            }
-            _ => Ok(Vec::new()),
-        }
-    }
-
-    async fn singleton_claim(
-        &self,
-        key: &str,
-        run_id: &str,
-        replace: bool,
-    ) -> StoreResult<Option<String>> {
-        let _guard = self.lock();
-        let holder_key = joined(b"fl/sg/", &[key]);
-        let holder = match self.tree.get(&holder_key).map_err(sled_error)? {
-            Some(id) => {
-                let id = String::from_utf8_lossy(&id).to_string();
-                let running = self
-                    .get_run(&id)?
-                    .is_some_and(|run| !run.status.is_terminal());
-                running.then_some(id)
-            }
+        let record_key = joined(family, &[slot.key()]);
+        let stored = match self.tree.get(&record_key).map_err(sled_error)? {
+            Some(bytes) => Some(slot.decode(&bytes, |b| {
+                Some(i64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+            })?),
             None => None,
         };
-        if holder.is_some() && !replace {
-            return Ok(holder);
+        match change(stored) {
+            FlowWrite::Keep => return Ok(()),
+            FlowWrite::Put(record) => {
+                let bytes = record.to_bytes(|tat| tat.to_be_bytes().to_vec());
+                self.tree.insert(record_key, bytes)
+            }
+            FlowWrite::Clear => self.tree.remove(record_key),
         }
-        self.tree
-            .insert(holder_key, run_id.as_bytes())
-            .map_err(sled_error)?;
-        Ok(holder)
+        .map_err(sled_error)?;
+        Ok(())
     }
 
     async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
@@ -820,21 +706,15 @@ impl StateStore for SledStateStore {
             .unwrap_or_default())
     }
 
-    async fn list_runs(
-        &self,
-        limit: usize,
-        before: Option<&str>,
-        fn_id: Option<&str>,
-        status: Option<RunStatus>,
-    ) -> StoreResult<Vec<RunRecord>> {
+    async fn list_runs(&self, query: &RunQuery<'_>) -> StoreResult<Vec<RunRecord>> {
         // An index when filtering, so only the listed runs are read.
-        let index = match (fn_id, status) {
+        let index = match (query.fn_id, query.status) {
             (Some(fn_id), Some(status)) => fn_status_key(status, fn_id, ""),
             (None, Some(status)) => status_key(status, ""),
             (Some(fn_id), None) => key(&[b"bf", fn_id.as_bytes(), b""]),
-            (None, None) => return self.runs_newest_first(limit, before),
+            (None, None) => return self.runs_newest_first(query.limit, query.before),
         };
-        self.runs_indexed(&index, before, limit)
+        self.runs_indexed(&index, query.before, query.limit)
     }
 
     async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64> {
