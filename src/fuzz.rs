@@ -12,8 +12,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
 use crate::actors::event_api::{normalize_events, MAX_EVENT_BYTES};
-use crate::actors::executor::decide;
 use crate::clock::Timestamp;
+use crate::core::decide;
 use crate::expr::Expr;
 use crate::model::function::parse_config;
 use crate::model::QueueItem;
@@ -259,7 +259,7 @@ fn fuzz_sdk_replies() {
         };
         let decision = decide(&run, &lease, &reply, NOW, Duration::from_secs(1));
         if let Some((_, output)) = &decision.finish {
-            assert!(output.to_string().len() <= crate::actors::executor::MAX_STEP_BYTES + 1_000);
+            assert!(output.to_string().len() <= crate::core::MAX_STEP_BYTES + 1_000);
         }
         if let SdkReply::Ops { ops, .. } = &reply {
             assert!(ops.len() < 1_000_000);

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod connect;
+pub mod core;
 pub mod cron;
 pub mod duration;
 pub mod expr;

@@ -240,6 +240,22 @@ pub enum SdkReply {
     },
 }
 
+impl SdkReply {
+    /// The request version the SDK answered with (`x-inngest-req-version`);
+    /// -1 when unknown (an error).
+    pub fn request_version(&self) -> i32 {
+        match self {
+            SdkReply::Complete {
+                request_version, ..
+            }
+            | SdkReply::Ops {
+                request_version, ..
+            } => *request_version,
+            SdkReply::Error { .. } => -1,
+        }
+    }
+}
+
 /// Parses `Retry-After`: whole seconds or an ISO date, clamped to 1 s–24 h.
 pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
     let value = value.trim();

@@ -3,7 +3,7 @@
 //! call and posts each finished step to `/v1/checkpoint/{run}/async`.
 //!
 //! [`checkpoint_async`] stores such steps exactly as the executor stores the
-//! same steps arriving in a 206 answer: the ops go through the executor's
+//! same steps arriving in a 206 answer: the ops go through the core's
 //! pure [`decide`], and its results, with the defers and metadata that ride
 //! along, go in one `StateStore::commit` at the run's version as read
 //! (steps are saved once by id), durable when it returns (sled's group
@@ -24,8 +24,8 @@ use serde_json::Value;
 use tracing::warn;
 
 use crate::actors::defer;
-use crate::actors::executor::{decide, Decision};
 use crate::clock::SharedClock;
+use crate::core::{decide, Decision};
 use crate::model::{QueueItem, RunRecord};
 use crate::sdk::{Op, Opcode, SdkReply};
 use crate::store::{Backends, Commit, Lease, RunWrites, StoreError, StoreErrorKind};
@@ -331,7 +331,7 @@ mod tests {
             save(vec![sleep]).await,
             Err(CheckpointError::Invalid(_))
         ));
-        let huge = json!("x".repeat(crate::actors::executor::MAX_STEP_BYTES));
+        let huge = json!("x".repeat(crate::core::MAX_STEP_BYTES));
         assert!(matches!(
             save(vec![step_op("big", huge)]).await,
             Err(CheckpointError::Invalid(_))

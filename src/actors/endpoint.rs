@@ -32,9 +32,9 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use tracing::{debug, info, warn};
 
-use crate::actors::executor::{backoff, decide, Discover};
 use crate::actors::lifecycle::{self, derived_ulid};
 use crate::clock::{SharedClock, Timestamp};
+use crate::core::{backoff, decide, Discover};
 use crate::model::endpoint::{self as model, HttpRequest, HTTP_REQUEST_EVENT};
 use crate::model::function::{DEFAULT_RETRIES, MAX_RETRIES};
 use crate::model::{

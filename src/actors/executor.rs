@@ -1,12 +1,14 @@
 //! The executor: leases due queue items, calls the app's endpoint for each,
 //! stores what the SDK answered and schedules what comes next (PROTOCOL §4.8).
 //!
-//! [`decide`] is the pure core: from a run, a lease and the SDK's reply it
-//! computes a [`Decision`]; [`Worker::perform`] carries it out in an order
-//! that is safe at every crash point: step results are saved (durably)
-//! before the queue item is acked, and every queue item is re-checked
-//! against the stored run when it is delivered, so a redelivered or stale
-//! item never repeats a stored step.
+//! What to do is the run core's (`crate::core`): [`item::on_item`] for a
+//! delivered item, [`crate::core::decide`] for the SDK's reply, and
+//! [`answer`] for the commit and what follows it. `Worker` only does the
+//! IO, in an order that is safe at every crash point: one commit per reply,
+//! then its events, then the item's ack with the next items, each
+//! idempotent; and every queue item is re-checked against the stored run
+//! when it is delivered, so a redelivered or stale item never repeats a
+//! stored step.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -24,668 +26,39 @@ use tokio::sync::{watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use crate::actors::checkpoint;
-use crate::actors::defer::{self, DeferOp};
+use crate::actors::defer;
 use crate::actors::event_api::publish_events;
 use crate::actors::flow;
-use crate::actors::lifecycle::{self, FUNCTION_FINISHED, FUNCTION_INVOKED};
+use crate::actors::lifecycle;
 use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
-use crate::duration::{sleep_until, MAX_SLEEP};
-use crate::expr::{async_equality_key, panic_message, Expr};
+use crate::core::answer::{self, Results, Stalled};
+use crate::core::item::{self, Delivered, ItemAction};
+use crate::core::{backoff, Decision, MAX_CALL_BODY_BYTES};
+use crate::expr::panic_message;
 use crate::metrics::METRICS;
 use crate::model::endpoint;
-use crate::model::metadata::{records_from_op, MetadataRecord};
-use crate::model::sessions::resolve_meta;
 use crate::model::{
-    EventRecord, FunctionDef, FunctionRecord, ItemKind, PauseKind, PauseRecord, QueueItem,
-    RunRecord, RunStatus, StepKind, StepRecord,
+    FunctionDef, FunctionRecord, ItemKind, QueueItem, RunRecord, RunStatus, StepKind, StepRecord,
 };
-use crate::sdk::ops::{OnConflict, ParallelMode};
-use crate::sdk::{
-    parse_reply, step_error, CallRequest, CheckpointOffer, Op, Opcode, SdkClient, SdkReply,
-};
+use crate::sdk::{parse_reply, CallRequest, CheckpointOffer, SdkClient, SdkReply};
 use crate::store::{
     AddMetadata, Backends, Commit, Committed, Lease, RunWrites, SaveSignal, StoreError,
     StoreErrorKind, StoreResult,
 };
 
-/// Inngest's retry backoff table (GO `pkg/backoff TableBackoff`).
-const BACKOFF_TABLE: [u64; 10] = [15, 30, 60, 120, 300, 600, 1_200, 2_400, 3_600, 7_200];
-
-/// Most steps one run may have (GO's `DefaultMaxStepLimit`).
-pub const MAX_STEPS: usize = 1_000;
-/// Largest step output, bytes of its memo.
-pub const MAX_STEP_BYTES: usize = 4 << 20;
-/// Largest state of one run: all its step memos.
-pub const MAX_STATE_BYTES: u64 = 32 << 20;
-/// Call bodies above this make the SDK fetch state through the API.
-pub const MAX_CALL_BODY_BYTES: usize = 4 << 20;
-/// Most ops one reply may carry.
-pub const MAX_OPS_PER_REPLY: usize = MAX_STEPS;
-/// Replies in a row that make no progress (`206 []`, a lone
-/// `DiscoveryRequest`) before the run fails; they are re-tried with backoff.
-pub const MAX_NO_PROGRESS: u32 = 10;
-pub use crate::sdk::ops::MAX_SIGNAL_BYTES;
-/// How long a pause with no timeout waits: the longest timeout accepted.
-const DEFAULT_PAUSE: Duration = MAX_SLEEP;
-
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
     pub workers: usize,
     pub lease_ttl: Duration,
-    /// Fixed retry delay; `None` uses [`BACKOFF_TABLE`] plus jitter.
+    /// Fixed retry delay; `None` uses Inngest's backoff table plus jitter
+    /// ([`backoff`]).
     pub retry_interval: Option<Duration>,
     /// Offer the SDK checkpointing in discovery calls (`actors::checkpoint`).
     pub checkpointing: bool,
 }
 
 /// When to make a discovery call after saving results.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Discover {
-    #[default]
-    No,
-    Always,
-    /// Only when no planned step of the run is still waiting (request
-    /// version 2 fan-in: one discovery for the whole parallel group).
-    WhenGroupDone,
-}
-
-/// A `step.invoke` to start: the pause that waits for the callee, and the
-/// `inngest/function.invoked` event that starts it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Invoke {
-    pub pause: PauseRecord,
-    pub function_id: String,
-    pub data: Value,
-    /// The invoke event's `meta` (its sessions: `model::sessions`).
-    pub meta: Option<Value>,
-}
-
-/// An HTTP call the server makes for the function (`step.fetch`,
-/// `step.ai.infer`), saved as the step's result.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Fetch {
-    pub step_id: String,
-    pub name: String,
-    pub ai: bool,
-    pub opts: Value,
-}
-
-/// What to do after one call.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Decision {
-    /// Step results to save, in order.
-    pub save: Vec<StepRecord>,
-    pub discover: Discover,
-    /// Further items to enqueue (planned steps, sleep wake-ups, timeouts).
-    pub schedule: Vec<(QueueItem, Timestamp)>,
-    /// Planned step ids to add to the run's planned set.
-    pub plan: Vec<String>,
-    /// Set the run's force-plan flag (the reply had several ops).
-    pub force_plan: bool,
-    pub pauses: Vec<PauseRecord>,
-    /// `step.waitForSignal` pauses, each with its `onConflict: "replace"`.
-    pub signals: Vec<(PauseRecord, bool)>,
-    pub invokes: Vec<Invoke>,
-    pub fetches: Vec<Fetch>,
-    /// End the run.
-    pub finish: Option<(RunStatus, Value)>,
-    /// Run the same item again at this time, as a new attempt.
-    pub retry: Option<Timestamp>,
-    /// The reply made no progress (no ops, or only `DiscoveryRequest`): call
-    /// again later, up to [`MAX_NO_PROGRESS`] times in a row.
-    pub no_progress: bool,
-    /// Metadata the ops recorded (`model::metadata`), stored first.
-    pub metadata: Vec<MetadataRecord>,
-    /// Why some of the ops' metadata was left out (logged).
-    pub metadata_errors: Vec<String>,
-    /// The reply's defer ops (`actors::defer`), stored before anything
-    /// else, whatever else the reply asks for.
-    pub defers: Vec<DeferOp>,
-}
-
-/// The delay before retrying after attempt `attempt` (0-based) failed.
-pub fn backoff(retry_interval: Option<Duration>, attempt: u32, jitter: Duration) -> Duration {
-    match retry_interval {
-        Some(fixed) => fixed,
-        None => {
-            let index = (attempt as usize).min(BACKOFF_TABLE.len() - 1);
-            Duration::from_secs(BACKOFF_TABLE[index]) + jitter
-        }
-    }
-}
-
-fn limit_error(message: String) -> Value {
-    json!({"error": "limit exceeded", "name": "LimitExceededError", "message": message})
-}
-
-/// Ends the run as failed when its output is larger than a step's may be.
-fn bound_output(finish: (RunStatus, Value)) -> (RunStatus, Value) {
-    let size = serde_json::to_vec(&finish.1).map_or(0, |bytes| bytes.len());
-    if size <= MAX_STEP_BYTES {
-        return finish;
-    }
-    let what = if finish.0 == RunStatus::Completed {
-        "output"
-    } else {
-        "error"
-    };
-    (
-        RunStatus::Failed,
-        limit_error(format!(
-            "the run's {what} is {size} bytes; the limit is {MAX_STEP_BYTES}"
-        )),
-    )
-}
-
-/// The pure decision for one SDK reply (no IO): a short dispatcher over
-/// the reply's kind and, for ops, one function per [`Opcode`].
-pub fn decide(
-    run: &RunRecord,
-    lease: &Lease,
-    reply: &SdkReply,
-    now: Timestamp,
-    retry_delay: Duration,
-) -> Decision {
-    let retry_at = |retry_after: &Option<Duration>| now.plus(retry_after.unwrap_or(retry_delay));
-    let mut decision = match reply {
-        SdkReply::Complete { output, .. } => Decision {
-            finish: Some((RunStatus::Completed, output.clone())),
-            ..Decision::default()
-        },
-        SdkReply::Error {
-            error,
-            no_retry,
-            retry_after,
-            ..
-        } => {
-            if !no_retry && lease.attempt + 1 < run.max_attempts {
-                Decision {
-                    retry: Some(retry_at(retry_after)),
-                    ..Decision::default()
-                }
-            } else {
-                Decision {
-                    finish: Some((RunStatus::Failed, error.clone())),
-                    ..Decision::default()
-                }
-            }
-        }
-        SdkReply::Ops {
-            ops,
-            no_retry,
-            retry_after,
-            ..
-        } => {
-            let reply = Reply {
-                run,
-                lease,
-                now,
-                no_retry: *no_retry,
-                retry_at: retry_at(retry_after),
-                // Defer ops count for nothing here: neither as progress
-                // nor as steps of a parallel group.
-                real_ops: ops.iter().filter(|op| !op.op.is_lazy()).count(),
-            };
-            decide_ops(&reply, ops).unwrap_or_else(|stop| *stop)
-        }
-    };
-    if let Some(finish) = decision.finish.take() {
-        decision.finish = Some(bound_output(finish));
-        decision.discover = Discover::No;
-        decision.schedule.clear();
-        decision.pauses.clear();
-        decision.signals.clear();
-        decision.invokes.clear();
-        decision.fetches.clear();
-    }
-    // Defer ops ride along the others ("lazy" ops): they are stored
-    // whatever the rest of the reply does, as Inngest handles them first.
-    if let SdkReply::Ops { ops, .. } = reply {
-        decision.defers = ops
-            .iter()
-            .filter(|op| op.op.is_lazy())
-            .map(|op| defer::parse(op, now))
-            .collect();
-    }
-    decision
-}
-
-/// What every op of one 206 reply is decided against.
-struct Reply<'a> {
-    run: &'a RunRecord,
-    lease: &'a Lease,
-    now: Timestamp,
-    no_retry: bool,
-    /// When to call again if a step error asks for a retry.
-    retry_at: Timestamp,
-    /// The ops that are not lazy (defers).
-    real_ops: usize,
-}
-
-/// Ends the decision of a reply at once: the run fails, or the call is
-/// retried. Boxed: a `Decision` is large.
-type Stop = Box<Decision>;
-
-impl Reply<'_> {
-    fn attempts_left(&self) -> bool {
-        self.lease.attempt + 1 < self.run.max_attempts
-    }
-
-    /// Fails the run: a limit was passed.
-    fn fail(&self, message: String) -> Stop {
-        Box::new(Decision {
-            finish: Some((RunStatus::Failed, limit_error(message))),
-            ..Decision::default()
-        })
-    }
-
-    /// Fails the run: the op is malformed (`what` names it as the user
-    /// wrote it).
-    fn invalid(&self, op: &Op, what: &str, message: String) -> Stop {
-        Box::new(Decision {
-            finish: Some((
-                RunStatus::Failed,
-                json!({
-                    "error": "invalid op",
-                    "name": "InvalidOpError",
-                    "message": format!("{what} {:?}: {message}", op.label()),
-                }),
-            )),
-            ..Decision::default()
-        })
-    }
-
-    /// Whether `op` joins the parallel group of this reply. In a group
-    /// (several ops, request version 2), sleeps, waits, invokes and fetches
-    /// join the planned set beside the planned steps, so the run is called
-    /// again once the whole group is done (as Inngest's pending steps),
-    /// not when only its `step.run`s are.
-    fn in_group(&self, op: &Op) -> Result<bool, Stop> {
-        if self.real_ops <= 1 || self.run.request_version == 1 || self.run.stack.contains(&op.id) {
-            return Ok(false);
-        }
-        Ok(self.parallel_mode(op)? != ParallelMode::Race)
-    }
-
-    fn parallel_mode(&self, op: &Op) -> Result<ParallelMode, Stop> {
-        op.parallel_mode()
-            .map_err(|err| self.invalid(op, "step", err))
-    }
-
-    /// What saving a result asks for: results of planned steps fan in,
-    /// everything else calls again at once.
-    fn after_save(&self, in_group: bool) -> Discover {
-        match &self.lease.item.kind {
-            _ if in_group => Discover::WhenGroupDone,
-            ItemKind::Planned { race: false, .. } if self.run.request_version != 1 => {
-                Discover::WhenGroupDone
-            }
-            _ => Discover::Always,
-        }
-    }
-
-    /// What each op recorded, under ids derived from the op and this
-    /// attempt, so a reply handled twice stores it once.
-    fn metadata(&self, op: &Op) -> (Vec<MetadataRecord>, Vec<String>) {
-        match &op.metadata {
-            Some(metadata) => records_from_op(
-                &self.run.id,
-                &op.id,
-                self.lease.attempt,
-                metadata,
-                self.now.millis(),
-            ),
-            None => (Vec::new(), Vec::new()),
-        }
-    }
-
-    fn step(&self, op: &Op, kind: StepKind, memo: Value) -> StepRecord {
-        StepRecord {
-            id: op.id.clone(),
-            name: op.label(),
-            kind,
-            memo: memo.to_string(),
-            saved_at: self.now.millis(),
-            attempts: self.lease.attempt + 1,
-        }
-    }
-
-    fn pause(
-        &self,
-        op: &Op,
-        kind: PauseKind,
-        event_name: &str,
-        timeout: Option<Duration>,
-    ) -> PauseRecord {
-        let run = self.run;
-        PauseRecord {
-            id: format!("{}/{}", run.id, op.id),
-            run_id: run.id.clone(),
-            fn_id: run.fn_id.clone(),
-            step_id: op.id.clone(),
-            step_name: op.label(),
-            kind,
-            event_name: event_name.to_string(),
-            expression: None,
-            match_key: None,
-            correlation_id: None,
-            trigger_event: run.events.first().cloned().unwrap_or_default(),
-            created_at: self.now.millis(),
-            expires_at: self.now.plus(timeout.unwrap_or(DEFAULT_PAUSE)).millis(),
-        }
-    }
-
-    /// Schedules the timeout of a pause.
-    fn schedule_timeout(&self, decision: &mut Decision, pause: &PauseRecord) {
-        decision.schedule.push((
-            QueueItem::pause_timeout(&self.run.id, &self.run.fn_id, &pause.id),
-            Timestamp(pause.expires_at),
-        ));
-    }
-}
-
-/// The ops of a 206 reply, in order.
-fn decide_ops(reply: &Reply, ops: &[Op]) -> Result<Decision, Stop> {
-    let run = reply.run;
-    let mut decision = Decision::default();
-    if ops.len() > MAX_OPS_PER_REPLY {
-        return Err(reply.fail(format!(
-            "the app answered with {} steps at once; the limit is {MAX_OPS_PER_REPLY}",
-            ops.len()
-        )));
-    }
-    if ops
-        .iter()
-        .all(|op| op.op == Opcode::DiscoveryRequest || op.op.is_lazy())
-    {
-        // Nothing to save or schedule: call again later, bounded.
-        decision.no_progress = true;
-        return Ok(decision);
-    }
-    decision.force_plan = reply.real_ops > 1;
-    for op in ops {
-        let (records, errors) = reply.metadata(op);
-        decision.metadata.extend(records);
-        decision.metadata_errors.extend(errors);
-    }
-    let mut state_bytes = run.state_bytes;
-    for op in ops {
-        let saved = decide_op(reply, op, &mut decision)?;
-        let Some(step) = saved else { continue };
-        if step.memo.len() > MAX_STEP_BYTES {
-            return Err(reply.fail(format!(
-                "step {:?} output is {} bytes; the limit is {MAX_STEP_BYTES}",
-                step.name,
-                step.memo.len()
-            )));
-        }
-        state_bytes += step.memo.len() as u64;
-        if state_bytes > MAX_STATE_BYTES {
-            return Err(reply.fail(format!(
-                "the run's state is {state_bytes} bytes; the limit is {MAX_STATE_BYTES}"
-            )));
-        }
-        if run.stack.len() + decision.save.len() >= MAX_STEPS {
-            return Err(reply.fail(format!("the run has more than {MAX_STEPS} steps")));
-        }
-        decision.save.push(step);
-        if decision.discover != Discover::Always {
-            decision.discover = reply.after_save(reply.in_group(op)?);
-        }
-    }
-    Ok(decision)
-}
-
-/// One op: the step result it saves, if any; what else it asks for goes
-/// into `decision`.
-fn decide_op(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<Option<StepRecord>, Stop> {
-    // A reply decided again after a commit conflict was built from memos
-    // older than the run: a sleep, wait or invoke whose result the run has
-    // stored since (its timeout or resume, processed at the same time) is
-    // over; asking for it again would make its pause, and an invoke's
-    // event and callee run, a second time.
-    if matches!(
-        op.op,
-        Opcode::Sleep
-            | Opcode::WaitForEvent
-            | Opcode::WaitForSignal
-            | Opcode::InvokeFunction
-            | Opcode::Gateway
-            | Opcode::AiGateway
-    ) && reply.run.stack.contains(&op.id)
-    {
-        return Ok(None);
-    }
-    match &op.op {
-        Opcode::Step | Opcode::StepRun => Ok(Some(step_result(reply, op))),
-        Opcode::StepFailed => Ok(Some(step_failed(reply, op))),
-        Opcode::StepError => step_error_op(reply, op),
-        Opcode::StepPlanned => step_planned(reply, op, decision).map(|()| None),
-        Opcode::Sleep => sleep(reply, op, decision).map(|()| None),
-        Opcode::WaitForEvent => wait_for_event(reply, op, decision),
-        Opcode::WaitForSignal => wait_for_signal(reply, op, decision),
-        Opcode::InvokeFunction => invoke(reply, op, decision).map(|()| None),
-        Opcode::Gateway | Opcode::AiGateway => fetch(reply, op, decision).map(|()| None),
-        Opcode::RunComplete | Opcode::SyncRunComplete => {
-            decision.finish = Some((RunStatus::Completed, run_output(op)));
-            Ok(None)
-        }
-        Opcode::DiscoveryRequest => {
-            decision.discover = Discover::Always;
-            Ok(None)
-        }
-        // Taken by `decide`.
-        Opcode::DeferAdd | Opcode::DeferAbort => Ok(None),
-        Opcode::StepNotFound | Opcode::Unsupported(_) => Err(unsupported(op)),
-    }
-}
-
-/// `StepRun` never wraps its data; the legacy `Step` is stored as sent.
-fn step_result(reply: &Reply, op: &Op) -> StepRecord {
-    let data = op.data.clone().unwrap_or(Value::Null);
-    let memo = if op.op == Opcode::Step {
-        data
-    } else {
-        json!({ "data": data })
-    };
-    reply.step(op, StepKind::Run, memo)
-}
-
-fn step_failed(reply: &Reply, op: &Op) -> StepRecord {
-    let error = step_error(op.error.as_ref());
-    reply.step(op, StepKind::Failed, json!({ "error": error }))
-}
-
-/// A step threw: the call is retried while attempts are left, else the
-/// step has failed.
-fn step_error_op(reply: &Reply, op: &Op) -> Result<Option<StepRecord>, Stop> {
-    if !reply.no_retry && reply.attempts_left() {
-        // Re-run the same call; the other ops of this reply (and what they
-        // recorded) will be reported again. The failed attempt keeps its
-        // own metadata.
-        let (metadata, metadata_errors) = reply.metadata(op);
-        return Err(Box::new(Decision {
-            retry: Some(reply.retry_at),
-            metadata,
-            metadata_errors,
-            ..Decision::default()
-        }));
-    }
-    Ok(Some(step_failed(reply, op)))
-}
-
-fn step_planned(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<(), Stop> {
-    let run = reply.run;
-    if run.stack.contains(&op.id) {
-        return Ok(());
-    }
-    let planned = run.stack.len() + run.planned.len() + decision.plan.len();
-    if planned >= MAX_STEPS {
-        return Err(reply.fail(format!(
-            "the run has more than {MAX_STEPS} steps (done and planned)"
-        )));
-    }
-    let race = reply.parallel_mode(op)? == ParallelMode::Race;
-    decision.schedule.push((
-        QueueItem::planned(&run.id, &run.fn_id, &op.id, race),
-        reply.now,
-    ));
-    decision.plan.push(op.id.clone());
-    Ok(())
-}
-
-fn sleep(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<(), Stop> {
-    let run = reply.run;
-    let sleep = op.sleep().map_err(|err| reply.invalid(op, "sleep", err))?;
-    let until = sleep_until(&sleep.until, reply.now)
-        .map_err(|err| reply.fail(format!("invalid sleep duration: {err}")))?;
-    decision.schedule.push((
-        QueueItem::wake(&run.id, &run.fn_id, &op.id, &op.label()),
-        until,
-    ));
-    if reply.in_group(op)? {
-        decision.plan.push(op.id.clone());
-    }
-    Ok(())
-}
-
-fn wait_for_event(
-    reply: &Reply,
-    op: &Op,
-    decision: &mut Decision,
-) -> Result<Option<StepRecord>, Stop> {
-    let opts = op
-        .wait_for_event()
-        .map_err(|err| reply.invalid(op, "waitForEvent", err))?;
-    if opts.timeout == Some(Duration::ZERO) {
-        return Ok(Some(reply.step(op, StepKind::WaitForEvent, Value::Null)));
-    }
-    let mut wait = reply.pause(op, PauseKind::WaitForEvent, &opts.event, opts.timeout);
-    if let Some(source) = &opts.expression {
-        if let Err(err) = Expr::cached(source) {
-            return Err(reply.invalid(op, "waitForEvent", err.to_string()));
-        }
-        let trigger: Value = serde_json::from_str(&wait.trigger_event).unwrap_or_default();
-        wait.match_key = async_equality_key(source, &trigger);
-    }
-    wait.expression = opts.expression;
-    reply.schedule_timeout(decision, &wait);
-    decision.pauses.push(wait);
-    if reply.in_group(op)? {
-        decision.plan.push(op.id.clone());
-    }
-    Ok(None)
-}
-
-fn wait_for_signal(
-    reply: &Reply,
-    op: &Op,
-    decision: &mut Decision,
-) -> Result<Option<StepRecord>, Stop> {
-    let opts = op
-        .wait_for_signal()
-        .map_err(|err| reply.invalid(op, "waitForSignal", err))?;
-    if opts.timeout == Some(Duration::ZERO) {
-        return Ok(Some(reply.step(op, StepKind::WaitForSignal, Value::Null)));
-    }
-    let mut wait = reply.pause(op, PauseKind::Signal, "", opts.timeout);
-    wait.correlation_id = Some(opts.signal);
-    reply.schedule_timeout(decision, &wait);
-    decision
-        .signals
-        .push((wait, opts.on_conflict == OnConflict::Replace));
-    if reply.in_group(op)? {
-        decision.plan.push(op.id.clone());
-    }
-    Ok(None)
-}
-
-fn invoke(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<(), Stop> {
-    let opts = op
-        .invoke()
-        .map_err(|err| reply.invalid(op, "invoke", err))?;
-    // The caller's sessions, stamped by the SDK, go on to the invoked run.
-    let meta = resolve_meta(opts.meta.as_ref()).map_err(|err| reply.invalid(op, "invoke", err))?;
-    let mut wait = reply.pause(op, PauseKind::Invoke, FUNCTION_FINISHED, opts.timeout);
-    wait.correlation_id = Some(format!("{}.{}", reply.run.id, op.id));
-    reply.schedule_timeout(decision, &wait);
-    decision.invokes.push(Invoke {
-        pause: wait,
-        function_id: opts.function_id,
-        data: opts.data,
-        meta,
-    });
-    if reply.in_group(op)? {
-        decision.plan.push(op.id.clone());
-    }
-    Ok(())
-}
-
-/// `step.fetch` and `step.ai.infer`: the executor makes the call. A
-/// malformed request becomes the step's error (`SdkClient::fetch`), as on
-/// Inngest, rather than failing the run.
-fn fetch(reply: &Reply, op: &Op, decision: &mut Decision) -> Result<(), Stop> {
-    decision.fetches.push(Fetch {
-        step_id: op.id.clone(),
-        name: op.label(),
-        ai: op.op == Opcode::AiGateway,
-        opts: op.opts.clone().unwrap_or(Value::Null),
-    });
-    if reply.in_group(op)? {
-        decision.plan.push(op.id.clone());
-    }
-    Ok(())
-}
-
-/// The run's output: `data`, or for `SyncRunComplete` (a durable
-/// endpoint's end) the `data` inside it.
-fn run_output(op: &Op) -> Value {
-    let data = op.data.clone().unwrap_or(Value::Null);
-    match (&op.op, data) {
-        (Opcode::SyncRunComplete, Value::Object(mut map)) => {
-            map.remove("data").unwrap_or(Value::Null)
-        }
-        (_, data) => data,
-    }
-}
-
-/// Fails the run on an opcode this Baton does not handle.
-fn unsupported(op: &Op) -> Stop {
-    let message = match &op.op {
-        Opcode::StepNotFound => format!(
-            "the app did not find step {:?}: was it renamed or removed?",
-            op.label()
-        ),
-        Opcode::Unsupported(text) if text.is_empty() => {
-            format!("the op of step {:?} has no opcode", op.label())
-        }
-        other => format!("this version of Baton does not support the {other} step"),
-    };
-    Box::new(Decision {
-        finish: Some((
-            RunStatus::Failed,
-            json!({
-                "error": "unsupported opcode",
-                "name": "UnsupportedOpcode",
-                "message": message,
-            }),
-        )),
-        ..Decision::default()
-    })
-}
-
-/// What a server-side result (a fetch, a missing invoke target) asks for: a
-/// step of a parallel group waits for the group, any other calls again.
-fn after_result(discover: Discover, in_group: bool) -> Discover {
-    match discover {
-        Discover::Always => Discover::Always,
-        _ if in_group => Discover::WhenGroupDone,
-        _ => Discover::Always,
-    }
-}
-
-/// Counters for `Observe`.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ExecutorStatus {
     pub calls: u64,
@@ -752,8 +125,7 @@ impl Worker {
         }
         if let Some(run) = self.backends.state.load_run(&item.run_id).await? {
             if !run.status.is_terminal() {
-                let error = json!({"error": "internal error", "name": "InternalError",
-                    "message": format!("Baton failed while processing this run: {message}")});
+                let error = answer::internal_error(message);
                 let now = self.clock.now();
                 if lifecycle::finish_run(&self.backends, &run, RunStatus::Failed, error, now)
                     .await?
@@ -805,13 +177,12 @@ impl Worker {
         Ok(def)
     }
 
-    /// Saves a result that resumes the run (a sleep, a wait, an invoke, a
-    /// server-side fetch) and calls the function again.
-    /// A step of a parallel group calls again only when it is the group's
-    /// last. The pause it resolves is dropped only after the result is
-    /// stored, so a pause that is gone always means its result is there (or
-    /// the run has ended): a crash in between leaves the pause, and the
-    /// item's redelivery finishes.
+    /// Stores a result that resumes the run (a sleep, a wait, an invoke)
+    /// and calls the function again (`core::answer::resume`). The pause it
+    /// resolves is dropped only after the result is stored, so a pause that
+    /// is gone always means its result is there (or the run has ended): a
+    /// crash in between leaves the pause, and the item's redelivery
+    /// finishes.
     async fn resume(
         &self,
         lease: &Lease,
@@ -819,36 +190,13 @@ impl Worker {
         step: StepRecord,
         pause_id: Option<&str>,
     ) -> StoreResult<()> {
-        let in_group = run.planned.contains(&step.id);
-        // One commit: the result, and the end of its group's force-plan.
-        let writes = RunWrites {
-            steps: vec![step],
-            release_force_plan: in_group,
-            ..RunWrites::default()
-        };
-        let next = match self.backends.state.commit(&run.id, &writes).await? {
-            Commit::Done(done) if in_group && done.planned_left > 0 => Vec::new(),
-            Commit::Done(done) => vec![(
-                QueueItem::discovery(&run.id, &run.fn_id, done.stack_len),
-                self.clock.now(),
-            )],
-            Commit::Conflict { .. } | Commit::RunEnded => Vec::new(),
-        };
+        let (writes, in_group) = answer::resume(run, step);
+        let commit = self.backends.state.commit(&run.id, &writes).await?;
+        let next = answer::after_resume(run, in_group, &commit, self.clock.now());
         if let Some(pause_id) = pause_id {
             self.backends.state.take_pause(pause_id).await?;
         }
         self.ack(lease, next).await
-    }
-
-    fn step_record(&self, id: &str, name: &str, kind: StepKind, memo: Value) -> StepRecord {
-        StepRecord {
-            id: id.to_string(),
-            name: name.to_string(),
-            kind,
-            memo: memo.to_string(),
-            saved_at: self.clock.now().millis(),
-            attempts: 1,
-        }
     }
 
     /// Debounce and batch timers start runs; they belong to no run yet.
@@ -910,99 +258,53 @@ impl Worker {
             }
         };
         let item = &lease.item;
-        let stack_len = run.stack.len() as u32;
-        let step_id = match &item.kind {
-            ItemKind::Finalize => return self.ack(lease, Vec::new()).await,
-            ItemKind::Discovery { .. } if endpoint::is_guard(item) => {
+        // The pause the item names, if it is still there: a resume keeps
+        // it until its result is stored, a timeout finds it gone once the
+        // pause was resumed.
+        let pause = match &item.kind {
+            ItemKind::Resume {
+                pause_id,
+                invoke: false,
+                ..
+            }
+            | ItemKind::PauseTimeout { pause_id } => {
+                self.backends.state.get_pause(pause_id).await?
+            }
+            _ => None,
+        };
+        let action = item::on_item(Delivered {
+            run: &run,
+            item,
+            attempt: lease.attempt,
+            pause: pause.as_ref(),
+            checkpointing: self.config.checkpointing,
+            now: self.clock.now(),
+        });
+        let step_id = match action {
+            ItemAction::Call { step_id } => step_id,
+            ItemAction::Ack(next) => return self.ack(lease, next).await,
+            ItemAction::Resume { step, pause_id } => {
+                return self.resume(lease, &run, step, pause_id.as_deref()).await;
+            }
+            ItemAction::Continue {
+                release_force_plan,
+                next,
+            } => {
+                if release_force_plan {
+                    self.backends.state.set_force_plan(&run.id, false).await?;
+                }
+                return self.ack(lease, next).await;
+            }
+            ItemAction::Cancel { reason } => {
+                info!(run_id = %run.id, "{reason}");
+                lifecycle::cancel_run(&self.backends, &run.id, self.clock.now()).await?;
+                return self.ack(lease, Vec::new()).await;
+            }
+            ItemAction::Guard => {
                 let next =
                     crate::actors::endpoint::guard_next(&self.backends, &run, self.clock.now())
                         .await?;
                 return self.ack(lease, next).await;
-            }
-            ItemKind::Wake { step_id, name } => {
-                let step = self.step_record(step_id, name, StepKind::Sleep, Value::Null);
-                return self.resume(lease, &run, step, None).await;
-            }
-            ItemKind::Resume {
-                pause_id,
-                step_id,
-                name,
-                invoke,
-                memo,
-            } => {
-                let kind = if *invoke {
-                    StepKind::Invoke
-                } else {
-                    // The pause is kept until its result is saved.
-                    match self.backends.state.get_pause(pause_id).await? {
-                        Some(pause) if pause.kind == PauseKind::Signal => StepKind::WaitForSignal,
-                        _ => StepKind::WaitForEvent,
-                    }
-                };
-                let memo = serde_json::from_str(memo).unwrap_or(Value::Null);
-                let step = self.step_record(step_id, name, kind, memo);
-                return self.resume(lease, &run, step, Some(pause_id)).await;
-            }
-            ItemKind::PauseTimeout { pause_id } => {
-                let Some(pause) = self.backends.state.get_pause(pause_id).await? else {
-                    // Resumed already; its result is stored. Pause ids are
-                    // `<run>/<step>`.
-                    let step_id = pause_id
-                        .strip_prefix(run.id.as_str())
-                        .and_then(|rest| rest.strip_prefix('/'))
-                        .unwrap_or_default();
-                    let call_due = run.planned.is_empty();
-                    return self
-                        .after_stored_result(lease, &run, step_id, call_due)
-                        .await;
-                };
-                let (kind, memo) = match pause.kind {
-                    PauseKind::Invoke => (
-                        StepKind::Invoke,
-                        json!({"error": {
-                            "name": "InngestInvokeTimeoutError",
-                            "message": "Timed out waiting for invoked function to complete",
-                        }}),
-                    ),
-                    PauseKind::Signal => (StepKind::WaitForSignal, Value::Null),
-                    _ => (StepKind::WaitForEvent, Value::Null),
-                };
-                let step = self.step_record(&pause.step_id, &pause.step_name, kind, memo);
-                return self.resume(lease, &run, step, Some(pause_id)).await;
-            }
-            ItemKind::StartTimeout => {
-                if run.status == RunStatus::Queued {
-                    info!(run_id = %run.id, "run did not start within timeouts.start");
-                    lifecycle::cancel_run(&self.backends, &run.id, self.clock.now()).await?;
-                }
-                return self.ack(lease, Vec::new()).await;
-            }
-            ItemKind::FinishTimeout => {
-                info!(run_id = %run.id, "run did not finish within timeouts.finish");
-                lifecycle::cancel_run(&self.backends, &run.id, self.clock.now()).await?;
-                return self.ack(lease, Vec::new()).await;
-            }
-            ItemKind::Discovery { seq }
-                if *seq < stack_len && (lease.attempt == 0 || !self.config.checkpointing) =>
-            {
-                // Superseded by a result saved after this item was scheduled
-                // (a crash between saving and acking lands here). With
-                // checkpointing, a retry (attempt > 0) is not superseded: its
-                // call checkpointed steps and then failed, and the failing
-                // step's attempts go on from there.
-                let next = QueueItem::discovery(&run.id, &run.fn_id, stack_len).for_run(&run);
-                return self.ack(lease, vec![(next, self.clock.now())]).await;
-            }
-            ItemKind::Planned { step_id, race } if run.stack.contains(step_id) => {
-                let call_due = *race || run.request_version == 1 || run.planned.is_empty();
-                return self
-                    .after_stored_result(lease, &run, step_id, call_due)
-                    .await;
-            }
-            ItemKind::Discovery { .. } => "step".to_string(),
-            ItemKind::Planned { step_id, .. } => step_id.clone(),
-            ItemKind::DebounceTimer { .. } | ItemKind::BatchTimer { .. } => {
-                unreachable!("timers are handled before")
             }
         };
 
@@ -1013,8 +315,7 @@ impl Worker {
         let (function, def) = match function {
             Ok(found) => found,
             Err(message) => {
-                let error =
-                    json!({"error": "function not found", "name": "Error", "message": message});
+                let error = answer::function_missing(&message);
                 lifecycle::finish_run(
                     &self.backends,
                     &run,
@@ -1028,13 +329,9 @@ impl Worker {
         };
         if run.status == RunStatus::Queued {
             let now = self.clock.now();
-            // Lazy: a crash that loses it leaves the run queued, and the
-            // item's redelivery marks it again.
             let start = RunWrites {
                 expected_version: Some(version),
-                start: Some(now),
-                lazy: true,
-                ..RunWrites::default()
+                ..answer::start(now)
             };
             match self.backends.state.commit(&run.id, &start).await? {
                 Commit::Done(done) => {
@@ -1076,14 +373,13 @@ impl Worker {
         let defers = defer::sdk_entries(&self.backends.state.load_defers(&run.id).await?);
         // Checkpointing: a discovery call that may run steps inline lets
         // the SDK run them all, storing each through `actors::checkpoint`.
-        let checkpoint = (self.config.checkpointing
-            && !def.endpoint
-            && matches!(item.kind, ItemKind::Discovery { .. })
-            && !run.force_plan)
-            .then(|| CheckpointOffer {
-                fn_id: run.fn_id.clone(),
-                qi_id: checkpoint::qi_id(lease.lease_id, &item.id),
-            });
+        let checkpoint =
+            item::offers_checkpoint(&run, item, self.config.checkpointing, def.endpoint).then(
+                || CheckpointOffer {
+                    fn_id: run.fn_id.clone(),
+                    qi_id: checkpoint::qi_id(lease.lease_id, &item.id),
+                },
+            );
         let offered = checkpoint.is_some();
         let call = CallRequest {
             url: &function.url,
@@ -1096,12 +392,25 @@ impl Worker {
             attempt: lease.attempt,
             max_attempts: run.max_attempts,
             request_version: run.request_version,
-            disable_immediate_execution: run.force_plan
-                || matches!(item.kind, ItemKind::Planned { .. }),
+            disable_immediate_execution: item::plan_only(&run, item),
             max_body_bytes: MAX_CALL_BODY_BYTES,
             checkpoint,
             defers,
         };
+        // An item whose lease expired while it was loading (a stall, a
+        // slow store) may be another worker's by now: only the holder calls
+        // the app, so a step body that is not stored yet runs twice only if
+        // the lease is lost during the call itself.
+        let expires = self.clock.now().plus(self.config.lease_ttl);
+        if !self
+            .backends
+            .queue
+            .holds(lease.lease_id, &item.id, expires)
+            .await?
+        {
+            debug!(run_id = %run.id, item = %item.id, "lease lost before the call; not calling");
+            return Ok(());
+        }
         debug!(run_id = %run.id, step_id = %step_id, attempt = lease.attempt, "calling app");
         self.status.borrow_mut().calls += 1;
         let call_started = std::time::Instant::now();
@@ -1140,15 +449,7 @@ impl Worker {
                 retry_after: None,
             },
         };
-        let request_version = match &reply {
-            SdkReply::Complete {
-                request_version, ..
-            }
-            | SdkReply::Ops {
-                request_version, ..
-            } => *request_version,
-            SdkReply::Error { .. } => -1,
-        };
+        let request_version = reply.request_version();
         let stack_before = run.stack.len();
         if offered {
             match self.after_checkpoints(lease, &reply).await? {
@@ -1184,31 +485,6 @@ impl Worker {
         self.perform(lease, &call, run, version).await
     }
 
-    /// An item delivered again after the result it brings was stored (a
-    /// planned step's, or a pause's that is gone): the crash (or lost
-    /// lease) that kept it from being acked also lost the call that follows
-    /// the result, if that result is still the run's latest and the call
-    /// was due (`call_due`: the group is done, or the step races). A later
-    /// result scheduled its own call. At worst this is one extra call,
-    /// which replays stored results.
-    async fn after_stored_result(
-        &self,
-        lease: &Lease,
-        run: &RunRecord,
-        step_id: &str,
-        call_due: bool,
-    ) -> StoreResult<()> {
-        let latest = run.stack.last().is_some_and(|last| last == step_id);
-        if !latest || !call_due {
-            return self.ack(lease, Vec::new()).await;
-        }
-        if run.planned.is_empty() && run.force_plan && run.request_version >= 2 {
-            self.backends.state.set_force_plan(&run.id, false).await?;
-        }
-        let next = QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32).for_run(run);
-        self.ack(lease, vec![(next, self.clock.now())]).await
-    }
-
     /// Calls a durable endpoint's handler again with its original request.
     async fn call_endpoint(
         &self,
@@ -1227,14 +503,13 @@ impl Worker {
             job_id: &lease.item.id,
             step_id,
             request_version: run.request_version,
-            force_plan: run.force_plan || matches!(lease.item.kind, ItemKind::Planned { .. }),
+            force_plan: item::plan_only(run, &lease.item),
         };
         self.client.call_endpoint(&call, self.clock.now()).await
     }
 
-    /// A reply that made no progress: call again with backoff, and fail the
-    /// run after [`MAX_NO_PROGRESS`] in a row. The count travels in the
-    /// discovery item's id (`<run>/d/<seq>~<count>`), so it survives restarts.
+    /// A reply that made no progress: call again with backoff, or fail the
+    /// run after too many in a row (`core::answer::stalled`).
     async fn no_progress(&self, lease: &Lease, run: &RunRecord) -> StoreResult<()> {
         let now = self.clock.now();
         // Steps saved during the call (checkpointing: the SDK saves them
@@ -1245,38 +520,25 @@ impl Worker {
         if stored.status.is_terminal() {
             return self.ack(lease, Vec::new()).await;
         }
-        let stack_before = match lease.item.kind {
-            ItemKind::Discovery { seq } => seq as usize,
-            _ => run.stack.len(),
-        };
-        let count = if stored.stack.len() > stack_before {
-            0
-        } else {
-            no_progress_count(&lease.item.id) + 1
-        };
-        if count > MAX_NO_PROGRESS {
-            warn!(run_id = %run.id, count, "the app made no progress; failing the run");
-            let error = json!({"error": "no progress", "name": "NoProgressError",
-                "message": format!("the app answered {count} calls in a row without running, \
-                    planning or reporting any step (an empty 206 or only DiscoveryRequest)")});
-            if lifecycle::finish_run(&self.backends, &stored, RunStatus::Failed, error, now).await?
-            {
-                self.status.borrow_mut().runs_failed += 1;
+        let stalled = answer::stalled(
+            &stored,
+            &lease.item,
+            run.stack.len(),
+            self.config.retry_interval,
+            now,
+        );
+        match stalled {
+            Stalled::Again(next, due) => self.ack(lease, vec![(*next, due)]).await,
+            Stalled::Fail(error) => {
+                warn!(run_id = %run.id, "the app made no progress; failing the run");
+                if lifecycle::finish_run(&self.backends, &stored, RunStatus::Failed, error, now)
+                    .await?
+                {
+                    self.status.borrow_mut().runs_failed += 1;
+                }
+                self.ack(lease, Vec::new()).await
             }
-            return self.ack(lease, Vec::new()).await;
         }
-        let delay = match (count, self.config.retry_interval) {
-            (0 | 1, _) => Duration::ZERO,
-            (_, Some(fixed)) => fixed,
-            (_, None) => (Duration::from_millis(250) * 2u32.pow(count.min(12) - 2))
-                .min(Duration::from_secs(60)),
-        };
-        let mut next =
-            QueueItem::discovery(&run.id, &run.fn_id, stored.stack.len() as u32).for_run(&stored);
-        if count > 0 {
-            next.id = format!("{}~{count}", next.id);
-        }
-        self.ack(lease, vec![(next, now.plus(delay))]).await
     }
 
     /// After a call that was offered checkpointing: the run as it is now
@@ -1316,20 +578,19 @@ impl Worker {
         Ok(Some((run, version)))
     }
 
-    /// The decision for a reply on the run as it is: `decide`, plus what
-    /// the call did on the side (checkpointed steps are progress).
+    /// The decision for a reply on the run as it is now
+    /// (`core::answer::decide_answer`).
     fn decide_answer(&self, run: &mut RunRecord, lease: &Lease, call: &Answered<'_>) -> Decision {
-        if call.request_version > 0 {
-            run.request_version = call.request_version;
-        }
-        let mut decision = decide(run, lease, call.reply, self.clock.now(), call.delay);
-        if decision.no_progress && run.stack.len() > call.stack_before {
-            // The call checkpointed steps, then stopped at its time limit
-            // (`DiscoveryRequest`): progress, so simply call again.
-            decision.no_progress = false;
-            decision.discover = Discover::Always;
-        }
-        decision
+        let now = self.clock.now();
+        answer::decide_answer(
+            run,
+            lease,
+            call.reply,
+            call.request_version,
+            call.stack_before,
+            now,
+            call.delay,
+        )
     }
 
     /// Commits `writes` if the run is still at `version`. On a conflict
@@ -1383,14 +644,12 @@ impl Worker {
             // defers (before anything that may end the run: a defer saved
             // after the run's end would never be scheduled), the metadata
             // its ops recorded, its request version and its trace.
-            let mut writes = RunWrites {
-                request_version: (call.request_version > 0).then_some(call.request_version),
-                defers: defer::writes(&run.id, &decision.defers),
-                metadata: decision.metadata.clone(),
-                metadata_limit: crate::model::metadata::MAX_RUN_BYTES,
-                attempt: call.attempt.clone(),
-                ..RunWrites::default()
-            };
+            let mut writes = answer::base_writes(
+                &run.id,
+                call.request_version,
+                &decision,
+                call.attempt.clone(),
+            );
             if let Some(due) = decision.retry {
                 let done = match self.try_commit(&mut run, &mut version, &mut writes).await? {
                     Committing::Again => continue,
@@ -1419,8 +678,7 @@ impl Worker {
                 self.committed(&run, &decision, &writes, &done);
                 return self.no_progress(lease, &run).await;
             }
-            let mut saves = decision.save.clone();
-            let mut discover = decision.discover;
+            let mut results = Results::of(&decision);
             // Server-side HTTP calls become step results.
             for fetch in &decision.fetches {
                 let memo = match fetched.get(&fetch.step_id) {
@@ -1431,8 +689,14 @@ impl Worker {
                         memo
                     }
                 };
-                saves.push(self.step_record(&fetch.step_id, &fetch.name, StepKind::Fetch, memo));
-                discover = after_result(discover, decision.plan.contains(&fetch.step_id));
+                results.add(
+                    &decision,
+                    &fetch.step_id,
+                    &fetch.name,
+                    StepKind::Fetch,
+                    memo,
+                    now,
+                );
             }
             // Invokes: a missing target is the step's error; otherwise a
             // pause waits for the callee, which its event starts.
@@ -1440,16 +704,9 @@ impl Worker {
             for invoke in &decision.invokes {
                 let target = self.backends.data.get_function(&invoke.function_id).await?;
                 if target.as_ref().is_none_or(|f| f.archived) {
-                    let memo = json!({"error": {"name": "Error",
-                        "message": format!("could not find function with ID: {}", invoke.function_id)}});
-                    saves.push(self.step_record(
-                        &invoke.pause.step_id,
-                        &invoke.pause.step_name,
-                        StepKind::Invoke,
-                        memo,
-                    ));
-                    discover =
-                        after_result(discover, decision.plan.contains(&invoke.pause.step_id));
+                    let (id, name) = (&invoke.pause.step_id, &invoke.pause.step_name);
+                    let memo = answer::missing_target(invoke);
+                    results.add(&decision, id, name, StepKind::Invoke, memo, now);
                     continue;
                 }
                 invokes.push(invoke);
@@ -1480,19 +737,8 @@ impl Worker {
                 }
                 signals_saved = true;
             }
-            writes.pauses = decision.pauses.clone();
-            writes
-                .pauses
-                .extend(invokes.iter().map(|i| i.pause.clone()));
-            writes.plan = decision.plan.clone();
-            writes.force_plan = decision.force_plan.then_some(true);
-            writes.steps = saves;
-            writes.release_force_plan =
-                run.force_plan && run.request_version >= 2 && discover != Discover::No;
-            writes.finish = decision
-                .finish
-                .as_ref()
-                .map(|(status, output)| (*status, Some(output.to_string()), now));
+            let discover = results.discover;
+            let mut writes = answer::full_writes(writes, &run, &decision, &invokes, results, now);
             let done = match self.try_commit(&mut run, &mut version, &mut writes).await? {
                 Committing::Again => continue,
                 Committing::RunEnded => return self.ack(lease, Vec::new()).await,
@@ -1523,14 +769,13 @@ impl Worker {
             // The invoke event is derived from the stored pause, so a retry
             // after a crash between the commit and publishing the event
             // publishes the same event, once.
-            let first_invoke = decision.pauses.len();
             let mut invoked = Vec::new();
             for (n, invoke) in invokes.iter().enumerate() {
-                if done.pauses_saved.get(first_invoke + n) == Some(&true) {
-                    invoked.push(invoke_event(&run, invoke, &invoke.pause));
+                if answer::invoke_pause_new(&done, &decision, n) {
+                    invoked.push(answer::invoke_event(&run, invoke, &invoke.pause));
                 } else if let Some(stored) = self.backends.state.get_pause(&invoke.pause.id).await?
                 {
-                    let event = invoke_event(&run, invoke, &stored);
+                    let event = answer::invoke_event(&run, invoke, &stored);
                     if self
                         .backends
                         .data
@@ -1543,24 +788,7 @@ impl Worker {
                 }
             }
             publish_events(&self.backends, &invoked).await?;
-            // Items that call the app carry the run's concurrency limits.
-            let mut next: Vec<(QueueItem, Timestamp)> = decision
-                .schedule
-                .into_iter()
-                .map(|(item, due)| match item.kind {
-                    ItemKind::Discovery { .. } | ItemKind::Planned { .. } => {
-                        (item.for_run(&run), due)
-                    }
-                    _ => (item, due),
-                })
-                .collect();
-            let group_done = done.planned_left == 0;
-            if discover == Discover::Always || (discover == Discover::WhenGroupDone && group_done) {
-                next.push((
-                    QueueItem::discovery(&run.id, &run.fn_id, done.stack_len).for_run(&run),
-                    now,
-                ));
-            }
+            let next = answer::next_items(&run, &decision, discover, &done, now);
             return self.ack(lease, next).await;
         }
         // Every attempt lost to another writer of the same run: the item
@@ -1606,9 +834,7 @@ impl Worker {
             {
                 info!(run_id = %run.id, signal = %signal, holder = %run_id,
                       "signal wait conflicts with another run's");
-                return Ok(Some(json!({"error": "signal conflict", "name": "Error",
-                    "message": format!("Signal conflict; signal wait already exists for \
-                                        another run (signal {signal:?}, run {run_id})")})));
+                return Ok(Some(answer::signal_conflict(&signal, &run_id)));
             }
         }
         Ok(None)
@@ -1640,53 +866,6 @@ enum Committing {
 /// Commits one answer may try before giving up (each lost to another
 /// writer of the same run, such as the reply of a parallel step).
 const MAX_COMMIT_ATTEMPTS: usize = 16;
-
-/// How many no-progress replies in a row led to this item (see
-/// [`Worker::no_progress`]).
-fn no_progress_count(item_id: &str) -> u32 {
-    item_id
-        .rsplit_once('~')
-        .and_then(|(_, count)| count.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The `inngest/function.invoked` event that starts an invoked function,
-/// derived from its stored pause (deterministic ids and time).
-fn invoke_event(run: &RunRecord, invoke: &Invoke, pause: &PauseRecord) -> EventRecord {
-    let correlation = pause.correlation_id.clone().unwrap_or_default();
-    let created = Timestamp(pause.created_at);
-    let mut data = invoke.data.clone();
-    if let Value::Object(map) = &mut data {
-        map.insert(
-            "_inngest".into(),
-            json!({
-                "fn_id": invoke.function_id,
-                "correlation_id": correlation,
-                "source_app_id": run.app_id,
-                "source_fn_id": run.fn_id,
-                "source_fn_v": run.fn_version,
-                "expire": pause.expires_at,
-                "gid": lifecycle::derived_ulid(pause.created_at, &format!("{}/gid", pause.id)).to_string(),
-                "name": FUNCTION_INVOKED,
-            }),
-        );
-    }
-    let mut event = lifecycle::internal_event(
-        FUNCTION_INVOKED,
-        data,
-        Some(correlation),
-        lifecycle::derived_ulid(pause.created_at, &format!("{}/invoke", pause.id)),
-        created,
-        Some(invoke.function_id.clone()),
-    );
-    if let Some(meta) = &invoke.meta {
-        if let Ok(Value::Object(mut payload)) = serde_json::from_str::<Value>(&event.payload) {
-            payload.insert("meta".into(), meta.clone());
-            event.payload = Value::Object(payload).to_string();
-        }
-    }
-    event
-}
 
 /// The executor service.
 pub struct Executor {
@@ -1863,686 +1042,15 @@ impl Handler<Drain> for Executor {
 mod interleavings;
 
 #[cfg(test)]
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sdk::Op;
+    use crate::actors::lifecycle::{FUNCTION_FINISHED, FUNCTION_INVOKED};
+    use crate::core::answer::invoke_event;
+    use crate::core::decide::tests::*;
+    use crate::core::{decide, Invoke};
+    use crate::model::{PauseKind, PauseRecord};
     use crate::store::testsuite::sample_run;
-
-    fn lease_for(item: QueueItem, attempt: u32) -> Lease {
-        Lease {
-            lease_id: 1,
-            item,
-            attempt,
-            expires: Timestamp(0),
-        }
-    }
-
-    fn op(kind: &str, id: &str) -> Op {
-        Op {
-            id: id.into(),
-            op: kind.into(),
-            name: Some(id.into()),
-            display_name: None,
-            data: Some(json!({"n": 1})),
-            error: Some(json!({"name": "Error", "message": "boom"})),
-            opts: None,
-            metadata: None,
-        }
-    }
-
-    fn with_opts(mut op: Op, opts: Value) -> Op {
-        op.opts = Some(opts);
-        op
-    }
-
-    fn ops(list: Vec<Op>, no_retry: bool) -> SdkReply {
-        SdkReply::Ops {
-            ops: list,
-            no_retry,
-            retry_after: None,
-            request_version: 2,
-        }
-    }
-
-    const NOW: Timestamp = Timestamp(1_000_000);
-    const DELAY: Duration = Duration::from_secs(1);
-
-    fn run() -> RunRecord {
-        let mut run = sample_run("fn", "k"); // max_attempts 5
-        run.request_version = 2;
-        run
-    }
-
-    #[track_caller]
-    fn check(attempt: u32, reply: SdkReply, expected: impl Fn(&Decision)) {
-        let run = run();
-        let lease = lease_for(QueueItem::discovery(&run.id, &run.fn_id, 0), attempt);
-        expected(&decide(&run, &lease, &reply, NOW, DELAY));
-    }
-
-    fn failed(d: &Decision) -> bool {
-        d.finish.as_ref().map(|f| f.0) == Some(RunStatus::Failed)
-    }
-
-    #[test]
-    fn completion_and_step_results() {
-        check(
-            0,
-            SdkReply::Complete {
-                output: json!(6),
-                request_version: 2,
-            },
-            |d| {
-                assert_eq!(d.finish, Some((RunStatus::Completed, json!(6))));
-                assert_eq!(d.discover, Discover::No);
-            },
-        );
-        check(0, ops(vec![op("StepRun", "a")], false), |d| {
-            assert_eq!(d.save.len(), 1);
-            assert_eq!(d.save[0].memo, r#"{"data":{"n":1}}"#);
-            assert_eq!(d.discover, Discover::Always);
-            assert!(d.finish.is_none() && d.retry.is_none() && !d.force_plan);
-        });
-        check(0, ops(vec![op("StepFailed", "a")], true), |d| {
-            assert_eq!(
-                d.save[0].memo,
-                r#"{"error":{"message":"boom","name":"Error"}}"#
-            );
-            assert_eq!(d.discover, Discover::Always);
-        });
-    }
-
-    #[test]
-    fn step_errors_retry_until_attempts_run_out() {
-        check(0, ops(vec![op("StepError", "a")], false), |d| {
-            assert_eq!(d.retry, Some(NOW.plus(DELAY)));
-            assert!(d.save.is_empty());
-        });
-        // Last attempt (attempt 4 of max 5): becomes a failed step.
-        check(4, ops(vec![op("StepError", "a")], false), |d| {
-            assert!(d.retry.is_none());
-            assert_eq!(d.save[0].kind, StepKind::Failed);
-            assert_eq!(d.discover, Discover::Always);
-        });
-        // Non-retriable: failed at once.
-        check(0, ops(vec![op("StepError", "a")], true), |d| {
-            assert!(d.retry.is_none() && d.save[0].kind == StepKind::Failed);
-        });
-    }
-
-    #[test]
-    fn function_errors() {
-        let error = |no_retry| SdkReply::Error {
-            status: 500,
-            error: json!({"error": "invalid status code: 500"}),
-            no_retry,
-            retry_after: Some(Duration::from_secs(7)),
-        };
-        check(1, error(false), |d| {
-            assert_eq!(d.retry, Some(NOW.plus(Duration::from_secs(7))))
-        });
-        check(4, error(false), |d| assert!(failed(d)));
-        check(0, error(true), |d| assert!(failed(d)));
-    }
-
-    #[test]
-    fn sleeps() {
-        let mut sleep = op("Sleep", "s");
-        sleep.name = Some("2s".into());
-        check(0, ops(vec![sleep], false), |d| {
-            assert_eq!(d.schedule.len(), 1);
-            assert_eq!(d.schedule[0].1, NOW.plus(Duration::from_secs(2)));
-            assert!(matches!(d.schedule[0].0.kind, ItemKind::Wake { .. }));
-            assert_eq!(d.discover, Discover::No);
-        });
-        let mut bad = op("Sleep", "s");
-        bad.name = Some("soon".into());
-        check(0, ops(vec![bad], false), |d| assert!(failed(d)));
-    }
-
-    #[test]
-    fn parallel_steps_plan_and_fan_in() {
-        check(
-            0,
-            ops(
-                vec![op("StepPlanned", "p1"), op("StepPlanned", "p2")],
-                false,
-            ),
-            |d| {
-                let ids: Vec<&str> = d.schedule.iter().map(|(i, _)| i.id.as_str()).collect();
-                assert_eq!(ids.len(), 2);
-                assert!(ids[0].ends_with("/p/p1"));
-                assert_eq!(d.plan, ["p1", "p2"]);
-                assert!(d.force_plan);
-                assert_eq!(d.discover, Discover::No);
-            },
-        );
-        // A planned step's result waits for the group (version 2)...
-        let run = run();
-        let planned = lease_for(QueueItem::planned(&run.id, &run.fn_id, "p1", false), 0);
-        let d = decide(
-            &run,
-            &planned,
-            &ops(vec![op("StepRun", "p1")], false),
-            NOW,
-            DELAY,
-        );
-        assert_eq!(d.discover, Discover::WhenGroupDone);
-        // ...but not in race mode, nor with request version 1.
-        let race = lease_for(QueueItem::planned(&run.id, &run.fn_id, "p1", true), 0);
-        let d = decide(
-            &run,
-            &race,
-            &ops(vec![op("StepRun", "p1")], false),
-            NOW,
-            DELAY,
-        );
-        assert_eq!(d.discover, Discover::Always);
-        let mut v1 = run.clone();
-        v1.request_version = 1;
-        let d = decide(
-            &v1,
-            &planned,
-            &ops(vec![op("StepRun", "p1")], false),
-            NOW,
-            DELAY,
-        );
-        assert_eq!(d.discover, Discover::Always);
-        // Race mode is read from the op.
-        let raced = with_opts(op("StepPlanned", "r"), json!({"parallelMode": "race"}));
-        check(0, ops(vec![raced], false), |d| {
-            assert!(matches!(
-                d.schedule[0].0.kind,
-                ItemKind::Planned { race: true, .. }
-            ));
-        });
-    }
-
-    #[test]
-    fn async_steps_of_a_parallel_group_join_the_group() {
-        // An invoke, a sleep and a wait beside planned steps: the run is
-        // called again once all of them are done.
-        let invoke = with_opts(
-            op("InvokeFunction", "i"),
-            json!({"function_id": "child", "payload": {"data": {}}}),
-        );
-        let sleep = with_opts(op("Sleep", "s"), json!({"duration": "1s"}));
-        let wait = with_opts(
-            op("WaitForEvent", "w"),
-            json!({"event": "e", "timeout": "1m"}),
-        );
-        check(
-            0,
-            ops(
-                vec![invoke.clone(), sleep, wait, op("StepPlanned", "p")],
-                false,
-            ),
-            |d| {
-                assert_eq!(d.plan, ["i", "s", "w", "p"]);
-                assert_eq!(d.discover, Discover::No);
-            },
-        );
-        // Results given in the same answer wait for the group too.
-        check(
-            0,
-            ops(vec![invoke.clone(), op("StepRun", "a")], false),
-            |d| {
-                assert_eq!(d.plan, ["i"]);
-                assert_eq!(d.discover, Discover::WhenGroupDone);
-            },
-        );
-        // Alone, in race mode, or with request version 1, they do not.
-        check(0, ops(vec![invoke.clone()], false), |d| {
-            assert!(d.plan.is_empty())
-        });
-        let raced = with_opts(
-            op("InvokeFunction", "i"),
-            json!({"function_id": "child", "parallelMode": "race"}),
-        );
-        check(0, ops(vec![raced, op("StepPlanned", "p")], false), |d| {
-            assert_eq!(d.plan, ["p"])
-        });
-        let mut v1 = run();
-        v1.request_version = 1;
-        let lease = lease_for(QueueItem::discovery(&v1.id, &v1.fn_id, 0), 0);
-        let d = decide(
-            &v1,
-            &lease,
-            &ops(vec![invoke, op("StepPlanned", "p")], false),
-            NOW,
-            DELAY,
-        );
-        assert_eq!(d.plan, ["p"]);
-    }
-
-    /// A reply decided again after a conflict, from memos older than the
-    /// run (found by the interleavings property test, seed 539: an
-    /// invoke's timeout and a redundant discovery processed at once made
-    /// the invoke's pause, event and callee run twice).
-    #[test]
-    fn ops_for_steps_stored_since_are_over() {
-        let mut run = run();
-        run.stack = vec!["w".into(), "i".into(), "s".into()];
-        let lease = lease_for(QueueItem::discovery(&run.id, &run.fn_id, 0), 0);
-        let invoke = with_opts(
-            op("InvokeFunction", "i"),
-            json!({"function_id": "f", "payload": {"data": {}}, "timeout": "1s"}),
-        );
-        let wait = with_opts(
-            op("WaitForEvent", "w"),
-            json!({"event": "e", "timeout": "1s"}),
-        );
-        let sleep = with_opts(op("Sleep", "s"), json!({"duration": "1s"}));
-        let reply = ops(vec![wait, invoke, sleep], false);
-        let d = decide(&run, &lease, &reply, NOW, DELAY);
-        assert!(
-            d.pauses.is_empty() && d.invokes.is_empty() && d.schedule.is_empty(),
-            "{d:?}"
-        );
-        assert!(d.save.is_empty() && d.finish.is_none(), "{d:?}");
-    }
-
-    #[test]
-    fn waits_make_pauses_with_timeouts() {
-        let mut wait = with_opts(
-            op("WaitForEvent", "w"),
-            json!({"timeout": "10s", "if": "event.data.k == async.data.k"}),
-        );
-        wait.name = Some("app/reply".into());
-        check(0, ops(vec![wait.clone()], false), |d| {
-            assert_eq!(d.pauses.len(), 1);
-            let pause = &d.pauses[0];
-            assert_eq!(pause.event_name, "app/reply");
-            assert_eq!(pause.kind, PauseKind::WaitForEvent);
-            assert_eq!(
-                pause.expression.as_deref(),
-                Some("event.data.k == async.data.k")
-            );
-            assert_eq!(pause.expires_at, NOW.plus(Duration::from_secs(10)).millis());
-            assert_eq!(d.schedule[0].1, Timestamp(pause.expires_at));
-            assert!(matches!(
-                d.schedule[0].0.kind,
-                ItemKind::PauseTimeout { .. }
-            ));
-            assert_eq!(d.discover, Discover::No);
-        });
-        // An empty timeout has already expired: the result is null.
-        wait.opts = Some(json!({"timeout": ""}));
-        check(0, ops(vec![wait], false), |d| {
-            assert!(d.pauses.is_empty());
-            assert_eq!(d.save[0].memo, "null");
-            assert_eq!(d.discover, Discover::Always);
-        });
-    }
-
-    #[test]
-    fn invokes_wait_for_the_callee() {
-        let invoke = with_opts(
-            op("InvokeFunction", "i"),
-            json!({"function_id": "app-callee", "payload": {"data": {"x": 1}}, "timeout": null}),
-        );
-        check(0, ops(vec![invoke], false), |d| {
-            assert_eq!(d.invokes.len(), 1);
-            let invoke = &d.invokes[0];
-            assert_eq!(invoke.function_id, "app-callee");
-            assert_eq!(invoke.data, json!({"x": 1}));
-            assert_eq!(invoke.pause.kind, PauseKind::Invoke);
-            assert!(invoke
-                .pause
-                .correlation_id
-                .as_deref()
-                .unwrap()
-                .ends_with(".i"));
-            assert!(invoke.pause.expires_at > NOW.plus(Duration::from_secs(86_400 * 300)).millis());
-            assert_eq!(d.schedule.len(), 1);
-        });
-    }
-
-    #[test]
-    fn limits_and_unknown_ops() {
-        let mut huge = op("StepRun", "big");
-        huge.data = Some(json!("x".repeat(MAX_STEP_BYTES + 1)));
-        check(0, ops(vec![huge], false), |d| {
-            assert!(failed(d));
-            let message = d.finish.as_ref().unwrap().1["message"]
-                .as_str()
-                .unwrap()
-                .to_string();
-            assert!(message.contains("limit is 4194304"), "{message}");
-        });
-        let mut full = run();
-        full.stack = (0..MAX_STEPS).map(|i| i.to_string()).collect();
-        let lease = lease_for(QueueItem::discovery(&full.id, &full.fn_id, 1000), 0);
-        let d = decide(
-            &full,
-            &lease,
-            &ops(vec![op("StepRun", "more")], false),
-            NOW,
-            DELAY,
-        );
-        assert!(failed(&d));
-        // A signal wait without a name, or with an unknown onConflict.
-        check(0, ops(vec![op("WaitForSignal", "w")], false), |d| {
-            assert!(failed(d))
-        });
-        let bad_conflict = json!({"signal": "s", "timeout": "1m", "conflict": "merge"});
-        check(
-            0,
-            ops(
-                vec![with_opts(op("WaitForSignal", "w"), bad_conflict)],
-                false,
-            ),
-            |d| assert!(failed(d)),
-        );
-        check(0, ops(vec![op("RunComplete", "c")], false), |d| {
-            assert_eq!(d.finish, Some((RunStatus::Completed, json!({"n": 1}))));
-        });
-        check(0, ops(vec![op("Gateway", "g")], false), |d| {
-            assert_eq!(d.fetches.len(), 1);
-            assert!(!d.fetches[0].ai);
-        });
-    }
-
-    #[test]
-    fn signal_waits_become_signal_pauses() {
-        let opts = json!({"signal": "approve", "timeout": "1m", "conflict": "replace"});
-        check(
-            0,
-            ops(vec![with_opts(op("WaitForSignal", "w"), opts)], false),
-            |d| {
-                assert!(!failed(d));
-                assert_eq!(d.signals.len(), 1);
-                let (pause, replace) = &d.signals[0];
-                assert!(*replace);
-                assert_eq!(pause.kind, PauseKind::Signal);
-                assert_eq!(pause.correlation_id.as_deref(), Some("approve"));
-                assert_eq!(pause.event_name, "", "no event ever matches a signal wait");
-                assert_eq!(pause.expires_at, NOW.plus(Duration::from_secs(60)).millis());
-                assert!(d.pauses.is_empty());
-                assert!(matches!(
-                    d.schedule[0].0.kind,
-                    ItemKind::PauseTimeout { .. }
-                ));
-            },
-        );
-        // The default is to fail on a conflict; a zero timeout is null now.
-        let opts = json!({"signal": "approve", "timeout": "0s"});
-        check(
-            0,
-            ops(vec![with_opts(op("WaitForSignal", "w"), opts)], false),
-            |d| {
-                assert!(d.signals.is_empty());
-                assert_eq!(d.save.len(), 1);
-                assert_eq!(d.save[0].kind, StepKind::WaitForSignal);
-                assert_eq!(d.save[0].memo, "null");
-            },
-        );
-        let opts = json!({"signal": "approve"});
-        check(
-            0,
-            ops(vec![with_opts(op("WaitForSignal", "w"), opts)], false),
-            |d| assert!(!d.signals[0].1),
-        );
-    }
-
-    #[test]
-    fn hostile_replies_end_the_run() {
-        // No ops, or only DiscoveryRequest: no progress (bounded by perform).
-        check(0, ops(vec![], false), |d| {
-            assert!(d.no_progress && d.finish.is_none())
-        });
-        check(0, ops(vec![op("DiscoveryRequest", "d")], false), |d| {
-            assert!(d.no_progress)
-        });
-        // A sleep too long, or until a date too far.
-        let mut sleep = op("Sleep", "s");
-        sleep.name = Some("99999999999999999999w".into());
-        check(0, ops(vec![sleep.clone()], false), |d| assert!(failed(d)));
-        sleep.name = Some("2999-01-01T00:00:00Z".into());
-        check(0, ops(vec![sleep], false), |d| assert!(failed(d)));
-        // Waits with a hostile timeout or `if`.
-        for opts in [
-            json!({"timeout": "99999999999999999999w"}),
-            json!({"timeout": -5}),
-            json!({"timeout": "1h", "if": ")"}),
-            json!({"timeout": "1h", "if": format!("{}1{}", "(".repeat(400), ")".repeat(400))}),
-        ] {
-            let wait = with_opts(op("WaitForEvent", "w"), opts.clone());
-            check(0, ops(vec![wait], false), |d| assert!(failed(d), "{opts}"));
-        }
-        // An output larger than a step's may be.
-        let huge = SdkReply::Complete {
-            output: json!("x".repeat(MAX_STEP_BYTES + 1)),
-            request_version: 2,
-        };
-        check(0, huge, |d| {
-            assert!(failed(d));
-            assert!(d.finish.as_ref().unwrap().1["message"]
-                .as_str()
-                .unwrap()
-                .contains("output"));
-        });
-        // Planning past the step cap.
-        let mut busy = run();
-        busy.planned = (0..MAX_STEPS).map(|i| format!("p{i}")).collect();
-        let lease = lease_for(QueueItem::discovery(&busy.id, &busy.fn_id, 0), 0);
-        let d = decide(
-            &busy,
-            &lease,
-            &ops(vec![op("StepPlanned", "one-more")], false),
-            NOW,
-            DELAY,
-        );
-        assert!(failed(&d));
-        let many: Vec<Op> = (0..=MAX_OPS_PER_REPLY)
-            .map(|i| op("StepPlanned", &format!("p{i}")))
-            .collect();
-        check(0, ops(many, false), |d| assert!(failed(d)));
-    }
-
-    /// The failure's `name` and `message`, when the run fails.
-    fn failure(d: &Decision) -> Option<(String, String)> {
-        let (status, error) = d.finish.as_ref()?;
-        (*status == RunStatus::Failed).then(|| {
-            (
-                error["name"].as_str().unwrap_or_default().to_string(),
-                error["message"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-    }
-
-    #[test]
-    fn unknown_and_malformed_ops_fail_the_run_clearly() {
-        // An opcode Baton does not know, none at all, or StepNotFound.
-        for (kind, says) in [
-            ("Teleport", "does not support the Teleport step"),
-            ("", "has no opcode"),
-            ("StepNotFound", "did not find step"),
-        ] {
-            check(0, ops(vec![op(kind, "x")], false), |d| {
-                let (name, message) = failure(d).expect("the run fails");
-                assert_eq!(name, "UnsupportedOpcode");
-                assert!(message.contains(says), "{message}");
-            });
-        }
-        // Options of the wrong type are errors naming the op, never a
-        // silent default.
-        for (kind, opts, says) in [
-            (
-                "Sleep",
-                json!({"duration": 5}),
-                r#"sleep "x": opts.duration"#,
-            ),
-            ("Sleep", json!("2s"), "opts must be an object"),
-            (
-                "WaitForEvent",
-                json!({"event": 1}),
-                r#"waitForEvent "x": opts.event"#,
-            ),
-            (
-                "WaitForEvent",
-                json!({"timeout": true}),
-                "opts.timeout: true is not",
-            ),
-            ("WaitForEvent", json!({"timeout": "1h", "if": 3}), "opts.if"),
-            ("WaitForSignal", json!({"signal": ["s"]}), "opts.signal"),
-            (
-                "WaitForSignal",
-                json!({"signal": "s", "conflict": "merge"}),
-                "opts.conflict",
-            ),
-            ("InvokeFunction", json!({}), "opts.function_id is required"),
-            (
-                "InvokeFunction",
-                json!({"function_id": 7}),
-                r#"invoke "x": opts.function_id"#,
-            ),
-            (
-                "InvokeFunction",
-                json!({"function_id": "f", "payload": {"data": "text"}}),
-                "opts.payload.data",
-            ),
-            (
-                "InvokeFunction",
-                json!({"function_id": "f", "payload": {"meta": 1}}),
-                "meta must be an object",
-            ),
-            (
-                "StepPlanned",
-                json!({"parallelMode": 2}),
-                r#"step "x": opts.parallelMode"#,
-            ),
-        ] {
-            let bad = with_opts(op(kind, "x"), opts.clone());
-            check(0, ops(vec![bad], false), |d| {
-                let (name, message) = failure(d).unwrap_or_else(|| panic!("{kind} {opts}"));
-                assert_eq!(name, "InvalidOpError", "{kind} {opts}");
-                assert!(message.contains(says), "{kind} {opts}: {message}");
-                assert!(d.schedule.is_empty() && d.pauses.is_empty() && d.save.is_empty());
-            });
-        }
-        // A malformed parallelMode matters only where it is read: in a
-        // group, or on a planned step.
-        let odd = with_opts(op("StepRun", "a"), json!({"parallelMode": 2}));
-        check(0, ops(vec![odd.clone()], false), |d| {
-            assert!(failure(d).is_none() && d.save.len() == 1)
-        });
-        check(0, ops(vec![odd, op("StepPlanned", "p")], false), |d| {
-            assert_eq!(failure(d).unwrap().0, "InvalidOpError")
-        });
-        // A gateway request is checked when it is made: its error is the
-        // step's (`SdkClient::fetch`), not the run's.
-        let fetch = with_opts(op("Gateway", "g"), json!({"url": 1}));
-        check(0, ops(vec![fetch], false), |d| {
-            assert!(failure(d).is_none() && d.fetches.len() == 1)
-        });
-    }
-
-    #[test]
-    fn timeouts_read_time_strings_and_milliseconds() {
-        for (timeout, expected) in [
-            (json!("90s"), Duration::from_secs(90)),
-            (json!(1500), Duration::from_millis(1_500)),
-        ] {
-            let wait = with_opts(
-                op("WaitForEvent", "w"),
-                json!({"event": "e", "timeout": timeout}),
-            );
-            check(0, ops(vec![wait], false), |d| {
-                assert_eq!(d.pauses[0].expires_at, NOW.plus(expected).millis())
-            });
-        }
-        // Up to a year (366 days) and no further, as GO.
-        let long = |timeout: &str| {
-            with_opts(
-                op("WaitForSignal", "w"),
-                json!({"signal": "s", "timeout": timeout}),
-            )
-        };
-        check(0, ops(vec![long("366d")], false), |d| {
-            assert!(failure(d).is_none())
-        });
-        check(0, ops(vec![long("367d")], false), |d| {
-            assert!(failure(d)
-                .unwrap()
-                .1
-                .contains("longer than the most accepted"))
-        });
-    }
-
-    #[test]
-    fn defer_ops_ride_along_and_count_for_nothing_else() {
-        let add = |id: &str| {
-            with_opts(
-                op("DeferAdd", id),
-                json!({"fn_slug": "app-later", "input": {"n": 1}}),
-            )
-        };
-        let abort = with_opts(
-            op("DeferAbort", "x:abort"),
-            json!({"target_hashed_id": "x"}),
-        );
-        // At the end of a function: stored, and the run completes.
-        check(0, ops(vec![add("d"), op("RunComplete", "c")], false), |d| {
-            assert_eq!(d.finish, Some((RunStatus::Completed, json!({"n": 1}))));
-            assert_eq!(d.defers.len(), 1);
-            assert!(
-                matches!(&d.defers[0], DeferOp::Add { defer, rejected: None }
-                if defer.hashed_id == "d" && defer.input == r#"{"n":1}"#)
-            );
-        });
-        // Beside one step: not a parallel group.
-        check(
-            0,
-            ops(vec![op("StepRun", "a"), add("d"), abort.clone()], false),
-            |d| {
-                assert!(!d.force_plan, "defer ops are not steps");
-                assert_eq!(d.save.len(), 1);
-                assert_eq!(d.discover, Discover::Always);
-                assert_eq!(d.defers.len(), 2);
-                assert_eq!(d.defers[1], DeferOp::Abort { target: "x".into() });
-            },
-        );
-        // Alone they are no progress (the SDK never sends that), but stored.
-        check(0, ops(vec![add("d")], false), |d| {
-            assert!(d.no_progress && d.defers.len() == 1)
-        });
-        // A step error to retry, or a failing function: stored all the same.
-        check(
-            0,
-            ops(vec![add("d"), op("StepError", "complete")], false),
-            |d| assert!(d.retry.is_some() && d.defers.len() == 1),
-        );
-        check(
-            0,
-            ops(vec![add("d"), op("StepFailed", "complete")], true),
-            |d| {
-                assert_eq!(d.save.len(), 1);
-                assert_eq!(d.defers.len(), 1);
-            },
-        );
-    }
-
-    #[test]
-    fn no_progress_counts_travel_in_item_ids() {
-        assert_eq!(no_progress_count("run/d/3"), 0);
-        assert_eq!(no_progress_count("run/d/3~4"), 4);
-        assert_eq!(no_progress_count("run/d/3~x"), 0);
-    }
-
-    #[test]
-    fn backoff_table_and_fixed_interval() {
-        assert_eq!(backoff(None, 0, Duration::ZERO), Duration::from_secs(15));
-        assert_eq!(
-            backoff(None, 3, Duration::from_secs(1)),
-            Duration::from_secs(121)
-        );
-        assert_eq!(
-            backoff(None, 99, Duration::ZERO),
-            Duration::from_secs(7_200)
-        );
-        assert_eq!(backoff(Some(DELAY), 5, Duration::from_secs(9)), DELAY);
-    }
 
     // Crash windows: a state call that fails stands for a crash right before
     // it. After each, a redelivery of the same item must still find a way
@@ -3352,6 +1860,34 @@ mod tests {
             names.sort();
             expected.sort();
             assert_eq!(names, expected, "{label}: events");
+        }
+
+        #[actix_rt::test]
+        async fn an_item_whose_lease_moved_on_does_not_call_the_app() {
+            let (app, url, handle) = start_app();
+            let rig = rig(&app, &url, &[Stage::Run("a"), Stage::Run("b")]).await;
+            let ttl = Duration::from_secs(30);
+            let lease_now = || async {
+                let now = rig.clock.now();
+                rig.real.queue.lease_due(now, 1, ttl).await.unwrap()
+            };
+            let stale = lease_now().await.pop().expect("the discovery is due");
+            // The first worker stalls past its lease; another takes the item.
+            rig.clock.advance(ttl + Duration::from_secs(1));
+            let current = lease_now()
+                .await
+                .pop()
+                .expect("the expired item comes back");
+            assert_ne!(stale.lease_id, current.lease_id);
+            rig.worker.process(&stale).await.unwrap();
+            assert!(
+                app.ran.lock().unwrap().is_empty(),
+                "a stale lease called the app"
+            );
+            rig.worker.process(&current).await.unwrap();
+            let ran = app.ran.lock().unwrap().clone();
+            assert_eq!(ran, vec![(rig.run.id.clone(), "a".to_string())]);
+            handle.stop(false).await;
         }
 
         #[actix_rt::test]

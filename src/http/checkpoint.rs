@@ -6,7 +6,7 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use crate::actors::checkpoint::{self, AsyncCheckpoint, CheckpointError};
-use crate::actors::executor::MAX_STEP_BYTES;
+use crate::core::MAX_STEP_BYTES;
 use crate::http::{read_body, ApiError, AppState};
 
 /// Largest checkpoint body: one step at its size limit, with room for the

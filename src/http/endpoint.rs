@@ -16,7 +16,7 @@ use actix_web::HttpResponse;
 use serde_json::{json, Value};
 
 use crate::actors::endpoint::{self, EndpointError, NewRunRequest, SyncSteps, TokenPurpose};
-use crate::actors::executor::MAX_STEP_BYTES;
+use crate::core::MAX_STEP_BYTES;
 use crate::http::{read_body, ApiError, AppState};
 use crate::model::endpoint::MAX_REQUEST_BODY;
 use crate::model::{RunRecord, RunStatus};

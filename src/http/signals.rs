@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
-use crate::actors::executor::{MAX_SIGNAL_BYTES, MAX_STEP_BYTES};
+use crate::core::{MAX_SIGNAL_BYTES, MAX_STEP_BYTES};
 use crate::http::{read_body, ApiError, AppState};
 use crate::model::QueueItem;
 

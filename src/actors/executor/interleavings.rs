@@ -27,7 +27,9 @@ use rand::{Rng, SeedableRng};
 use super::tests::crash_points::{rig, start_app, FakeApp, Rig, Stage, CALLEE};
 use super::*;
 use crate::actors::event_api::publish_events;
-use crate::actors::lifecycle::{FUNCTION_CANCELLED, FUNCTION_FAILED};
+use crate::actors::lifecycle::{
+    FUNCTION_CANCELLED, FUNCTION_FAILED, FUNCTION_FINISHED, FUNCTION_INVOKED,
+};
 use crate::clock::Clock;
 
 const DEFAULT_CASES: u64 = 300;
