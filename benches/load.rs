@@ -2229,7 +2229,7 @@ fn history_fn(i: usize) -> String {
 /// How history run `i` ended.
 fn history_status(i: usize) -> baton::model::RunStatus {
     use baton::model::RunStatus;
-    if i % HISTORY_FAILED_EVERY == 0 {
+    if i.is_multiple_of(HISTORY_FAILED_EVERY) {
         RunStatus::Failed
     } else {
         RunStatus::Completed
@@ -2400,7 +2400,7 @@ async fn part_g(params: &Params, client: &reqwest::Client) -> History {
 
     // By status: each reads the status index, not every run.
     let failed: Vec<usize> = (0..runs)
-        .filter(|&i| i % HISTORY_FAILED_EVERY == 0)
+        .filter(|i| i.is_multiple_of(HISTORY_FAILED_EVERY))
         .collect();
     let newest_failed = failed.last().map(|&i| run_ids[i].clone());
     let failed_fn = failed.last().map_or(function.clone(), |&i| history_fn(i));

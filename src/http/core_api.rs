@@ -271,7 +271,7 @@ pub async fn list_runs(
                 limit: want,
                 before: cursor.as_deref(),
                 fn_id: query.function_id.as_deref(),
-                status: status,
+                status,
             })
             .await?;
         let exhausted = chunk.len() < want;
