@@ -19,8 +19,9 @@ use crate::model::{
 };
 use crate::store::{
     AddMetadata, Backends, BatchPush, Commit, CreateRun, DataStore, FlowChange, FlowSlot, Gcra,
-    Held, Lease, LeaseBatch, PartitionStats, PauseMatch, Queue, Retry, RunQuery, RunWrites,
-    SaveDefer, SaveSignal, SaveStep, Scheduled, StateStore, StoreError, StoreResult, SyncOutcome,
+    Held, Lease, LeaseBatch, PartitionStats, PauseKey, PauseMatch, Queue, Retry, RunQuery,
+    RunWrites, SaveDefer, SaveSignal, SaveStep, Scheduled, StateStore, StoreError, StoreResult,
+    SyncOutcome,
 };
 
 /// Which calls fail: by method name (the next `n` calls of it), or the call
@@ -146,6 +147,7 @@ delegate! { StateStore for FaultyState {
     async fn pause_match_paths(&self, event_name: &str) -> StoreResult<Vec<String>>;
     async fn pauses_for_match(&self, key: PauseMatch<'_>) -> StoreResult<Vec<PauseRecord>>;
     async fn save_signal_pause(&self, pause: PauseRecord, replace: bool) -> StoreResult<SaveSignal>;
+    async fn pause_by(&self, key: PauseKey<'_>) -> StoreResult<Option<PauseRecord>>;
     async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>>;
     async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()>;
     async fn pause_for_correlation(&self, correlation_id: &str) -> StoreResult<Option<PauseRecord>>;

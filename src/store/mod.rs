@@ -130,6 +130,26 @@ pub struct PauseMatch<'a> {
     pub value_json: &'a str,
 }
 
+/// An entry of the index of pauses by correlation id: signals (their
+/// waiter) apart from invokes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseKey<'a> {
+    /// The waiter of a signal (a `PauseKind::Signal` pause).
+    Signal(&'a str),
+    /// An invoke's pause, by its correlation id (`<runId>.<stepId>`).
+    Correlation(&'a str),
+}
+
+impl<'a> PauseKey<'a> {
+    /// Where `pause` is indexed under its correlation id `correlation`.
+    pub fn of(pause: &PauseRecord, correlation: &'a str) -> PauseKey<'a> {
+        match pause.kind {
+            crate::model::PauseKind::Signal => PauseKey::Signal(correlation),
+            _ => PauseKey::Correlation(correlation),
+        }
+    }
+}
+
 /// What [`StateStore::create_run`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CreateRun {
@@ -348,8 +368,13 @@ pub trait StateStore: Send + Sync + 'static {
     async fn save_signal_pause(&self, pause: PauseRecord, replace: bool)
         -> StoreResult<SaveSignal>;
 
+    /// The open pause that the index of correlation ids names under `key`.
+    async fn pause_by(&self, key: PauseKey<'_>) -> StoreResult<Option<PauseRecord>>;
+
     /// The open wait for `signal`, if any.
-    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>>;
+    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
+        self.pause_by(PauseKey::Signal(signal)).await
+    }
 
     /// Unlinks `signal` from its waiter if that is still `pause_id` (the
     /// pause itself stays until its result is saved), so that a second
@@ -357,8 +382,12 @@ pub trait StateStore: Send + Sync + 'static {
     async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()>;
 
     /// The invoke pause with this correlation id (`<runId>.<stepId>`).
-    async fn pause_for_correlation(&self, correlation_id: &str)
-        -> StoreResult<Option<PauseRecord>>;
+    async fn pause_for_correlation(
+        &self,
+        correlation_id: &str,
+    ) -> StoreResult<Option<PauseRecord>> {
+        self.pause_by(PauseKey::Correlation(correlation_id)).await
+    }
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>>;
 

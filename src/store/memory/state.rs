@@ -18,7 +18,7 @@ use crate::model::{
 };
 use crate::store::{
     plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowRecord, FlowSlot,
-    FlowWrite, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
+    FlowWrite, PauseKey, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
 };
 
 #[derive(Default)]
@@ -79,7 +79,7 @@ impl State {
         true
     }
 
-    fn pause_by(&self, index: &HashMap<String, String>, key: &str) -> Option<PauseRecord> {
+    fn pause_in(&self, index: &HashMap<String, String>, key: &str) -> Option<PauseRecord> {
         index.get(key).and_then(|id| self.pauses.get(id)).cloned()
     }
 
@@ -235,6 +235,14 @@ impl StateStore for MemoryState {
         Ok(self.lock().save_pause(pause))
     }
 
+    async fn pause_by(&self, by: PauseKey<'_>) -> StoreResult<Option<PauseRecord>> {
+        let state = self.lock();
+        Ok(match by {
+            PauseKey::Signal(signal) => state.pause_in(&state.signals, signal),
+            PauseKey::Correlation(id) => state.pause_in(&state.correlations, id),
+        })
+    }
+
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
         Ok(self.lock().pauses.get(pause_id).cloned())
     }
@@ -275,7 +283,7 @@ impl StateStore for MemoryState {
         let mut state = self.lock();
         let signal = pause.correlation_id.clone().unwrap_or_default();
         let holder = state
-            .pause_by(&state.signals, &signal)
+            .pause_in(&state.signals, &signal)
             .filter(|holder| holder.id != pause.id);
         Ok(match holder {
             Some(holder) if !replace => SaveSignal::Conflict {
@@ -286,25 +294,12 @@ impl StateStore for MemoryState {
         })
     }
 
-    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
-        let state = self.lock();
-        Ok(state.pause_by(&state.signals, signal))
-    }
-
     async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()> {
         let mut state = self.lock();
         if state.signals.get(signal).is_some_and(|id| id == pause_id) {
             state.signals.remove(signal);
         }
         Ok(())
-    }
-
-    async fn pause_for_correlation(
-        &self,
-        correlation_id: &str,
-    ) -> StoreResult<Option<PauseRecord>> {
-        let state = self.lock();
-        Ok(state.pause_by(&state.correlations, correlation_id))
     }
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {

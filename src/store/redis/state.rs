@@ -46,7 +46,7 @@ use crate::model::{
 };
 use crate::store::{
     plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite,
-    PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreError, StoreErrorKind,
+    PauseKey, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreError, StoreErrorKind,
     StoreResult,
 };
 
@@ -110,11 +110,11 @@ impl RedisStateStore {
         }
     }
 
-    /// Where a pause's correlation id is indexed: signals apart from invokes.
-    fn correlation_key(&self, pause: &PauseRecord, correlation: &str) -> String {
-        match pause.kind {
-            PauseKind::Signal => self.conn.key("psig:", correlation),
-            _ => self.conn.key("pcorr:", correlation),
+    /// The index entry of a pause by correlation id.
+    fn correlation_key(&self, by: PauseKey<'_>) -> String {
+        match by {
+            PauseKey::Signal(signal) => self.conn.key("psig:", signal),
+            PauseKey::Correlation(correlation) => self.conn.key("pcorr:", correlation),
         }
     }
 
@@ -151,7 +151,11 @@ impl RedisStateStore {
         if let Some(correlation) = &pause.correlation_id {
             change.command(
                 "SET",
-                &[self.correlation_key(pause, correlation).as_bytes(), id],
+                &[
+                    self.correlation_key(PauseKey::of(pause, correlation))
+                        .as_bytes(),
+                    id,
+                ],
             );
         }
     }
@@ -601,8 +605,8 @@ impl StateStore for RedisStateStore {
         }
     }
 
-    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
-        self.pause_at(&self.conn.key("psig:", signal)).await
+    async fn pause_by(&self, by: PauseKey<'_>) -> StoreResult<Option<PauseRecord>> {
+        self.pause_at(&self.correlation_key(by)).await
     }
 
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
@@ -638,14 +642,6 @@ impl StateStore for RedisStateStore {
         Ok(())
     }
 
-    async fn pause_for_correlation(
-        &self,
-        correlation_id: &str,
-    ) -> StoreResult<Option<PauseRecord>> {
-        self.pause_at(&self.conn.key("pcorr:", correlation_id))
-            .await
-    }
-
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {
         self.pauses_in(&self.conn.key("prun:", run_id)).await
     }
@@ -671,7 +667,7 @@ impl StateStore for RedisStateStore {
                     &[self.conn.key("prun:", &pause.run_id).as_bytes(), id],
                 );
             if let Some(correlation) = &pause.correlation_id {
-                let index = self.correlation_key(&pause, correlation);
+                let index = self.correlation_key(PauseKey::of(&pause, correlation));
                 if pause.kind == PauseKind::Signal {
                     // Give the signal up only if this pause still holds it.
                     let holder = self.conn.get_bytes(&index).await?;

@@ -30,7 +30,7 @@ use crate::model::{
 };
 use crate::store::{
     plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite,
-    PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
+    PauseKey, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
 };
 
 pub struct SledStateStore {
@@ -427,7 +427,10 @@ fn insert_pause(batch: &mut sled::Batch, pause: &PauseRecord) {
         &[],
     );
     if let Some(correlation) = &pause.correlation_id {
-        batch.insert(correlation_key(pause, correlation), pause.id.as_bytes());
+        batch.insert(
+            correlation_key(PauseKey::of(pause, correlation)),
+            pause.id.as_bytes(),
+        );
     }
 }
 
@@ -457,11 +460,11 @@ fn pause_index_key(pause: &PauseRecord) -> Vec<u8> {
     }
 }
 
-/// Where a pause's correlation id is indexed: signals apart from invokes.
-fn correlation_key(pause: &PauseRecord, correlation: &str) -> Vec<u8> {
-    match pause.kind {
-        PauseKind::Signal => key(&[b"ps", correlation.as_bytes()]),
-        _ => key(&[b"pc", correlation.as_bytes()]),
+/// The index entry of a pause by correlation id.
+fn correlation_key(by: PauseKey<'_>) -> Vec<u8> {
+    match by {
+        PauseKey::Signal(signal) => key(&[b"ps", signal.as_bytes()]),
+        PauseKey::Correlation(correlation) => key(&[b"pc", correlation.as_bytes()]),
     }
 }
 
@@ -585,8 +588,8 @@ impl StateStore for SledStateStore {
         Ok(result)
     }
 
-    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
-        self.pause_at(&key(&[b"ps", signal.as_bytes()]))
+    async fn pause_by(&self, by: PauseKey<'_>) -> StoreResult<Option<PauseRecord>> {
+        self.pause_at(&correlation_key(by))
     }
 
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
@@ -628,13 +631,6 @@ impl StateStore for SledStateStore {
         Ok(())
     }
 
-    async fn pause_for_correlation(
-        &self,
-        correlation_id: &str,
-    ) -> StoreResult<Option<PauseRecord>> {
-        self.pause_at(&key(&[b"pc", correlation_id.as_bytes()]))
-    }
-
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {
         let prefix = key(&[b"pr", run_id.as_bytes(), b""]);
         self.pauses_under(&prefix)
@@ -650,7 +646,7 @@ impl StateStore for SledStateStore {
         batch.remove(pause_index_key(&pause));
         batch.remove(key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]));
         if let Some(correlation) = &pause.correlation_id {
-            let index = correlation_key(&pause, correlation);
+            let index = correlation_key(PauseKey::of(&pause, correlation));
             let holds = match pause.kind {
                 PauseKind::Signal => self
                     .tree
