@@ -11,7 +11,9 @@
 //!   `ppaths:<event name>` the paths in use (never pruned), `prun:<run>` ids
 //!   by run, `pcorr:<correlation id>` → pause id, `psig:<signal>` → the
 //!   pause that waits for that signal;
-//! - flow control: `rl:<key>` and `th:<key>` GCRA arrival times (ms),
+//! - flow control (`StateStore::update_flow`, each slot changed by
+//!   `APPLY` on the value as read): `rl:<key>` and `th:<key>` GCRA arrival
+//!   times (ms, decimal text),
 //!   `debounce:<key>` debounce record, `batch:<key>` open batch,
 //!   `singleton:<key>` holder run id;
 //! - metadata: `md:<run>` list of records in the order added, `mdi:<run>`
