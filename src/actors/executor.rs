@@ -824,13 +824,10 @@ impl Worker {
         run: &RunRecord,
         decision: &Decision,
     ) -> StoreResult<Option<Value>> {
-        for (pause, replace) in &decision.signals {
-            let signal = pause.correlation_id.clone().unwrap_or_default();
-            if let SaveSignal::Conflict { run_id } = self
-                .backends
-                .state
-                .save_signal_pause(pause.clone(), *replace)
-                .await?
+        for wait in &decision.signals {
+            let signal = wait.pause.correlation_id.clone().unwrap_or_default();
+            if let SaveSignal::Conflict { run_id } =
+                self.backends.state.save_signal_pause(wait.clone()).await?
             {
                 info!(run_id = %run.id, signal = %signal, holder = %run_id,
                       "signal wait conflicts with another run's");

@@ -15,7 +15,7 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
     AppRecord, DeferRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem, RunRecord,
-    RunStatus, StepRecord,
+    RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
     AddMetadata, Backends, BatchPush, Commit, CreateRun, DataStore, FlowChange, FlowSlot, Gcra,
@@ -146,7 +146,7 @@ delegate! { StateStore for FaultyState {
     async fn pauses_for_event(&self, event_name: &str) -> StoreResult<Vec<PauseRecord>>;
     async fn pause_match_paths(&self, event_name: &str) -> StoreResult<Vec<String>>;
     async fn pauses_for_match(&self, key: PauseMatch<'_>) -> StoreResult<Vec<PauseRecord>>;
-    async fn save_signal_pause(&self, pause: PauseRecord, replace: bool) -> StoreResult<SaveSignal>;
+    async fn save_signal_pause(&self, wait: SignalWait) -> StoreResult<SaveSignal>;
     async fn pause_by(&self, key: PauseKey<'_>) -> StoreResult<Option<PauseRecord>>;
     async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>>;
     async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()>;

@@ -38,7 +38,7 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::records::RecordError;
 use crate::model::{
     AppRecord, BatchRecord, DebounceRecord, DeferRecord, DeferStatus, EventRecord, FunctionRecord,
-    PauseRecord, QueueItem, RunDefers, RunRecord, RunStatus, StepRecord,
+    PauseRecord, QueueItem, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 
 /// What [`StateStore::batch_push`] did.
@@ -365,8 +365,7 @@ pub trait StateStore: Send + Sync + 'static {
     /// one atomic step. An open wait of another pause for the same signal is
     /// a conflict, unless `replace`: then this pause takes the signal over,
     /// and the older one stays open, unreachable, until its timeout.
-    async fn save_signal_pause(&self, pause: PauseRecord, replace: bool)
-        -> StoreResult<SaveSignal>;
+    async fn save_signal_pause(&self, wait: SignalWait) -> StoreResult<SaveSignal>;
 
     /// The open pause that the index of correlation ids names under `key`.
     async fn pause_by(&self, key: PauseKey<'_>) -> StoreResult<Option<PauseRecord>>;

@@ -12,7 +12,7 @@ use crate::clock::{Clock, ManualClock, Timestamp};
 use crate::model::metadata::{MetadataOp, MetadataRecord, MetadataScope};
 use crate::model::{
     AppRecord, DeferRecord, DeferStatus, EventRecord, FunctionRecord, ItemKind, PauseKind,
-    PauseRecord, QueueItem, RunRecord, RunStatus, StepKind, StepRecord,
+    PauseRecord, QueueItem, RunRecord, RunStatus, SignalWait, StepKind, StepRecord,
 };
 use crate::store::{
     AddMetadata, Backends, Commit, Committed, CreateRun, DataStore, DeferOutcome, DeferWrite,
@@ -49,6 +49,13 @@ pub fn sample_run(fn_id: &str, key: &str) -> RunRecord {
         priority_ms: 0,
         skip_reason: None,
         delayed_by: None,
+    }
+}
+
+fn signal_wait(pause: &PauseRecord, replace: bool) -> SignalWait {
+    SignalWait {
+        pause: pause.clone(),
+        replace,
     }
 }
 
@@ -868,9 +875,9 @@ async fn signal_waits_hold_their_signal(state: &dyn StateStore) -> anyhow::Resul
     let signal = unique("signal");
     let first = signal_pause(&signal);
     ensure!(state.pause_for_signal(&signal).await?.is_none());
-    ensure!(state.save_signal_pause(first.clone(), false).await? == SaveSignal::Saved);
+    ensure!(state.save_signal_pause(signal_wait(&first, false)).await? == SaveSignal::Saved);
     ensure!(
-        state.save_signal_pause(first.clone(), false).await? == SaveSignal::Exists,
+        state.save_signal_pause(signal_wait(&first, false)).await? == SaveSignal::Exists,
         "a retry of the same wait is not a conflict"
     );
     ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&first));
@@ -881,7 +888,7 @@ async fn signal_waits_hold_their_signal(state: &dyn StateStore) -> anyhow::Resul
 
     // A second run's wait conflicts and changes nothing.
     let second = signal_pause(&signal);
-    let conflict = state.save_signal_pause(second.clone(), false).await?;
+    let conflict = state.save_signal_pause(signal_wait(&second, false)).await?;
     ensure!(
         conflict
             == SaveSignal::Conflict {
@@ -894,7 +901,7 @@ async fn signal_waits_hold_their_signal(state: &dyn StateStore) -> anyhow::Resul
 
     // With replace it takes the signal; the first stays open, unlinked, and
     // taking it does not unlink the second.
-    ensure!(state.save_signal_pause(second.clone(), true).await? == SaveSignal::Saved);
+    ensure!(state.save_signal_pause(signal_wait(&second, true)).await? == SaveSignal::Saved);
     ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&second));
     ensure!(state.get_pause(&first.id).await?.is_some());
     ensure!(state.take_pause(&first.id).await?.is_some());
@@ -910,7 +917,7 @@ async fn signal_waits_hold_their_signal(state: &dyn StateStore) -> anyhow::Resul
 
     // A free signal takes a new wait; taking the holder frees it.
     let third = signal_pause(&signal);
-    ensure!(state.save_signal_pause(third.clone(), false).await? == SaveSignal::Saved);
+    ensure!(state.save_signal_pause(signal_wait(&third, false)).await? == SaveSignal::Saved);
     ensure!(state.take_pause(&second.id).await?.is_some());
     ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&third));
     ensure!(state.take_pause(&third.id).await?.is_some());

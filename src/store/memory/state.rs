@@ -14,7 +14,7 @@ use crate::clock::Timestamp;
 use crate::model::metadata::MetadataRecord;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, StepRecord,
+    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
     plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowRecord, FlowSlot,
@@ -275,11 +275,8 @@ impl StateStore for MemoryState {
         }))
     }
 
-    async fn save_signal_pause(
-        &self,
-        pause: PauseRecord,
-        replace: bool,
-    ) -> StoreResult<SaveSignal> {
+    async fn save_signal_pause(&self, wait: SignalWait) -> StoreResult<SaveSignal> {
+        let SignalWait { pause, replace } = wait;
         let mut state = self.lock();
         let signal = pause.correlation_id.clone().unwrap_or_default();
         let holder = state

@@ -44,7 +44,7 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, StepRecord,
+    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
     plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite,
@@ -568,11 +568,8 @@ impl StateStore for RedisStateStore {
         self.conn.apply(&self.pause_change(&pause)).await
     }
 
-    async fn save_signal_pause(
-        &self,
-        pause: PauseRecord,
-        replace: bool,
-    ) -> StoreResult<SaveSignal> {
+    async fn save_signal_pause(&self, wait: SignalWait) -> StoreResult<SaveSignal> {
+        let SignalWait { pause, replace } = wait;
         let signal = pause.correlation_id.clone().unwrap_or_default();
         let signal_key = self.conn.key("psig:", &signal);
         let mut attempts = Attempts::new("save_signal_pause");

@@ -26,7 +26,7 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, StepRecord,
+    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
     plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite,
@@ -556,11 +556,8 @@ impl StateStore for SledStateStore {
         Ok(saved)
     }
 
-    async fn save_signal_pause(
-        &self,
-        pause: PauseRecord,
-        replace: bool,
-    ) -> StoreResult<SaveSignal> {
+    async fn save_signal_pause(&self, wait: SignalWait) -> StoreResult<SaveSignal> {
+        let SignalWait { pause, replace } = wait;
         let signal = pause.correlation_id.clone().unwrap_or_default();
         let result = {
             let _guard = self.lock();
