@@ -1,5 +1,10 @@
-//! CEL expressions (trigger `expression`, later `if`, keys and priorities),
+//! CEL expressions (trigger `expression`, `if`s, keys and priorities),
 //! evaluated with the `cel-interpreter` crate over JSON variables.
+//!
+//! A function's expressions are compiled once, when its config is parsed
+//! into a `FunctionDef`, and the services keep that definition per
+//! (function id, version). Only expressions that arrive at run time (a
+//! `waitForEvent` `if`) go through [`Expr::cached`], a bounded map by text.
 
 use std::fmt;
 use std::sync::Arc;
@@ -34,17 +39,61 @@ pub fn to_cel(value: &serde_json::Value) -> Value {
     }
 }
 
-/// Most expressions [`Expr::cached`] keeps.
+/// Most expressions [`Expr::cached`] keeps: with each source at most
+/// [`MAX_EXPRESSION_BYTES`], the map stays within tens of MB.
 const MAX_COMPILED: usize = 10_000;
 
-static COMPILED: std::sync::LazyLock<std::sync::Mutex<HashMap<Arc<str>, Expr>>> =
-    std::sync::LazyLock::new(Default::default);
+static COMPILED: std::sync::LazyLock<ByText> =
+    std::sync::LazyLock::new(|| ByText::bounded(MAX_COMPILED));
+
+/// Compiled expressions by source text, at most `max` of them.
+struct ByText {
+    max: usize,
+    compiled: std::sync::Mutex<HashMap<Arc<str>, Expr>>,
+}
+
+impl ByText {
+    fn bounded(max: usize) -> ByText {
+        ByText {
+            max,
+            compiled: Default::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Expr>> {
+        self.compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get_or_compile(&self, source: &str) -> Result<Expr, String> {
+        if let Some(expr) = self.lock().get(source) {
+            return Ok(expr.clone());
+        }
+        let expr = Expr::compile(source)?;
+        let mut compiled = self.lock();
+        if compiled.len() >= self.max {
+            // Bounded: a flood of distinct sources (waits with per-run
+            // literals) starts over rather than grows.
+            compiled.clear();
+        }
+        compiled.insert(expr.source.clone(), expr.clone());
+        Ok(expr)
+    }
+}
 
 /// A compiled CEL expression. Cheap to clone.
 #[derive(Clone)]
 pub struct Expr {
     source: Arc<str>,
     program: Arc<Program>,
+}
+
+/// Two expressions are equal when their sources are.
+impl PartialEq for Expr {
+    fn eq(&self, other: &Expr) -> bool {
+        self.source == other.source
+    }
 }
 
 impl fmt::Debug for Expr {
@@ -145,6 +194,19 @@ pub fn check_bounds(source: &str) -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Programs compiled on this thread, for tests that check a program is
+    /// compiled once (tests run on threads of their own).
+    static COMPILES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many programs [`Expr::compile`] has compiled on this thread.
+#[cfg(test)]
+pub(crate) fn compiles_on_this_thread() -> u64 {
+    COMPILES.with(std::cell::Cell::get)
+}
+
 thread_local! {
     /// Set while running CEL under `catch_unwind`: its panics are expected
     /// (and reported as errors), so the panic hook stays quiet.
@@ -195,35 +257,22 @@ impl Expr {
                 )
             })?
             .map_err(|err| format!("invalid expression {source:?}: {err}"))?;
+        #[cfg(test)]
+        COMPILES.with(|count| count.set(count.get() + 1));
         Ok(Expr {
             source: source.into(),
             program: Arc::new(program),
         })
     }
 
-    /// [`Expr::compile`], once per source text in the process: a function's
-    /// keys, conditions and priorities are compiled when it is first used
-    /// (sync has validated them) and reused for every later event, and the
-    /// same wait expression of many runs is compiled once. Failures are not
-    /// kept (they are rejected at sync, so they are rare here).
+    /// [`Expr::compile`], once per source text in the process, for
+    /// expressions that come from the app at run time: the same
+    /// `waitForEvent` `if` of many runs is compiled once. A function's own
+    /// expressions do not come here: its `FunctionDef` holds them compiled.
+    /// Bounded by [`MAX_COMPILED`]. Failures are not kept (the executor
+    /// refuses a wait whose `if` does not compile, so they are rare here).
     pub fn cached(source: &str) -> Result<Expr, String> {
-        let lock = || {
-            COMPILED
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        };
-        if let Some(expr) = lock().get(source) {
-            return Ok(expr.clone());
-        }
-        let expr = Expr::compile(source)?;
-        let mut compiled = lock();
-        if compiled.len() >= MAX_COMPILED {
-            // Bounded: a flood of distinct sources (waits with per-run
-            // literals) starts over rather than grows.
-            compiled.clear();
-        }
-        compiled.insert(expr.source.clone(), expr.clone());
-        Ok(expr)
+        COMPILED.get_or_compile(source)
     }
 
     pub fn source(&self) -> &str {
@@ -327,6 +376,19 @@ mod tests {
             Expr::cached("event.data ==").is_err(),
             "errors are not cached as programs"
         );
+    }
+
+    #[test]
+    fn the_cache_by_text_is_bounded() {
+        let cache = ByText::bounded(3);
+        for n in 0..10 {
+            let source = format!("event.data.n == {n}");
+            let expr = cache.get_or_compile(&source).unwrap();
+            assert_eq!(expr.source(), source);
+            assert!(cache.lock().len() <= 3, "{} kept", cache.lock().len());
+            assert!(cache.lock().contains_key(source.as_str()));
+        }
+        assert_eq!(COMPILED.max, MAX_COMPILED);
     }
 
     #[test]

@@ -81,8 +81,9 @@ struct Worker {
     client: SdkClient,
     config: ExecutorConfig,
     status: RefCell<ExecutorStatus>,
-    /// Parsed function configs by (id, version).
-    functions: RefCell<HashMap<(String, u32), Rc<FunctionDef>>>,
+    /// Parsed function configs by id: the version last seen, and its
+    /// definition.
+    functions: RefCell<HashMap<String, (u32, Rc<FunctionDef>)>>,
     /// Leases being processed: (lease id, item id), handed back at shutdown.
     leased: RefCell<HashMap<u64, String>>,
 }
@@ -167,13 +168,19 @@ impl Worker {
             .map(|_| ())
     }
 
+    /// The parsed definition (its expressions compiled) of the function's
+    /// version in `record`, parsed once per version; a newer version
+    /// replaces the one kept, so the cache holds one per function.
     fn function_def(&self, record: &FunctionRecord) -> Result<Rc<FunctionDef>, String> {
-        let key = (record.id.clone(), record.version);
-        if let Some(def) = self.functions.borrow().get(&key) {
-            return Ok(def.clone());
+        if let Some((version, def)) = self.functions.borrow().get(&record.id) {
+            if *version == record.version {
+                return Ok(def.clone());
+            }
         }
         let def = Rc::new(FunctionDef::from_record(record)?);
-        self.functions.borrow_mut().insert(key, def.clone());
+        self.functions
+            .borrow_mut()
+            .insert(record.id.clone(), (record.version, def.clone()));
         Ok(def)
     }
 

@@ -3,7 +3,9 @@
 //! singletons may skip a run (recorded as `Skipped` with the rule's name);
 //! throttle and priority set when its first call is due; concurrency keys
 //! go on its queue items, where the queue enforces them. All bookkeeping is
-//! in the stores, so it holds across restarts and processes.
+//! in the stores, so it holds across restarts and processes. Keys,
+//! conditions and priorities are evaluated with the programs the
+//! `FunctionDef` compiled when it was parsed.
 
 use std::time::Duration;
 
@@ -28,11 +30,11 @@ const MAX_PRIORITY: Duration = Duration::from_secs(600);
 
 /// A CEL key's value as text (strings bare, other values as JSON); an
 /// expression that cannot be evaluated gives the empty key.
-pub fn key_value(source: Option<&str>, event: &Value) -> String {
-    let Some(source) = source else {
+pub fn key_value(key: Option<&Expr>, event: &Value) -> String {
+    let Some(key) = key else {
         return String::new();
     };
-    match Expr::cached(source).and_then(|expr| expr.eval(&[("event", event)])) {
+    match key.eval(&[("event", event)]) {
         Ok(Value::String(text)) => text,
         Ok(other) => other.to_string(),
         Err(err) => {
@@ -64,8 +66,8 @@ pub fn concurrency_keys(function: &FunctionDef, event: &Value) -> Vec<(String, u
         .map(|rule| {
             let key = match (&rule.key, rule.scope) {
                 (None, Scope::Fn) => function.id.clone(),
-                (Some(source), Scope::Fn) => {
-                    format!("{}{SEP}{}", function.id, key_value(Some(source), event))
+                (Some(key), Scope::Fn) => {
+                    format!("{}{SEP}{}", function.id, key_value(Some(key), event))
                 }
                 (key, scope) => {
                     let scope = if scope == Scope::Env {
@@ -73,10 +75,10 @@ pub fn concurrency_keys(function: &FunctionDef, event: &Value) -> Vec<(String, u
                     } else {
                         "account"
                     };
-                    let source = key.as_deref().unwrap_or("");
+                    let source = key.as_ref().map_or("", Expr::source);
                     format!(
                         "{scope}{SEP}{source}{SEP}{}",
-                        key_value(key.as_deref(), event)
+                        key_value(key.as_ref(), event)
                     )
                 }
             };
@@ -87,11 +89,11 @@ pub fn concurrency_keys(function: &FunctionDef, event: &Value) -> Vec<(String, u
 
 /// The first call's priority shift, ms (positive: ahead of others).
 pub fn priority_ms(function: &FunctionDef, event: &Value) -> i64 {
-    let Some(source) = &function.flow.priority else {
+    let Some(priority) = &function.flow.priority else {
         return 0;
     };
-    let seconds = Expr::cached(source)
-        .and_then(|expr| expr.eval(&[("event", event)]))
+    let seconds = priority
+        .eval(&[("event", event)])
         .ok()
         .and_then(|value| value.as_f64())
         .unwrap_or(0.0);
@@ -109,14 +111,15 @@ pub async fn accept_event(
     now: Timestamp,
 ) -> StoreResult<()> {
     if let Some(batch) = &function.flow.batch {
-        let batched = batch.condition.as_deref().is_none_or(|source| {
-            Expr::cached(source).is_ok_and(|expr| expr.matches(&[("event", payload)]))
-        });
+        let batched = batch
+            .condition
+            .as_ref()
+            .is_none_or(|condition| condition.matches(&[("event", payload)]));
         if batched {
             let key = flow_key(
                 &function.id,
                 "batch",
-                &key_value(batch.key.as_deref(), payload),
+                &key_value(batch.key.as_ref(), payload),
             );
             match backends
                 .state
@@ -149,7 +152,7 @@ pub async fn accept_event(
         let key = flow_key(
             &function.id,
             "debounce",
-            &key_value(debounce.key.as_deref(), payload),
+            &key_value(debounce.key.as_ref(), payload),
         );
         let (generation, due) = backends
             .state
@@ -218,7 +221,7 @@ pub async fn start_run(
         let key = flow_key(
             &function.id,
             "rateLimit",
-            &key_value(rule.key.as_deref(), &payload),
+            &key_value(rule.key.as_ref(), &payload),
         );
         if !backends
             .state
@@ -229,11 +232,11 @@ pub async fn start_run(
         }
     }
     if run.skip_reason.is_none() {
-        if let Some(source) = &flow.idempotency {
+        if let Some(idempotency) = &flow.idempotency {
             let key = flow_key(
                 &function.id,
                 "idempotency",
-                &key_value(Some(source), &payload),
+                &key_value(Some(idempotency), &payload),
             );
             if !backends
                 .state
@@ -250,7 +253,7 @@ pub async fn start_run(
             let key = flow_key(
                 &function.id,
                 "singleton",
-                &key_value(rule.key.as_deref(), &payload),
+                &key_value(rule.key.as_ref(), &payload),
             );
             let replace = rule.mode == SingletonMode::Cancel;
             let holder = backends
@@ -285,7 +288,7 @@ pub async fn start_run(
         let key = flow_key(
             &function.id,
             "throttle",
-            &key_value(rule.key.as_deref(), &payload),
+            &key_value(rule.key.as_ref(), &payload),
         );
         first_call = backends
             .state
@@ -323,11 +326,14 @@ pub async fn start_run(
             step_name: String::new(),
             kind: PauseKind::Cancel,
             event_name: rule.event.clone(),
-            expression: rule.expression.clone(),
+            expression: rule
+                .expression
+                .as_ref()
+                .map(|expr| expr.source().to_string()),
             match_key: rule
                 .expression
-                .as_deref()
-                .and_then(|source| crate::expr::async_equality_key(source, &payload)),
+                .as_ref()
+                .and_then(|expr| crate::expr::async_equality_key(expr.source(), &payload)),
             correlation_id: None,
             trigger_event: first.payload.clone(),
             created_at: now.millis(),
@@ -419,9 +425,10 @@ mod tests {
     #[test]
     fn keys() {
         let event = json!({"data": {"user": "u1", "n": 3, "p": 30}});
-        assert_eq!(key_value(Some("event.data.user"), &event), "u1");
-        assert_eq!(key_value(Some("event.data.n"), &event), "3");
-        assert_eq!(key_value(Some("event.data.missing"), &event), "");
+        let key = |source: &str| key_value(Some(&Expr::compile(source).unwrap()), &event);
+        assert_eq!(key("event.data.user"), "u1");
+        assert_eq!(key("event.data.n"), "3");
+        assert_eq!(key("event.data.missing"), "");
         assert_eq!(key_value(None, &event), "");
 
         let f = function(

@@ -28,7 +28,9 @@ use crate::actors::EndedNotifier;
 use crate::clock::{SharedClock, Timestamp};
 use crate::cron::Schedule;
 use crate::expr::{json_path, panic_message, Expr};
-use crate::model::{EventRecord, FunctionDef, PauseKind, QueueItem, Trigger};
+use crate::model::{
+    EventRecord, FunctionDef, FunctionRecord, PauseKind, PauseRecord, QueueItem, Trigger,
+};
 use crate::store::{Backends, StoreResult};
 
 /// How many events one pass handles together (their flushes are shared).
@@ -95,33 +97,85 @@ pub struct RunnerStatus {
     pub last_error: Option<String>,
 }
 
+/// The current functions, parsed (their CEL expressions compiled) once per
+/// (id, version): when a sync changes the data store's generation, only
+/// the functions with a new version are parsed again, and the definitions
+/// of versions no longer current are dropped with the old set.
+#[derive(Default)]
+struct Functions {
+    /// In the data store's order.
+    list: Vec<Rc<FunctionDef>>,
+    by_id: HashMap<String, Rc<FunctionDef>>,
+}
+
+impl Functions {
+    /// The functions of `records`, reusing the definitions of `previous`
+    /// whose version is still current.
+    fn parse(records: &[FunctionRecord], previous: &Functions) -> Functions {
+        let mut functions = Functions::default();
+        for record in records {
+            let reused = previous
+                .by_id
+                .get(&record.id)
+                .filter(|def| def.version == record.version)
+                .cloned();
+            let def = match reused {
+                Some(def) => def,
+                None => match FunctionDef::from_record(record) {
+                    Ok(def) => Rc::new(def),
+                    Err(err) => {
+                        warn!(fn_id = %record.id, error = %err, "skipping function");
+                        continue;
+                    }
+                },
+            };
+            functions.by_id.insert(def.id.clone(), def.clone());
+            functions.list.push(def);
+        }
+        functions
+    }
+
+    /// The compiled `if` of a cancel pause, from its function's current
+    /// definition. `None` when the run's version had another rule (or the
+    /// function is gone): the caller compiles the pause's source then.
+    fn cancel_expression(&self, pause: &PauseRecord, source: &str) -> Option<&Expr> {
+        self.by_id
+            .get(&pause.fn_id)?
+            .cancel_expression(&pause.event_name, source)
+    }
+}
+
 struct Matcher {
     backends: Backends,
     clock: SharedClock,
     /// Parsed functions and the data-store generation they were read at.
-    functions: RefCell<(u64, Rc<Vec<FunctionDef>>)>,
+    functions: RefCell<(u64, Rc<Functions>)>,
     status: RefCell<RunnerStatus>,
 }
 
 impl Matcher {
-    async fn functions(&self) -> StoreResult<Rc<Vec<FunctionDef>>> {
+    fn new(backends: Backends, clock: SharedClock) -> Matcher {
+        Matcher {
+            backends,
+            clock,
+            functions: RefCell::new((0, Rc::default())),
+            status: RefCell::new(RunnerStatus::default()),
+        }
+    }
+
+    async fn functions(&self) -> StoreResult<Rc<Functions>> {
         let generation = self.backends.data.functions_generation().await?;
-        {
+        let previous = {
             let cached = self.functions.borrow();
             if cached.0 == generation && generation != 0 {
                 return Ok(cached.1.clone());
             }
-        }
-        let mut defs = Vec::new();
-        for record in self.backends.data.list_functions().await? {
-            match FunctionDef::from_record(&record) {
-                Ok(def) => defs.push(def),
-                Err(err) => warn!(fn_id = %record.id, error = %err, "skipping function"),
-            }
-        }
-        let defs = Rc::new(defs);
-        *self.functions.borrow_mut() = (generation, defs.clone());
-        Ok(defs)
+            cached.1.clone()
+        };
+        let records = self.backends.data.list_functions().await?;
+        let functions = Rc::new(Functions::parse(&records, &previous));
+        *self.functions.borrow_mut() = (generation, functions.clone());
+        Ok(functions)
     }
 
     /// Creates the runs of a batch of events, resumes the pauses they
@@ -140,7 +194,7 @@ impl Matcher {
             match &event.target_fn {
                 // Internal events addressed to one function (invoke, cron).
                 Some(target) => {
-                    if let Some(function) = functions.iter().find(|f| &f.id == target) {
+                    if let Some(function) = functions.by_id.get(target) {
                         let backends = &self.backends;
                         let now = self.clock.now();
                         creations.push(Box::pin(async move {
@@ -153,7 +207,7 @@ impl Matcher {
                     }
                 }
                 None => {
-                    for function in functions.iter() {
+                    for function in &functions.list {
                         if function
                             .triggers
                             .iter()
@@ -178,27 +232,27 @@ impl Matcher {
             result?;
         }
         for event in &events {
-            self.match_pauses(event).await?;
+            self.match_pauses(event, &functions).await?;
         }
         let ids: Vec<String> = events.iter().map(|e| e.internal_id.clone()).collect();
         self.status.borrow_mut().events_seen += events.len() as u64;
         self.backends.data.mark_processed(&ids).await
     }
 
-    fn expression(&self, source: &str) -> Option<Expr> {
-        Expr::cached(source).ok()
-    }
-
     /// Resumes waits, invokes and cancellations that `event` matches. Only
     /// pauses created before the event was received, and not expired, match.
-    async fn match_pauses(&self, event: &EventRecord) -> StoreResult<()> {
+    async fn match_pauses(&self, event: &EventRecord, functions: &Functions) -> StoreResult<()> {
         let started = std::time::Instant::now();
-        let result = self.match_pauses_inner(event).await;
+        let result = self.match_pauses_inner(event, functions).await;
         self.status.borrow_mut().pause_match_micros += started.elapsed().as_micros() as u64;
         result
     }
 
-    async fn match_pauses_inner(&self, event: &EventRecord) -> StoreResult<()> {
+    async fn match_pauses_inner(
+        &self,
+        event: &EventRecord,
+        functions: &Functions,
+    ) -> StoreResult<()> {
         let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
         if event.name == FUNCTION_FINISHED {
             if let Some(correlation) = payload
@@ -258,9 +312,16 @@ impl Matcher {
                 Some(source) => {
                     let trigger: Value =
                         serde_json::from_str(&pause.trigger_event).unwrap_or(Value::Null);
-                    self.expression(source).is_some_and(|expr| {
-                        expr.matches(&[("event", &trigger), ("async", &payload)])
-                    })
+                    let vars = [("event", &trigger), ("async", &payload)];
+                    let compiled = match pause.kind {
+                        PauseKind::Cancel => functions.cancel_expression(&pause, source),
+                        _ => None,
+                    };
+                    match compiled {
+                        Some(expr) => expr.matches(&vars),
+                        // A wait's `if` comes from the app at run time.
+                        None => Expr::cached(source).is_ok_and(|expr| expr.matches(&vars)),
+                    }
                 }
             };
             self.status.borrow_mut().pause_checks += 1;
@@ -380,7 +441,7 @@ async fn cron_loop(matcher: Rc<Matcher>) {
         match matcher.functions().await {
             Ok(functions) => {
                 let mut seen = Vec::new();
-                for function in functions.iter() {
+                for function in &functions.list {
                     for trigger in &function.triggers {
                         let Trigger::Cron { cron, jitter } = trigger else {
                             continue;
@@ -586,12 +647,7 @@ pub struct Runner {
 impl Runner {
     pub fn new(backends: Backends, clock: SharedClock, ended: EndedNotifier) -> Runner {
         Runner {
-            matcher: Rc::new(Matcher {
-                backends,
-                clock,
-                functions: RefCell::new((0, Rc::new(Vec::new()))),
-                status: RefCell::new(RunnerStatus::default()),
-            }),
+            matcher: Rc::new(Matcher::new(backends, clock)),
             ended,
         }
     }
@@ -646,13 +702,7 @@ pub(crate) async fn handle_pending_events(
     backends: &Backends,
     clock: SharedClock,
 ) -> StoreResult<u64> {
-    let matcher = Matcher {
-        backends: backends.clone(),
-        clock,
-        functions: RefCell::new((0, Rc::new(Vec::new()))),
-        status: RefCell::new(RunnerStatus::default()),
-    };
-    matcher.catch_up(None).await
+    Matcher::new(backends.clone(), clock).catch_up(None).await
 }
 
 #[cfg(test)]
@@ -696,12 +746,7 @@ mod tests {
         };
         real.data.sync_app(app, vec![function]).await.unwrap();
         let clock: SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
-        let matcher = Rc::new(Matcher {
-            backends: backends.clone(),
-            clock: clock.clone(),
-            functions: RefCell::new((0, Rc::new(Vec::new()))),
-            status: RefCell::new(RunnerStatus::default()),
-        });
+        let matcher = Rc::new(Matcher::new(backends.clone(), clock.clone()));
         let runner = actix_rt::spawn(run_loop(matcher));
         // Subscribed and caught up (nothing) before the event comes.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -730,6 +775,148 @@ mod tests {
         assert_eq!(due.len(), 1, "the run's first call is queued");
         assert!(faults.calls().contains(&"enqueue"));
         runner.abort();
+    }
+
+    /// Syncs one app with one function of `config` (its `id` is the app's).
+    async fn sync_function(backends: &Backends, config: Value) {
+        use crate::model::AppRecord;
+        let url = "http://127.0.0.1:9/api/inngest";
+        let id = config["id"].as_str().unwrap().to_string();
+        let mut config = config;
+        config["steps"] = json!({"step": {"runtime": {"url": url}}});
+        let function = FunctionRecord {
+            id: id.clone(),
+            app_id: id.clone(),
+            version: 0,
+            url: url.into(),
+            config: config.to_string(),
+            updated_at: 0,
+            archived: false,
+        };
+        let app = AppRecord {
+            id: id.clone(),
+            url: format!("{url}?app={id}"),
+            sdk: "js".into(),
+            framework: String::new(),
+            synced_at: 0,
+            checksum: String::new(),
+            function_ids: vec![id],
+            last_error: None,
+        };
+        backends.data.sync_app(app, vec![function]).await.unwrap();
+    }
+
+    fn events(name: &str, from: usize, count: usize, at: Timestamp) -> Vec<EventRecord> {
+        (from..from + count)
+            .map(|n| EventRecord {
+                internal_id: ulid::Ulid::new().to_string(),
+                name: name.to_string(),
+                id: format!("{name}-{n}"),
+                received_at: at.millis(),
+                payload: json!({"name": name, "data": {"ok": true, "user": format!("u{}", n % 3), "n": n}})
+                    .to_string(),
+                target_fn: None,
+            })
+            .collect()
+    }
+
+    /// A function's trigger `if`, concurrency key, priority and cancel `if`
+    /// are compiled when the runner first parses it, never per event, and
+    /// not again when another function's sync changes the generation.
+    #[actix_rt::test]
+    async fn expressions_are_compiled_once_per_function_version() {
+        use crate::clock::Clock;
+        use crate::expr::compiles_on_this_thread;
+        use crate::model::RunStatus;
+
+        let backends = crate::store::memory::backends();
+        let clock = crate::clock::ManualClock::at(Timestamp(1_700_000_000_000));
+        sync_function(
+            &backends,
+            json!({"id": "compiled", "triggers": [{"event": "test/compiled", "expression": "event.data.ok == true"}],
+                   "concurrency": {"limit": 2, "key": "event.data.user"},
+                   "priority": {"run": "event.data.n"},
+                   "cancel": [{"event": "test/stop", "if": "event.data.user == async.data.user"}]}),
+        )
+        .await;
+        let matcher = Matcher::new(backends.clone(), clock.clone());
+        let before = compiles_on_this_thread();
+        matcher
+            .handle_batch(events("test/compiled", 0, 10, clock.now()))
+            .await
+            .unwrap();
+        assert_eq!(
+            compiles_on_this_thread() - before,
+            4,
+            "the four expressions, once"
+        );
+        let first = matcher.functions().await.unwrap().by_id["compiled"].clone();
+        matcher
+            .handle_batch(events("test/compiled", 10, 10, clock.now()))
+            .await
+            .unwrap();
+        assert_eq!(compiles_on_this_thread() - before, 4, "none per event");
+        let runs = backends
+            .state
+            .list_runs(100, None, Some("compiled"), None)
+            .await
+            .unwrap();
+        assert_eq!(runs.len(), 20);
+        let run = runs
+            .iter()
+            .find(|run| run.events[0].contains("\"n\":4,"))
+            .unwrap();
+        assert_eq!(run.concurrency, [("compiled\u{1f}u1".to_string(), 2)]);
+        assert_eq!(run.priority_ms, 4_000);
+
+        // Another function's sync: only its own expression is compiled, and
+        // the first keeps its definition.
+        sync_function(
+            &backends,
+            json!({"id": "other", "triggers": [{"event": "test/other", "expression": "event.data.n > 1"}]}),
+        )
+        .await;
+        matcher
+            .handle_batch(events("test/compiled", 20, 5, clock.now()))
+            .await
+            .unwrap();
+        assert_eq!(compiles_on_this_thread() - before, 5);
+        let functions = matcher.functions().await.unwrap();
+        assert!(Rc::ptr_eq(&first, &functions.by_id["compiled"]));
+        assert_eq!(functions.list.len(), 2);
+        drop(functions);
+
+        // A cancel event matches through the definition's compiled `if`.
+        clock.advance(Duration::from_secs(1));
+        let mut stop = events("test/stop", 0, 1, clock.now());
+        stop[0].payload = json!({"name": "test/stop", "data": {"user": "u1"}}).to_string();
+        matcher.handle_batch(stop).await.unwrap();
+        assert_eq!(compiles_on_this_thread() - before, 5);
+        let runs = backends
+            .state
+            .list_runs(100, None, Some("compiled"), None)
+            .await
+            .unwrap();
+        let cancelled = runs
+            .iter()
+            .filter(|run| run.status == RunStatus::Cancelled)
+            .count();
+        assert_eq!(cancelled, runs.len() / 3, "the runs of user u1");
+        assert!(runs
+            .iter()
+            .filter(|run| run.status == RunStatus::Cancelled)
+            .all(|run| run.events[0].contains("\"user\":\"u1\"")));
+
+        // A new version of the function is parsed again; the old one is gone.
+        sync_function(
+            &backends,
+            json!({"id": "compiled", "triggers": [{"event": "test/compiled", "expression": "event.data.ok"}]}),
+        )
+        .await;
+        let functions = matcher.functions().await.unwrap();
+        assert_eq!(compiles_on_this_thread() - before, 6);
+        assert!(!Rc::ptr_eq(&first, &functions.by_id["compiled"]));
+        assert_eq!(Rc::strong_count(&first), 1, "the old version is dropped");
     }
 
     fn event(name: &str, n: usize) -> EventRecord {

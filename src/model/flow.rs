@@ -1,6 +1,7 @@
 //! Flow-control settings of a function (PROTOCOL §3.5): concurrency,
 //! throttle, rate limit, idempotency, debounce, batching, priority,
-//! singleton. Parsed from the synced config; both SDKs' shapes.
+//! singleton. Parsed from the synced config; both SDKs' shapes. Keys,
+//! conditions and priorities are compiled here, once per parsed config.
 
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ pub enum Scope {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConcurrencyRule {
     pub limit: u32,
-    pub key: Option<String>,
+    pub key: Option<Expr>,
     pub scope: Scope,
 }
 
@@ -30,20 +31,20 @@ pub struct ThrottleRule {
     pub limit: u32,
     pub period: Duration,
     pub burst: u32,
-    pub key: Option<String>,
+    pub key: Option<Expr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitRule {
     pub limit: u32,
     pub period: Duration,
-    pub key: Option<String>,
+    pub key: Option<Expr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DebounceRule {
     pub period: Duration,
-    pub key: Option<String>,
+    pub key: Option<Expr>,
     pub timeout: Option<Duration>,
 }
 
@@ -51,9 +52,9 @@ pub struct DebounceRule {
 pub struct BatchRule {
     pub max_size: u32,
     pub timeout: Duration,
-    pub key: Option<String>,
+    pub key: Option<Expr>,
     /// Only events for which this is true are batched; others run alone.
-    pub condition: Option<String>,
+    pub condition: Option<Expr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +66,7 @@ pub enum SingletonMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SingletonRule {
     pub mode: SingletonMode,
-    pub key: Option<String>,
+    pub key: Option<Expr>,
 }
 
 /// Every flow-control rule of one function.
@@ -75,11 +76,11 @@ pub struct FlowControl {
     pub throttle: Option<ThrottleRule>,
     pub rate_limit: Option<RateLimitRule>,
     /// CEL key: one run per key per 24 h.
-    pub idempotency: Option<String>,
+    pub idempotency: Option<Expr>,
     pub debounce: Option<DebounceRule>,
     pub batch: Option<BatchRule>,
     /// CEL giving seconds by which a run jumps ahead (negative: behind).
-    pub priority: Option<String>,
+    pub priority: Option<Expr>,
     pub singleton: Option<SingletonRule>,
 }
 
@@ -162,17 +163,13 @@ fn typed<T: DeserializeOwned>(value: Option<&Value>, what: &str) -> Result<Optio
     }
 }
 
-/// A CEL expression (a key, a condition): blank is none, and it must
-/// compile.
-fn expr(source: Option<String>, what: &str) -> Result<Option<String>, String> {
-    match source
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-    {
-        Some(source) => {
-            Expr::cached(&source).map_err(|err| format!("{what}: {err}"))?;
-            Ok(Some(source))
-        }
+/// A CEL expression (a key, a condition), compiled: blank is none, and it
+/// must compile.
+fn expr(source: Option<String>, what: &str) -> Result<Option<Expr>, String> {
+    match source.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        Some(source) => Expr::compile(source)
+            .map(Some)
+            .map_err(|err| format!("{what}: {err}")),
         None => Ok(None),
     }
 }
@@ -319,7 +316,7 @@ mod tests {
             parse(json!({"limit": 2, "key": "event.data.user"})),
             [ConcurrencyRule {
                 limit: 2,
-                key: Some("event.data.user".into()),
+                key: Some(Expr::compile("event.data.user").unwrap()),
                 scope: Scope::Fn
             }]
         );
@@ -358,13 +355,19 @@ mod tests {
         .unwrap();
         assert_eq!(flow.throttle.unwrap().burst, 1);
         assert_eq!(flow.rate_limit.unwrap().period, Duration::from_secs(60));
-        assert_eq!(flow.idempotency.as_deref(), Some("event.data.id"));
+        assert_eq!(
+            flow.idempotency.as_ref().map(Expr::source),
+            Some("event.data.id")
+        );
         assert_eq!(
             flow.debounce.unwrap().timeout,
             Some(Duration::from_secs(60))
         );
         assert_eq!(flow.batch.unwrap().max_size, 5);
-        assert_eq!(flow.priority.as_deref(), Some("event.data.p"));
+        assert_eq!(
+            flow.priority.as_ref().map(Expr::source),
+            Some("event.data.p")
+        );
         assert_eq!(flow.singleton.unwrap().mode, SingletonMode::Cancel);
         assert!(FlowControl::parse(&json!({"throttle": {"limit": 0, "period": "1s"}})).is_err());
         assert!(FlowControl::parse(&json!({"debounce": {}})).is_err());

@@ -1,6 +1,9 @@
 //! Function configs as the SDKs sync them (PROTOCOL §3.5), parsed into what
 //! the runner and executor need. The raw config is kept as synced, so later
-//! features can read more of it without a migration.
+//! features can read more of it without a migration. Parsing compiles the
+//! function's CEL expressions (trigger filters, cancel `if`s, flow-control
+//! keys, conditions and priority), so a service that keeps a `FunctionDef`
+//! per (id, version) compiles each of them once.
 
 use std::time::Duration;
 
@@ -61,7 +64,7 @@ pub fn event_name_matches(pattern: &str, name: &str) -> bool {
 pub struct CancelRule {
     pub event: String,
     /// CEL over `event` (the run's trigger) and `async` (the new event).
-    pub expression: Option<String>,
+    pub expression: Option<Expr>,
     pub timeout: Option<Duration>,
 }
 
@@ -89,6 +92,16 @@ pub struct FunctionDef {
 impl FunctionDef {
     pub fn max_attempts(&self) -> u32 {
         self.retries + 1
+    }
+
+    /// The compiled `if` of this function's cancel rule for `event` whose
+    /// source is `source`, as its runs' cancel pauses hold it.
+    pub fn cancel_expression(&self, event: &str, source: &str) -> Option<&Expr> {
+        self.cancel
+            .iter()
+            .filter(|rule| rule.event == event)
+            .filter_map(|rule| rule.expression.as_ref())
+            .find(|expr| expr.source() == source)
     }
 
     pub fn from_record(record: &FunctionRecord) -> Result<FunctionDef, String> {
@@ -216,7 +229,7 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
                 return Err(format!("function {id} has a trigger with an empty event"));
             }
             let expression = match blank_to_none(raw.expression) {
-                Some(source) => Some(Expr::cached(&source).map_err(|err| within(err.to_string()))?),
+                Some(source) => Some(Expr::compile(&source).map_err(within)?),
                 None => None,
             };
             triggers.push(Trigger::Event { event, expression });
@@ -240,10 +253,10 @@ pub fn parse_config(config: &Value) -> Result<FunctionDef, String> {
             .event
             .filter(|e| !e.is_empty())
             .ok_or_else(|| format!("function {id} has a cancel rule without an event"))?;
-        let expression = blank_to_none(rule.expression);
-        if let Some(source) = &expression {
-            Expr::cached(source).map_err(|err| within(err.to_string()))?;
-        }
+        let expression = match blank_to_none(rule.expression) {
+            Some(source) => Some(Expr::compile(&source).map_err(within)?),
+            None => None,
+        };
         let timeout = config_duration(rule.timeout.as_ref())
             .map_err(|err| format!("function {id}: invalid cancel timeout: {err}"))?;
         cancel.push(CancelRule {
