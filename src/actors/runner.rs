@@ -858,7 +858,12 @@ mod tests {
         assert_eq!(compiles_on_this_thread() - before, 4, "none per event");
         let runs = backends
             .state
-            .list_runs(100, None, Some("compiled"), None)
+            .list_runs(&crate::store::RunQuery {
+                limit: 100,
+                before: None,
+                fn_id: Some("compiled"),
+                status: None,
+            })
             .await
             .unwrap();
         assert_eq!(runs.len(), 20);
@@ -894,7 +899,12 @@ mod tests {
         assert_eq!(compiles_on_this_thread() - before, 5);
         let runs = backends
             .state
-            .list_runs(100, None, Some("compiled"), None)
+            .list_runs(&crate::store::RunQuery {
+                limit: 100,
+                before: None,
+                fn_id: Some("compiled"),
+                status: None,
+            })
             .await
             .unwrap();
         let cancelled = runs
