@@ -51,15 +51,18 @@
 //!   A quick run that started more than 5 s after its event is a WARNING.
 //!   The rest of the backlog is not waited for.
 //! * **Part G, history**: `LOAD_HISTORY_RUNS` finished runs (3 steps each,
-//!   over 10 functions, with their events) are written straight into a sled
-//!   data dir through the library, no SDK involved; then `baton dev` is
-//!   started on it. Reports the build time, the start-up time, and p50/p99
-//!   over 50 requests (after 5 warm-ups) of the run list's first page
-//!   (`/v1/runs?limit=20`), of one function's runs (`&function_id=`, which
-//!   scans newest-first until it has 20), of a run page (`/v1/runs/{id}`,
-//!   random runs), of the event list (`/v1/events?limit=20`), of a
-//!   `/metrics` scrape, and of a filter that matches nothing (a full scan);
-//!   plus the RSS and the data dir size.
+//!   over 10 functions, with their events; one in 101 failed, the rest
+//!   completed) are written straight into a sled data dir through the
+//!   library, no SDK involved; then `baton dev` is started on it. Reports
+//!   the build time, the start-up time, and p50/p99 over 50 requests
+//!   (after 5 warm-ups) of the run list's first page (`/v1/runs?limit=20`),
+//!   of one function's runs (`&function_id=`), of a run page
+//!   (`/v1/runs/{id}`, random runs), of the event list
+//!   (`/v1/events?limit=20`), of a `/metrics` scrape, and over 200
+//!   requests of the run list filtered by status (`status=Failed`, 1 % of
+//!   the runs; `status=Completed`; `function_id=&status=Failed`; and a
+//!   function and status that match nothing), which read the status
+//!   index; plus the RSS and the data dir size.
 //! * **Part H, split**: needs `redis-server` and `nats-server` on `PATH`
 //!   (skipped, loudly, without them). Each deployment gets a Redis (append-only
 //!   file, `appendfsync always`) and a NATS JetStream server of its own on
@@ -2211,13 +2214,26 @@ const HISTORY_SPACING_MS: i64 = 10;
 /// Timed requests per endpoint, after this many untimed ones.
 const HISTORY_READS: usize = 50;
 const HISTORY_WARMUPS: usize = 5;
-/// Requests of the filter that matches nothing (each scans every run).
-const HISTORY_SCANS: usize = 10;
+/// Timed requests per run list filtered by status (their p99 is the
+/// figure to read, so more of them).
+const HISTORY_STATUS_READS: usize = 200;
+/// One history run in this many failed; the others completed.
+const HISTORY_FAILED_EVERY: usize = 101;
 /// The page size of the list requests.
 const HISTORY_PAGE: usize = 20;
 
 fn history_fn(i: usize) -> String {
     format!("bench-history-fn{}", i % HISTORY_FUNCTIONS)
+}
+
+/// How history run `i` ended.
+fn history_status(i: usize) -> baton::model::RunStatus {
+    use baton::model::RunStatus;
+    if i.is_multiple_of(HISTORY_FAILED_EVERY) {
+        RunStatus::Failed
+    } else {
+        RunStatus::Completed
+    }
 }
 
 /// The event payload of history run `i`, as the event API would store it.
@@ -2325,8 +2341,10 @@ async fn part_g(params: &Params, client: &reqwest::Client) -> History {
         |n| format!("{base}/v1/runs/{}", run_ids[picks[n]]),
         |body| {
             let run = json_data(body)?;
-            if run["status"] != "Completed" {
-                return Err(format!("status {}", run["status"]));
+            let i = run_ids.iter().position(|id| run["run_id"] == id.as_str());
+            let want = i.map(|i| history_status(i).as_str());
+            if run["status"].as_str() != want {
+                return Err(format!("status {}, want {want:?}", run["status"]));
             }
             let steps = run["steps"].as_array().map_or(0, Vec::len);
             if steps != HISTORY_STEPS {
@@ -2380,23 +2398,62 @@ async fn part_g(params: &Params, client: &reqwest::Client) -> History {
     println!("/metrics       : {}", metrics.line());
     reads.push(("/metrics".to_string(), metrics));
 
-    // No run failed: the filter reads every run before answering.
-    let scan = time_gets(
-        client,
-        "/v1/runs?function_id=&status=Failed (no match)",
-        HISTORY_SCANS,
-        |_| format!("{base}/v1/runs?function_id={function}&status=Failed&limit={HISTORY_PAGE}"),
-        |body| {
-            let runs = json_data(body)?;
-            match runs.as_array().map(Vec::len) {
-                Some(0) => Ok(()),
-                other => Err(format!("{other:?} runs listed, want none")),
-            }
+    // By status: each reads the status index, not every run.
+    let failed: Vec<usize> = (0..runs)
+        .filter(|i| i.is_multiple_of(HISTORY_FAILED_EVERY))
+        .collect();
+    let newest_failed = failed.last().map(|&i| run_ids[i].clone());
+    let failed_fn = failed.last().map_or(function.clone(), |&i| history_fn(i));
+    let failed_of_fn = failed
+        .iter()
+        .filter(|&&i| history_fn(i) == failed_fn)
+        .count();
+    let by_status = [
+        StatusRead {
+            label: "status=Failed",
+            query: format!("status=Failed&limit={HISTORY_PAGE}"),
+            status: "Failed",
+            function: None,
+            count: HISTORY_PAGE.min(failed.len()),
+            newest: newest_failed.clone(),
         },
-    )
-    .await;
-    println!("no match (scan): {}", scan.line());
-    reads.push(("full scan".to_string(), scan));
+        StatusRead {
+            label: "status=Completed",
+            query: format!("status=Completed&limit={HISTORY_PAGE}"),
+            status: "Completed",
+            function: None,
+            count: HISTORY_PAGE.min(runs - failed.len()),
+            newest: None,
+        },
+        StatusRead {
+            label: "fn+status",
+            query: format!("function_id={failed_fn}&status=Failed&limit={HISTORY_PAGE}"),
+            status: "Failed",
+            function: Some(failed_fn.clone()),
+            count: HISTORY_PAGE.min(failed_of_fn),
+            newest: newest_failed,
+        },
+        StatusRead {
+            label: "no match",
+            query: format!("function_id={function}&status=Cancelled&limit={HISTORY_PAGE}"),
+            status: "Cancelled",
+            function: Some(function.clone()),
+            count: 0,
+            newest: None,
+        },
+    ];
+    for read in by_status {
+        let timed = time_gets(
+            client,
+            &format!("/v1/runs?{}", read.label),
+            HISTORY_STATUS_READS,
+            |_| format!("{base}/v1/runs?{}", read.query),
+            |body| read.check(body),
+        )
+        .await;
+        println!("{:<15}: {}", read.label, timed.line());
+        reads.push((read.label.to_string(), timed));
+    }
 
     let memory = Memory::of(pid);
     println!("baton RSS: {}", memory.line());
@@ -2409,6 +2466,45 @@ async fn part_g(params: &Params, client: &reqwest::Client) -> History {
         reads,
         start_memory,
         memory,
+    }
+}
+
+/// A run list filtered by status, and what its first page must hold.
+struct StatusRead {
+    label: &'static str,
+    query: String,
+    status: &'static str,
+    /// Only runs of this function.
+    function: Option<String>,
+    /// How many runs the page lists, the newest first.
+    count: usize,
+    newest: Option<String>,
+}
+
+impl StatusRead {
+    fn check(&self, body: &str) -> Result<(), String> {
+        let listed = json_data(body)?;
+        let listed = listed.as_array().ok_or("no data array")?;
+        if listed.len() != self.count {
+            return Err(format!("{} runs listed, want {}", listed.len(), self.count));
+        }
+        if let Some(other) = listed.iter().find(|r| r["status"] != self.status) {
+            return Err(format!("a run in {} listed", other["status"]));
+        }
+        if let Some(function) = &self.function {
+            if let Some(other) = listed
+                .iter()
+                .find(|r| r["function_id"] != function.as_str())
+            {
+                return Err(format!("a run of {} listed", other["function_id"]));
+            }
+        }
+        if let (Some(newest), Some(run)) = (&self.newest, listed.first()) {
+            if run["run_id"] != newest.as_str() {
+                return Err(format!("first run {} is not the newest", run["run_id"]));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -2586,7 +2682,7 @@ async fn write_history_run(
     let output = Some(json!({"done": HISTORY_STEPS}).to_string());
     let end = Timestamp(created + 1 + HISTORY_STEPS as i64);
     let finished = state
-        .finish_run(run_id, RunStatus::Completed, output, end)
+        .finish_run(run_id, history_status(i), output, end)
         .await
         .expect("finish_run");
     assert!(finished, "run {run_id} had ended already");

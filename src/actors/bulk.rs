@@ -17,7 +17,7 @@ use crate::actors::core_api::CoreApi;
 use crate::clock::SharedClock;
 use crate::expr::Expr;
 use crate::model::{RunRecord, RunStatus};
-use crate::store::{Backends, StoreError};
+use crate::store::{Backends, RunQuery, StoreError};
 
 /// The most runs one bulk action may touch: a filter matching more must be
 /// narrowed (or the action repeated).
@@ -118,12 +118,12 @@ pub async fn matching_runs(backends: &Backends, filter: &RunFilter) -> Result<Ma
     loop {
         let page = backends
             .state
-            .list_runs(
-                PAGE,
-                cursor.as_deref(),
-                filter.function_id.as_deref(),
-                one_status,
-            )
+            .list_runs(&RunQuery {
+                limit: PAGE,
+                before: cursor.as_deref(),
+                fn_id: filter.function_id.as_deref(),
+                status: one_status,
+            })
             .await?;
         let exhausted = page.len() < PAGE;
         cursor = page.last().map(|run| run.id.clone());

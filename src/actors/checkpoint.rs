@@ -155,17 +155,14 @@ pub async fn checkpoint_async(
         // the next message it has, and not again once this one succeeds),
         // the metadata the steps recorded, and the steps.
         let writes = RunWrites {
+            expected_version: Some(version),
             defers: defer::writes(&run.id, &decision.defers),
             metadata: decision.metadata,
             metadata_limit: crate::model::metadata::MAX_RUN_BYTES,
             steps: decision.save,
             ..RunWrites::default()
         };
-        match backends
-            .state
-            .commit(&run.id, Some(version), &writes)
-            .await?
-        {
+        match backends.state.commit(&run.id, &writes).await? {
             Commit::Done(done) => {
                 defer::log_refusals(&run.id, &decision.defers, &done.defers);
                 return Ok(Checkpointed {

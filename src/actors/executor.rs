@@ -198,7 +198,7 @@ impl Worker {
         pause_id: Option<&str>,
     ) -> StoreResult<()> {
         let (writes, in_group) = answer::resume(run, step);
-        let commit = self.backends.state.commit(&run.id, None, &writes).await?;
+        let commit = self.backends.state.commit(&run.id, &writes).await?;
         let next = answer::after_resume(run, in_group, &commit, self.clock.now());
         if let Some(pause_id) = pause_id {
             self.backends.state.take_pause(pause_id).await?;
@@ -336,12 +336,11 @@ impl Worker {
         };
         if run.status == RunStatus::Queued {
             let now = self.clock.now();
-            match self
-                .backends
-                .state
-                .commit(&run.id, Some(version), &answer::start(now))
-                .await?
-            {
+            let start = RunWrites {
+                expected_version: Some(version),
+                ..answer::start(now)
+            };
+            match self.backends.state.commit(&run.id, &start).await? {
                 Commit::Done(done) => {
                     version = done.version;
                     run.status = RunStatus::Running;
@@ -608,14 +607,10 @@ impl Worker {
         &self,
         run: &mut RunRecord,
         version: &mut u64,
-        writes: &RunWrites,
+        writes: &mut RunWrites,
     ) -> StoreResult<Committing> {
-        match self
-            .backends
-            .state
-            .commit(&run.id, Some(*version), writes)
-            .await?
-        {
+        writes.expected_version = Some(*version);
+        match self.backends.state.commit(&run.id, writes).await? {
             Commit::Done(done) => Ok(Committing::Done(done)),
             Commit::RunEnded => Ok(Committing::RunEnded),
             Commit::Conflict { .. } => {
@@ -663,7 +658,7 @@ impl Worker {
                 call.attempt.clone(),
             );
             if let Some(due) = decision.retry {
-                let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+                let done = match self.try_commit(&mut run, &mut version, &mut writes).await? {
                     Committing::Again => continue,
                     Committing::RunEnded => return self.ack(lease, Vec::new()).await,
                     Committing::Done(done) => done,
@@ -682,7 +677,7 @@ impl Worker {
                 return Ok(());
             }
             if decision.no_progress {
-                let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+                let done = match self.try_commit(&mut run, &mut version, &mut writes).await? {
                     Committing::Again => continue,
                     Committing::RunEnded => return self.ack(lease, Vec::new()).await,
                     Committing::Done(done) => done,
@@ -728,7 +723,7 @@ impl Worker {
             if !signals_saved {
                 if let Some(conflict) = self.save_signals(&run, &decision).await? {
                     writes.finish = Some((RunStatus::Failed, Some(conflict.to_string()), now));
-                    let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+                    let done = match self.try_commit(&mut run, &mut version, &mut writes).await? {
                         Committing::Again => continue,
                         Committing::RunEnded => return self.ack(lease, Vec::new()).await,
                         Committing::Done(done) => done,
@@ -750,8 +745,8 @@ impl Worker {
                 signals_saved = true;
             }
             let discover = results.discover;
-            let writes = answer::full_writes(writes, &run, &decision, &invokes, results, now);
-            let done = match self.try_commit(&mut run, &mut version, &writes).await? {
+            let mut writes = answer::full_writes(writes, &run, &decision, &invokes, results, now);
+            let done = match self.try_commit(&mut run, &mut version, &mut writes).await? {
                 Committing::Again => continue,
                 Committing::RunEnded => return self.ack(lease, Vec::new()).await,
                 Committing::Done(done) => done,
@@ -836,13 +831,10 @@ impl Worker {
         run: &RunRecord,
         decision: &Decision,
     ) -> StoreResult<Option<Value>> {
-        for (pause, replace) in &decision.signals {
-            let signal = pause.correlation_id.clone().unwrap_or_default();
-            if let SaveSignal::Conflict { run_id } = self
-                .backends
-                .state
-                .save_signal_pause(pause.clone(), *replace)
-                .await?
+        for wait in &decision.signals {
+            let signal = wait.pause.correlation_id.clone().unwrap_or_default();
+            if let SaveSignal::Conflict { run_id } =
+                self.backends.state.save_signal_pause(wait.clone()).await?
             {
                 info!(run_id = %run.id, signal = %signal, holder = %run_id,
                       "signal wait conflicts with another run's");

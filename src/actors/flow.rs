@@ -20,7 +20,7 @@ use crate::model::flow::{Scope, SingletonMode};
 use crate::model::{
     EventRecord, FunctionDef, PauseKind, PauseRecord, QueueItem, RunRecord, RunStatus,
 };
-use crate::store::{Backends, BatchPush, CreateRun, StoreResult};
+use crate::store::{Backends, BatchPush, CreateRun, Gcra, StoreResult};
 
 /// Separates the parts of flow-control keys.
 const SEP: char = '\u{1f}';
@@ -41,6 +41,15 @@ pub fn key_value(key: Option<&Expr>, event: &Value) -> String {
             debug!(error = %err, "flow-control key did not evaluate; using the empty key");
             String::new()
         }
+    }
+}
+
+/// The GCRA bucket of a rule (`burst` matters to throttles only).
+fn gcra(limit: u32, period: Duration, burst: u32) -> Gcra {
+    Gcra {
+        limit,
+        period,
+        burst,
     }
 }
 
@@ -216,7 +225,7 @@ pub async fn start_run(
         );
         if !backends
             .state
-            .rate_limit_take(&key, rule.limit, rule.period, now)
+            .rate_limit_take(&key, &gcra(rule.limit, rule.period, 1), now)
             .await?
         {
             run.skip_reason = Some("rateLimit".into());
@@ -231,7 +240,7 @@ pub async fn start_run(
             );
             if !backends
                 .state
-                .rate_limit_take(&key, 1, IDEMPOTENCY_PERIOD, now)
+                .rate_limit_take(&key, &gcra(1, IDEMPOTENCY_PERIOD, 1), now)
                 .await?
             {
                 run.skip_reason = Some("idempotency".into());
@@ -283,7 +292,7 @@ pub async fn start_run(
         );
         first_call = backends
             .state
-            .throttle_reserve(&key, rule.limit, rule.period, rule.burst, now)
+            .throttle_reserve(&key, &gcra(rule.limit, rule.period, rule.burst), now)
             .await?;
         if first_call > now {
             run.delayed_by = Some(format!(

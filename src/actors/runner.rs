@@ -292,7 +292,11 @@ impl Matcher {
             pauses.extend(
                 self.backends
                     .state
-                    .pauses_for_match(&event.name, &path, &value.to_string())
+                    .pauses_for_match(crate::store::PauseMatch {
+                        event_name: &event.name,
+                        path: &path,
+                        value_json: &value.to_string(),
+                    })
                     .await?,
             );
         }
@@ -854,7 +858,12 @@ mod tests {
         assert_eq!(compiles_on_this_thread() - before, 4, "none per event");
         let runs = backends
             .state
-            .list_runs(100, None, Some("compiled"), None)
+            .list_runs(&crate::store::RunQuery {
+                limit: 100,
+                before: None,
+                fn_id: Some("compiled"),
+                status: None,
+            })
             .await
             .unwrap();
         assert_eq!(runs.len(), 20);
@@ -890,7 +899,12 @@ mod tests {
         assert_eq!(compiles_on_this_thread() - before, 5);
         let runs = backends
             .state
-            .list_runs(100, None, Some("compiled"), None)
+            .list_runs(&crate::store::RunQuery {
+                limit: 100,
+                before: None,
+                fn_id: Some("compiled"),
+                status: None,
+            })
             .await
             .unwrap();
         let cancelled = runs

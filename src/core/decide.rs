@@ -16,7 +16,8 @@ use crate::expr::{async_equality_key, Expr};
 use crate::model::metadata::{records_from_op, MetadataRecord};
 use crate::model::sessions::resolve_meta;
 use crate::model::{
-    ItemKind, PauseKind, PauseRecord, QueueItem, RunRecord, RunStatus, StepKind, StepRecord,
+    ItemKind, PauseKind, PauseRecord, QueueItem, RunRecord, RunStatus, SignalWait, StepKind,
+    StepRecord,
 };
 use crate::sdk::ops::{OnConflict, ParallelMode};
 use crate::sdk::{step_error, Op, Opcode, SdkReply};
@@ -87,7 +88,7 @@ pub struct Decision {
     pub force_plan: bool,
     pub pauses: Vec<PauseRecord>,
     /// `step.waitForSignal` pauses, each with its `onConflict: "replace"`.
-    pub signals: Vec<(PauseRecord, bool)>,
+    pub signals: Vec<SignalWait>,
     pub invokes: Vec<Invoke>,
     pub fetches: Vec<Fetch>,
     /// End the run.
@@ -554,9 +555,10 @@ fn wait_for_signal(
     let mut wait = reply.pause(op, PauseKind::Signal, "", opts.timeout);
     wait.correlation_id = Some(opts.signal);
     reply.schedule_timeout(decision, &wait);
-    decision
-        .signals
-        .push((wait, opts.on_conflict == OnConflict::Replace));
+    decision.signals.push(SignalWait {
+        pause: wait,
+        replace: opts.on_conflict == OnConflict::Replace,
+    });
     if reply.in_group(op)? {
         decision.plan.push(op.id.clone());
     }
@@ -1037,7 +1039,7 @@ pub(crate) mod tests {
             |d| {
                 assert!(!failed(d));
                 assert_eq!(d.signals.len(), 1);
-                let (pause, replace) = &d.signals[0];
+                let SignalWait { pause, replace } = &d.signals[0];
                 assert!(*replace);
                 assert_eq!(pause.kind, PauseKind::Signal);
                 assert_eq!(pause.correlation_id.as_deref(), Some("approve"));
@@ -1066,7 +1068,7 @@ pub(crate) mod tests {
         check(
             0,
             ops(vec![with_opts(op("WaitForSignal", "w"), opts)], false),
-            |d| assert!(!d.signals[0].1),
+            |d| assert!(!d.signals[0].replace),
         );
     }
 

@@ -267,12 +267,12 @@ pub async fn list_runs(
         let chunk = state
             .backends
             .state
-            .list_runs(
-                want,
-                cursor.as_deref(),
-                query.function_id.as_deref(),
+            .list_runs(&crate::store::RunQuery {
+                limit: want,
+                before: cursor.as_deref(),
+                fn_id: query.function_id.as_deref(),
                 status,
-            )
+            })
             .await?;
         let exhausted = chunk.len() < want;
         cursor = chunk.last().map(|run| run.id.clone());
@@ -475,7 +475,12 @@ pub async fn list_functions(state: web::Data<AppState>) -> Result<HttpResponse, 
         let recent = state
             .backends
             .state
-            .list_runs(100, None, Some(&record.id), None)
+            .list_runs(&crate::store::RunQuery {
+                limit: 100,
+                before: None,
+                fn_id: Some(&record.id),
+                status: None,
+            })
             .await?;
         let mut counts = serde_json::Map::new();
         for run in &recent {

@@ -42,7 +42,12 @@ async fn child_run(state: &AppState, span: &Span) -> Option<String> {
     let runs = state
         .backends
         .state
-        .list_runs(200, None, Some(function), None)
+        .list_runs(&crate::store::RunQuery {
+            limit: 200,
+            before: None,
+            fn_id: Some(function),
+            status: None,
+        })
         .await
         .ok()?;
     runs.into_iter()

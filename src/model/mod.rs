@@ -433,6 +433,15 @@ pub enum PauseKind {
     Signal,
 }
 
+/// A `step.waitForSignal` to store: its pause (the signal's name in
+/// `correlation_id`) and whether it takes the signal over from another
+/// wait (`onConflict: "replace"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignalWait {
+    pub pause: PauseRecord,
+    pub replace: bool,
+}
+
 /// A run waiting for an event. Indexed by event name (and by correlation id
 /// for invokes), so matching an event looks only at pauses for its name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

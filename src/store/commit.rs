@@ -11,7 +11,7 @@
 //! (its record, steps, pauses or defers) raises by one. Metadata and
 //! attempt records are not state (nothing decides on them) and do not
 //! raise it. A caller that decided what to write from the run as loaded at
-//! version `v` commits with `expected_version: Some(v)`: if anything
+//! version `v` commits with `RunWrites::expected_version: Some(v)`: if anything
 //! changed the run since, the commit writes nothing and answers
 //! [`Commit::Conflict`], and the caller loads the run again and decides
 //! again. The legacy single-purpose writes (`save_step`, `finish_run`, …)
@@ -40,6 +40,9 @@ pub enum DeferWrite {
 /// none of it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunWrites {
+    /// Writes nothing unless the run is still at this version
+    /// ([`Commit::Conflict`]); `None` writes whatever the version.
+    pub expected_version: Option<u64>,
     /// Marks a queued run running, started at this time.
     pub start: Option<Timestamp>,
     /// The SDK's request version, once known (ignored unless > 0).
@@ -164,6 +167,9 @@ pub struct CommitPlan<'a> {
     pub metadata: Vec<&'a MetadataRecord>,
     pub metadata_used: u64,
     pub attempt: Option<&'a AttemptRecord>,
+    /// The run's status as read and as written, when `run` changes it: the
+    /// backend moves the run between its status indexes in the same write.
+    pub status_moved: Option<(RunStatus, RunStatus)>,
 }
 
 impl CommitPlan<'_> {
@@ -190,13 +196,15 @@ impl CommitPlan<'_> {
 /// ended run). Shared by every backend.
 pub fn plan_commit<'a>(
     read: CommitRead,
-    expected_version: Option<u64>,
     writes: &'a RunWrites,
 ) -> Result<(CommitPlan<'a>, Committed), Commit> {
     let Some(mut run) = read.run else {
         return Err(Commit::RunEnded);
     };
-    if expected_version.is_some_and(|expected| expected != read.version) {
+    if writes
+        .expected_version
+        .is_some_and(|expected| expected != read.version)
+    {
         return Err(Commit::Conflict {
             version: read.version,
         });
@@ -204,6 +212,7 @@ pub fn plan_commit<'a>(
     if run.status.is_terminal() {
         return Err(Commit::RunEnded);
     }
+    let status_read = run.status;
     let mut plan = CommitPlan::default();
     let mut outcome = Committed::default();
     let mut run_changed = false;
@@ -324,6 +333,7 @@ pub fn plan_commit<'a>(
         plan.version = Some(outcome.version);
     }
     if run_changed {
+        plan.status_moved = (run.status != status_read).then_some((status_read, run.status));
         plan.run = Some(run);
     }
     Ok((plan, outcome))

@@ -15,11 +15,13 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
     AppRecord, DeferRecord, EventRecord, FunctionRecord, PauseRecord, QueueItem, RunRecord,
-    RunStatus, StepRecord,
+    RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
-    AddMetadata, Backends, BatchPush, Commit, CreateRun, DataStore, Lease, PartitionStats, Queue,
-    RunWrites, SaveDefer, SaveSignal, SaveStep, StateStore, StoreError, StoreResult, SyncOutcome,
+    AddMetadata, Backends, BatchPush, Commit, CreateRun, DataStore, FlowChange, FlowSlot, Gcra,
+    Held, Lease, LeaseBatch, PartitionStats, PauseKey, PauseMatch, Queue, Retry, RunQuery,
+    RunWrites, SaveDefer, SaveSignal, SaveStep, Scheduled, StateStore, StoreError, StoreResult,
+    SyncOutcome,
 };
 
 /// Which calls fail: by method name (the next `n` calls of it), or the call
@@ -133,7 +135,7 @@ delegate! { StateStore for FaultyState {
     async fn create_run(&self, run: RunRecord) -> StoreResult<CreateRun>;
     async fn load_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;
     async fn load_run_versioned(&self, run_id: &str) -> StoreResult<Option<(RunRecord, u64)>>;
-    async fn commit(&self, run_id: &str, expected_version: Option<u64>, writes: &RunWrites) -> StoreResult<Commit>;
+    async fn commit(&self, run_id: &str, writes: &RunWrites) -> StoreResult<Commit>;
     async fn load_steps(&self, run_id: &str) -> StoreResult<Vec<StepRecord>>;
     async fn mark_running(&self, run_id: &str, at: Timestamp, request_version: i32) -> StoreResult<()>;
     async fn save_step(&self, run_id: &str, step: StepRecord) -> StoreResult<SaveStep>;
@@ -143,16 +145,18 @@ delegate! { StateStore for FaultyState {
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>>;
     async fn pauses_for_event(&self, event_name: &str) -> StoreResult<Vec<PauseRecord>>;
     async fn pause_match_paths(&self, event_name: &str) -> StoreResult<Vec<String>>;
-    async fn pauses_for_match(&self, event_name: &str, path: &str, value_json: &str) -> StoreResult<Vec<PauseRecord>>;
-    async fn save_signal_pause(&self, pause: PauseRecord, replace: bool) -> StoreResult<SaveSignal>;
+    async fn pauses_for_match(&self, key: PauseMatch<'_>) -> StoreResult<Vec<PauseRecord>>;
+    async fn save_signal_pause(&self, wait: SignalWait) -> StoreResult<SaveSignal>;
+    async fn pause_by(&self, key: PauseKey<'_>) -> StoreResult<Option<PauseRecord>>;
     async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>>;
     async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()>;
     async fn pause_for_correlation(&self, correlation_id: &str) -> StoreResult<Option<PauseRecord>>;
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>>;
     async fn take_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>>;
     async fn pause_count(&self) -> StoreResult<u64>;
-    async fn rate_limit_take(&self, key: &str, limit: u32, period: Duration, now: Timestamp) -> StoreResult<bool>;
-    async fn throttle_reserve(&self, key: &str, limit: u32, period: Duration, burst: u32, now: Timestamp) -> StoreResult<Timestamp>;
+    async fn update_flow(&self, slot: FlowSlot<'_>, change: FlowChange<'_>) -> StoreResult<()>;
+    async fn rate_limit_take(&self, key: &str, gcra: &Gcra, now: Timestamp) -> StoreResult<bool>;
+    async fn throttle_reserve(&self, key: &str, gcra: &Gcra, now: Timestamp) -> StoreResult<Timestamp>;
     async fn debounce_push(&self, key: &str, event: &EventRecord, period: Duration, timeout: Option<Duration>, now: Timestamp) -> StoreResult<(u64, Timestamp)>;
     async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>>;
     async fn batch_push(&self, key: &str, event: &EventRecord, max_size: u32, now: Timestamp) -> StoreResult<BatchPush>;
@@ -162,7 +166,7 @@ delegate! { StateStore for FaultyState {
     async fn abort_defer(&self, run_id: &str, hashed_id: &str) -> StoreResult<bool>;
     async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>>;
     async fn finish_run(&self, run_id: &str, status: RunStatus, output: Option<String>, at: Timestamp) -> StoreResult<bool>;
-    async fn list_runs(&self, limit: usize, before: Option<&str>, fn_id: Option<&str>, status: Option<RunStatus>) -> StoreResult<Vec<RunRecord>>;
+    async fn list_runs(&self, query: &RunQuery<'_>) -> StoreResult<Vec<RunRecord>>;
     async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64>;
     async fn runs_for_event(&self, event_internal_id: &str) -> StoreResult<Vec<RunRecord>>;
     async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()>;
@@ -173,16 +177,24 @@ delegate! { StateStore for FaultyState {
 
 delegate! { Queue for FaultyQueue {
     async fn enqueue(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool>;
+    async fn insert(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool>;
     async fn lease_due(&self, now: Timestamp, max: usize, ttl: Duration) -> StoreResult<Vec<Lease>>;
+    async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>>;
     async fn extend(&self, lease_id: u64, item_id: &str, expires: Timestamp) -> StoreResult<bool>;
     async fn holds(&self, lease_id: u64, item_id: &str, renew_to: Timestamp) -> StoreResult<bool>;
-    async fn ack(&self, lease_id: u64, item_id: &str, next: Vec<(QueueItem, Timestamp)>) -> StoreResult<bool>;
+    async fn ack(&self, lease_id: u64, item_id: &str, next: Vec<Scheduled>) -> StoreResult<bool>;
+    async fn ack_held(&self, held: Held<'_>, next: Vec<Scheduled>) -> StoreResult<bool>;
     async fn retry_at(&self, lease_id: u64, item_id: &str, due: Timestamp, count_attempt: bool) -> StoreResult<bool>;
+    async fn retry_held(&self, held: Held<'_>, retry: Retry) -> StoreResult<bool>;
     async fn flush(&self) -> StoreResult<()>;
     async fn next_due(&self) -> StoreResult<Option<Timestamp>>;
     async fn len(&self) -> StoreResult<u64>;
     async fn partition_stats(&self) -> StoreResult<Vec<PartitionStats>>;
 }
+    fn work(&self) -> &tokio::sync::Notify {
+        self.inner.work()
+    }
+
     async fn wait_for_work(&self, timeout: Duration) {
         self.inner.wait_for_work(timeout).await
     }

@@ -12,6 +12,7 @@
 pub mod commit;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fault;
+pub mod flow;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -25,17 +26,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use tokio::sync::Notify;
 
 pub use commit::{
     plan_commit, Commit, CommitPlan, CommitRead, Committed, DeferOutcome, DeferWrite, RunWrites,
 };
+pub use flow::{FlowChange, FlowRecord, FlowSlot, FlowWrite, Gcra};
 
 use crate::clock::Timestamp;
 use crate::model::metadata::MetadataRecord;
 use crate::model::records::RecordError;
 use crate::model::{
     AppRecord, BatchRecord, DebounceRecord, DeferRecord, DeferStatus, EventRecord, FunctionRecord,
-    PauseRecord, QueueItem, RunDefers, RunRecord, RunStatus, StepRecord,
+    PauseRecord, QueueItem, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 
 /// What [`StateStore::batch_push`] did.
@@ -104,6 +107,47 @@ pub(crate) fn newer_format(store: &str, found: u32) -> StoreError {
             crate::model::records::STORE_FORMAT
         ),
     )
+}
+
+/// Which runs [`StateStore::list_runs`] lists: up to `limit`, created
+/// before the run `before` when given, only of one function and/or in one
+/// status when given.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunQuery<'a> {
+    pub limit: usize,
+    pub before: Option<&'a str>,
+    pub fn_id: Option<&'a str>,
+    pub status: Option<RunStatus>,
+}
+
+/// The pauses [`StateStore::pauses_for_match`] finds: those for events
+/// named `event_name` whose match key is the `async` path `path` with the
+/// value `value_json` (JSON text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PauseMatch<'a> {
+    pub event_name: &'a str,
+    pub path: &'a str,
+    pub value_json: &'a str,
+}
+
+/// An entry of the index of pauses by correlation id: signals (their
+/// waiter) apart from invokes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseKey<'a> {
+    /// The waiter of a signal (a `PauseKind::Signal` pause).
+    Signal(&'a str),
+    /// An invoke's pause, by its correlation id (`<runId>.<stepId>`).
+    Correlation(&'a str),
+}
+
+impl<'a> PauseKey<'a> {
+    /// Where `pause` is indexed under its correlation id `correlation`.
+    pub fn of(pause: &PauseRecord, correlation: &'a str) -> PauseKey<'a> {
+        match pause.kind {
+            crate::model::PauseKind::Signal => PauseKey::Signal(correlation),
+            _ => PauseKey::Correlation(correlation),
+        }
+    }
 }
 
 /// What [`StateStore::create_run`] did.
@@ -228,19 +272,14 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Applies what one SDK reply or checkpoint changes in a run
     /// ([`RunWrites`]), all or nothing, durable on return (sled shares the
-    /// flush across concurrent commits). With `expected_version`, nothing
-    /// is written unless the run is still at that version
+    /// flush across concurrent commits). With `writes.expected_version`,
+    /// nothing is written unless the run is still at that version
     /// ([`Commit::Conflict`]). A run that has ended or does not exist takes
     /// nothing ([`Commit::RunEnded`]). Applying the same writes again
     /// changes nothing (steps, pauses, defers and metadata are stored once
     /// by id) but the attempt record, which is noted again. What is written
     /// is decided by [`plan_commit`], shared by every backend.
-    async fn commit(
-        &self,
-        run_id: &str,
-        expected_version: Option<u64>,
-        writes: &RunWrites,
-    ) -> StoreResult<Commit>;
+    async fn commit(&self, run_id: &str, writes: &RunWrites) -> StoreResult<Commit>;
 
     /// The run's saved steps, in stack (completion) order.
     async fn load_steps(&self, run_id: &str) -> StoreResult<Vec<StepRecord>>;
@@ -260,7 +299,7 @@ pub trait StateStore: Send + Sync + 'static {
             lazy: true,
             ..RunWrites::default()
         };
-        self.commit(run_id, None, &writes).await.map(|_| ())
+        self.commit(run_id, &writes).await.map(|_| ())
     }
 
     /// Saves a step result and appends its id to the run's stack, once: a
@@ -272,7 +311,7 @@ pub trait StateStore: Send + Sync + 'static {
             steps: vec![step],
             ..RunWrites::default()
         };
-        Ok(match self.commit(run_id, None, &writes).await? {
+        Ok(match self.commit(run_id, &writes).await? {
             Commit::Done(done) => done.save_step(),
             Commit::Conflict { .. } | Commit::RunEnded => SaveStep::RunEnded,
         })
@@ -292,7 +331,7 @@ pub trait StateStore: Send + Sync + 'static {
             force_plan: force_plan.then_some(true),
             ..RunWrites::default()
         };
-        self.commit(run_id, None, &writes).await.map(|_| ())
+        self.commit(run_id, &writes).await.map(|_| ())
     }
 
     /// A [`commit`](StateStore::commit) of the force-plan flag.
@@ -301,7 +340,7 @@ pub trait StateStore: Send + Sync + 'static {
             force_plan: Some(force_plan),
             ..RunWrites::default()
         };
-        self.commit(run_id, None, &writes).await.map(|_| ())
+        self.commit(run_id, &writes).await.map(|_| ())
     }
 
     /// Stores a pause unless one with its id exists (returns false then).
@@ -317,24 +356,24 @@ pub trait StateStore: Send + Sync + 'static {
     /// superset: paths may stay listed after their pauses are gone).
     async fn pause_match_paths(&self, event_name: &str) -> StoreResult<Vec<String>>;
 
-    /// Open pauses for `event_name` whose match key is (`path`, `value`).
-    async fn pauses_for_match(
-        &self,
-        event_name: &str,
-        path: &str,
-        value_json: &str,
-    ) -> StoreResult<Vec<PauseRecord>>;
+    /// Open pauses for `key.event_name` whose match key is (`key.path`,
+    /// `key.value_json`).
+    async fn pauses_for_match(&self, key: PauseMatch<'_>) -> StoreResult<Vec<PauseRecord>>;
 
     /// Stores a [`PauseKind::Signal`](crate::model::PauseKind) pause (its
     /// signal name in `correlation_id`) and makes it the signal's waiter, in
     /// one atomic step. An open wait of another pause for the same signal is
     /// a conflict, unless `replace`: then this pause takes the signal over,
     /// and the older one stays open, unreachable, until its timeout.
-    async fn save_signal_pause(&self, pause: PauseRecord, replace: bool)
-        -> StoreResult<SaveSignal>;
+    async fn save_signal_pause(&self, wait: SignalWait) -> StoreResult<SaveSignal>;
+
+    /// The open pause that the index of correlation ids names under `key`.
+    async fn pause_by(&self, key: PauseKey<'_>) -> StoreResult<Option<PauseRecord>>;
 
     /// The open wait for `signal`, if any.
-    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>>;
+    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
+        self.pause_by(PauseKey::Signal(signal)).await
+    }
 
     /// Unlinks `signal` from its waiter if that is still `pause_id` (the
     /// pause itself stays until its result is saved), so that a second
@@ -342,8 +381,12 @@ pub trait StateStore: Send + Sync + 'static {
     async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()>;
 
     /// The invoke pause with this correlation id (`<runId>.<stepId>`).
-    async fn pause_for_correlation(&self, correlation_id: &str)
-        -> StoreResult<Option<PauseRecord>>;
+    async fn pause_for_correlation(
+        &self,
+        correlation_id: &str,
+    ) -> StoreResult<Option<PauseRecord>> {
+        self.pause_by(PauseKey::Correlation(correlation_id)).await
+    }
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>>;
 
@@ -357,26 +400,47 @@ pub trait StateStore: Send + Sync + 'static {
     // Flow-control bookkeeping. It lives here, not in a service's memory,
     // so that it holds across restarts and across processes.
 
-    /// Rate limit (GCRA): takes one of `limit` slots per `period` for `key`
-    /// and returns true, or returns false and changes nothing.
-    async fn rate_limit_take(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        now: Timestamp,
-    ) -> StoreResult<bool>;
+    /// The flow-control primitive: reads the record in `slot` (if any),
+    /// and stores what `change` makes of it, atomically (nothing else
+    /// changes the slot in between). The flow-control calls below are made
+    /// of it.
+    async fn update_flow(&self, slot: FlowSlot<'_>, change: FlowChange<'_>) -> StoreResult<()>;
+
+    /// Rate limit (GCRA): takes one of `gcra.limit` slots per
+    /// `gcra.period` for `key` and returns true, or returns false and
+    /// changes nothing.
+    async fn rate_limit_take(&self, key: &str, gcra: &Gcra, now: Timestamp) -> StoreResult<bool> {
+        let mut taken = false;
+        let mut take = |stored: Option<FlowRecord>| {
+            let tat = gcra.take(arrival_in(stored), now);
+            taken = tat.is_some();
+            tat.map_or(FlowWrite::Keep, |tat| {
+                FlowWrite::Put(FlowRecord::Arrival(tat))
+            })
+        };
+        self.update_flow(FlowSlot::RateLimit(key), &mut take)
+            .await?;
+        Ok(taken)
+    }
 
     /// Throttle (GCRA with reservations): reserves the next start for `key`
     /// and returns when it may happen, now or later. Never refuses.
     async fn throttle_reserve(
         &self,
         key: &str,
-        limit: u32,
-        period: Duration,
-        burst: u32,
+        gcra: &Gcra,
         now: Timestamp,
-    ) -> StoreResult<Timestamp>;
+    ) -> StoreResult<Timestamp> {
+        let mut allowed = now;
+        let mut reserve = |stored: Option<FlowRecord>| {
+            let (tat, at) = gcra.reserve(arrival_in(stored), now);
+            allowed = at;
+            FlowWrite::Put(FlowRecord::Arrival(tat))
+        };
+        self.update_flow(FlowSlot::Throttle(key), &mut reserve)
+            .await?;
+        Ok(allowed)
+    }
 
     /// Debounce: makes `event` the latest of `key`; returns its generation
     /// and when the run should start (`period` from now, capped at
@@ -388,10 +452,37 @@ pub trait StateStore: Send + Sync + 'static {
         period: Duration,
         timeout: Option<Duration>,
         now: Timestamp,
-    ) -> StoreResult<(u64, Timestamp)>;
+    ) -> StoreResult<(u64, Timestamp)> {
+        let mut pushed = (0, now);
+        let mut push = |stored: Option<FlowRecord>| {
+            let previous = match &stored {
+                Some(FlowRecord::Debounce(record)) => Some(record),
+                _ => None,
+            };
+            let record = next_debounce(previous, event, period, timeout, now);
+            pushed = (record.generation, Timestamp(record.due));
+            FlowWrite::Put(FlowRecord::Debounce(record))
+        };
+        self.update_flow(FlowSlot::Debounce(key), &mut push).await?;
+        Ok(pushed)
+    }
 
     /// Takes the debounced event of `key` if `generation` is still the latest.
-    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>>;
+    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>> {
+        let mut taken = None;
+        let mut take = |stored: Option<FlowRecord>| match stored {
+            Some(FlowRecord::Debounce(record)) if record.generation == generation => {
+                taken = Some(record.event);
+                FlowWrite::Clear
+            }
+            _ => {
+                taken = None;
+                FlowWrite::Keep
+            }
+        };
+        self.update_flow(FlowSlot::Debounce(key), &mut take).await?;
+        Ok(taken)
+    }
 
     /// Batching: adds `event` to the open batch of `key` (opening one).
     async fn batch_push(
@@ -400,22 +491,89 @@ pub trait StateStore: Send + Sync + 'static {
         event: &EventRecord,
         max_size: u32,
         now: Timestamp,
-    ) -> StoreResult<BatchPush>;
+    ) -> StoreResult<BatchPush> {
+        let mut pushed = BatchPush::Added;
+        let mut push = |stored: Option<FlowRecord>| {
+            let previous = match stored {
+                Some(FlowRecord::Batch(batch)) => Some(batch),
+                _ => None,
+            };
+            let (batch, outcome) = push_to_batch(previous, event, max_size, now);
+            pushed = outcome;
+            batch.map_or(FlowWrite::Clear, |b| FlowWrite::Put(FlowRecord::Batch(b)))
+        };
+        self.update_flow(FlowSlot::Batch(key), &mut push).await?;
+        Ok(pushed)
+    }
 
     /// Closes the batch `batch_id` of `key` and returns its events (none if
     /// it was closed already).
-    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>>;
+    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>> {
+        let mut taken = Vec::new();
+        let mut take = |stored: Option<FlowRecord>| match stored {
+            Some(FlowRecord::Batch(batch)) if batch.batch_id == batch_id => {
+                taken = batch.events;
+                FlowWrite::Clear
+            }
+            _ => {
+                taken = Vec::new();
+                FlowWrite::Keep
+            }
+        };
+        self.update_flow(FlowSlot::Batch(key), &mut take).await?;
+        Ok(taken)
+    }
 
     /// Singleton: makes `run_id` the holder of `key` unless a run that has
     /// not ended holds it, which is then returned (and nothing changes).
     /// With `replace`, `run_id` always becomes the holder and the previous
     /// unended holder is returned.
+    ///
+    /// Whether the holder has ended is read before the claim is written:
+    /// an ended run never runs again, so that is as good as reading it in
+    /// the same step; the claim itself applies only if the holder is still
+    /// the one read, and looks again otherwise.
     async fn singleton_claim(
         &self,
         key: &str,
         run_id: &str,
         replace: bool,
-    ) -> StoreResult<Option<String>>;
+    ) -> StoreResult<Option<String>> {
+        let slot = FlowSlot::Singleton(key);
+        for _ in 0..MAX_SINGLETON_ATTEMPTS {
+            let mut seen = None;
+            let mut read = |stored: Option<FlowRecord>| {
+                seen = holder_in(stored);
+                FlowWrite::Keep
+            };
+            self.update_flow(slot, &mut read).await?;
+            let holder = match seen.clone() {
+                Some(id) => {
+                    let running = self.load_run(&id).await?;
+                    running
+                        .is_some_and(|run| !run.status.is_terminal())
+                        .then_some(id)
+                }
+                None => None,
+            };
+            let mut claimed = false;
+            let mut claim = |stored: Option<FlowRecord>| {
+                claimed = holder_in(stored) == seen;
+                if !claimed || (holder.is_some() && !replace) {
+                    return FlowWrite::Keep;
+                }
+                FlowWrite::Put(FlowRecord::Holder(run_id.to_string()))
+            };
+            self.update_flow(slot, &mut claim).await?;
+            if claimed {
+                return Ok(holder);
+            }
+        }
+        Err(StoreError::new(
+            StoreErrorKind::Conflict,
+            format!("singleton {key:?}: the holder kept changing"),
+        ))
+    }
 
     /// Records a defer of a run that has not ended (`DeferAdd`), once: the
     /// SDK reports a defer until its run has it, and a second save of the
@@ -428,7 +586,7 @@ pub trait StateStore: Send + Sync + 'static {
             defers: vec![DeferWrite::Add(defer)],
             ..RunWrites::default()
         };
-        Ok(match self.commit(run_id, None, &writes).await? {
+        Ok(match self.commit(run_id, &writes).await? {
             Commit::Done(done) => match done.defers.first() {
                 Some(DeferOutcome::Added(saved)) => *saved,
                 _ => SaveDefer::Exists,
@@ -445,7 +603,7 @@ pub trait StateStore: Send + Sync + 'static {
             defers: vec![DeferWrite::Abort(hashed_id.to_string())],
             ..RunWrites::default()
         };
-        Ok(match self.commit(run_id, None, &writes).await? {
+        Ok(match self.commit(run_id, &writes).await? {
             Commit::Done(done) => done.defers.first() == Some(&DeferOutcome::Aborted(true)),
             Commit::Conflict { .. } | Commit::RunEnded => false,
         })
@@ -468,20 +626,14 @@ pub trait StateStore: Send + Sync + 'static {
             ..RunWrites::default()
         };
         Ok(matches!(
-            self.commit(run_id, None, &writes).await?,
+            self.commit(run_id, &writes).await?,
             Commit::Done(Committed { finished: true, .. })
         ))
     }
 
-    /// Up to `limit` runs, newest first, created before run `before` when
-    /// given, optionally only of one function and/or in one status.
-    async fn list_runs(
-        &self,
-        limit: usize,
-        before: Option<&str>,
-        fn_id: Option<&str>,
-        status: Option<RunStatus>,
-    ) -> StoreResult<Vec<RunRecord>>;
+    /// The runs `query` asks for, newest first. With a status it reads
+    /// only the runs in that status (an index every status change keeps).
+    async fn list_runs(&self, query: &RunQuery<'_>) -> StoreResult<Vec<RunRecord>>;
 
     /// Retention: deletes up to `max` ended runs (with their steps and
     /// defers) that ended before `cutoff`, oldest first. Returns how many.
@@ -540,20 +692,74 @@ pub struct Lease {
     pub expires: Timestamp,
 }
 
+/// A queue item due at a time.
+pub type Scheduled = (QueueItem, Timestamp);
+
+/// A leased item, as its holder names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held<'a> {
+    pub lease_id: u64,
+    pub item_id: &'a str,
+}
+
+/// What [`Queue::lease`] takes: up to `max` items (at least one) due at
+/// `now`, each leased until `expires`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseBatch {
+    pub now: Timestamp,
+    pub max: usize,
+    pub expires: Timestamp,
+}
+
+/// How [`Queue::retry_held`] hands an item back: due at `due`, its attempt
+/// raised by one when `count_attempt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub due: Timestamp,
+    pub count_attempt: bool,
+}
+
 /// Executor work ordered by due time. At-least-once: a lease not acked before
 /// it expires makes the item visible again. Item ids deduplicate: enqueueing
 /// an id that is present does nothing.
 #[async_trait::async_trait]
 #[allow(clippy::len_without_is_empty)]
 pub trait Queue: Send + Sync + 'static {
+    /// Raised when there may be new work (an item added, a lease given
+    /// back or a concurrency slot freed); [`wait_for_work`](Queue::wait_for_work)
+    /// waits on it. The provided writes raise it.
+    fn work(&self) -> &Notify;
+
     /// Adds `item` due at `due`. Returns false if an item with the same id is
     /// already queued (leased or not).
-    async fn enqueue(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool>;
+    async fn enqueue(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool> {
+        let added = self.insert(item, due).await?;
+        if added {
+            self.work().notify_one();
+        }
+        Ok(added)
+    }
+
+    /// [`enqueue`](Queue::enqueue) without the wake-up.
+    async fn insert(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool>;
 
     /// Leases up to `max` items due at `now` (and items whose lease expired),
     /// earliest first, each for `ttl`.
-    async fn lease_due(&self, now: Timestamp, max: usize, ttl: Duration)
-        -> StoreResult<Vec<Lease>>;
+    async fn lease_due(
+        &self,
+        now: Timestamp,
+        max: usize,
+        ttl: Duration,
+    ) -> StoreResult<Vec<Lease>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let expires = now.plus(ttl);
+        self.lease(LeaseBatch { now, max, expires }).await
+    }
+
+    /// [`lease_due`](Queue::lease_due) of at least one item.
+    async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>>;
 
     /// Extends a lease to `expires`. False if the lease is no longer held.
     async fn extend(&self, lease_id: u64, item_id: &str, expires: Timestamp) -> StoreResult<bool>;
@@ -569,12 +775,17 @@ pub trait Queue: Send + Sync + 'static {
     /// Removes a leased item and, in the same atomic step, enqueues `next`
     /// (deduplicated like `enqueue`). False if the lease was no longer held,
     /// in which case nothing changes.
-    async fn ack(
-        &self,
-        lease_id: u64,
-        item_id: &str,
-        next: Vec<(QueueItem, Timestamp)>,
-    ) -> StoreResult<bool>;
+    async fn ack(&self, lease_id: u64, item_id: &str, next: Vec<Scheduled>) -> StoreResult<bool> {
+        let acked = self.ack_held(Held { lease_id, item_id }, next).await?;
+        if acked {
+            // New items, or a freed concurrency slot: look again.
+            self.work().notify_one();
+        }
+        Ok(acked)
+    }
+
+    /// [`ack`](Queue::ack) without the wake-up.
+    async fn ack_held(&self, held: Held<'_>, next: Vec<Scheduled>) -> StoreResult<bool>;
 
     /// Hands a leased item back, due at `due`, its attempt raised by one when
     /// `count_attempt` is set. False if the lease was no longer held.
@@ -584,7 +795,17 @@ pub trait Queue: Send + Sync + 'static {
         item_id: &str,
         due: Timestamp,
         count_attempt: bool,
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<bool> {
+        let retry = Retry { due, count_attempt };
+        let handed_back = self.retry_held(Held { lease_id, item_id }, retry).await?;
+        if handed_back {
+            self.work().notify_one();
+        }
+        Ok(handed_back)
+    }
+
+    /// [`retry_at`](Queue::retry_at) without the wake-up.
+    async fn retry_held(&self, held: Held<'_>, retry: Retry) -> StoreResult<bool>;
 
     /// Makes every change made so far durable. `enqueue` need not be
     /// durable on return (a queue item is usually followed by a durable
@@ -599,7 +820,9 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Waits until something is enqueued or `timeout` passes, whichever is
     /// first. Spurious wake-ups are allowed.
-    async fn wait_for_work(&self, timeout: Duration);
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.work().notified()).await;
+    }
 
     /// Number of queued items, leased or not.
     async fn len(&self) -> StoreResult<u64>;
@@ -767,30 +990,24 @@ pub fn add_step(
     })
 }
 
-/// Rate limit (GCRA): the arrival time to store after one take, or `None`
-/// when `key` has no slot left (store nothing then). `stored` is the
-/// key's arrival time, if any. Shared by the backends that run in Rust.
-pub fn gcra_take(stored: Option<i64>, limit: u32, period: Duration, now: Timestamp) -> Option<i64> {
-    let emission = (period.as_millis() as i64 / i64::from(limit.max(1))).max(1);
-    let tolerance = period.as_millis() as i64 - emission;
-    let tat = stored.unwrap_or(i64::MIN).max(now.millis());
-    (tat - now.millis() <= tolerance).then_some(tat + emission)
+/// Claims of a singleton made before giving up, each after the holder
+/// changed under the previous one.
+const MAX_SINGLETON_ATTEMPTS: usize = 100;
+
+/// The run id a singleton's slot holds.
+fn holder_in(stored: Option<FlowRecord>) -> Option<String> {
+    match stored {
+        Some(FlowRecord::Holder(run_id)) => Some(run_id),
+        _ => None,
+    }
 }
 
-/// Throttle (GCRA with reservations): the arrival time to store and when
-/// the reserved start may happen. Shared by the backends that run in Rust.
-pub fn gcra_reserve(
-    stored: Option<i64>,
-    limit: u32,
-    period: Duration,
-    burst: u32,
-    now: Timestamp,
-) -> (i64, Timestamp) {
-    let emission = (period.as_millis() as i64 / i64::from(limit.max(1))).max(1);
-    let tolerance = emission * i64::from(burst.max(1) - 1);
-    let tat = stored.unwrap_or(i64::MIN).max(now.millis());
-    let allowed = (tat - tolerance).max(now.millis());
-    (tat + emission, Timestamp(allowed))
+/// The GCRA arrival time a rate limit's or throttle's slot holds.
+fn arrival_in(stored: Option<FlowRecord>) -> Option<i64> {
+    match stored {
+        Some(FlowRecord::Arrival(tat)) => Some(tat),
+        _ => None,
+    }
 }
 
 /// What [`DataStore::sync_app`] writes besides the app: the function records

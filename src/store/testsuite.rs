@@ -12,12 +12,12 @@ use crate::clock::{Clock, ManualClock, Timestamp};
 use crate::model::metadata::{MetadataOp, MetadataRecord, MetadataScope};
 use crate::model::{
     AppRecord, DeferRecord, DeferStatus, EventRecord, FunctionRecord, ItemKind, PauseKind,
-    PauseRecord, QueueItem, RunRecord, RunStatus, StepKind, StepRecord,
+    PauseRecord, QueueItem, RunRecord, RunStatus, SignalWait, StepKind, StepRecord,
 };
 use crate::store::{
     AddMetadata, Backends, Commit, Committed, CreateRun, DataStore, DeferOutcome, DeferWrite,
-    EventBus, Queue, RunWrites, SaveDefer, SaveSignal, SaveStep, StateStore, MAX_DEFERS_PER_RUN,
-    MAX_DEFER_INPUT_TOTAL,
+    EventBus, Gcra, PauseMatch, Queue, RunQuery, RunWrites, SaveDefer, SaveSignal, SaveStep,
+    StateStore, MAX_DEFERS_PER_RUN, MAX_DEFER_INPUT_TOTAL,
 };
 
 fn unique(prefix: &str) -> String {
@@ -49,6 +49,13 @@ pub fn sample_run(fn_id: &str, key: &str) -> RunRecord {
         priority_ms: 0,
         skip_reason: None,
         delayed_by: None,
+    }
+}
+
+fn signal_wait(pause: &PauseRecord, replace: bool) -> SignalWait {
+    SignalWait {
+        pause: pause.clone(),
+        replace,
     }
 }
 
@@ -95,7 +102,240 @@ pub async fn state_suite(state: &dyn StateStore) -> anyhow::Result<()> {
     commits_are_atomic_versioned_and_replayable(state)
         .await
         .context("commits_are_atomic_versioned_and_replayable")?;
+    runs_list_by_status_through_every_change(state)
+        .await
+        .context("runs_list_by_status_through_every_change")?;
     Ok(())
+}
+
+const STATUSES: [RunStatus; 6] = [
+    RunStatus::Queued,
+    RunStatus::Running,
+    RunStatus::Completed,
+    RunStatus::Failed,
+    RunStatus::Cancelled,
+    RunStatus::Skipped,
+];
+
+/// Checks that listing by status, with and without `fn_id`, gives exactly
+/// `expected` (newest first) for each status: of the function's runs, and
+/// of `mine` among every function's. Every run listed under a status is in
+/// it, whoever's it is.
+async fn expect_by_status(
+    state: &dyn StateStore,
+    fn_id: &str,
+    mine: &[&RunRecord],
+    expected: &[(RunStatus, &[&RunRecord])],
+) -> anyhow::Result<()> {
+    let ids = |runs: &[&RunRecord]| -> Vec<String> { runs.iter().map(|r| r.id.clone()).collect() };
+    for status in STATUSES {
+        let want = expected
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(Vec::new(), |(_, runs)| ids(runs));
+        let of_fn = state
+            .list_runs(&RunQuery {
+                limit: 1_000,
+                before: None,
+                fn_id: Some(fn_id),
+                status: Some(status),
+            })
+            .await?;
+        let got: Vec<String> = of_fn.iter().map(|r| r.id.clone()).collect();
+        ensure!(
+            got == want,
+            "{status:?} of the function: {got:?}, want {want:?}"
+        );
+        let all = state
+            .list_runs(&RunQuery {
+                limit: 1_000,
+                before: None,
+                fn_id: None,
+                status: Some(status),
+            })
+            .await?;
+        if let Some(stray) = all.iter().find(|run| run.status != status) {
+            anyhow::bail!("{status:?} lists run {} in {:?}", stray.id, stray.status);
+        }
+        let want_mine: Vec<String> = ids(mine)
+            .into_iter()
+            .rev()
+            .filter(|id| all.iter().any(|run| &run.id == id))
+            .collect();
+        let got: Vec<String> = all
+            .iter()
+            .filter(|run| mine.iter().any(|m| m.id == run.id))
+            .map(|r| r.id.clone())
+            .collect();
+        ensure!(got == want_mine, "{status:?} overall lists {got:?} of ours");
+        let of_fn_in_all = got.iter().filter(|id| want.contains(id)).count();
+        ensure!(
+            of_fn_in_all == want.len(),
+            "{status:?} overall misses some of {want:?}"
+        );
+    }
+    Ok(())
+}
+
+/// `list_runs` with a status reads an index that every status change keeps
+/// exact: creation (queued, or skipped by flow control), the start, a first
+/// step, the end (completed, failed, cancelled) and retention's deletes;
+/// `before` pages through it newest first.
+async fn runs_list_by_status_through_every_change(state: &dyn StateStore) -> anyhow::Result<()> {
+    let fn_id = unique("fn");
+    // Ids a millisecond apart, so their order is their creation order,
+    // and past every run made before.
+    let base = ulid::Ulid::new().timestamp_ms() + 1;
+    let run_at = |n: u64, fn_id: &str| {
+        let mut run = sample_run(fn_id, &format!("status-{n}"));
+        run.id = ulid::Ulid::from_parts(base + n, rand::random()).to_string();
+        run
+    };
+    let [a, b, c, d] = [0, 1, 2, 3].map(|n| run_at(n, &fn_id));
+    let mut skipped = run_at(4, &fn_id);
+    skipped.status = RunStatus::Skipped;
+    skipped.ended_at = Some(5);
+    let other = run_at(5, &unique("fn"));
+    for run in [&a, &b, &c, &d, &skipped, &other] {
+        state.create_run(run.clone()).await?;
+    }
+    // Creating it again changes nothing.
+    state.create_run(run_at(0, &fn_id)).await?;
+    let mine = [&a, &b, &c, &d, &skipped, &other];
+    expect_by_status(
+        state,
+        &fn_id,
+        &mine,
+        &[
+            (RunStatus::Queued, &[&d, &c, &b, &a]),
+            (RunStatus::Skipped, &[&skipped]),
+        ],
+    )
+    .await
+    .context("created")?;
+    let queued = state
+        .list_runs(&RunQuery {
+            limit: 1_000,
+            before: None,
+            fn_id: None,
+            status: Some(RunStatus::Queued),
+        })
+        .await?;
+    ensure!(
+        queued.iter().any(|run| run.id == other.id),
+        "another function's run"
+    );
+
+    // Pages, newest first.
+    let of_fn = fn_id.as_str();
+    let page = |before: Option<String>| async move {
+        let runs = state
+            .list_runs(&RunQuery {
+                limit: 2,
+                before: before.as_deref(),
+                fn_id: Some(of_fn),
+                status: Some(RunStatus::Queued),
+            })
+            .await?;
+        anyhow::Ok(runs.into_iter().map(|r| r.id).collect::<Vec<_>>())
+    };
+    ensure!(
+        page(None).await? == [d.id.clone(), c.id.clone()],
+        "first page"
+    );
+    ensure!(
+        page(Some(c.id.clone())).await? == [b.id.clone(), a.id.clone()],
+        "second page"
+    );
+    ensure!(page(Some(a.id.clone())).await?.is_empty(), "past the last");
+    let page = state
+        .list_runs(&RunQuery {
+            limit: 10,
+            before: Some(&b.id),
+            fn_id: None,
+            status: Some(RunStatus::Queued),
+        })
+        .await?;
+    ensure!(
+        page.first().is_some_and(|run| run.id == a.id),
+        "overall page"
+    );
+
+    // Started; a first step starts a queued run too; a second commit to a
+    // running run leaves it where it is.
+    state.mark_running(&a.id, Timestamp(6), 2).await?;
+    state.save_step(&b.id, sample_step("s1", "1")).await?;
+    state.save_step(&b.id, sample_step("s2", "2")).await?;
+    state.mark_running(&b.id, Timestamp(7), 2).await?;
+    expect_by_status(
+        state,
+        &fn_id,
+        &mine,
+        &[
+            (RunStatus::Queued, &[&d, &c]),
+            (RunStatus::Running, &[&b, &a]),
+            (RunStatus::Skipped, &[&skipped]),
+        ],
+    )
+    .await
+    .context("started")?;
+
+    // Ended: from running, and straight from queued; a second end changes
+    // nothing.
+    state
+        .finish_run(&a.id, RunStatus::Completed, None, Timestamp(8))
+        .await?;
+    state
+        .finish_run(&b.id, RunStatus::Cancelled, None, Timestamp(8))
+        .await?;
+    state
+        .finish_run(&c.id, RunStatus::Failed, None, Timestamp(8))
+        .await?;
+    ensure!(
+        !state
+            .finish_run(&c.id, RunStatus::Completed, None, Timestamp(9))
+            .await?
+    );
+    expect_by_status(
+        state,
+        &fn_id,
+        &mine,
+        &[
+            (RunStatus::Queued, &[&d]),
+            (RunStatus::Completed, &[&a]),
+            (RunStatus::Failed, &[&c]),
+            (RunStatus::Cancelled, &[&b]),
+            (RunStatus::Skipped, &[&skipped]),
+        ],
+    )
+    .await
+    .context("ended")?;
+
+    // Retention takes ended runs out of their lists.
+    for _ in 0..100 {
+        if state.delete_runs_before(Timestamp(1_000), 1_000).await? == 0 {
+            break;
+        }
+    }
+    ensure!(state.load_run(&a.id).await?.is_none(), "not deleted");
+    expect_by_status(state, &fn_id, &mine, &[(RunStatus::Queued, &[&d])])
+        .await
+        .context("deleted")?;
+    Ok(())
+}
+
+/// A commit of `writes` expecting the run at `version`.
+async fn commit_at(
+    state: &dyn StateStore,
+    run_id: &str,
+    version: Option<u64>,
+    writes: &RunWrites,
+) -> crate::store::StoreResult<Commit> {
+    let writes = RunWrites {
+        expected_version: version,
+        ..writes.clone()
+    };
+    state.commit(run_id, &writes).await
 }
 
 /// `StateStore::commit`: everything of one reply at once; a stale version
@@ -135,7 +375,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         attempt: Some(attempt),
         ..RunWrites::default()
     };
-    let Commit::Done(done) = state.commit(&run.id, Some(v0), &first).await? else {
+    let Commit::Done(done) = commit_at(state, &run.id, Some(v0), &first).await? else {
         anyhow::bail!("the first commit must apply");
     };
     ensure!(
@@ -176,7 +416,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         finish: Some((RunStatus::Completed, None, Timestamp(7))),
         ..RunWrites::default()
     };
-    let conflict = state.commit(&run.id, Some(v0), &stale).await?;
+    let conflict = commit_at(state, &run.id, Some(v0), &stale).await?;
     ensure!(conflict == Commit::Conflict { version: 1 }, "{conflict:?}");
     let (loaded, version) = state.load_run_versioned(&run.id).await?.context("run")?;
     ensure!(version == 1 && loaded.stack == ["a"] && !loaded.status.is_terminal());
@@ -190,7 +430,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         attempt: None,
         ..first.clone()
     };
-    let Commit::Done(again) = state.commit(&run.id, Some(v1), &replay).await? else {
+    let Commit::Done(again) = commit_at(state, &run.id, Some(v1), &replay).await? else {
         anyhow::bail!("a replay at the current version applies");
     };
     ensure!(again.version == 1 && again.saved == 0 && again.duplicates == 1);
@@ -206,7 +446,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         release_force_plan: true,
         ..RunWrites::default()
     };
-    let Commit::Done(done) = state.commit(&run.id, Some(1), &group).await? else {
+    let Commit::Done(done) = commit_at(state, &run.id, Some(1), &group).await? else {
         anyhow::bail!("the group's commit must apply");
     };
     ensure!(done.version == 2 && done.planned_left == 0 && done.stack_len == 3);
@@ -219,7 +459,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         finish: Some((RunStatus::Completed, Some("4".into()), Timestamp(8))),
         ..RunWrites::default()
     };
-    let Commit::Done(done) = state.commit(&run.id, Some(2), &last).await? else {
+    let Commit::Done(done) = commit_at(state, &run.id, Some(2), &last).await? else {
         anyhow::bail!("the last commit must apply");
     };
     ensure!(done.finished && done.version == 3 && done.stack_len == 4);
@@ -231,10 +471,10 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
         steps: vec![sample_step("e", "5")],
         ..RunWrites::default()
     };
-    ensure!(state.commit(&run.id, Some(3), &late).await? == Commit::RunEnded);
-    ensure!(state.commit(&run.id, None, &late).await? == Commit::RunEnded);
+    ensure!(commit_at(state, &run.id, Some(3), &late).await? == Commit::RunEnded);
+    ensure!(commit_at(state, &run.id, None, &late).await? == Commit::RunEnded);
     ensure!(state.load_steps(&run.id).await?.len() == 4);
-    ensure!(state.commit("01NOSUCHRUN", None, &late).await? == Commit::RunEnded);
+    ensure!(commit_at(state, "01NOSUCHRUN", None, &late).await? == Commit::RunEnded);
     Ok(())
 }
 
@@ -452,29 +692,35 @@ async fn retention_deletes_ended_runs(state: &dyn StateStore) -> anyhow::Result<
 async fn flow_control_bookkeeping(state: &dyn StateStore) -> anyhow::Result<()> {
     let t0 = Timestamp(1_000_000);
     let second = Duration::from_secs(1);
+    let gcra = |limit, burst| Gcra {
+        limit,
+        period: second,
+        burst,
+    };
+    let (two_a_second, one_a_second, burst_of_two) = (gcra(2, 1), gcra(1, 1), gcra(1, 2));
     // Rate limit: 2 per second, then refused until the period frees a slot.
     let key = unique("rl");
-    ensure!(state.rate_limit_take(&key, 2, second, t0).await?);
-    ensure!(state.rate_limit_take(&key, 2, second, t0).await?);
+    ensure!(state.rate_limit_take(&key, &two_a_second, t0).await?);
+    ensure!(state.rate_limit_take(&key, &two_a_second, t0).await?);
     ensure!(
-        !state.rate_limit_take(&key, 2, second, t0).await?,
+        !state.rate_limit_take(&key, &two_a_second, t0).await?,
         "third within the period"
     );
     ensure!(
         state
-            .rate_limit_take(&key, 2, second, t0.plus(Duration::from_millis(500)))
+            .rate_limit_take(&key, &two_a_second, t0.plus(Duration::from_millis(500)))
             .await?
     );
 
     // Throttle: 1 per second, never refused, later starts reserved.
     let key = unique("th");
-    ensure!(state.throttle_reserve(&key, 1, second, 1, t0).await? == t0);
-    ensure!(state.throttle_reserve(&key, 1, second, 1, t0).await? == t0.plus(second));
-    ensure!(state.throttle_reserve(&key, 1, second, 1, t0).await? == t0.plus(second * 2));
+    ensure!(state.throttle_reserve(&key, &one_a_second, t0).await? == t0);
+    ensure!(state.throttle_reserve(&key, &one_a_second, t0).await? == t0.plus(second));
+    ensure!(state.throttle_reserve(&key, &one_a_second, t0).await? == t0.plus(second * 2));
     let burst = unique("th");
-    ensure!(state.throttle_reserve(&burst, 1, second, 2, t0).await? == t0);
+    ensure!(state.throttle_reserve(&burst, &burst_of_two, t0).await? == t0);
     ensure!(
-        state.throttle_reserve(&burst, 1, second, 2, t0).await? == t0,
+        state.throttle_reserve(&burst, &burst_of_two, t0).await? == t0,
         "burst of 2"
     );
 
@@ -629,9 +875,9 @@ async fn signal_waits_hold_their_signal(state: &dyn StateStore) -> anyhow::Resul
     let signal = unique("signal");
     let first = signal_pause(&signal);
     ensure!(state.pause_for_signal(&signal).await?.is_none());
-    ensure!(state.save_signal_pause(first.clone(), false).await? == SaveSignal::Saved);
+    ensure!(state.save_signal_pause(signal_wait(&first, false)).await? == SaveSignal::Saved);
     ensure!(
-        state.save_signal_pause(first.clone(), false).await? == SaveSignal::Exists,
+        state.save_signal_pause(signal_wait(&first, false)).await? == SaveSignal::Exists,
         "a retry of the same wait is not a conflict"
     );
     ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&first));
@@ -642,7 +888,7 @@ async fn signal_waits_hold_their_signal(state: &dyn StateStore) -> anyhow::Resul
 
     // A second run's wait conflicts and changes nothing.
     let second = signal_pause(&signal);
-    let conflict = state.save_signal_pause(second.clone(), false).await?;
+    let conflict = state.save_signal_pause(signal_wait(&second, false)).await?;
     ensure!(
         conflict
             == SaveSignal::Conflict {
@@ -655,7 +901,7 @@ async fn signal_waits_hold_their_signal(state: &dyn StateStore) -> anyhow::Resul
 
     // With replace it takes the signal; the first stays open, unlinked, and
     // taking it does not unlink the second.
-    ensure!(state.save_signal_pause(second.clone(), true).await? == SaveSignal::Saved);
+    ensure!(state.save_signal_pause(signal_wait(&second, true)).await? == SaveSignal::Saved);
     ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&second));
     ensure!(state.get_pause(&first.id).await?.is_some());
     ensure!(state.take_pause(&first.id).await?.is_some());
@@ -671,7 +917,7 @@ async fn signal_waits_hold_their_signal(state: &dyn StateStore) -> anyhow::Resul
 
     // A free signal takes a new wait; taking the holder frees it.
     let third = signal_pause(&signal);
-    ensure!(state.save_signal_pause(third.clone(), false).await? == SaveSignal::Saved);
+    ensure!(state.save_signal_pause(signal_wait(&third, false)).await? == SaveSignal::Saved);
     ensure!(state.take_pause(&second.id).await?.is_some());
     ensure!(state.pause_for_signal(&signal).await?.as_ref() == Some(&third));
     ensure!(state.take_pause(&third.id).await?.is_some());
@@ -727,16 +973,28 @@ async fn pauses_index_by_event_run_and_correlation(state: &dyn StateStore) -> an
     );
     ensure!(state.pause_match_paths(&event_name).await? == ["data.k"]);
     let found = state
-        .pauses_for_match(&event_name, "data.k", "\"v1\"")
+        .pauses_for_match(PauseMatch {
+            event_name: &event_name,
+            path: "data.k",
+            value_json: "\"v1\"",
+        })
         .await?;
     ensure!(found == [keyed.clone()], "{found:?}");
     ensure!(state
-        .pauses_for_match(&event_name, "data.k", "\"v3\"")
+        .pauses_for_match(PauseMatch {
+            event_name: &event_name,
+            path: "data.k",
+            value_json: "\"v3\"",
+        })
         .await?
         .is_empty());
     state.take_pause(&keyed.id).await?;
     ensure!(state
-        .pauses_for_match(&event_name, "data.k", "\"v1\"")
+        .pauses_for_match(PauseMatch {
+            event_name: &event_name,
+            path: "data.k",
+            value_json: "\"v1\"",
+        })
         .await?
         .is_empty());
     state.take_pause(&other_value.id).await?;
@@ -772,7 +1030,14 @@ async fn create_is_idempotent(state: &dyn StateStore) -> anyhow::Result<()> {
     );
     ensure!(state.runs_for_event("no-such-event").await?.is_empty());
     // Listing: newest first, filters, cursor.
-    let listed = state.list_runs(10, None, Some(&fn_id), None).await?;
+    let listed = state
+        .list_runs(&RunQuery {
+            limit: 10,
+            before: None,
+            fn_id: Some(&fn_id),
+            status: None,
+        })
+        .await?;
     ensure!(
         listed.len() == 1 && listed[0].id == first.id,
         "list by function"
@@ -781,18 +1046,35 @@ async fn create_is_idempotent(state: &dyn StateStore) -> anyhow::Result<()> {
     later.id = ulid::Ulid::from_parts(ulid::Ulid::from_string(&first.id)?.timestamp_ms() + 1, 0)
         .to_string();
     state.create_run(later.clone()).await?;
-    let listed = state.list_runs(10, None, Some(&fn_id), None).await?;
+    let listed = state
+        .list_runs(&RunQuery {
+            limit: 10,
+            before: None,
+            fn_id: Some(&fn_id),
+            status: None,
+        })
+        .await?;
     let ids: Vec<&str> = listed.iter().map(|r| r.id.as_str()).collect();
     ensure!(
         ids == [later.id.as_str(), first.id.as_str()],
         "newest first: {ids:?}"
     );
     let page = state
-        .list_runs(10, Some(&later.id), Some(&fn_id), None)
+        .list_runs(&RunQuery {
+            limit: 10,
+            before: Some(&later.id),
+            fn_id: Some(&fn_id),
+            status: None,
+        })
         .await?;
     ensure!(page.len() == 1 && page[0].id == first.id, "cursor");
     ensure!(state
-        .list_runs(10, None, Some(&fn_id), Some(RunStatus::Completed))
+        .list_runs(&RunQuery {
+            limit: 10,
+            before: None,
+            fn_id: Some(&fn_id),
+            status: Some(RunStatus::Completed)
+        })
         .await?
         .is_empty());
     Ok(())
@@ -1426,6 +1708,58 @@ pub async fn bus_suite(bus: &dyn EventBus) -> anyhow::Result<()> {
 
 /// Writes a little of everything; [`check_after_reopen`] checks it is there
 /// after the backends were closed and opened again.
+/// Runs for a status-index rebuild check: one completed (of `fn-a`), one
+/// queued (of `fn-b`). The caller then removes the store's status index,
+/// opens the store again and calls [`check_status_index_rebuilt`].
+pub async fn write_for_status_rebuild(state: &dyn StateStore) -> anyhow::Result<[RunRecord; 2]> {
+    let done = sample_run("fn-a", "done");
+    let queued = sample_run("fn-b", "queued");
+    for run in [&done, &queued] {
+        state.create_run(run.clone()).await?;
+    }
+    state
+        .finish_run(&done.id, RunStatus::Completed, None, Timestamp(5))
+        .await?;
+    Ok([done, queued])
+}
+
+/// The ids `list_runs` lists in `status` (of `fn_id` when given).
+pub async fn listed_in(
+    state: &dyn StateStore,
+    fn_id: Option<&str>,
+    status: RunStatus,
+) -> anyhow::Result<Vec<String>> {
+    let query = RunQuery {
+        limit: 100,
+        before: None,
+        fn_id,
+        status: Some(status),
+    };
+    Ok(state
+        .list_runs(&query)
+        .await?
+        .into_iter()
+        .map(|run| run.id)
+        .collect())
+}
+
+/// The runs of [`write_for_status_rebuild`] are listed by status again.
+pub async fn check_status_index_rebuilt(
+    state: &dyn StateStore,
+    [done, queued]: &[RunRecord; 2],
+) -> anyhow::Result<()> {
+    let completed = listed_in(state, None, RunStatus::Completed).await?;
+    ensure!(completed == [done.id.clone()], "completed: {completed:?}");
+    let of_fn = listed_in(state, Some("fn-a"), RunStatus::Completed).await?;
+    ensure!(of_fn == [done.id.clone()], "completed of fn-a: {of_fn:?}");
+    let waiting = listed_in(state, None, RunStatus::Queued).await?;
+    ensure!(waiting == [queued.id.clone()], "queued: {waiting:?}");
+    ensure!(listed_in(state, Some("fn-a"), RunStatus::Queued)
+        .await?
+        .is_empty());
+    Ok(())
+}
+
 pub async fn write_for_reopen(backends: &Backends) -> anyhow::Result<()> {
     let mut run = sample_run("reopen-fn", "reopen-key");
     run.id = "01REOPENRUN0000000000000000".into();

@@ -17,7 +17,7 @@ use baton::model::{
 use baton::store::memory::MemoryBus;
 use baton::store::redis::{RedisConnection, RedisQueue, RedisStateStore, RedisStores};
 use baton::store::{
-    testsuite, BatchPush, CreateRun, DataStore, Queue, SaveStep, StateStore, StoreErrorKind,
+    testsuite, BatchPush, CreateRun, DataStore, Gcra, Queue, SaveStep, StateStore, StoreErrorKind,
 };
 
 use crate::support::{redis_url, skip};
@@ -69,6 +69,15 @@ impl Drop for Namespace {
     }
 }
 
+/// `limit` per `secs` seconds.
+fn gcra(limit: u32, secs: u64, burst: u32) -> Gcra {
+    Gcra {
+        limit,
+        period: Duration::from_secs(secs),
+        burst,
+    }
+}
+
 fn sync_connection(url: &str) -> redis::RedisResult<redis::Connection> {
     redis::Client::open(url)?.get_connection_with_timeout(Duration::from_secs(5))
 }
@@ -117,6 +126,42 @@ async fn redis_state_store_conformance() {
     };
     let stores = RedisStores::new(&conn);
     testsuite::state_suite(&stores.state).await.unwrap();
+}
+
+/// A dataset written before the status index existed (no `status:` sets,
+/// no mark) gets it built by the first process that connects.
+#[tokio::test]
+async fn a_dataset_without_the_status_index_gets_it_at_connect() {
+    let Some((namespace, conn)) = Namespace::open().await else {
+        return;
+    };
+    let state = RedisStores::new(&conn).state;
+    let runs = testsuite::write_for_status_rebuild(&state).await.unwrap();
+    let mut sync = sync_connection(&namespace.url).unwrap();
+    let index_keys: Vec<String> = scan_keys(&mut sync, &namespace.prefix)
+        .unwrap()
+        .into_iter()
+        .filter(|key| {
+            let family = &key[namespace.prefix.len()..];
+            family.starts_with("status:") || family.starts_with("fnstatus:")
+        })
+        .collect();
+    assert_eq!(index_keys.len(), 4, "{index_keys:?}");
+    redis::cmd("DEL").arg(&index_keys).exec(&mut sync).unwrap();
+    let completed = testsuite::listed_in(&state, None, RunStatus::Completed);
+    assert!(completed.await.unwrap().is_empty());
+
+    RedisStores::connect(&namespace.url, &namespace.prefix)
+        .await
+        .unwrap();
+    testsuite::check_status_index_rebuilt(&state, &runs)
+        .await
+        .unwrap();
+    let mark: Option<String> = redis::cmd("GET")
+        .arg(format!("{}index:status", namespace.prefix))
+        .query(&mut sync)
+        .unwrap();
+    assert_eq!(mark.as_deref(), Some("1"));
 }
 
 #[tokio::test]
@@ -467,7 +512,7 @@ async fn state_writes_are_atomic_across_processes() {
     // A rate limit of 5 per hour lets 5 of 20 through.
     let taken = concurrently(&stores, 20, |state, _| async move {
         state
-            .rate_limit_take("rl", 5, Duration::from_secs(3600), Timestamp(1_000))
+            .rate_limit_take("rl", &gcra(5, 3600, 1), Timestamp(1_000))
             .await
             .unwrap()
     })
@@ -477,7 +522,7 @@ async fn state_writes_are_atomic_across_processes() {
     // Throttle reservations never collide.
     let mut starts = concurrently(&stores, 20, |state, _| async move {
         state
-            .throttle_reserve("th", 1, Duration::from_secs(1), 1, Timestamp(0))
+            .throttle_reserve("th", &gcra(1, 1, 1), Timestamp(0))
             .await
             .unwrap()
     })

@@ -48,6 +48,14 @@ async fn finish_old_runs(baton: &Baton, ids: &Value, v: u64) {
         run["status"] == "Running"
     })
     .await;
+    // Listed by status: the index was built at start for the old runs.
+    assert!(listed_with_status(baton, "Running")
+        .await
+        .contains(&waiting.to_string()));
+    let done_event = ids["completed"].as_str().unwrap().to_string();
+    assert!(listed_with_status(baton, "Completed")
+        .await
+        .contains(&done_event));
     send_event(
         baton,
         "test/wait.reply",
@@ -57,6 +65,29 @@ async fn finish_old_runs(baton: &Baton, ids: &Value, v: u64) {
     let resumed = finished_run(baton, waiting, TIMEOUT).await;
     assert_eq!(resumed["status"], "Completed", "{resumed}");
     assert_eq!(resumed["output"]["received"]["v"], v, "{resumed}");
+    let completed = listed_with_status(baton, "Completed").await;
+    for key in ["completed", "sleeping", "waiting"] {
+        let id = ids[key].as_str().unwrap();
+        assert!(
+            completed.iter().any(|e| e == id),
+            "{key} run listed as completed"
+        );
+    }
+    assert!(!listed_with_status(baton, "Running")
+        .await
+        .contains(&waiting.to_string()));
+}
+
+/// The event ids of the runs `/v1/runs?status=` lists.
+async fn listed_with_status(baton: &Baton, status: &str) -> Vec<String> {
+    let url = format!("{}/v1/runs?status={status}&limit=100", baton.url);
+    let runs = get_json(&url).await;
+    runs["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|run| run["event_id"].as_str().map(str::to_string))
+        .collect()
 }
 
 /// What the fixtures hold: a finished run, then a run asleep and one

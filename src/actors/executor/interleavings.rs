@@ -436,7 +436,15 @@ impl Case<'_> {
         }
         let state = &self.rig.real.state;
         let main_id = &self.rig.run.id;
-        let runs = state.list_runs(1_000, None, None, None).await.unwrap();
+        let runs = state
+            .list_runs(&crate::store::RunQuery {
+                limit: 1_000,
+                before: None,
+                fn_id: None,
+                status: None,
+            })
+            .await
+            .unwrap();
         let events = self.rig.real.data.list_events(10_000, None).await.unwrap();
         let payloads: Vec<(&str, Value)> = events
             .iter()

@@ -5,14 +5,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use crate::clock::Timestamp;
 use crate::model::records::QueueEntry;
 use crate::model::QueueItem;
-use crate::store::{Lease, PartitionStats, Queue, StoreResult};
+use crate::store::{Held, Lease, LeaseBatch, PartitionStats, Queue, Retry, Scheduled, StoreResult};
 
 /// Items taken from one partition per round-robin pass.
 const QUANTUM: usize = 4;
@@ -182,34 +181,27 @@ impl MemoryQueue {
 
 #[async_trait::async_trait]
 impl Queue for MemoryQueue {
-    async fn enqueue(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool> {
-        {
-            let mut items = self.lock();
-            if items.entries.contains_key(&item.id) {
-                return Ok(false);
-            }
-            items.insert(item, due);
+    fn work(&self) -> &Notify {
+        &self.work
+    }
+
+    async fn insert(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool> {
+        let mut items = self.lock();
+        if items.entries.contains_key(&item.id) {
+            return Ok(false);
         }
-        self.work.notify_one();
+        items.insert(item, due);
         Ok(true)
     }
 
-    async fn lease_due(
-        &self,
-        now: Timestamp,
-        max: usize,
-        ttl: Duration,
-    ) -> StoreResult<Vec<Lease>> {
+    async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>> {
+        let LeaseBatch { now, max, expires } = batch;
         let mut items = self.lock();
-        if max == 0 {
-            return Ok(Vec::new());
-        }
         items.requeue_expired(now);
         // Round-robin: start after the partition served last.
         let mut open: Vec<String> = items.ready.keys().cloned().collect();
         let start = open.iter().position(|p| *p > items.cursor).unwrap_or(0);
         open.rotate_left(start);
-        let expires = now.plus(ttl);
         let mut leases = Vec::new();
         while leases.len() < max && !open.is_empty() {
             open.retain(|partition| {
@@ -236,48 +228,30 @@ impl Queue for MemoryQueue {
         Ok(true)
     }
 
-    async fn ack(
-        &self,
-        lease_id: u64,
-        item_id: &str,
-        next: Vec<(QueueItem, Timestamp)>,
-    ) -> StoreResult<bool> {
-        {
-            let mut items = self.lock();
-            if items.unlease(lease_id, item_id).is_none() {
-                return Ok(false);
-            }
-            // The acked item itself may come back under its id.
-            for (item, due) in next {
-                if !items.entries.contains_key(&item.id) {
-                    items.insert(item, due);
-                }
+    async fn ack_held(&self, held: Held<'_>, next: Vec<Scheduled>) -> StoreResult<bool> {
+        let mut items = self.lock();
+        if items.unlease(held.lease_id, held.item_id).is_none() {
+            return Ok(false);
+        }
+        // The acked item itself may come back under its id.
+        for (item, due) in next {
+            if !items.entries.contains_key(&item.id) {
+                items.insert(item, due);
             }
         }
-        // New items, or a freed concurrency slot: look again.
-        self.work.notify_one();
         Ok(true)
     }
 
-    async fn retry_at(
-        &self,
-        lease_id: u64,
-        item_id: &str,
-        due: Timestamp,
-        count_attempt: bool,
-    ) -> StoreResult<bool> {
-        {
-            let mut items = self.lock();
-            let Some(mut entry) = items.unlease(lease_id, item_id) else {
-                return Ok(false);
-            };
-            entry.due = due.millis();
-            if count_attempt {
-                entry.attempt += 1;
-            }
-            items.make_ready(entry);
+    async fn retry_held(&self, held: Held<'_>, retry: Retry) -> StoreResult<bool> {
+        let mut items = self.lock();
+        let Some(mut entry) = items.unlease(held.lease_id, held.item_id) else {
+            return Ok(false);
+        };
+        entry.due = retry.due.millis();
+        if retry.count_attempt {
+            entry.attempt += 1;
         }
-        self.work.notify_one();
+        items.make_ready(entry);
         Ok(true)
     }
 
@@ -291,10 +265,6 @@ impl Queue for MemoryQueue {
             items.has_room(&entry.item.limits).then_some(at)
         });
         Ok(leased.into_iter().chain(ready).min().map(Timestamp))
-    }
-
-    async fn wait_for_work(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.work.notified()).await;
     }
 
     async fn len(&self) -> StoreResult<u64> {

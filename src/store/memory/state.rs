@@ -2,23 +2,23 @@
 //! mutex, every call one critical section (so every change is atomic, and
 //! "durable" as soon as it returns, for as long as the process lives).
 //! Indexes are kept only where a scan would grow with the whole store on a
-//! hot path (idempotency keys, correlation ids, signals); the rest scan.
+//! hot path (idempotency keys, correlation ids, signals) or where the other
+//! backends keep one that the conformance suite checks (runs by status);
+//! the rest scan.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::model::metadata::MetadataRecord;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
-    RunRecord, RunStatus, StepRecord,
+    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
-    gcra_reserve, gcra_take, next_debounce, plan_commit, push_to_batch, AddMetadata, BatchPush,
-    Commit, CommitRead, CreateRun, RunWrites, SaveSignal, StateStore, StoreResult,
+    plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowRecord, FlowSlot,
+    FlowWrite, PauseKey, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
 };
 
 #[derive(Default)]
@@ -34,6 +34,10 @@ struct State {
     versions: HashMap<String, u64>,
     /// (function, idempotency key) → run id.
     idempotency: HashMap<(String, String), String>,
+    /// Runs by status (its name, then the run id), and by function and
+    /// status (function, status name, run id); changed with every status.
+    by_status: BTreeSet<(&'static str, String)>,
+    by_fn_status: BTreeSet<(String, &'static str, String)>,
     /// Run id → step id → result.
     steps: HashMap<String, HashMap<String, StepRecord>>,
     defers: HashMap<String, RunDefers>,
@@ -46,21 +50,11 @@ struct State {
     correlations: HashMap<String, String>,
     /// Signal name → the pause that waits for it.
     signals: HashMap<String, String>,
-    /// GCRA arrival times of rate limits and throttles.
-    rate_limits: HashMap<String, i64>,
-    throttles: HashMap<String, i64>,
-    debounces: HashMap<String, DebounceRecord>,
-    batches: HashMap<String, BatchRecord>,
-    singletons: HashMap<String, String>,
+    /// Flow-control records by slot (the kind's name, then the key).
+    flow: HashMap<(&'static str, String), FlowRecord>,
 }
 
 impl State {
-    fn open_run(&self, run_id: &str) -> bool {
-        self.runs
-            .get(run_id)
-            .is_some_and(|run| !run.status.is_terminal())
-    }
-
     fn pauses_where(&self, keep: impl Fn(&PauseRecord) -> bool) -> Vec<PauseRecord> {
         self.pauses.values().filter(|p| keep(p)).cloned().collect()
     }
@@ -85,7 +79,7 @@ impl State {
         true
     }
 
-    fn pause_by(&self, index: &HashMap<String, String>, key: &str) -> Option<PauseRecord> {
+    fn pause_in(&self, index: &HashMap<String, String>, key: &str) -> Option<PauseRecord> {
         index.get(key).and_then(|id| self.pauses.get(id)).cloned()
     }
 
@@ -101,7 +95,21 @@ impl State {
         attempts.insert(at, attempt);
     }
 
+    /// Lists `run` among the runs in `status` (`listed`), or takes it out.
+    fn index_status(&mut self, run: &RunRecord, status: RunStatus, listed: bool) {
+        let by_status = (status.as_str(), run.id.clone());
+        let by_fn = (run.fn_id.clone(), status.as_str(), run.id.clone());
+        if listed {
+            self.by_status.insert(by_status);
+            self.by_fn_status.insert(by_fn);
+        } else {
+            self.by_status.remove(&by_status);
+            self.by_fn_status.remove(&by_fn);
+        }
+    }
+
     fn delete_run(&mut self, run: &RunRecord) {
+        self.index_status(run, run.status, false);
         self.runs.remove(&run.id);
         self.versions.remove(&run.id);
         self.idempotency
@@ -134,6 +142,7 @@ impl StateStore for MemoryState {
             return Ok(CreateRun::Exists(existing.clone()));
         }
         state.idempotency.insert(idem, run.id.clone());
+        state.index_status(&run, run.status, true);
         state.runs.insert(run.id.clone(), run.clone());
         Ok(CreateRun::Created(run))
     }
@@ -162,12 +171,7 @@ impl StateStore for MemoryState {
             .map(|run| (run.clone(), state.version(run_id))))
     }
 
-    async fn commit(
-        &self,
-        run_id: &str,
-        expected_version: Option<u64>,
-        writes: &RunWrites,
-    ) -> StoreResult<Commit> {
+    async fn commit(&self, run_id: &str, writes: &RunWrites) -> StoreResult<Commit> {
         let mut guard = self.lock();
         let state = &mut *guard;
         let steps = state.steps.get(run_id);
@@ -193,11 +197,15 @@ impl StateStore for MemoryState {
                 .map(|record| held.is_some_and(|h| h.iter().any(|r| r.id == record.id)))
                 .collect(),
         };
-        let (plan, outcome) = match plan_commit(read, expected_version, writes) {
+        let (plan, outcome) = match plan_commit(read, writes) {
             Ok(planned) => planned,
             Err(answer) => return Ok(answer),
         };
         if let Some(run) = plan.run {
+            if let Some((from, to)) = plan.status_moved {
+                state.index_status(&run, from, false);
+                state.index_status(&run, to, true);
+            }
             state.runs.insert(run_id.to_string(), run);
         }
         if let Some(version) = plan.version {
@@ -227,6 +235,14 @@ impl StateStore for MemoryState {
         Ok(self.lock().save_pause(pause))
     }
 
+    async fn pause_by(&self, by: PauseKey<'_>) -> StoreResult<Option<PauseRecord>> {
+        let state = self.lock();
+        Ok(match by {
+            PauseKey::Signal(signal) => state.pause_in(&state.signals, signal),
+            PauseKey::Correlation(id) => state.pause_in(&state.correlations, id),
+        })
+    }
+
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
         Ok(self.lock().pauses.get(pause_id).cloned())
     }
@@ -250,29 +266,21 @@ impl StateStore for MemoryState {
         Ok(paths)
     }
 
-    async fn pauses_for_match(
-        &self,
-        event_name: &str,
-        path: &str,
-        value_json: &str,
-    ) -> StoreResult<Vec<PauseRecord>> {
+    async fn pauses_for_match(&self, key: PauseMatch<'_>) -> StoreResult<Vec<PauseRecord>> {
         Ok(self.lock().pauses_where(|p| {
-            p.event_name == event_name
+            p.event_name == key.event_name
                 && p.match_key
                     .as_ref()
-                    .is_some_and(|(p, v)| p == path && v == value_json)
+                    .is_some_and(|(p, v)| p == key.path && v == key.value_json)
         }))
     }
 
-    async fn save_signal_pause(
-        &self,
-        pause: PauseRecord,
-        replace: bool,
-    ) -> StoreResult<SaveSignal> {
+    async fn save_signal_pause(&self, wait: SignalWait) -> StoreResult<SaveSignal> {
+        let SignalWait { pause, replace } = wait;
         let mut state = self.lock();
         let signal = pause.correlation_id.clone().unwrap_or_default();
         let holder = state
-            .pause_by(&state.signals, &signal)
+            .pause_in(&state.signals, &signal)
             .filter(|holder| holder.id != pause.id);
         Ok(match holder {
             Some(holder) if !replace => SaveSignal::Conflict {
@@ -283,25 +291,12 @@ impl StateStore for MemoryState {
         })
     }
 
-    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
-        let state = self.lock();
-        Ok(state.pause_by(&state.signals, signal))
-    }
-
     async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()> {
         let mut state = self.lock();
         if state.signals.get(signal).is_some_and(|id| id == pause_id) {
             state.signals.remove(signal);
         }
         Ok(())
-    }
-
-    async fn pause_for_correlation(
-        &self,
-        correlation_id: &str,
-    ) -> StoreResult<Option<PauseRecord>> {
-        let state = self.lock();
-        Ok(state.pause_by(&state.correlations, correlation_id))
     }
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {
@@ -327,112 +322,19 @@ impl StateStore for MemoryState {
         Ok(self.lock().pauses.len() as u64)
     }
 
-    async fn rate_limit_take(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        now: Timestamp,
-    ) -> StoreResult<bool> {
+    async fn update_flow(&self, slot: FlowSlot<'_>, change: FlowChange<'_>) -> StoreResult<()> {
         let mut state = self.lock();
-        let stored = state.rate_limits.get(key).copied();
-        let Some(tat) = gcra_take(stored, limit, period, now) else {
-            return Ok(false);
-        };
-        state.rate_limits.insert(key.to_string(), tat);
-        Ok(true)
-    }
-
-    async fn throttle_reserve(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        burst: u32,
-        now: Timestamp,
-    ) -> StoreResult<Timestamp> {
-        let mut state = self.lock();
-        let stored = state.throttles.get(key).copied();
-        let (tat, allowed) = gcra_reserve(stored, limit, period, burst, now);
-        state.throttles.insert(key.to_string(), tat);
-        Ok(allowed)
-    }
-
-    async fn debounce_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        period: Duration,
-        timeout: Option<Duration>,
-        now: Timestamp,
-    ) -> StoreResult<(u64, Timestamp)> {
-        let mut state = self.lock();
-        let record = next_debounce(state.debounces.get(key), event, period, timeout, now);
-        let outcome = (record.generation, Timestamp(record.due));
-        state.debounces.insert(key.to_string(), record);
-        Ok(outcome)
-    }
-
-    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>> {
-        let mut state = self.lock();
-        if state
-            .debounces
-            .get(key)
-            .is_none_or(|record| record.generation != generation)
-        {
-            return Ok(None);
+        let slot_key = (slot.name(), slot.key().to_string());
+        match change(state.flow.get(&slot_key).cloned()) {
+            FlowWrite::Keep => {}
+            FlowWrite::Put(record) => {
+                state.flow.insert(slot_key, record);
+            }
+            FlowWrite::Clear => {
+                state.flow.remove(&slot_key);
+            }
         }
-        Ok(state.debounces.remove(key).map(|record| record.event))
-    }
-
-    async fn batch_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        max_size: u32,
-        now: Timestamp,
-    ) -> StoreResult<BatchPush> {
-        let mut state = self.lock();
-        let previous = state.batches.remove(key);
-        let (stored, outcome) = push_to_batch(previous, event, max_size, now);
-        if let Some(batch) = stored {
-            state.batches.insert(key.to_string(), batch);
-        }
-        Ok(outcome)
-    }
-
-    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>> {
-        let mut state = self.lock();
-        if state
-            .batches
-            .get(key)
-            .is_none_or(|batch| batch.batch_id != batch_id)
-        {
-            return Ok(Vec::new());
-        }
-        Ok(state
-            .batches
-            .remove(key)
-            .map(|batch| batch.events)
-            .unwrap_or_default())
-    }
-
-    async fn singleton_claim(
-        &self,
-        key: &str,
-        run_id: &str,
-        replace: bool,
-    ) -> StoreResult<Option<String>> {
-        let mut state = self.lock();
-        let holder = state
-            .singletons
-            .get(key)
-            .filter(|id| state.open_run(id))
-            .cloned();
-        if holder.is_none() || replace {
-            state.singletons.insert(key.to_string(), run_id.to_string());
-        }
-        Ok(holder)
+        Ok(())
     }
 
     async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
@@ -444,22 +346,35 @@ impl StateStore for MemoryState {
             .unwrap_or_default())
     }
 
-    async fn list_runs(
-        &self,
-        limit: usize,
-        before: Option<&str>,
-        fn_id: Option<&str>,
-        status: Option<RunStatus>,
-    ) -> StoreResult<Vec<RunRecord>> {
+    async fn list_runs(&self, query: &RunQuery<'_>) -> StoreResult<Vec<RunRecord>> {
         let state = self.lock();
+        let (limit, before) = (query.limit, query.before);
         let end = before.map_or(Bound::Unbounded, Bound::Excluded);
-        let older = state.runs.range::<str, _>((Bound::Unbounded, end));
-        Ok(older
-            .rev()
-            .map(|(_, run)| run)
-            .filter(|run| fn_id.is_none_or(|f| f == run.fn_id))
-            .filter(|run| status.is_none_or(|s| s == run.status))
-            .take(limit)
+        // Run ids are ULIDs (ASCII): every one sorts before `char::MAX`.
+        let before = before.map_or(char::MAX.to_string(), str::to_string);
+        let ids: Vec<&String> = match (query.fn_id, query.status) {
+            (Some(fn_id), Some(status)) => {
+                let (f, s) = (fn_id.to_string(), status.as_str());
+                let range = (f.clone(), s, String::new())..(f, s, before);
+                let listed = state.by_fn_status.range(range).rev();
+                listed.map(|(_, _, id)| id).take(limit).collect()
+            }
+            (None, Some(status)) => {
+                let s = status.as_str();
+                let range = (s, String::new())..(s, before);
+                let listed = state.by_status.range(range).rev();
+                listed.map(|(_, id)| id).take(limit).collect()
+            }
+            (_, None) => {
+                let older = state.runs.range::<str, _>((Bound::Unbounded, end));
+                let older = older.rev().map(|(_, run)| run);
+                let of_fn = older.filter(|run| query.fn_id.is_none_or(|f| f == run.fn_id));
+                of_fn.map(|run| &run.id).take(limit).collect()
+            }
+        };
+        Ok(ids
+            .iter()
+            .filter_map(|id| state.runs.get(*id))
             .cloned()
             .collect())
     }

@@ -13,8 +13,10 @@
 //! record is read and changed in Rust (Lua cannot read bincode), then
 //! `Change` applies the new values with the generic `APPLY` script only if
 //! the keys still hold what was read, and the caller retries otherwise.
-//! Writes that need no decoding (the queue, GCRA, run creation) are
-//! dedicated scripts. Every script checks its preconditions before its first
+//! Flow control (`StateStore::update_flow`: rate limits, throttles,
+//! debounces, batches, singletons) goes this way too, so its logic stays
+//! in Rust, once for every backend. Writes that need no decoding (the
+//! queue, run creation, metadata) are dedicated scripts. Every script checks its preconditions before its first
 //! write, because Redis does not roll back a script that fails half-way.
 //! Scripts name their keys in `ARGV` (they derive them from the prefix), so
 //! they need a standalone Redis 6.2 or later (or Sentinel); Redis Cluster
@@ -237,7 +239,9 @@ impl RedisStores {
     pub async fn connect(url: &str, prefix: &str) -> StoreResult<RedisStores> {
         let conn = RedisConnection::connect(url, prefix).await?;
         conn.check_format().await?;
-        Ok(RedisStores::new(&conn))
+        let stores = RedisStores::new(&conn);
+        stores.state.build_status_index().await?;
+        Ok(stores)
     }
 
     /// The three stores on an open connection (on a Tokio runtime).

@@ -49,7 +49,10 @@ use super::RedisConnection;
 use crate::clock::Timestamp;
 use crate::model::records::{QueueEntry, Record};
 use crate::model::QueueItem;
-use crate::store::{Lease, PartitionStats, Queue, StoreError, StoreErrorKind, StoreResult};
+use crate::store::{
+    Held, Lease, LeaseBatch, PartitionStats, Queue, Retry, Scheduled, StoreError, StoreErrorKind,
+    StoreResult,
+};
 
 /// Items taken from one partition per round-robin pass.
 const QUANTUM: usize = 4;
@@ -443,30 +446,22 @@ return false
 
 #[async_trait::async_trait]
 impl Queue for RedisQueue {
-    async fn enqueue(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool> {
+    fn work(&self) -> &Notify {
+        &self.work
+    }
+
+    async fn insert(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool> {
         let seq = *self.seqs(1).await?.start();
         let mut invocation = ENQUEUE.prepare_invoke();
         invocation.arg(self.conn.prefix());
         push_item_args(&mut invocation, item, due, seq);
         let added: Vec<i64> = self.conn.invoke(&invocation).await?;
-        let added = added.first() == Some(&1);
-        if added {
-            self.work.notify_one();
-        }
-        Ok(added)
+        Ok(added.first() == Some(&1))
     }
 
-    async fn lease_due(
-        &self,
-        now: Timestamp,
-        max: usize,
-        ttl: Duration,
-    ) -> StoreResult<Vec<Lease>> {
-        if max == 0 {
-            return Ok(Vec::new());
-        }
+    async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>> {
+        let (now, max, expires) = (batch.now, batch.max, batch.expires);
         let cursor = self.cursor().clone();
-        let expires = now.plus(ttl);
         let mut invocation = LEASE.prepare_invoke();
         invocation
             .arg(self.conn.prefix())
@@ -521,12 +516,7 @@ impl Queue for RedisQueue {
         Ok(held == 1)
     }
 
-    async fn ack(
-        &self,
-        lease_id: u64,
-        item_id: &str,
-        next: Vec<(QueueItem, Timestamp)>,
-    ) -> StoreResult<bool> {
+    async fn ack_held(&self, held: Held<'_>, next: Vec<Scheduled>) -> StoreResult<bool> {
         let seqs = if next.is_empty() {
             0..=0
         } else {
@@ -535,27 +525,18 @@ impl Queue for RedisQueue {
         let mut invocation = ACK.prepare_invoke();
         invocation
             .arg(self.conn.prefix())
-            .arg(lease_id)
-            .arg(item_id);
+            .arg(held.lease_id)
+            .arg(held.item_id);
         for ((item, due), seq) in next.into_iter().zip(seqs) {
             push_item_args(&mut invocation, item, due, seq);
         }
+        // Negative: the lease was no longer held.
         let added: i64 = self.conn.invoke(&invocation).await?;
-        if added < 0 {
-            return Ok(false);
-        }
-        // New items, or a freed concurrency slot: look again.
-        self.work.notify_one();
-        Ok(true)
+        Ok(added >= 0)
     }
 
-    async fn retry_at(
-        &self,
-        lease_id: u64,
-        item_id: &str,
-        due: Timestamp,
-        count_attempt: bool,
-    ) -> StoreResult<bool> {
+    async fn retry_held(&self, held: Held<'_>, retry: Retry) -> StoreResult<bool> {
+        let Held { lease_id, item_id } = held;
         let entry: Option<Vec<u8>> = self
             .conn
             .query(::redis::cmd("HGET").arg(self.item_key(item_id)).arg("e"))
@@ -566,8 +547,8 @@ impl Queue for RedisQueue {
         // Only the lease holder changes the entry, and the script checks the
         // lease is still held, so the entry read here is the current one.
         let mut entry = QueueEntry::from_bytes(&entry)?;
-        entry.due = due.millis();
-        if count_attempt {
+        entry.due = retry.due.millis();
+        if retry.count_attempt {
             entry.attempt += 1;
         }
         let mut invocation = RETRY.prepare_invoke();
@@ -578,11 +559,7 @@ impl Queue for RedisQueue {
             .arg(entry.to_bytes())
             .arg(score(&entry));
         let held: i64 = self.conn.invoke(&invocation).await?;
-        if held != 1 {
-            return Ok(false);
-        }
-        self.work.notify_one();
-        Ok(true)
+        Ok(held == 1)
     }
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {

@@ -11,7 +11,9 @@
 //!   `ppaths:<event name>` the paths in use (never pruned), `prun:<run>` ids
 //!   by run, `pcorr:<correlation id>` → pause id, `psig:<signal>` → the
 //!   pause that waits for that signal;
-//! - flow control: `rl:<key>` and `th:<key>` GCRA arrival times (ms),
+//! - flow control (`StateStore::update_flow`, each slot changed by
+//!   `APPLY` on the value as read): `rl:<key>` and `th:<key>` GCRA arrival
+//!   times (ms, decimal text),
 //!   `debounce:<key>` debounce record, `batch:<key>` open batch,
 //!   `singleton:<key>` holder run id;
 //! - metadata: `md:<run>` list of records in the order added, `mdi:<run>`
@@ -19,7 +21,12 @@
 //!   bytes.
 //! - `defers:<run>`: the run's defers (one record);
 //! - `rv:<run>`: the run's version (`store::commit`), absent until its
-//!   first commit.
+//!   first commit;
+//! - runs by status: `status:<status>` and `fnstatus:<status>:<fn>`, sorted
+//!   sets like `runs` (status names as `RunStatus::as_str`), changed in the
+//!   same script as every status change; `index:status` is set once they
+//!   cover every run (a dataset written before them gets them built when a
+//!   process connects, see `RedisStateStore::build_status_index`).
 //!
 //! Runs change by commits (`StateStore::commit`): one pipeline reads what
 //! the commit needs, `store::plan_commit` decides in Rust, and one `APPLY`
@@ -28,7 +35,6 @@
 //! again.
 
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use ::redis::Script;
 
@@ -38,16 +44,19 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
-    RunRecord, RunStatus, StepRecord,
+    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
-    next_debounce, plan_commit, push_to_batch, AddMetadata, BatchPush, Commit, CommitRead,
-    CreateRun, RunWrites, SaveSignal, StateStore, StoreError, StoreErrorKind, StoreResult,
+    plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite,
+    PauseKey, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreError, StoreErrorKind,
+    StoreResult,
 };
 
-/// Run ids read per round trip while filtering `list_runs`.
+/// Run ids read per round trip while listing or scanning runs.
 const LIST_CHUNK: usize = 500;
+/// Runs indexed per script call while building the status index (each
+/// record travels with the call, as the value it must still have).
+const INDEX_CHUNK: usize = 100;
 
 pub struct RedisStateStore {
     conn: RedisConnection,
@@ -103,11 +112,11 @@ impl RedisStateStore {
         }
     }
 
-    /// Where a pause's correlation id is indexed: signals apart from invokes.
-    fn correlation_key(&self, pause: &PauseRecord, correlation: &str) -> String {
-        match pause.kind {
-            PauseKind::Signal => self.conn.key("psig:", correlation),
-            _ => self.conn.key("pcorr:", correlation),
+    /// The index entry of a pause by correlation id.
+    fn correlation_key(&self, by: PauseKey<'_>) -> String {
+        match by {
+            PauseKey::Signal(signal) => self.conn.key("psig:", signal),
+            PauseKey::Correlation(correlation) => self.conn.key("pcorr:", correlation),
         }
     }
 
@@ -144,7 +153,11 @@ impl RedisStateStore {
         if let Some(correlation) = &pause.correlation_id {
             change.command(
                 "SET",
-                &[self.correlation_key(pause, correlation).as_bytes(), id],
+                &[
+                    self.correlation_key(PauseKey::of(pause, correlation))
+                        .as_bytes(),
+                    id,
+                ],
             );
         }
     }
@@ -225,10 +238,6 @@ impl RedisStateStore {
         self.conn.key("pmatch:", &parts)
     }
 
-    async fn load_run_bytes(&self, run_id: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.conn.get_bytes(&self.run_key(run_id)).await
-    }
-
     async fn pauses_in(&self, set_key: &str) -> StoreResult<Vec<PauseRecord>> {
         let mut ids: Vec<String> = self
             .conn
@@ -237,6 +246,85 @@ impl RedisStateStore {
         ids.sort();
         let keys: Vec<String> = ids.iter().map(|id| self.pause_key(id)).collect();
         self.conn.get_records(&keys).await
+    }
+
+    /// The sorted set of the runs in `status`.
+    fn status_set(&self, status: RunStatus) -> String {
+        self.conn.key("status:", status.as_str())
+    }
+
+    /// The sorted set of the runs of `fn_id` in `status`.
+    fn fn_status_set(&self, fn_id: &str, status: RunStatus) -> String {
+        self.conn
+            .key("fnstatus:", &format!("{}:{fn_id}", status.as_str()))
+    }
+
+    /// The sorted sets that list a run of `fn_id` in `status`.
+    fn status_sets(&self, fn_id: &str, status: RunStatus) -> [String; 2] {
+        [self.status_set(status), self.fn_status_set(fn_id, status)]
+    }
+
+    /// Builds the status index of a dataset written before it existed:
+    /// every run listed in the sets of its status, a chunk at a time by
+    /// `APPLY`, each only if its record is still as read (another process
+    /// may change it meanwhile; one of this build moves it in the index
+    /// itself), then the mark that says it is done. Idempotent, so
+    /// processes starting together may each build it. Runs written
+    /// meanwhile by a process of a build without the index are not
+    /// covered: upgrade every process.
+    pub async fn build_status_index(&self) -> StoreResult<()> {
+        let mark = self.conn.key("index:status", "");
+        if self.conn.get_bytes(&mark).await?.is_some() {
+            return Ok(());
+        }
+        let all = self.conn.key("runs", "");
+        let mut min = "-".to_string();
+        loop {
+            let ids: Vec<String> = self
+                .conn
+                .query(
+                    ::redis::cmd("ZRANGEBYLEX")
+                        .arg(&all)
+                        .arg(&min)
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(INDEX_CHUNK),
+                )
+                .await?;
+            let Some(last) = ids.last() else {
+                break;
+            };
+            min = format!("({last}");
+            let keys: Vec<String> = ids.iter().map(|id| self.run_key(id)).collect();
+            let mut attempts = Attempts::new("build_status_index");
+            loop {
+                attempts.next().await?;
+                let values: Vec<Option<Vec<u8>>> =
+                    self.conn.query(::redis::cmd("MGET").arg(&keys)).await?;
+                let mut change = Change::default();
+                for (key, bytes) in keys.iter().zip(&values) {
+                    // A run deleted since it was listed needs no entry.
+                    let Some(bytes) = bytes else { continue };
+                    let run = RunRecord::from_bytes(bytes)?;
+                    change.expect(key, Some(bytes));
+                    for set in self.status_sets(&run.fn_id, run.status) {
+                        change.command("ZADD", &[set.as_bytes(), b"0", run.id.as_bytes()]);
+                    }
+                }
+                if self.conn.apply(&change).await? {
+                    break;
+                }
+            }
+            if ids.len() < INDEX_CHUNK {
+                break;
+            }
+        }
+        let _: () = self
+            .conn
+            .query(::redis::cmd("SET").arg(&mark).arg(1))
+            .await?;
+        Ok(())
     }
 
     async fn runs(&self, ids: &[String]) -> StoreResult<Vec<RunRecord>> {
@@ -323,37 +411,6 @@ return {0, count}
     )
 });
 
-/// Rate limit (GCRA). ARGV: key, limit, period ms, now ms. 1 if taken.
-static RATE_LIMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local key, limit, period, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local emission = math.max(math.floor(period / math.max(limit, 1)), 1)
-local tolerance = period - emission
-local tat = math.max(tonumber(redis.call('GET', key) or now), now)
-if tat - now > tolerance then return 0 end
-redis.call('SET', key, string.format('%d', tat + emission))
-return 1
-"#,
-    )
-});
-
-/// Throttle (GCRA with reservations). ARGV: key, limit, period ms, burst,
-/// now ms. Returns the reserved start (ms).
-static THROTTLE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local key, limit, period = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local burst, now = tonumber(ARGV[4]), tonumber(ARGV[5])
-local emission = math.max(math.floor(period / math.max(limit, 1)), 1)
-local tolerance = emission * (math.max(burst, 1) - 1)
-local tat = math.max(tonumber(redis.call('GET', key) or now), now)
-redis.call('SET', key, string.format('%d', tat + emission))
-return string.format('%d', math.max(tat - tolerance, now))
-"#,
-    )
-});
-
 #[async_trait::async_trait]
 impl StateStore for RedisStateStore {
     async fn create_run(&self, run: RunRecord) -> StoreResult<CreateRun> {
@@ -365,7 +422,8 @@ impl StateStore for RedisStateStore {
             .arg(&run.id)
             .arg(run.to_bytes())
             .arg(self.conn.key("runs", ""))
-            .arg(self.conn.key("fnruns:", &run.fn_id));
+            .arg(self.conn.key("fnruns:", &run.fn_id))
+            .arg(&self.status_sets(&run.fn_id, run.status));
         for event_id in &run.event_ids {
             invocation.arg(self.conn.key("evruns:", event_id));
         }
@@ -420,12 +478,7 @@ impl StateStore for RedisStateStore {
         }
     }
 
-    async fn commit(
-        &self,
-        run_id: &str,
-        expected_version: Option<u64>,
-        writes: &RunWrites,
-    ) -> StoreResult<Commit> {
+    async fn commit(&self, run_id: &str, writes: &RunWrites) -> StoreResult<Commit> {
         let run_key = self.run_key(run_id);
         let version_key = self.version_key(run_id);
         let steps_key = self.conn.key("steps:", run_id);
@@ -436,7 +489,7 @@ impl StateStore for RedisStateStore {
             let read = self.commit_read(run_id, writes).await?;
             let version_read = read.version.to_string();
             let used_read = read.metadata_used;
-            let (plan, outcome) = match plan_commit(read, expected_version, writes) {
+            let (plan, outcome) = match plan_commit(read, writes) {
                 Ok(planned) => planned,
                 Err(answer) => return Ok(answer),
             };
@@ -454,6 +507,15 @@ impl StateStore for RedisStateStore {
             }
             if let Some(record) = &plan.run {
                 change.command("SET", &[run_key.as_bytes(), &record.to_bytes()]);
+                if let Some((from, to)) = plan.status_moved {
+                    let id = run_id.as_bytes();
+                    for set in self.status_sets(&record.fn_id, from) {
+                        change.command("ZREM", &[set.as_bytes(), id]);
+                    }
+                    for set in self.status_sets(&record.fn_id, to) {
+                        change.command("ZADD", &[set.as_bytes(), b"0", id]);
+                    }
+                }
             }
             if let Some(version) = plan.version {
                 change.command(
@@ -506,11 +568,8 @@ impl StateStore for RedisStateStore {
         self.conn.apply(&self.pause_change(&pause)).await
     }
 
-    async fn save_signal_pause(
-        &self,
-        pause: PauseRecord,
-        replace: bool,
-    ) -> StoreResult<SaveSignal> {
+    async fn save_signal_pause(&self, wait: SignalWait) -> StoreResult<SaveSignal> {
+        let SignalWait { pause, replace } = wait;
         let signal = pause.correlation_id.clone().unwrap_or_default();
         let signal_key = self.conn.key("psig:", &signal);
         let mut attempts = Attempts::new("save_signal_pause");
@@ -545,8 +604,8 @@ impl StateStore for RedisStateStore {
         }
     }
 
-    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
-        self.pause_at(&self.conn.key("psig:", signal)).await
+    async fn pause_by(&self, by: PauseKey<'_>) -> StoreResult<Option<PauseRecord>> {
+        self.pause_at(&self.correlation_key(by)).await
     }
 
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
@@ -566,14 +625,9 @@ impl StateStore for RedisStateStore {
         Ok(paths)
     }
 
-    async fn pauses_for_match(
-        &self,
-        event_name: &str,
-        path: &str,
-        value_json: &str,
-    ) -> StoreResult<Vec<PauseRecord>> {
-        self.pauses_in(&self.match_key(event_name, path, value_json))
-            .await
+    async fn pauses_for_match(&self, key: PauseMatch<'_>) -> StoreResult<Vec<PauseRecord>> {
+        let set = self.match_key(key.event_name, key.path, key.value_json);
+        self.pauses_in(&set).await
     }
 
     async fn release_signal(&self, signal: &str, pause_id: &str) -> StoreResult<()> {
@@ -585,14 +639,6 @@ impl StateStore for RedisStateStore {
         // False: another wait holds the signal now, or none does.
         self.conn.apply(&change).await?;
         Ok(())
-    }
-
-    async fn pause_for_correlation(
-        &self,
-        correlation_id: &str,
-    ) -> StoreResult<Option<PauseRecord>> {
-        self.pause_at(&self.conn.key("pcorr:", correlation_id))
-            .await
     }
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {
@@ -620,7 +666,7 @@ impl StateStore for RedisStateStore {
                     &[self.conn.key("prun:", &pause.run_id).as_bytes(), id],
                 );
             if let Some(correlation) = &pause.correlation_id {
-                let index = self.correlation_key(&pause, correlation);
+                let index = self.correlation_key(PauseKey::of(&pause, correlation));
                 if pause.kind == PauseKind::Signal {
                     // Give the signal up only if this pause still holds it.
                     let holder = self.conn.get_bytes(&index).await?;
@@ -644,174 +690,39 @@ impl StateStore for RedisStateStore {
             .await
     }
 
-    async fn rate_limit_take(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        now: Timestamp,
-    ) -> StoreResult<bool> {
-        let mut invocation = RATE_LIMIT.prepare_invoke();
-        invocation
-            .arg(self.conn.key("rl:", key))
-            .arg(limit)
-            .arg(period.as_millis() as i64)
-            .arg(now.millis());
-        let taken: i64 = self.conn.invoke(&invocation).await?;
-        Ok(taken == 1)
-    }
-
-    async fn throttle_reserve(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        burst: u32,
-        now: Timestamp,
-    ) -> StoreResult<Timestamp> {
-        let mut invocation = THROTTLE.prepare_invoke();
-        invocation
-            .arg(self.conn.key("th:", key))
-            .arg(limit)
-            .arg(period.as_millis() as i64)
-            .arg(burst)
-            .arg(now.millis());
-        let allowed: i64 = self.conn.invoke(&invocation).await?;
-        Ok(Timestamp(allowed))
-    }
-
-    async fn debounce_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        period: Duration,
-        timeout: Option<Duration>,
-        now: Timestamp,
-    ) -> StoreResult<(u64, Timestamp)> {
-        let record_key = self.conn.key("debounce:", key);
-        let mut attempts = Attempts::new("debounce_push");
+    async fn update_flow(&self, slot: FlowSlot<'_>, change: FlowChange<'_>) -> StoreResult<()> {
+        let family = match slot {
+            FlowSlot::RateLimit(_) => "rl:",
+            FlowSlot::Throttle(_) => "th:",
+            FlowSlot::Debounce(_) => "debounce:",
+            FlowSlot::Batch(_) => "batch:",
+            FlowSlot::Singleton(_) => "singleton:",
+        };
+        // Arrival times are decimal text, as the scripts of earlier
+        // releases wrote them.
+        let record_key = self.conn.key(family, slot.key());
+        let mut attempts = Attempts::new("update_flow");
         loop {
             attempts.next().await?;
             let bytes = self.conn.get_bytes(&record_key).await?;
-            let previous = bytes
-                .as_deref()
-                .map(DebounceRecord::from_bytes)
-                .transpose()?;
-            let record = next_debounce(previous.as_ref(), event, period, timeout, now);
-            let mut change = Change::default();
-            change
-                .expect(&record_key, bytes.as_deref())
-                .command("SET", &[record_key.as_bytes(), &record.to_bytes()]);
-            if self.conn.apply(&change).await? {
-                return Ok((record.generation, Timestamp(record.due)));
-            }
-        }
-    }
-
-    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>> {
-        let record_key = self.conn.key("debounce:", key);
-        let mut attempts = Attempts::new("debounce_take");
-        loop {
-            attempts.next().await?;
-            let Some(bytes) = self.conn.get_bytes(&record_key).await? else {
-                return Ok(None);
-            };
-            let record = DebounceRecord::from_bytes(&bytes)?;
-            if record.generation != generation {
-                return Ok(None);
-            }
-            let mut change = Change::default();
-            change
-                .expect(&record_key, Some(&bytes))
-                .command("DEL", &[record_key.as_bytes()]);
-            if self.conn.apply(&change).await? {
-                return Ok(Some(record.event));
-            }
-        }
-    }
-
-    async fn batch_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        max_size: u32,
-        now: Timestamp,
-    ) -> StoreResult<BatchPush> {
-        let record_key = self.conn.key("batch:", key);
-        let mut attempts = Attempts::new("batch_push");
-        loop {
-            attempts.next().await?;
-            let bytes = self.conn.get_bytes(&record_key).await?;
-            let previous = bytes.as_deref().map(BatchRecord::from_bytes).transpose()?;
-            let (stored, outcome) = push_to_batch(previous, event, max_size, now);
-            let mut change = Change::default();
-            change.expect(&record_key, bytes.as_deref());
-            match &stored {
-                Some(batch) => change.command("SET", &[record_key.as_bytes(), &batch.to_bytes()]),
-                None => change.command("DEL", &[record_key.as_bytes()]),
-            };
-            if !self.conn.apply(&change).await? {
-                continue;
-            }
-            return Ok(outcome);
-        }
-    }
-
-    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>> {
-        let record_key = self.conn.key("batch:", key);
-        let mut attempts = Attempts::new("batch_take");
-        loop {
-            attempts.next().await?;
-            let Some(bytes) = self.conn.get_bytes(&record_key).await? else {
-                return Ok(Vec::new());
-            };
-            let batch = BatchRecord::from_bytes(&bytes)?;
-            if batch.batch_id != batch_id {
-                return Ok(Vec::new());
-            }
-            let mut change = Change::default();
-            change
-                .expect(&record_key, Some(&bytes))
-                .command("DEL", &[record_key.as_bytes()]);
-            if self.conn.apply(&change).await? {
-                return Ok(batch.events);
-            }
-        }
-    }
-
-    async fn singleton_claim(
-        &self,
-        key: &str,
-        run_id: &str,
-        replace: bool,
-    ) -> StoreResult<Option<String>> {
-        let holder_key = self.conn.key("singleton:", key);
-        let mut attempts = Attempts::new("singleton_claim");
-        loop {
-            attempts.next().await?;
-            let held = self.conn.get_bytes(&holder_key).await?;
-            let mut change = Change::default();
-            change.expect(&holder_key, held.as_deref());
-            // The holder counts while its run has not ended; the claim
-            // applies only if neither the holder nor its run changed.
-            let holder = match &held {
-                Some(id) => {
-                    let id = String::from_utf8_lossy(id).to_string();
-                    let run_bytes = self.load_run_bytes(&id).await?;
-                    change.expect(&self.run_key(&id), run_bytes.as_deref());
-                    let running = match &run_bytes {
-                        Some(bytes) => !RunRecord::from_bytes(bytes)?.status.is_terminal(),
-                        None => false,
-                    };
-                    running.then_some(id)
+            let stored = match &bytes {
+                Some(bytes) => {
+                    Some(slot.decode(bytes, |b| std::str::from_utf8(b).ok()?.parse().ok())?)
                 }
                 None => None,
             };
-            if holder.is_none() || replace {
-                change.command("SET", &[holder_key.as_bytes(), run_id.as_bytes()]);
-            }
-            if self.conn.apply(&change).await? {
-                return Ok(holder);
+            let mut write = Change::default();
+            write.expect(&record_key, bytes.as_deref());
+            match change(stored) {
+                FlowWrite::Keep => return Ok(()),
+                FlowWrite::Put(record) => {
+                    let value = record.to_bytes(|tat| tat.to_string().into_bytes());
+                    write.command("SET", &[record_key.as_bytes(), &value])
+                }
+                FlowWrite::Clear => write.command("DEL", &[record_key.as_bytes()]),
+            };
+            if self.conn.apply(&write).await? {
+                return Ok(());
             }
         }
     }
@@ -824,29 +735,18 @@ impl StateStore for RedisStateStore {
         Ok(defers.map(|d| d.defers).unwrap_or_default())
     }
 
-    async fn list_runs(
-        &self,
-        limit: usize,
-        before: Option<&str>,
-        fn_id: Option<&str>,
-        status: Option<RunStatus>,
-    ) -> StoreResult<Vec<RunRecord>> {
+    async fn list_runs(&self, query: &RunQuery<'_>) -> StoreResult<Vec<RunRecord>> {
+        // The set that lists exactly the runs asked for.
+        let index = match (query.fn_id, query.status) {
+            (Some(fn_id), Some(status)) => self.fn_status_set(fn_id, status),
+            (None, Some(status)) => self.status_set(status),
+            (Some(fn_id), None) => self.conn.key("fnruns:", fn_id),
+            (None, None) => self.conn.key("runs", ""),
+        };
         let mut runs = Vec::new();
-        if limit == 0 {
-            return Ok(runs);
-        }
-        let index = match fn_id {
-            Some(fn_id) => self.conn.key("fnruns:", fn_id),
-            None => self.conn.key("runs", ""),
-        };
-        let mut max = before.map_or("+".to_string(), |id| format!("({id}"));
-        // Without a status filter every run read is listed.
-        let chunk = if status.is_some() {
-            LIST_CHUNK
-        } else {
-            limit.min(LIST_CHUNK)
-        };
-        loop {
+        let mut max = query.before.map_or("+".to_string(), |id| format!("({id}"));
+        while runs.len() < query.limit {
+            let chunk = (query.limit - runs.len()).min(LIST_CHUNK);
             let ids: Vec<String> = self
                 .conn
                 .query(
@@ -860,22 +760,16 @@ impl StateStore for RedisStateStore {
                 )
                 .await?;
             let Some(last) = ids.last() else {
-                return Ok(runs);
+                break;
             };
             max = format!("({last}");
-            for run in self.runs(&ids).await? {
-                if status.is_some_and(|s| s != run.status) {
-                    continue;
-                }
-                runs.push(run);
-                if runs.len() >= limit {
-                    return Ok(runs);
-                }
-            }
+            // Runs deleted since they were listed are left out.
+            runs.extend(self.runs(&ids).await?);
             if ids.len() < chunk {
-                return Ok(runs);
+                break;
             }
         }
+        Ok(runs)
     }
 
     async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64> {
@@ -928,7 +822,8 @@ impl StateStore for RedisStateStore {
                 .arg(&run.idempotency_key)
                 .arg(&run.id)
                 .arg(&index)
-                .arg(self.conn.key("fnruns:", &run.fn_id));
+                .arg(self.conn.key("fnruns:", &run.fn_id))
+                .arg(&self.status_sets(&run.fn_id, run.status));
             for event_id in &run.event_ids {
                 invocation.arg(self.conn.key("evruns:", event_id));
             }

@@ -254,6 +254,31 @@ mod tests {
             .unwrap();
     }
 
+    #[actix_rt::test]
+    async fn a_store_without_the_status_index_gets_it_at_open() {
+        use crate::model::RunStatus;
+        let db = SledDb::temporary().unwrap();
+        let state = SledStateStore::open(&db).unwrap();
+        let runs = testsuite::write_for_status_rebuild(&state).await.unwrap();
+        // As a store written before the index existed: no entries (while
+        // the mark stays, nothing builds them), then no mark.
+        let tree = db.tree("state").unwrap();
+        for prefix in [&b"rs/"[..], b"rf/"] {
+            for entry in tree.scan_prefix(prefix) {
+                tree.remove(entry.unwrap().0).unwrap();
+            }
+        }
+        let state = SledStateStore::open(&db).unwrap();
+        let completed = testsuite::listed_in(&state, None, RunStatus::Completed);
+        assert!(completed.await.unwrap().is_empty());
+        tree.remove(b"ix/status").unwrap();
+        let state = SledStateStore::open(&db).unwrap();
+        testsuite::check_status_index_rebuilt(&state, &runs)
+            .await
+            .unwrap();
+        assert!(tree.contains_key(b"ix/status").unwrap(), "the mark is set");
+    }
+
     #[test]
     fn a_second_process_is_refused_clearly() {
         let dir = tempfile::tempdir().unwrap();

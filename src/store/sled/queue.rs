@@ -15,7 +15,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -23,7 +22,7 @@ use super::{sled_error, SledDb};
 use crate::clock::Timestamp;
 use crate::model::records::{QueueEntry, Record};
 use crate::model::QueueItem;
-use crate::store::{Lease, Queue, StoreResult};
+use crate::store::{Held, Lease, LeaseBatch, Queue, Retry, Scheduled, StoreResult};
 
 /// Items taken from one partition per round-robin pass.
 const QUANTUM: usize = 4;
@@ -255,29 +254,20 @@ impl SledQueue {
 
 #[async_trait::async_trait]
 impl Queue for SledQueue {
-    async fn enqueue(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool> {
-        let added = {
-            let _guard = self.lock();
-            let mut batch = sled::Batch::default();
-            let added = self.stage_enqueue(&mut batch, &mut HashSet::new(), item, due)?;
-            self.tree.apply_batch(batch).map_err(sled_error)?;
-            added
-        };
-        if added {
-            self.work.notify_one();
-        }
+    fn work(&self) -> &Notify {
+        &self.work
+    }
+
+    async fn insert(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool> {
+        let _guard = self.lock();
+        let mut batch = sled::Batch::default();
+        let added = self.stage_enqueue(&mut batch, &mut HashSet::new(), item, due)?;
+        self.tree.apply_batch(batch).map_err(sled_error)?;
         Ok(added)
     }
 
-    async fn lease_due(
-        &self,
-        now: Timestamp,
-        max: usize,
-        ttl: Duration,
-    ) -> StoreResult<Vec<Lease>> {
-        if max == 0 {
-            return Ok(Vec::new());
-        }
+    async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>> {
+        let (now, max, expires) = (batch.now, batch.max, batch.expires);
         let mut cursor = self.lock();
         self.requeue_expired(now)?;
         let mut partitions = self.partitions()?;
@@ -296,7 +286,6 @@ impl Queue for SledQueue {
         let mut leases = Vec::new();
         let mut taken: HashSet<Vec<u8>> = HashSet::new();
         let mut open: Vec<String> = partitions;
-        let expires = now.plus(ttl);
         while leases.len() < max && !open.is_empty() {
             let mut still_open = Vec::new();
             for partition in open {
@@ -387,15 +376,11 @@ impl Queue for SledQueue {
         Ok(self.held(lease_id, item_id)?.is_some())
     }
 
-    async fn ack(
-        &self,
-        lease_id: u64,
-        item_id: &str,
-        next: Vec<(QueueItem, Timestamp)>,
-    ) -> StoreResult<bool> {
+    async fn ack_held(&self, held: Held<'_>, next: Vec<Scheduled>) -> StoreResult<bool> {
+        let item_id = held.item_id;
         {
             let _guard = self.lock();
-            let Some(entry) = self.held(lease_id, item_id)? else {
+            let Some(entry) = self.held(held.lease_id, item_id)? else {
                 return Ok(false);
             };
             let mut batch = sled::Batch::default();
@@ -423,21 +408,13 @@ impl Queue for SledQueue {
             }
             self.tree.apply_batch(batch).map_err(sled_error)?;
         }
-        // New items, or a freed concurrency slot: look again.
-        self.work.notify_one();
         Ok(true)
     }
 
-    async fn retry_at(
-        &self,
-        lease_id: u64,
-        item_id: &str,
-        due: Timestamp,
-        count_attempt: bool,
-    ) -> StoreResult<bool> {
+    async fn retry_held(&self, held: Held<'_>, retry: Retry) -> StoreResult<bool> {
         {
             let _guard = self.lock();
-            let Some(mut entry) = self.held(lease_id, item_id)? else {
+            let Some(mut entry) = self.held(held.lease_id, held.item_id)? else {
                 return Ok(false);
             };
             let mut batch = sled::Batch::default();
@@ -446,14 +423,13 @@ impl Queue for SledQueue {
             }
             self.counts().add(&mut batch, &entry.item.limits, -1)?;
             entry.lease = None;
-            entry.due = due.millis();
-            if count_attempt {
+            entry.due = retry.due.millis();
+            if retry.count_attempt {
                 entry.attempt += 1;
             }
             Self::stage_ready(&mut batch, &entry);
             self.tree.apply_batch(batch).map_err(sled_error)?;
         }
-        self.work.notify_one();
         Ok(true)
     }
 
@@ -492,10 +468,6 @@ impl Queue for SledQueue {
             next = Some(next.map_or(at, |n| n.min(at)));
         }
         Ok(next.map(Timestamp))
-    }
-
-    async fn wait_for_work(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.work.notified()).await;
     }
 
     async fn len(&self) -> StoreResult<u64> {

@@ -12,7 +12,11 @@
 //! metadata: `md/<run>/<seq>` records in the order added, `mi/<run>/<id>`
 //! their ids (→ seq), `mz/<run>` the run's metadata bytes and next seq;
 //! `df/<run>` the run's defers; `rv/<run>` the run's version (see
-//! `store::commit`; absent until its first commit).
+//! `store::commit`; absent until its first commit); runs by status:
+//! `rs/<status>/<run>` and `rf/<status>/<fn>\0<run>` (status names as
+//! `RunStatus::as_str`), written in the same batch as every status change,
+//! and `ix/status`, set once they cover every run (a store written before
+//! them gets them built at open).
 
 use std::sync::{Arc, Mutex};
 
@@ -22,14 +26,12 @@ use crate::model::metadata::MetadataRecord;
 use crate::model::records::Record;
 use crate::model::trace::AttemptRecord;
 use crate::model::{
-    BatchRecord, DebounceRecord, DeferRecord, EventRecord, PauseKind, PauseRecord, RunDefers,
-    RunRecord, RunStatus, StepRecord,
+    DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
-    gcra_reserve, gcra_take, next_debounce, plan_commit, push_to_batch, AddMetadata, BatchPush,
-    Commit, CommitRead, CreateRun, RunWrites, SaveSignal, StateStore, StoreResult,
+    plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite,
+    PauseKey, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
 };
-use std::time::Duration;
 
 pub struct SledStateStore {
     inner: Arc<StateTree>,
@@ -55,19 +57,97 @@ impl std::ops::Deref for SledStateStore {
 }
 
 impl SledStateStore {
+    /// Opens the state tree; a store written before the status index
+    /// existed gets it built first (see [`StateTree::build_status_index`]).
     pub fn open(db: &SledDb) -> StoreResult<SledStateStore> {
+        let tree = StateTree {
+            tree: db.tree("state")?,
+            write_lock: Mutex::new(()),
+            attempt_seq: std::sync::atomic::AtomicU64::new(0),
+        };
+        tree.build_status_index()?;
         Ok(SledStateStore {
-            inner: Arc::new(StateTree {
-                tree: db.tree("state")?,
-                write_lock: Mutex::new(()),
-                attempt_seq: std::sync::atomic::AtomicU64::new(0),
-            }),
+            inner: Arc::new(tree),
             commit: db.commit.clone(),
         })
     }
 }
 
+/// Set once the status index covers every run.
+const STATUS_INDEX_BUILT: &[u8] = b"ix/status";
+/// Runs indexed per batch while building the status index.
+const STATUS_INDEX_CHUNK: usize = 1_000;
+
+/// The entry that lists `run_id` among the runs in `status`.
+fn status_key(status: RunStatus, run_id: &str) -> Vec<u8> {
+    key(&[b"rs", status.as_str().as_bytes(), run_id.as_bytes()])
+}
+
+/// The entry that lists `run_id` among the runs of `fn_id` in `status`
+/// (everything before the run id is its listing's prefix).
+fn fn_status_key(status: RunStatus, fn_id: &str, run_id: &str) -> Vec<u8> {
+    let mut bytes = key(&[b"rf", status.as_str().as_bytes(), fn_id.as_bytes()]);
+    bytes.push(0);
+    bytes.extend_from_slice(run_id.as_bytes());
+    bytes
+}
+
+/// The first key past every key that starts with `prefix` (whose last byte
+/// is a separator, never 0xff).
+fn past_prefix(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+/// Adds the status entries of `run` (in `status`) to `batch`.
+fn index_status(batch: &mut sled::Batch, run: &RunRecord, status: RunStatus) {
+    batch.insert(status_key(status, &run.id), &[]);
+    batch.insert(fn_status_key(status, &run.fn_id, &run.id), &[]);
+}
+
+/// Removes the status entries of `run` (in `status`) in `batch`.
+fn unindex_status(batch: &mut sled::Batch, run: &RunRecord, status: RunStatus) {
+    batch.remove(status_key(status, &run.id));
+    batch.remove(fn_status_key(status, &run.fn_id, &run.id));
+}
+
 impl StateTree {
+    /// Builds the status index of a store written before it existed: every
+    /// run's entries, a batch at a time, then the mark that says it is
+    /// done (a crash before the mark builds it again; entries are written
+    /// idempotently). Runs at open, before anything else writes.
+    fn build_status_index(&self) -> StoreResult<()> {
+        if self
+            .tree
+            .contains_key(STATUS_INDEX_BUILT)
+            .map_err(sled_error)?
+        {
+            return Ok(());
+        }
+        let _guard = self.lock();
+        let mut batch = sled::Batch::default();
+        let mut pending = 0;
+        for entry in self.tree.scan_prefix(b"r/") {
+            let (_, bytes) = entry.map_err(sled_error)?;
+            let run = RunRecord::from_bytes(&bytes)?;
+            index_status(&mut batch, &run, run.status);
+            pending += 1;
+            if pending == STATUS_INDEX_CHUNK {
+                self.tree
+                    .apply_batch(std::mem::take(&mut batch))
+                    .map_err(sled_error)?;
+                pending = 0;
+            }
+        }
+        batch.insert(STATUS_INDEX_BUILT, &[1]);
+        self.tree.apply_batch(batch).map_err(sled_error)?;
+        self.tree.flush().map_err(sled_error)?;
+        Ok(())
+    }
+
     fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
         match self
             .tree
@@ -77,6 +157,50 @@ impl StateTree {
             Some(bytes) => Ok(Some(RunRecord::from_bytes(&bytes)?)),
             None => Ok(None),
         }
+    }
+
+    /// Up to `limit` runs named by the index entries `<prefix><run id>`,
+    /// newest first, created before the run `before` when given.
+    fn runs_indexed(
+        &self,
+        prefix: &[u8],
+        before: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let end = match before {
+            Some(id) => [prefix, id.as_bytes()].concat(),
+            None => past_prefix(prefix),
+        };
+        let mut runs = Vec::new();
+        for entry in self.tree.range(prefix.to_vec()..end).rev() {
+            if runs.len() >= limit {
+                break;
+            }
+            let (entry_key, _) = entry.map_err(sled_error)?;
+            let run_id = String::from_utf8_lossy(&entry_key[prefix.len()..]);
+            // A run deleted since its entry was read is left out.
+            if let Some(run) = self.get_run(&run_id)? {
+                runs.push(run);
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Up to `limit` runs of every function and status, newest first.
+    fn runs_newest_first(&self, limit: usize, before: Option<&str>) -> StoreResult<Vec<RunRecord>> {
+        let end = match before {
+            Some(id) => key(&[b"r", id.as_bytes()]),
+            None => past_prefix(b"r/"),
+        };
+        self.tree
+            .range(b"r/".to_vec()..end)
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (_, bytes) = entry.map_err(sled_error)?;
+                Ok(RunRecord::from_bytes(&bytes)?)
+            })
+            .collect()
     }
 
     fn get_i64(&self, key: &[u8]) -> StoreResult<Option<i64>> {
@@ -238,12 +362,7 @@ impl StateTree {
 
     /// Plans and applies one commit (see `StateStore::commit`); returns its
     /// answer and whether it must be flushed before that answer is given.
-    fn commit_now(
-        &self,
-        run_id: &str,
-        expected_version: Option<u64>,
-        writes: &RunWrites,
-    ) -> StoreResult<(Commit, bool)> {
+    fn commit_now(&self, run_id: &str, writes: &RunWrites) -> StoreResult<(Commit, bool)> {
         let _guard = self.lock();
         let read = self.commit_read(run_id, writes)?;
         let metadata_seq = if writes.metadata.is_empty() {
@@ -251,7 +370,7 @@ impl StateTree {
         } else {
             self.metadata_size(run_id)?.1
         };
-        let (plan, outcome) = match plan_commit(read, expected_version, writes) {
+        let (plan, outcome) = match plan_commit(read, writes) {
             Ok(planned) => planned,
             Err(answer) => return Ok((answer, false)),
         };
@@ -262,6 +381,10 @@ impl StateTree {
         let mut batch = sled::Batch::default();
         if let Some(record) = &plan.run {
             batch.insert(key(&[b"r", run]), record.to_bytes());
+            if let Some((from, to)) = plan.status_moved {
+                unindex_status(&mut batch, record, from);
+                index_status(&mut batch, record, to);
+            }
         }
         if let Some(version) = plan.version {
             batch.insert(key(&[b"rv", run]), &version.to_be_bytes());
@@ -304,7 +427,10 @@ fn insert_pause(batch: &mut sled::Batch, pause: &PauseRecord) {
         &[],
     );
     if let Some(correlation) = &pause.correlation_id {
-        batch.insert(correlation_key(pause, correlation), pause.id.as_bytes());
+        batch.insert(
+            correlation_key(PauseKey::of(pause, correlation)),
+            pause.id.as_bytes(),
+        );
     }
 }
 
@@ -334,11 +460,11 @@ fn pause_index_key(pause: &PauseRecord) -> Vec<u8> {
     }
 }
 
-/// Where a pause's correlation id is indexed: signals apart from invokes.
-fn correlation_key(pause: &PauseRecord, correlation: &str) -> Vec<u8> {
-    match pause.kind {
-        PauseKind::Signal => key(&[b"ps", correlation.as_bytes()]),
-        _ => key(&[b"pc", correlation.as_bytes()]),
+/// The index entry of a pause by correlation id.
+fn correlation_key(by: PauseKey<'_>) -> Vec<u8> {
+    match by {
+        PauseKey::Signal(signal) => key(&[b"ps", signal.as_bytes()]),
+        PauseKey::Correlation(correlation) => key(&[b"pc", correlation.as_bytes()]),
     }
 }
 
@@ -365,6 +491,7 @@ impl StateStore for SledStateStore {
             batch.insert(idem, run.id.as_bytes());
             batch.insert(key(&[b"r", run.id.as_bytes()]), run.to_bytes());
             batch.insert(key(&[b"bf", run.fn_id.as_bytes(), run.id.as_bytes()]), &[]);
+            index_status(&mut batch, &run, run.status);
             for event_id in &run.event_ids {
                 batch.insert(key(&[b"e", event_id.as_bytes(), run.id.as_bytes()]), &[]);
             }
@@ -407,19 +534,14 @@ impl StateStore for SledStateStore {
         }
     }
 
-    async fn commit(
-        &self,
-        run_id: &str,
-        expected_version: Option<u64>,
-        writes: &RunWrites,
-    ) -> StoreResult<Commit> {
+    async fn commit(&self, run_id: &str, writes: &RunWrites) -> StoreResult<Commit> {
         // On the store thread, which flushes once for every commit in its
         // batch before answering.
         let tree = self.inner.clone();
         let run_id = run_id.to_string();
         let writes = writes.clone();
         self.commit
-            .run(move || tree.commit_now(&run_id, expected_version, &writes))
+            .run(move || tree.commit_now(&run_id, &writes))
             .await
     }
 
@@ -434,11 +556,8 @@ impl StateStore for SledStateStore {
         Ok(saved)
     }
 
-    async fn save_signal_pause(
-        &self,
-        pause: PauseRecord,
-        replace: bool,
-    ) -> StoreResult<SaveSignal> {
+    async fn save_signal_pause(&self, wait: SignalWait) -> StoreResult<SaveSignal> {
+        let SignalWait { pause, replace } = wait;
         let signal = pause.correlation_id.clone().unwrap_or_default();
         let result = {
             let _guard = self.lock();
@@ -466,8 +585,8 @@ impl StateStore for SledStateStore {
         Ok(result)
     }
 
-    async fn pause_for_signal(&self, signal: &str) -> StoreResult<Option<PauseRecord>> {
-        self.pause_at(&key(&[b"ps", signal.as_bytes()]))
+    async fn pause_by(&self, by: PauseKey<'_>) -> StoreResult<Option<PauseRecord>> {
+        self.pause_at(&correlation_key(by))
     }
 
     async fn get_pause(&self, pause_id: &str) -> StoreResult<Option<PauseRecord>> {
@@ -491,13 +610,8 @@ impl StateStore for SledStateStore {
             .collect()
     }
 
-    async fn pauses_for_match(
-        &self,
-        event_name: &str,
-        path: &str,
-        value_json: &str,
-    ) -> StoreResult<Vec<PauseRecord>> {
-        let prefix = joined(b"pm/", &[event_name, path, value_json, ""]);
+    async fn pauses_for_match(&self, key: PauseMatch<'_>) -> StoreResult<Vec<PauseRecord>> {
+        let prefix = joined(b"pm/", &[key.event_name, key.path, key.value_json, ""]);
         self.pauses_under(&prefix)
     }
 
@@ -512,13 +626,6 @@ impl StateStore for SledStateStore {
             self.commit.flush().await?;
         }
         Ok(())
-    }
-
-    async fn pause_for_correlation(
-        &self,
-        correlation_id: &str,
-    ) -> StoreResult<Option<PauseRecord>> {
-        self.pause_at(&key(&[b"pc", correlation_id.as_bytes()]))
     }
 
     async fn pauses_for_run(&self, run_id: &str) -> StoreResult<Vec<PauseRecord>> {
@@ -536,7 +643,7 @@ impl StateStore for SledStateStore {
         batch.remove(pause_index_key(&pause));
         batch.remove(key(&[b"pr", pause.run_id.as_bytes(), pause.id.as_bytes()]));
         if let Some(correlation) = &pause.correlation_id {
-            let index = correlation_key(&pause, correlation);
+            let index = correlation_key(PauseKey::of(&pause, correlation));
             let holds = match pause.kind {
                 PauseKind::Signal => self
                     .tree
@@ -557,129 +664,32 @@ impl StateStore for SledStateStore {
         Ok(self.tree.scan_prefix(b"pa/").count() as u64)
     }
 
-    async fn rate_limit_take(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        now: Timestamp,
-    ) -> StoreResult<bool> {
+    async fn update_flow(&self, slot: FlowSlot<'_>, change: FlowChange<'_>) -> StoreResult<()> {
         let _guard = self.lock();
-        let tat_key = joined(b"fl/rl/", &[key]);
-        let Some(tat) = gcra_take(self.get_i64(&tat_key)?, limit, period, now) else {
-            return Ok(false);
+        let family: &[u8] = match slot {
+            FlowSlot::RateLimit(_) => b"fl/rl/",
+            FlowSlot::Throttle(_) => b"fl/th/",
+            FlowSlot::Debounce(_) => b"fl/db/",
+            FlowSlot::Batch(_) => b"fl/bt/",
+            FlowSlot::Singleton(_) => b"fl/sg/",
         };
-        self.tree
-            .insert(tat_key, &tat.to_be_bytes())
-            .map_err(sled_error)?;
-        Ok(true)
-    }
-
-    async fn throttle_reserve(
-        &self,
-        key: &str,
-        limit: u32,
-        period: Duration,
-        burst: u32,
-        now: Timestamp,
-    ) -> StoreResult<Timestamp> {
-        let _guard = self.lock();
-        let tat_key = joined(b"fl/th/", &[key]);
-        let (tat, allowed) = gcra_reserve(self.get_i64(&tat_key)?, limit, period, burst, now);
-        self.tree
-            .insert(tat_key, &tat.to_be_bytes())
-            .map_err(sled_error)?;
-        Ok(allowed)
-    }
-
-    async fn debounce_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        period: Duration,
-        timeout: Option<Duration>,
-        now: Timestamp,
-    ) -> StoreResult<(u64, Timestamp)> {
-        let _guard = self.lock();
-        let record_key = joined(b"fl/db/", &[key]);
-        let previous: Option<DebounceRecord> = self.get_record(&record_key)?;
-        let record = next_debounce(previous.as_ref(), event, period, timeout, now);
-        let (generation, due) = (record.generation, record.due);
-        self.tree
-            .insert(record_key, record.to_bytes())
-            .map_err(sled_error)?;
-        Ok((generation, Timestamp(due)))
-    }
-
-    async fn debounce_take(&self, key: &str, generation: u64) -> StoreResult<Option<EventRecord>> {
-        let _guard = self.lock();
-        let record_key = joined(b"fl/db/", &[key]);
-        let Some(record) = self.get_record::<DebounceRecord>(&record_key)? else {
-            return Ok(None);
-        };
-        if record.generation != generation {
-            return Ok(None);
-        }
-        self.tree.remove(record_key).map_err(sled_error)?;
-        Ok(Some(record.event))
-    }
-
-    async fn batch_push(
-        &self,
-        key: &str,
-        event: &EventRecord,
-        max_size: u32,
-        now: Timestamp,
-    ) -> StoreResult<BatchPush> {
-        let _guard = self.lock();
-        let record_key = joined(b"fl/bt/", &[key]);
-        let previous = self.get_record::<BatchRecord>(&record_key)?;
-        let (stored, outcome) = push_to_batch(previous, event, max_size, now);
-        match stored {
-            Some(batch) => self.tree.insert(record_key, batch.to_bytes()),
-            None => self.tree.remove(record_key),
-        }
-        .map_err(sled_error)?;
-        Ok(outcome)
-    }
-
-    async fn batch_take(&self, key: &str, batch_id: &str) -> StoreResult<Vec<EventRecord>> {
-        let _guard = self.lock();
-        let record_key = joined(b"fl/bt/", &[key]);
-        match self.get_record::<BatchRecord>(&record_key)? {
-            Some(batch) if batch.batch_id == batch_id => {
-                self.tree.remove(record_key).map_err(sled_error)?;
-                Ok(batch.events)
-            }
-            _ => Ok(Vec::new()),
-        }
-    }
-
-    async fn singleton_claim(
-        &self,
-        key: &str,
-        run_id: &str,
-        replace: bool,
-    ) -> StoreResult<Option<String>> {
-        let _guard = self.lock();
-        let holder_key = joined(b"fl/sg/", &[key]);
-        let holder = match self.tree.get(&holder_key).map_err(sled_error)? {
-            Some(id) => {
-                let id = String::from_utf8_lossy(&id).to_string();
-                let running = self
-                    .get_run(&id)?
-                    .is_some_and(|run| !run.status.is_terminal());
-                running.then_some(id)
-            }
+        let record_key = joined(family, &[slot.key()]);
+        let stored = match self.tree.get(&record_key).map_err(sled_error)? {
+            Some(bytes) => Some(slot.decode(&bytes, |b| {
+                Some(i64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+            })?),
             None => None,
         };
-        if holder.is_some() && !replace {
-            return Ok(holder);
+        match change(stored) {
+            FlowWrite::Keep => return Ok(()),
+            FlowWrite::Put(record) => {
+                let bytes = record.to_bytes(|tat| tat.to_be_bytes().to_vec());
+                self.tree.insert(record_key, bytes)
+            }
+            FlowWrite::Clear => self.tree.remove(record_key),
         }
-        self.tree
-            .insert(holder_key, run_id.as_bytes())
-            .map_err(sled_error)?;
-        Ok(holder)
+        .map_err(sled_error)?;
+        Ok(())
     }
 
     async fn load_defers(&self, run_id: &str) -> StoreResult<Vec<DeferRecord>> {
@@ -689,57 +699,15 @@ impl StateStore for SledStateStore {
             .unwrap_or_default())
     }
 
-    async fn list_runs(
-        &self,
-        limit: usize,
-        before: Option<&str>,
-        fn_id: Option<&str>,
-        status: Option<RunStatus>,
-    ) -> StoreResult<Vec<RunRecord>> {
-        let mut runs = Vec::new();
-        if let Some(fn_id) = fn_id {
-            // The function's own index: only its runs are read.
-            let start = key(&[b"bf", fn_id.as_bytes(), b""]);
-            let end = match before {
-                Some(id) => key(&[b"bf", fn_id.as_bytes(), id.as_bytes()]),
-                None => {
-                    let mut end = key(&[b"bf", fn_id.as_bytes()]);
-                    end.push(b'0'); // just past every "bf/<fn>/..." key
-                    end
-                }
-            };
-            for entry in self.tree.range(start.clone()..end).rev() {
-                let (entry_key, _) = entry.map_err(sled_error)?;
-                let run_id = String::from_utf8_lossy(&entry_key[start.len()..]).to_string();
-                let Some(run) = self.get_run(&run_id)? else {
-                    continue;
-                };
-                if status.is_some_and(|s| s != run.status) {
-                    continue;
-                }
-                runs.push(run);
-                if runs.len() >= limit {
-                    break;
-                }
-            }
-            return Ok(runs);
-        }
-        let end = match before {
-            Some(id) => key(&[b"r", id.as_bytes()]),
-            None => b"r0".to_vec(), // just past every "r/..." key
+    async fn list_runs(&self, query: &RunQuery<'_>) -> StoreResult<Vec<RunRecord>> {
+        // An index when filtering, so only the listed runs are read.
+        let index = match (query.fn_id, query.status) {
+            (Some(fn_id), Some(status)) => fn_status_key(status, fn_id, ""),
+            (None, Some(status)) => status_key(status, ""),
+            (Some(fn_id), None) => key(&[b"bf", fn_id.as_bytes(), b""]),
+            (None, None) => return self.runs_newest_first(query.limit, query.before),
         };
-        for entry in self.tree.range(b"r/".to_vec()..end).rev() {
-            let (_, bytes) = entry.map_err(sled_error)?;
-            let run = RunRecord::from_bytes(&bytes)?;
-            if status.is_some_and(|s| s != run.status) {
-                continue;
-            }
-            runs.push(run);
-            if runs.len() >= limit {
-                break;
-            }
-        }
-        Ok(runs)
+        self.runs_indexed(&index, query.before, query.limit)
     }
 
     async fn delete_runs_before(&self, cutoff: Timestamp, max: usize) -> StoreResult<u64> {
@@ -762,6 +730,7 @@ impl StateStore for SledStateStore {
             let mut batch = sled::Batch::default();
             batch.remove(key(&[b"r", run.id.as_bytes()]));
             batch.remove(key(&[b"bf", run.fn_id.as_bytes(), run.id.as_bytes()]));
+            unindex_status(&mut batch, &run, run.status);
             batch.remove(idempotency_key(&run.fn_id, &run.idempotency_key));
             batch.remove(key(&[b"df", run.id.as_bytes()]));
             batch.remove(key(&[b"rv", run.id.as_bytes()]));
