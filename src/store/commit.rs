@@ -53,6 +53,12 @@ pub struct RunWrites {
     /// left out and the others are still stored.
     pub metadata: Vec<MetadataRecord>,
     pub metadata_limit: u64,
+    /// Writes `metadata` alone, to a run ended or not, all or nothing:
+    /// when one new record does not fit, none is stored (each outcome is
+    /// then `TooLarge` with the bytes the run held). The rest of the
+    /// writes is ignored ([`StateStore::add_metadata`]: a run's scores may
+    /// come after its end).
+    pub metadata_alone: bool,
     /// Pauses to store, each unless one with its id exists.
     pub pauses: Vec<PauseRecord>,
     /// Step ids to add to the run's planned set (those without a result).
@@ -190,15 +196,68 @@ impl CommitPlan<'_> {
     }
 }
 
+/// Each metadata record of `writes`, stored once (by id), if it fits
+/// within the run's limit; one that does not is left out.
+fn plan_metadata<'a>(
+    read: &CommitRead,
+    writes: &'a RunWrites,
+    plan: &mut CommitPlan<'a>,
+    outcome: &mut Committed,
+) {
+    let mut used = read.metadata_used;
+    for (i, record) in writes.metadata.iter().enumerate() {
+        let known = read.metadata_known.get(i).copied().unwrap_or(false)
+            || plan.metadata.iter().any(|r| r.id == record.id);
+        if known {
+            outcome.metadata.push(AddMetadata::Added { added: 0 });
+        } else if used + record.size() > writes.metadata_limit {
+            outcome.metadata.push(AddMetadata::TooLarge { used });
+        } else {
+            used += record.size();
+            plan.metadata.push(record);
+            outcome.metadata.push(AddMetadata::Added { added: 1 });
+        }
+    }
+    plan.metadata_used = used;
+}
+
+/// A commit of metadata alone (`RunWrites::metadata_alone`): all or
+/// nothing, to a run ended or not. Metadata is not run state: the run's
+/// version does not move.
+fn plan_metadata_alone<'a>(
+    read: &CommitRead,
+    run: &RunRecord,
+    writes: &'a RunWrites,
+) -> (CommitPlan<'a>, Committed) {
+    let mut plan = CommitPlan::default();
+    let mut outcome = Committed {
+        version: read.version,
+        stack_len: run.stack.len() as u32,
+        planned_left: run.planned.len() as u32,
+        ..Committed::default()
+    };
+    plan_metadata(read, writes, &mut plan, &mut outcome);
+    let refused = outcome
+        .metadata
+        .iter()
+        .any(|m| matches!(m, AddMetadata::TooLarge { .. }));
+    if refused {
+        plan = CommitPlan::default();
+        let used = read.metadata_used;
+        outcome.metadata = vec![AddMetadata::TooLarge { used }; writes.metadata.len()];
+    }
+    (plan, outcome)
+}
+
 /// Decides what a commit of `writes` writes, given what the backend read:
 /// `Ok` with the plan and the outcome to report once it is written, or
 /// `Err` with the answer when nothing is to be written (a conflict, or an
 /// ended run). Shared by every backend.
 pub fn plan_commit<'a>(
-    read: CommitRead,
+    mut read: CommitRead,
     writes: &'a RunWrites,
 ) -> Result<(CommitPlan<'a>, Committed), Commit> {
-    let Some(mut run) = read.run else {
+    let Some(mut run) = read.run.take() else {
         return Err(Commit::RunEnded);
     };
     if writes
@@ -208,6 +267,9 @@ pub fn plan_commit<'a>(
         return Err(Commit::Conflict {
             version: read.version,
         });
+    }
+    if writes.metadata_alone {
+        return Ok(plan_metadata_alone(&read, &run, writes));
     }
     if run.status.is_terminal() {
         return Err(Commit::RunEnded);
@@ -233,7 +295,7 @@ pub fn plan_commit<'a>(
     }
 
     if !writes.defers.is_empty() {
-        let mut defers = read.defers.unwrap_or_else(|| RunDefers {
+        let mut defers = read.defers.take().unwrap_or_else(|| RunDefers {
             run_id: run.id.clone(),
             defers: Vec::new(),
         });
@@ -259,21 +321,7 @@ pub fn plan_commit<'a>(
         }
     }
 
-    let mut used = read.metadata_used;
-    for (i, record) in writes.metadata.iter().enumerate() {
-        let known = read.metadata_known.get(i).copied().unwrap_or(false)
-            || plan.metadata.iter().any(|r| r.id == record.id);
-        if known {
-            outcome.metadata.push(AddMetadata::Added { added: 0 });
-        } else if used + record.size() > writes.metadata_limit {
-            outcome.metadata.push(AddMetadata::TooLarge { used });
-        } else {
-            used += record.size();
-            plan.metadata.push(record);
-            outcome.metadata.push(AddMetadata::Added { added: 1 });
-        }
-    }
-    plan.metadata_used = used;
+    plan_metadata(&read, writes, &mut plan, &mut outcome);
 
     for (i, pause) in writes.pauses.iter().enumerate() {
         let exists = read.pauses_exist.get(i).copied().unwrap_or(false)

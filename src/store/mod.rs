@@ -669,12 +669,35 @@ pub trait StateStore: Send + Sync + 'static {
     /// would take the run's metadata past `max_bytes` (the sum of
     /// `MetadataRecord::size`), nothing is stored. Durable on return.
     /// Deleted with the run.
+    /// A [`commit`](StateStore::commit) of the records alone
+    /// (`RunWrites::metadata_alone`).
     async fn add_metadata(
         &self,
         run_id: &str,
         records: &[MetadataRecord],
         max_bytes: u64,
-    ) -> StoreResult<AddMetadata>;
+    ) -> StoreResult<AddMetadata> {
+        let writes = RunWrites {
+            metadata: records.to_vec(),
+            metadata_limit: max_bytes,
+            metadata_alone: true,
+            ..RunWrites::default()
+        };
+        Ok(match self.commit(run_id, &writes).await? {
+            Commit::Done(done) => match done.metadata.first() {
+                Some(AddMetadata::TooLarge { used }) => AddMetadata::TooLarge { used: *used },
+                _ => AddMetadata::Added {
+                    added: done
+                        .metadata
+                        .iter()
+                        .filter(|m| **m == AddMetadata::Added { added: 1 })
+                        .count(),
+                },
+            },
+            // No such run (an ended one takes metadata alone).
+            Commit::RunEnded | Commit::Conflict { .. } => AddMetadata::NoRun,
+        })
+    }
 
     /// The run's metadata records, in the order they were added; none for
     /// an unknown run.

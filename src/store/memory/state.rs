@@ -17,8 +17,8 @@ use crate::model::{
     DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
-    plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowRecord, FlowSlot,
-    FlowWrite, PauseKey, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
+    plan_commit, Commit, CommitRead, CreateRun, FlowChange, FlowRecord, FlowSlot, FlowWrite,
+    PauseKey, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
 };
 
 #[derive(Default)]
@@ -411,40 +411,6 @@ impl StateStore for MemoryState {
             .get(run_id)
             .cloned()
             .unwrap_or_default())
-    }
-
-    async fn add_metadata(
-        &self,
-        run_id: &str,
-        records: &[MetadataRecord],
-        max_bytes: u64,
-    ) -> StoreResult<AddMetadata> {
-        let mut state = self.lock();
-        if !state.runs.contains_key(run_id) {
-            return Ok(AddMetadata::NoRun);
-        }
-        let held = state.metadata.entry(run_id.to_string()).or_default();
-        let mut fresh: Vec<&MetadataRecord> = Vec::new();
-        for record in records {
-            let known = held
-                .iter()
-                .chain(fresh.iter().copied())
-                .any(|r| r.id == record.id);
-            if !known {
-                fresh.push(record);
-            }
-        }
-        if fresh.is_empty() {
-            return Ok(AddMetadata::Added { added: 0 });
-        }
-        let used: u64 = held.iter().map(MetadataRecord::size).sum();
-        let adding: u64 = fresh.iter().map(|r| r.size()).sum();
-        if used + adding > max_bytes {
-            return Ok(AddMetadata::TooLarge { used });
-        }
-        let added = fresh.len();
-        held.extend(fresh.into_iter().cloned());
-        Ok(AddMetadata::Added { added })
     }
 
     async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>> {

@@ -47,8 +47,8 @@ use crate::model::{
     DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
-    plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite,
-    PauseKey, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreError, StoreErrorKind,
+    plan_commit, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite, PauseKey,
+    PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreError, StoreErrorKind,
     StoreResult,
 };
 
@@ -372,41 +372,6 @@ for i = 7, #ARGV do
   redis.call('ZREM', ARGV[i], run_id)
 end
 return 1
-"#,
-    )
-});
-
-/// Adds metadata records to a run, each id once, all or nothing within the
-/// run's byte limit. ARGV: run key, list key, ids hash, limit, then
-/// (id, size, record) triples. Returns {-1, 0} without a run, {-2, used}
-/// over the limit, else {0, records added}.
-static ADD_METADATA: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local run_key, list_key, ids_key, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-if redis.call('EXISTS', run_key) == 0 then return {-1, 0} end
-local used = tonumber(redis.call('HGET', ids_key, '') or '0')
-local adding, count, fresh = 0, 0, {}
-for i = 5, #ARGV, 3 do
-  local id = ARGV[i]
-  if not fresh[id] and redis.call('HEXISTS', ids_key, id) == 0 then
-    fresh[id] = true
-    adding = adding + tonumber(ARGV[i + 1])
-    count = count + 1
-  end
-end
-if count == 0 then return {0, 0} end
-if used + adding > limit then return {-2, used} end
-for i = 5, #ARGV, 3 do
-  local id = ARGV[i]
-  if fresh[id] then
-    fresh[id] = nil
-    redis.call('HSET', ids_key, id, '1')
-    redis.call('RPUSH', list_key, ARGV[i + 2])
-  end
-end
-redis.call('HSET', ids_key, '', string.format('%d', used + adding))
-return {0, count}
 "#,
     )
 });
@@ -855,45 +820,6 @@ impl StateStore for RedisStateStore {
 
     async fn load_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>> {
         self.load_list(&self.conn.key("attempts:", run_id)).await
-    }
-
-    async fn add_metadata(
-        &self,
-        run_id: &str,
-        records: &[MetadataRecord],
-        max_bytes: u64,
-    ) -> StoreResult<AddMetadata> {
-        if records.is_empty() {
-            let exists: bool = self
-                .conn
-                .query(::redis::cmd("EXISTS").arg(self.run_key(run_id)))
-                .await?;
-            return Ok(if exists {
-                AddMetadata::Added { added: 0 }
-            } else {
-                AddMetadata::NoRun
-            });
-        }
-        let mut invocation = ADD_METADATA.prepare_invoke();
-        invocation
-            .arg(self.run_key(run_id))
-            .arg(self.conn.key("md:", run_id))
-            .arg(self.conn.key("mdi:", run_id))
-            .arg(max_bytes);
-        for record in records {
-            invocation
-                .arg(&record.id)
-                .arg(record.size())
-                .arg(record.to_bytes());
-        }
-        let (status, count): (i64, u64) = self.conn.invoke(&invocation).await?;
-        Ok(match status {
-            -1 => AddMetadata::NoRun,
-            -2 => AddMetadata::TooLarge { used: count },
-            _ => AddMetadata::Added {
-                added: count as usize,
-            },
-        })
     }
 
     async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>> {

@@ -29,8 +29,8 @@ use crate::model::{
     DeferRecord, PauseKind, PauseRecord, RunDefers, RunRecord, RunStatus, SignalWait, StepRecord,
 };
 use crate::store::{
-    plan_commit, AddMetadata, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite,
-    PauseKey, PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
+    plan_commit, Commit, CommitRead, CreateRun, FlowChange, FlowSlot, FlowWrite, PauseKey,
+    PauseMatch, RunQuery, RunWrites, SaveSignal, StateStore, StoreResult,
 };
 
 pub struct SledStateStore {
@@ -771,48 +771,6 @@ impl StateStore for SledStateStore {
             attempts.push(AttemptRecord::from_bytes(&bytes)?);
         }
         Ok(attempts)
-    }
-
-    async fn add_metadata(
-        &self,
-        run_id: &str,
-        records: &[MetadataRecord],
-        max_bytes: u64,
-    ) -> StoreResult<AddMetadata> {
-        let outcome = {
-            let _guard = self.lock();
-            let run = run_id.as_bytes();
-            if !self
-                .tree
-                .contains_key(key(&[b"r", run]))
-                .map_err(sled_error)?
-            {
-                return Ok(AddMetadata::NoRun);
-            }
-            let (used, seq) = self.metadata_size(run_id)?;
-            let mut fresh: Vec<&MetadataRecord> = Vec::new();
-            for record in records {
-                let id_key = key(&[b"mi", run, record.id.as_bytes()]);
-                let known = self.tree.contains_key(&id_key).map_err(sled_error)?;
-                if !known && !fresh.iter().any(|f| f.id == record.id) {
-                    fresh.push(record);
-                }
-            }
-            if fresh.is_empty() {
-                return Ok(AddMetadata::Added { added: 0 });
-            }
-            let adding: u64 = fresh.iter().map(|r| r.size()).sum();
-            if used + adding > max_bytes {
-                return Ok(AddMetadata::TooLarge { used });
-            }
-            let mut batch = sled::Batch::default();
-            let added = fresh.len();
-            StateTree::insert_metadata(&mut batch, run_id, fresh, used + adding, seq);
-            self.tree.apply_batch(batch).map_err(sled_error)?;
-            AddMetadata::Added { added }
-        };
-        self.commit.flush().await?;
-        Ok(outcome)
     }
 
     async fn load_metadata(&self, run_id: &str) -> StoreResult<Vec<MetadataRecord>> {
