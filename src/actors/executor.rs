@@ -585,21 +585,6 @@ impl Worker {
         Ok(Some((run, version)))
     }
 
-    /// The decision for a reply on the run as it is now
-    /// (`core::answer::decide_answer`).
-    fn decide_answer(&self, run: &mut RunRecord, lease: &Lease, call: &Answered<'_>) -> Decision {
-        let now = self.clock.now();
-        answer::decide_answer(
-            run,
-            lease,
-            call.reply,
-            call.request_version,
-            call.stack_before,
-            now,
-            call.delay,
-        )
-    }
-
     /// Commits `writes` if the run is still at `version`. On a conflict
     /// (a parallel step's reply or a checkpoint came first) loads the run
     /// as it is now for the caller to decide again.
@@ -642,8 +627,16 @@ impl Worker {
         let mut fetched: HashMap<String, Value> = HashMap::new();
         let mut signals_saved = false;
         for _ in 0..MAX_COMMIT_ATTEMPTS {
-            let decision = self.decide_answer(&mut run, lease, call);
             let now = self.clock.now();
+            let decision = answer::decide_answer(
+                &mut run,
+                lease,
+                call.reply,
+                call.request_version,
+                call.stack_before,
+                now,
+                call.delay,
+            );
             for error in &decision.metadata_errors {
                 warn!(run_id = %run.id, error = %error, "step metadata left out");
             }

@@ -141,7 +141,7 @@ impl Results {
         now: Timestamp,
     ) {
         self.steps.push(server_step(step_id, name, kind, memo, now));
-        self.discover = after_result(self.discover, decision.plan.contains(&step_id.to_string()));
+        self.discover = after_result(self.discover, decision.plan.iter().any(|id| id == step_id));
     }
 }
 
