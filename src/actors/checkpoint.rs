@@ -25,6 +25,7 @@ use tracing::warn;
 
 use crate::actors::defer;
 use crate::clock::SharedClock;
+use crate::core::answer;
 use crate::core::{decide, Decision};
 use crate::model::{QueueItem, RunRecord};
 use crate::sdk::{Op, Opcode, SdkReply};
@@ -156,11 +157,8 @@ pub async fn checkpoint_async(
         // the metadata the steps recorded, and the steps.
         let writes = RunWrites {
             expected_version: Some(version),
-            defers: defer::writes(&run.id, &decision.defers),
-            metadata: decision.metadata,
-            metadata_limit: crate::model::metadata::MAX_RUN_BYTES,
-            steps: decision.save,
-            ..RunWrites::default()
+            steps: std::mem::take(&mut decision.save),
+            ..answer::base_writes(&run.id, 0, &decision, None)
         };
         match backends.state.commit(&run.id, &writes).await? {
             Commit::Done(done) => {
