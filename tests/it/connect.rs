@@ -41,17 +41,10 @@ impl Worker {
             .current_dir(node_app_dir())
             .env("WORKER_ID", id)
             .env("EXEC_LOG", exec_log)
-            .env("INNGEST_DEV", "1")
-            .env("INNGEST_BASE_URL", baton_url)
-            .env_remove("INNGEST_SIGNING_KEY")
-            .env_remove("INNGEST_EVENT_KEY")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if env.iter().any(|(k, _)| *k == "INNGEST_SIGNING_KEY") {
-            command.env_remove("INNGEST_DEV");
-        }
+        sdk_env(&mut command, baton_url, env);
         let mut child = command.spawn().expect("starting node connect.js");
         let lines = Arc::new(Mutex::new(Vec::new()));
         for reader in [

@@ -30,14 +30,8 @@ impl EndpointApp {
         command
             .arg("endpoint.js")
             .current_dir(node_app_dir())
-            .env("PORT", port.to_string())
-            .env("INNGEST_BASE_URL", baton_url)
-            .env("INNGEST_DEV", "1")
-            .env_remove("INNGEST_SIGNING_KEY")
-            .envs(env.iter().copied());
-        if env.iter().any(|(k, _)| *k == "INNGEST_SIGNING_KEY") {
-            command.env_remove("INNGEST_DEV");
-        }
+            .env("PORT", port.to_string());
+        sdk_env(&mut command, baton_url, env);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -70,16 +70,10 @@ impl NodeSubscriber {
             .arg(channel)
             .arg(topics.join(","))
             .current_dir(node_app_dir())
-            .env("INNGEST_BASE_URL", baton_url)
-            .env("INNGEST_DEV", "1")
-            .env_remove("INNGEST_SIGNING_KEY")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if env.iter().any(|(k, _)| *k == "INNGEST_SIGNING_KEY") {
-            command.env_remove("INNGEST_DEV");
-        }
+        sdk_env(&mut command, baton_url, env);
         let mut child = command.spawn().expect("starting subscribe.js");
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));

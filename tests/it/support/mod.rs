@@ -353,17 +353,8 @@ impl NodeApp {
                 command
             }
         };
-        command
-            .env("PORT", port.to_string())
-            .env("INNGEST_DEV", "1")
-            .env("INNGEST_BASE_URL", baton_url)
-            .env_remove("INNGEST_SIGNING_KEY")
-            .env_remove("INNGEST_EVENT_KEY")
-            .envs(env.iter().copied());
-        // With a signing key the app runs in cloud (production) mode.
-        if env.iter().any(|(k, _)| *k == "INNGEST_SIGNING_KEY") {
-            command.env_remove("INNGEST_DEV");
-        }
+        command.env("PORT", port.to_string());
+        sdk_env(&mut command, baton_url, env);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -553,4 +544,24 @@ pub fn step_names(run: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Points an SDK process at Baton: dev mode on `baton_url`, with none of
+/// the machine's own Inngest keys, then `env`. With a signing key in `env`
+/// the SDK runs in cloud (production) mode instead.
+pub fn sdk_env<'a>(
+    command: &'a mut Command,
+    baton_url: &str,
+    env: &[(&str, &str)],
+) -> &'a mut Command {
+    command
+        .env("INNGEST_DEV", "1")
+        .env("INNGEST_BASE_URL", baton_url)
+        .env_remove("INNGEST_SIGNING_KEY")
+        .env_remove("INNGEST_EVENT_KEY")
+        .envs(env.iter().copied());
+    if env.iter().any(|(k, _)| *k == "INNGEST_SIGNING_KEY") {
+        command.env_remove("INNGEST_DEV");
+    }
+    command
 }
