@@ -239,6 +239,7 @@ pub async fn serve(
         );
         let config = ExecutorConfig {
             workers: settings.workers,
+            timer_workers: settings.timer_workers,
             lease_ttl: settings.lease_ttl,
             retry_interval: settings.retry_interval,
             checkpointing: settings.checkpointing,
@@ -330,6 +331,7 @@ pub async fn serve(
             "sdkURLs": settings.sync_urls,
             "retryInterval": settings.retry_interval.map(|d| d.as_secs_f64()),
             "workers": settings.workers,
+            "timerWorkers": settings.timer_workers,
         }),
         store_size: Box::new(move || size_db.as_ref().map(SledDb::size_on_disk).unwrap_or(0)),
         auth,

@@ -460,6 +460,11 @@ pub struct RawStorage {
 pub struct RawExecutor {
     /// Calls to apps in flight at once.
     pub workers: usize,
+    /// Items that call no app (a sleep's end, a resumed or timed-out wait,
+    /// timeouts, debounce and batch timers) handled at once, apart from
+    /// the calls, so that they are on time while every call worker waits
+    /// on a slow app.
+    pub timer_workers: usize,
     /// How long a worker holds a queue item before another may take it, as a
     /// time string; renewed while the call runs.
     pub lease_ttl: String,
@@ -520,6 +525,7 @@ impl Default for RawExecutor {
     fn default() -> Self {
         RawExecutor {
             workers: 100,
+            timer_workers: 32,
             lease_ttl: "30s".into(),
             retry_interval: String::new(),
             call_timeout: "2h".into(),
@@ -544,6 +550,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub cache_bytes: u64,
     pub workers: usize,
+    pub timer_workers: usize,
     pub lease_ttl: Duration,
     pub retry_interval: Option<Duration>,
     pub call_timeout: Duration,
@@ -645,6 +652,9 @@ impl RawSettings {
         if self.executor.workers == 0 {
             bail!("executor.workers must be at least 1");
         }
+        if self.executor.timer_workers == 0 {
+            bail!("executor.timer_workers must be at least 1");
+        }
         let signing_key = parse_signing_key("keys.signing_key", &self.keys.signing_key)?;
         let signing_key_fallback =
             parse_signing_key("keys.signing_key_fallback", &self.keys.signing_key_fallback)?;
@@ -711,6 +721,7 @@ impl RawSettings {
             data_dir: self.storage.data_dir,
             cache_bytes: self.storage.cache_bytes,
             workers: self.executor.workers,
+            timer_workers: self.executor.timer_workers,
             lease_ttl,
             retry_interval,
             call_timeout,

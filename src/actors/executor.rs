@@ -43,13 +43,17 @@ use crate::model::{
 };
 use crate::sdk::{parse_reply, CallRequest, CheckpointOffer, SdkClient, SdkReply};
 use crate::store::{
-    AddMetadata, Backends, Commit, Committed, Lease, RunWrites, SaveSignal, StoreError,
+    AddMetadata, Backends, Commit, Committed, Lane, Lease, RunWrites, SaveSignal, StoreError,
     StoreErrorKind, StoreResult,
 };
 
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
+    /// Items that call the app, handled at once.
     pub workers: usize,
+    /// Items that call no app (the timer partitions), handled at once apart
+    /// from the calls.
+    pub timer_workers: usize,
     pub lease_ttl: Duration,
     /// Fixed retry delay; `None` uses Inngest's backoff table plus jitter
     /// ([`backoff`]).
@@ -869,7 +873,7 @@ pub struct Executor {
     worker: Rc<Worker>,
     stop: watch::Sender<bool>,
     ended: EndedNotifier,
-    semaphore: Arc<Semaphore>,
+    lanes: Lanes,
 }
 
 impl Executor {
@@ -880,7 +884,10 @@ impl Executor {
         config: ExecutorConfig,
         ended: EndedNotifier,
     ) -> Executor {
-        let semaphore = Arc::new(Semaphore::new(config.workers));
+        let lanes = Lanes {
+            calls: Arc::new(Semaphore::new(config.workers)),
+            timers: Arc::new(Semaphore::new(config.timer_workers)),
+        };
         Executor {
             worker: Rc::new(Worker {
                 backends,
@@ -893,38 +900,95 @@ impl Executor {
             }),
             stop: watch::channel(false).0,
             ended,
-            semaphore,
+            lanes,
         }
     }
 }
 
-async fn dispatch_loop(
-    worker: Rc<Worker>,
-    semaphore: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// The executor's workers, one pool per queue lane: calls to apps, and the
+/// items that call no app (a sleep's end, a resumed wait, timeouts), so
+/// that those are handled on time while every call waits on a slow app.
+#[derive(Clone)]
+struct Lanes {
+    calls: Arc<Semaphore>,
+    timers: Arc<Semaphore>,
+}
+
+impl Lanes {
+    /// The pool that handles `item`.
+    fn pool(&self, item: &QueueItem) -> &Arc<Semaphore> {
+        if Lane::Timers.admits(&item.partition) {
+            &self.timers
+        } else {
+            &self.calls
+        }
+    }
+
+    /// What to lease with the free workers: the lane, and how many items
+    /// at most (so that no pool is given more than it has free). `None`
+    /// when every worker is busy.
+    fn to_lease(&self) -> Option<(Lane, usize)> {
+        let calls = self.calls.available_permits();
+        let timers = self.timers.available_permits();
+        match (calls, timers) {
+            (0, 0) => None,
+            (0, timers) => Some((Lane::Timers, timers)),
+            (calls, 0) => Some((Lane::Calls, calls)),
+            (calls, timers) => Some((Lane::Any, calls.min(timers))),
+        }
+    }
+
+    /// Until a worker of a full pool is free.
+    async fn freed(&self) {
+        let calls = async {
+            if self.calls.available_permits() == 0 {
+                drop(self.calls.acquire().await);
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let timers = async {
+            if self.timers.available_permits() == 0 {
+                drop(self.timers.acquire().await);
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = calls => {}
+            () = timers => {}
+        }
+    }
+}
+
+async fn dispatch_loop(worker: Rc<Worker>, lanes: Lanes, mut stop: watch::Receiver<bool>) {
     let queue = worker.backends.queue.clone();
     loop {
         if *stop.borrow() {
             return;
         }
-        let free = semaphore.available_permits();
-        if free == 0 {
+        let Some((lane, max)) = lanes.to_lease() else {
             tokio::select! {
-                permit = semaphore.acquire() => drop(permit),
+                () = lanes.freed() => {}
                 _ = stop.changed() => {}
             }
             continue;
-        }
+        };
         let now = worker.clock.now();
-        match queue.lease_due(now, free, worker.config.lease_ttl).await {
+        match queue
+            .lease_in(lane, now, max, worker.config.lease_ttl)
+            .await
+        {
             Ok(leases) if !leases.is_empty() => {
                 for lease in leases {
-                    let permit = semaphore
+                    // Only this loop takes permits, and the lease asked for
+                    // no more than each pool had free.
+                    let permit = lanes
+                        .pool(&lease.item)
                         .clone()
                         .acquire_owned()
                         .await
-                        .expect("the executor never closes its semaphore");
+                        .expect("the executor never closes its semaphores");
                     let worker = worker.clone();
                     actix_rt::spawn(async move {
                         worker.handle(lease).await;
@@ -933,13 +997,16 @@ async fn dispatch_loop(
                 }
             }
             Ok(_) => {
-                let wait = match queue.next_due().await {
+                // Nothing due in the lanes with free workers: wait for the
+                // first of them to be due, new work, or a freed worker.
+                let wait = match queue.next_due_in(lane).await {
                     Ok(Some(due)) => now.until(due),
                     _ => Duration::from_secs(1),
                 };
                 let wait = wait.clamp(Duration::from_millis(1), Duration::from_secs(1));
                 tokio::select! {
                     () = queue.wait_for_work(wait) => {}
+                    () = lanes.freed() => {}
                     _ = stop.changed() => {}
                 }
             }
@@ -956,11 +1023,11 @@ impl Actor for Executor {
 
     fn started(&mut self, _ctx: &mut Self::Context) {
         let worker = self.worker.clone();
-        let semaphore = self.semaphore.clone();
+        let lanes = self.lanes.clone();
         let stop = self.stop.subscribe();
         let ended = self.ended.clone();
         actix_rt::spawn(async move {
-            let finished = AssertUnwindSafe(dispatch_loop(worker, semaphore, stop.clone()))
+            let finished = AssertUnwindSafe(dispatch_loop(worker, lanes, stop.clone()))
                 .catch_unwind()
                 .await;
             match finished {
@@ -975,7 +1042,11 @@ impl Actor for Executor {
                 Ok(()) => {}
             }
         });
-        info!(workers = self.worker.config.workers, "executor started");
+        info!(
+            workers = self.worker.config.workers,
+            timer_workers = self.worker.config.timer_workers,
+            "executor started"
+        );
     }
 }
 
@@ -1005,11 +1076,16 @@ impl Handler<Drain> for Executor {
 
     fn handle(&mut self, drain: Drain, _: &mut Self::Context) -> Self::Result {
         let _ = self.stop.send(true);
-        let semaphore = self.semaphore.clone();
+        let lanes = self.lanes.clone();
         let workers = self.worker.config.workers as u32;
+        let timer_workers = self.worker.config.timer_workers as u32;
         let worker = self.worker.clone();
         Box::pin(async move {
-            let all = semaphore.acquire_many(workers);
+            let all = async {
+                let calls = lanes.calls.acquire_many(workers).await;
+                let timers = lanes.timers.acquire_many(timer_workers).await;
+                (calls, timers)
+            };
             if tokio::time::timeout(drain.timeout, all).await.is_ok() {
                 return;
             }
@@ -1483,6 +1559,7 @@ mod tests {
             client: SdkClient::new(None, Duration::from_secs(10)),
             config: ExecutorConfig {
                 workers: 1,
+                timer_workers: 1,
                 lease_ttl: Duration::from_secs(30),
                 retry_interval: None,
                 checkpointing: false,
@@ -1885,6 +1962,56 @@ mod tests {
             let ran = app.ran.lock().unwrap().clone();
             assert_eq!(ran, vec![(rig.run.id.clone(), "a".to_string())]);
             handle.stop(false).await;
+        }
+
+        /// A sleep ends on time while the only call worker waits on an app
+        /// that never answers: items that call no app have workers of
+        /// their own (`Lanes`).
+        #[actix_rt::test]
+        async fn a_sleep_ends_while_every_call_worker_waits_on_the_app() {
+            use actix::Actor;
+            // Takes connections (into its backlog) and never answers.
+            let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let url = format!("http://{}/api/inngest", silent.local_addr().unwrap());
+            let rig = rig(&FakeApp::default(), &url, &[Stage::Run("a")]).await;
+            let mut sleeper = sample_run(MAIN, &ulid::Ulid::new().to_string());
+            sleeper.app_id = "crash".into();
+            rig.real.state.create_run(sleeper.clone()).await.unwrap();
+            rig.real
+                .queue
+                .enqueue(QueueItem::wake(&sleeper.id, MAIN, "nap-id", "nap"), NOW)
+                .await
+                .unwrap();
+            let config = ExecutorConfig {
+                workers: 1,
+                timer_workers: 1,
+                lease_ttl: Duration::from_secs(30),
+                retry_interval: None,
+                checkpointing: false,
+            };
+            let (ended, _ended) = crate::actors::EndedNotifier::new();
+            let client = SdkClient::new(None, Duration::from_secs(60));
+            let _executor =
+                Executor::new(rig.real.clone(), rig.clock.clone(), client, config, ended).start();
+            let mut stored = false;
+            for _ in 0..100 {
+                let steps = rig.real.state.load_steps(&sleeper.id).await.unwrap();
+                if steps.iter().any(|step| step.id == "nap-id") {
+                    stored = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(
+                stored,
+                "the sleep's end waited for the call worker (the app call takes 60 s)"
+            );
+            let run = rig.real.state.load_run(&rig.run.id).await.unwrap().unwrap();
+            assert!(
+                run.stack.is_empty(),
+                "the silent app's call has not ended: {:?}",
+                run.stack
+            );
         }
 
         #[actix_rt::test]

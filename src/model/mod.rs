@@ -257,7 +257,15 @@ pub enum ItemKind {
 /// timeouts, resumes, timers): apart from its calls, so a call waiting for
 /// a concurrency slot never holds them up.
 pub fn timer_partition(fn_id: &str) -> String {
-    format!("{fn_id}\u{1e}timers")
+    format!("{fn_id}{TIMER_PARTITION_SUFFIX}")
+}
+
+/// What ends every [`timer_partition`].
+pub const TIMER_PARTITION_SUFFIX: &str = "\u{1e}timers";
+
+/// Whether `partition` is a function's timer partition.
+pub fn is_timer_partition(partition: &str) -> bool {
+    partition.ends_with(TIMER_PARTITION_SUFFIX)
 }
 
 impl QueueItem {

@@ -19,7 +19,7 @@ use crate::model::{
 };
 use crate::store::{
     AddMetadata, Backends, BatchPush, Commit, CreateRun, DataStore, FlowChange, FlowSlot, Gcra,
-    Held, Lease, LeaseBatch, PartitionStats, PauseKey, PauseMatch, Queue, Retry, RunQuery,
+    Held, Lane, Lease, LeaseBatch, PartitionStats, PauseKey, PauseMatch, Queue, Retry, RunQuery,
     RunWrites, SaveDefer, SaveSignal, SaveStep, Scheduled, StateStore, StoreError, StoreResult,
     SyncOutcome,
 };
@@ -179,6 +179,7 @@ delegate! { Queue for FaultyQueue {
     async fn enqueue(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool>;
     async fn insert(&self, item: QueueItem, due: Timestamp) -> StoreResult<bool>;
     async fn lease_due(&self, now: Timestamp, max: usize, ttl: Duration) -> StoreResult<Vec<Lease>>;
+    async fn lease_in(&self, lane: Lane, now: Timestamp, max: usize, ttl: Duration) -> StoreResult<Vec<Lease>>;
     async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>>;
     async fn extend(&self, lease_id: u64, item_id: &str, expires: Timestamp) -> StoreResult<bool>;
     async fn holds(&self, lease_id: u64, item_id: &str, renew_to: Timestamp) -> StoreResult<bool>;
@@ -188,6 +189,7 @@ delegate! { Queue for FaultyQueue {
     async fn retry_held(&self, held: Held<'_>, retry: Retry) -> StoreResult<bool>;
     async fn flush(&self) -> StoreResult<()>;
     async fn next_due(&self) -> StoreResult<Option<Timestamp>>;
+    async fn next_due_in(&self, lane: Lane) -> StoreResult<Option<Timestamp>>;
     async fn len(&self) -> StoreResult<u64>;
     async fn partition_stats(&self) -> StoreResult<Vec<PartitionStats>>;
 }

@@ -725,13 +725,45 @@ pub struct Held<'a> {
     pub item_id: &'a str,
 }
 
-/// What [`Queue::lease`] takes: up to `max` items (at least one) due at
-/// `now`, each leased until `expires`.
+/// What [`Queue::lease`] takes: up to `max` items (at least one) of `lane`
+/// due at `now`, each leased until `expires`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseBatch {
     pub now: Timestamp,
     pub max: usize,
     pub expires: Timestamp,
+    pub lane: Lane,
+}
+
+/// Which partitions a lease or a `next_due` looks at. Items that call no
+/// app (wake-ups, resumes, timeouts, timers) live in a function's timer
+/// partition ([`crate::model::timer_partition`]); the executor leases them
+/// with workers of their own, so a sleep ends on time while every call
+/// worker waits on a slow app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lane {
+    #[default]
+    Any,
+    /// Partitions of items that call the app.
+    Calls,
+    /// Timer partitions: items that only write to the stores.
+    Timers,
+}
+
+impl Lane {
+    /// A small index, for keeping one round-robin cursor per lane.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether `partition` belongs to this lane.
+    pub fn admits(self, partition: &str) -> bool {
+        match self {
+            Lane::Any => true,
+            Lane::Calls => !crate::model::is_timer_partition(partition),
+            Lane::Timers => crate::model::is_timer_partition(partition),
+        }
+    }
 }
 
 /// How [`Queue::retry_held`] hands an item back: due at `due`, its attempt
@@ -777,8 +809,28 @@ pub trait Queue: Send + Sync + 'static {
         if max == 0 {
             return Ok(Vec::new());
         }
+        self.lease_in(Lane::Any, now, max, ttl).await
+    }
+
+    /// [`lease_due`](Queue::lease_due) from the partitions of `lane` only.
+    async fn lease_in(
+        &self,
+        lane: Lane,
+        now: Timestamp,
+        max: usize,
+        ttl: Duration,
+    ) -> StoreResult<Vec<Lease>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let expires = now.plus(ttl);
-        self.lease(LeaseBatch { now, max, expires }).await
+        self.lease(LeaseBatch {
+            now,
+            max,
+            expires,
+            lane,
+        })
+        .await
     }
 
     /// [`lease_due`](Queue::lease_due) of at least one item.
@@ -839,7 +891,13 @@ pub trait Queue: Send + Sync + 'static {
     }
 
     /// The earliest time anything becomes visible (due or lease expiry).
-    async fn next_due(&self) -> StoreResult<Option<Timestamp>>;
+    async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
+        self.next_due_in(Lane::Any).await
+    }
+
+    /// [`next_due`](Queue::next_due) of `lane`'s partitions (and any lease
+    /// expiry, which makes an item of either lane visible again).
+    async fn next_due_in(&self, lane: Lane) -> StoreResult<Option<Timestamp>>;
 
     /// Waits until something is enqueued or `timeout` passes, whichever is
     /// first. Spurious wake-ups are allowed.

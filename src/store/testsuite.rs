@@ -16,7 +16,7 @@ use crate::model::{
 };
 use crate::store::{
     AddMetadata, Backends, Commit, Committed, CreateRun, DataStore, DeferOutcome, DeferWrite,
-    EventBus, Gcra, PauseMatch, Queue, RunQuery, RunWrites, SaveDefer, SaveSignal, SaveStep,
+    EventBus, Gcra, Lane, PauseMatch, Queue, RunQuery, RunWrites, SaveDefer, SaveSignal, SaveStep,
     StateStore, MAX_DEFERS_PER_RUN, MAX_DEFER_INPUT_TOTAL,
 };
 
@@ -1203,6 +1203,9 @@ pub async fn queue_suite(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Resu
     priority_orders_within_a_partition(queue, clock)
         .await
         .context("priority_orders_within_a_partition")?;
+    lanes_lease_apart(queue, clock)
+        .await
+        .context("lanes_lease_apart")?;
     ensure!(queue.len().await? == 0, "the suite leaves the queue empty");
     Ok(())
 }
@@ -1492,6 +1495,60 @@ async fn priority_orders_within_a_partition(
     let leases = queue.lease_due(clock.now(), 1, TTL).await?;
     ensure!(leases[0].item.id == urgent, "priority did not jump ahead");
     queue.ack(leases[0].lease_id, &urgent, Vec::new()).await?;
+    drain(queue, clock).await
+}
+
+/// A lane leases only its own partitions, and `next_due_in` looks only at
+/// them: the executor's timer workers never take a call, and a backlog of
+/// calls does not hide a due timer.
+async fn lanes_lease_apart(queue: &dyn Queue, clock: &ManualClock) -> anyhow::Result<()> {
+    let function = unique("laned");
+    let start = clock.now();
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let mut call = item(&unique(&format!("call{i}")));
+        call.partition = function.clone();
+        calls.push(call.id.clone());
+        queue.enqueue(call, start).await?;
+    }
+    let mut timer = item(&unique("timer"));
+    timer.partition = crate::model::timer_partition(&function);
+    let later = start.plus(Duration::from_secs(5));
+    queue.enqueue(timer.clone(), later).await?;
+
+    ensure!(
+        queue.next_due_in(Lane::Timers).await? == Some(later),
+        "the timer lane is due when its timer is"
+    );
+    ensure!(
+        queue.next_due_in(Lane::Calls).await? == Some(start),
+        "the calls lane is due now"
+    );
+    ensure!(
+        queue
+            .lease_in(Lane::Timers, start, 10, TTL)
+            .await?
+            .is_empty(),
+        "the timer lane leased a call"
+    );
+    clock.advance(Duration::from_secs(5));
+    let now = clock.now();
+    let timers = queue.lease_in(Lane::Timers, now, 10, TTL).await?;
+    ensure!(
+        timers.len() == 1 && timers[0].item.id == timer.id,
+        "the timer lane leased {:?}",
+        timers.iter().map(|l| &l.item.id).collect::<Vec<_>>()
+    );
+    let leased = queue.lease_in(Lane::Calls, now, 10, TTL).await?;
+    let mut got: Vec<String> = leased.iter().map(|l| l.item.id.clone()).collect();
+    got.sort();
+    calls.sort();
+    ensure!(got == calls, "the calls lane leased {got:?}");
+    for lease in timers.into_iter().chain(leased) {
+        queue
+            .ack(lease.lease_id, &lease.item.id, Vec::new())
+            .await?;
+    }
     drain(queue, clock).await
 }
 

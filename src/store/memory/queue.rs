@@ -11,7 +11,9 @@ use tokio::sync::Notify;
 use crate::clock::Timestamp;
 use crate::model::records::QueueEntry;
 use crate::model::QueueItem;
-use crate::store::{Held, Lease, LeaseBatch, PartitionStats, Queue, Retry, Scheduled, StoreResult};
+use crate::store::{
+    Held, Lane, Lease, LeaseBatch, PartitionStats, Queue, Retry, Scheduled, StoreResult,
+};
 
 /// Items taken from one partition per round-robin pass.
 const QUANTUM: usize = 4;
@@ -33,8 +35,8 @@ struct Items {
     leased: BTreeMap<(i64, u64), String>,
     /// Leased items holding each concurrency key.
     counts: HashMap<String, u32>,
-    /// The partition served last; the next pass starts after it.
-    cursor: String,
+    /// Per lane, the partition served last; the next pass starts after it.
+    cursors: [String; 3],
     /// Insertion order and lease ids.
     seq: u64,
 }
@@ -165,7 +167,6 @@ impl Items {
                 expires,
             });
             taken += 1;
-            self.cursor = partition.to_string();
         }
         taken >= QUANTUM
     }
@@ -195,17 +196,34 @@ impl Queue for MemoryQueue {
     }
 
     async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>> {
-        let LeaseBatch { now, max, expires } = batch;
+        let LeaseBatch {
+            now,
+            max,
+            expires,
+            lane,
+        } = batch;
         let mut items = self.lock();
         items.requeue_expired(now);
-        // Round-robin: start after the partition served last.
-        let mut open: Vec<String> = items.ready.keys().cloned().collect();
-        let start = open.iter().position(|p| *p > items.cursor).unwrap_or(0);
+        // Round-robin: start after the partition this lane served last.
+        let mut open: Vec<String> = items
+            .ready
+            .keys()
+            .filter(|partition| lane.admits(partition))
+            .cloned()
+            .collect();
+        let cursor = &items.cursors[lane.index()];
+        let start = open.iter().position(|p| p > cursor).unwrap_or(0);
         open.rotate_left(start);
         let mut leases = Vec::new();
         while leases.len() < max && !open.is_empty() {
             open.retain(|partition| {
-                leases.len() < max && items.lease_from(partition, now, max, expires, &mut leases)
+                let before = leases.len();
+                let more = leases.len() < max
+                    && items.lease_from(partition, now, max, expires, &mut leases);
+                if leases.len() > before {
+                    items.cursors[lane.index()] = partition.clone();
+                }
+                more
             });
         }
         Ok(leases)
@@ -255,11 +273,14 @@ impl Queue for MemoryQueue {
         Ok(true)
     }
 
-    async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
+    async fn next_due_in(&self, lane: Lane) -> StoreResult<Option<Timestamp>> {
         let items = self.lock();
         let leased = items.leased.keys().next().map(|(expires, _)| *expires);
         // A partition blocked by its concurrency limit wakes on an ack.
-        let ready = items.ready.values().filter_map(|ready| {
+        let ready = items.ready.iter().filter_map(|(partition, ready)| {
+            if !lane.admits(partition) {
+                return None;
+            }
             let (&(at, _), item_id) = ready.first_key_value()?;
             let entry = items.entries.get(item_id)?;
             items.has_room(&entry.item.limits).then_some(at)

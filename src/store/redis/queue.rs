@@ -48,10 +48,10 @@ use tokio::task::JoinHandle;
 use super::RedisConnection;
 use crate::clock::Timestamp;
 use crate::model::records::{QueueEntry, Record};
-use crate::model::QueueItem;
+use crate::model::{QueueItem, TIMER_PARTITION_SUFFIX};
 use crate::store::{
-    Held, Lease, LeaseBatch, PartitionStats, Queue, Retry, Scheduled, StoreError, StoreErrorKind,
-    StoreResult,
+    Held, Lane, Lease, LeaseBatch, PartitionStats, Queue, Retry, Scheduled, StoreError,
+    StoreErrorKind, StoreResult,
 };
 
 /// Items taken from one partition per round-robin pass.
@@ -66,8 +66,9 @@ const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub struct RedisQueue {
     conn: RedisConnection,
-    /// The partition served last, where this process's next pass starts.
-    cursor: Mutex<String>,
+    /// Per lane, the partition served last, where this process's next pass
+    /// starts.
+    cursor: Mutex<[String; 3]>,
     work: Arc<Notify>,
     /// Whether the wake-up channel is subscribed.
     listening: Arc<AtomicBool>,
@@ -95,14 +96,14 @@ impl RedisQueue {
         ));
         RedisQueue {
             conn: conn.clone(),
-            cursor: Mutex::new(String::new()),
+            cursor: Mutex::new(Default::default()),
             work,
             listening,
             listener,
         }
     }
 
-    fn cursor(&self) -> std::sync::MutexGuard<'_, String> {
+    fn cursor(&self) -> std::sync::MutexGuard<'_, [String; 3]> {
         self.cursor
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -199,6 +200,15 @@ async fn listen(
     }
 }
 
+/// A lane as the scripts name it.
+fn lane_name(lane: Lane) -> &'static str {
+    match lane {
+        Lane::Any => "any",
+        Lane::Calls => "calls",
+        Lane::Timers => "timers",
+    }
+}
+
 /// Definitions every queue script starts with. ARGV[1] is the key prefix.
 const COMMON: &str = r#"
 local P = ARGV[1]
@@ -262,6 +272,15 @@ local function unlease(id, key)
   redis.call('HDEL', key, 'lid')
 end
 
+-- Whether partition `part` is in `lane` ('any', 'calls' or 'timers'), where
+-- a timer partition's name ends with `suffix`.
+local function in_lane(part, lane, suffix)
+  if lane == 'any' then return true end
+  local timer = #part >= #suffix and string.sub(part, -#suffix) == suffix
+  if lane == 'timers' then return timer end
+  return not timer
+end
+
 -- Whether `lease_id` holds the item at `key`.
 local function held(key, lease_id)
   return redis.call('HGET', key, 'lid') == lease_id
@@ -289,7 +308,8 @@ return added
     )
 });
 
-/// ARGV: prefix, now, lease expiry, max, quantum, cursor, max expired.
+/// ARGV: prefix, now, lease expiry, max, quantum, cursor, max expired,
+/// lane, timer-partition suffix.
 /// Returns {the partition served last, {id, lease id, entry, ...}}.
 static LEASE: LazyLock<Script> = LazyLock::new(|| {
     queue_script(
@@ -308,8 +328,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASED, '-inf', now, 'LIMIT', 0,
   end
 end
 
--- Partitions with a due item, by name, starting after the cursor.
-local parts = redis.call('ZRANGEBYSCORE', DUE, '-inf', now)
+-- The lane's partitions with a due item, by name, starting after the cursor.
+local parts = {}
+for _, part in ipairs(redis.call('ZRANGEBYSCORE', DUE, '-inf', now)) do
+  if in_lane(part, ARGV[8], ARGV[9]) then parts[#parts + 1] = part end
+end
 table.sort(parts)
 local first = 1
 for i, part in ipairs(parts) do
@@ -416,8 +439,9 @@ return 1
     )
 });
 
-/// ARGV: prefix. The earliest lease expiry or due score of a partition
-/// whose first item is not blocked by a concurrency limit; nil if none.
+/// ARGV: prefix, lane, timer-partition suffix. The earliest lease expiry or
+/// due score of a partition of the lane whose first item is not blocked by
+/// a concurrency limit; nil if none.
 static NEXT_DUE: LazyLock<Script> = LazyLock::new(|| {
     queue_script(
         r#"
@@ -431,7 +455,10 @@ while true do
   for i = 1, #parts, 2 do
     local score = tonumber(parts[i + 1])
     if best and score >= best then return string.format('%d', best) end
-    local head = redis.call('ZRANGE', ready_key(parts[i]), 0, 0)[1]
+    local head = nil
+    if in_lane(parts[i], ARGV[2], ARGV[3]) then
+      head = redis.call('ZRANGE', ready_key(parts[i]), 0, 0)[1]
+    end
     if head and has_room(limits_of(item_key(member_id(head)))) then
       return string.format('%d', score)
     end
@@ -460,8 +487,8 @@ impl Queue for RedisQueue {
     }
 
     async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>> {
-        let (now, max, expires) = (batch.now, batch.max, batch.expires);
-        let cursor = self.cursor().clone();
+        let (now, max, expires, lane) = (batch.now, batch.max, batch.expires, batch.lane);
+        let cursor = self.cursor()[lane.index()].clone();
         let mut invocation = LEASE.prepare_invoke();
         invocation
             .arg(self.conn.prefix())
@@ -470,9 +497,11 @@ impl Queue for RedisQueue {
             .arg(max)
             .arg(QUANTUM)
             .arg(cursor)
-            .arg(EXPIRED_PER_CALL);
+            .arg(EXPIRED_PER_CALL)
+            .arg(lane_name(lane))
+            .arg(TIMER_PARTITION_SUFFIX);
         let (cursor, leased): (String, Vec<Vec<u8>>) = self.conn.invoke(&invocation).await?;
-        *self.cursor() = cursor;
+        self.cursor()[lane.index()] = cursor;
         leased
             .chunks(3)
             .map(|lease| {
@@ -562,9 +591,12 @@ impl Queue for RedisQueue {
         Ok(held == 1)
     }
 
-    async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
+    async fn next_due_in(&self, lane: Lane) -> StoreResult<Option<Timestamp>> {
         let mut invocation = NEXT_DUE.prepare_invoke();
-        invocation.arg(self.conn.prefix());
+        invocation
+            .arg(self.conn.prefix())
+            .arg(lane_name(lane))
+            .arg(TIMER_PARTITION_SUFFIX);
         let next: Option<i64> = self.conn.invoke(&invocation).await?;
         Ok(next.map(Timestamp))
     }

@@ -22,7 +22,7 @@ use super::{sled_error, SledDb};
 use crate::clock::Timestamp;
 use crate::model::records::{QueueEntry, Record};
 use crate::model::QueueItem;
-use crate::store::{Held, Lease, LeaseBatch, Queue, Retry, Scheduled, StoreResult};
+use crate::store::{Held, Lane, Lease, LeaseBatch, Queue, Retry, Scheduled, StoreResult};
 
 /// Items taken from one partition per round-robin pass.
 const QUANTUM: usize = 4;
@@ -31,8 +31,9 @@ pub struct SledQueue {
     tree: sled::Tree,
     db: sled::Db,
     /// Serializes read-modify-write; sled is one process, so this is enough.
-    /// Holds the partition served last, where the next pass starts.
-    state: Mutex<String>,
+    /// Holds, per lane, the partition served last, where its next pass
+    /// starts.
+    state: Mutex<[String; 3]>,
     work: Notify,
     commit: super::GroupCommit,
 }
@@ -141,13 +142,13 @@ impl SledQueue {
         Ok(SledQueue {
             tree: db.tree("queue")?,
             db: db.db.clone(),
-            state: Mutex::new(String::new()),
+            state: Mutex::new(Default::default()),
             work: Notify::new(),
             commit: db.commit.clone(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, String> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, [String; 3]> {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -241,14 +242,17 @@ impl SledQueue {
         Ok(())
     }
 
-    fn partitions(&self) -> StoreResult<Vec<String>> {
-        self.tree
-            .scan_prefix(b"n/")
-            .map(|entry| {
-                let (key, _) = entry.map_err(sled_error)?;
-                Ok(String::from_utf8_lossy(&key[2..]).to_string())
-            })
-            .collect()
+    /// The partitions of `lane` that may have ready items.
+    fn partitions(&self, lane: Lane) -> StoreResult<Vec<String>> {
+        let mut partitions = Vec::new();
+        for entry in self.tree.scan_prefix(b"n/") {
+            let (key, _) = entry.map_err(sled_error)?;
+            let partition = String::from_utf8_lossy(&key[2..]).to_string();
+            if lane.admits(&partition) {
+                partitions.push(partition);
+            }
+        }
+        Ok(partitions)
     }
 }
 
@@ -267,10 +271,11 @@ impl Queue for SledQueue {
     }
 
     async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>> {
-        let (now, max, expires) = (batch.now, batch.max, batch.expires);
-        let mut cursor = self.lock();
+        let (now, max, expires, lane) = (batch.now, batch.max, batch.expires, batch.lane);
+        let mut cursors = self.lock();
+        let cursor = &mut cursors[lane.index()];
         self.requeue_expired(now)?;
-        let mut partitions = self.partitions()?;
+        let mut partitions = self.partitions(lane)?;
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
@@ -437,7 +442,7 @@ impl Queue for SledQueue {
         self.commit.flush().await
     }
 
-    async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
+    async fn next_due_in(&self, lane: Lane) -> StoreResult<Option<Timestamp>> {
         let _guard = self.lock();
         let mut next: Option<i64> = self
             .tree
@@ -447,7 +452,7 @@ impl Queue for SledQueue {
             .map_err(sled_error)?
             .map(|(index, _)| decode_u64(&index[2..10]) as i64);
         let mut counts = self.counts();
-        for partition in self.partitions()? {
+        for partition in self.partitions(lane)? {
             let prefix = partition_prefix(&partition);
             let Some((index, item_id)) = self
                 .tree
@@ -476,7 +481,7 @@ impl Queue for SledQueue {
 
     async fn partition_stats(&self) -> StoreResult<Vec<crate::store::PartitionStats>> {
         let mut stats = Vec::new();
-        for partition in self.partitions()? {
+        for partition in self.partitions(Lane::Any)? {
             let prefix = partition_prefix(&partition);
             let mut ready = 0u64;
             let mut oldest_due = None;
