@@ -20,9 +20,13 @@
 //!   gets `LOAD_SLEEPS` events `bench/sleep` (500 per request) whose runs
 //!   sleep 1 to 5 s (`secs = 1 + i % 5`) between two steps that each return
 //!   `Date.now()` in the app. Reports the wall time from the first send to the
-//!   last completion, the wake lateness of each run, `(t1 - t0) - secs`
-//!   (so it includes the SDK call that runs the step after the sleep), p50/p99/
-//!   max, and the `baton` RSS sampled every 500 ms (peak) and at the end.
+//!   last completion; the wake-up lateness, from each wake-up's due time to
+//!   the executor starting on it (the server's `queue_lateness_seconds`
+//!   histogram, lane `timers`, p50/p99 as bucket bounds), which does not
+//!   depend on how fast the app is; the sleep's end to the next step in the
+//!   app, `(t1 - t0) - secs` (which includes the wait for the app, the limit
+//!   here), p50/p99/max; and the `baton` RSS sampled every 500 ms (peak) and
+//!   at the end.
 //! * **Part D, waits**: a fresh `baton` (`--workers 200`) with the Node app
 //!   gets `LOAD_WAITS` events `bench/wait` (key `w<i>`, 500 per request)
 //!   whose runs wait for `bench/wait.reply` matching `data.key`. Once
@@ -1194,6 +1198,7 @@ async fn part_c(params: &Params, client: &reqwest::Client) -> Sleeps {
     lateness.sort_unstable();
     to_wake.sort_unstable();
     after_wake.sort_unstable();
+    let wake_buckets = lateness_buckets(client, &baton.url, "timers").await;
     drop(app);
     Sleeps {
         runs: params.sleeps,
@@ -1210,6 +1215,7 @@ async fn part_c(params: &Params, client: &reqwest::Client) -> Sleeps {
         lateness_ms: lateness,
         to_wake_ms: to_wake,
         after_wake_ms: after_wake,
+        wake_buckets,
         cpu,
         peak_kb,
         memory,
@@ -1236,6 +1242,9 @@ struct Sleeps {
     /// the call that reports the sleep; and from the wake-up to `t1`.
     to_wake_ms: Vec<i64>,
     after_wake_ms: Vec<i64>,
+    /// The server's `queue_lateness_seconds{lane="timers"}` histogram: from
+    /// each wake-up's due time to the executor starting on it.
+    wake_buckets: Buckets,
     cpu: String,
     peak_kb: Option<u64>,
     memory: Memory,
@@ -1244,11 +1253,15 @@ struct Sleeps {
 impl Sleeps {
     fn line(&self) -> String {
         let mut line = format!(
-            "{} runs sleeping 1-{} s: wall {}, wake lateness p50 {}, p99 {}, max {}; \
-             RSS peak {} (end {})",
+            "{} runs sleeping 1-{} s: wall {}, wake-ups handled after their due time \
+             p50 {}, p99 {} ({} wake-ups, server histogram); sleep's end to the next step \
+             in the app p50 {}, p99 {}, max {}; RSS peak {} (end {})",
             self.runs,
             self.longest,
             secs(self.wall),
+            self.wake_buckets.quantile(0.50),
+            self.wake_buckets.quantile(0.99),
+            self.wake_buckets.count,
             millis(percentile(&self.lateness_ms, 0.50)),
             millis(percentile(&self.lateness_ms, 0.99)),
             millis(self.lateness_ms.last().copied()),
@@ -3710,6 +3723,69 @@ fn millis(value: Option<i64>) -> String {
         Some(v) if v.abs() < 1000 => format!("{v} ms"),
         Some(v) => format!("{:.2} s", v as f64 / 1000.0),
     }
+}
+
+/// A Prometheus histogram as scraped: (upper bound in seconds, cumulative
+/// count) per bucket, and the total count.
+#[derive(Default)]
+struct Buckets {
+    bounds: Vec<(f64, u64)>,
+    count: u64,
+}
+
+impl Buckets {
+    /// The bucket bound at or below which a share `q` of the values fall
+    /// (`≤ 5 ms`), or `> last bound`.
+    fn quantile(&self, q: f64) -> String {
+        if self.count == 0 {
+            return "n/a".into();
+        }
+        let rank = (q * self.count as f64).ceil() as u64;
+        for (bound, cumulative) in &self.bounds {
+            if *cumulative >= rank {
+                return format!("≤ {}", millis(Some((bound * 1000.0).round() as i64)));
+            }
+        }
+        let last = self.bounds.last().map_or(0.0, |(bound, _)| *bound);
+        format!("> {}", millis(Some((last * 1000.0).round() as i64)))
+    }
+}
+
+/// `baton_queue_lateness_seconds` of `lane` from `base`'s `/metrics`
+/// (empty when it cannot be read).
+async fn lateness_buckets(client: &reqwest::Client, base: &str, lane: &str) -> Buckets {
+    let text = match client.get(format!("{base}/metrics")).send().await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(error) => {
+            eprintln!("/metrics: {error}");
+            return Buckets::default();
+        }
+    };
+    let label = format!("lane=\"{lane}\"");
+    let mut buckets = Buckets::default();
+    for line in text.lines() {
+        if !line.contains(&label) {
+            continue;
+        }
+        let value = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+        if line.starts_with("baton_queue_lateness_seconds_count") {
+            buckets.count = value;
+        } else if line.starts_with("baton_queue_lateness_seconds_bucket") {
+            let bound = line
+                .split("le=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .and_then(|le| le.parse::<f64>().ok());
+            if let Some(bound) = bound {
+                buckets.bounds.push((bound, value));
+            }
+        }
+    }
+    buckets
 }
 
 /// Nearest-rank percentile of sorted values.

@@ -256,6 +256,7 @@ fn fuzz_sdk_replies() {
             item: QueueItem::discovery(&run.id, &run.fn_id, 0),
             attempt: rng.gen_range(0..6),
             expires: NOW,
+            due: NOW,
         };
         let decision = decide(&run, &lease, &reply, NOW, Duration::from_secs(1));
         if let Some((_, output)) = &decision.finish {

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub runs_finished: IntCounterVec,
     pub sdk_call_seconds: HistogramVec,
     pub step_seconds: HistogramVec,
+    /// From a queue item's due time to the executor starting on it, by
+    /// lane (`calls`, `timers`).
+    pub queue_lateness_seconds: HistogramVec,
     pub retries: IntCounterVec,
     pub queue_depth: prometheus::IntGaugeVec,
     pub queue_oldest_age_seconds: prometheus::GaugeVec,
@@ -70,6 +73,15 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )
         .buckets(LATENCY_BUCKETS.to_vec()),
         &["function"],
+    )?;
+    let queue_lateness_seconds = HistogramVec::new(
+        HistogramOpts::new(
+            "queue_lateness_seconds",
+            "Time from a queue item's due time to the executor starting on it, by lane \
+             (calls: items that call an app; timers: sleeps' ends, resumed waits, timeouts)",
+        )
+        .buckets(LATENCY_BUCKETS.to_vec()),
+        &["lane"],
     )?;
     let retries = IntCounterVec::new(
         Opts::new(
@@ -127,6 +139,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     registry.register(Box::new(runs_finished.clone()))?;
     registry.register(Box::new(sdk_call_seconds.clone()))?;
     registry.register(Box::new(step_seconds.clone()))?;
+    registry.register(Box::new(queue_lateness_seconds.clone()))?;
     registry.register(Box::new(retries.clone()))?;
     registry.register(Box::new(queue_depth.clone()))?;
     registry.register(Box::new(queue_oldest_age_seconds.clone()))?;
@@ -146,6 +159,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         runs_finished,
         sdk_call_seconds,
         step_seconds,
+        queue_lateness_seconds,
         retries,
         queue_depth,
         queue_oldest_age_seconds,

@@ -210,6 +210,7 @@ fn plain_saves(
         // The SDK checkpoints only on a call's first attempt.
         attempt: 0,
         expires: clock.now(),
+        due: clock.now(),
     };
     let reply = SdkReply::Ops {
         ops: ops.to_vec(),

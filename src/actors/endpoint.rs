@@ -412,6 +412,7 @@ async fn apply_ops(
         item: QueueItem::discovery(&run.id, &run.fn_id, run.stack.len() as u32),
         attempt: 0,
         expires: now,
+        due: now,
     };
     let reply = SdkReply::Ops {
         ops,

@@ -94,6 +94,16 @@ struct Worker {
 
 impl Worker {
     async fn handle(self: Rc<Self>, lease: Lease) {
+        let lane = if Lane::Timers.admits(&lease.item.partition) {
+            "timers"
+        } else {
+            "calls"
+        };
+        let late = lease.due.until(self.clock.now());
+        METRICS
+            .queue_lateness_seconds
+            .with_label_values(&[lane])
+            .observe(late.as_secs_f64());
         self.status.borrow_mut().in_flight += 1;
         self.leased
             .borrow_mut()

@@ -661,6 +661,7 @@ pub(crate) mod tests {
             item,
             attempt,
             expires: Timestamp(0),
+            due: Timestamp(0),
         }
     }
 

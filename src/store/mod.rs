@@ -713,6 +713,8 @@ pub struct Lease {
     /// 0-based delivery attempt, raised by `retry_at`.
     pub attempt: u32,
     pub expires: Timestamp,
+    /// When the item was due (its lateness is the lease's time minus this).
+    pub due: Timestamp,
 }
 
 /// A queue item due at a time.

@@ -165,6 +165,7 @@ impl Items {
                 item: entry.item.clone(),
                 attempt: entry.attempt,
                 expires,
+                due: Timestamp(entry.due),
             });
             taken += 1;
         }

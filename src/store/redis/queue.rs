@@ -527,6 +527,7 @@ impl Queue for RedisQueue {
                 Ok(Lease {
                     lease_id,
                     attempt: entry.attempt,
+                    due: Timestamp(entry.due),
                     item: entry.item,
                     expires,
                 })

@@ -329,6 +329,7 @@ impl Queue for SledQueue {
                     leases.push(Lease {
                         lease_id,
                         attempt: entry.attempt,
+                        due: Timestamp(entry.due),
                         item: entry.item,
                         expires,
                     });
