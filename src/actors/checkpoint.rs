@@ -18,6 +18,7 @@
 //! function is the run's; otherwise it is stale: 409, nothing changes, and
 //! the SDK stops the call.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -117,9 +118,11 @@ pub async fn checkpoint_async(
     }
     let (lease_id, item_id) = parse_qi_id(&request.qi_id)
         .ok_or_else(|| CheckpointError::Invalid(format!("invalid qi_id {:?}", request.qi_id)))?;
-    let Some((mut run, mut version)) = backends.state.load_run_versioned(path_run_id).await? else {
+    let Some((run, mut version)) = backends.state.load_run_versioned(path_run_id).await? else {
         return Err(CheckpointError::NotFound(path_run_id.to_string()));
     };
+    // Shared with the commit, which may plan from it (`RunWrites::read_run`).
+    let mut run = Arc::new(run);
     if run.status.is_terminal() {
         return Err(CheckpointError::Stale(format!(
             "the run is {}",
@@ -157,6 +160,7 @@ pub async fn checkpoint_async(
         // the metadata the steps recorded, and the steps.
         let writes = RunWrites {
             expected_version: Some(version),
+            read_run: Some(run.clone()),
             steps: std::mem::take(&mut decision.save),
             ..answer::base_writes(&run.id, 0, &decision, None)
         };
@@ -173,7 +177,7 @@ pub async fn checkpoint_async(
             // decide again on the run as it is now.
             Commit::Conflict { .. } => match backends.state.load_run_versioned(&run.id).await? {
                 Some((current, current_version)) if !current.status.is_terminal() => {
-                    (run, version) = (current, current_version);
+                    (run, version) = (Arc::new(current), current_version);
                     decision = plain_saves(&run, lease_id, item_id, &request.steps, clock)?;
                 }
                 _ => return Err(CheckpointError::Stale("the run has ended".into())),

@@ -19,6 +19,8 @@
 //!
 //! [`StateStore::commit`]: crate::store::StateStore::commit
 
+use std::sync::Arc;
+
 use crate::clock::Timestamp;
 use crate::model::metadata::MetadataRecord;
 use crate::model::trace::AttemptRecord;
@@ -43,6 +45,11 @@ pub struct RunWrites {
     /// Writes nothing unless the run is still at this version
     /// ([`Commit::Conflict`]); `None` writes whatever the version.
     pub expected_version: Option<u64>,
+    /// The run as the caller read it at `expected_version` (ignored
+    /// without one). A backend whose reads are round trips (Redis) plans
+    /// its first attempt from it instead of reading the run again; the
+    /// write's version check still guards it, and a later attempt reads.
+    pub read_run: Option<Arc<RunRecord>>,
     /// Marks a queued run running, started at this time.
     pub start: Option<Timestamp>,
     /// The SDK's request version, once known (ignored unless > 0).

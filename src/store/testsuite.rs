@@ -3,6 +3,7 @@
 //! integration tests against real servers). The doc comments on the traits
 //! are the contract; these check it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
@@ -418,8 +419,20 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
     };
     let conflict = commit_at(state, &run.id, Some(v0), &stale).await?;
     ensure!(conflict == Commit::Conflict { version: 1 }, "{conflict:?}");
+    // The same with the run as read at version 0 handed over (`read_run`,
+    // which Redis plans from): the write's version check still refuses it.
+    let stale_read = RunWrites {
+        read_run: Some(Arc::new(run.clone())),
+        ..stale.clone()
+    };
+    let conflict = commit_at(state, &run.id, Some(v0), &stale_read).await?;
+    ensure!(
+        conflict == Commit::Conflict { version: 1 },
+        "with the run as read: {conflict:?}"
+    );
     let (loaded, version) = state.load_run_versioned(&run.id).await?.context("run")?;
     ensure!(version == 1 && loaded.stack == ["a"] && !loaded.status.is_terminal());
+    ensure!(state.load_steps(&run.id).await?.len() == 1);
     ensure!(state.pauses_for_run(&run.id).await?.len() == 1);
     ensure!(state.load_defers(&run.id).await?.len() == 1);
     ensure!(state.load_metadata(&run.id).await?.len() == 1);
@@ -428,6 +441,7 @@ async fn commits_are_atomic_versioned_and_replayable(state: &dyn StateStore) -> 
     // the version stays.
     let replay = RunWrites {
         attempt: None,
+        read_run: Some(Arc::new(loaded.clone())),
         ..first.clone()
     };
     let Commit::Done(again) = commit_at(state, &run.id, Some(v1), &replay).await? else {

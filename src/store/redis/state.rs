@@ -162,16 +162,25 @@ impl RedisStateStore {
         }
     }
 
-    /// Reads what a commit of `writes` needs, in one atomic pipeline.
-    async fn commit_read(&self, run_id: &str, writes: &RunWrites) -> StoreResult<CommitRead> {
+    /// Reads what a commit of `writes` needs, in one atomic pipeline; the
+    /// run and its version are not read again when `known` has them (the
+    /// write checks the version).
+    async fn commit_read(
+        &self,
+        run_id: &str,
+        writes: &RunWrites,
+        known: Option<(u64, &RunRecord)>,
+    ) -> StoreResult<CommitRead> {
         let steps_key = self.conn.key("steps:", run_id);
         let ids_key = self.conn.key("mdi:", run_id);
         let mut pipe = ::redis::pipe();
-        pipe.atomic()
-            .cmd("GET")
-            .arg(self.run_key(run_id))
-            .cmd("GET")
-            .arg(self.version_key(run_id));
+        pipe.atomic();
+        if known.is_none() {
+            pipe.cmd("GET")
+                .arg(self.run_key(run_id))
+                .cmd("GET")
+                .arg(self.version_key(run_id));
+        }
         for step in &writes.steps {
             pipe.cmd("HEXISTS").arg(&steps_key).arg(&step.id);
         }
@@ -187,7 +196,11 @@ impl RedisStateStore {
                 pipe.cmd("HEXISTS").arg(&ids_key).arg(&record.id);
             }
         }
-        let values: Vec<::redis::Value> = self.conn.query_pipe(&pipe).await?;
+        let values: Vec<::redis::Value> = if pipe.cmd_iter().next().is_none() {
+            Vec::new()
+        } else {
+            self.conn.query_pipe(&pipe).await?
+        };
         let mut values = values.into_iter();
         let mut next = || -> StoreResult<::redis::Value> {
             values.next().ok_or_else(|| {
@@ -198,12 +211,21 @@ impl RedisStateStore {
             ::redis::from_owned_redis_value(value)
                 .map_err(|err| StoreError::new(StoreErrorKind::Corrupt, format!("Redis: {err}")))
         }
-        let run: Option<Vec<u8>> = parse(next()?)?;
-        let version: Option<u64> = parse(next()?)?;
-        let mut read = CommitRead {
-            run: run.map(|bytes| RunRecord::from_bytes(&bytes)).transpose()?,
-            version: version.unwrap_or(0),
-            ..CommitRead::default()
+        let mut read = match known {
+            Some((version, run)) => CommitRead {
+                run: Some(run.clone()),
+                version,
+                ..CommitRead::default()
+            },
+            None => {
+                let run: Option<Vec<u8>> = parse(next()?)?;
+                let version: Option<u64> = parse(next()?)?;
+                CommitRead {
+                    run: run.map(|bytes| RunRecord::from_bytes(&bytes)).transpose()?,
+                    version: version.unwrap_or(0),
+                    ..CommitRead::default()
+                }
+            }
         };
         for _ in &writes.steps {
             read.steps_saved.push(parse(next()?)?);
@@ -426,14 +448,12 @@ impl StateStore for RedisStateStore {
     }
 
     async fn load_run_versioned(&self, run_id: &str) -> StoreResult<Option<(RunRecord, u64)>> {
+        // One MGET: both keys as of one moment, in one command.
         let (bytes, version): (Option<Vec<u8>>, Option<u64>) = self
             .conn
-            .query_pipe(
-                ::redis::pipe()
-                    .atomic()
-                    .cmd("GET")
+            .query(
+                ::redis::cmd("MGET")
                     .arg(self.run_key(run_id))
-                    .cmd("GET")
                     .arg(self.version_key(run_id)),
             )
             .await?;
@@ -449,9 +469,11 @@ impl StateStore for RedisStateStore {
         let steps_key = self.conn.key("steps:", run_id);
         let ids_key = self.conn.key("mdi:", run_id);
         let mut attempts = Attempts::new("commit");
+        // The run as the caller read it serves the first attempt only.
+        let mut known = writes.expected_version.zip(writes.read_run.as_deref());
         loop {
             attempts.next().await?;
-            let read = self.commit_read(run_id, writes).await?;
+            let read = self.commit_read(run_id, writes, known.take()).await?;
             let version_read = read.version.to_string();
             let used_read = read.metadata_used;
             let (plan, outcome) = match plan_commit(read, writes) {
