@@ -72,6 +72,7 @@ impl DoctorArgs {
             sdk_urls: Vec::new(),
             retry_interval: None,
             workers: None,
+            timer_workers: None,
             lease_ttl: None,
             no_discovery: false,
             discovery_ports: None,
@@ -191,6 +192,10 @@ pub struct DevArgs {
     /// Calls to apps in flight at once.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Items that call no app (sleeps' ends, resumed waits, timeouts,
+    /// timers) handled at once, apart from the calls.
+    #[arg(long)]
+    pub timer_workers: Option<usize>,
     /// Lease of a queue item (a time string); a crashed call is retried after it.
     #[arg(long)]
     pub lease_ttl: Option<String>,
@@ -242,6 +247,9 @@ impl DevArgs {
         }
         if let Some(workers) = self.workers {
             raw.executor.workers = workers;
+        }
+        if let Some(workers) = self.timer_workers {
+            raw.executor.timer_workers = workers;
         }
         if let Some(ttl) = &self.lease_ttl {
             raw.executor.lease_ttl = ttl.clone();
