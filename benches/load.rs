@@ -3282,11 +3282,7 @@ mod split_backends {
                 if !line.starts_with("baton_runs_finished_total{") || !line.contains(&function) {
                     continue;
                 }
-                let value = line
-                    .rsplit(' ')
-                    .next()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0) as u64;
+                let value = super::sample_value(line);
                 if line.contains("status=\"Completed\"") {
                     completed += value;
                 } else {
@@ -3767,11 +3763,7 @@ async fn lateness_buckets(client: &reqwest::Client, base: &str, lane: &str) -> B
         if !line.contains(&label) {
             continue;
         }
-        let value = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0) as u64;
+        let value = sample_value(line);
         if line.starts_with("baton_queue_lateness_seconds_count") {
             buckets.count = value;
         } else if line.starts_with("baton_queue_lateness_seconds_bucket") {
@@ -3786,6 +3778,15 @@ async fn lateness_buckets(client: &reqwest::Client, base: &str, lane: &str) -> B
         }
     }
     buckets
+}
+
+/// The value of a Prometheus text sample line (`name{labels} value`), as a
+/// whole number; 0 when it does not parse.
+fn sample_value(line: &str) -> u64 {
+    line.rsplit(' ')
+        .next()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
 }
 
 /// Nearest-rank percentile of sorted values.
