@@ -94,15 +94,10 @@ struct Worker {
 
 impl Worker {
     async fn handle(self: Rc<Self>, lease: Lease) {
-        let lane = if Lane::Timers.admits(&lease.item.partition) {
-            "timers"
-        } else {
-            "calls"
-        };
         let late = lease.due.until(self.clock.now());
         METRICS
             .queue_lateness_seconds
-            .with_label_values(&[lane])
+            .with_label_values(&[Lane::of(&lease.item.partition).name()])
             .observe(late.as_secs_f64());
         self.status.borrow_mut().in_flight += 1;
         self.leased
@@ -927,10 +922,9 @@ struct Lanes {
 impl Lanes {
     /// The pool that handles `item`.
     fn pool(&self, item: &QueueItem) -> &Arc<Semaphore> {
-        if Lane::Timers.admits(&item.partition) {
-            &self.timers
-        } else {
-            &self.calls
+        match Lane::of(&item.partition) {
+            Lane::Timers => &self.timers,
+            _ => &self.calls,
         }
     }
 
@@ -950,23 +944,17 @@ impl Lanes {
 
     /// Until a worker of a full pool is free.
     async fn freed(&self) {
-        let calls = async {
-            if self.calls.available_permits() == 0 {
-                drop(self.calls.acquire().await);
+        /// Until `pool`, when full, has a free worker; never if it has one.
+        async fn freed_in(pool: &Semaphore) {
+            if pool.available_permits() == 0 {
+                drop(pool.acquire().await);
             } else {
                 std::future::pending::<()>().await;
             }
-        };
-        let timers = async {
-            if self.timers.available_permits() == 0 {
-                drop(self.timers.acquire().await);
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
+        }
         tokio::select! {
-            () = calls => {}
-            () = timers => {}
+            () = freed_in(&self.calls) => {}
+            () = freed_in(&self.timers) => {}
         }
     }
 }
@@ -1561,19 +1549,24 @@ mod tests {
         }
     }
 
-    /// A worker of one slot, 30 s leases, no checkpointing.
+    /// One worker per lane, 30 s leases, no checkpointing.
+    fn test_config() -> ExecutorConfig {
+        ExecutorConfig {
+            workers: 1,
+            timer_workers: 1,
+            lease_ttl: Duration::from_secs(30),
+            retry_interval: None,
+            checkpointing: false,
+        }
+    }
+
+    /// A worker of [`test_config`].
     fn test_worker(backends: Backends, clock: SharedClock) -> Rc<Worker> {
         Rc::new(Worker {
             backends,
             clock,
             client: SdkClient::new(None, Duration::from_secs(10)),
-            config: ExecutorConfig {
-                workers: 1,
-                timer_workers: 1,
-                lease_ttl: Duration::from_secs(30),
-                retry_interval: None,
-                checkpointing: false,
-            },
+            config: test_config(),
             status: RefCell::new(ExecutorStatus::default()),
             functions: RefCell::new(HashMap::new()),
             leased: RefCell::new(HashMap::new()),
@@ -1992,13 +1985,7 @@ mod tests {
                 .enqueue(QueueItem::wake(&sleeper.id, MAIN, "nap-id", "nap"), NOW)
                 .await
                 .unwrap();
-            let config = ExecutorConfig {
-                workers: 1,
-                timer_workers: 1,
-                lease_ttl: Duration::from_secs(30),
-                retry_interval: None,
-                checkpointing: false,
-            };
+            let config = test_config();
             let (ended, _ended) = crate::actors::EndedNotifier::new();
             let client = SdkClient::new(None, Duration::from_secs(60));
             let _executor =

@@ -820,6 +820,17 @@ mod tests {
             .collect()
     }
 
+    /// Up to 100 runs of `fn_id`, newest first.
+    async fn runs_of(backends: &Backends, fn_id: &str) -> Vec<crate::model::RunRecord> {
+        let query = crate::store::RunQuery {
+            limit: 100,
+            before: None,
+            fn_id: Some(fn_id),
+            status: None,
+        };
+        backends.state.list_runs(&query).await.unwrap()
+    }
+
     /// A function's trigger `if`, concurrency key, priority and cancel `if`
     /// are compiled when the runner first parses it, never per event, and
     /// not again when another function's sync changes the generation.
@@ -856,16 +867,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(compiles_on_this_thread() - before, 4, "none per event");
-        let runs = backends
-            .state
-            .list_runs(&crate::store::RunQuery {
-                limit: 100,
-                before: None,
-                fn_id: Some("compiled"),
-                status: None,
-            })
-            .await
-            .unwrap();
+        let runs = runs_of(&backends, "compiled").await;
         assert_eq!(runs.len(), 20);
         let run = runs
             .iter()
@@ -897,16 +899,7 @@ mod tests {
         stop[0].payload = json!({"name": "test/stop", "data": {"user": "u1"}}).to_string();
         matcher.handle_batch(stop).await.unwrap();
         assert_eq!(compiles_on_this_thread() - before, 5);
-        let runs = backends
-            .state
-            .list_runs(&crate::store::RunQuery {
-                limit: 100,
-                before: None,
-                fn_id: Some("compiled"),
-                status: None,
-            })
-            .await
-            .unwrap();
+        let runs = runs_of(&backends, "compiled").await;
         let cancelled = runs
             .iter()
             .filter(|run| run.status == RunStatus::Cancelled)

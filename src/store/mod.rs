@@ -753,18 +753,46 @@ pub enum Lane {
 }
 
 impl Lane {
-    /// A small index, for keeping one round-robin cursor per lane.
-    pub fn index(self) -> usize {
-        self as usize
+    /// The lane of an item in `partition`: `Timers` or `Calls`.
+    pub fn of(partition: &str) -> Lane {
+        if crate::model::is_timer_partition(partition) {
+            Lane::Timers
+        } else {
+            Lane::Calls
+        }
     }
 
     /// Whether `partition` belongs to this lane.
     pub fn admits(self, partition: &str) -> bool {
+        self == Lane::Any || self == Lane::of(partition)
+    }
+
+    /// The lane's name, as metrics and the Redis queue's scripts give it.
+    pub fn name(self) -> &'static str {
         match self {
-            Lane::Any => true,
-            Lane::Calls => !crate::model::is_timer_partition(partition),
-            Lane::Timers => crate::model::is_timer_partition(partition),
+            Lane::Any => "any",
+            Lane::Calls => "calls",
+            Lane::Timers => "timers",
         }
+    }
+}
+
+/// Per lane, the partition a queue served last, where that lane's next
+/// round-robin pass starts.
+#[derive(Debug, Default)]
+pub struct LaneCursors([String; 3]);
+
+impl std::ops::Index<Lane> for LaneCursors {
+    type Output = String;
+
+    fn index(&self, lane: Lane) -> &String {
+        &self.0[lane as usize]
+    }
+}
+
+impl std::ops::IndexMut<Lane> for LaneCursors {
+    fn index_mut(&mut self, lane: Lane) -> &mut String {
+        &mut self.0[lane as usize]
     }
 }
 
@@ -808,9 +836,6 @@ pub trait Queue: Send + Sync + 'static {
         max: usize,
         ttl: Duration,
     ) -> StoreResult<Vec<Lease>> {
-        if max == 0 {
-            return Ok(Vec::new());
-        }
         self.lease_in(Lane::Any, now, max, ttl).await
     }
 

@@ -12,7 +12,8 @@ use crate::clock::Timestamp;
 use crate::model::records::QueueEntry;
 use crate::model::QueueItem;
 use crate::store::{
-    Held, Lane, Lease, LeaseBatch, PartitionStats, Queue, Retry, Scheduled, StoreResult,
+    Held, Lane, LaneCursors, Lease, LeaseBatch, PartitionStats, Queue, Retry, Scheduled,
+    StoreResult,
 };
 
 /// Items taken from one partition per round-robin pass.
@@ -36,7 +37,7 @@ struct Items {
     /// Leased items holding each concurrency key.
     counts: HashMap<String, u32>,
     /// Per lane, the partition served last; the next pass starts after it.
-    cursors: [String; 3],
+    cursors: LaneCursors,
     /// Insertion order and lease ids.
     seq: u64,
 }
@@ -212,7 +213,7 @@ impl Queue for MemoryQueue {
             .filter(|partition| lane.admits(partition))
             .cloned()
             .collect();
-        let cursor = &items.cursors[lane.index()];
+        let cursor = &items.cursors[lane];
         let start = open.iter().position(|p| p > cursor).unwrap_or(0);
         open.rotate_left(start);
         let mut leases = Vec::new();
@@ -222,7 +223,7 @@ impl Queue for MemoryQueue {
                 let more = leases.len() < max
                     && items.lease_from(partition, now, max, expires, &mut leases);
                 if leases.len() > before {
-                    items.cursors[lane.index()] = partition.clone();
+                    items.cursors[lane] = partition.clone();
                 }
                 more
             });

@@ -50,8 +50,8 @@ use crate::clock::Timestamp;
 use crate::model::records::{QueueEntry, Record};
 use crate::model::{QueueItem, TIMER_PARTITION_SUFFIX};
 use crate::store::{
-    Held, Lane, Lease, LeaseBatch, PartitionStats, Queue, Retry, Scheduled, StoreError,
-    StoreErrorKind, StoreResult,
+    Held, Lane, LaneCursors, Lease, LeaseBatch, PartitionStats, Queue, Retry, Scheduled,
+    StoreError, StoreErrorKind, StoreResult,
 };
 
 /// Items taken from one partition per round-robin pass.
@@ -68,7 +68,7 @@ pub struct RedisQueue {
     conn: RedisConnection,
     /// Per lane, the partition served last, where this process's next pass
     /// starts.
-    cursor: Mutex<[String; 3]>,
+    cursor: Mutex<LaneCursors>,
     work: Arc<Notify>,
     /// Whether the wake-up channel is subscribed.
     listening: Arc<AtomicBool>,
@@ -103,7 +103,7 @@ impl RedisQueue {
         }
     }
 
-    fn cursor(&self) -> std::sync::MutexGuard<'_, [String; 3]> {
+    fn cursor(&self) -> std::sync::MutexGuard<'_, LaneCursors> {
         self.cursor
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -197,15 +197,6 @@ async fn listen(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(LISTEN_RETRY_MAX);
-    }
-}
-
-/// A lane as the scripts name it.
-fn lane_name(lane: Lane) -> &'static str {
-    match lane {
-        Lane::Any => "any",
-        Lane::Calls => "calls",
-        Lane::Timers => "timers",
     }
 }
 
@@ -488,7 +479,7 @@ impl Queue for RedisQueue {
 
     async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>> {
         let (now, max, expires, lane) = (batch.now, batch.max, batch.expires, batch.lane);
-        let cursor = self.cursor()[lane.index()].clone();
+        let cursor = self.cursor()[lane].clone();
         let mut invocation = LEASE.prepare_invoke();
         invocation
             .arg(self.conn.prefix())
@@ -498,10 +489,10 @@ impl Queue for RedisQueue {
             .arg(QUANTUM)
             .arg(cursor)
             .arg(EXPIRED_PER_CALL)
-            .arg(lane_name(lane))
+            .arg(lane.name())
             .arg(TIMER_PARTITION_SUFFIX);
         let (cursor, leased): (String, Vec<Vec<u8>>) = self.conn.invoke(&invocation).await?;
-        self.cursor()[lane.index()] = cursor;
+        self.cursor()[lane] = cursor;
         leased
             .chunks(3)
             .map(|lease| {
@@ -596,7 +587,7 @@ impl Queue for RedisQueue {
         let mut invocation = NEXT_DUE.prepare_invoke();
         invocation
             .arg(self.conn.prefix())
-            .arg(lane_name(lane))
+            .arg(lane.name())
             .arg(TIMER_PARTITION_SUFFIX);
         let next: Option<i64> = self.conn.invoke(&invocation).await?;
         Ok(next.map(Timestamp))

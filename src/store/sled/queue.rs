@@ -22,7 +22,9 @@ use super::{sled_error, SledDb};
 use crate::clock::Timestamp;
 use crate::model::records::{QueueEntry, Record};
 use crate::model::QueueItem;
-use crate::store::{Held, Lane, Lease, LeaseBatch, Queue, Retry, Scheduled, StoreResult};
+use crate::store::{
+    Held, Lane, LaneCursors, Lease, LeaseBatch, Queue, Retry, Scheduled, StoreResult,
+};
 
 /// Items taken from one partition per round-robin pass.
 const QUANTUM: usize = 4;
@@ -33,7 +35,7 @@ pub struct SledQueue {
     /// Serializes read-modify-write; sled is one process, so this is enough.
     /// Holds, per lane, the partition served last, where its next pass
     /// starts.
-    state: Mutex<[String; 3]>,
+    state: Mutex<LaneCursors>,
     work: Notify,
     commit: super::GroupCommit,
 }
@@ -148,7 +150,7 @@ impl SledQueue {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, [String; 3]> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LaneCursors> {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -273,7 +275,7 @@ impl Queue for SledQueue {
     async fn lease(&self, batch: LeaseBatch) -> StoreResult<Vec<Lease>> {
         let (now, max, expires, lane) = (batch.now, batch.max, batch.expires, batch.lane);
         let mut cursors = self.lock();
-        let cursor = &mut cursors[lane.index()];
+        let cursor = &mut cursors[lane];
         self.requeue_expired(now)?;
         let mut partitions = self.partitions(lane)?;
         if partitions.is_empty() {
